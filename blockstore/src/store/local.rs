@@ -1,0 +1,595 @@
+//! The local volume: one file per block under sharded directories, and a redb
+//! index of what is stored, why, and how often it is used.
+//!
+//! Write order: block files are written to `tmp/`, fsynced and renamed into
+//! place, their directories fsynced, and only then is the index committed, one
+//! transaction per batch. A block is acknowledged once it is in the index, so
+//! after a crash a file without an index entry was never acknowledged and is
+//! removed when the store next opens.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::{BlockStore, Class, check};
+use crate::{Error, Score};
+
+const BLOCKS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("blocks");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Version of the volume layout and index entries (docs/FORMATS.md, "Local volume").
+pub const VOLUME_VERSION: u64 = 1;
+
+/// Settings of a local volume.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Bytes that `cached` blocks may take before the least used are evicted.
+    pub cache_capacity: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cache_capacity: 1 << 30,
+        }
+    }
+}
+
+/// Blocks and bytes per class, as the index records them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StoreStats {
+    pub own_blocks: u64,
+    pub own_bytes: u64,
+    pub held_blocks: u64,
+    pub held_bytes: u64,
+    pub cached_blocks: u64,
+    pub cached_bytes: u64,
+}
+
+impl StoreStats {
+    fn add(&mut self, class: Class, size: u64, sign: i64) {
+        let (b, n) = match class {
+            Class::Own => (&mut self.own_blocks, &mut self.own_bytes),
+            Class::Held => (&mut self.held_blocks, &mut self.held_bytes),
+            Class::Cached => (&mut self.cached_blocks, &mut self.cached_bytes),
+        };
+        *b = b.saturating_add_signed(sign);
+        *n = n.saturating_add_signed(sign * size as i64);
+    }
+}
+
+/// What a scrub found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScrubReport {
+    /// Blocks read and verified.
+    pub checked: u64,
+    /// Indexed blocks whose bytes do not match their score.
+    pub corrupt: Vec<Score>,
+    /// Indexed blocks with no file.
+    pub missing: Vec<Score>,
+    /// Block files that the index does not know.
+    pub orphans: Vec<PathBuf>,
+}
+
+impl ScrubReport {
+    /// True when every indexed block is present and sound and nothing else is stored.
+    pub fn is_clean(&self) -> bool {
+        self.corrupt.is_empty() && self.missing.is_empty() && self.orphans.is_empty()
+    }
+}
+
+/// One index entry (postcard-encoded, see docs/FORMATS.md).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+struct Entry {
+    class: u8,
+    size: u64,
+    hits: u64,
+    /// Seconds since the Unix epoch of the last get or put.
+    last_use: u64,
+    /// Store-wide sequence number of the last put; GC spares blocks put after its mark.
+    seq: u64,
+}
+
+impl Entry {
+    fn class(&self) -> Class {
+        Class::from_u8(self.class).unwrap_or(Class::Cached)
+    }
+}
+
+/// A block volume on the local disk.
+pub struct LocalStore {
+    dir: PathBuf,
+    db: Database,
+    options: StoreOptions,
+    /// Serialises the index-and-rename step of puts with deletes and sweeps.
+    mutate: Mutex<Stats>,
+    /// Hits recorded by gets since the last commit; written with the next one.
+    hits: Mutex<HashMap<Score, u64>>,
+    seq: AtomicU64,
+    tmp_counter: AtomicU64,
+}
+
+struct Stats(StoreStats);
+
+impl LocalStore {
+    /// Opens (or creates) the volume in `dir`, repairing what a crash left behind.
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<LocalStore, Error> {
+        for sub in ["", "blocks", "tmp"] {
+            let p = dir.join(sub);
+            fs::create_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+        }
+        let db = Database::create(dir.join("index.redb"))?;
+        let txn = db.begin_write()?;
+        let (clean, seq) = {
+            let mut meta = txn.open_table(META)?;
+            txn.open_table(BLOCKS)?;
+            let version = meta.get("version")?.map(|v| v.value());
+            match version {
+                None => {
+                    meta.insert("version", VOLUME_VERSION)?;
+                }
+                Some(VOLUME_VERSION) => {}
+                Some(v) => {
+                    return Err(Error::Format(format!(
+                        "volume version {v} is newer than this program understands ({VOLUME_VERSION})"
+                    )));
+                }
+            }
+            let clean = meta.get("clean")?.map(|v| v.value()).unwrap_or(1) == 1;
+            let seq = meta.get("seq")?.map(|v| v.value()).unwrap_or(0);
+            meta.insert("clean", 0)?;
+            (clean, seq)
+        };
+        txn.commit()?;
+        let store = LocalStore {
+            dir: dir.to_path_buf(),
+            db,
+            options,
+            mutate: Mutex::new(Stats(StoreStats::default())),
+            hits: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(seq),
+            tmp_counter: AtomicU64::new(0),
+        };
+        store.clear_tmp()?;
+        if !clean {
+            let removed = store.remove_orphans()?;
+            if removed > 0 {
+                tracing::info!(
+                    removed,
+                    "removed unacknowledged block files left by a crash"
+                );
+            }
+        }
+        let stats = store.count()?;
+        store.lock().0 = stats;
+        Ok(store)
+    }
+
+    /// The volume's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Blocks and bytes per class.
+    pub fn stats(&self) -> StoreStats {
+        self.lock().0
+    }
+
+    /// The class a block is stored under, if it is stored.
+    pub fn class_of(&self, score: &Score) -> Result<Option<Class>, Error> {
+        Ok(self.entry(score)?.map(|e| e.class()))
+    }
+
+    /// A GC mark: blocks put from now on are spared by a sweep given this mark.
+    pub fn mark(&self) -> u64 {
+        self.seq.load(Ordering::SeqCst)
+    }
+
+    /// Removes `own` blocks put before `mark` that are not in `live`; returns how many went.
+    ///
+    /// The caller computes `live` by walking every retained root after taking
+    /// the mark. A block put (or put again) after the mark is kept even if it
+    /// is not in `live`, so a sweep never races a writer that reuses a block.
+    pub fn sweep(&self, live: &HashSet<Score>, mark: u64) -> Result<u64, Error> {
+        let mut stats = self.lock();
+        let txn = self.db.begin_write()?;
+        let mut gone = Vec::new();
+        {
+            let mut table = txn.open_table(BLOCKS)?;
+            let mut doomed = Vec::new();
+            for item in table.iter()? {
+                let (k, v) = item?;
+                let e = decode_entry(v.value())?;
+                let score = Score(k.value());
+                if e.class() == Class::Own && e.seq < mark && !live.contains(&score) {
+                    doomed.push((score, e));
+                }
+            }
+            for (score, e) in doomed {
+                table.remove(score.0)?;
+                stats.0.add(Class::Own, e.size, -1);
+                gone.push(score);
+            }
+        }
+        txn.commit()?;
+        for score in &gone {
+            self.remove_file(score)?;
+        }
+        Ok(gone.len() as u64)
+    }
+
+    /// Re-reads every block and checks it against its score; also finds missing and stray files.
+    pub fn scrub(&self) -> Result<ScrubReport, Error> {
+        let mut report = ScrubReport::default();
+        let indexed = self.indexed()?;
+        for score in &indexed {
+            match fs::read(self.path_of(score)) {
+                Ok(data) => {
+                    report.checked += 1;
+                    if check(score, &data).is_err() {
+                        report.corrupt.push(*score);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.missing.push(*score),
+                Err(e) => return Err(Error::io(&self.path_of(score), e)),
+            }
+        }
+        for (score, path) in self.files()? {
+            if !score.is_some_and(|s| indexed.contains(&s)) {
+                report.orphans.push(path);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Every score in the index.
+    pub fn indexed(&self) -> Result<BTreeSet<Score>, Error> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(BLOCKS)?;
+        let mut out = BTreeSet::new();
+        for item in table.iter()? {
+            out.insert(Score(item?.0.value()));
+        }
+        Ok(out)
+    }
+
+    /// The on-disk path of a block's file.
+    pub fn path_of(&self, score: &Score) -> PathBuf {
+        let hex = score.to_hex();
+        self.dir.join("blocks").join(&hex[..2]).join(hex)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Stats> {
+        self.mutate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn entry(&self, score: &Score) -> Result<Option<Entry>, Error> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(BLOCKS)?;
+        match table.get(score.0)? {
+            Some(v) => Ok(Some(decode_entry(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes `data` to a fresh temp file and fsyncs it.
+    fn write_tmp(&self, data: &[u8]) -> Result<PathBuf, Error> {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .dir
+            .join("tmp")
+            .join(format!("{}-{n}", std::process::id()));
+        let result = fs::File::create(&path).and_then(|mut f| {
+            f.write_all(data)?;
+            f.sync_data()
+        });
+        match result {
+            Ok(()) => Ok(path),
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                Err(Error::io(&path, e))
+            }
+        }
+    }
+
+    fn remove_file(&self, score: &Score) -> Result<(), Error> {
+        let path = self.path_of(score);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&path, e)),
+        }
+    }
+
+    fn clear_tmp(&self) -> Result<(), Error> {
+        let tmp = self.dir.join("tmp");
+        for item in fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
+            let path = item.map_err(|e| Error::io(&tmp, e))?.path();
+            fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Every file under `blocks/`, with its score when the name is one.
+    fn files(&self) -> Result<Vec<(Option<Score>, PathBuf)>, Error> {
+        let root = self.dir.join("blocks");
+        let mut out = Vec::new();
+        for shard in fs::read_dir(&root).map_err(|e| Error::io(&root, e))? {
+            let shard = shard.map_err(|e| Error::io(&root, e))?.path();
+            if !shard.is_dir() {
+                out.push((None, shard));
+                continue;
+            }
+            for f in fs::read_dir(&shard).map_err(|e| Error::io(&shard, e))? {
+                let path = f.map_err(|e| Error::io(&shard, e))?.path();
+                let score = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| Score::from_hex(n).ok());
+                out.push((score, path));
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove_orphans(&self) -> Result<u64, Error> {
+        let indexed = self.indexed()?;
+        let mut removed = 0;
+        for (score, path) in self.files()? {
+            if !score.is_some_and(|s| indexed.contains(&s)) {
+                fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn count(&self) -> Result<StoreStats, Error> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(BLOCKS)?;
+        let mut stats = StoreStats::default();
+        for item in table.iter()? {
+            let e = decode_entry(item?.1.value())?;
+            stats.add(e.class(), e.size, 1);
+        }
+        Ok(stats)
+    }
+
+    /// Evicts the least used cached blocks until they fit in 90% of the cache capacity.
+    fn evict(&self, stats: &mut Stats) -> Result<(), Error> {
+        if stats.0.cached_bytes <= self.options.cache_capacity {
+            return Ok(());
+        }
+        let target = self.options.cache_capacity / 10 * 9;
+        let txn = self.db.begin_write()?;
+        let mut gone = Vec::new();
+        {
+            let mut table = txn.open_table(BLOCKS)?;
+            let mut cached = Vec::new();
+            for item in table.iter()? {
+                let (k, v) = item?;
+                let e = decode_entry(v.value())?;
+                if e.class() == Class::Cached {
+                    cached.push((e.hits, e.last_use, Score(k.value()), e.size));
+                }
+            }
+            cached.sort();
+            for (_, _, score, size) in cached {
+                if stats.0.cached_bytes <= target {
+                    break;
+                }
+                table.remove(score.0)?;
+                stats.0.add(Class::Cached, size, -1);
+                gone.push(score);
+            }
+        }
+        txn.commit()?;
+        for score in &gone {
+            self.remove_file(score)?;
+        }
+        Ok(())
+    }
+
+    /// Writes hits recorded since the last commit into `table`.
+    fn flush_hits(&self, table: &mut redb::Table<'_, [u8; 32], &[u8]>) -> Result<(), Error> {
+        let hits = std::mem::take(&mut *self.hits.lock().unwrap_or_else(|p| p.into_inner()));
+        let now = now();
+        for (score, n) in hits {
+            let existing = table
+                .get(score.0)?
+                .map(|v| decode_entry(v.value()))
+                .transpose()?;
+            if let Some(mut e) = existing {
+                e.hits = e.hits.saturating_add(n);
+                e.last_use = now;
+                table.insert(score.0, &encode_entry(&e)[..])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the volume cleanly closed, so the next open skips the crash repair scan.
+    pub fn close(self) -> Result<(), Error> {
+        self.close_inner()
+    }
+
+    fn close_inner(&self) -> Result<(), Error> {
+        let _guard = self.lock();
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(BLOCKS)?;
+            self.flush_hits(&mut table)?;
+            let mut meta = txn.open_table(META)?;
+            meta.insert("seq", self.seq.load(Ordering::SeqCst))?;
+            meta.insert("clean", 1)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+impl Drop for LocalStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.close_inner() {
+            tracing::warn!(error = %e, "could not mark the block volume clean");
+        }
+    }
+}
+
+impl BlockStore for LocalStore {
+    fn put_batch(&self, blocks: &[(Score, Bytes)], class: Class) -> Result<(), Error> {
+        // The slow part, writing and fsyncing data, happens outside the lock;
+        // a block already present is skipped cheaply.
+        let mut written = Vec::with_capacity(blocks.len());
+        let mut seen = HashSet::new();
+        for (score, data) in blocks {
+            if !seen.insert(*score) || self.entry(score)?.is_some() {
+                continue;
+            }
+            match self.write_tmp(data) {
+                Ok(tmp) => written.push((*score, data.len() as u64, tmp)),
+                Err(e) => {
+                    for (_, _, tmp) in &written {
+                        let _ = fs::remove_file(tmp);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut stats = self.lock();
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let now = now();
+        let txn = self.db.begin_write()?;
+        let mut dirs = BTreeSet::new();
+        // Counter changes, applied only once the commit has succeeded.
+        let mut changes: Vec<(Class, u64, i64)> = Vec::new();
+        {
+            let mut table = txn.open_table(BLOCKS)?;
+            self.flush_hits(&mut table)?;
+            let mut new_files: HashMap<Score, (u64, PathBuf)> =
+                written.into_iter().map(|(s, n, p)| (s, (n, p))).collect();
+            for (score, _) in blocks {
+                let existing = table
+                    .get(score.0)?
+                    .map(|v| decode_entry(v.value()))
+                    .transpose()?;
+                match existing {
+                    Some(mut e) => {
+                        // Already stored (maybe by a racing put): raise its class and
+                        // refresh its sequence so a running GC sweep spares it.
+                        if let Some((_, tmp)) = new_files.remove(score) {
+                            let _ = fs::remove_file(tmp);
+                        }
+                        let old = e.class();
+                        if class > old {
+                            changes.push((old, e.size, -1));
+                            changes.push((class, e.size, 1));
+                            e.class = class as u8;
+                        }
+                        e.seq = seq;
+                        e.last_use = now;
+                        table.insert(score.0, &encode_entry(&e)[..])?;
+                    }
+                    None => {
+                        let Some((size, tmp)) = new_files.remove(score) else {
+                            continue;
+                        };
+                        let dest = self.path_of(score);
+                        let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
+                        if dirs.insert(dir.clone()) {
+                            fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                        }
+                        fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+                        let e = Entry {
+                            class: class as u8,
+                            size,
+                            hits: 0,
+                            last_use: now,
+                            seq,
+                        };
+                        table.insert(score.0, &encode_entry(&e)[..])?;
+                        changes.push((class, size, 1));
+                    }
+                }
+            }
+            for dir in &dirs {
+                fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| Error::io(dir, e))?;
+            }
+        }
+        txn.commit()?;
+        for (c, size, sign) in changes {
+            stats.0.add(c, size, sign);
+        }
+        self.evict(&mut stats)
+    }
+
+    fn get(&self, score: &Score) -> Result<Bytes, Error> {
+        let path = self.path_of(score);
+        let data = match fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(*score));
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        check(score, &data)?;
+        *self
+            .hits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(*score)
+            .or_insert(0) += 1;
+        Ok(data.into())
+    }
+
+    fn has(&self, score: &Score) -> Result<bool, Error> {
+        Ok(self.entry(score)?.is_some())
+    }
+
+    fn delete(&self, score: &Score) -> Result<bool, Error> {
+        let mut stats = self.lock();
+        let txn = self.db.begin_write()?;
+        let removed = {
+            let mut table = txn.open_table(BLOCKS)?;
+            let old = table
+                .remove(score.0)?
+                .map(|v| decode_entry(v.value()))
+                .transpose()?;
+            old
+        };
+        txn.commit()?;
+        match removed {
+            Some(e) => {
+                stats.0.add(e.class(), e.size, -1);
+                self.remove_file(score)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn encode_entry(e: &Entry) -> Vec<u8> {
+    // Encoding a plain struct into a Vec cannot fail.
+    postcard::to_allocvec(e).unwrap_or_default()
+}
+
+fn decode_entry(bytes: &[u8]) -> Result<Entry, Error> {
+    postcard::from_bytes(bytes).map_err(|e| Error::Index(format!("damaged index entry: {e}")))
+}

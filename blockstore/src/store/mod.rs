@@ -1,0 +1,89 @@
+//! The one storage interface that the local volume, caches and the network tier share.
+
+pub mod local;
+pub mod mem;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Score};
+
+/// Why a block is kept, which decides when it may go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum Class {
+    /// Opportunistic copy: bounded by capacity, evicted by hit count and recency.
+    Cached = 0,
+    /// Kept for a peer until its contract ends; never evicted.
+    Held = 1,
+    /// The owner's own data: kept while a retained root references it; never evicted.
+    Own = 2,
+}
+
+impl Class {
+    pub(crate) fn from_u8(v: u8) -> Option<Class> {
+        Some(match v {
+            0 => Class::Cached,
+            1 => Class::Held,
+            2 => Class::Own,
+            _ => return None,
+        })
+    }
+}
+
+/// A content-addressed block store.
+///
+/// `get` returns only bytes that match the score: a damaged or missing block
+/// is an error, never wrong data. `put_batch` returns once the blocks are
+/// durable. Storing a block again under a higher [`Class`] raises its class.
+pub trait BlockStore: Send + Sync {
+    /// Stores blocks whose scores the caller has computed; durable on return.
+    fn put_batch(&self, blocks: &[(Score, Bytes)], class: Class) -> Result<(), Error>;
+
+    /// Reads and verifies one block.
+    fn get(&self, score: &Score) -> Result<Bytes, Error>;
+
+    /// True if the block is stored here (without reading it).
+    fn has(&self, score: &Score) -> Result<bool, Error>;
+
+    /// Removes a block; false if it was not there.
+    fn delete(&self, score: &Score) -> Result<bool, Error>;
+
+    /// Stores one block; see [`BlockStore::put_batch`].
+    fn put(&self, score: Score, data: Bytes, class: Class) -> Result<(), Error> {
+        self.put_batch(&[(score, data)], class)
+    }
+}
+
+/// Lets `&S` and `Arc<S>` stand wherever a store is expected.
+macro_rules! forward_store {
+    ($($ty:ty),*) => {$(
+        impl<S: BlockStore + ?Sized> BlockStore for $ty {
+            fn put_batch(&self, blocks: &[(Score, Bytes)], class: Class) -> Result<(), Error> {
+                (**self).put_batch(blocks, class)
+            }
+            fn get(&self, score: &Score) -> Result<Bytes, Error> {
+                (**self).get(score)
+            }
+            fn has(&self, score: &Score) -> Result<bool, Error> {
+                (**self).has(score)
+            }
+            fn delete(&self, score: &Score) -> Result<bool, Error> {
+                (**self).delete(score)
+            }
+        }
+    )*};
+}
+forward_store!(&S, std::sync::Arc<S>);
+
+/// Checks fetched bytes against their score; used by every store's `get`.
+pub fn check(score: &Score, data: &[u8]) -> Result<(), Error> {
+    if Score::of(data) == *score {
+        Ok(())
+    } else {
+        Err(Error::Corrupt {
+            score: *score,
+            reason: format!("{} bytes do not match the score", data.len()),
+        })
+    }
+}

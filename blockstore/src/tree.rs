@@ -1,0 +1,396 @@
+//! Files as trees of blocks: content-defined chunks at the leaves, encrypted
+//! pointer blocks above them, one root pointer (or inline bytes) at the top.
+//!
+//! Reading a byte range fetches only the pointer blocks on its path and the
+//! data blocks it overlaps. Small files are kept inline by their parent
+//! (a directory entry) and cost no block of their own.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use fastcdc::v2020::{FastCDC, Normalization};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::block::{self, BlockKind, Pointer};
+use crate::{BlockStore, Class, Error, Keys, Score};
+
+/// Shape of file trees: chunk sizes, pointers per block, and the inline limit.
+#[derive(Clone, Copy, Debug)]
+pub struct TreeParams {
+    /// Smallest chunk the chunker cuts (except at the end of a file).
+    pub min_chunk: u32,
+    /// Chunk size the chunker aims for.
+    pub avg_chunk: u32,
+    /// Largest chunk.
+    pub max_chunk: u32,
+    /// Pointers per pointer block.
+    pub fanout: usize,
+    /// Files up to this many bytes are kept inline rather than as blocks.
+    pub inline_max: usize,
+}
+
+impl Default for TreeParams {
+    fn default() -> Self {
+        TreeParams {
+            min_chunk: 256 << 10,
+            avg_chunk: 1 << 20,
+            max_chunk: 4 << 20,
+            fanout: 1024,
+            inline_max: 4096,
+        }
+    }
+}
+
+impl TreeParams {
+    /// Buffered bytes that trigger chunking: several chunks, so both cores get work.
+    fn batch_bytes(&self) -> usize {
+        (self.max_chunk as usize * 4).max(16 << 20)
+    }
+}
+
+/// How a file's content is reached: inline bytes, or the root of a block tree.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileRef {
+    /// The whole content, kept by the parent.
+    Inline(Vec<u8>),
+    /// The root pointer of a tree of blocks.
+    Tree(Pointer),
+}
+
+impl FileRef {
+    /// The file's length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            FileRef::Inline(b) => b.len() as u64,
+            FileRef::Tree(p) => p.len,
+        }
+    }
+
+    /// True for a zero-length file.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Builds a file tree from a stream of bytes, storing blocks as it goes.
+///
+/// Memory stays bounded by a few chunks however long the stream is. Chunks are
+/// sealed in parallel on the rayon pool and stored one batch (one fsync and
+/// one index commit) per flush.
+pub struct TreeWriter<'a> {
+    store: &'a dyn BlockStore,
+    keys: &'a Keys,
+    params: TreeParams,
+    class: Class,
+    buf: Vec<u8>,
+    /// `levels[i]`: pointers of depth i not yet gathered into a parent block.
+    levels: Vec<Vec<Pointer>>,
+    pending: Vec<(Score, Bytes)>,
+    stored_any: bool,
+}
+
+impl<'a> TreeWriter<'a> {
+    /// A writer whose blocks go to `store` under `class`.
+    pub fn new(
+        store: &'a dyn BlockStore,
+        keys: &'a Keys,
+        params: TreeParams,
+        class: Class,
+    ) -> Self {
+        TreeWriter {
+            store,
+            keys,
+            params,
+            class,
+            buf: Vec::new(),
+            levels: Vec::new(),
+            pending: Vec::new(),
+            stored_any: false,
+        }
+    }
+
+    /// Appends bytes to the file.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), Error> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= self.params.batch_bytes() {
+            self.flush_chunks(false)?;
+        }
+        Ok(())
+    }
+
+    /// Stores what remains and returns the file's reference.
+    pub fn finish(mut self) -> Result<FileRef, Error> {
+        if !self.stored_any && self.buf.len() <= self.params.inline_max {
+            return Ok(FileRef::Inline(std::mem::take(&mut self.buf)));
+        }
+        self.flush_chunks(true)?;
+        let mut level = 0;
+        let root = loop {
+            if level >= self.levels.len() {
+                return Err(Error::Format("file tree has no root".into()));
+            }
+            let higher_empty = self.levels[level + 1..].iter().all(Vec::is_empty);
+            if higher_empty && self.levels[level].len() == 1 {
+                break self.levels[level][0];
+            }
+            if !self.levels[level].is_empty() {
+                let entries = std::mem::take(&mut self.levels[level]);
+                self.push_parent(level, &entries)?;
+            }
+            level += 1;
+        };
+        self.put_pending()?;
+        Ok(FileRef::Tree(root))
+    }
+
+    /// Cuts the buffer into chunks and stores them; keeps the last, possibly
+    /// incomplete chunk unless this is the end of the file.
+    fn flush_chunks(&mut self, last: bool) -> Result<(), Error> {
+        let p = self.params;
+        let mut cuts: Vec<(usize, usize)> = FastCDC::with_level_and_seed(
+            &self.buf,
+            p.min_chunk,
+            p.avg_chunk,
+            p.max_chunk,
+            Normalization::Level1,
+            self.keys.chunker_seed,
+        )
+        .map(|c| (c.offset, c.length))
+        .collect();
+        if !last {
+            // The final cut only ends where the buffer does; the chunk goes on.
+            cuts.pop();
+        }
+        let key = &self.keys.content;
+        let buf = &self.buf;
+        let sealed: Vec<block::Sealed> = cuts
+            .par_iter()
+            .map(|&(off, len)| block::seal(key, BlockKind::Data, &buf[off..off + len]))
+            .collect::<Result<_, _>>()?;
+        let consumed = cuts.last().map(|&(off, len)| off + len).unwrap_or(0);
+        for s in sealed {
+            self.pending.push((s.pointer.score, s.data));
+            self.add(0, s.pointer)?;
+        }
+        self.buf.drain(..consumed);
+        self.put_pending()
+    }
+
+    fn put_pending(&mut self) -> Result<(), Error> {
+        if !self.pending.is_empty() {
+            self.store.put_batch(&self.pending, self.class)?;
+            self.pending.clear();
+            self.stored_any = true;
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, level: usize, pointer: Pointer) -> Result<(), Error> {
+        while self.levels.len() <= level + 1 {
+            self.levels.push(Vec::new());
+        }
+        self.levels[level].push(pointer);
+        if self.levels[level].len() >= self.params.fanout {
+            let entries = std::mem::take(&mut self.levels[level]);
+            self.push_parent(level, &entries)?;
+        }
+        Ok(())
+    }
+
+    /// Seals `entries` (pointers of depth `level`) into a pointer block one level up.
+    fn push_parent(&mut self, level: usize, entries: &[Pointer]) -> Result<(), Error> {
+        let encoded = postcard::to_allocvec(entries).map_err(|e| Error::Format(e.to_string()))?;
+        let s = block::seal(&self.keys.content, BlockKind::Pointers, &encoded)?;
+        let mut pointer = s.pointer;
+        pointer.len = entries.iter().map(|p| p.len).sum();
+        pointer.depth = level as u8 + 1;
+        self.pending.push((pointer.score, s.data));
+        self.add(level + 1, pointer)
+    }
+}
+
+/// Writes `data` as one file and returns its reference.
+pub fn write_all(
+    store: &dyn BlockStore,
+    keys: &Keys,
+    params: TreeParams,
+    class: Class,
+    data: &[u8],
+) -> Result<FileRef, Error> {
+    let mut w = TreeWriter::new(store, keys, params, class);
+    w.write(data)?;
+    w.finish()
+}
+
+/// A decoded block, as the reader caches it.
+enum Node {
+    Data(Vec<u8>),
+    /// Children with the file offset (relative to the node) at which each starts.
+    Pointers(Vec<(u64, Pointer)>),
+}
+
+impl Node {
+    fn weight(&self) -> u64 {
+        match self {
+            Node::Data(d) => d.len() as u64,
+            Node::Pointers(p) => (p.len() * std::mem::size_of::<(u64, Pointer)>()) as u64,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct NodeWeight;
+
+impl quick_cache::Weighter<Score, Arc<Node>> for NodeWeight {
+    fn weight(&self, _: &Score, node: &Arc<Node>) -> u64 {
+        node.weight().max(1)
+    }
+}
+
+/// Reads byte ranges of file trees, caching decoded blocks.
+pub struct TreeReader<S> {
+    store: S,
+    cache: quick_cache::sync::Cache<Score, Arc<Node>, NodeWeight>,
+}
+
+impl<S: BlockStore> TreeReader<S> {
+    /// A reader over `store` that keeps up to `cache_bytes` of decoded blocks.
+    pub fn new(store: S, cache_bytes: u64) -> Self {
+        let items = (cache_bytes / (256 << 10)).max(16) as usize;
+        TreeReader {
+            store,
+            cache: quick_cache::sync::Cache::with_weighter(items, cache_bytes, NodeWeight),
+        }
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Reads into `buf` from `offset`; returns the bytes read (short only at the end of file).
+    pub fn read_at(&self, file: &FileRef, offset: u64, buf: &mut [u8]) -> Result<usize, Error> {
+        let len = file.len();
+        if offset >= len || buf.is_empty() {
+            return Ok(0);
+        }
+        let n = (len - offset).min(buf.len() as u64) as usize;
+        match file {
+            FileRef::Inline(data) => {
+                let start = offset as usize;
+                buf[..n].copy_from_slice(&data[start..start + n]);
+            }
+            FileRef::Tree(root) => self.read_node(root, offset, &mut buf[..n])?,
+        }
+        Ok(n)
+    }
+
+    /// Reads a whole file into memory (for small files and tests).
+    pub fn read_all(&self, file: &FileRef) -> Result<Vec<u8>, Error> {
+        let len = usize::try_from(file.len())
+            .map_err(|_| Error::Format("file too large for memory".into()))?;
+        let mut out = vec![0u8; len];
+        self.read_at(file, 0, &mut out)?;
+        Ok(out)
+    }
+
+    /// Calls `f` with every block score of the tree (pointer blocks and data blocks).
+    pub fn visit_scores(&self, file: &FileRef, f: &mut dyn FnMut(&Pointer)) -> Result<(), Error> {
+        if let FileRef::Tree(root) = file {
+            self.visit(root, f)?;
+        }
+        Ok(())
+    }
+
+    fn visit(&self, p: &Pointer, f: &mut dyn FnMut(&Pointer)) -> Result<(), Error> {
+        f(p);
+        if p.depth > 0 {
+            let node = self.node(p)?;
+            if let Node::Pointers(children) = &*node {
+                for (_, c) in children {
+                    self.visit(c, f)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills `out` with the bytes at `offset` (relative to the node) under `p`.
+    fn read_node(&self, p: &Pointer, offset: u64, out: &mut [u8]) -> Result<(), Error> {
+        let node = self.node(p)?;
+        match &*node {
+            Node::Data(data) => {
+                let start = offset as usize;
+                out.copy_from_slice(&data[start..start + out.len()]);
+            }
+            Node::Pointers(children) => {
+                // First child whose range contains `offset`.
+                let mut i = children
+                    .partition_point(|(start, _)| *start <= offset)
+                    .saturating_sub(1);
+                let mut done = 0usize;
+                while done < out.len() {
+                    let Some((start, child)) = children.get(i) else {
+                        return Err(Error::Corrupt {
+                            score: p.score,
+                            reason: "tree shorter than its length".into(),
+                        });
+                    };
+                    let at = offset + done as u64 - start;
+                    let n = ((child.len - at) as usize).min(out.len() - done);
+                    self.read_node(child, at, &mut out[done..done + n])?;
+                    done += n;
+                    i += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn node(&self, p: &Pointer) -> Result<Arc<Node>, Error> {
+        if let Some(n) = self.cache.get(&p.score) {
+            return Ok(n);
+        }
+        let data = self.store.get(&p.score)?;
+        let node = if p.depth == 0 {
+            let plain = block::open(p, BlockKind::Data, &data)?;
+            if plain.len() as u64 != p.len {
+                return Err(Error::Format(format!(
+                    "data block {} has the wrong length",
+                    p.score
+                )));
+            }
+            Node::Data(plain)
+        } else {
+            let plain = block::open(p, BlockKind::Pointers, &data)?;
+            let entries: Vec<Pointer> = postcard::from_bytes(&plain)
+                .map_err(|e| Error::Format(format!("pointer block {}: {e}", p.score)))?;
+            let mut start = 0u64;
+            let mut children = Vec::with_capacity(entries.len());
+            for c in entries {
+                // A child must sit exactly one level lower: this also bounds recursion.
+                if c.depth + 1 != p.depth || c.len == 0 {
+                    return Err(Error::Format(format!(
+                        "pointer block {} is malformed",
+                        p.score
+                    )));
+                }
+                children.push((start, c));
+                start = start
+                    .checked_add(c.len)
+                    .ok_or_else(|| Error::Format("tree length overflows".into()))?;
+            }
+            if start != p.len {
+                return Err(Error::Format(format!(
+                    "pointer block {} does not add up to its length",
+                    p.score
+                )));
+            }
+            Node::Pointers(children)
+        };
+        let node = Arc::new(node);
+        self.cache.insert(p.score, node.clone());
+        Ok(node)
+    }
+}

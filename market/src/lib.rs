@@ -1,0 +1,1 @@
+//! The storage market: offers, contracts and payments. Arrives with its issue.

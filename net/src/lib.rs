@@ -1,0 +1,1 @@
+//! Peers: libp2p discovery, block exchange, placement and proofs. Arrives with its issue.
