@@ -167,8 +167,10 @@ impl LocalStore {
                 );
             }
         }
-        let stats = store.count()?;
+        let (stats, max_seq) = store.count()?;
         store.lock().0 = stats;
+        // The counter is saved only at a clean close; never hand out a number already used.
+        store.seq.fetch_max(max_seq, Ordering::SeqCst);
         Ok(store)
     }
 
@@ -208,7 +210,7 @@ impl LocalStore {
                 let (k, v) = item?;
                 let e = decode_entry(v.value())?;
                 let score = Score(k.value());
-                if e.class() == Class::Own && e.seq < mark && !live.contains(&score) {
+                if e.class() == Class::Own && e.seq <= mark && !live.contains(&score) {
                     doomed.push((score, e));
                 }
             }
@@ -351,15 +353,18 @@ impl LocalStore {
         Ok(removed)
     }
 
-    fn count(&self) -> Result<StoreStats, Error> {
+    /// Counts blocks per class and finds the highest sequence number in use.
+    fn count(&self) -> Result<(StoreStats, u64), Error> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(BLOCKS)?;
         let mut stats = StoreStats::default();
+        let mut max_seq = 0;
         for item in table.iter()? {
             let e = decode_entry(item?.1.value())?;
             stats.add(e.class(), e.size, 1);
+            max_seq = max_seq.max(e.seq);
         }
-        Ok(stats)
+        Ok((stats, max_seq))
     }
 
     /// Evicts the least used cached blocks until they fit in 90% of the cache capacity.

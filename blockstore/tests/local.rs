@@ -1,0 +1,196 @@
+//! The on-disk volume: classes, eviction, GC sweeps, scrub, and no plaintext on disk.
+
+mod common;
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use fincrypt_blockstore::block::{BlockKind, seal};
+use fincrypt_blockstore::{
+    BlockStore, Class, Error, LocalStore, Score, StoreOptions, TreeParams, TreeReader, TreeWriter,
+};
+
+fn block(seed: u64, len: usize) -> (Score, Bytes) {
+    let s = seal(&[1; 32], BlockKind::Data, &common::bytes(seed, len, 0)).unwrap();
+    (s.pointer.score, s.data)
+}
+
+fn open(dir: &std::path::Path) -> LocalStore {
+    LocalStore::open(
+        dir,
+        StoreOptions {
+            cache_capacity: 10_000,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn put_get_has_delete_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocks: Vec<_> = (0..5).map(|i| block(i, 1000 + i as usize)).collect();
+    {
+        let store = open(dir.path());
+        store.put_batch(&blocks, Class::Own).unwrap();
+        assert_eq!(store.stats().own_blocks, 5);
+        assert!(store.delete(&blocks[0].0).unwrap());
+        assert!(!store.delete(&blocks[0].0).unwrap());
+        store.close().unwrap();
+    }
+    let store = open(dir.path());
+    assert!(matches!(store.get(&blocks[0].0), Err(Error::NotFound(_))));
+    for (s, d) in &blocks[1..] {
+        assert!(store.has(s).unwrap());
+        assert_eq!(&store.get(s).unwrap(), d);
+    }
+    let st = store.stats();
+    assert_eq!(st.own_blocks, 4);
+    assert_eq!(
+        st.own_bytes,
+        blocks[1..].iter().map(|b| b.1.len() as u64).sum::<u64>()
+    );
+    assert!(store.scrub().unwrap().is_clean());
+}
+
+#[test]
+fn classes_only_rise() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let b = block(1, 100);
+    store.put(b.0, b.1.clone(), Class::Cached).unwrap();
+    assert_eq!(store.class_of(&b.0).unwrap(), Some(Class::Cached));
+    store.put(b.0, b.1.clone(), Class::Own).unwrap();
+    assert_eq!(store.class_of(&b.0).unwrap(), Some(Class::Own));
+    store.put(b.0, b.1.clone(), Class::Held).unwrap();
+    assert_eq!(store.class_of(&b.0).unwrap(), Some(Class::Own));
+    let st = store.stats();
+    assert_eq!((st.own_blocks, st.cached_blocks, st.held_blocks), (1, 0, 0));
+}
+
+#[test]
+fn cached_blocks_are_evicted_by_use_and_others_never() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let own = block(100, 3000);
+    let held = block(101, 3000);
+    store.put(own.0, own.1.clone(), Class::Own).unwrap();
+    store.put(held.0, held.1.clone(), Class::Held).unwrap();
+    let favourite = block(0, 1000);
+    store
+        .put(favourite.0, favourite.1.clone(), Class::Cached)
+        .unwrap();
+    for _ in 0..5 {
+        store.get(&favourite.0).unwrap();
+    }
+    for i in 1..40 {
+        let b = block(i, 1000);
+        store.put(b.0, b.1, Class::Cached).unwrap();
+    }
+    let st = store.stats();
+    assert!(st.cached_bytes <= 10_000, "{st:?}");
+    assert!(st.cached_blocks < 40);
+    assert!(
+        store.has(&favourite.0).unwrap(),
+        "the most used block stays"
+    );
+    assert!(store.has(&own.0).unwrap() && store.has(&held.0).unwrap());
+    assert!(store.scrub().unwrap().is_clean());
+}
+
+#[test]
+fn sweep_frees_unreferenced_own_blocks_but_spares_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (live, dead, held) = (block(1, 500), block(2, 500), block(3, 500));
+    store.put(live.0, live.1.clone(), Class::Own).unwrap();
+    store.put(dead.0, dead.1.clone(), Class::Own).unwrap();
+    store.put(held.0, held.1.clone(), Class::Held).unwrap();
+    let mark = store.mark();
+    // Written after the mark by a concurrent writer: not yet in any root.
+    let fresh = block(4, 500);
+    store.put(fresh.0, fresh.1.clone(), Class::Own).unwrap();
+    let removed = store.sweep(&HashSet::from([live.0]), mark).unwrap();
+    assert_eq!(removed, 1);
+    assert!(!store.has(&dead.0).unwrap());
+    assert!(
+        store.has(&live.0).unwrap() && store.has(&fresh.0).unwrap() && store.has(&held.0).unwrap()
+    );
+    // A block reused after the mark is spared too.
+    let mark = store.mark();
+    store.put(live.0, live.1.clone(), Class::Own).unwrap();
+    assert_eq!(
+        store.sweep(&HashSet::new(), mark).unwrap(),
+        1,
+        "only `fresh` goes"
+    );
+    assert!(store.has(&live.0).unwrap());
+    assert!(store.scrub().unwrap().is_clean());
+}
+
+#[test]
+fn any_flipped_byte_fails_get_and_scrub_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (score, data) = block(9, 20_000);
+    store.put(score, data.clone(), Class::Own).unwrap();
+    let path = store.path_of(&score);
+    for pos in [0, 1, 4095, 4096, 10_000, data.len() - 17, data.len() - 1] {
+        let mut bad = data.to_vec();
+        bad[pos] ^= 0x01;
+        std::fs::write(&path, &bad).unwrap();
+        assert!(
+            matches!(store.get(&score), Err(Error::Corrupt { .. })),
+            "flip at {pos}"
+        );
+        assert_eq!(store.scrub().unwrap().corrupt, vec![score], "flip at {pos}");
+    }
+    std::fs::write(&path, &data[..data.len() - 1]).unwrap();
+    assert!(
+        matches!(store.get(&score), Err(Error::Corrupt { .. })),
+        "truncated"
+    );
+    std::fs::remove_file(&path).unwrap();
+    let report = store.scrub().unwrap();
+    assert_eq!(report.missing, vec![score]);
+    std::fs::write(&path, &data).unwrap();
+    let stray = block(10, 100).0;
+    std::fs::write(store.path_of(&stray), b"junk").unwrap_or_else(|_| {
+        std::fs::create_dir_all(store.path_of(&stray).parent().unwrap()).unwrap();
+        std::fs::write(store.path_of(&stray), b"junk").unwrap();
+    });
+    let report = store.scrub().unwrap();
+    assert!(report.corrupt.is_empty() && report.missing.is_empty());
+    assert_eq!(report.orphans, vec![store.path_of(&stray)]);
+}
+
+#[test]
+fn no_plaintext_reaches_the_volume() {
+    let marker = b"FINCRYPT-PLAINTEXT-MARKER-7f3a";
+    let dir = tempfile::tempdir().unwrap();
+    let keys = common::keys();
+    {
+        let store = open(dir.path());
+        // Marker in compressible text, in random data, and in a small file.
+        let mut text = b"some compressible words ".repeat(100_000);
+        text.extend_from_slice(marker);
+        let mut random = common::bytes(5, 3 << 20, 0);
+        random[1 << 20..(1 << 20) + marker.len()].copy_from_slice(marker);
+        for data in [text, random, marker.repeat(200)] {
+            let mut w = TreeWriter::new(&store, &keys, TreeParams::default(), Class::Own);
+            w.write(&data).unwrap();
+            let f = w.finish().unwrap();
+            assert_eq!(TreeReader::new(&store, 0).read_all(&f).unwrap(), data);
+        }
+        store.close().unwrap();
+    }
+    let files = common::files_under(dir.path());
+    assert!(files.len() > 3);
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !bytes.windows(marker.len()).any(|w| w == marker),
+            "marker in {}",
+            f.display()
+        );
+    }
+}
