@@ -1,1 +1,134 @@
-fn main() {}
+//! `fincrypt`: create an identity, mount the filesystem, serve storage to peers.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use fincrypt::config::{Config, Home};
+use fincrypt::secrets;
+use fincrypt_blockstore::{LocalStore, StoreOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "fincrypt",
+    version,
+    about = "An encrypted, distributed filesystem"
+)]
+struct Cli {
+    /// Keep configuration and data under DIR instead of the XDG locations.
+    #[arg(long, global = true, env = "FINCRYPT_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new identity: a master secret, shown once as a recovery phrase,
+    /// kept on disk wrapped by a passphrase (FINCRYPT_PASSPHRASE or a prompt).
+    Init,
+    /// Recreate this machine's key file from a recovery phrase
+    /// (FINCRYPT_RECOVERY_PHRASE or standard input).
+    Recover,
+    /// Change the passphrase (old from FINCRYPT_PASSPHRASE, new from FINCRYPT_NEW_PASSPHRASE, or prompts).
+    Passwd,
+    /// Re-read every block of the local volume and check it against its score.
+    Scrub,
+}
+
+fn main() -> ExitCode {
+    let _ = dotenvy::dotenv();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FINCRYPT_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("fincrypt: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let home = Home::resolve(cli.home.as_deref())?;
+    match cli.command {
+        Command::Init => {
+            let pass = secrets::passphrase(secrets::PASSPHRASE_VAR, "New passphrase: ", true)?;
+            let phrase = secrets::init(&home, &pass)?;
+            open_volume(&home)?.close()?;
+            eprintln!(
+                "Initialised {}.\n\nYour recovery phrase is below. It is shown only this once. Write it down and keep it\n\
+                 somewhere safe: with it, and nothing else, `fincrypt recover` brings everything back on a\n\
+                 new machine. Anyone who has it can read your files.\n",
+                home.config_dir.display()
+            );
+            println!("{phrase}");
+        }
+        Command::Recover => {
+            let phrase = secrets::recovery_phrase()?;
+            let pass = secrets::passphrase(
+                secrets::PASSPHRASE_VAR,
+                "New passphrase for this machine: ",
+                true,
+            )?;
+            secrets::recover(&home, &phrase, &pass)?;
+            open_volume(&home)?.close()?;
+            eprintln!("Recovered the key into {}.", home.key_file().display());
+        }
+        Command::Passwd => {
+            let old = secrets::passphrase(secrets::PASSPHRASE_VAR, "Current passphrase: ", false)?;
+            secrets::unlock(&home, &old)?;
+            let new = secrets::passphrase(secrets::NEW_PASSPHRASE_VAR, "New passphrase: ", true)?;
+            secrets::change_passphrase(&home, &old, &new)?;
+            eprintln!("Passphrase changed.");
+        }
+        Command::Scrub => {
+            anyhow::ensure!(home.is_initialised(), secrets::not_initialised(&home));
+            let store = open_volume(&home)?;
+            let report = store.scrub()?;
+            println!(
+                "checked {} blocks: {} corrupt, {} missing, {} stray files",
+                report.checked,
+                report.corrupt.len(),
+                report.missing.len(),
+                report.orphans.len()
+            );
+            for s in &report.corrupt {
+                println!("corrupt {s}");
+            }
+            for s in &report.missing {
+                println!("missing {s}");
+            }
+            for p in &report.orphans {
+                println!("stray {}", p.display());
+            }
+            if !report.is_clean() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_volume(home: &Home) -> Result<LocalStore> {
+    let config = Config::load(home)?;
+    LocalStore::open(
+        &home.volume_dir(),
+        StoreOptions {
+            cache_capacity: config.cache_capacity,
+        },
+    )
+    .with_context(|| {
+        format!(
+            "opening the block volume in {}",
+            home.volume_dir().display()
+        )
+    })
+}

@@ -1,0 +1,108 @@
+//! Where Fincrypt keeps things, and its settings.
+//!
+//! `--home DIR` (or `FINCRYPT_HOME`) puts everything under DIR. Otherwise the
+//! configuration lives in `$XDG_CONFIG_HOME/fincrypt` (`~/.config/fincrypt`)
+//! and data in `$XDG_DATA_HOME/fincrypt` (`~/.local/share/fincrypt`).
+//! Settings come from `config.toml`, then `FINCRYPT_*` environment variables
+//! (a `.env` file in the working directory may set them), later ones winning.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The directories of one Fincrypt identity.
+#[derive(Clone, Debug)]
+pub struct Home {
+    /// Holds `config.toml` and `key.toml`.
+    pub config_dir: PathBuf,
+    /// Holds the block volume, filesystem metadata and the control socket.
+    pub data_dir: PathBuf,
+}
+
+impl Home {
+    /// Resolves `--home`, then XDG locations under `$HOME`.
+    pub fn resolve(home: Option<&Path>) -> Result<Home> {
+        if let Some(dir) = home {
+            return Ok(Home {
+                config_dir: dir.to_path_buf(),
+                data_dir: dir.to_path_buf(),
+            });
+        }
+        let user_home = std::env::var_os("HOME").map(PathBuf::from);
+        let xdg = |var: &str, fallback: &str| -> Result<PathBuf> {
+            match std::env::var_os(var).filter(|v| !v.is_empty()) {
+                Some(v) => Ok(PathBuf::from(v)),
+                None => user_home
+                    .as_ref()
+                    .map(|h| h.join(fallback))
+                    .context("neither --home, FINCRYPT_HOME nor HOME is set"),
+            }
+        };
+        Ok(Home {
+            config_dir: xdg("XDG_CONFIG_HOME", ".config")?.join("fincrypt"),
+            data_dir: xdg("XDG_DATA_HOME", ".local/share")?.join("fincrypt"),
+        })
+    }
+
+    /// `config.toml`.
+    pub fn config_file(&self) -> PathBuf {
+        self.config_dir.join("config.toml")
+    }
+
+    /// `key.toml`: the master secret wrapped by the passphrase.
+    pub fn key_file(&self) -> PathBuf {
+        self.config_dir.join("key.toml")
+    }
+
+    /// The local block volume.
+    pub fn volume_dir(&self) -> PathBuf {
+        self.data_dir.join("volume")
+    }
+
+    /// True once `fincrypt init` (or `recover`) has run here.
+    pub fn is_initialised(&self) -> bool {
+        self.key_file().exists()
+    }
+}
+
+/// Settings from `config.toml` and `FINCRYPT_*` variables.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Bytes of the volume that cached copies of blocks may use.
+    pub cache_capacity: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cache_capacity: 1 << 30,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the settings of `home`; a missing file means defaults.
+    pub fn load(home: &Home) -> Result<Config> {
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::file(home.config_file()))
+            .merge(Env::prefixed("FINCRYPT_").only(&["cache_capacity"]))
+            .extract()
+            .with_context(|| format!("reading settings ({})", home.config_file().display()))
+    }
+
+    /// The commented file `init` writes, so a user can see what may be set.
+    pub fn default_file() -> String {
+        let d = Config::default();
+        format!(
+            "# Fincrypt settings. Each may also be set as FINCRYPT_<NAME> in the environment.\n\
+             \n\
+             # Bytes of the local volume that cached copies of other blocks may use.\n\
+             cache_capacity = {}\n",
+            d.cache_capacity
+        )
+    }
+}
