@@ -98,8 +98,9 @@ struct Entry {
 }
 
 impl Entry {
+    /// The entry's class; `decode_entry` has already refused unknown values.
     fn class(&self) -> Class {
-        Class::from_u8(self.class).unwrap_or(Class::Cached)
+        Class::from_u8(self.class).unwrap_or(Class::Own)
     }
 }
 
@@ -125,6 +126,18 @@ impl LocalStore {
             let p = dir.join(sub);
             fs::create_dir_all(&p).map_err(|e| Error::io(&p, e))?;
         }
+        // All 256 shard directories exist before any put, so a put never
+        // creates a directory whose own entry would need another fsync.
+        let blocks = dir.join("blocks");
+        if !blocks.join("ff").exists() {
+            for i in 0..=255u8 {
+                let p = blocks.join(format!("{i:02x}"));
+                fs::create_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+            }
+            fs::File::open(&blocks)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io(&blocks, e))?;
+        }
         let db = Database::create(dir.join("index.redb"))?;
         let txn = db.begin_write()?;
         let (clean, seq) = {
@@ -138,7 +151,7 @@ impl LocalStore {
                 Some(VOLUME_VERSION) => {}
                 Some(v) => {
                     return Err(Error::Format(format!(
-                        "volume version {v} is newer than this program understands ({VOLUME_VERSION})"
+                        "volume version {v} is not supported (this program reads version {VOLUME_VERSION})"
                     )));
                 }
             }
@@ -507,10 +520,7 @@ impl BlockStore for LocalStore {
                             continue;
                         };
                         let dest = self.path_of(score);
-                        let dir = dest.parent().map(Path::to_path_buf).unwrap_or_default();
-                        if dirs.insert(dir.clone()) {
-                            fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-                        }
+                        dirs.insert(dest.parent().map(Path::to_path_buf).unwrap_or_default());
                         fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
                         let e = Entry {
                             class: class as u8,
@@ -596,5 +606,13 @@ fn encode_entry(e: &Entry) -> Vec<u8> {
 }
 
 fn decode_entry(bytes: &[u8]) -> Result<Entry, Error> {
-    postcard::from_bytes(bytes).map_err(|e| Error::Index(format!("damaged index entry: {e}")))
+    let e: Entry = postcard::from_bytes(bytes)
+        .map_err(|e| Error::Index(format!("damaged index entry: {e}")))?;
+    if Class::from_u8(e.class).is_none() {
+        return Err(Error::Index(format!(
+            "index entry has unknown class {}",
+            e.class
+        )));
+    }
+    Ok(e)
 }
