@@ -9,6 +9,11 @@ use fincrypt::config::{Config, Home};
 use fincrypt::secrets;
 use fincrypt_blockstore::{LocalStore, StoreOptions};
 
+// Large block buffers are allocated and freed all the time; mimalloc reuses
+// them where the system allocator maps and faults in fresh pages each time.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "fincrypt",

@@ -12,6 +12,11 @@ use fincrypt_blockstore::{
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 
+// Large block buffers are allocated and freed all the time; mimalloc reuses
+// them where the system allocator maps and faults in fresh pages each time.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const LEN: usize = 64 << 20;
 
 fn random(len: usize, seed: u64) -> Vec<u8> {

@@ -2,15 +2,13 @@
 //!
 //! A block is `[version][AES-256-GCM-SIV(inner)]` where `inner` is
 //! `[kind][codec][payload]` and payload is the plaintext, zstd-compressed when
-//! that pays. The key is HMAC-SHA256(content key, kind || plaintext): the same
+//! that pays. The key is BLAKE3-keyed(content key, kind || plaintext): the same
 //! owner's identical data gives the identical block (deduplication), while
 //! without the content key nobody can derive it to confirm a guessed file.
 
-use aes_gcm_siv::aead::{AeadInPlace, KeyInit};
+use aes_gcm_siv::aead::{AeadInOut, KeyInit};
 use aes_gcm_siv::{Aes256GcmSiv, Nonce, Tag};
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 
 use crate::{Error, Score};
 
@@ -110,11 +108,7 @@ pub fn seal(content_key: &[u8; 32], kind: BlockKind, plain: &[u8]) -> Result<Sea
     // Each key seals exactly one plaintext, so a fixed nonce is safe; GCM-SIV
     // would stay safe even if it did not.
     let tag = cipher
-        .encrypt_in_place_detached(
-            Nonce::from_slice(&[0u8; 12]),
-            &[BLOCK_VERSION],
-            &mut buf[1..],
-        )
+        .encrypt_inout_detached(&Nonce::default(), &[BLOCK_VERSION], (&mut buf[1..]).into())
         .map_err(|_| Error::Crypto)?;
     buf.extend_from_slice(&tag);
     let score = Score::of(&buf);
@@ -148,13 +142,9 @@ pub fn open(pointer: &Pointer, kind: BlockKind, block: &[u8]) -> Result<Vec<u8>,
     let (body, tag) = block[1..].split_at(block.len() - 1 - 16);
     let mut buf = body.to_vec();
     let cipher = Aes256GcmSiv::new_from_slice(&pointer.key).map_err(|_| Error::Crypto)?;
+    let tag = Tag::try_from(tag).map_err(|_| bad("bad tag length"))?;
     cipher
-        .decrypt_in_place_detached(
-            Nonce::from_slice(&[0u8; 12]),
-            &[BLOCK_VERSION],
-            &mut buf,
-            Tag::from_slice(tag),
-        )
+        .decrypt_inout_detached(&Nonce::default(), &[BLOCK_VERSION], (&mut buf[..]).into(), &tag)
         .map_err(|_| Error::Decrypt(pointer.score))?;
     let (found_kind, codec) = (BlockKind::from_u8(buf[0]), buf[1]);
     if found_kind != Some(kind) {
@@ -182,14 +172,13 @@ pub fn open(pointer: &Pointer, kind: BlockKind, block: &[u8]) -> Result<Vec<u8>,
 }
 
 fn block_key(content_key: &[u8; 32], kind: BlockKind, plain: &[u8]) -> [u8; 32] {
-    // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(content_key) {
-        Ok(m) => m,
-        Err(_) => unreachable!("HMAC takes any key length"),
-    };
-    mac.update(&[kind as u8]);
-    mac.update(plain);
-    mac.finalize().into_bytes().into()
+    // BLAKE3 in keyed mode is a PRF: without the content key nobody can derive
+    // a block's key, so nobody can confirm a guessed plaintext. It runs about
+    // three times faster than HMAC-SHA256 here (docs/PERFORMANCE.md).
+    let mut h = blake3::Hasher::new_keyed(content_key);
+    h.update(&[kind as u8]);
+    h.update(plain);
+    h.finalize().into()
 }
 
 /// zstd-compresses `plain` if that saves at least 1/32 of it.

@@ -95,7 +95,7 @@ impl MasterSecret {
 /// Keys derived from the master secret. None of them ever leaves the machine.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct Keys {
-    /// Keys convergent encryption: block key = HMAC(content, plaintext).
+    /// Keys convergent encryption: block key = BLAKE3-keyed(content, kind || plaintext).
     pub content: [u8; 32],
     /// Encrypts live metadata kept on the local disk.
     pub metadata: [u8; 32],
@@ -163,7 +163,7 @@ impl KeyFile {
         let cipher = Aes256GcmSiv::new_from_slice(&kek[..]).map_err(|_| Error::Crypto)?;
         let ct = cipher
             .encrypt(
-                Nonce::from_slice(&nonce),
+                &Nonce::from(nonce),
                 Payload {
                     msg: &secret.0,
                     aad: KEY_FILE_AAD,
@@ -189,7 +189,7 @@ impl KeyFile {
         let cipher = Aes256GcmSiv::new_from_slice(&kek[..]).map_err(|_| Error::Crypto)?;
         let mut plain = cipher
             .decrypt(
-                Nonce::from_slice(&nonce),
+                &Nonce::from(nonce),
                 Payload {
                     msg: &wrapped,
                     aad: KEY_FILE_AAD,
