@@ -144,7 +144,12 @@ pub fn open(pointer: &Pointer, kind: BlockKind, block: &[u8]) -> Result<Vec<u8>,
     let cipher = Aes256GcmSiv::new_from_slice(&pointer.key).map_err(|_| Error::Crypto)?;
     let tag = Tag::try_from(tag).map_err(|_| bad("bad tag length"))?;
     cipher
-        .decrypt_inout_detached(&Nonce::default(), &[BLOCK_VERSION], (&mut buf[..]).into(), &tag)
+        .decrypt_inout_detached(
+            &Nonce::default(),
+            &[BLOCK_VERSION],
+            (&mut buf[..]).into(),
+            &tag,
+        )
         .map_err(|_| Error::Decrypt(pointer.score))?;
     let (found_kind, codec) = (BlockKind::from_u8(buf[0]), buf[1]);
     if found_kind != Some(kind) {

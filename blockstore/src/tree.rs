@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use fastcdc::v2020::{FastCDC, Normalization};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::block::{self, BlockKind, Pointer};
@@ -112,6 +111,12 @@ impl<'a> TreeWriter<'a> {
 
     /// Appends bytes to the file.
     pub fn write(&mut self, data: &[u8]) -> Result<(), Error> {
+        if self.buf.is_empty() && data.len() >= self.params.batch_bytes() {
+            // A large write is chunked where it lies; only its tail is copied.
+            let consumed = self.seal_chunks(data, false)?;
+            self.buf.extend_from_slice(&data[consumed..]);
+            return Ok(());
+        }
         self.buf.extend_from_slice(data);
         if self.buf.len() >= self.params.batch_bytes() {
             self.flush_chunks(false)?;
@@ -147,34 +152,60 @@ impl<'a> TreeWriter<'a> {
     /// Cuts the buffer into chunks and stores them; keeps the last, possibly
     /// incomplete chunk unless this is the end of the file.
     fn flush_chunks(&mut self, last: bool) -> Result<(), Error> {
+        let buf = std::mem::take(&mut self.buf);
+        let result = self.seal_chunks(&buf, last);
+        self.buf = buf;
+        let consumed = result?;
+        self.buf.drain(..consumed);
+        Ok(())
+    }
+
+    /// Chunks `input`, seals the chunks and stores them with any parent
+    /// blocks they complete; returns how many bytes of `input` were used.
+    ///
+    /// The chunker runs on this thread while the chunks it has already cut are
+    /// sealed on the rayon pool, so neither waits for the other.
+    fn seal_chunks(&mut self, input: &[u8], last: bool) -> Result<usize, Error> {
         let p = self.params;
-        let mut cuts: Vec<(usize, usize)> = FastCDC::with_level_and_seed(
-            &self.buf,
-            p.min_chunk,
-            p.avg_chunk,
-            p.max_chunk,
-            Normalization::Level1,
-            self.keys.chunker_seed,
-        )
-        .map(|c| (c.offset, c.length))
-        .collect();
-        if !last {
-            // The final cut only ends where the buffer does; the chunk goes on.
-            cuts.pop();
-        }
         let key = &self.keys.content;
-        let buf = &self.buf;
-        let sealed: Vec<block::Sealed> = cuts
-            .par_iter()
-            .map(|&(off, len)| block::seal(key, BlockKind::Data, &buf[off..off + len]))
-            .collect::<Result<_, _>>()?;
-        let consumed = cuts.last().map(|&(off, len)| off + len).unwrap_or(0);
-        for s in sealed {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut consumed = 0;
+        rayon::scope(|scope| {
+            let mut cuts = FastCDC::with_level_and_seed(
+                input,
+                p.min_chunk,
+                p.avg_chunk,
+                p.max_chunk,
+                Normalization::Level1,
+                self.keys.chunker_seed,
+            )
+            .enumerate()
+            .peekable();
+            while let Some((i, c)) = cuts.next() {
+                // The final cut ends only where the input does: unless this is
+                // the end of the file, that chunk goes on in the next write.
+                if cuts.peek().is_none() && !last {
+                    break;
+                }
+                consumed = c.offset + c.length;
+                let tx = tx.clone();
+                let chunk = &input[c.offset..c.offset + c.length];
+                scope.spawn(move |_| {
+                    // The receiver outlives the scope, so this send cannot fail.
+                    let _ = tx.send((i, block::seal(key, BlockKind::Data, chunk)));
+                });
+            }
+        });
+        drop(tx);
+        let mut sealed: Vec<(usize, Result<block::Sealed, Error>)> = rx.into_iter().collect();
+        sealed.sort_by_key(|(i, _)| *i);
+        for (_, s) in sealed {
+            let s = s?;
             self.pending.push((s.pointer.score, s.data));
             self.add(0, s.pointer)?;
         }
-        self.buf.drain(..consumed);
-        self.put_pending()
+        self.put_pending()?;
+        Ok(consumed)
     }
 
     fn put_pending(&mut self) -> Result<(), Error> {
