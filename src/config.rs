@@ -74,12 +74,18 @@ impl Home {
 pub struct Config {
     /// Bytes of the volume that cached copies of blocks may use.
     pub cache_capacity: u64,
+    /// Seconds between automatic snapshots; 0 turns them off.
+    pub snapshot_interval: u64,
+    /// Snapshots kept; older ones go, and GC frees what only they used.
+    pub snapshot_keep: usize,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             cache_capacity: 1 << 30,
+            snapshot_interval: 900,
+            snapshot_keep: 96,
         }
     }
 }
@@ -89,7 +95,11 @@ impl Config {
     pub fn load(home: &Home) -> Result<Config> {
         Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::file(home.config_file()))
-            .merge(Env::prefixed("FINCRYPT_").only(&["cache_capacity"]))
+            .merge(Env::prefixed("FINCRYPT_").only(&[
+                "cache_capacity",
+                "snapshot_interval",
+                "snapshot_keep",
+            ]))
             .extract()
             .with_context(|| format!("reading settings ({})", home.config_file().display()))
     }
@@ -101,8 +111,12 @@ impl Config {
             "# Fincrypt settings. Each may also be set as FINCRYPT_<NAME> in the environment.\n\
              \n\
              # Bytes of the local volume that cached copies of other blocks may use.\n\
-             cache_capacity = {}\n",
-            d.cache_capacity
+             cache_capacity = {}\n\
+             \n\
+             # Seconds between automatic snapshots (0: only on request), and how many to keep.\n\
+             snapshot_interval = {}\n\
+             snapshot_keep = {}\n",
+            d.cache_capacity, d.snapshot_interval, d.snapshot_keep
         )
     }
 }

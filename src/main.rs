@@ -40,6 +40,15 @@ enum Command {
     Passwd,
     /// Re-read every block of the local volume and check it against its score.
     Scrub,
+    /// Mount the filesystem at MOUNTPOINT and serve it in the foreground until
+    /// it is unmounted (fusermount3 -u) or the process gets SIGTERM or SIGINT.
+    Mount {
+        /// An empty directory to mount on.
+        mountpoint: PathBuf,
+        /// Let other users in (FUSE allow_other; the kernel checks permissions).
+        #[arg(long)]
+        allow_other: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +73,36 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     let home = Home::resolve(cli.home.as_deref())?;
     match cli.command {
+        Command::Mount {
+            mountpoint,
+            allow_other,
+        } => {
+            if !home.is_initialised() {
+                if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                    eprintln!(
+                        "No Fincrypt identity yet in {}: creating one.",
+                        home.config_dir.display()
+                    );
+                    let pass =
+                        secrets::passphrase(secrets::PASSPHRASE_VAR, "New passphrase: ", true)?;
+                    let phrase = secrets::init(&home, &pass)?;
+                    eprintln!(
+                        "\nYour recovery phrase (shown only this once; write it down):\n\n{phrase}\n"
+                    );
+                } else {
+                    anyhow::bail!(secrets::not_initialised(&home));
+                }
+            }
+            let pass = secrets::passphrase(secrets::PASSPHRASE_VAR, "Passphrase: ", false)?;
+            fincrypt::daemon::mount(
+                &home,
+                fincrypt::daemon::MountArgs {
+                    mountpoint,
+                    allow_other,
+                },
+                &pass,
+            )?;
+        }
         Command::Init => {
             let pass = secrets::passphrase(secrets::PASSPHRASE_VAR, "New passphrase: ", true)?;
             let phrase = secrets::init(&home, &pass)?;

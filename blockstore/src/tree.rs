@@ -109,6 +109,43 @@ impl<'a> TreeWriter<'a> {
         }
     }
 
+    /// A writer that continues `base`: it keeps the data blocks of `base` that
+    /// end at a content-defined boundary at or before `from`, and returns the
+    /// offset from which the caller must write the new content.
+    ///
+    /// Appending to a large file thus re-chunks only its last chunk, and an
+    /// edit re-chunks from the chunk it falls in.
+    pub fn resume<S: BlockStore>(
+        store: &'a dyn BlockStore,
+        keys: &'a Keys,
+        params: TreeParams,
+        class: Class,
+        base: &FileRef,
+        reader: &TreeReader<S>,
+        from: u64,
+    ) -> Result<(Self, u64), Error> {
+        let mut leaves = Vec::new();
+        reader.visit_scores(base, &mut |p| {
+            if p.depth == 0 {
+                leaves.push(*p);
+            }
+        })?;
+        // The last leaf ends where the file ended, not at a content-defined
+        // cut, so it is always re-chunked.
+        leaves.pop();
+        let mut w = TreeWriter::new(store, keys, params, class);
+        let mut end = 0u64;
+        for leaf in leaves {
+            if end + leaf.len > from {
+                break;
+            }
+            end += leaf.len;
+            w.add(0, leaf)?;
+            w.stored_any = true;
+        }
+        Ok((w, end))
+    }
+
     /// Appends bytes to the file.
     pub fn write(&mut self, data: &[u8]) -> Result<(), Error> {
         if self.buf.is_empty() && data.len() >= self.params.batch_bytes() {

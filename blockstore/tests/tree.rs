@@ -234,3 +234,48 @@ fn a_file_over_4_gib_streams_and_reads_back() {
     assert_eq!(&b[..8], &(!(4095u64)).to_le_bytes());
     assert_eq!(&b[8..], &4096u64.to_le_bytes());
 }
+
+/// Resuming keeps the unchanged prefix and gives the same tree as writing afresh.
+#[test]
+fn resume_matches_a_fresh_write_and_reuses_the_prefix() {
+    let store = MemStore::new();
+    let keys = common::keys();
+    let reader = TreeReader::new(&store, 1 << 20);
+    for params in [SMALL, TreeParams::default()] {
+        let old = common::bytes(11, 9 << 20, 0);
+        let base = write_all(&store, &keys, params, Class::Own, &old).unwrap();
+        for (edit_at, new_len) in [
+            (old.len(), old.len() + 5000),
+            (4 << 20, old.len()),
+            (100, 6 << 20),
+            (0, 10),
+        ] {
+            let mut new = old.clone();
+            new.resize(new_len, 0);
+            if edit_at < new.len() {
+                new[edit_at] ^= 0xff;
+            }
+            let fresh = write_all(&store, &keys, params, Class::Own, &new).unwrap();
+            let (mut w, from) = TreeWriter::resume(
+                &store,
+                &keys,
+                params,
+                Class::Own,
+                &base,
+                &reader,
+                edit_at as u64,
+            )
+            .unwrap();
+            assert!(from <= edit_at as u64);
+            if edit_at >= 4 << 20 {
+                assert!(from > 0, "a late edit keeps a prefix");
+            }
+            w.write(&new[from as usize..]).unwrap();
+            assert_eq!(
+                w.finish().unwrap(),
+                fresh,
+                "edit at {edit_at}, new length {new_len}"
+            );
+        }
+    }
+}

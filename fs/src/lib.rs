@@ -1,1 +1,15 @@
-//! Fossil: the live filesystem. The mount over the block store arrives with its issue.
+//! Fossil: the live Fincrypt filesystem over a block store, and its FUSE mount.
+//!
+//! [`Fossil`] is the filesystem itself and knows nothing of FUSE; [`fuse`]
+//! translates kernel requests into its calls and its errors into errnos.
+
+mod error;
+pub mod file;
+pub mod fossil;
+pub mod fuse;
+pub mod meta;
+pub mod snapshot;
+
+pub use error::FsError;
+pub use fossil::{Attr, Caller, Fossil, SetAttr, SetTime};
+pub use meta::{Kind, Meta, Time};

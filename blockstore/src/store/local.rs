@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -115,6 +115,8 @@ pub struct LocalStore {
     hits: Mutex<HashMap<Score, u64>>,
     seq: AtomicU64,
     tmp_counter: AtomicU64,
+    /// Set by `shutdown`; the next change marks the volume in use again.
+    marked_clean: AtomicBool,
 }
 
 struct Stats(StoreStats);
@@ -169,6 +171,7 @@ impl LocalStore {
             hits: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(seq),
             tmp_counter: AtomicU64::new(0),
+            marked_clean: AtomicBool::new(false),
         };
         store.clear_tmp()?;
         if !clean {
@@ -215,6 +218,7 @@ impl LocalStore {
     pub fn sweep(&self, live: &HashSet<Score>, mark: u64) -> Result<u64, Error> {
         let mut stats = self.lock();
         let txn = self.db.begin_write()?;
+        self.in_use(&txn)?;
         let mut gone = Vec::new();
         {
             let mut table = txn.open_table(BLOCKS)?;
@@ -387,6 +391,7 @@ impl LocalStore {
         }
         let target = self.options.cache_capacity / 10 * 9;
         let txn = self.db.begin_write()?;
+        self.in_use(&txn)?;
         let mut gone = Vec::new();
         {
             let mut table = txn.open_table(BLOCKS)?;
@@ -415,6 +420,15 @@ impl LocalStore {
         Ok(())
     }
 
+    /// Called in every transaction that changes the volume: after a clean
+    /// shutdown, the first change marks the volume in use again.
+    fn in_use(&self, txn: &redb::WriteTransaction) -> Result<(), Error> {
+        if self.marked_clean.swap(false, Ordering::SeqCst) {
+            txn.open_table(META)?.insert("clean", 0)?;
+        }
+        Ok(())
+    }
+
     /// Writes hits recorded since the last commit into `table`.
     fn flush_hits(&self, table: &mut redb::Table<'_, [u8; 32], &[u8]>) -> Result<(), Error> {
         let hits = std::mem::take(&mut *self.hits.lock().unwrap_or_else(|p| p.into_inner()));
@@ -435,10 +449,12 @@ impl LocalStore {
 
     /// Marks the volume cleanly closed, so the next open skips the crash repair scan.
     pub fn close(self) -> Result<(), Error> {
-        self.close_inner()
+        self.shutdown()
     }
 
-    fn close_inner(&self) -> Result<(), Error> {
+    /// As [`LocalStore::close`] for a store still shared: writes buffered hits
+    /// and marks the volume clean. Any later put marks it in use again.
+    pub fn shutdown(&self) -> Result<(), Error> {
         let _guard = self.lock();
         let txn = self.db.begin_write()?;
         {
@@ -449,13 +465,14 @@ impl LocalStore {
             meta.insert("clean", 1)?;
         }
         txn.commit()?;
+        self.marked_clean.store(true, Ordering::SeqCst);
         Ok(())
     }
 }
 
 impl Drop for LocalStore {
     fn drop(&mut self) {
-        if let Err(e) = self.close_inner() {
+        if let Err(e) = self.shutdown() {
             tracing::warn!(error = %e, "could not mark the block volume clean");
         }
     }
@@ -485,6 +502,7 @@ impl BlockStore for LocalStore {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let now = now();
         let txn = self.db.begin_write()?;
+        self.in_use(&txn)?;
         let mut dirs = BTreeSet::new();
         // Counter changes, applied only once the commit has succeeded.
         let mut changes: Vec<(Class, u64, i64)> = Vec::new();
@@ -573,6 +591,7 @@ impl BlockStore for LocalStore {
     fn delete(&self, score: &Score) -> Result<bool, Error> {
         let mut stats = self.lock();
         let txn = self.db.begin_write()?;
+        self.in_use(&txn)?;
         let removed = {
             let mut table = txn.open_table(BLOCKS)?;
             let old = table

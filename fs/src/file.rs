@@ -1,0 +1,227 @@
+//! File data that is written but not yet in blocks.
+//!
+//! Writes land in memory as extents over the file's committed tree. Reads
+//! see the extents laid over the tree. On flush, fsync, close or when memory
+//! runs short, the file is rewritten from its first changed chunk: the
+//! unchanged prefix of chunks is kept, the rest is chunked and sealed anew.
+
+use std::collections::BTreeMap;
+
+use fincrypt_blockstore::{BlockStore, Class, FileRef, Keys, TreeParams, TreeReader, TreeWriter};
+
+use crate::error::FsError;
+use crate::meta::Time;
+
+/// Bytes streamed per step while rewriting a file.
+const STEP: usize = 8 << 20;
+
+/// Written-but-unsealed state of one file.
+#[derive(Debug)]
+pub struct Dirty {
+    /// The committed content the extents lie over.
+    pub base: FileRef,
+    /// The file's current length.
+    pub size: u64,
+    /// Written ranges: start offset -> bytes; never overlapping or adjacent.
+    extents: BTreeMap<u64, Vec<u8>>,
+    /// Smallest offset whose content may differ from `base`.
+    pub first_change: u64,
+    /// Committed bytes still visible: a truncation hides what lies past it for good.
+    base_valid: u64,
+    /// Time of the last write.
+    pub mtime: Time,
+}
+
+impl Dirty {
+    /// Fresh state over committed content of `size` bytes.
+    pub fn new(base: FileRef, size: u64) -> Dirty {
+        let base_valid = base.len();
+        Dirty {
+            base,
+            size,
+            extents: BTreeMap::new(),
+            first_change: u64::MAX,
+            base_valid,
+            mtime: Time::now(),
+        }
+    }
+
+    /// Bytes held in memory.
+    pub fn held(&self) -> usize {
+        self.extents.values().map(Vec::len).sum()
+    }
+
+    /// True when nothing differs from `base`.
+    pub fn is_clean(&self) -> bool {
+        self.first_change == u64::MAX && self.size == self.base.len()
+    }
+
+    /// Records a write of `data` at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let end = offset + data.len() as u64;
+        // Merge with every extent that overlaps or touches [offset, end).
+        let mut start = offset;
+        let mut merged: Vec<u8> = Vec::new();
+        let touching: Vec<u64> = self
+            .extents
+            .range(..=end)
+            .filter(|(s, v)| *s + v.len() as u64 >= offset)
+            .map(|(s, _)| *s)
+            .collect();
+        if let Some(&first) = touching.first() {
+            start = start.min(first);
+        }
+        let mut new_end = end;
+        for s in &touching {
+            new_end = new_end.max(s + self.extents[s].len() as u64);
+        }
+        merged.resize((new_end - start) as usize, 0);
+        for s in touching {
+            if let Some(v) = self.extents.remove(&s) {
+                let at = (s - start) as usize;
+                merged[at..at + v.len()].copy_from_slice(&v);
+            }
+        }
+        let at = (offset - start) as usize;
+        merged[at..at + data.len()].copy_from_slice(data);
+        self.extents.insert(start, merged);
+        self.size = self.size.max(end);
+        self.first_change = self.first_change.min(offset);
+        self.mtime = Time::now();
+    }
+
+    /// Sets the length: cuts extents past it, or extends with zeros.
+    pub fn truncate(&mut self, size: u64) {
+        if size < self.size {
+            let cut: Vec<u64> = self
+                .extents
+                .range(..)
+                .filter(|(s, v)| *s + v.len() as u64 > size)
+                .map(|(s, _)| *s)
+                .collect();
+            for s in cut {
+                if s >= size {
+                    self.extents.remove(&s);
+                } else if let Some(v) = self.extents.get_mut(&s) {
+                    v.truncate((size - s) as usize);
+                }
+            }
+        }
+        self.first_change = self.first_change.min(size.min(self.size));
+        self.base_valid = self.base_valid.min(size);
+        self.size = size;
+        self.mtime = Time::now();
+    }
+
+    /// Replaces `[offset, offset+len)` with zeros (a punched hole), within the current size.
+    pub fn zero(&mut self, offset: u64, len: u64) {
+        let end = (offset + len).min(self.size);
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(STEP as u64) as usize;
+            self.write(at, &vec![0u8; n]);
+            at += n as u64;
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (the caller has clipped to `size`).
+    pub fn read<S: BlockStore>(
+        &self,
+        reader: &TreeReader<S>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), FsError> {
+        let end = offset + buf.len() as u64;
+        // Committed bytes first (zeros past the committed end), then the extents on top.
+        let base_len = self.base_valid.min(self.size);
+        if offset < base_len {
+            let n = ((base_len - offset) as usize).min(buf.len());
+            reader.read_at(&self.base, offset, &mut buf[..n])?;
+            buf[n..].fill(0);
+        } else {
+            buf.fill(0);
+        }
+        for (s, v) in self.extents.range(..end) {
+            let e = s + v.len() as u64;
+            if e <= offset {
+                continue;
+            }
+            let from = offset.max(*s);
+            let to = end.min(e);
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&v[(from - s) as usize..(to - s) as usize]);
+        }
+        Ok(())
+    }
+
+    /// Writes the file's new content as blocks and returns its reference.
+    pub fn seal<S: BlockStore>(
+        &self,
+        store: &dyn BlockStore,
+        reader: &TreeReader<S>,
+        keys: &Keys,
+        params: TreeParams,
+    ) -> Result<FileRef, FsError> {
+        let from = self.first_change.min(self.size).min(self.base.len());
+        let (mut w, mut at) =
+            TreeWriter::resume(store, keys, params, Class::Own, &self.base, reader, from)?;
+        let mut buf = vec![0u8; STEP];
+        while at < self.size {
+            let n = ((self.size - at) as usize).min(STEP);
+            self.read(reader, at, &mut buf[..n])?;
+            w.write(&buf[..n])?;
+            at += n as u64;
+        }
+        Ok(w.finish()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fincrypt_blockstore::MemStore;
+
+    #[test]
+    fn extents_merge_and_read_back_over_a_base() {
+        let store = MemStore::new();
+        let keys = fincrypt_blockstore::MasterSecret::generate().keys();
+        let params = TreeParams {
+            min_chunk: 64,
+            avg_chunk: 256,
+            max_chunk: 1024,
+            fanout: 4,
+            inline_max: 64,
+        };
+        let mut model: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let base = fincrypt_blockstore::tree::write_all(&store, &keys, params, Class::Own, &model)
+            .unwrap();
+        let reader = TreeReader::new(&store, 1 << 20);
+        let mut d = Dirty::new(base, model.len() as u64);
+        for (off, len, byte) in [
+            (100u64, 50usize, 1u8),
+            (140, 100, 2),
+            (90, 5, 3),
+            (9_990, 30, 4),
+            (20_000, 10, 5),
+        ] {
+            d.write(off, &vec![byte; len]);
+            let end = off as usize + len;
+            if model.len() < end {
+                model.resize(end, 0);
+            }
+            model[off as usize..end].fill(byte);
+        }
+        d.truncate(15_000);
+        model.truncate(15_000);
+        d.truncate(21_000);
+        model.resize(21_000, 0);
+        let mut buf = vec![0u8; model.len()];
+        d.read(&reader, 0, &mut buf).unwrap();
+        assert_eq!(buf, model);
+        let sealed = d.seal(&store, &reader, &keys, params).unwrap();
+        assert_eq!(reader.read_all(&sealed).unwrap(), model);
+    }
+}

@@ -1,0 +1,1045 @@
+//! Fossil: the live filesystem over the block store, with no knowledge of FUSE.
+//!
+//! Namespace and attributes live in [`Meta`]; file data lives in block trees,
+//! with recent writes held as [`Dirty`] extents until flush, fsync or close.
+//! Lock order: a file's state lock, then a metadata transaction. The table of
+//! open counts is a leaf lock, never held while taking another.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use fincrypt_blockstore::{BlockStore, Keys, TreeParams, TreeReader};
+
+use crate::error::{FsError, errno};
+use crate::file::Dirty;
+use crate::meta::{Dirent, Inode, Kind, Meta, ROOT_INO, Time};
+
+/// Longest name in a directory, as on Linux.
+pub const NAME_MAX: usize = 255;
+/// Longest extended attribute value.
+pub const XATTR_SIZE_MAX: usize = 64 * 1024;
+/// Dirty bytes one file may hold before it is sealed into blocks.
+const FILE_DIRTY_MAX: usize = 64 << 20;
+/// Dirty bytes all files together may hold.
+const TOTAL_DIRTY_MAX: usize = 128 << 20;
+/// Bytes of decoded blocks the reader caches.
+const READ_CACHE: u64 = 64 << 20;
+/// The xattr that shows a directory's redundancy.
+pub const REDUNDANCY_XATTR: &[u8] = b"user.fincrypt.redundancy";
+
+/// Attributes as the kernel wants them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    /// 512-byte units, as stat(2) counts them.
+    pub blocks: u64,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    pub crtime: Time,
+    pub rdev: u32,
+}
+
+/// A time to set: now, or a given one.
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    Now,
+    At(Time),
+}
+
+/// Changes of a setattr call; `None` leaves a field alone.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub ctime: Option<Time>,
+}
+
+/// Who asks: the caller's uid and gid, for ownership of new nodes.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The state of a file that is open or has unsealed writes.
+#[derive(Default)]
+struct FileState {
+    dirty: Option<Dirty>,
+}
+
+/// The live filesystem.
+pub struct Fossil {
+    meta: Meta,
+    store: Arc<dyn BlockStore>,
+    reader: TreeReader<Arc<dyn BlockStore>>,
+    keys: Keys,
+    params: TreeParams,
+    files: Mutex<HashMap<u64, Arc<Mutex<FileState>>>>,
+    opens: Mutex<HashMap<u64, u32>>,
+    dirty_total: AtomicUsize,
+    /// Held shared from sealing a file's blocks until its inode is committed;
+    /// GC takes it exclusively to set its mark, so it never sweeps such blocks.
+    gc_gate: RwLock<()>,
+    /// A directory on the disk that holds the volume, for statfs.
+    disk: PathBuf,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The data behind these locks stays consistent at every await-free step,
+    // so a panic elsewhere does not poison it for us.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Fossil {
+    /// A filesystem over `meta` and `store`; `disk` is where statfs looks.
+    pub fn new(
+        meta: Meta,
+        store: Arc<dyn BlockStore>,
+        keys: Keys,
+        params: TreeParams,
+        disk: PathBuf,
+    ) -> Result<Fossil, FsError> {
+        let fs = Fossil {
+            meta,
+            reader: TreeReader::new(store.clone(), READ_CACHE),
+            store,
+            keys,
+            params,
+            files: Mutex::new(HashMap::new()),
+            opens: Mutex::new(HashMap::new()),
+            dirty_total: AtomicUsize::new(0),
+            gc_gate: RwLock::new(()),
+            disk,
+        };
+        // Files unlinked while open when the last session ended go now.
+        let orphans = fs.meta.orphans()?;
+        if !orphans.is_empty() {
+            let mut txn = fs.meta.write()?;
+            for ino in orphans {
+                txn.remove_inode(ino)?;
+                txn.remove_orphan(ino)?;
+            }
+            txn.commit(true)?;
+        }
+        Ok(fs)
+    }
+
+    /// The metadata store (for snapshots and GC).
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// The block store underneath.
+    pub fn store(&self) -> &dyn BlockStore {
+        &*self.store
+    }
+
+    /// The reader over the block store.
+    pub fn reader(&self) -> &TreeReader<Arc<dyn BlockStore>> {
+        &self.reader
+    }
+
+    /// The keys and tree shape in use.
+    pub fn keys(&self) -> (&Keys, TreeParams) {
+        (&self.keys, self.params)
+    }
+
+    fn state(&self, ino: u64) -> Arc<Mutex<FileState>> {
+        lock(&self.files).entry(ino).or_default().clone()
+    }
+
+    fn attr(&self, ino: u64, inode: &Inode) -> Attr {
+        let (mut size, mut mtime, mut ctime) = (inode.size, inode.mtime, inode.ctime);
+        if inode.kind == Kind::File {
+            if let Some(st) = lock(&self.files).get(&ino).cloned() {
+                if let Some(d) = &lock(&st).dirty {
+                    size = d.size;
+                    if d.mtime > mtime {
+                        mtime = d.mtime;
+                        ctime = ctime.max(d.mtime);
+                    }
+                }
+            }
+        }
+        Attr {
+            ino,
+            kind: inode.kind,
+            perm: inode.perm,
+            uid: inode.uid,
+            gid: inode.gid,
+            nlink: inode.nlink,
+            size,
+            blocks: size.div_ceil(512),
+            atime: inode.atime,
+            mtime,
+            ctime,
+            crtime: inode.crtime,
+            rdev: inode.rdev,
+        }
+    }
+
+    /// Attributes of `ino`.
+    pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        let inode = self.meta.inode(ino)?;
+        Ok(self.attr(ino, &inode))
+    }
+
+    /// Finds `name` in `parent`.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
+        check_name(name)?;
+        let dir = self.meta.inode(parent)?;
+        if dir.kind != Kind::Dir {
+            return errno(libc::ENOTDIR);
+        }
+        match self.meta.lookup(parent, name)? {
+            Some(d) => self.getattr(d.ino),
+            None => errno(libc::ENOENT),
+        }
+    }
+
+    /// Creates a node of `kind` in `parent` (file, directory, special file or symlink).
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: Kind,
+        perm: u16,
+        rdev: u32,
+        target: Option<&[u8]>,
+        who: Caller,
+    ) -> Result<Attr, FsError> {
+        check_name(name)?;
+        let mut txn = self.meta.write()?;
+        let mut dir = txn.inode(parent)?;
+        if dir.kind != Kind::Dir {
+            return errno(libc::ENOTDIR);
+        }
+        if dir.nlink == 0 {
+            return errno(libc::ENOENT);
+        }
+        if txn.lookup(parent, name)?.is_some() {
+            return errno(libc::EEXIST);
+        }
+        let ino = txn.alloc_ino()?;
+        let mut inode = Inode::new(kind, perm & 0o7777, who.uid, who.gid);
+        // BSD group semantics under a set-gid directory, as Linux does it.
+        if dir.perm & 0o2000 != 0 {
+            inode.gid = dir.gid;
+            if kind == Kind::Dir {
+                inode.perm |= 0o2000;
+            }
+        }
+        inode.rdev = rdev;
+        if let Some(t) = target {
+            inode.target = t.to_vec();
+            inode.size = t.len() as u64;
+        }
+        if kind == Kind::Dir {
+            inode.size = 0;
+            inode.target = parent.to_le_bytes().to_vec();
+            dir.nlink += 1;
+        }
+        let now = inode.ctime;
+        dir.mtime = now;
+        dir.ctime = now;
+        txn.put_inode(ino, &inode)?;
+        txn.put_inode(parent, &dir)?;
+        txn.put_dirent(
+            parent,
+            &Dirent {
+                name: name.to_vec(),
+                ino,
+                kind,
+            },
+        )?;
+        txn.commit(false)?;
+        Ok(self.attr(ino, &inode))
+    }
+
+    /// The target of a symlink.
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        let inode = self.meta.inode(ino)?;
+        if inode.kind != Kind::Symlink {
+            return errno(libc::EINVAL);
+        }
+        Ok(inode.target)
+    }
+
+    /// Removes a non-directory entry.
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), FsError> {
+        check_name(name)?;
+        let mut txn = self.meta.write()?;
+        let d = txn
+            .lookup(parent, name)?
+            .ok_or(FsError::Errno(libc::ENOENT))?;
+        if d.kind == Kind::Dir {
+            return errno(libc::EISDIR);
+        }
+        let now = Time::now();
+        let mut dir = txn.inode(parent)?;
+        dir.mtime = now;
+        dir.ctime = now;
+        txn.put_inode(parent, &dir)?;
+        txn.remove_dirent(parent, name)?;
+        let mut gone = Vec::new();
+        self.drop_link(&mut txn, d.ino, now, &mut gone)?;
+        txn.commit(false)?;
+        gone.into_iter().for_each(|ino| self.forget_state(ino));
+        Ok(())
+    }
+
+    /// Removes an empty directory.
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<(), FsError> {
+        check_name(name)?;
+        if name == b"." {
+            return errno(libc::EINVAL);
+        }
+        let mut txn = self.meta.write()?;
+        let d = txn
+            .lookup(parent, name)?
+            .ok_or(FsError::Errno(libc::ENOENT))?;
+        if d.kind != Kind::Dir {
+            return errno(libc::ENOTDIR);
+        }
+        if txn.has_entries(d.ino)? {
+            return errno(libc::ENOTEMPTY);
+        }
+        let now = Time::now();
+        let mut dir = txn.inode(parent)?;
+        dir.nlink = dir.nlink.saturating_sub(1);
+        dir.mtime = now;
+        dir.ctime = now;
+        txn.put_inode(parent, &dir)?;
+        txn.remove_dirent(parent, name)?;
+        let mut gone = Vec::new();
+        self.drop_inode_if_unused(&mut txn, d.ino, true, &mut gone)?;
+        txn.commit(false)?;
+        gone.into_iter().for_each(|ino| self.forget_state(ino));
+        Ok(())
+    }
+
+    /// One link fewer to `ino`; deleted once it has none and nobody has it open.
+    fn drop_link(
+        &self,
+        txn: &mut crate::meta::WriteTxn<'_>,
+        ino: u64,
+        now: Time,
+        gone: &mut Vec<u64>,
+    ) -> Result<(), FsError> {
+        let mut inode = txn.inode(ino)?;
+        inode.nlink = inode.nlink.saturating_sub(1);
+        inode.ctime = now;
+        if inode.nlink > 0 {
+            txn.put_inode(ino, &inode)?;
+            return Ok(());
+        }
+        txn.put_inode(ino, &inode)?;
+        self.drop_inode_if_unused(txn, ino, false, gone)
+    }
+
+    /// Deletes `ino` now, or marks it an orphan while it is open. Deleted inodes
+    /// are added to `gone`; the caller forgets their state after committing,
+    /// since a file's state lock must never be taken inside a transaction.
+    fn drop_inode_if_unused(
+        &self,
+        txn: &mut crate::meta::WriteTxn<'_>,
+        ino: u64,
+        is_dir: bool,
+        gone: &mut Vec<u64>,
+    ) -> Result<(), FsError> {
+        let open = lock(&self.opens).get(&ino).copied().unwrap_or(0) > 0;
+        if open {
+            if is_dir {
+                let mut inode = txn.inode(ino)?;
+                inode.nlink = 0;
+                txn.put_inode(ino, &inode)?;
+            }
+            txn.add_orphan(ino)?;
+        } else {
+            txn.remove_inode(ino)?;
+            gone.push(ino);
+        }
+        Ok(())
+    }
+
+    fn forget_state(&self, ino: u64) {
+        if let Some(st) = lock(&self.files).remove(&ino) {
+            if let Some(d) = lock(&st).dirty.take() {
+                self.dirty_total.fetch_sub(d.held(), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Renames `name` in `parent` to `newname` in `newparent`.
+    ///
+    /// `noreplace` fails with EEXIST if the target exists; `exchange` swaps the two.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        noreplace: bool,
+        exchange: bool,
+    ) -> Result<(), FsError> {
+        check_name(name)?;
+        check_name(newname)?;
+        let mut txn = self.meta.write()?;
+        let src = txn
+            .lookup(parent, name)?
+            .ok_or(FsError::Errno(libc::ENOENT))?;
+        let dst = txn.lookup(newparent, newname)?;
+        if txn.inode(newparent)?.kind != Kind::Dir {
+            return errno(libc::ENOTDIR);
+        }
+        let now = Time::now();
+        if exchange {
+            let dst = dst.ok_or(FsError::Errno(libc::ENOENT))?;
+            txn.put_dirent(
+                parent,
+                &Dirent {
+                    name: name.to_vec(),
+                    ino: dst.ino,
+                    kind: dst.kind,
+                },
+            )?;
+            txn.put_dirent(
+                newparent,
+                &Dirent {
+                    name: newname.to_vec(),
+                    ino: src.ino,
+                    kind: src.kind,
+                },
+            )?;
+            if parent != newparent {
+                for (ino, kind, from, to) in [
+                    (src.ino, src.kind, parent, newparent),
+                    (dst.ino, dst.kind, newparent, parent),
+                ] {
+                    if kind == Kind::Dir {
+                        self.move_dir(&mut txn, ino, from, to)?;
+                    }
+                }
+            }
+            for ino in [src.ino, dst.ino] {
+                let mut i = txn.inode(ino)?;
+                i.ctime = now;
+                txn.put_inode(ino, &i)?;
+            }
+            self.touch_dirs(&mut txn, parent, newparent, now)?;
+            txn.commit(false)?;
+            return Ok(());
+        }
+        if let Some(dst) = &dst {
+            if dst.ino == src.ino {
+                return Ok(()); // two names of one inode: POSIX says do nothing
+            }
+            if noreplace {
+                return errno(libc::EEXIST);
+            }
+            match (src.kind == Kind::Dir, dst.kind == Kind::Dir) {
+                (true, false) => return errno(libc::ENOTDIR),
+                (false, true) => return errno(libc::EISDIR),
+                (true, true) if txn.has_entries(dst.ino)? => return errno(libc::ENOTEMPTY),
+                _ => {}
+            }
+        }
+        if src.kind == Kind::Dir
+            && parent != newparent
+            && self.is_ancestor(&txn, src.ino, newparent)?
+        {
+            return errno(libc::EINVAL);
+        }
+        txn.remove_dirent(parent, name)?;
+        let mut gone = Vec::new();
+        if let Some(dst) = dst {
+            txn.remove_dirent(newparent, newname)?;
+            if dst.kind == Kind::Dir {
+                let mut np = txn.inode(newparent)?;
+                np.nlink = np.nlink.saturating_sub(1);
+                txn.put_inode(newparent, &np)?;
+                self.drop_inode_if_unused(&mut txn, dst.ino, true, &mut gone)?;
+            } else {
+                self.drop_link(&mut txn, dst.ino, now, &mut gone)?;
+            }
+        }
+        txn.put_dirent(
+            newparent,
+            &Dirent {
+                name: newname.to_vec(),
+                ino: src.ino,
+                kind: src.kind,
+            },
+        )?;
+        if src.kind == Kind::Dir && parent != newparent {
+            self.move_dir(&mut txn, src.ino, parent, newparent)?;
+        }
+        let mut moved = txn.inode(src.ino)?;
+        moved.ctime = now;
+        txn.put_inode(src.ino, &moved)?;
+        self.touch_dirs(&mut txn, parent, newparent, now)?;
+        txn.commit(false)?;
+        gone.into_iter().for_each(|ino| self.forget_state(ino));
+        Ok(())
+    }
+
+    /// Moves directory `ino` from `from` to `to`: fixes ".." and both link counts.
+    fn move_dir(
+        &self,
+        txn: &mut crate::meta::WriteTxn<'_>,
+        ino: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<(), FsError> {
+        let mut d = txn.inode(ino)?;
+        d.target = to.to_le_bytes().to_vec();
+        txn.put_inode(ino, &d)?;
+        let mut f = txn.inode(from)?;
+        f.nlink = f.nlink.saturating_sub(1);
+        txn.put_inode(from, &f)?;
+        let mut t = txn.inode(to)?;
+        t.nlink += 1;
+        txn.put_inode(to, &t)?;
+        Ok(())
+    }
+
+    fn touch_dirs(
+        &self,
+        txn: &mut crate::meta::WriteTxn<'_>,
+        a: u64,
+        b: u64,
+        now: Time,
+    ) -> Result<(), FsError> {
+        for ino in if a == b { vec![a] } else { vec![a, b] } {
+            let mut d = txn.inode(ino)?;
+            d.mtime = now;
+            d.ctime = now;
+            txn.put_inode(ino, &d)?;
+        }
+        Ok(())
+    }
+
+    /// True if directory `ancestor` is `ino` or lies above it.
+    fn is_ancestor(
+        &self,
+        txn: &crate::meta::WriteTxn<'_>,
+        ancestor: u64,
+        mut ino: u64,
+    ) -> Result<bool, FsError> {
+        for _ in 0..4096 {
+            if ino == ancestor {
+                return Ok(true);
+            }
+            if ino == ROOT_INO {
+                return Ok(false);
+            }
+            ino = parent_of(&txn.inode(ino)?);
+        }
+        Ok(false)
+    }
+
+    /// Adds the name `newname` in `newparent` for the existing node `ino`.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr, FsError> {
+        check_name(newname)?;
+        let mut txn = self.meta.write()?;
+        let mut inode = txn.inode(ino)?;
+        if inode.kind == Kind::Dir {
+            return errno(libc::EPERM);
+        }
+        if inode.nlink == 0 {
+            return errno(libc::ENOENT);
+        }
+        if txn.lookup(newparent, newname)?.is_some() {
+            return errno(libc::EEXIST);
+        }
+        let now = Time::now();
+        inode.nlink += 1;
+        inode.ctime = now;
+        txn.put_inode(ino, &inode)?;
+        txn.put_dirent(
+            newparent,
+            &Dirent {
+                name: newname.to_vec(),
+                ino,
+                kind: inode.kind,
+            },
+        )?;
+        let mut dir = txn.inode(newparent)?;
+        dir.mtime = now;
+        dir.ctime = now;
+        txn.put_inode(newparent, &dir)?;
+        txn.commit(false)?;
+        Ok(self.attr(ino, &inode))
+    }
+
+    /// Changes attributes; a size change truncates or extends the file.
+    pub fn setattr(&self, ino: u64, set: SetAttr) -> Result<Attr, FsError> {
+        let st = self.state(ino);
+        let mut st = lock(&st);
+        let mut txn = self.meta.write()?;
+        let mut inode = txn.inode(ino)?;
+        let now = Time::now();
+        if let Some(mode) = set.mode {
+            inode.perm = (mode & 0o7777) as u16;
+        }
+        if let Some(uid) = set.uid {
+            inode.uid = uid;
+        }
+        if let Some(gid) = set.gid {
+            inode.gid = gid;
+        }
+        let resolve = |t: SetTime| match t {
+            SetTime::Now => now,
+            SetTime::At(t) => t,
+        };
+        if let Some(t) = set.atime {
+            inode.atime = resolve(t);
+        }
+        if let Some(size) = set.size {
+            match inode.kind {
+                Kind::File => {}
+                Kind::Dir => return errno(libc::EISDIR),
+                _ => return errno(libc::EINVAL),
+            }
+            let d = st
+                .dirty
+                .get_or_insert_with(|| Dirty::new(inode.content.clone(), inode.size));
+            let before = d.held();
+            d.truncate(size);
+            self.account(before, d.held());
+            inode.mtime = d.mtime;
+        }
+        if let Some(t) = set.mtime {
+            inode.mtime = resolve(t);
+            if let Some(d) = &mut st.dirty {
+                d.mtime = inode.mtime;
+            }
+        }
+        inode.ctime = set.ctime.unwrap_or(now);
+        txn.put_inode(ino, &inode)?;
+        txn.commit(false)?;
+        let open = lock(&self.opens).get(&ino).copied().unwrap_or(0) > 0;
+        if set.size.is_some() && !open {
+            // Nobody will close this file: seal the truncation now.
+            self.seal_locked(ino, &mut st, false)?;
+        }
+        drop(st);
+        self.getattr(ino)
+    }
+
+    /// Notes an open of `ino`.
+    pub fn open(&self, ino: u64) -> Result<(), FsError> {
+        let _ = self.meta.inode(ino)?;
+        *lock(&self.opens).entry(ino).or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// Notes a close of `ino`: seals its writes and deletes it if it was unlinked.
+    pub fn release(&self, ino: u64) -> Result<(), FsError> {
+        let last = {
+            let mut opens = lock(&self.opens);
+            let n = opens.entry(ino).or_insert(1);
+            *n = n.saturating_sub(1);
+            let last = *n == 0;
+            if last {
+                opens.remove(&ino);
+            }
+            last
+        };
+        let sealed = self.flush(ino);
+        if last {
+            let inode = self.meta.inode(ino);
+            if let Ok(inode) = inode {
+                if inode.nlink == 0 {
+                    let mut txn = self.meta.write()?;
+                    txn.remove_inode(ino)?;
+                    txn.remove_orphan(ino)?;
+                    txn.commit(false)?;
+                    self.forget_state(ino);
+                } else if lock(&self.files)
+                    .get(&ino)
+                    .is_some_and(|s| lock(s).dirty.is_none())
+                {
+                    lock(&self.files).remove(&ino);
+                }
+            }
+        }
+        sealed
+    }
+
+    /// Reads up to `size` bytes at `offset`.
+    pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let st = lock(&self.files).get(&ino).cloned();
+        if let Some(st) = st {
+            let st = lock(&st);
+            if let Some(d) = &st.dirty {
+                let n = d.size.saturating_sub(offset).min(size as u64) as usize;
+                let mut buf = vec![0u8; n];
+                d.read(&self.reader, offset, &mut buf)?;
+                return Ok(buf);
+            }
+        }
+        let inode = self.meta.inode(ino)?;
+        if inode.kind == Kind::Dir {
+            return errno(libc::EISDIR);
+        }
+        let n = inode.size.saturating_sub(offset).min(size as u64) as usize;
+        let mut buf = vec![0u8; n];
+        self.reader.read_at(&inode.content, offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset`; returns the bytes written.
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize, FsError> {
+        offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= i64::MAX as u64)
+            .ok_or(FsError::Errno(libc::EFBIG))?;
+        let st = self.state(ino);
+        let mut st = lock(&st);
+        if st.dirty.is_none() {
+            let inode = self.meta.inode(ino)?;
+            if inode.kind != Kind::File {
+                return errno(libc::EINVAL);
+            }
+            st.dirty = Some(Dirty::new(inode.content, inode.size));
+        }
+        let held = {
+            let d = st.dirty.as_mut().ok_or(FsError::Errno(libc::EIO))?;
+            let before = d.held();
+            d.write(offset, data);
+            self.account(before, d.held());
+            d.held()
+        };
+        if held > FILE_DIRTY_MAX || self.dirty_total.load(Ordering::Relaxed) > TOTAL_DIRTY_MAX {
+            self.seal_locked(ino, &mut st, false)?;
+        }
+        Ok(data.len())
+    }
+
+    fn account(&self, before: usize, after: usize) {
+        if after >= before {
+            self.dirty_total
+                .fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.dirty_total
+                .fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
+    /// Seals the file's writes into blocks and records them (not yet durably).
+    pub fn flush(&self, ino: u64) -> Result<(), FsError> {
+        let Some(st) = lock(&self.files).get(&ino).cloned() else {
+            return Ok(());
+        };
+        let mut st = lock(&st);
+        self.seal_locked(ino, &mut st, false)
+    }
+
+    /// Makes the file's data and all metadata so far durable.
+    pub fn fsync(&self, ino: u64) -> Result<(), FsError> {
+        let st = lock(&self.files).get(&ino).cloned();
+        match st {
+            Some(st) => {
+                let mut st = lock(&st);
+                self.seal_locked(ino, &mut st, true)
+            }
+            None => self.sync_meta(),
+        }
+    }
+
+    /// Makes every metadata change so far durable.
+    pub fn sync_meta(&self) -> Result<(), FsError> {
+        self.meta.write()?.commit(true)
+    }
+
+    /// Seals every file's writes and makes everything durable.
+    pub fn sync_all(&self) -> Result<(), FsError> {
+        let all: Vec<(u64, Arc<Mutex<FileState>>)> = lock(&self.files)
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        for (ino, st) in all {
+            let mut st = lock(&st);
+            self.seal_locked(ino, &mut st, false)?;
+        }
+        self.sync_meta()
+    }
+
+    fn seal_locked(&self, ino: u64, st: &mut FileState, durable: bool) -> Result<(), FsError> {
+        let Some(d) = &st.dirty else {
+            return if durable { self.sync_meta() } else { Ok(()) };
+        };
+        let _gate = self.gc_gate.read().unwrap_or_else(|p| p.into_inner());
+        let content = if d.is_clean() {
+            None
+        } else {
+            Some(d.seal(&*self.store, &self.reader, &self.keys, self.params)?)
+        };
+        let mut txn = self.meta.write()?;
+        match txn.inode(ino) {
+            Ok(mut inode) => {
+                if let Some(c) = content {
+                    inode.content = c;
+                    inode.size = d.size;
+                    inode.mtime = d.mtime;
+                    inode.ctime = inode.ctime.max(d.mtime);
+                }
+                txn.put_inode(ino, &inode)?;
+            }
+            // Deleted meanwhile: its blocks are garbage for the next GC.
+            Err(FsError::Errno(libc::ENOENT)) => {}
+            Err(e) => return Err(e),
+        }
+        txn.commit(durable)?;
+        if let Some(d) = st.dirty.take() {
+            self.dirty_total.fetch_sub(d.held(), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` entries of directory `ino` from cookie `offset`: (next cookie, entry).
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Dirent)>, FsError> {
+        let dir = self.meta.inode(ino)?;
+        if dir.kind != Kind::Dir {
+            return errno(libc::ENOTDIR);
+        }
+        let mut out = Vec::new();
+        if offset < 1 {
+            out.push((
+                1,
+                Dirent {
+                    name: b".".to_vec(),
+                    ino,
+                    kind: Kind::Dir,
+                },
+            ));
+        }
+        if offset < 2 {
+            out.push((
+                2,
+                Dirent {
+                    name: b"..".to_vec(),
+                    ino: parent_of(&dir),
+                    kind: Kind::Dir,
+                },
+            ));
+        }
+        for (cookie, d) in self.meta.list(ino, offset, limit)? {
+            out.push((cookie + 1, d));
+        }
+        Ok(out)
+    }
+
+    /// Sets an extended attribute; `create`/`replace` as XATTR_CREATE/XATTR_REPLACE.
+    pub fn setxattr(
+        &self,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        create: bool,
+        replace: bool,
+    ) -> Result<(), FsError> {
+        if name.is_empty() || name.len() > NAME_MAX {
+            return errno(libc::ERANGE);
+        }
+        if value.len() > XATTR_SIZE_MAX {
+            return errno(libc::E2BIG);
+        }
+        let mut txn = self.meta.write()?;
+        let mut inode = txn.inode(ino)?;
+        if name == REDUNDANCY_XATTR {
+            let n = std::str::from_utf8(value)
+                .ok()
+                .and_then(|s| s.trim().parse::<u8>().ok());
+            match n {
+                Some(n) if n >= 1 => inode.redundancy = Some(n),
+                _ => return errno(libc::EINVAL),
+            }
+        } else {
+            let exists = inode.xattrs.contains_key(name);
+            if create && exists {
+                return errno(libc::EEXIST);
+            }
+            if replace && !exists {
+                return errno(libc::ENODATA);
+            }
+            inode.xattrs.insert(name.to_vec(), value.to_vec());
+        }
+        inode.ctime = Time::now();
+        txn.put_inode(ino, &inode)?;
+        txn.commit(false)
+    }
+
+    /// An extended attribute's value.
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, FsError> {
+        let inode = self.meta.inode(ino)?;
+        if name == REDUNDANCY_XATTR {
+            return match inode.redundancy {
+                Some(n) => Ok(n.to_string().into_bytes()),
+                None => errno(libc::ENODATA),
+            };
+        }
+        inode
+            .xattrs
+            .get(name)
+            .cloned()
+            .ok_or(FsError::Errno(libc::ENODATA))
+    }
+
+    /// Names of the extended attributes, each followed by a NUL.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        let inode = self.meta.inode(ino)?;
+        let mut out = Vec::new();
+        for name in inode.xattrs.keys() {
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+        if inode.redundancy.is_some() {
+            out.extend_from_slice(REDUNDANCY_XATTR);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// Removes an extended attribute.
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<(), FsError> {
+        let mut txn = self.meta.write()?;
+        let mut inode = txn.inode(ino)?;
+        let removed = if name == REDUNDANCY_XATTR {
+            inode.redundancy.take().is_some()
+        } else {
+            inode.xattrs.remove(name).is_some()
+        };
+        if !removed {
+            return errno(libc::ENODATA);
+        }
+        inode.ctime = Time::now();
+        txn.put_inode(ino, &inode)?;
+        txn.commit(false)
+    }
+
+    /// Allocates, extends, or punches a hole (fallocate(2) modes).
+    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> Result<(), FsError> {
+        const KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+        const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !(KEEP_SIZE | PUNCH | ZERO) != 0 || (mode & PUNCH != 0 && mode & KEEP_SIZE == 0) {
+            return errno(libc::EOPNOTSUPP);
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= i64::MAX as u64)
+            .ok_or(FsError::Errno(libc::EFBIG))?;
+        let st = self.state(ino);
+        let mut st = lock(&st);
+        if st.dirty.is_none() {
+            let inode = self.meta.inode(ino)?;
+            if inode.kind != Kind::File {
+                return errno(libc::ENODEV);
+            }
+            st.dirty = Some(Dirty::new(inode.content, inode.size));
+        }
+        let d = st.dirty.as_mut().ok_or(FsError::Errno(libc::EIO))?;
+        let before = d.held();
+        if mode & (PUNCH | ZERO) != 0 {
+            d.zero(offset, len);
+        }
+        if mode & KEEP_SIZE == 0 && end > d.size {
+            d.truncate(end);
+        }
+        self.account(before, d.held());
+        Ok(())
+    }
+
+    /// Copies up to `len` bytes between files (copy_file_range); returns the bytes copied.
+    pub fn copy_range(
+        &self,
+        from: u64,
+        from_off: u64,
+        to: u64,
+        to_off: u64,
+        len: u64,
+    ) -> Result<u64, FsError> {
+        // One call copies at most 1 GiB; callers loop, as with any short copy.
+        let len = len.min(1 << 30);
+        let mut done = 0u64;
+        while done < len {
+            let step = (len - done).min(8 << 20) as u32;
+            let data = self.read(from, from_off + done, step)?;
+            if data.is_empty() {
+                break;
+            }
+            self.write(to, to_off + done, &data)?;
+            done += data.len() as u64;
+        }
+        Ok(done)
+    }
+
+    /// Space figures of the disk that holds the volume.
+    pub fn statfs(&self) -> Result<libc::statvfs, FsError> {
+        let path = std::ffi::CString::new(self.disk.as_os_str().as_encoded_bytes())
+            .map_err(|_| FsError::Errno(libc::EINVAL))?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `path` is a valid C string and `st` a valid out-pointer.
+        let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+        if rc != 0 {
+            return errno(
+                std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO),
+            );
+        }
+        Ok(st)
+    }
+
+    /// Runs `take_mark` while no file is between sealing its blocks and
+    /// committing them, so every block put before the mark is referenced by
+    /// metadata committed before it.
+    pub fn with_sealing_paused<T>(&self, take_mark: impl FnOnce() -> T) -> T {
+        let _gate = self.gc_gate.write().unwrap_or_else(|p| p.into_inner());
+        take_mark()
+    }
+
+    /// Bytes written but not yet sealed into blocks.
+    pub fn dirty_bytes(&self) -> usize {
+        self.dirty_total.load(Ordering::Relaxed)
+    }
+}
+
+/// The parent of a directory, kept in its `target` field.
+pub fn parent_of(dir: &Inode) -> u64 {
+    dir.target
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(ROOT_INO)
+}
+
+fn check_name(name: &[u8]) -> Result<(), FsError> {
+    if name.len() > NAME_MAX {
+        return errno(libc::ENAMETOOLONG);
+    }
+    if name.is_empty() || name.contains(&b'/') {
+        return errno(libc::EINVAL);
+    }
+    Ok(())
+}

@@ -1,0 +1,541 @@
+//! Live metadata in redb: inodes and directory entries, every value encrypted.
+//!
+//! Names never reach the disk in plaintext: a directory entry is keyed by
+//! (parent inode, cookie) where the cookie is a keyed hash of the name, and
+//! its value (name, inode, kind) is sealed with the metadata key. Values are
+//! bound to their row (the table and key are the AEAD's associated data), so
+//! records cannot be swapped on disk without detection.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use aes_gcm_siv::aead::{Aead, KeyInit, Payload};
+use aes_gcm_siv::{Aes256GcmSiv, Nonce};
+use fincrypt_blockstore::{FileRef, Keys, Pointer};
+use rand::RngCore;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{FsError, errno};
+
+const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
+const DIRENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("dirents");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const ORPHANS: TableDefinition<u64, ()> = TableDefinition::new("orphans");
+const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
+
+/// Version of the metadata database (docs/FORMATS.md, "Filesystem metadata").
+pub const META_VERSION: u64 = 1;
+/// The root directory's inode number.
+pub const ROOT_INO: u64 = 1;
+/// Directory cookies below this are taken by "." and "..".
+pub const FIRST_COOKIE: u64 = 3;
+
+/// A point in time: seconds and nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Time {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Time {
+    /// The current time.
+    pub fn now() -> Time {
+        Time::from(std::time::SystemTime::now())
+    }
+
+    /// As a `SystemTime`.
+    pub fn system(self) -> std::time::SystemTime {
+        use std::time::{Duration, UNIX_EPOCH};
+        if self.secs >= 0 {
+            UNIX_EPOCH + Duration::new(self.secs as u64, self.nanos)
+        } else {
+            UNIX_EPOCH - Duration::new(self.secs.unsigned_abs(), 0) + Duration::new(0, self.nanos)
+        }
+    }
+}
+
+impl From<std::time::SystemTime> for Time {
+    fn from(t: std::time::SystemTime) -> Time {
+        match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => Time {
+                secs: d.as_secs() as i64,
+                nanos: d.subsec_nanos(),
+            },
+            Err(e) => {
+                let d = e.duration();
+                let (mut secs, mut nanos) = (-(d.as_secs() as i64), d.subsec_nanos());
+                if nanos > 0 {
+                    secs -= 1;
+                    nanos = 1_000_000_000 - nanos;
+                }
+                Time { secs, nanos }
+            }
+        }
+    }
+}
+
+/// What an inode is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+/// One file, directory or other node, as stored (encrypted) in the metadata.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Inode {
+    pub kind: Kind,
+    /// Permission bits with set-uid, set-gid and sticky (mode & 0o7777).
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    /// Bytes of a file; the target length of a symlink; entries of a directory.
+    pub size: u64,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    pub crtime: Time,
+    pub rdev: u32,
+    /// A file's committed content.
+    pub content: FileRef,
+    /// A symlink's target.
+    pub target: Vec<u8>,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Copies this directory (or file) asks peers to keep; None inherits.
+    pub redundancy: Option<u8>,
+}
+
+impl Inode {
+    /// A fresh inode of `kind` owned by `uid`:`gid`, all times now.
+    pub fn new(kind: Kind, perm: u16, uid: u32, gid: u32) -> Inode {
+        let now = Time::now();
+        Inode {
+            kind,
+            perm,
+            uid,
+            gid,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            rdev: 0,
+            content: FileRef::Inline(Vec::new()),
+            target: Vec::new(),
+            xattrs: BTreeMap::new(),
+            redundancy: None,
+        }
+    }
+}
+
+/// A directory entry, as stored (encrypted).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dirent {
+    pub name: Vec<u8>,
+    pub ino: u64,
+    pub kind: Kind,
+}
+
+/// A retained snapshot: its root block and when it was taken.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub time: Time,
+    pub root: Pointer,
+}
+
+/// The metadata database and the keys that seal its values.
+pub struct Meta {
+    db: Database,
+    cipher: Aes256GcmSiv,
+    name_key: [u8; 32],
+}
+
+impl Meta {
+    /// Opens (or creates, with an empty root directory) the database at `path`.
+    pub fn open(path: &Path, keys: &Keys, root_uid: u32, root_gid: u32) -> Result<Meta, FsError> {
+        let db = Database::create(path)?;
+        let cipher = Aes256GcmSiv::new_from_slice(&keys.metadata)
+            .map_err(|_| FsError::Meta("bad key".into()))?;
+        let name_key = blake3::derive_key("fincrypt fs name cookies v1", &keys.metadata);
+        let meta = Meta {
+            db,
+            cipher,
+            name_key,
+        };
+        let mut txn = meta.write()?;
+        // Read transactions cannot open a table that was never created.
+        txn.txn.open_table(INODES)?;
+        txn.txn.open_table(DIRENTS)?;
+        txn.txn.open_table(ORPHANS)?;
+        txn.txn.open_table(SNAPSHOTS)?;
+        let version = txn.counter("version")?;
+        match version {
+            0 => {
+                txn.set_counter("version", META_VERSION)?;
+                txn.set_counter("next_ino", ROOT_INO + 1)?;
+                let mut root = Inode::new(Kind::Dir, 0o755, root_uid, root_gid);
+                root.nlink = 2;
+                txn.put_inode(ROOT_INO, &root)?;
+            }
+            META_VERSION => {}
+            v => {
+                return Err(FsError::Meta(format!(
+                    "metadata version {v} is not supported"
+                )));
+            }
+        }
+        txn.commit(true)?;
+        Ok(meta)
+    }
+
+    /// A write transaction; one at a time, in the order asked.
+    pub fn write(&self) -> Result<WriteTxn<'_>, FsError> {
+        Ok(WriteTxn {
+            txn: self.db.begin_write()?,
+            meta: self,
+        })
+    }
+
+    /// A consistent read-only view of the whole metadata at this moment.
+    pub fn view(&self) -> Result<View<'_>, FsError> {
+        Ok(View {
+            txn: self.db.begin_read()?,
+            meta: self,
+        })
+    }
+
+    /// Reads one inode.
+    pub fn inode(&self, ino: u64) -> Result<Inode, FsError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(INODES)?;
+        match t.get(ino)? {
+            Some(v) => self.open_value(b"i", &ino.to_le_bytes(), v.value()),
+            None => errno(libc::ENOENT),
+        }
+    }
+
+    /// Looks `name` up in directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, FsError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(DIRENTS)?;
+        self.find(&t, parent, name)
+    }
+
+    /// Up to `limit` entries of `parent` with cookies from `from`, with their cookies.
+    pub fn list(
+        &self,
+        parent: u64,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Dirent)>, FsError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(DIRENTS)?;
+        let mut out = Vec::new();
+        for item in t.range((parent, from.max(FIRST_COOKIE))..=(parent, u64::MAX))? {
+            let (k, v) = item?;
+            let (_, cookie) = k.value();
+            out.push((
+                cookie,
+                self.open_value(b"d", &key_bytes(parent, cookie), v.value())?,
+            ));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every inode number with its inode (for snapshots and GC).
+    pub fn all_inodes(&self) -> Result<Vec<(u64, Inode)>, FsError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(INODES)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let ino = k.value();
+            out.push((ino, self.open_value(b"i", &ino.to_le_bytes(), v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Inodes unlinked while still open when the last session ended.
+    pub fn orphans(&self) -> Result<Vec<u64>, FsError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(ORPHANS)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            out.push(item?.0.value());
+        }
+        Ok(out)
+    }
+
+    /// Retained snapshots, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>, FsError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SNAPSHOTS)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            out.push(self.open_value(b"s", &k.value().to_le_bytes(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn find(
+        &self,
+        t: &impl ReadableTable<(u64, u64), &'static [u8]>,
+        parent: u64,
+        name: &[u8],
+    ) -> Result<Option<Dirent>, FsError> {
+        let cookie = self.cookie(parent, name);
+        match t.get((parent, cookie))? {
+            Some(v) => {
+                let d: Dirent = self.open_value(b"d", &key_bytes(parent, cookie), v.value())?;
+                Ok((d.name == name).then_some(d))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The cookie of `name` in `parent`: ordered, stable, and never below [`FIRST_COOKIE`].
+    fn cookie(&self, parent: u64, name: &[u8]) -> u64 {
+        let mut h = blake3::Hasher::new_keyed(&self.name_key);
+        h.update(&parent.to_le_bytes());
+        h.update(name);
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h.finalize().as_bytes()[..8]);
+        (u64::from_le_bytes(b) >> 2) + FIRST_COOKIE
+    }
+
+    fn seal_value<T: Serialize>(
+        &self,
+        table: &[u8],
+        key: &[u8],
+        value: &T,
+    ) -> Result<Vec<u8>, FsError> {
+        let plain = postcard::to_allocvec(value)?;
+        let mut nonce = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let aad = [table, key].concat();
+        let ct = self
+            .cipher
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: &plain,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| FsError::Meta("encryption failed".into()))?;
+        Ok([&nonce[..], &ct].concat())
+    }
+
+    fn open_value<T: DeserializeOwned>(
+        &self,
+        table: &[u8],
+        key: &[u8],
+        sealed: &[u8],
+    ) -> Result<T, FsError> {
+        if sealed.len() < 12 {
+            return Err(FsError::Meta("metadata record too short".into()));
+        }
+        let (nonce, ct) = sealed.split_at(12);
+        let nonce: [u8; 12] = nonce
+            .try_into()
+            .map_err(|_| FsError::Meta("bad nonce".into()))?;
+        let aad = [table, key].concat();
+        let plain = self
+            .cipher
+            .decrypt(&Nonce::from(nonce), Payload { msg: ct, aad: &aad })
+            .map_err(|_| {
+                FsError::Meta("metadata record does not decrypt (damaged or wrong key)".into())
+            })?;
+        Ok(postcard::from_bytes(&plain)?)
+    }
+}
+
+/// A read transaction: every read sees the same moment.
+pub struct View<'a> {
+    txn: redb::ReadTransaction,
+    meta: &'a Meta,
+}
+
+impl View<'_> {
+    /// Reads one inode.
+    pub fn inode(&self, ino: u64) -> Result<Inode, FsError> {
+        let t = self.txn.open_table(INODES)?;
+        match t.get(ino)? {
+            Some(v) => self.meta.open_value(b"i", &ino.to_le_bytes(), v.value()),
+            None => errno(libc::ENOENT),
+        }
+    }
+
+    /// Every entry of directory `parent`.
+    pub fn entries(&self, parent: u64) -> Result<Vec<Dirent>, FsError> {
+        let t = self.txn.open_table(DIRENTS)?;
+        let mut out = Vec::new();
+        for item in t.range((parent, FIRST_COOKIE)..=(parent, u64::MAX))? {
+            let (k, v) = item?;
+            out.push(
+                self.meta
+                    .open_value(b"d", &key_bytes(parent, k.value().1), v.value())?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Every inode's content reference (for GC).
+    pub fn contents(&self) -> Result<Vec<FileRef>, FsError> {
+        let t = self.txn.open_table(INODES)?;
+        let mut out = Vec::new();
+        for item in t.iter()? {
+            let (k, v) = item?;
+            let inode: Inode = self
+                .meta
+                .open_value(b"i", &k.value().to_le_bytes(), v.value())?;
+            out.push(inode.content);
+        }
+        Ok(out)
+    }
+}
+
+fn key_bytes(parent: u64, cookie: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&parent.to_le_bytes());
+    k[8..].copy_from_slice(&cookie.to_le_bytes());
+    k
+}
+
+/// One metadata transaction. Dropped without `commit`, it changes nothing.
+pub struct WriteTxn<'a> {
+    txn: redb::WriteTransaction,
+    meta: &'a Meta,
+}
+
+impl WriteTxn<'_> {
+    /// Reads an inode; ENOENT if there is none.
+    pub fn inode(&self, ino: u64) -> Result<Inode, FsError> {
+        let t = self.txn.open_table(INODES)?;
+        match t.get(ino)? {
+            Some(v) => self.meta.open_value(b"i", &ino.to_le_bytes(), v.value()),
+            None => errno(libc::ENOENT),
+        }
+    }
+
+    /// Writes an inode.
+    pub fn put_inode(&mut self, ino: u64, inode: &Inode) -> Result<(), FsError> {
+        let sealed = self.meta.seal_value(b"i", &ino.to_le_bytes(), inode)?;
+        self.txn.open_table(INODES)?.insert(ino, &sealed[..])?;
+        Ok(())
+    }
+
+    /// Deletes an inode record.
+    pub fn remove_inode(&mut self, ino: u64) -> Result<(), FsError> {
+        self.txn.open_table(INODES)?.remove(ino)?;
+        Ok(())
+    }
+
+    /// Looks `name` up in `parent`.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Dirent>, FsError> {
+        let t = self.txn.open_table(DIRENTS)?;
+        self.meta.find(&t, parent, name)
+    }
+
+    /// Adds or replaces the entry `d.name` in `parent`.
+    pub fn put_dirent(&mut self, parent: u64, d: &Dirent) -> Result<(), FsError> {
+        let cookie = self.meta.cookie(parent, &d.name);
+        let mut t = self.txn.open_table(DIRENTS)?;
+        if let Some(v) = t.get((parent, cookie))? {
+            let old: Dirent = self
+                .meta
+                .open_value(b"d", &key_bytes(parent, cookie), v.value())?;
+            if old.name != d.name {
+                // Two names with one 62-bit cookie: astronomically rare; refuse rather than lose one.
+                return errno(libc::EEXIST);
+            }
+        }
+        let sealed = self.meta.seal_value(b"d", &key_bytes(parent, cookie), d)?;
+        t.insert((parent, cookie), &sealed[..])?;
+        Ok(())
+    }
+
+    /// Removes the entry `name` from `parent`.
+    pub fn remove_dirent(&mut self, parent: u64, name: &[u8]) -> Result<(), FsError> {
+        let cookie = self.meta.cookie(parent, name);
+        self.txn.open_table(DIRENTS)?.remove((parent, cookie))?;
+        Ok(())
+    }
+
+    /// True if directory `ino` has any entry.
+    pub fn has_entries(&self, ino: u64) -> Result<bool, FsError> {
+        let t = self.txn.open_table(DIRENTS)?;
+        let mut r = t.range((ino, 0)..=(ino, u64::MAX))?;
+        Ok(r.next().is_some())
+    }
+
+    /// A fresh inode number.
+    pub fn alloc_ino(&mut self) -> Result<u64, FsError> {
+        let n = self.counter("next_ino")?;
+        self.set_counter("next_ino", n + 1)?;
+        Ok(n)
+    }
+
+    /// Records an inode unlinked while open, to delete at release or next mount.
+    pub fn add_orphan(&mut self, ino: u64) -> Result<(), FsError> {
+        self.txn.open_table(ORPHANS)?.insert(ino, ())?;
+        Ok(())
+    }
+
+    /// Forgets an orphan.
+    pub fn remove_orphan(&mut self, ino: u64) -> Result<(), FsError> {
+        self.txn.open_table(ORPHANS)?.remove(ino)?;
+        Ok(())
+    }
+
+    /// Records a snapshot under its time key.
+    pub fn put_snapshot(&mut self, key: u64, s: &SnapshotRecord) -> Result<(), FsError> {
+        let sealed = self.meta.seal_value(b"s", &key.to_le_bytes(), s)?;
+        self.txn.open_table(SNAPSHOTS)?.insert(key, &sealed[..])?;
+        Ok(())
+    }
+
+    /// Drops a snapshot record.
+    pub fn remove_snapshot(&mut self, key: u64) -> Result<(), FsError> {
+        self.txn.open_table(SNAPSHOTS)?.remove(key)?;
+        Ok(())
+    }
+
+    fn counter(&self, name: &str) -> Result<u64, FsError> {
+        let t = self.txn.open_table(COUNTERS)?;
+        Ok(t.get(name)?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    fn set_counter(&mut self, name: &str, v: u64) -> Result<(), FsError> {
+        self.txn.open_table(COUNTERS)?.insert(name, v)?;
+        Ok(())
+    }
+
+    /// Commits; `durable` waits for the disk (fsync), otherwise the change is
+    /// atomic but may be lost in a crash until the next durable commit.
+    pub fn commit(mut self, durable: bool) -> Result<(), FsError> {
+        let level = if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        self.txn
+            .set_durability(level)
+            .map_err(|e| FsError::Meta(e.to_string()))?;
+        self.txn.commit()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,225 @@
+//! `fincrypt mount`: the daemon that serves the filesystem, its control
+//! socket and its background snapshots.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use fincrypt_blockstore::{BlockStore, LocalStore, StoreOptions, TreeParams};
+use fincrypt_fs::fuse::MountOptions;
+use fincrypt_fs::{Fossil, Meta, snapshot};
+use serde_json::json;
+
+use crate::config::{Config, Home};
+use crate::control::{self, Request};
+use crate::secrets;
+
+/// What `fincrypt mount` was asked to do.
+pub struct MountArgs {
+    pub mountpoint: PathBuf,
+    pub allow_other: bool,
+}
+
+/// The pieces a running mount shares between threads.
+struct Daemon {
+    fs: Arc<Fossil>,
+    volume: Arc<LocalStore>,
+    config: Config,
+    mountpoint: PathBuf,
+    /// Serialises snapshots, pruning and GC.
+    snapshots: Mutex<()>,
+}
+
+impl Daemon {
+    fn snapshot(&self) -> Result<serde_json::Value> {
+        let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        let snap = snapshot::create(&self.fs)?;
+        snapshot::prune(&self.fs, self.config.snapshot_keep.max(1))?;
+        let freed = snapshot::gc(&self.fs, &self.volume)?;
+        Ok(json!({ "time": format_time(snap.time), "freed_blocks": freed }))
+    }
+
+    fn handle(&self, req: Request) -> Result<serde_json::Value> {
+        match req {
+            Request::Status => {
+                let s = self.volume.stats();
+                Ok(json!({
+                    "mountpoint": self.mountpoint,
+                    "own_blocks": s.own_blocks,
+                    "own_bytes": s.own_bytes,
+                    "held_blocks": s.held_blocks,
+                    "held_bytes": s.held_bytes,
+                    "cached_blocks": s.cached_blocks,
+                    "cached_bytes": s.cached_bytes,
+                    "unsealed_bytes": self.fs.dirty_bytes(),
+                    "snapshots": self.fs.meta().snapshots()?.len(),
+                    "peers": 0,
+                }))
+            }
+            Request::Sync | Request::SnapshotsCreate => self.snapshot(),
+            Request::SnapshotsList => {
+                let list: Vec<_> = self
+                    .fs
+                    .meta()
+                    .snapshots()?
+                    .iter()
+                    .map(|s| json!({ "name": format_time(s.time), "root": s.root.score.to_hex() }))
+                    .collect();
+                Ok(json!(list))
+            }
+        }
+    }
+}
+
+/// The name of a snapshot: its UTC time, which sorts like the snapshots do.
+pub fn format_time(t: fincrypt_fs::Time) -> String {
+    let secs = t.secs.max(0);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        t.nanos / 1_000_000
+    )
+}
+
+/// Unlocks, mounts and serves until unmounted or told to stop by SIGTERM or SIGINT.
+pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
+    // Unlock before opening anything, so a wrong passphrase changes no file.
+    let (_, keys) = secrets::unlock(home, passphrase)?;
+    let config = Config::load(home)?;
+    let mountpoint = args
+        .mountpoint
+        .canonicalize()
+        .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
+    let volume = Arc::new(
+        LocalStore::open(
+            &home.volume_dir(),
+            StoreOptions {
+                cache_capacity: config.cache_capacity,
+            },
+        )
+        .with_context(|| {
+            format!(
+                "opening the block volume in {}",
+                home.volume_dir().display()
+            )
+        })?,
+    );
+    let fs_dir = home.data_dir.join("fs");
+    std::fs::create_dir_all(&fs_dir).with_context(|| format!("creating {}", fs_dir.display()))?;
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let meta = Meta::open(&fs_dir.join("meta.redb"), &keys, uid, gid)
+        .context("opening the filesystem metadata")?;
+    let store: Arc<dyn BlockStore> = volume.clone();
+    let fs = Arc::new(Fossil::new(
+        meta,
+        store,
+        keys,
+        TreeParams::default(),
+        home.volume_dir(),
+    )?);
+
+    let opts = MountOptions {
+        allow_other: args.allow_other,
+        threads: 4,
+    };
+    let mut session = fincrypt_fs::fuse::session(fs.clone(), &mountpoint, &opts)
+        .with_context(|| format!("mounting on {}", mountpoint.display()))?;
+    let daemon = Arc::new(Daemon {
+        fs: fs.clone(),
+        volume: volume.clone(),
+        config: config.clone(),
+        mountpoint: mountpoint.clone(),
+        snapshots: Mutex::new(()),
+    });
+
+    let socket = control::socket_path(&home.data_dir);
+    let d = daemon.clone();
+    control::serve(&socket, move |req| d.handle(req))?;
+
+    let stop = Arc::new((Mutex::new(false), Condvar::new()));
+    spawn_snapshot_worker(daemon.clone(), stop.clone());
+
+    let mut unmounter = session.unmount_callable();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    let mnt = mountpoint.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                tracing::info!("signal received: unmounting");
+                if let Err(e) = unmounter.unmount() {
+                    tracing::warn!(error = %e, "unmount refused (busy?); detaching lazily");
+                    lazy_unmount(&mnt);
+                }
+            }
+        })?;
+
+    eprintln!("fincrypt: mounted on {}", mountpoint.display());
+    let served = session.run();
+    *stop.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    stop.1.notify_all();
+    fs.sync_all().context("writing back at unmount")?;
+    volume.shutdown()?;
+    let _ = std::fs::remove_file(&socket);
+    served.context("serving the mount")?;
+    eprintln!("fincrypt: unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+fn spawn_snapshot_worker(daemon: Arc<Daemon>, stop: Arc<(Mutex<bool>, Condvar)>) {
+    let interval = daemon.config.snapshot_interval;
+    if interval == 0 {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("snapshots".into())
+        .spawn(move || {
+            let (lock, cvar) = &*stop;
+            let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                let (guard, timeout) = cvar
+                    .wait_timeout(stopped, Duration::from_secs(interval))
+                    .unwrap_or_else(|p| p.into_inner());
+                stopped = guard;
+                if *stopped {
+                    return;
+                }
+                if timeout.timed_out() {
+                    drop(stopped);
+                    if let Err(e) = daemon.snapshot() {
+                        tracing::warn!(error = %e, "scheduled snapshot failed");
+                    }
+                    stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        });
+}
+
+fn lazy_unmount(mnt: &Path) {
+    let Ok(path) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: a valid C string path; MNT_DETACH only detaches the mount.
+    unsafe {
+        libc::umount2(path.as_ptr(), libc::MNT_DETACH);
+    }
+}
