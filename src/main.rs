@@ -53,11 +53,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let _ = dotenvy::dotenv();
+    // fuser warns when it finds the mount already gone after fusermount3 -u: not news.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FINCRYPT_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| "warn,fuser=error".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
