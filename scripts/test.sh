@@ -4,3 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo test --workspace --locked "$@"
+# POSIX conformance of a real mount (needs root: it switches users).
+if [ "$(id -u)" -eq 0 ]; then
+  scripts/pjdfstest.sh
+else
+  echo "test.sh: not root, so pjdfstest was skipped" >&2
+fi
