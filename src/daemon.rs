@@ -37,7 +37,7 @@ impl Daemon {
         let snap = snapshot::create(&self.fs)?;
         snapshot::prune(&self.fs, self.config.snapshot_keep.max(1))?;
         let freed = snapshot::gc(&self.fs, &self.volume)?;
-        Ok(json!({ "time": format_time(snap.time), "freed_blocks": freed }))
+        Ok(json!({ "time": fincrypt_fs::snapdir::name(snap.time), "freed_blocks": freed }))
     }
 
     fn handle(&self, req: Request) -> Result<serde_json::Value> {
@@ -64,36 +64,12 @@ impl Daemon {
                     .meta()
                     .snapshots()?
                     .iter()
-                    .map(|s| json!({ "name": format_time(s.time), "root": s.root.score.to_hex() }))
+                    .map(|s| json!({ "name": fincrypt_fs::snapdir::name(s.time), "root": s.root.score.to_hex() }))
                     .collect();
                 Ok(json!(list))
             }
         }
     }
-}
-
-/// The name of a snapshot: its UTC time, which sorts like the snapshots do.
-pub fn format_time(t: fincrypt_fs::Time) -> String {
-    let secs = t.secs.max(0);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        t.nanos / 1_000_000
-    )
 }
 
 /// Unlocks, mounts and serves until unmounted or told to stop by SIGTERM or SIGINT.

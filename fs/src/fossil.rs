@@ -15,6 +15,7 @@ use fincrypt_blockstore::{BlockStore, Keys, TreeParams, TreeReader};
 use crate::error::{FsError, errno};
 use crate::file::Dirty;
 use crate::meta::{Dirent, Inode, Kind, Meta, ROOT_INO, Time};
+use crate::snapdir::{SNAP_BASE, SNAPSHOTS_NAME, SnapDir, is_snapshot_ino};
 
 /// Longest name in a directory, as on Linux.
 pub const NAME_MAX: usize = 255;
@@ -93,6 +94,7 @@ pub struct Fossil {
     /// Held shared from sealing a file's blocks until its inode is committed;
     /// GC takes it exclusively to set its mark, so it never sweeps such blocks.
     gc_gate: RwLock<()>,
+    snapdir: SnapDir,
     /// A directory on the disk that holds the volume, for statfs.
     disk: PathBuf,
 }
@@ -122,6 +124,7 @@ impl Fossil {
             opens: Mutex::new(HashMap::new()),
             dirty_total: AtomicUsize::new(0),
             gc_gate: RwLock::new(()),
+            snapdir: SnapDir::default(),
             disk,
         };
         // Files unlinked while open when the last session ended go now.
@@ -193,6 +196,9 @@ impl Fossil {
 
     /// Attributes of `ino`.
     pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        if is_snapshot_ino(ino) {
+            return self.snapdir.getattr(ino);
+        }
         let inode = self.meta.inode(ino)?;
         Ok(self.attr(ino, &inode))
     }
@@ -200,6 +206,12 @@ impl Fossil {
     /// Finds `name` in `parent`.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
         check_name(name)?;
+        if is_snapshot_ino(parent) {
+            return self.snapdir.lookup(self, parent, name);
+        }
+        if parent == ROOT_INO && name == SNAPSHOTS_NAME {
+            return self.snapdir.getattr(SNAP_BASE);
+        }
         let dir = self.meta.inode(parent)?;
         if dir.kind != Kind::Dir {
             return errno(libc::ENOTDIR);
@@ -221,7 +233,7 @@ impl Fossil {
         target: Option<&[u8]>,
         who: Caller,
     ) -> Result<Attr, FsError> {
-        check_name(name)?;
+        check_new_name(parent, name)?;
         let mut txn = self.meta.write()?;
         let mut dir = txn.inode(parent)?;
         if dir.kind != Kind::Dir {
@@ -271,6 +283,9 @@ impl Fossil {
 
     /// The target of a symlink.
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        if is_snapshot_ino(ino) {
+            return self.snapdir.readlink(ino);
+        }
         let inode = self.meta.inode(ino)?;
         if inode.kind != Kind::Symlink {
             return errno(libc::EINVAL);
@@ -280,7 +295,7 @@ impl Fossil {
 
     /// Removes a non-directory entry.
     pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), FsError> {
-        check_name(name)?;
+        check_existing_name(parent, name)?;
         let mut txn = self.meta.write()?;
         let d = txn
             .lookup(parent, name)?
@@ -303,7 +318,7 @@ impl Fossil {
 
     /// Removes an empty directory.
     pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<(), FsError> {
-        check_name(name)?;
+        check_existing_name(parent, name)?;
         if name == b"." {
             return errno(libc::EINVAL);
         }
@@ -395,8 +410,8 @@ impl Fossil {
         noreplace: bool,
         exchange: bool,
     ) -> Result<(), FsError> {
-        check_name(name)?;
-        check_name(newname)?;
+        check_existing_name(parent, name)?;
+        check_new_name(newparent, newname)?;
         let mut txn = self.meta.write()?;
         let src = txn
             .lookup(parent, name)?
@@ -553,7 +568,8 @@ impl Fossil {
 
     /// Adds the name `newname` in `newparent` for the existing node `ino`.
     pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr, FsError> {
-        check_name(newname)?;
+        writable(ino)?;
+        check_new_name(newparent, newname)?;
         let mut txn = self.meta.write()?;
         let mut inode = txn.inode(ino)?;
         if inode.kind == Kind::Dir {
@@ -587,6 +603,7 @@ impl Fossil {
 
     /// Changes attributes; a size change truncates or extends the file.
     pub fn setattr(&self, ino: u64, set: SetAttr) -> Result<Attr, FsError> {
+        writable(ino)?;
         let st = self.state(ino);
         let mut st = lock(&st);
         let mut txn = self.meta.write()?;
@@ -642,6 +659,9 @@ impl Fossil {
 
     /// Notes an open of `ino`.
     pub fn open(&self, ino: u64) -> Result<(), FsError> {
+        if is_snapshot_ino(ino) {
+            return self.snapdir.getattr(ino).map(|_| ());
+        }
         let _ = self.meta.inode(ino)?;
         *lock(&self.opens).entry(ino).or_insert(0) += 1;
         Ok(())
@@ -649,6 +669,9 @@ impl Fossil {
 
     /// Notes a close of `ino`: seals its writes and deletes it if it was unlinked.
     pub fn release(&self, ino: u64) -> Result<(), FsError> {
+        if is_snapshot_ino(ino) {
+            return Ok(());
+        }
         let last = {
             let mut opens = lock(&self.opens);
             let n = opens.entry(ino).or_insert(1);
@@ -682,6 +705,9 @@ impl Fossil {
 
     /// Reads up to `size` bytes at `offset`.
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        if is_snapshot_ino(ino) {
+            return self.snapdir.read(self, ino, offset, size);
+        }
         let st = lock(&self.files).get(&ino).cloned();
         if let Some(st) = st {
             let st = lock(&st);
@@ -704,6 +730,7 @@ impl Fossil {
 
     /// Writes `data` at `offset`; returns the bytes written.
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize, FsError> {
+        writable(ino)?;
         offset
             .checked_add(data.len() as u64)
             .filter(|e| *e <= i64::MAX as u64)
@@ -742,6 +769,9 @@ impl Fossil {
 
     /// Seals the file's writes into blocks and records them (not yet durably).
     pub fn flush(&self, ino: u64) -> Result<(), FsError> {
+        if is_snapshot_ino(ino) {
+            return Ok(());
+        }
         let Some(st) = lock(&self.files).get(&ino).cloned() else {
             return Ok(());
         };
@@ -818,6 +848,9 @@ impl Fossil {
         offset: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Dirent)>, FsError> {
+        if is_snapshot_ino(ino) {
+            return self.snapdir.readdir(self, ino, offset);
+        }
         let dir = self.meta.inode(ino)?;
         if dir.kind != Kind::Dir {
             return errno(libc::ENOTDIR);
@@ -864,6 +897,7 @@ impl Fossil {
         if value.len() > XATTR_SIZE_MAX {
             return errno(libc::E2BIG);
         }
+        writable(ino)?;
         let mut txn = self.meta.write()?;
         let mut inode = txn.inode(ino)?;
         if name == REDUNDANCY_XATTR {
@@ -891,6 +925,13 @@ impl Fossil {
 
     /// An extended attribute's value.
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, FsError> {
+        if is_snapshot_ino(ino) {
+            return self
+                .snapdir
+                .xattrs(ino)?
+                .remove(name)
+                .ok_or(FsError::Errno(libc::ENODATA));
+        }
         let inode = self.meta.inode(ino)?;
         if name == REDUNDANCY_XATTR {
             return match inode.redundancy {
@@ -907,8 +948,15 @@ impl Fossil {
 
     /// Names of the extended attributes, each followed by a NUL.
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>, FsError> {
-        let inode = self.meta.inode(ino)?;
         let mut out = Vec::new();
+        if is_snapshot_ino(ino) {
+            for name in self.snapdir.xattrs(ino)?.keys() {
+                out.extend_from_slice(name);
+                out.push(0);
+            }
+            return Ok(out);
+        }
+        let inode = self.meta.inode(ino)?;
         for name in inode.xattrs.keys() {
             out.extend_from_slice(name);
             out.push(0);
@@ -922,6 +970,7 @@ impl Fossil {
 
     /// Removes an extended attribute.
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<(), FsError> {
+        writable(ino)?;
         let mut txn = self.meta.write()?;
         let mut inode = txn.inode(ino)?;
         let removed = if name == REDUNDANCY_XATTR {
@@ -949,6 +998,7 @@ impl Fossil {
             .checked_add(len)
             .filter(|e| *e <= i64::MAX as u64)
             .ok_or(FsError::Errno(libc::EFBIG))?;
+        writable(ino)?;
         let st = self.state(ino);
         let mut st = lock(&st);
         if st.dirty.is_none() {
@@ -1032,6 +1082,35 @@ pub fn parent_of(dir: &Inode) -> u64 {
         .and_then(|b| b.try_into().ok())
         .map(u64::from_le_bytes)
         .unwrap_or(ROOT_INO)
+}
+
+/// Snapshots are read-only.
+fn writable(ino: u64) -> Result<(), FsError> {
+    if is_snapshot_ino(ino) {
+        errno(libc::EROFS)
+    } else {
+        Ok(())
+    }
+}
+
+/// A name about to be created in `parent`: valid, writable, and not `.snapshots` in the root.
+fn check_new_name(parent: u64, name: &[u8]) -> Result<(), FsError> {
+    check_name(name)?;
+    writable(parent)?;
+    if parent == ROOT_INO && name == SNAPSHOTS_NAME {
+        return errno(libc::EEXIST);
+    }
+    Ok(())
+}
+
+/// A name about to be removed or moved from `parent`.
+fn check_existing_name(parent: u64, name: &[u8]) -> Result<(), FsError> {
+    check_name(name)?;
+    writable(parent)?;
+    if parent == ROOT_INO && name == SNAPSHOTS_NAME {
+        return errno(libc::EBUSY);
+    }
+    Ok(())
 }
 
 fn check_name(name: &[u8]) -> Result<(), FsError> {

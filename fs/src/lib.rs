@@ -8,6 +8,7 @@ pub mod file;
 pub mod fossil;
 pub mod fuse;
 pub mod meta;
+pub mod snapdir;
 pub mod snapshot;
 
 pub use error::FsError;
