@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Builds Fincrypt and runs it with its embedded default: one machine, the local
-# store, no peers. The first run creates an identity and shows its recovery phrase.
+# Builds Fincrypt and runs it with its embedded default: one machine, the
+# local store, no peers, mounted at ~/fincrypt (or the directory given).
+# The first run creates an identity and shows its recovery phrase once.
+# Stop it with Ctrl-C or `fusermount3 -u ~/fincrypt`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release --locked --bins
-bin="$PWD/target/release/fincrypt"
-if ! "$bin" scrub >/dev/null 2>&1; then
-  "$bin" init
-fi
-"$bin" scrub
+mnt="${1:-$HOME/fincrypt}"
+mkdir -p "$mnt"
+exec target/release/fincrypt mount "$mnt"
