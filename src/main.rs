@@ -79,23 +79,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             mountpoint,
             allow_other,
         } => {
-            if !home.is_initialised() {
-                if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-                    eprintln!(
-                        "No Fincrypt identity yet in {}: creating one.",
-                        home.config_dir.display()
-                    );
-                    let pass =
-                        secrets::passphrase(secrets::PASSPHRASE_VAR, "New passphrase: ", true)?;
-                    let phrase = secrets::init(&home, &pass)?;
-                    eprintln!(
-                        "\nYour recovery phrase (shown only this once; write it down):\n\n{phrase}\n"
-                    );
-                } else {
-                    anyhow::bail!(secrets::not_initialised(&home));
-                }
-            }
-            let pass = secrets::passphrase(secrets::PASSPHRASE_VAR, "Passphrase: ", false)?;
+            let pass = if home.is_initialised() {
+                secrets::passphrase(secrets::PASSPHRASE_VAR, "Passphrase: ", false)?
+            } else if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                eprintln!(
+                    "No Fincrypt identity yet in {}: creating one.",
+                    home.config_dir.display()
+                );
+                let pass = secrets::passphrase(secrets::PASSPHRASE_VAR, "New passphrase: ", true)?;
+                let phrase = secrets::init(&home, &pass)?;
+                eprintln!(
+                    "\nYour recovery phrase (shown only this once; write it down):\n\n{phrase}\n"
+                );
+                pass
+            } else {
+                anyhow::bail!(secrets::not_initialised(&home));
+            };
             fincrypt::daemon::mount(
                 &home,
                 fincrypt::daemon::MountArgs {

@@ -87,6 +87,7 @@ pub struct TreeWriter<'a> {
     levels: Vec<Vec<Pointer>>,
     pending: Vec<(Score, Bytes)>,
     stored_any: bool,
+    durable: bool,
 }
 
 impl<'a> TreeWriter<'a> {
@@ -106,7 +107,15 @@ impl<'a> TreeWriter<'a> {
             levels: Vec::new(),
             pending: Vec::new(),
             stored_any: false,
+            durable: true,
         }
+    }
+
+    /// Stores blocks without waiting for the disk ([`BlockStore::put_batch_unsynced`]);
+    /// the caller syncs the store before it relies on them.
+    pub fn unsynced(mut self) -> Self {
+        self.durable = false;
+        self
     }
 
     /// A writer that continues `base`: it keeps the data blocks of `base` that
@@ -247,7 +256,11 @@ impl<'a> TreeWriter<'a> {
 
     fn put_pending(&mut self) -> Result<(), Error> {
         if !self.pending.is_empty() {
-            self.store.put_batch(&self.pending, self.class)?;
+            if self.durable {
+                self.store.put_batch(&self.pending, self.class)?;
+            } else {
+                self.store.put_batch_unsynced(&self.pending, self.class)?;
+            }
             self.pending.clear();
             self.stored_any = true;
         }

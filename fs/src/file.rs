@@ -62,7 +62,32 @@ impl Dirty {
             return;
         }
         let end = offset + data.len() as u64;
-        // Merge with every extent that overlaps or touches [offset, end).
+        self.size = self.size.max(end);
+        self.first_change = self.first_change.min(offset);
+        self.mtime = Time::now();
+        // The common case, writing on from where an extent ends (or inside
+        // it), extends that extent in place instead of copying it.
+        let before = self
+            .extents
+            .range(..=offset)
+            .next_back()
+            .map(|(s, v)| (*s, *s + v.len() as u64));
+        if let Some((s, e)) = before {
+            let next_touches = self.extents.range(s + 1..=end).next().is_some();
+            if let Some(v) = self
+                .extents
+                .get_mut(&s)
+                .filter(|_| e >= offset && !next_touches)
+            {
+                let at = (offset - s) as usize;
+                if v.len() < at + data.len() {
+                    v.resize(at + data.len(), 0);
+                }
+                v[at..at + data.len()].copy_from_slice(data);
+                return;
+            }
+        }
+        // Otherwise merge with every extent that overlaps or touches [offset, end).
         let mut start = offset;
         let mut merged: Vec<u8> = Vec::new();
         let touching: Vec<u64> = self
@@ -88,9 +113,6 @@ impl Dirty {
         let at = (offset - start) as usize;
         merged[at..at + data.len()].copy_from_slice(data);
         self.extents.insert(start, merged);
-        self.size = self.size.max(end);
-        self.first_change = self.first_change.min(offset);
-        self.mtime = Time::now();
     }
 
     /// Sets the length: cuts extents past it, or extends with zeros.

@@ -22,11 +22,11 @@ pub const NAME_MAX: usize = 255;
 /// Longest extended attribute value.
 pub const XATTR_SIZE_MAX: usize = 64 * 1024;
 /// Dirty bytes one file may hold before it is sealed into blocks.
-const FILE_DIRTY_MAX: usize = 64 << 20;
+const FILE_DIRTY_MAX: usize = 32 << 20;
 /// Dirty bytes all files together may hold.
-const TOTAL_DIRTY_MAX: usize = 128 << 20;
+const TOTAL_DIRTY_MAX: usize = 64 << 20;
 /// Bytes of decoded blocks the reader caches.
-const READ_CACHE: u64 = 64 << 20;
+const READ_CACHE: u64 = 32 << 20;
 /// The xattr that shows a directory's redundancy.
 pub const REDUNDANCY_XATTR: &[u8] = b"user.fincrypt.redundancy";
 
@@ -793,7 +793,15 @@ impl Fossil {
 
     /// Makes every metadata change so far durable.
     pub fn sync_meta(&self) -> Result<(), FsError> {
-        self.meta.write()?.commit(true)
+        self.commit_durably(self.meta.write()?)
+    }
+
+    /// Commits `txn` durably, after making the blocks it may name durable.
+    /// The open transaction keeps every other commit out meanwhile, so no
+    /// metadata naming a block that is not yet on disk becomes durable.
+    pub fn commit_durably(&self, txn: crate::meta::WriteTxn<'_>) -> Result<(), FsError> {
+        self.store.sync()?;
+        txn.commit(true)
     }
 
     /// Seals every file's writes and makes everything durable.
@@ -834,7 +842,11 @@ impl Fossil {
             Err(FsError::Errno(libc::ENOENT)) => {}
             Err(e) => return Err(e),
         }
-        txn.commit(durable)?;
+        if durable {
+            self.commit_durably(txn)?;
+        } else {
+            txn.commit(false)?;
+        }
         if let Some(d) = st.dirty.take() {
             self.dirty_total.fetch_sub(d.held(), Ordering::Relaxed);
         }

@@ -161,7 +161,7 @@ pub fn create(fs: &Fossil) -> Result<SnapshotRecord, FsError> {
     };
     let mut txn = fs.meta().write()?;
     txn.put_snapshot(key_of(time), &snap)?;
-    txn.commit(true)?;
+    fs.commit_durably(txn)?;
     Ok(snap)
 }
 
@@ -209,7 +209,7 @@ pub fn prune(fs: &Fossil, keep: usize) -> Result<usize, FsError> {
     for s in &snaps[..excess] {
         txn.remove_snapshot(key_of(s.time))?;
     }
-    txn.commit(true)?;
+    fs.commit_durably(txn)?;
     Ok(excess)
 }
 

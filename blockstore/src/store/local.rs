@@ -117,6 +117,8 @@ pub struct LocalStore {
     tmp_counter: AtomicU64,
     /// Set by `shutdown`; the next change marks the volume in use again.
     marked_clean: AtomicBool,
+    /// Block files (and their directories) renamed into place but not yet fsynced.
+    unsynced: Mutex<BTreeSet<PathBuf>>,
 }
 
 struct Stats(StoreStats);
@@ -172,6 +174,7 @@ impl LocalStore {
             seq: AtomicU64::new(seq),
             tmp_counter: AtomicU64::new(0),
             marked_clean: AtomicBool::new(false),
+            unsynced: Mutex::new(BTreeSet::new()),
         };
         store.clear_tmp()?;
         if !clean {
@@ -237,7 +240,7 @@ impl LocalStore {
                 gone.push(score);
             }
         }
-        txn.commit()?;
+        self.commit(txn, true)?;
         for score in &gone {
             self.remove_file(score)?;
         }
@@ -299,7 +302,7 @@ impl LocalStore {
     }
 
     /// Writes `data` to a fresh temp file and fsyncs it.
-    fn write_tmp(&self, data: &[u8]) -> Result<PathBuf, Error> {
+    fn write_tmp(&self, data: &[u8], sync: bool) -> Result<PathBuf, Error> {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let path = self
             .dir
@@ -307,7 +310,7 @@ impl LocalStore {
             .join(format!("{}-{n}", std::process::id()));
         let result = fs::File::create(&path).and_then(|mut f| {
             f.write_all(data)?;
-            f.sync_data()
+            if sync { f.sync_data() } else { Ok(()) }
         });
         match result {
             Ok(()) => Ok(path),
@@ -413,11 +416,47 @@ impl LocalStore {
                 gone.push(score);
             }
         }
-        txn.commit()?;
+        self.commit(txn, true)?;
         for score in &gone {
             self.remove_file(score)?;
         }
         Ok(())
+    }
+
+    /// Commits the index. A durable commit first fsyncs every block file put
+    /// without sync, so the index never durably names a block whose bytes
+    /// might not be on disk; a lazy one is atomic but may be lost in a crash.
+    fn commit(&self, txn: redb::WriteTransaction, durable: bool) -> Result<(), Error> {
+        let mut txn = txn;
+        if durable {
+            self.sync_pending()?;
+        } else {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| Error::Index(e.to_string()))?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Fsyncs the files and directories that lazy puts left unsynced.
+    fn sync_pending(&self) -> Result<(), Error> {
+        let pending = std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()));
+        let result = pending
+            .iter()
+            .try_for_each(|path| match fs::File::open(path) {
+                Ok(f) => f.sync_all().map_err(|e| Error::io(path, e)),
+                // Deleted since: nothing to make durable.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(Error::io(path, e)),
+            });
+        if result.is_err() {
+            // Keep them pending, so the next sync tries again.
+            self.unsynced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(pending);
+        }
+        result
     }
 
     /// Called in every transaction that changes the volume: after a clean
@@ -464,7 +503,7 @@ impl LocalStore {
             meta.insert("seq", self.seq.load(Ordering::SeqCst))?;
             meta.insert("clean", 1)?;
         }
-        txn.commit()?;
+        self.commit(txn, true)?;
         self.marked_clean.store(true, Ordering::SeqCst);
         Ok(())
     }
@@ -478,8 +517,15 @@ impl Drop for LocalStore {
     }
 }
 
-impl BlockStore for LocalStore {
-    fn put_batch(&self, blocks: &[(Score, Bytes)], class: Class) -> Result<(), Error> {
+impl LocalStore {
+    /// Stores blocks; with `durable` they are on disk on return, otherwise
+    /// after the next durable commit or [`BlockStore::sync`].
+    fn store_batch(
+        &self,
+        blocks: &[(Score, Bytes)],
+        class: Class,
+        durable: bool,
+    ) -> Result<(), Error> {
         // The slow part, writing and fsyncing data, happens outside the lock;
         // a block already present is skipped cheaply.
         let mut written = Vec::with_capacity(blocks.len());
@@ -488,7 +534,7 @@ impl BlockStore for LocalStore {
             if !seen.insert(*score) || self.entry(score)?.is_some() {
                 continue;
             }
-            match self.write_tmp(data) {
+            match self.write_tmp(data, durable) {
                 Ok(tmp) => written.push((*score, data.len() as u64, tmp)),
                 Err(e) => {
                     for (_, _, tmp) in &written {
@@ -540,6 +586,12 @@ impl BlockStore for LocalStore {
                         let dest = self.path_of(score);
                         dirs.insert(dest.parent().map(Path::to_path_buf).unwrap_or_default());
                         fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+                        if !durable {
+                            self.unsynced
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(dest.clone());
+                        }
                         let e = Entry {
                             class: class as u8,
                             size,
@@ -552,17 +604,40 @@ impl BlockStore for LocalStore {
                     }
                 }
             }
-            for dir in &dirs {
-                fs::File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| Error::io(dir, e))?;
+            if durable {
+                for dir in &dirs {
+                    fs::File::open(dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(|e| Error::io(dir, e))?;
+                }
+            } else {
+                self.unsynced
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(dirs);
             }
         }
-        txn.commit()?;
+        self.commit(txn, durable)?;
         for (c, size, sign) in changes {
             stats.0.add(c, size, sign);
         }
         self.evict(&mut stats)
+    }
+}
+
+impl BlockStore for LocalStore {
+    fn put_batch(&self, blocks: &[(Score, Bytes)], class: Class) -> Result<(), Error> {
+        self.store_batch(blocks, class, true)
+    }
+
+    fn put_batch_unsynced(&self, blocks: &[(Score, Bytes)], class: Class) -> Result<(), Error> {
+        self.store_batch(blocks, class, false)
+    }
+
+    fn sync(&self) -> Result<(), Error> {
+        let _stats = self.lock();
+        let txn = self.db.begin_write()?;
+        self.commit(txn, true)
     }
 
     fn get(&self, score: &Score) -> Result<Bytes, Error> {
@@ -600,7 +675,7 @@ impl BlockStore for LocalStore {
                 .transpose()?;
             old
         };
-        txn.commit()?;
+        self.commit(txn, true)?;
         match removed {
             Some(e) => {
                 stats.0.add(e.class(), e.size, -1);

@@ -49,6 +49,18 @@ pub trait BlockStore: Send + Sync {
     /// Removes a block; false if it was not there.
     fn delete(&self, score: &Score) -> Result<bool, Error>;
 
+    /// Stores blocks without waiting for the disk: they are durable after the
+    /// next [`BlockStore::sync`] (or durable put). Stores without such a
+    /// distinction store them durably.
+    fn put_batch_unsynced(&self, blocks: &[(Score, Bytes)], class: Class) -> Result<(), Error> {
+        self.put_batch(blocks, class)
+    }
+
+    /// Makes every block stored so far durable.
+    fn sync(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
     /// Stores one block; see [`BlockStore::put_batch`].
     fn put(&self, score: Score, data: Bytes, class: Class) -> Result<(), Error> {
         self.put_batch(&[(score, data)], class)
@@ -61,6 +73,12 @@ macro_rules! forward_store {
         impl<S: BlockStore + ?Sized> BlockStore for $ty {
             fn put_batch(&self, blocks: &[(Score, Bytes)], class: Class) -> Result<(), Error> {
                 (**self).put_batch(blocks, class)
+            }
+            fn put_batch_unsynced(&self, blocks: &[(Score, Bytes)], class: Class) -> Result<(), Error> {
+                (**self).put_batch_unsynced(blocks, class)
+            }
+            fn sync(&self) -> Result<(), Error> {
+                (**self).sync()
             }
             fn get(&self, score: &Score) -> Result<Bytes, Error> {
                 (**self).get(score)

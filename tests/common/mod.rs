@@ -1,0 +1,686 @@
+//! Shared harness for end-to-end tests of the `fincrypt` and `fincryptctl`
+//! programs: homes, a mounted daemon that always cleans up after itself,
+//! commands with deadlines and a seeded byte generator.
+//!
+//! Nothing here sleeps to synchronise: every wait polls a condition until a
+//! deadline and fails loudly when the deadline passes.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tempfile::TempDir;
+
+/// The passphrase of every home [`init_home`] creates.
+pub const PASSPHRASE: &str = "correct horse battery staple";
+
+/// How long a mount may take to appear.
+pub const MOUNT_DEADLINE: Duration = Duration::from_secs(60);
+/// How long an unmount (with its final write-back) may take.
+pub const UNMOUNT_DEADLINE: Duration = Duration::from_secs(300);
+/// How long a short command (init, fincryptctl, a refused mount) may take.
+pub const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Polls `cond` until it holds; panics with `what` once `limit` has passed.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if cond() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Waits for `child` to exit; `None` if it is still running after `limit`.
+pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Reads `r` to its end on a thread, appending to a buffer others can look at meanwhile.
+fn drain(mut r: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let b = buf.clone();
+    let handle = std::thread::spawn(move || {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match r.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => b.lock().unwrap().extend_from_slice(&chunk[..n]),
+            }
+        }
+    });
+    (buf, handle)
+}
+
+/// Runs `cmd` with no standard input, collecting its output; kills it and
+/// panics if it has not finished within `limit`.
+pub fn run(cmd: &mut Command, limit: Duration) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let (out, out_t) = drain(child.stdout.take().unwrap());
+    let (err, err_t) = drain(child.stderr.take().unwrap());
+    let status = match wait_child(&mut child, limit) {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = err_t.join();
+            panic!(
+                "{cmd:?} still running after {limit:?}; stderr so far:\n{}",
+                String::from_utf8_lossy(&err.lock().unwrap())
+            );
+        }
+    };
+    let _ = out_t.join();
+    let _ = err_t.join();
+    let stdout = std::mem::take(&mut *out.lock().unwrap());
+    let stderr = std::mem::take(&mut *err.lock().unwrap());
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// Lossy text of a byte buffer, for messages.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A command for `program` on `home`, with no `FINCRYPT_*` variables of the
+/// test's own environment leaking in (FINCRYPT_LOG excepted) and the home as
+/// working directory, so no stray `.env` file is read.
+fn command(program: &str, home: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("FINCRYPT_") && k != "FINCRYPT_LOG" {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.arg("--home").arg(home).current_dir(home);
+    cmd
+}
+
+/// `fincrypt --home HOME` with no passphrase set.
+pub fn fincrypt(home: &Path) -> Command {
+    command(env!("CARGO_BIN_EXE_fincrypt"), home)
+}
+
+/// `fincryptctl --home HOME`.
+pub fn fincryptctl(home: &Path) -> Command {
+    command(env!("CARGO_BIN_EXE_fincryptctl"), home)
+}
+
+/// Runs `fincryptctl --home HOME ARGS...` to completion (with a deadline).
+pub fn ctl(home: &Path, args: &[&str]) -> Output {
+    run(fincryptctl(home).args(args), COMMAND_DEADLINE)
+}
+
+/// Like [`ctl`], but panics unless it succeeds; returns its standard output.
+pub fn ctl_ok(home: &Path, args: &[&str]) -> String {
+    let out = ctl(home, args);
+    assert!(
+        out.status.success(),
+        "fincryptctl {args:?} failed ({}): {}",
+        out.status,
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// A fresh home initialised with [`PASSPHRASE`], automatic snapshots off.
+pub fn init_home() -> TempDir {
+    let home = tempfile::Builder::new()
+        .prefix("fincrypt-home-")
+        .tempdir()
+        .unwrap();
+    let out = run(
+        fincrypt(home.path())
+            .arg("init")
+            .env("FINCRYPT_PASSPHRASE", PASSPHRASE),
+        COMMAND_DEADLINE,
+    );
+    assert!(out.status.success(), "init failed: {}", text(&out.stderr));
+    let phrase = text(&out.stdout);
+    assert_eq!(
+        phrase.split_whitespace().count(),
+        24,
+        "init prints a 24-word phrase: {phrase:?}"
+    );
+    set_config(home.path(), "snapshot_interval", "0");
+    home
+}
+
+/// Sets `key = value` in the home's config.toml, replacing an existing line.
+pub fn set_config(home: &Path, key: &str, value: &str) {
+    let file = home.join("config.toml");
+    let old = std::fs::read_to_string(&file).unwrap_or_default();
+    let mut lines: Vec<String> = old
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            !(l.starts_with(key) && l[key.len()..].trim_start().starts_with('='))
+        })
+        .map(str::to_owned)
+        .collect();
+    lines.push(format!("{key} = {value}"));
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+}
+
+/// Undoes the octal escapes (`\040` and friends) of a /proc/self/mountinfo field.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The filesystem type of whatever is mounted exactly at `path`, if anything.
+pub fn mounted_fstype(path: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let want = path.as_os_str().as_bytes();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("reading mountinfo");
+    let mut found = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.len() < 5 || unescape_mountinfo(fields[4]) != want {
+            continue;
+        }
+        let fstype = fields
+            .iter()
+            .position(|f| *f == "-")
+            .and_then(|i| fields.get(i + 1))
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        // The last one listed is the one on top.
+        found = Some(fstype);
+    }
+    found
+}
+
+/// True if something is mounted exactly at `path`.
+pub fn is_mounted(path: &Path) -> bool {
+    mounted_fstype(path).is_some()
+}
+
+/// `fusermount3 -u [-z] MNT`; true if it succeeded.
+fn fusermount_u(mnt: &Path, lazy: bool) -> bool {
+    let mut cmd = Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    cmd.arg(mnt)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd.status().map(|s| s.success()).unwrap_or(false)
+}
+
+/// What [`Mount::start_with`] passes to the daemon.
+#[derive(Clone, Debug)]
+pub struct StartOptions {
+    pub passphrase: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        StartOptions {
+            passphrase: PASSPHRASE.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+/// A running `fincrypt mount` daemon over a home, mounted on a temporary
+/// directory. Dropping it (for instance when a test panics) detaches the
+/// mount lazily and kills the daemon, so no test leaves a mount behind.
+pub struct Mount {
+    /// `None` once handed back by [`Mount::unmount`] or [`Mount::kill9`].
+    home: Option<TempDir>,
+    mnt: Option<TempDir>,
+    /// Canonical path of the mount point.
+    mnt_path: PathBuf,
+    child: Child,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    done: bool,
+}
+
+impl Mount {
+    /// Mounts `home` with [`PASSPHRASE`] and waits until the mount is there.
+    pub fn start(home: TempDir) -> Mount {
+        Mount::start_with(home, StartOptions::default())
+    }
+
+    /// Mounts `home` with the given options and waits until the mount is there.
+    pub fn start_with(home: TempDir, opts: StartOptions) -> Mount {
+        let mnt = tempfile::Builder::new()
+            .prefix("fincrypt-mnt-")
+            .tempdir()
+            .unwrap();
+        let mnt_path = mnt.path().canonicalize().unwrap();
+        assert!(!is_mounted(&mnt_path));
+        let mut cmd = fincrypt(home.path());
+        cmd.arg("mount")
+            .arg(&mnt_path)
+            .args(&opts.args)
+            .env("FINCRYPT_PASSPHRASE", &opts.passphrase)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawning fincrypt mount");
+        let (stderr, _) = drain(child.stderr.take().unwrap());
+        let mut m = Mount {
+            home: Some(home),
+            mnt: Some(mnt),
+            mnt_path,
+            child,
+            stderr,
+            done: false,
+        };
+        let deadline = Instant::now() + MOUNT_DEADLINE;
+        loop {
+            if let Some(status) = m.child.try_wait().unwrap() {
+                panic!(
+                    "fincrypt mount exited ({status}) before mounting: {}",
+                    m.stderr()
+                );
+            }
+            if mounted_fstype(&m.mnt_path).is_some_and(|t| t.starts_with("fuse")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not mounted after {MOUNT_DEADLINE:?}: {}",
+                m.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The root answers, i.e. the daemon serves requests.
+        let root = std::fs::metadata(&m.mnt_path).expect("stat of the mount root");
+        assert!(root.is_dir());
+        m
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.mnt_path
+    }
+
+    /// The home directory.
+    pub fn home(&self) -> &Path {
+        self.home.as_ref().unwrap().path()
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the daemon has written to standard error so far.
+    pub fn stderr(&self) -> String {
+        text(&self.stderr.lock().unwrap())
+    }
+
+    /// Unmounts with `fusermount3 -u`, waits for the daemon to exit 0 and
+    /// hands back the home.
+    pub fn unmount(mut self) -> TempDir {
+        let deadline = Instant::now() + MOUNT_DEADLINE;
+        loop {
+            if fusermount_u(&self.mnt_path, false) {
+                break;
+            }
+            // It may have gone by itself (that would show below as a bad exit).
+            if !is_mounted(&self.mnt_path) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fusermount3 -u {} kept failing",
+                self.mnt_path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let status = wait_child(&mut self.child, UNMOUNT_DEADLINE).unwrap_or_else(|| {
+            panic!(
+                "daemon still running {UNMOUNT_DEADLINE:?} after unmount: {}",
+                self.stderr()
+            )
+        });
+        assert!(
+            status.success(),
+            "daemon exited with {status} after unmount: {}",
+            self.stderr()
+        );
+        assert!(!is_mounted(&self.mnt_path), "still mounted after unmount");
+        self.done = true;
+        self.home.take().unwrap()
+    }
+
+    /// Sends SIGTERM and waits for the daemon to unmount and exit 0.
+    pub fn terminate(mut self) -> TempDir {
+        // SAFETY: kill(2) on our own child's pid.
+        let r = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(r, 0, "kill -TERM");
+        let status = wait_child(&mut self.child, UNMOUNT_DEADLINE).unwrap_or_else(|| {
+            panic!(
+                "daemon still running {UNMOUNT_DEADLINE:?} after SIGTERM: {}",
+                self.stderr()
+            )
+        });
+        assert!(
+            status.success(),
+            "daemon exited with {status} after SIGTERM: {}",
+            self.stderr()
+        );
+        assert!(!is_mounted(&self.mnt_path), "still mounted after SIGTERM");
+        self.done = true;
+        self.home.take().unwrap()
+    }
+
+    /// SIGKILLs the daemon, detaches the dead mount lazily and hands back the home.
+    pub fn kill9(mut self) -> TempDir {
+        self.child.kill().expect("SIGKILL");
+        let status = wait_child(&mut self.child, COMMAND_DEADLINE).expect("a killed daemon exits");
+        assert!(!status.success());
+        assert!(
+            fusermount_u(&self.mnt_path, true),
+            "fusermount3 -u -z {} failed",
+            self.mnt_path.display()
+        );
+        wait_until("the dead mount to go", MOUNT_DEADLINE, || {
+            !is_mounted(&self.mnt_path)
+        });
+        self.done = true;
+        self.home.take().unwrap()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if !self.done {
+            if is_mounted(&self.mnt_path) {
+                fusermount_u(&self.mnt_path, true);
+            }
+            let _ = self.child.kill();
+            let _ = wait_child(&mut self.child, COMMAND_DEADLINE);
+        }
+        if is_mounted(&self.mnt_path) {
+            // Never let TempDir's clean-up walk into a live mount.
+            if let Some(m) = self.mnt.take() {
+                std::mem::forget(m);
+            }
+        }
+    }
+}
+
+/// A small, fast, seeded generator (xorshift64*): reproducible test data
+/// without extra dependencies.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        // SplitMix64 of the seed, so nearby seeds give unrelated streams.
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        Rng(z | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// Uniform in `lo..hi` (lo < hi).
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        let mut chunks = buf.chunks_exact_mut(8);
+        for c in &mut chunks {
+            c.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        let rest = chunks.into_remainder();
+        let last = self.next_u64().to_le_bytes();
+        let n = rest.len();
+        rest.copy_from_slice(&last[..n]);
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.fill(&mut v);
+        v
+    }
+}
+
+/// `len` random bytes from `seed`.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    Rng::new(seed).bytes(len)
+}
+
+/// Index of the first differing byte, for readable assertion messages.
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .or((a.len() != b.len()).then(|| a.len().min(b.len())))
+}
+
+/// Asserts two byte strings are equal without printing megabytes.
+#[track_caller]
+pub fn assert_same_bytes(what: &str, got: &[u8], want: &[u8]) {
+    if let Some(i) = first_difference(got, want) {
+        panic!(
+            "{what}: contents differ at byte {i} (got {} bytes, want {} bytes; got {:02x?}.. want {:02x?}..)",
+            got.len(),
+            want.len(),
+            &got[i..got.len().min(i + 16)],
+            &want[i..want.len().min(i + 16)],
+        );
+    }
+}
+
+/// What a path under a directory tree looks like on disk, for before/after comparisons.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskEntry {
+    pub kind: &'static str,
+    pub mode: u32,
+    pub len: u64,
+    pub mtime: SystemTime,
+    /// File contents or symlink target; empty for directories.
+    pub data: Vec<u8>,
+}
+
+/// Every path under `dir` (directories, files, symlinks, others) with its
+/// kind, mode, size, mtime and contents.
+pub fn disk_state(dir: &Path) -> BTreeMap<PathBuf, DiskEntry> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("readdir {}: {e}", d.display())) {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let ft = m.file_type();
+            let (kind, data) = if ft.is_dir() {
+                stack.push(p.clone());
+                ("dir", Vec::new())
+            } else if ft.is_file() {
+                ("file", std::fs::read(&p).unwrap())
+            } else if ft.is_symlink() {
+                use std::os::unix::ffi::OsStrExt;
+                (
+                    "symlink",
+                    std::fs::read_link(&p)
+                        .unwrap()
+                        .as_os_str()
+                        .as_bytes()
+                        .to_vec(),
+                )
+            } else {
+                ("other", Vec::new())
+            };
+            out.insert(
+                p.strip_prefix(dir).unwrap().to_path_buf(),
+                DiskEntry {
+                    kind,
+                    mode: m.mode(),
+                    len: m.len(),
+                    mtime: m.modified().unwrap(),
+                    data,
+                },
+            );
+        }
+    }
+    out
+}
+
+/// Every regular file under `dir`, recursively.
+pub fn regular_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// True if `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Runs `fincrypt mount` on `home` and a fresh mount point, expecting it to
+/// give up: returns its output once it has exited. Panics (after cleaning
+/// up) if it mounts anything or is still running after the deadline.
+pub fn refused_mount(home: &Path, passphrase: Option<&str>) -> Output {
+    let mnt = tempfile::Builder::new()
+        .prefix("fincrypt-mnt-")
+        .tempdir()
+        .unwrap();
+    let mnt_path = mnt.path().canonicalize().unwrap();
+    let mut cmd = fincrypt(home);
+    cmd.arg("mount")
+        .arg(&mnt_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(p) = passphrase {
+        cmd.env("FINCRYPT_PASSPHRASE", p);
+    }
+    let mut child = cmd.spawn().expect("spawning fincrypt mount");
+    let (out, out_t) = drain(child.stdout.take().unwrap());
+    let (err, err_t) = drain(child.stderr.take().unwrap());
+    let deadline = Instant::now() + COMMAND_DEADLINE;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        let mounted = is_mounted(&mnt_path);
+        if mounted || Instant::now() >= deadline {
+            fusermount_u(&mnt_path, true);
+            let _ = child.kill();
+            let _ = child.wait();
+            let still = is_mounted(&mnt_path);
+            if still {
+                std::mem::forget(mnt);
+            }
+            panic!(
+                "fincrypt mount was expected to refuse, but {}; stderr: {}",
+                if mounted {
+                    "it mounted"
+                } else {
+                    "it kept running"
+                },
+                text(&err.lock().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = out_t.join();
+    let _ = err_t.join();
+    assert!(
+        !is_mounted(&mnt_path),
+        "a refused mount left a mount behind"
+    );
+    let left: Vec<_> = std::fs::read_dir(&mnt_path).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "a refused mount wrote into the mount point"
+    );
+    let stdout = std::mem::take(&mut *out.lock().unwrap());
+    let stderr = std::mem::take(&mut *err.lock().unwrap());
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
