@@ -13,7 +13,7 @@ use crate::error::FsError;
 use crate::meta::Time;
 
 /// Bytes streamed per step while rewriting a file.
-const STEP: usize = 8 << 20;
+const STEP: usize = 4 << 20;
 
 /// Written-but-unsealed state of one file.
 #[derive(Debug)]

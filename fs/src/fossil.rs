@@ -22,11 +22,11 @@ pub const NAME_MAX: usize = 255;
 /// Longest extended attribute value.
 pub const XATTR_SIZE_MAX: usize = 64 * 1024;
 /// Dirty bytes one file may hold before it is sealed into blocks.
-const FILE_DIRTY_MAX: usize = 32 << 20;
+const FILE_DIRTY_MAX: usize = 16 << 20;
 /// Dirty bytes all files together may hold.
-const TOTAL_DIRTY_MAX: usize = 64 << 20;
+const TOTAL_DIRTY_MAX: usize = 32 << 20;
 /// Bytes of decoded blocks the reader caches.
-const READ_CACHE: u64 = 32 << 20;
+const READ_CACHE: u64 = 16 << 20;
 /// The xattr that shows a directory's redundancy.
 pub const REDUNDANCY_XATTR: &[u8] = b"user.fincrypt.redundancy";
 
