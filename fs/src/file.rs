@@ -188,8 +188,10 @@ impl Dirty {
         params: TreeParams,
     ) -> Result<FileRef, FsError> {
         let from = self.first_change.min(self.size).min(self.base.len());
-        let (mut w, mut at) =
+        let (w, mut at) =
             TreeWriter::resume(store, keys, params, Class::Own, &self.base, reader, from)?;
+        // Durable at the next fsync or sync, which syncs the store first.
+        let mut w = w.unsynced();
         let mut buf = vec![0u8; STEP];
         while at < self.size {
             let n = ((self.size - at) as usize).min(STEP);
