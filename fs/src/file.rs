@@ -28,6 +28,8 @@ pub struct Dirty {
     pub first_change: u64,
     /// Committed bytes still visible: a truncation hides what lies past it for good.
     base_valid: u64,
+    /// The length when this state began, to tell whether it changed.
+    initial_size: u64,
     /// Time of the last write.
     pub mtime: Time,
 }
@@ -42,6 +44,7 @@ impl Dirty {
             extents: BTreeMap::new(),
             first_change: u64::MAX,
             base_valid,
+            initial_size: size,
             mtime: Time::now(),
         }
     }
@@ -53,7 +56,7 @@ impl Dirty {
 
     /// True when nothing differs from `base`.
     pub fn is_clean(&self) -> bool {
-        self.first_change == u64::MAX && self.size == self.base.len()
+        self.first_change == u64::MAX && self.size == self.initial_size
     }
 
     /// Records a write of `data` at `offset`.
@@ -187,14 +190,24 @@ impl Dirty {
         keys: &Keys,
         params: TreeParams,
     ) -> Result<FileRef, FsError> {
-        let from = self.first_change.min(self.size).min(self.base.len());
+        // Past the last written byte and the visible committed bytes lie only
+        // zeros that were never written (an extended or preallocated tail):
+        // they are not stored, since a file may be longer than its content.
+        let written_end = self
+            .extents
+            .iter()
+            .next_back()
+            .map(|(s, v)| s + v.len() as u64)
+            .unwrap_or(0);
+        let data_end = written_end.max(self.base_valid).min(self.size);
+        let from = self.first_change.min(data_end).min(self.base.len());
         let (w, mut at) =
             TreeWriter::resume(store, keys, params, Class::Own, &self.base, reader, from)?;
         // Durable at the next fsync or sync, which syncs the store first.
         let mut w = w.unsynced();
         let mut buf = vec![0u8; STEP];
-        while at < self.size {
-            let n = ((self.size - at) as usize).min(STEP);
+        while at < data_end {
+            let n = ((data_end - at) as usize).min(STEP);
             self.read(reader, at, &mut buf[..n])?;
             w.write(&buf[..n])?;
             at += n as u64;
@@ -246,6 +259,11 @@ mod tests {
         d.read(&reader, 0, &mut buf).unwrap();
         assert_eq!(buf, model);
         let sealed = d.seal(&store, &reader, &keys, params).unwrap();
-        assert_eq!(reader.read_all(&sealed).unwrap(), model);
+        // The zeros that extend the file past its last write are not stored.
+        let stored = reader.read_all(&sealed).unwrap();
+        // The write at 20,000 was cut by the truncation to 15,000; the last is at 9,990 + 30.
+        assert_eq!(stored.len(), 10_020);
+        assert!(stored == model[..stored.len()], "sealed content differs");
+        assert!(model[stored.len()..].iter().all(|b| *b == 0));
     }
 }
