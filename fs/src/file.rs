@@ -205,7 +205,8 @@ impl Dirty {
             TreeWriter::resume(store, keys, params, Class::Own, &self.base, reader, from)?;
         // Durable at the next fsync or sync, which syncs the store first.
         let mut w = w.unsynced();
-        let mut buf = vec![0u8; STEP];
+        // Sized to what is sealed: a small file must not fault in a whole step.
+        let mut buf = vec![0u8; (data_end.saturating_sub(at) as usize).min(STEP)];
         while at < data_end {
             let n = ((data_end - at) as usize).min(STEP);
             self.read(reader, at, &mut buf[..n])?;
