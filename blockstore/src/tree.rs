@@ -332,7 +332,7 @@ impl quick_cache::Weighter<Score, Arc<Node>> for NodeWeight {
 /// Reads byte ranges of file trees, caching decoded blocks.
 pub struct TreeReader<S> {
     store: S,
-    cache: quick_cache::sync::Cache<Score, Arc<Node>, NodeWeight>,
+    cache: Arc<quick_cache::sync::Cache<Score, Arc<Node>, NodeWeight>>,
 }
 
 impl<S: BlockStore> TreeReader<S> {
@@ -341,7 +341,11 @@ impl<S: BlockStore> TreeReader<S> {
         let items = (cache_bytes / (256 << 10)).max(16) as usize;
         TreeReader {
             store,
-            cache: quick_cache::sync::Cache::with_weighter(items, cache_bytes, NodeWeight),
+            cache: Arc::new(quick_cache::sync::Cache::with_weighter(
+                items,
+                cache_bytes,
+                NodeWeight,
+            )),
         }
     }
 
@@ -430,48 +434,86 @@ impl<S: BlockStore> TreeReader<S> {
     }
 
     fn node(&self, p: &Pointer) -> Result<Arc<Node>, Error> {
-        if let Some(n) = self.cache.get(&p.score) {
-            return Ok(n);
-        }
-        let data = self.store.get(&p.score)?;
-        let node = if p.depth == 0 {
-            let plain = block::open(p, BlockKind::Data, &data)?;
-            if plain.len() as u64 != p.len {
-                return Err(Error::Format(format!(
-                    "data block {} has the wrong length",
-                    p.score
-                )));
-            }
-            Node::Data(plain)
-        } else {
-            let plain = block::open(p, BlockKind::Pointers, &data)?;
-            let entries: Vec<Pointer> = postcard::from_bytes(&plain)
-                .map_err(|e| Error::Format(format!("pointer block {}: {e}", p.score)))?;
-            let mut start = 0u64;
-            let mut children = Vec::with_capacity(entries.len());
-            for c in entries {
-                // A child must sit exactly one level lower: this also bounds recursion.
-                if c.depth + 1 != p.depth || c.len == 0 {
-                    return Err(Error::Format(format!(
-                        "pointer block {} is malformed",
-                        p.score
-                    )));
-                }
-                children.push((start, c));
-                start = start
-                    .checked_add(c.len)
-                    .ok_or_else(|| Error::Format("tree length overflows".into()))?;
-            }
-            if start != p.len {
-                return Err(Error::Format(format!(
-                    "pointer block {} does not add up to its length",
-                    p.score
-                )));
-            }
-            Node::Pointers(children)
-        };
-        let node = Arc::new(node);
-        self.cache.insert(p.score, node.clone());
-        Ok(node)
+        // Concurrent readers of one block wait for a single load.
+        self.cache
+            .get_or_insert_with(&p.score, || load(&self.store, p).map(Arc::new))
     }
+}
+
+impl<S: BlockStore + Clone + Send + Sync + 'static> TreeReader<S> {
+    /// Starts decoding, on the rayon pool, up to `count` data blocks that
+    /// follow the one holding `offset`, so a sequential reader finds them ready.
+    pub fn prefetch(&self, file: &FileRef, offset: u64, count: usize) {
+        let FileRef::Tree(root) = file else { return };
+        let (mut p, mut at) = (*root, offset);
+        while p.depth > 0 {
+            let Ok(node) = self.node(&p) else { return };
+            let Node::Pointers(children) = &*node else {
+                return;
+            };
+            let i = children
+                .partition_point(|(start, _)| *start <= at)
+                .saturating_sub(1);
+            if p.depth == 1 {
+                for (_, c) in children.iter().skip(i + 1).take(count) {
+                    if self.cache.get(&c.score).is_none() {
+                        let (store, cache, c) = (self.store.clone(), self.cache.clone(), *c);
+                        rayon::spawn(move || {
+                            // A failure here shows again when the block is read.
+                            let _ = cache
+                                .get_or_insert_with(&c.score, || load(&store, &c).map(Arc::new));
+                        });
+                    }
+                }
+                return;
+            }
+            let Some((start, c)) = children.get(i) else {
+                return;
+            };
+            at -= start;
+            p = *c;
+        }
+    }
+}
+
+/// Fetches, verifies and decodes one block of a tree.
+fn load<S: BlockStore>(store: &S, p: &Pointer) -> Result<Node, Error> {
+    let data = store.get(&p.score)?;
+    let node = if p.depth == 0 {
+        let plain = block::open(p, BlockKind::Data, &data)?;
+        if plain.len() as u64 != p.len {
+            return Err(Error::Format(format!(
+                "data block {} has the wrong length",
+                p.score
+            )));
+        }
+        Node::Data(plain)
+    } else {
+        let plain = block::open(p, BlockKind::Pointers, &data)?;
+        let entries: Vec<Pointer> = postcard::from_bytes(&plain)
+            .map_err(|e| Error::Format(format!("pointer block {}: {e}", p.score)))?;
+        let mut start = 0u64;
+        let mut children = Vec::with_capacity(entries.len());
+        for c in entries {
+            // A child must sit exactly one level lower: this also bounds recursion.
+            if c.depth + 1 != p.depth || c.len == 0 {
+                return Err(Error::Format(format!(
+                    "pointer block {} is malformed",
+                    p.score
+                )));
+            }
+            children.push((start, c));
+            start = start
+                .checked_add(c.len)
+                .ok_or_else(|| Error::Format("tree length overflows".into()))?;
+        }
+        if start != p.len {
+            return Err(Error::Format(format!(
+                "pointer block {} does not add up to its length",
+                p.score
+            )));
+        }
+        Node::Pointers(children)
+    };
+    Ok(node)
 }

@@ -25,6 +25,8 @@ pub const XATTR_SIZE_MAX: usize = 64 * 1024;
 const FILE_DIRTY_MAX: usize = 16 << 20;
 /// Dirty bytes all files together may hold.
 const TOTAL_DIRTY_MAX: usize = 32 << 20;
+/// Blocks decoded ahead of a sequential reader.
+const READ_AHEAD_BLOCKS: usize = 2;
 /// Bytes of decoded blocks the reader caches.
 const READ_CACHE: u64 = 16 << 20;
 /// The xattr that shows a directory's redundancy.
@@ -95,6 +97,8 @@ pub struct Fossil {
     /// GC takes it exclusively to set its mark, so it never sweeps such blocks.
     gc_gate: RwLock<()>,
     snapdir: SnapDir,
+    /// Where each file's last read ended: a read that starts there is sequential.
+    read_ends: Mutex<HashMap<u64, u64>>,
     /// A directory on the disk that holds the volume, for statfs.
     disk: PathBuf,
 }
@@ -125,6 +129,7 @@ impl Fossil {
             dirty_total: AtomicUsize::new(0),
             gc_gate: RwLock::new(()),
             snapdir: SnapDir::default(),
+            read_ends: Mutex::new(HashMap::new()),
             disk,
         };
         // Files unlinked while open when the last session ended go now.
@@ -679,6 +684,7 @@ impl Fossil {
             let last = *n == 0;
             if last {
                 opens.remove(&ino);
+                lock(&self.read_ends).remove(&ino);
             }
             last
         };
@@ -725,6 +731,12 @@ impl Fossil {
         let n = inode.size.saturating_sub(offset).min(size as u64) as usize;
         let mut buf = vec![0u8; n];
         self.reader.read_at(&inode.content, offset, &mut buf)?;
+        let end = offset + n as u64;
+        let sequential = lock(&self.read_ends).insert(ino, end) == Some(offset);
+        if sequential && n > 0 {
+            // Decode the next blocks on the other cores while this one is copied out.
+            self.reader.prefetch(&inode.content, end, READ_AHEAD_BLOCKS);
+        }
         Ok(buf)
     }
 
