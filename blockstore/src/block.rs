@@ -186,7 +186,10 @@ fn block_key(content_key: &[u8; 32], kind: BlockKind, plain: &[u8]) -> [u8; 32] 
     h.finalize().into()
 }
 
-/// zstd-compresses `plain` if that saves at least 1/32 of it.
+/// zstd-compresses `plain` if that saves at least a tenth of it.
+///
+/// Below that the CPU is not worth it: measured on fio's write buffers, which
+/// zstd shrinks by about 6%, compression took a third of the write path.
 fn compress(plain: &[u8]) -> Option<Vec<u8>> {
     if plain.len() < COMPRESS_MIN {
         return None;
@@ -197,12 +200,12 @@ fn compress(plain: &[u8]) -> Option<Vec<u8>> {
         let mid = plain.len() / 2;
         let sample = &plain[mid - SAMPLE / 2..mid + SAMPLE / 2];
         let c = zstd::bulk::compress(sample, ZSTD_LEVEL).ok()?;
-        if c.len() > SAMPLE - SAMPLE / 32 {
+        if c.len() > SAMPLE - SAMPLE / 10 {
             return None;
         }
     }
     let c = zstd::bulk::compress(plain, ZSTD_LEVEL).ok()?;
-    (c.len() + plain.len() / 32 <= plain.len()).then_some(c)
+    (c.len() + plain.len() / 10 <= plain.len()).then_some(c)
 }
 
 #[cfg(test)]
