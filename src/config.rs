@@ -62,6 +62,19 @@ impl Home {
         self.data_dir.join("volume")
     }
 
+    /// Opens the local block volume with the settings of `config`.
+    pub fn open_volume(&self, config: &Config) -> Result<fincrypt_blockstore::LocalStore> {
+        let options = fincrypt_blockstore::StoreOptions {
+            cache_capacity: config.cache_capacity,
+        };
+        fincrypt_blockstore::LocalStore::open(&self.volume_dir(), options).with_context(|| {
+            format!(
+                "opening the block volume in {}",
+                self.volume_dir().display()
+            )
+        })
+    }
+
     /// True once `fincrypt init` (or `recover`) has run here.
     pub fn is_initialised(&self) -> bool {
         self.key_file().exists()

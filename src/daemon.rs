@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use fincrypt_blockstore::{BlockStore, LocalStore, StoreOptions, TreeParams};
+use fincrypt_blockstore::{BlockStore, LocalStore, TreeParams};
 use fincrypt_fs::fuse::MountOptions;
 use fincrypt_fs::{Fossil, Meta, snapshot};
 use serde_json::json;
@@ -90,20 +90,7 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         .mountpoint
         .canonicalize()
         .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
-    let volume = Arc::new(
-        LocalStore::open(
-            &home.volume_dir(),
-            StoreOptions {
-                cache_capacity: config.cache_capacity,
-            },
-        )
-        .with_context(|| {
-            format!(
-                "opening the block volume in {}",
-                home.volume_dir().display()
-            )
-        })?,
-    );
+    let volume = Arc::new(home.open_volume(&config)?);
     let fs_dir = home.data_dir.join("fs");
     std::fs::create_dir_all(&fs_dir).with_context(|| format!("creating {}", fs_dir.display()))?;
     // SAFETY: getuid/getgid cannot fail.

@@ -4,3 +4,9 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod secrets;
+
+// Large block buffers are allocated and freed all the time; mimalloc reuses
+// them where the system allocator maps and faults in fresh pages each time.
+// Declared once here, it serves both programs.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -3,16 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use fincrypt::config::{Config, Home};
 use fincrypt::secrets;
-use fincrypt_blockstore::{LocalStore, StoreOptions};
-
-// Large block buffers are allocated and freed all the time; mimalloc reuses
-// them where the system allocator maps and faults in fresh pages each time.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use fincrypt_blockstore::LocalStore;
 
 #[derive(Parser)]
 #[command(
@@ -163,17 +158,5 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn open_volume(home: &Home) -> Result<LocalStore> {
-    let config = Config::load(home)?;
-    LocalStore::open(
-        &home.volume_dir(),
-        StoreOptions {
-            cache_capacity: config.cache_capacity,
-        },
-    )
-    .with_context(|| {
-        format!(
-            "opening the block volume in {}",
-            home.volume_dir().display()
-        )
-    })
+    home.open_volume(&Config::load(home)?)
 }

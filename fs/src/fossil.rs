@@ -1119,20 +1119,20 @@ fn writable(ino: u64) -> Result<(), FsError> {
 
 /// A name about to be created in `parent`: valid, writable, and not `.snapshots` in the root.
 fn check_new_name(parent: u64, name: &[u8]) -> Result<(), FsError> {
-    check_name(name)?;
-    writable(parent)?;
-    if parent == ROOT_INO && name == SNAPSHOTS_NAME {
-        return errno(libc::EEXIST);
-    }
-    Ok(())
+    check_name_in(parent, name, libc::EEXIST)
 }
 
-/// A name about to be removed or moved from `parent`.
+/// A name about to be removed or moved from `parent`; `.snapshots` cannot be.
 fn check_existing_name(parent: u64, name: &[u8]) -> Result<(), FsError> {
+    check_name_in(parent, name, libc::EBUSY)
+}
+
+/// A valid name in a writable directory; `reserved` is the errno for `.snapshots` in the root.
+fn check_name_in(parent: u64, name: &[u8], reserved: i32) -> Result<(), FsError> {
     check_name(name)?;
     writable(parent)?;
     if parent == ROOT_INO && name == SNAPSHOTS_NAME {
-        return errno(libc::EBUSY);
+        return errno(reserved);
     }
     Ok(())
 }

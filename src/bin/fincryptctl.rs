@@ -8,11 +8,6 @@ use clap::{Parser, Subcommand};
 use fincrypt::config::Home;
 use fincrypt::control::{self, Request};
 
-// Large block buffers are allocated and freed all the time; mimalloc reuses
-// them where the system allocator maps and faults in fresh pages each time.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "fincryptctl",
