@@ -9,6 +9,9 @@
 # All backing stores live under $BENCH_DIR (default /var/tmp/fincrypt-bench),
 # so the three filesystems sit on the same disk. Idempotent: leftover mounts
 # and stores of an earlier run are removed first; the source tarball is kept.
+# The three filesystems take turns for $BENCH_ROUNDS rounds (default 3), each
+# on a fresh store, and the table shows each one's best round: other work on
+# a shared machine only ever slows a run down.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,7 +22,7 @@ WRITE_DOCS=1
 [ "${1:-}" = "--no-docs" ] && WRITE_DOCS=0
 
 FS_LIST=(fincrypt gocryptfs cryfs)
-LOADS=""
+ROUNDS=${BENCH_ROUNDS:-3}
 WORKLOADS=(seqwrite seqread randread smallfiles untar)
 PASS=bench-passphrase
 SMALL_FILES=10000
@@ -33,7 +36,7 @@ FC_HOME=$WORK/fincrypt-home   FC_MNT=$WORK/fincrypt-mnt   FC_PID=""
 GO_CIPHER=$WORK/gocryptfs-cipher GO_MNT=$WORK/gocryptfs-mnt
 CRY_BASE=$WORK/cryfs-base     CRY_MNT=$WORK/cryfs-mnt
 SRC_TAR=$WORK/src.tar
-RESULTS=$WORK/results.tsv     # fs <TAB> workload <TAB> value|FAIL <TAB> note
+RESULTS=$WORK/results.tsv     # round <TAB> fs <TAB> workload <TAB> value|FAIL <TAB> note
 LOG=$WORK/bench.log
 
 export CRYFS_FRONTEND=noninteractive CRYFS_NO_UPDATE_CHECK=true
@@ -263,7 +266,7 @@ wl_untar() {
 
 # ---------------------------------------------------------------- driver
 
-record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-}" >>"$RESULTS"; }
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$1" "$2" "$3" "${4:-}" >>"$RESULTS"; }
 
 # Runs workload $2 on filesystem $1 at mount $3, recording the figure or FAIL.
 measure() {
@@ -287,8 +290,8 @@ bench_fs() {
     cryfs) mnt=$CRY_MNT store=$CRY_BASE ;;
   esac
 
-  log "$fs: mounting (load average $(cut -d' ' -f1-3 /proc/loadavg))"
-  LOADS+="$fs $(cut -d' ' -f1 /proc/loadavg), "
+  rm -rf "$store"
+  log "$fs: round $round of $ROUNDS, mounting (load average $(cut -d' ' -f1-3 /proc/loadavg))"
   if ! "mount_$fs"; then
     log "$fs: mount failed"
     for wl in "${WORKLOADS[@]}"; do record "$fs" "$wl" FAIL "mount failed"; done
@@ -315,10 +318,12 @@ bench_fs() {
 render_table() {
   python3 - "$RESULTS" <<'PY'
 import sys
-res = {}
+from collections import defaultdict
+FS = ("fincrypt", "gocryptfs", "cryfs")
+runs = defaultdict(list)  # (fs, workload) -> [(value or None for a failure, note)]
 for line in open(sys.argv[1]):
-    fs, wl, val, note = (line.rstrip("\n").split("\t") + [""])[:4]
-    res[fs, wl] = (val, note)
+    _, fs, wl, val, note = line.rstrip("\n").split("\t")
+    runs[fs, wl].append((None if val == "FAIL" else float(val), note))
 rows = [  # workload, label, unit, higher is better
     ("seqwrite", "sequential write 1 GiB, 1 MiB blocks", "MiB/s", True),
     ("seqread", "sequential read 1 GiB cold, 1 MiB blocks", "MiB/s", True),
@@ -326,41 +331,48 @@ rows = [  # workload, label, unit, higher is better
     ("smallfiles", "create + stat + delete 10,000 x 4 KiB", "files/s", True),
     ("untar", "untar source tree + sync", "s", False),
 ]
-def num(fs, wl):
-    try:
-        return float(res[fs, wl][0])
-    except (KeyError, ValueError):
-        return None
-def cell(fs, wl, unit):
-    if (fs, wl) not in res:
+def best(fs, wl, higher):
+    ok = [r for r in runs[fs, wl] if r[0] is not None]
+    return (max if higher else min)(ok, key=lambda r: r[0]) if ok else None
+def fmt(v, unit):
+    return f"{v:,.2f}" if unit == "s" else f"{v:,.0f}"
+def cell(fs, wl, unit, higher):
+    all_runs = runs[fs, wl]
+    if not all_runs:
         return "not run"
-    val, note = res[fs, wl]
-    if val == "FAIL":
-        return f"**FAILED** ({note})" if note else "**FAILED**"
-    v = float(val)
-    text = f"{v:,.2f} {unit}" if unit == "s" else f"{v:,.0f} {unit}"
-    if wl == "untar" and note:
-        text += f" ({note})"
+    failed = [note for v, note in all_runs if v is None]
+    b = best(fs, wl, higher)
+    if b is None:
+        return f"**FAILED** ({failed[0]})" if failed[0] else "**FAILED**"
+    text = f"{fmt(b[0], unit)} {unit}"
+    if wl == "untar" and b[1]:
+        text += f" ({b[1]})"
+    if failed:
+        text += f", **failed in {len(failed)} of {len(all_runs)} rounds**"
     return text
 def ratio(fs, wl, higher):
-    a, g = num(fs, wl), num("gocryptfs", wl)
-    if a is None or g is None or a == 0 or g == 0:
+    a, g = best(fs, wl, higher), best("gocryptfs", wl, higher)
+    if a is None or g is None or a[0] == 0 or g[0] == 0:
         return "n/a"
-    return f"{(a / g if higher else g / a):.2f}"
+    return f"{(a[0] / g[0] if higher else g[0] / a[0]):.2f}"
 print("| workload | fincrypt | gocryptfs | cryfs | fincrypt/gocryptfs | cryfs/gocryptfs |")
 print("| --- | ---: | ---: | ---: | ---: | ---: |")
 for wl, label, unit, higher in rows:
-    cells = [cell(fs, wl, unit) for fs in ("fincrypt", "gocryptfs", "cryfs")]
+    cells = [cell(fs, wl, unit, higher) for fs in FS]
     print(f"| {label} | " + " | ".join(cells)
           + f" | {ratio('fincrypt', wl, higher)} | {ratio('cryfs', wl, higher)} |")
 print()
-print("Backing store after the 1 GiB write: " + ", ".join(
-    f"{fs} {res[fs, 'store-after-write'][0]} MiB" for fs in ("fincrypt", "gocryptfs", "cryfs")
-    if (fs, "store-after-write") in res) + ".")
-phases = [f"{fs}: {res[fs, 'smallfiles'][1]}" for fs in ("fincrypt", "gocryptfs", "cryfs")
-          if (fs, "smallfiles") in res and res[fs, "smallfiles"][0] != "FAIL"]
+print("Every round, in order:\n")
+for wl, label, unit, higher in rows:
+    per_fs = ["{} {}".format(fs, " / ".join("FAILED" if v is None else fmt(v, unit) for v, _ in runs[fs, wl]))
+              for fs in FS if runs[fs, wl]]
+    print(f"- {label} ({unit}): " + "; ".join(per_fs))
+stores = ["{} {}".format(fs, " / ".join(f"{v:.0f}" for v, _ in runs[fs, "store-after-write"]))
+          for fs in FS if runs[fs, "store-after-write"]]
+print("- backing store after the 1 GiB write (MiB): " + "; ".join(stores))
+phases = [f"{fs} {b[1]}" for fs in FS if (b := best(fs, "smallfiles", True))]
 if phases:
-    print("Small-file phases: " + "; ".join(phases) + ".")
+    print("- small-file phases of the best round: " + "; ".join(phases))
 PY
 }
 
@@ -401,8 +413,9 @@ Workloads, in this order on each filesystem:
 Run of $(date +%F): $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p' | head -n 1)),
 $(awk '/^MemTotal:/ {printf "%.0f", $2 / 1048576}' /proc/meminfo) GiB, kernel $(uname -r); $(gocryptfs --version | cut -d';' -f1),
 $(cryfs --version 2>/dev/null | head -n 1), $(fio --version); Fincrypt: $fc_version.
-One-minute load average as each filesystem's turn began: ${LOADS%, } (the
-machine is shared; figures move by tens of per cent with other work on it).
+The machine is shared with other work, which moves single figures by tens of
+per cent: the filesystems took turns for $ROUNDS rounds, each on a fresh store,
+and the table shows each one's best round (every round is listed below it).
 
 $table
 EOF
@@ -435,8 +448,10 @@ main() {
   build_fincrypt
   reset_workdir
   make_tarball
-  local fs
-  for fs in "${FS_LIST[@]}"; do bench_fs "$fs"; done
+  local fs round   # both read by the functions below
+  for round in $(seq "$ROUNDS"); do
+    for fs in "${FS_LIST[@]}"; do bench_fs "$fs"; done
+  done
   local table
   table=$(render_table)
   echo

@@ -119,7 +119,7 @@ impl<'a> TreeWriter<'a> {
     }
 
     /// A writer that continues `base`: it keeps the data blocks of `base` that
-    /// end at a content-defined boundary at or before `from`, and returns the
+    /// end at a content-defined boundary before `from`, and returns the
     /// offset from which the caller must write the new content.
     ///
     /// Appending to a large file thus re-chunks only its last chunk, and an
@@ -145,7 +145,10 @@ impl<'a> TreeWriter<'a> {
         let mut w = TreeWriter::new(store, keys, params, class);
         let mut end = 0u64;
         for leaf in leaves {
-            if end + leaf.len > from {
+            // FastCDC decides a cut at offset e by hashing byte e too (the
+            // first byte of the next chunk), so a chunk is kept only if it ends
+            // strictly before the first changed byte.
+            if end + leaf.len >= from {
                 break;
             }
             end += leaf.len;

@@ -279,3 +279,38 @@ fn resume_matches_a_fresh_write_and_reuses_the_prefix() {
         }
     }
 }
+
+/// An edit at the very first byte of a chunk: the chunker hashed that byte to
+/// cut the chunk before it, so that chunk must not be kept either.
+#[test]
+fn resume_after_an_edit_exactly_at_a_chunk_boundary() {
+    let store = MemStore::new();
+    let reader = TreeReader::new(&store, 1 << 20);
+    for _ in 0..8 {
+        let keys = common::keys();
+        let old = common::bytes(12, 200_000, 0);
+        let base = write_all(&store, &keys, SMALL, Class::Own, &old).unwrap();
+        let mut ends = Vec::new();
+        let mut at = 0u64;
+        reader
+            .visit_scores(&base, &mut |p| {
+                if p.depth == 0 {
+                    at += p.len;
+                    ends.push(at);
+                }
+            })
+            .unwrap();
+        for &edit in ends.iter().step_by(ends.len() / 6 + 1).take(6) {
+            if edit as usize >= old.len() {
+                continue;
+            }
+            let mut new = old.clone();
+            new[edit as usize] ^= 0xff;
+            let fresh = write_all(&store, &keys, SMALL, Class::Own, &new).unwrap();
+            let (mut w, from) =
+                TreeWriter::resume(&store, &keys, SMALL, Class::Own, &base, &reader, edit).unwrap();
+            w.write(&new[from as usize..]).unwrap();
+            assert_eq!(w.finish().unwrap(), fresh, "edit at the boundary {edit}");
+        }
+    }
+}
