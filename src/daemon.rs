@@ -32,6 +32,12 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// Frees blocks that neither live files nor retained snapshots use.
+    fn collect(&self) -> Result<u64> {
+        let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(snapshot::gc(&self.fs, &self.volume)?)
+    }
+
     fn snapshot(&self) -> Result<serde_json::Value> {
         let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         let snap = snapshot::create(&self.fs)?;
@@ -159,11 +165,19 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
     Ok(())
 }
 
+/// Seconds between GC runs when snapshots are not scheduled (they run GC themselves).
+const GC_INTERVAL: u64 = 300;
+
+/// Takes snapshots every `snapshot_interval` seconds (each prunes and runs GC),
+/// or, with snapshots off, runs GC every [`GC_INTERVAL`] seconds so deleted
+/// data is still freed.
 fn spawn_snapshot_worker(daemon: Arc<Daemon>, stop: Arc<(Mutex<bool>, Condvar)>) {
-    let interval = daemon.config.snapshot_interval;
-    if interval == 0 {
-        return;
-    }
+    let snapshots = daemon.config.snapshot_interval;
+    let interval = if snapshots > 0 {
+        snapshots
+    } else {
+        GC_INTERVAL
+    };
     let _ = std::thread::Builder::new()
         .name("snapshots".into())
         .spawn(move || {
@@ -179,8 +193,13 @@ fn spawn_snapshot_worker(daemon: Arc<Daemon>, stop: Arc<(Mutex<bool>, Condvar)>)
                 }
                 if timeout.timed_out() {
                     drop(stopped);
-                    if let Err(e) = daemon.snapshot() {
-                        tracing::warn!(error = %e, "scheduled snapshot failed");
+                    let done = if snapshots > 0 {
+                        daemon.snapshot().map(|_| ())
+                    } else {
+                        daemon.collect().map(|_| ())
+                    };
+                    if let Err(e) = done {
+                        tracing::warn!(error = %e, "scheduled snapshot or GC failed");
                     }
                     stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
                 }

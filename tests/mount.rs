@@ -940,3 +940,34 @@ fn mounting_an_uninitialised_home_without_a_terminal_says_to_run_init() {
         assert!(left.is_empty(), "nothing was written to the home: {left:?}");
     }
 }
+
+/// Deleted data is freed once no kept snapshot uses it: with one snapshot
+/// kept, the sync after a delete prunes the old root and GC frees the blocks.
+#[test]
+fn deleted_data_is_freed_once_no_kept_snapshot_uses_it() {
+    let home = init_home();
+    common::set_config(home.path(), "snapshot_keep", "1");
+    let m = Mount::start(home);
+    let (blocks0, bytes0) = own_usage(m.home());
+    fs::write(
+        m.path().join("doomed.bin"),
+        random_bytes(9, 6 * MIB as usize),
+    )
+    .unwrap();
+    ctl_ok(m.home(), &["sync"]);
+    let (blocks1, bytes1) = own_usage(m.home());
+    assert!(
+        bytes1 >= bytes0 + 6 * MIB,
+        "the file's blocks are stored: {bytes0} -> {bytes1}"
+    );
+    fs::remove_file(m.path().join("doomed.bin")).unwrap();
+    // The first snapshot still holds the file; the next sync replaces it.
+    ctl_ok(m.home(), &["sync"]);
+    let (blocks2, bytes2) = own_usage(m.home());
+    assert!(blocks2 < blocks1, "blocks freed: {blocks1} -> {blocks2}");
+    assert!(
+        bytes2 + 6 * MIB <= bytes1 + MIB,
+        "about 6 MiB freed: {bytes1} -> {bytes2}"
+    );
+    m.unmount();
+}
