@@ -12,6 +12,8 @@ use fincrypt_blockstore::{BlockStore, Class, FileRef, Keys, TreeParams, TreeRead
 use crate::error::FsError;
 use crate::meta::Time;
 
+/// Capacity an appended-to extent reserves: the write buffer's size, plus a write.
+const EXTENT_RESERVE: usize = 17 << 20;
 /// Bytes streamed per step while rewriting a file.
 const STEP: usize = 4 << 20;
 
@@ -84,6 +86,12 @@ impl Dirty {
             {
                 let at = (offset - s) as usize;
                 if v.len() < at + data.len() {
+                    if v.capacity() < at + data.len() {
+                        // Reserve for the whole write buffer at once: growing by
+                        // doubling would copy it and fault in new pages each time
+                        // (untouched capacity costs no memory).
+                        v.reserve_exact((at + data.len()).max(EXTENT_RESERVE) - v.len());
+                    }
                     v.resize(at + data.len(), 0);
                 }
                 v[at..at + data.len()].copy_from_slice(data);
