@@ -352,11 +352,6 @@ impl<S: BlockStore> TreeReader<S> {
         }
     }
 
-    /// The store underneath.
-    pub fn store(&self) -> &S {
-        &self.store
-    }
-
     /// Reads into `buf` from `offset`; returns the bytes read (short only at the end of file).
     pub fn read_at(&self, file: &FileRef, offset: u64, buf: &mut [u8]) -> Result<usize, Error> {
         let len = file.len();

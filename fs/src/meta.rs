@@ -254,19 +254,6 @@ impl Meta {
         Ok(out)
     }
 
-    /// Every inode number with its inode (for snapshots and GC).
-    pub fn all_inodes(&self) -> Result<Vec<(u64, Inode)>, FsError> {
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(INODES)?;
-        let mut out = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            let ino = k.value();
-            out.push((ino, self.open_value(b"i", &ino.to_le_bytes(), v.value())?));
-        }
-        Ok(out)
-    }
-
     /// Inodes unlinked while still open when the last session ended.
     pub fn orphans(&self) -> Result<Vec<u64>, FsError> {
         let txn = self.db.begin_read()?;

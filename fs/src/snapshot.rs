@@ -86,7 +86,6 @@ pub fn create(fs: &Fossil) -> Result<SnapshotRecord, FsError> {
     let view = fs.meta().view()?;
     // Post-order without recursion: a directory is written after its children.
     struct Frame {
-        ino: u64,
         name: Vec<u8>,
         inode: Inode,
         pending: Vec<(Vec<u8>, u64)>,
@@ -102,7 +101,6 @@ pub fn create(fs: &Fossil) -> Result<SnapshotRecord, FsError> {
             .collect())
     };
     let mut stack = vec![Frame {
-        ino: ROOT_INO,
         name: Vec::new(),
         pending: children(ROOT_INO)?,
         inode: root,
@@ -117,7 +115,6 @@ pub fn create(fs: &Fossil) -> Result<SnapshotRecord, FsError> {
             if inode.kind == Kind::Dir {
                 let pending = children(ino)?;
                 stack.push(Frame {
-                    ino,
                     name,
                     inode,
                     pending,
@@ -132,7 +129,6 @@ pub fn create(fs: &Fossil) -> Result<SnapshotRecord, FsError> {
         let Some(frame) = stack.pop() else {
             unreachable!("stack checked non-empty above")
         };
-        let _ = frame.ino;
         let stream = postcard::to_allocvec(&DirStream {
             version: SNAPSHOT_VERSION,
             entries: frame.done,
