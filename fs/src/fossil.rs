@@ -286,6 +286,19 @@ impl Fossil {
         Ok(self.attr(ino, &inode))
     }
 
+    /// Creates and opens a regular file (open(2) with O_CREAT).
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        perm: u16,
+        who: Caller,
+    ) -> Result<Attr, FsError> {
+        let a = self.mknod(parent, name, Kind::File, perm, 0, None, who)?;
+        self.open(a.ino)?;
+        Ok(a)
+    }
+
     /// The target of a symlink.
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
         if is_snapshot_ino(ino) {
@@ -316,9 +329,7 @@ impl Fossil {
         txn.remove_dirent(parent, name)?;
         let mut gone = Vec::new();
         self.drop_link(&mut txn, d.ino, now, &mut gone)?;
-        txn.commit(false)?;
-        gone.into_iter().for_each(|ino| self.forget_state(ino));
-        Ok(())
+        self.commit_and_forget(txn, gone)
     }
 
     /// Removes an empty directory.
@@ -346,9 +357,7 @@ impl Fossil {
         txn.remove_dirent(parent, name)?;
         let mut gone = Vec::new();
         self.drop_inode_if_unused(&mut txn, d.ino, true, &mut gone)?;
-        txn.commit(false)?;
-        gone.into_iter().for_each(|ino| self.forget_state(ino));
-        Ok(())
+        self.commit_and_forget(txn, gone)
     }
 
     /// One link fewer to `ino`; deleted once it has none and nobody has it open.
@@ -392,6 +401,18 @@ impl Fossil {
             txn.remove_inode(ino)?;
             gone.push(ino);
         }
+        Ok(())
+    }
+
+    /// Commits a namespace change, then forgets the state of the inodes it
+    /// deleted (only after the commit: see `drop_inode_if_unused`).
+    fn commit_and_forget(
+        &self,
+        txn: crate::meta::WriteTxn<'_>,
+        gone: Vec<u64>,
+    ) -> Result<(), FsError> {
+        txn.commit(false)?;
+        gone.into_iter().for_each(|ino| self.forget_state(ino));
         Ok(())
     }
 
@@ -511,9 +532,7 @@ impl Fossil {
         moved.ctime = now;
         txn.put_inode(src.ino, &moved)?;
         self.touch_dirs(&mut txn, parent, newparent, now)?;
-        txn.commit(false)?;
-        gone.into_iter().for_each(|ino| self.forget_state(ino));
-        Ok(())
+        self.commit_and_forget(txn, gone)
     }
 
     /// Moves directory `ino` from `from` to `to`: fixes ".." and both link counts.
@@ -879,27 +898,7 @@ impl Fossil {
         if dir.kind != Kind::Dir {
             return errno(libc::ENOTDIR);
         }
-        let mut out = Vec::new();
-        if offset < 1 {
-            out.push((
-                1,
-                Dirent {
-                    name: b".".to_vec(),
-                    ino,
-                    kind: Kind::Dir,
-                },
-            ));
-        }
-        if offset < 2 {
-            out.push((
-                2,
-                Dirent {
-                    name: b"..".to_vec(),
-                    ino: parent_of(&dir),
-                    kind: Kind::Dir,
-                },
-            ));
-        }
+        let mut out = dot_entries(ino, parent_of(&dir), offset);
         for (cookie, d) in self.meta.list(ino, offset, limit)? {
             out.push((cookie + 1, d));
         }
@@ -1097,6 +1096,25 @@ impl Fossil {
     pub fn dirty_bytes(&self) -> usize {
         self.dirty_total.load(Ordering::Relaxed)
     }
+}
+
+/// The "." and ".." entries a listing from `offset` still has to return,
+/// with the cookies (1 and 2) that follow them.
+pub fn dot_entries(ino: u64, parent: u64, offset: u64) -> Vec<(u64, Dirent)> {
+    [(1, &b"."[..], ino), (2, &b".."[..], parent)]
+        .into_iter()
+        .filter(|(cookie, _, _)| offset < *cookie)
+        .map(|(cookie, name, ino)| {
+            (
+                cookie,
+                Dirent {
+                    name: name.to_vec(),
+                    ino,
+                    kind: Kind::Dir,
+                },
+            )
+        })
+        .collect()
 }
 
 /// The parent of a directory, kept in its `target` field.

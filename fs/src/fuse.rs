@@ -130,6 +130,13 @@ fn empty(reply: ReplyEmpty, r: Result<(), FsError>) {
     }
 }
 
+fn opened(reply: ReplyOpen, r: Result<(), FsError>) {
+    match r {
+        Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
+        Err(e) => reply.error(err(&e)),
+    }
+}
+
 fn xattr(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, FsError>) {
     match r {
         Ok(v) if size == 0 => reply.size(v.len() as u32),
@@ -329,10 +336,7 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0) {
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Err(e) => reply.error(err(&e)),
-        }
+        opened(reply, self.fs.open(ino.0));
     }
 
     fn read(
@@ -406,10 +410,7 @@ impl Filesystem for FuseFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0) {
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Err(e) => reply.error(err(&e)),
-        }
+        opened(reply, self.fs.open(ino.0));
     }
 
     fn readdir(
@@ -524,16 +525,7 @@ impl Filesystem for FuseFs {
     ) {
         let r = self
             .fs
-            .mknod(
-                parent.0,
-                name.as_bytes(),
-                Kind::File,
-                mode as u16,
-                0,
-                None,
-                caller(req),
-            )
-            .and_then(|a| self.fs.open(a.ino).map(|()| a));
+            .create(parent.0, name.as_bytes(), mode as u16, caller(req));
         match r {
             Ok(a) => reply.created(
                 &TTL,

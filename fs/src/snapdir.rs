@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::error::{FsError, errno};
-use crate::fossil::{Attr, Fossil};
+use crate::fossil::{Attr, Fossil, dot_entries};
 use crate::meta::{Dirent, Kind, Time};
 use crate::snapshot::{self, SnapEntry};
 
@@ -163,27 +163,7 @@ impl SnapDir {
         ino: u64,
         offset: u64,
     ) -> Result<Vec<(u64, Dirent)>, FsError> {
-        let mut out = Vec::new();
-        if offset < 1 {
-            out.push((
-                1,
-                Dirent {
-                    name: b".".to_vec(),
-                    ino,
-                    kind: Kind::Dir,
-                },
-            ));
-        }
-        if offset < 2 {
-            out.push((
-                2,
-                Dirent {
-                    name: b"..".to_vec(),
-                    ino: SNAP_BASE,
-                    kind: Kind::Dir,
-                },
-            ));
-        }
+        let mut out = dot_entries(ino, SNAP_BASE, offset);
         let children = self.children(fs, ino)?;
         for (i, e) in children
             .into_iter()
