@@ -1,0 +1,252 @@
+//! The client handle: what the rest of the program calls to use the network.
+//!
+//! Every method sends a command to the event loop and awaits its answer; the
+//! checks that make a peer's answer trustworthy happen here, outside the loop:
+//! a fetched block is checked against its score and a proof against the score
+//! alone, so a lying or damaged holder yields an error or `false`, never bytes.
+
+use bytes::Bytes;
+use fincrypt_blockstore::{Score, score};
+use libp2p::{Multiaddr, PeerId};
+use rand::RngCore;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::Error;
+use crate::event_loop::{Command, PeerInfo};
+use crate::proto::{Bitmap, NONCE_LEN, Request, Response};
+
+/// A cloneable handle to a running node; a closed node answers [`Error::Shutdown`].
+#[derive(Clone)]
+pub struct Client {
+    sender: mpsc::Sender<Command>,
+    peer_id: PeerId,
+}
+
+/// Room a holder offers, as it reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes offered to peers in all.
+    pub capacity: u64,
+    /// Bytes of it in use.
+    pub used: u64,
+}
+
+impl Space {
+    /// Bytes still free.
+    pub fn free(&self) -> u64 {
+        self.capacity.saturating_sub(self.used)
+    }
+}
+
+impl Client {
+    pub(crate) fn new(sender: mpsc::Sender<Command>, peer_id: PeerId) -> Client {
+        Client { sender, peer_id }
+    }
+
+    /// This node's PeerId.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
+    ) -> Result<T, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send(make(reply))
+            .await
+            .map_err(|_| Error::Shutdown)?;
+        answer.await.map_err(|_| Error::Shutdown)?
+    }
+
+    /// Listens on `addr`; returns the address actually bound (a `/tcp/0` port resolved).
+    pub async fn start_listening(&self, addr: Multiaddr) -> Result<Multiaddr, Error> {
+        self.ask(|reply| Command::Listen { addr, reply }).await
+    }
+
+    /// The addresses this node listens on now.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, Error> {
+        self.ask(|reply| Command::ListenAddrs { reply }).await
+    }
+
+    /// Connects to `addr` (with or without a trailing `/p2p/<PeerId>`); returns the peer's id.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, Error> {
+        self.ask(|reply| Command::Dial { addr, reply }).await
+    }
+
+    /// Tells the DHT that `peer` is reachable at `addr`, without connecting.
+    pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) -> Result<(), Error> {
+        self.sender
+            .send(Command::AddAddress { peer, addr })
+            .await
+            .map_err(|_| Error::Shutdown)
+    }
+
+    /// Runs a Kademlia bootstrap (a lookup of our own id) and waits for it to end.
+    pub async fn bootstrap(&self) -> Result<(), Error> {
+        self.ask(|reply| Command::Bootstrap { reply }).await
+    }
+
+    /// Peers this node is connected to or knows through Kademlia.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, Error> {
+        self.ask(|reply| Command::Peers { reply }).await
+    }
+
+    /// Stops the node (see [`crate::Node::shutdown`]); other handles then answer `Shutdown`.
+    pub async fn shutdown(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.sender.send(Command::Shutdown { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    async fn request(&self, peer: PeerId, request: Request) -> Result<Response, Error> {
+        request.check_limits().map_err(Error::InvalidRequest)?;
+        let response = self
+            .ask(|reply| Command::Request {
+                peer,
+                request,
+                reply,
+            })
+            .await?;
+        match response {
+            Response::Error(code) => Err(Error::Refused { peer, code }),
+            other => Ok(other),
+        }
+    }
+
+    /// Asks `peer` to hold a block; returns once the peer has stored it durably.
+    ///
+    /// `score` must be the block's score: the holder recomputes it and refuses
+    /// a mismatch ([`crate::ErrorCode::ScoreMismatch`]), or a block beyond its room
+    /// ([`crate::ErrorCode::Full`]).
+    pub async fn put(&self, peer: PeerId, score: Score, data: Bytes) -> Result<(), Error> {
+        match self.request(peer, Request::Put { score, data }).await? {
+            Response::Stored => Ok(()),
+            other => Err(unexpected(peer, &other)),
+        }
+    }
+
+    /// Fetches a block from `peer`, checked against its score.
+    ///
+    /// Bytes that do not match are [`Error::Corrupt`]: a lying or damaged holder
+    /// never yields data.
+    pub async fn get(&self, peer: PeerId, score: Score) -> Result<Bytes, Error> {
+        match self.request(peer, Request::Get { score }).await? {
+            Response::Block { data } => {
+                // Hashing a few MiB takes milliseconds: not on the async threads.
+                let (data, ok) = tokio::task::spawn_blocking(move || {
+                    let ok = Score::of(&data) == score;
+                    (data, ok)
+                })
+                .await
+                .map_err(|_| Error::Shutdown)?;
+                if ok {
+                    Ok(data)
+                } else {
+                    tracing::warn!(%peer, %score, "a peer returned a block that does not match its score");
+                    Err(Error::Corrupt { peer, score })
+                }
+            }
+            other => Err(unexpected(peer, &other)),
+        }
+    }
+
+    /// Which of `scores` `peer` says it holds (one flag per score, in order).
+    ///
+    /// This is the peer's word only; [`Client::challenge`] checks it.
+    pub async fn has(&self, peer: PeerId, scores: &[Score]) -> Result<Vec<bool>, Error> {
+        let answer = self
+            .request(
+                peer,
+                Request::Has {
+                    scores: scores.to_vec(),
+                },
+            )
+            .await?;
+        match answer {
+            Response::Have { held } => bitmap_of(peer, held, scores.len()),
+            other => Err(unexpected(peer, &other)),
+        }
+    }
+
+    /// Challenges `peer` to prove it holds `score`, with a fresh random nonce.
+    ///
+    /// `Ok(true)`: the proof checks out against the score. `Ok(false)`: the
+    /// peer answered but did not prove possession (a wrong proof, or it says it
+    /// does not hold the block). `Err`: no usable answer (unreachable, timeout,
+    /// refusal for another reason).
+    pub async fn challenge(&self, peer: PeerId, score: Score) -> Result<bool, Error> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        match self
+            .request(peer, Request::Challenge { score, nonce })
+            .await
+        {
+            Ok(Response::Proof { proof }) => {
+                let index = score::challenge_index(&score, &nonce, proof.block_len);
+                let ok = score::verify(&score, index, &proof);
+                if !ok {
+                    tracing::warn!(%peer, %score, "a peer answered a challenge with a bad proof");
+                }
+                Ok(ok)
+            }
+            Ok(other) => Err(unexpected(peer, &other)),
+            Err(e) if e.is_unknown_block() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Asks `peer` to drop blocks this node placed there; one flag per score,
+    /// true where this node's placement was recorded and is now removed.
+    /// A holder ignores releases from peers that did not place a block.
+    pub async fn release(&self, peer: PeerId, scores: &[Score]) -> Result<Vec<bool>, Error> {
+        let answer = self
+            .request(
+                peer,
+                Request::Release {
+                    scores: scores.to_vec(),
+                },
+            )
+            .await?;
+        match answer {
+            Response::Released { released } => bitmap_of(peer, released, scores.len()),
+            other => Err(unexpected(peer, &other)),
+        }
+    }
+
+    /// The room `peer` offers and how much of it is used.
+    pub async fn space(&self, peer: PeerId) -> Result<Space, Error> {
+        match self.request(peer, Request::Space).await? {
+            Response::Space { capacity, used } => Ok(Space { capacity, used }),
+            other => Err(unexpected(peer, &other)),
+        }
+    }
+}
+
+fn bitmap_of(peer: PeerId, map: Bitmap, expected: usize) -> Result<Vec<bool>, Error> {
+    if map.len() != expected {
+        return Err(Error::Protocol {
+            peer,
+            reason: format!("{} flags for {expected} scores", map.len()),
+        });
+    }
+    Ok(map.to_bools())
+}
+
+fn unexpected(peer: PeerId, response: &Response) -> Error {
+    let kind = match response {
+        Response::Stored => "Stored",
+        Response::Block { .. } => "Block",
+        Response::Have { .. } => "Have",
+        Response::Proof { .. } => "Proof",
+        Response::Released { .. } => "Released",
+        Response::Space { .. } => "Space",
+        Response::Error(_) => "Error",
+    };
+    Error::Protocol {
+        peer,
+        reason: format!("unexpected {kind} response"),
+    }
+}

@@ -1,0 +1,163 @@
+//! The request-response codec: frames of [`crate::proto`] on a libp2p stream.
+//!
+//! A request that is framed correctly but does not decode is handed to the
+//! holder as an `Err`, so the holder can answer `BadRequest` or
+//! `UnsupportedVersion` instead of dropping the stream. A frame whose length
+//! exceeds the limit is an I/O error: its body is never read.
+
+use std::io;
+
+use futures::prelude::*;
+use libp2p::StreamProtocol;
+use libp2p::request_response;
+
+use crate::proto::{self, DecodeError, LEN_PREFIX, Request, Response};
+
+/// The libp2p protocol name of block exchange; its last part follows [`proto::VERSION`].
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/fincrypt/blocks/1");
+
+/// An inbound request, or why its body did not decode.
+pub type InboundRequest = Result<Request, DecodeError>;
+
+/// Frames requests and responses with a length prefix and a version byte.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Codec;
+
+async fn read_body<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8>> {
+    let mut prefix = [0u8; LEN_PREFIX];
+    io.read_exact(&mut prefix).await?;
+    let len =
+        proto::frame_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    // Grow the buffer as bytes arrive rather than trusting the announced
+    // length with one allocation: a peer that announces much and sends little
+    // holds little of our memory.
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    io.take(len as u64).read_to_end(&mut body).await?;
+    if body.len() != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            DecodeError::Truncated("stream ended inside a frame"),
+        ));
+    }
+    Ok(body)
+}
+
+async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, frame: &[u8]) -> io::Result<()> {
+    io.write_all(frame).await?;
+    io.flush().await?;
+    io.close().await
+}
+
+fn invalid_input(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+}
+
+impl request_response::Codec for Codec {
+    type Protocol = StreamProtocol;
+    type Request = InboundRequest;
+    type Response = Response;
+
+    async fn read_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<InboundRequest>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let body = read_body(io).await?;
+        Ok(proto::decode_request(&body))
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Response>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let body = read_body(io).await?;
+        proto::decode_response(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        request: InboundRequest,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        // Only the node's own Client sends requests, and always Ok ones.
+        let request = request.map_err(invalid_input)?;
+        let frame = proto::encode_request(&request).map_err(invalid_input)?;
+        write_frame(io, &frame).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        response: Response,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        let frame = proto::encode_response(&response).map_err(invalid_input)?;
+        write_frame(io, &frame).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use fincrypt_blockstore::Score;
+    use futures::io::Cursor;
+    use libp2p::request_response::Codec as _;
+
+    fn run<F: Future>(f: F) -> F::Output {
+        futures::executor::block_on(f)
+    }
+
+    #[test]
+    fn requests_and_responses_cross_a_stream() {
+        let request = Request::Put {
+            score: Score([3; 32]),
+            data: Bytes::from(vec![5u8; 100_000]),
+        };
+        let mut wire = Cursor::new(Vec::new());
+        run(Codec.write_request(&PROTOCOL, &mut wire, Ok(request.clone()))).unwrap();
+        wire.set_position(0);
+        let got = run(Codec.read_request(&PROTOCOL, &mut wire)).unwrap();
+        assert_eq!(got, Ok(request));
+
+        let response = Response::Stored;
+        let mut wire = Cursor::new(Vec::new());
+        run(Codec.write_response(&PROTOCOL, &mut wire, response.clone())).unwrap();
+        wire.set_position(0);
+        assert_eq!(
+            run(Codec.read_response(&PROTOCOL, &mut wire)).unwrap(),
+            response
+        );
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_from_its_prefix() {
+        let mut bytes = u32::MAX.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 16]);
+        let err = run(Codec.read_request(&PROTOCOL, &mut Cursor::new(bytes))).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn a_short_frame_is_an_error_and_garbage_is_a_bad_request() {
+        let mut bytes = 100u32.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[1; 10]);
+        let err = run(Codec.read_request(&PROTOCOL, &mut Cursor::new(bytes))).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+
+        let mut bytes = 3u32.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[proto::VERSION, 250, 250]);
+        let got = run(Codec.read_request(&PROTOCOL, &mut Cursor::new(bytes))).unwrap();
+        assert!(matches!(got, Err(DecodeError::Malformed(_))));
+    }
+}

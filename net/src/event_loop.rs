@@ -1,0 +1,466 @@
+//! The event loop: owns the swarm and routes commands and events, nothing else.
+//!
+//! Commands from [`crate::Client`] arrive on a channel with a oneshot for the
+//! answer; swarm events complete them or go to the [`Handler`]. Inbound
+//! requests run as tasks beside the loop, so a slow disk never stalls it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
+use libp2p::kad::QueryId;
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, kad};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::Error;
+use crate::codec::{self, InboundRequest};
+use crate::node::{Behaviour, BehaviourEvent, Handler, KAD_PROTOCOL};
+use crate::proto::{ErrorCode, Request, Response};
+
+type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+/// What a [`crate::Client`] asks of the event loop.
+pub(crate) enum Command {
+    Listen {
+        addr: Multiaddr,
+        reply: Reply<Multiaddr>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: Reply<PeerId>,
+    },
+    AddAddress {
+        peer: PeerId,
+        addr: Multiaddr,
+    },
+    Request {
+        peer: PeerId,
+        request: Request,
+        reply: Reply<Response>,
+    },
+    ListenAddrs {
+        reply: Reply<Vec<Multiaddr>>,
+    },
+    Peers {
+        reply: Reply<Vec<PeerInfo>>,
+    },
+    Bootstrap {
+        reply: Reply<()>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// What this node knows of another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The peer.
+    pub peer_id: PeerId,
+    /// Addresses it can be reached at (from Kademlia and Identify).
+    pub addrs: Vec<Multiaddr>,
+    /// True while a connection to it is open.
+    pub connected: bool,
+    /// Whether it answers block requests; `None` until it has identified itself.
+    pub serves_blocks: Option<bool>,
+    /// Its software name and version, once identified.
+    pub agent: Option<String>,
+}
+
+/// Owns the swarm; run it with [`EventLoop::run`] on a tokio runtime.
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    handler: Option<Arc<dyn Handler>>,
+    max_inbound: usize,
+    inbound: JoinSet<(PeerId, ResponseChannel<Response>, Response)>,
+    requests: HashMap<OutboundRequestId, (PeerId, Reply<Response>)>,
+    listens: HashMap<ListenerId, (Multiaddr, Reply<Multiaddr>)>,
+    dials: HashMap<ConnectionId, (Multiaddr, Reply<PeerId>)>,
+    bootstraps: HashMap<QueryId, Reply<()>>,
+    identified: HashMap<PeerId, identify::Info>,
+}
+
+impl EventLoop {
+    pub(crate) fn new(
+        swarm: Swarm<Behaviour>,
+        commands: mpsc::Receiver<Command>,
+        handler: Option<Arc<dyn Handler>>,
+        max_inbound: usize,
+    ) -> EventLoop {
+        EventLoop {
+            swarm,
+            commands,
+            handler,
+            max_inbound,
+            inbound: JoinSet::new(),
+            requests: HashMap::new(),
+            listens: HashMap::new(),
+            dials: HashMap::new(),
+            bootstraps: HashMap::new(),
+            identified: HashMap::new(),
+        }
+    }
+
+    /// Runs until a shutdown command, or until every client handle is gone.
+    pub async fn run(mut self) {
+        let done = loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_event(event),
+                Some(answered) = self.inbound.join_next(), if !self.inbound.is_empty() => {
+                    self.on_answered(answered);
+                }
+                command = self.commands.recv() => match command {
+                    Some(Command::Shutdown { reply }) => break Some(reply),
+                    Some(command) => self.on_command(command),
+                    None => break None,
+                },
+            }
+        };
+        // Answer what is being answered; the holder's disk work finishes anyway.
+        while let Some(answered) = self.inbound.join_next().await {
+            self.on_answered(answered);
+        }
+        drop(self.swarm);
+        if let Some(reply) = done {
+            let _ = reply.send(());
+        }
+    }
+
+    fn on_answered(
+        &mut self,
+        answered: Result<(PeerId, ResponseChannel<Response>, Response), tokio::task::JoinError>,
+    ) {
+        match answered {
+            Ok((peer, channel, response)) => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .blocks
+                    .send_response(channel, response)
+                    .is_err()
+                {
+                    tracing::debug!(%peer, "peer went away before its answer");
+                }
+            }
+            // The channel went down with the task: the peer sees its stream close.
+            Err(e) => tracing::error!(error = %e, "an inbound request handler failed"),
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Listen { addr, reply } => match self.swarm.listen_on(addr.clone()) {
+                Ok(id) => {
+                    self.listens.insert(id, (addr, reply));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(Error::Listen {
+                        addr,
+                        reason: e.to_string(),
+                    }));
+                }
+            },
+            Command::Dial { addr, reply } => self.dial(addr, reply),
+            Command::AddAddress { peer, addr } => {
+                self.swarm.behaviour_mut().kademlia.add_address(&peer, addr);
+            }
+            Command::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .blocks
+                    .send_request(&peer, Ok(request));
+                self.requests.insert(id, (peer, reply));
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(Ok(self.swarm.listeners().cloned().collect()));
+            }
+            Command::Peers { reply } => {
+                let _ = reply.send(Ok(self.peers()));
+            }
+            Command::Bootstrap { reply } => match self.swarm.behaviour_mut().kademlia.bootstrap() {
+                Ok(id) => {
+                    self.bootstraps.insert(id, reply);
+                }
+                Err(_) => {
+                    let _ = reply.send(Err(Error::Transport(
+                        "no known peers to bootstrap from".into(),
+                    )));
+                }
+            },
+            // `run` stops on it before it gets here.
+            Command::Shutdown { .. } => {}
+        }
+    }
+
+    fn dial(&mut self, addr: Multiaddr, reply: Reply<PeerId>) {
+        let opts = match addr.iter().last() {
+            Some(Protocol::P2p(peer)) => {
+                let mut transport_addr = addr.clone();
+                transport_addr.pop();
+                self.swarm
+                    .behaviour_mut()
+                    .kademlia
+                    .add_address(&peer, transport_addr.clone());
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(peer));
+                    return;
+                }
+                DialOpts::peer_id(peer)
+                    .addresses(vec![transport_addr])
+                    .build()
+            }
+            _ => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+        };
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.dials.insert(id, (addr, reply));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(Error::Dial {
+                    addr,
+                    reason: e.to_string(),
+                }));
+            }
+        }
+    }
+
+    fn peers(&mut self) -> Vec<PeerInfo> {
+        let mut known: BTreeMap<PeerId, Vec<Multiaddr>> = BTreeMap::new();
+        for bucket in self.swarm.behaviour_mut().kademlia.kbuckets() {
+            for entry in bucket.iter() {
+                known
+                    .entry(*entry.node.key.preimage())
+                    .or_default()
+                    .extend(entry.node.value.iter().cloned());
+            }
+        }
+        for peer in self.swarm.connected_peers() {
+            known.entry(*peer).or_default();
+        }
+        known
+            .into_iter()
+            .map(|(peer_id, mut addrs)| {
+                let info = self.identified.get(&peer_id);
+                if let Some(info) = info {
+                    addrs.extend(info.listen_addrs.iter().cloned());
+                }
+                addrs.sort();
+                addrs.dedup();
+                PeerInfo {
+                    peer_id,
+                    addrs,
+                    connected: self.swarm.is_connected(&peer_id),
+                    serves_blocks: info.map(|i| i.protocols.contains(&codec::PROTOCOL)),
+                    agent: info.map(|i| i.agent_version.clone()),
+                }
+            })
+            .collect()
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Blocks(event)) => self.on_blocks(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => self.on_identify(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Kademlia(event)) => self.on_kademlia(event),
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                tracing::info!(%address, "listening");
+                if let Some((_, reply)) = self.listens.remove(&listener_id) {
+                    let _ = reply.send(Ok(address));
+                }
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some((addr, reply)) = self.listens.remove(&listener_id) {
+                    let reason = match reason {
+                        Ok(()) => "closed".to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    let _ = reply.send(Err(Error::Listen { addr, reason }));
+                }
+            }
+            SwarmEvent::ListenerError { error, .. } => {
+                tracing::warn!(error = %error, "listener error");
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                ..
+            } => {
+                tracing::debug!(peer = %peer_id, "connected");
+                if let Some((_, reply)) = self.dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(peer_id));
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                error,
+                peer_id,
+            } => {
+                if let Some((addr, reply)) = self.dials.remove(&connection_id) {
+                    // Connected over another address meanwhile: the dial did its job.
+                    let result = match (peer_id, &error) {
+                        (Some(peer), DialError::DialPeerConditionFalse(_)) => Ok(peer),
+                        _ => Err(Error::Dial {
+                            addr,
+                            reason: error.to_string(),
+                        }),
+                    };
+                    let _ = reply.send(result);
+                } else {
+                    tracing::debug!(peer = ?peer_id, error = %error, "outgoing connection failed");
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
+                tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_blocks(&mut self, event: request_response::Event<InboundRequest, Response>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.on_request(peer, request, channel),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some((_, reply)) = self.requests.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some((_, reply)) = self.requests.remove(&request_id) {
+                    let _ = reply.send(Err(outbound_error(peer, error)));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, error = %error, "inbound request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        peer: PeerId,
+        request: InboundRequest,
+        channel: ResponseChannel<Response>,
+    ) {
+        let Some(handler) = self.handler.clone() else {
+            // Not advertised, so not expected; say so rather than stay silent.
+            let busy = Response::Error(ErrorCode::bad_request("this node holds no blocks"));
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .blocks
+                .send_response(channel, busy);
+            return;
+        };
+        if self.inbound.len() >= self.max_inbound {
+            let busy = Response::Error(ErrorCode::Unavailable);
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .blocks
+                .send_response(channel, busy);
+            return;
+        }
+        self.inbound.spawn(async move {
+            let response = handler.handle(peer, request).await;
+            (peer, channel, response)
+        });
+    }
+
+    fn on_identify(&mut self, event: identify::Event) {
+        if let identify::Event::Received { peer_id, info, .. } = event {
+            // Only peers that speak our DHT go into its routing table.
+            if info.protocols.contains(&KAD_PROTOCOL) {
+                for addr in &info.listen_addrs {
+                    self.swarm
+                        .behaviour_mut()
+                        .kademlia
+                        .add_address(&peer_id, addr.clone());
+                }
+            }
+            tracing::debug!(peer = %peer_id, agent = %info.agent_version, "identified");
+            self.identified.insert(peer_id, info);
+        }
+    }
+
+    fn on_kademlia(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::Bootstrap(result),
+                step,
+                ..
+            } => {
+                let finished = step.last || matches!(&result, Ok(ok) if ok.num_remaining == 0);
+                if finished && let Some(reply) = self.bootstraps.remove(&id) {
+                    let _ = reply.send(
+                        result
+                            .map(|_| ())
+                            .map_err(|e| Error::Transport(format!("bootstrap: {e}"))),
+                    );
+                }
+            }
+            kad::Event::RoutingUpdated {
+                peer, is_new_peer, ..
+            } if is_new_peer => {
+                tracing::debug!(%peer, "added to the routing table");
+            }
+            _ => {}
+        }
+    }
+}
+
+fn outbound_error(peer: PeerId, error: request_response::OutboundFailure) -> Error {
+    use request_response::OutboundFailure as F;
+    match error {
+        F::DialFailure => Error::Unreachable {
+            peer,
+            reason: "no address could be dialled".into(),
+        },
+        F::Timeout => Error::Timeout { peer },
+        F::ConnectionClosed => Error::Unreachable {
+            peer,
+            reason: "the connection closed before the answer".into(),
+        },
+        F::UnsupportedProtocols => Error::Protocol {
+            peer,
+            reason: "the peer does not serve blocks".into(),
+        },
+        F::Io(e) => Error::Protocol {
+            peer,
+            reason: e.to_string(),
+        },
+    }
+}

@@ -1,0 +1,522 @@
+//! The holder: keeps other peers' blocks in a local volume and answers their requests.
+//!
+//! Rules, in the order a request meets them:
+//! - a `Put` is checked against its score (recomputed from the bytes) and
+//!   refused on a mismatch, then against the room offered (`capacity`, in
+//!   bytes of `held` blocks) and refused with `Full` beyond it; the placing
+//!   peer is recorded in the [`Ledger`] before the block is stored durably;
+//! - `Get`, `Has` and `Challenge` concern only blocks some peer placed here:
+//!   a node's own blocks are never served through this interface;
+//! - a copy that fails its check on read is deleted (its placements stay), so
+//!   the placer's repair can put it again, and the answer is `UnknownBlock`;
+//! - `Release` removes only the requesting peer's placements; a block goes
+//!   once no placer is left.
+//!
+//! The volume is blocking I/O: every request runs on tokio's blocking pool,
+//! never on the event loop, and at most [`MAX_CONCURRENT`] run at once.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use fincrypt_blockstore::{BlockStore, Class, LocalStore, Score, score};
+use futures::future::BoxFuture;
+use libp2p::PeerId;
+use tokio::sync::Semaphore;
+
+use crate::Error;
+use crate::codec::InboundRequest;
+use crate::ledger::Ledger;
+use crate::node::Handler;
+use crate::proto::{Bitmap, ErrorCode, NONCE_LEN, Request, Response};
+
+/// Requests a holder works on at once; more wait (each may hold a block in memory).
+pub const MAX_CONCURRENT: usize = 8;
+
+/// Puts and releases of scores in one stripe are serialised; others run in parallel.
+const STRIPES: usize = 16;
+
+/// What a holder keeps for others, for `status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HolderStats {
+    /// Bytes offered to peers.
+    pub capacity: u64,
+    /// Blocks held for peers.
+    pub held_blocks: u64,
+    /// Bytes of blocks held for peers.
+    pub held_bytes: u64,
+}
+
+/// Serves other peers' blocks from a local volume; cheap to clone.
+#[derive(Clone)]
+pub struct Holder {
+    inner: Arc<Inner>,
+    permits: Arc<Semaphore>,
+}
+
+struct Inner {
+    store: Arc<LocalStore>,
+    ledger: Ledger,
+    capacity: u64,
+    /// Bytes of puts admitted but not yet counted in the store's statistics.
+    reserved: Mutex<u64>,
+    stripes: Vec<Mutex<()>>,
+}
+
+impl Holder {
+    /// A holder over `store`, offering `capacity` bytes, with its ledger at `ledger_path`.
+    pub fn open(
+        store: Arc<LocalStore>,
+        ledger_path: &Path,
+        capacity: u64,
+    ) -> Result<Holder, Error> {
+        let ledger = Ledger::open(ledger_path)?;
+        Ok(Holder {
+            inner: Arc::new(Inner {
+                store,
+                ledger,
+                capacity,
+                reserved: Mutex::new(0),
+                stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            }),
+            permits: Arc::new(Semaphore::new(MAX_CONCURRENT)),
+        })
+    }
+
+    /// The volume the held blocks live in.
+    pub fn store(&self) -> &Arc<LocalStore> {
+        &self.inner.store
+    }
+
+    /// Room offered, and what is held in it.
+    pub fn stats(&self) -> HolderStats {
+        let s = self.inner.store.stats();
+        HolderStats {
+            capacity: self.inner.capacity,
+            held_blocks: s.held_blocks,
+            held_bytes: s.held_bytes,
+        }
+    }
+
+    /// The peers that placed `score` here.
+    pub fn placers(&self, score: &Score) -> Result<Vec<PeerId>, Error> {
+        self.inner.ledger.placers(score)
+    }
+
+    /// Answers one request from `peer`, on the blocking pool.
+    pub async fn serve(&self, peer: PeerId, request: InboundRequest) -> Response {
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "undecodable request");
+                return Response::Error(e.to_code());
+            }
+        };
+        let Ok(_permit) = self.permits.clone().acquire_owned().await else {
+            return Response::Error(ErrorCode::Unavailable);
+        };
+        let inner = self.inner.clone();
+        match tokio::task::spawn_blocking(move || inner.answer(peer, request)).await {
+            Ok(response) => response,
+            Err(e) => {
+                tracing::error!(%peer, error = %e, "holder task failed");
+                Response::Error(ErrorCode::Unavailable)
+            }
+        }
+    }
+
+    /// Answers one request from `peer` on the calling thread (blocking I/O).
+    pub fn answer_blocking(&self, peer: PeerId, request: Request) -> Response {
+        self.inner.answer(peer, request)
+    }
+}
+
+impl Handler for Holder {
+    fn handle(&self, peer: PeerId, request: InboundRequest) -> BoxFuture<'static, Response> {
+        let holder = self.clone();
+        Box::pin(async move { holder.serve(peer, request).await })
+    }
+}
+
+/// Turns a local failure into the answer a peer gets, logging the detail
+/// here: paths and error text stay on this machine.
+fn unavailable(what: &str, e: impl std::fmt::Display) -> ErrorCode {
+    tracing::error!(error = %e, "holder could not {what}");
+    ErrorCode::Unavailable
+}
+
+impl Inner {
+    fn answer(&self, peer: PeerId, request: Request) -> Response {
+        let result = match request {
+            Request::Put { score, data } => self.put(peer, score, data).map(|()| Response::Stored),
+            Request::Get { score } => self.get(&score).map(|data| Response::Block { data }),
+            Request::Has { scores } => self.has(&scores).map(|held| Response::Have { held }),
+            Request::Challenge { score, nonce } => self
+                .prove(&score, &nonce)
+                .map(|proof| Response::Proof { proof }),
+            Request::Release { scores } => self
+                .release(peer, &scores)
+                .map(|released| Response::Released { released }),
+            Request::Space => {
+                let used = self.store.stats().held_bytes;
+                Ok(Response::Space {
+                    capacity: self.capacity,
+                    used,
+                })
+            }
+        };
+        result.unwrap_or_else(Response::Error)
+    }
+
+    fn stripe(&self, score: &Score) -> MutexGuard<'_, ()> {
+        let i = score.0[0] as usize % STRIPES;
+        self.stripes[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn put(&self, peer: PeerId, score: Score, data: Bytes) -> Result<(), ErrorCode> {
+        if Score::of(&data) != score {
+            tracing::debug!(%peer, %score, "refused a block that does not match its score");
+            return Err(ErrorCode::ScoreMismatch);
+        }
+        let _stripe = self.stripe(&score);
+        let present = self
+            .store
+            .class_of(&score)
+            .map_err(|e| unavailable("look up a block", e))?
+            .is_some();
+        if present {
+            // Stored already (for this peer or another): only the placement is new.
+            self.ledger
+                .add(&score, &peer)
+                .map_err(|e| unavailable("record a placement", e))?;
+            return Ok(());
+        }
+        let len = data.len() as u64;
+        self.reserve(len)?;
+        let result = self.store_new(peer, score, data);
+        *self.reserved.lock().unwrap_or_else(|p| p.into_inner()) -= len;
+        result
+    }
+
+    /// Admits `len` more bytes if they fit in the capacity.
+    fn reserve(&self, len: u64) -> Result<(), ErrorCode> {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        let used = self.store.stats().held_bytes.saturating_add(*reserved);
+        if used.saturating_add(len) > self.capacity {
+            return Err(ErrorCode::Full {
+                free: self.capacity.saturating_sub(used),
+            });
+        }
+        *reserved += len;
+        Ok(())
+    }
+
+    fn store_new(&self, peer: PeerId, score: Score, data: Bytes) -> Result<(), ErrorCode> {
+        let added = self
+            .ledger
+            .add(&score, &peer)
+            .map_err(|e| unavailable("record a placement", e))?;
+        if let Err(e) = self.store.put_batch(&[(score, data)], Class::Held) {
+            if added {
+                let _ = self.ledger.remove(&[(score, peer)]);
+            }
+            return Err(unavailable("store a block", e));
+        }
+        Ok(())
+    }
+
+    /// Reads a placed block; a copy that fails its check is deleted.
+    fn read(&self, score: &Score) -> Result<Bytes, ErrorCode> {
+        let placed = self
+            .ledger
+            .placed(std::slice::from_ref(score))
+            .map_err(|e| unavailable("read the ledger", e))?;
+        if placed != [true] {
+            return Err(ErrorCode::UnknownBlock);
+        }
+        match self.store.get(score) {
+            Ok(data) => Ok(data),
+            Err(fincrypt_blockstore::Error::NotFound(_)) => Err(ErrorCode::UnknownBlock),
+            Err(fincrypt_blockstore::Error::Corrupt { reason, .. }) => {
+                tracing::warn!(%score, %reason, "a held block is damaged; deleting the copy");
+                let _stripe = self.stripe(score);
+                self.delete_held(score)?;
+                Err(ErrorCode::UnknownBlock)
+            }
+            Err(e) => Err(unavailable("read a block", e)),
+        }
+    }
+
+    fn get(&self, score: &Score) -> Result<Bytes, ErrorCode> {
+        self.read(score)
+    }
+
+    fn prove(&self, score: &Score, nonce: &[u8; NONCE_LEN]) -> Result<score::Proof, ErrorCode> {
+        let data = self.read(score)?;
+        let index = score::challenge_index(score, nonce, data.len() as u64);
+        score::prove(&data, index).ok_or_else(|| unavailable("prove a block", "index out of range"))
+    }
+
+    fn has(&self, scores: &[Score]) -> Result<Bitmap, ErrorCode> {
+        let placed = self
+            .ledger
+            .placed(scores)
+            .map_err(|e| unavailable("read the ledger", e))?;
+        let mut held = Vec::with_capacity(scores.len());
+        for (score, placed) in scores.iter().zip(placed) {
+            held.push(
+                placed
+                    && self
+                        .store
+                        .has(score)
+                        .map_err(|e| unavailable("look up a block", e))?,
+            );
+        }
+        Ok(Bitmap::from_bools(held))
+    }
+
+    fn release(&self, peer: PeerId, scores: &[Score]) -> Result<Bitmap, ErrorCode> {
+        let mut released = vec![false; scores.len()];
+        let mut by_stripe: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, s) in scores.iter().enumerate() {
+            by_stripe
+                .entry(s.0[0] as usize % STRIPES)
+                .or_default()
+                .push(i);
+        }
+        for indices in by_stripe.values() {
+            let _stripe = self.stripe(&scores[indices[0]]);
+            let mut removals = Vec::new();
+            for &i in indices {
+                let score = scores[i];
+                let placers = self
+                    .ledger
+                    .placers(&score)
+                    .map_err(|e| unavailable("read the ledger", e))?;
+                if !placers.contains(&peer) || removals.contains(&(score, peer)) {
+                    continue;
+                }
+                // The last placer's release frees the block, before its
+                // placement goes: a crash in between leaves a placement
+                // without a block, which a release again clears.
+                if placers.len() == 1 {
+                    self.delete_held(&score)?;
+                }
+                removals.push((score, peer));
+                released[i] = true;
+            }
+            if !removals.is_empty() {
+                self.ledger
+                    .remove(&removals)
+                    .map_err(|e| unavailable("update the ledger", e))?;
+            }
+        }
+        Ok(Bitmap::from_bools(released))
+    }
+
+    /// Deletes a block no peer needs any more, unless it is also this node's own or cached copy.
+    fn delete_held(&self, score: &Score) -> Result<(), ErrorCode> {
+        let class = self
+            .store
+            .class_of(score)
+            .map_err(|e| unavailable("look up a block", e))?;
+        if class == Some(Class::Held) {
+            self.store
+                .delete(score)
+                .map_err(|e| unavailable("delete a block", e))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fincrypt_blockstore::StoreOptions;
+
+    fn holder(capacity: u64) -> (tempfile::TempDir, Holder) {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(LocalStore::open(&dir.path().join("held"), StoreOptions::default()).unwrap());
+        let h = Holder::open(store, &dir.path().join("placements.redb"), capacity).unwrap();
+        (dir, h)
+    }
+
+    fn block(n: u8, len: usize) -> (Score, Bytes) {
+        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ n).collect();
+        (Score::of(&data), Bytes::from(data))
+    }
+
+    #[test]
+    fn put_get_has_prove_release() {
+        let (_d, h) = holder(1 << 20);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let (s, data) = block(1, 10_000);
+        let put = Request::Put {
+            score: s,
+            data: data.clone(),
+        };
+        assert_eq!(h.answer_blocking(a, put.clone()), Response::Stored);
+        assert_eq!(
+            h.answer_blocking(a, Request::Get { score: s }),
+            Response::Block { data: data.clone() }
+        );
+        let Response::Have { held } = h.answer_blocking(
+            b,
+            Request::Has {
+                scores: vec![s, Score([0; 32])],
+            },
+        ) else {
+            panic!("not a Have");
+        };
+        assert_eq!(held.to_bools(), vec![true, false]);
+
+        let nonce = [4; NONCE_LEN];
+        let Response::Proof { proof } =
+            h.answer_blocking(b, Request::Challenge { score: s, nonce })
+        else {
+            panic!("not a proof");
+        };
+        let index = score::challenge_index(&s, &nonce, proof.block_len);
+        assert!(score::verify(&s, index, &proof));
+
+        // b did not place it: its release changes nothing.
+        let Response::Released { released } =
+            h.answer_blocking(b, Request::Release { scores: vec![s] })
+        else {
+            panic!("not Released");
+        };
+        assert_eq!(released.to_bools(), vec![false]);
+        assert_eq!(h.stats().held_blocks, 1);
+
+        // b places it too; a's release keeps it for b; b's frees it.
+        assert_eq!(h.answer_blocking(b, put), Response::Stored);
+        let Response::Released { released } =
+            h.answer_blocking(a, Request::Release { scores: vec![s, s] })
+        else {
+            panic!("not Released");
+        };
+        assert_eq!(released.to_bools(), vec![true, false]);
+        assert_eq!(h.stats().held_blocks, 1);
+        h.answer_blocking(b, Request::Release { scores: vec![s] });
+        assert_eq!(h.stats().held_blocks, 0);
+        assert_eq!(
+            h.answer_blocking(a, Request::Get { score: s }),
+            Response::Error(ErrorCode::UnknownBlock)
+        );
+    }
+
+    #[test]
+    fn mismatch_and_capacity_are_refused() {
+        let (_d, h) = holder(15_000);
+        let p = PeerId::random();
+        let (s, data) = block(1, 10_000);
+        let (_, other) = block(2, 10_000);
+        assert_eq!(
+            h.answer_blocking(
+                p,
+                Request::Put {
+                    score: s,
+                    data: other
+                }
+            ),
+            Response::Error(ErrorCode::ScoreMismatch)
+        );
+        assert_eq!(h.placers(&s).unwrap(), vec![]);
+        assert_eq!(
+            h.answer_blocking(p, Request::Put { score: s, data }),
+            Response::Stored
+        );
+        let (s2, data2) = block(3, 10_000);
+        assert_eq!(
+            h.answer_blocking(
+                p,
+                Request::Put {
+                    score: s2,
+                    data: data2
+                }
+            ),
+            Response::Error(ErrorCode::Full { free: 5_000 })
+        );
+        // A block already held costs no room.
+        let (s, data) = block(1, 10_000);
+        assert_eq!(
+            h.answer_blocking(PeerId::random(), Request::Put { score: s, data }),
+            Response::Stored
+        );
+        assert_eq!(
+            h.answer_blocking(p, Request::Space),
+            Response::Space {
+                capacity: 15_000,
+                used: 10_000
+            }
+        );
+    }
+
+    #[test]
+    fn own_blocks_are_not_served_and_a_damaged_copy_is_dropped() {
+        let (_d, h) = holder(1 << 20);
+        let p = PeerId::random();
+        let (own, data) = block(5, 5000);
+        h.store().put(own, data, Class::Own).unwrap();
+        assert_eq!(
+            h.answer_blocking(p, Request::Get { score: own }),
+            Response::Error(ErrorCode::UnknownBlock)
+        );
+
+        let (s, data) = block(6, 9000);
+        h.answer_blocking(
+            p,
+            Request::Put {
+                score: s,
+                data: data.clone(),
+            },
+        );
+        let path = h.store().path_of(&s);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[100] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        let challenge = Request::Challenge {
+            score: s,
+            nonce: [0; NONCE_LEN],
+        };
+        assert_eq!(
+            h.answer_blocking(p, challenge),
+            Response::Error(ErrorCode::UnknownBlock)
+        );
+        assert_eq!(h.stats().held_blocks, 0);
+        // The placer's repair puts it again.
+        assert_eq!(
+            h.answer_blocking(
+                p,
+                Request::Put {
+                    score: s,
+                    data: data.clone()
+                }
+            ),
+            Response::Stored
+        );
+        assert_eq!(
+            h.answer_blocking(p, Request::Get { score: s }),
+            Response::Block { data }
+        );
+    }
+
+    #[tokio::test]
+    async fn undecodable_requests_get_an_answer() {
+        let (_d, h) = holder(1 << 20);
+        let r = h
+            .serve(
+                PeerId::random(),
+                Err(crate::proto::DecodeError::UnsupportedVersion(9)),
+            )
+            .await;
+        assert_eq!(
+            r,
+            Response::Error(ErrorCode::UnsupportedVersion {
+                supported: crate::proto::VERSION
+            })
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! A node: its settings, the libp2p `Behaviour`, and starting and stopping it.
+//!
+//! Laid out as libp2p's file-sharing example: [`new`] builds the swarm and
+//! returns a cloneable [`Client`] and the [`EventLoop`] that owns the swarm;
+//! [`Node::start`] does that, runs the loop on tokio, listens and bootstraps.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use libp2p::identity::Keypair;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, identify, kad, noise, request_response, tcp, yamux,
+};
+use tokio::sync::mpsc;
+
+use crate::client::Client;
+use crate::codec::{self, Codec, InboundRequest};
+use crate::event_loop::EventLoop;
+use crate::proto::Response;
+use crate::{Error, identity};
+
+/// The Kademlia protocol name: Fincrypt's DHT is its own, not the IPFS one.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fincrypt/kad/1");
+/// The Identify protocol version string.
+pub const IDENTIFY_PROTOCOL: &str = "/fincrypt/id/1";
+
+/// Answers inbound block requests; a [`crate::Holder`] is one.
+pub trait Handler: Send + Sync + 'static {
+    /// The response to `request` from `peer`; an `Err` request did not decode.
+    fn handle(&self, peer: PeerId, request: InboundRequest) -> BoxFuture<'static, Response>;
+}
+
+/// How a node runs.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The node's identity; its public key is the PeerId.
+    pub keypair: Keypair,
+    /// Addresses to listen on, e.g. `/ip4/127.0.0.1/tcp/0` or `/ip4/0.0.0.0/udp/4001/quic-v1`.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to join the network through, with or without a trailing `/p2p/<PeerId>`.
+    pub bootstrap: Vec<Multiaddr>,
+    /// How long a request may take before it fails with [`Error::Timeout`].
+    pub request_timeout: Duration,
+    /// How long a connection with no open stream is kept.
+    pub idle_timeout: Duration,
+    /// Inbound requests handled at once; more are answered `Unavailable`.
+    pub max_inbound: usize,
+}
+
+impl NodeConfig {
+    /// Defaults around `keypair`: no listen or bootstrap addresses.
+    pub fn new(keypair: Keypair) -> NodeConfig {
+        NodeConfig {
+            keypair,
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            request_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            max_inbound: 64,
+        }
+    }
+
+    /// Defaults with the node key kept in `key_file` (created on first use).
+    pub fn with_key_file(key_file: &Path) -> Result<NodeConfig, Error> {
+        Ok(NodeConfig::new(identity::load_or_create_keypair(key_file)?))
+    }
+}
+
+/// The protocols a node speaks, composed; the logic is elsewhere.
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub(crate) blocks: request_response::Behaviour<Codec>,
+    pub(crate) kademlia: kad::Behaviour<kad::store::MemoryStore>,
+    pub(crate) identify: identify::Behaviour,
+}
+
+/// Builds the swarm: the client handle and the event loop to run (see [`EventLoop::run`]).
+///
+/// With a `handler` the node answers block requests and advertises the
+/// protocol; without one it only asks.
+pub fn new(
+    config: &NodeConfig,
+    handler: Option<Arc<dyn Handler>>,
+) -> Result<(Client, EventLoop), Error> {
+    let peer_id = config.keypair.public().to_peer_id();
+    let support = if handler.is_some() {
+        request_response::ProtocolSupport::Full
+    } else {
+        request_response::ProtocolSupport::Outbound
+    };
+    let rr_config = request_response::Config::default()
+        .with_request_timeout(config.request_timeout)
+        .with_max_concurrent_streams(32);
+    let transport = |e: &dyn std::fmt::Display| Error::Transport(e.to_string());
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| transport(&e))?
+        .with_quic()
+        .with_behaviour(|key| {
+            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+            kad_config.set_query_timeout(Duration::from_secs(30));
+            let mut kademlia = kad::Behaviour::with_config(
+                peer_id,
+                kad::store::MemoryStore::new(peer_id),
+                kad_config,
+            );
+            // Without AutoNAT nothing would confirm an external address, and
+            // a node in client mode answers no queries: every node serves.
+            kademlia.set_mode(Some(kad::Mode::Server));
+            Behaviour {
+                blocks: request_response::Behaviour::with_codec(
+                    Codec,
+                    [(codec::PROTOCOL, support)],
+                    rr_config,
+                ),
+                kademlia,
+                identify: identify::Behaviour::new(
+                    identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
+                        .with_agent_version(format!("fincrypt/{}", env!("CARGO_PKG_VERSION"))),
+                ),
+            }
+        })
+        .map_err(|e| transport(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
+        .build();
+    let (sender, receiver) = mpsc::channel(64);
+    Ok((
+        Client::new(sender, peer_id),
+        EventLoop::new(swarm, receiver, handler, config.max_inbound),
+    ))
+}
+
+/// A running node: the event loop on a tokio task, and a client to it.
+pub struct Node {
+    client: Client,
+    listen_addrs: Vec<Multiaddr>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Starts a node on the current tokio runtime: listens on every
+    /// `config.listen` address (failing if one cannot be bound) and dials the
+    /// bootstrap peers (an unreachable one is logged, not fatal).
+    pub async fn start(
+        config: NodeConfig,
+        handler: Option<Arc<dyn Handler>>,
+    ) -> Result<Node, Error> {
+        let (client, event_loop) = new(&config, handler)?;
+        let task = tokio::spawn(event_loop.run());
+        let mut node = Node {
+            client,
+            listen_addrs: Vec::new(),
+            task,
+        };
+        for addr in &config.listen {
+            match node.client.start_listening(addr.clone()).await {
+                Ok(bound) => node.listen_addrs.push(bound),
+                Err(e) => {
+                    node.shutdown().await;
+                    return Err(e);
+                }
+            }
+        }
+        for addr in &config.bootstrap {
+            let client = node.client.clone();
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                match client.dial(addr.clone()).await {
+                    Ok(peer) => tracing::info!(%peer, %addr, "connected to a bootstrap peer"),
+                    Err(e) => tracing::warn!(%addr, error = %e, "cannot reach a bootstrap peer"),
+                }
+            });
+        }
+        Ok(node)
+    }
+
+    /// This node's PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.client.local_peer_id()
+    }
+
+    /// A handle to ask the node for things; clone it freely.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The addresses bound at start, one per `listen` entry (ports resolved).
+    pub fn listen_addrs(&self) -> &[Multiaddr] {
+        &self.listen_addrs
+    }
+
+    /// Stops the node: in-flight inbound requests are answered, then the swarm closes.
+    pub async fn shutdown(self) {
+        self.client.shutdown().await;
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "the network event loop failed");
+        }
+    }
+}
