@@ -1,31 +1,41 @@
 //! Sealing plaintext into blocks and opening them again.
 //!
-//! A block is `[version][AES-256-GCM-SIV(inner)]` where `inner` is
-//! `[kind][codec][payload]` and payload is the plaintext, zstd-compressed when
-//! that pays. The key is BLAKE3-keyed(content key, kind || plaintext): the same
-//! owner's identical data gives the identical block (deduplication), while
-//! without the content key nobody can derive it to confirm a guessed file.
+//! A block is `[version][header][segment 0]...[segment n-1]`. The plaintext is
+//! cut into [`SEGMENT_PLAIN`] segments, each zstd-compressed when that pays and
+//! sealed on its own with AES-256-GCM-SIV, so a small read opens one segment
+//! instead of the whole block. The sealed header holds the block's kind and
+//! each segment's stored length. The key is BLAKE3-keyed(content key, kind ||
+//! plaintext): the same owner's identical data gives the identical block
+//! (deduplication), while without the content key nobody can derive it to
+//! confirm a guessed file. docs/FORMATS.md, "Block", has the byte layout.
+
+use std::cell::RefCell;
+use std::ops::Range;
 
 use aes_gcm_siv::aead::{AeadInOut, KeyInit};
 use aes_gcm_siv::{Aes256GcmSiv, Nonce, Tag};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Score};
 
 /// Version byte that starts every block (docs/FORMATS.md, "Block").
-pub const BLOCK_VERSION: u8 = 1;
-/// Bytes a block adds around its payload: version, kind, codec and the 16-byte tag.
-pub const BLOCK_OVERHEAD: usize = 1 + 2 + 16;
+pub const BLOCK_VERSION: u8 = 2;
+/// Plaintext bytes per independently sealed segment (the last may be shorter).
+pub const SEGMENT_PLAIN: usize = 16 << 10;
 /// The largest plaintext one block may carry.
 pub const MAX_PLAINTEXT: usize = 8 << 20;
 
-const CODEC_RAW: u8 = 0;
-const CODEC_ZSTD: u8 = 1;
+const TAG_LEN: usize = 16;
+/// Set in a header entry when the segment is zstd-compressed.
+const ZSTD_FLAG: u32 = 1 << 31;
 const ZSTD_LEVEL: i32 = 1;
 /// Plaintext shorter than this is never worth compressing.
 const COMPRESS_MIN: usize = 512;
 /// Compressibility is first tried on a sample of this size.
 const SAMPLE: usize = 64 * 1024;
+/// Nonce of the header; segment `i` uses `i` (little-endian) as its nonce.
+const HEADER_NONCE: [u8; 12] = [0xff; 12];
 
 /// What a block's plaintext is; recorded inside the encryption.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,22 +106,46 @@ pub fn seal(content_key: &[u8; 32], kind: BlockKind, plain: &[u8]) -> Result<Sea
         )));
     }
     let key = block_key(content_key, kind, plain);
-    let compressed = compress(plain);
-    let (codec, payload) = match &compressed {
-        Some(c) => (CODEC_ZSTD, &c[..]),
-        None => (CODEC_RAW, plain),
-    };
-    let mut buf = Vec::with_capacity(payload.len() + BLOCK_OVERHEAD);
-    buf.extend_from_slice(&[BLOCK_VERSION, kind as u8, codec]);
-    buf.extend_from_slice(payload);
     let cipher = Aes256GcmSiv::new_from_slice(&key).map_err(|_| Error::Crypto)?;
-    // Each key seals exactly one plaintext, so a fixed nonce is safe; GCM-SIV
-    // would stay safe even if it did not.
+    let n = segment_count(plain.len());
+    let compress = worth_compressing(plain);
+    let mut header = Vec::with_capacity(1 + 4 * n + TAG_LEN);
+    header.push(kind as u8);
+    let mut out = Vec::with_capacity(1 + header_len(n) + plain.len() + n * TAG_LEN);
+    out.push(BLOCK_VERSION);
+    out.resize(1 + header_len(n), 0);
+    for i in 0..n {
+        let seg = &plain
+            [(i * SEGMENT_PLAIN).min(plain.len())..((i + 1) * SEGMENT_PLAIN).min(plain.len())];
+        let at = out.len();
+        let entry = match compress.then(|| compress_segment(seg)).flatten() {
+            Some(c) => {
+                out.extend_from_slice(&c);
+                c.len() as u32 | ZSTD_FLAG
+            }
+            None => {
+                out.extend_from_slice(seg);
+                seg.len() as u32
+            }
+        };
+        // Each (key, nonce) pair seals exactly one segment: keys are per
+        // content and nonces per position. GCM-SIV would stay safe if not.
+        let tag = cipher
+            .encrypt_inout_detached(&nonce(i), &[BLOCK_VERSION], (&mut out[at..]).into())
+            .map_err(|_| Error::Crypto)?;
+        out.extend_from_slice(&tag);
+        header.extend_from_slice(&entry.to_le_bytes());
+    }
     let tag = cipher
-        .encrypt_inout_detached(&Nonce::default(), &[BLOCK_VERSION], (&mut buf[1..]).into())
+        .encrypt_inout_detached(
+            &Nonce::from(HEADER_NONCE),
+            &[BLOCK_VERSION],
+            (&mut header[..]).into(),
+        )
         .map_err(|_| Error::Crypto)?;
-    buf.extend_from_slice(&tag);
-    let score = Score::of(&buf);
+    header.extend_from_slice(&tag);
+    out[1..1 + header.len()].copy_from_slice(&header);
+    let score = Score::of(&out);
     Ok(Sealed {
         pointer: Pointer {
             score,
@@ -120,60 +154,224 @@ pub fn seal(content_key: &[u8; 32], kind: BlockKind, plain: &[u8]) -> Result<Sea
             size: plain.len() as u32,
             depth: 0,
         },
-        data: buf.into(),
+        data: out.into(),
     })
 }
 
-/// Opens a block that has already been checked against `pointer.score`.
+/// Opens a whole block that has already been checked against `pointer.score`.
 pub fn open(pointer: &Pointer, kind: BlockKind, block: &[u8]) -> Result<Vec<u8>, Error> {
-    let bad = |reason: &str| Error::Corrupt {
-        score: pointer.score,
-        reason: reason.into(),
-    };
-    if block.len() < BLOCK_OVERHEAD {
-        return Err(bad("shorter than a block header"));
+    let layout = Layout::read(
+        pointer,
+        kind,
+        block.get(header_range(pointer)).unwrap_or(&[]),
+    )?;
+    if block.len() != layout.block_len {
+        return Err(corrupt(pointer, "length differs from its header"));
     }
-    if block[0] != BLOCK_VERSION {
-        return Err(Error::Format(format!(
-            "block version {} is not supported",
-            block[0]
-        )));
+    let mut out = vec![0u8; pointer.size as usize];
+    for (i, seg) in layout.segments.iter().enumerate() {
+        seg.open(
+            &layout.cipher,
+            pointer,
+            i,
+            &block[seg.stored.clone()],
+            &mut out[seg.plain.clone()],
+        )?;
     }
-    let (body, tag) = block[1..].split_at(block.len() - 1 - 16);
-    let mut buf = body.to_vec();
-    let cipher = Aes256GcmSiv::new_from_slice(&pointer.key).map_err(|_| Error::Crypto)?;
-    let tag = Tag::try_from(tag).map_err(|_| bad("bad tag length"))?;
-    cipher
-        .decrypt_inout_detached(
-            &Nonce::default(),
-            &[BLOCK_VERSION],
-            (&mut buf[..]).into(),
-            &tag,
-        )
-        .map_err(|_| Error::Decrypt(pointer.score))?;
-    let (found_kind, codec) = (BlockKind::from_u8(buf[0]), buf[1]);
-    if found_kind != Some(kind) {
+    Ok(out)
+}
+
+/// Opens bytes `range` of a block's plaintext, fetching only the header and the
+/// segments that hold them. `fetch` returns bytes of the stored block, already
+/// checked against `pointer.score` (see [`crate::BlockStore::get_range`]).
+pub fn open_range(
+    pointer: &Pointer,
+    kind: BlockKind,
+    range: Range<usize>,
+    fetch: &mut dyn FnMut(Range<usize>) -> Result<Bytes, Error>,
+) -> Result<Vec<u8>, Error> {
+    if range.start > range.end || range.end > pointer.size as usize {
         return Err(Error::Format(format!(
-            "block {} is not a {kind:?} block",
+            "range {range:?} is outside block {}",
             pointer.score
         )));
     }
-    let plain = match codec {
-        CODEC_RAW => {
-            buf.drain(..2);
-            buf
-        }
-        CODEC_ZSTD => {
-            let limit = (pointer.size as usize).min(MAX_PLAINTEXT);
-            zstd::bulk::decompress(&buf[2..], limit)
-                .map_err(|_| bad("payload does not decompress"))?
-        }
-        other => return Err(Error::Format(format!("unknown block codec {other}"))),
-    };
-    if plain.len() != pointer.size as usize {
-        return Err(bad("plaintext length differs from its pointer"));
+    let mut out = vec![0u8; range.len()];
+    if range.is_empty() {
+        return Ok(out);
     }
-    Ok(plain)
+    let header = fetch(header_range(pointer))?;
+    let layout = Layout::read(pointer, kind, &header)?;
+    let (first, last) = (range.start / SEGMENT_PLAIN, (range.end - 1) / SEGMENT_PLAIN);
+    let (segs, span) = (
+        &layout.segments[first..=last],
+        layout.segments[first].stored.start..layout.segments[last].stored.end,
+    );
+    let stored = fetch(span.clone())?;
+    if stored.len() != span.len() {
+        return Err(corrupt(pointer, "short read"));
+    }
+    let mut plain = vec![0u8; segs.iter().map(|s| s.plain.len()).sum()];
+    let mut at = 0;
+    for (k, seg) in segs.iter().enumerate() {
+        let src = seg.stored.start - span.start..seg.stored.end - span.start;
+        let dst = at..at + seg.plain.len();
+        seg.open(
+            &layout.cipher,
+            pointer,
+            first + k,
+            &stored[src],
+            &mut plain[dst],
+        )?;
+        at += seg.plain.len();
+    }
+    let skip = range.start - first * SEGMENT_PLAIN;
+    out.copy_from_slice(&plain[skip..skip + range.len()]);
+    Ok(out)
+}
+
+/// Bytes of the stored block that hold its version and sealed header.
+pub fn header_range(pointer: &Pointer) -> Range<usize> {
+    0..1 + header_len(segment_count(pointer.size as usize))
+}
+
+/// Where each segment of a block lies, from its decrypted header.
+struct Layout {
+    cipher: Aes256GcmSiv,
+    segments: Vec<Segment>,
+    block_len: usize,
+}
+
+struct Segment {
+    /// Bytes of the stored block: payload then tag.
+    stored: Range<usize>,
+    /// Bytes of the block's plaintext.
+    plain: Range<usize>,
+    zstd: bool,
+}
+
+impl Layout {
+    /// Decrypts and checks the header (`version || sealed header`).
+    fn read(pointer: &Pointer, kind: BlockKind, header: &[u8]) -> Result<Layout, Error> {
+        let size = pointer.size as usize;
+        let n = segment_count(size);
+        match header.first() {
+            Some(&BLOCK_VERSION) => {}
+            Some(v) => {
+                return Err(Error::Format(format!("block version {v} is not supported")));
+            }
+            None => return Err(corrupt(pointer, "empty")),
+        }
+        if header.len() != 1 + header_len(n) || size > MAX_PLAINTEXT {
+            return Err(corrupt(pointer, "shorter than its header"));
+        }
+        let cipher = Aes256GcmSiv::new_from_slice(&pointer.key).map_err(|_| Error::Crypto)?;
+        let (body, tag) = header[1..].split_at(header_len(n) - TAG_LEN);
+        let mut body = body.to_vec();
+        let tag = Tag::try_from(tag).map_err(|_| corrupt(pointer, "bad tag length"))?;
+        cipher
+            .decrypt_inout_detached(
+                &Nonce::from(HEADER_NONCE),
+                &[BLOCK_VERSION],
+                (&mut body[..]).into(),
+                &tag,
+            )
+            .map_err(|_| Error::Decrypt(pointer.score))?;
+        if BlockKind::from_u8(body[0]) != Some(kind) {
+            return Err(Error::Format(format!(
+                "block {} is not a {kind:?} block",
+                pointer.score
+            )));
+        }
+        let mut segments = Vec::with_capacity(n);
+        let mut at = header.len();
+        for (i, e) in body[1..].chunks_exact(4).enumerate() {
+            let e = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+            let (zstd, len) = (e & ZSTD_FLAG != 0, (e & !ZSTD_FLAG) as usize);
+            let plain = i * SEGMENT_PLAIN..((i + 1) * SEGMENT_PLAIN).min(size);
+            if (!zstd && len != plain.len()) || len > SEGMENT_PLAIN {
+                return Err(corrupt(pointer, "segment length differs from its pointer"));
+            }
+            segments.push(Segment {
+                stored: at..at + len + TAG_LEN,
+                plain,
+                zstd,
+            });
+            at += len + TAG_LEN;
+        }
+        Ok(Layout {
+            cipher,
+            segments,
+            block_len: at,
+        })
+    }
+}
+
+impl Segment {
+    /// Decrypts (and decompresses) the stored segment `stored` into `out`.
+    fn open(
+        &self,
+        cipher: &Aes256GcmSiv,
+        pointer: &Pointer,
+        index: usize,
+        stored: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), Error> {
+        let (payload, tag) = stored.split_at(stored.len() - TAG_LEN);
+        let tag = Tag::try_from(tag).map_err(|_| corrupt(pointer, "bad tag length"))?;
+        let decrypt = |buf: &mut [u8]| {
+            cipher
+                .decrypt_inout_detached(&nonce(index), &[BLOCK_VERSION], buf.into(), &tag)
+                .map_err(|_| Error::Decrypt(pointer.score))
+        };
+        if !self.zstd {
+            out.copy_from_slice(payload);
+            return decrypt(out);
+        }
+        let mut buf = payload.to_vec();
+        decrypt(&mut buf)?;
+        let n = ZSTD_D
+            .with(|d| {
+                let mut d = d.borrow_mut();
+                let d = d.as_mut().ok_or(())?;
+                d.decompress_to_buffer(&buf[..], &mut *out).map_err(|_| ())
+            })
+            .map_err(|_| corrupt(pointer, "segment does not decompress"))?;
+        if n != out.len() {
+            return Err(corrupt(pointer, "segment length differs from its pointer"));
+        }
+        Ok(())
+    }
+}
+
+fn segment_count(size: usize) -> usize {
+    size.div_ceil(SEGMENT_PLAIN).max(1)
+}
+
+/// Sealed header length for `n` segments: kind, one u32 per segment, tag.
+fn header_len(n: usize) -> usize {
+    1 + 4 * n + TAG_LEN
+}
+
+fn nonce(index: usize) -> Nonce {
+    let mut n = [0u8; 12];
+    n[..8].copy_from_slice(&(index as u64).to_le_bytes());
+    Nonce::from(n)
+}
+
+fn corrupt(pointer: &Pointer, reason: &str) -> Error {
+    Error::Corrupt {
+        score: pointer.score,
+        reason: reason.into(),
+    }
+}
+
+thread_local! {
+    // zstd contexts are costly to set up: one per thread, reused per segment.
+    static ZSTD_C: RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        RefCell::new(zstd::bulk::Compressor::new(ZSTD_LEVEL).ok());
+    static ZSTD_D: RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        RefCell::new(zstd::bulk::Decompressor::new().ok());
 }
 
 fn block_key(content_key: &[u8; 32], kind: BlockKind, plain: &[u8]) -> [u8; 32] {
@@ -186,26 +384,30 @@ fn block_key(content_key: &[u8; 32], kind: BlockKind, plain: &[u8]) -> [u8; 32] 
     h.finalize().into()
 }
 
-/// zstd-compresses `plain` if that saves at least a tenth of it.
+/// Whether to try compressing `plain`'s segments at all.
 ///
-/// Below that the CPU is not worth it: measured on fio's write buffers, which
-/// zstd shrinks by about 6%, compression took a third of the write path.
-fn compress(plain: &[u8]) -> Option<Vec<u8>> {
+/// Incompressible data (media, archives, ciphertext) is common: a sample from
+/// the middle decides cheaply. Measured on fio's write buffers, which zstd
+/// shrinks by about 6%, compression took a third of the write path.
+fn worth_compressing(plain: &[u8]) -> bool {
     if plain.len() < COMPRESS_MIN {
+        return false;
+    }
+    if plain.len() <= 2 * SAMPLE {
+        return true;
+    }
+    let mid = plain.len() / 2;
+    let sample = &plain[mid - SAMPLE / 2..mid + SAMPLE / 2];
+    compress_segment(sample).is_some()
+}
+
+/// zstd-compresses one segment if that saves at least a tenth of it.
+fn compress_segment(seg: &[u8]) -> Option<Vec<u8>> {
+    if seg.len() < COMPRESS_MIN {
         return None;
     }
-    // Incompressible data (media, archives, ciphertext) is common: a sample
-    // from the middle decides cheaply before the whole chunk is tried.
-    if plain.len() > 2 * SAMPLE {
-        let mid = plain.len() / 2;
-        let sample = &plain[mid - SAMPLE / 2..mid + SAMPLE / 2];
-        let c = zstd::bulk::compress(sample, ZSTD_LEVEL).ok()?;
-        if c.len() > SAMPLE - SAMPLE / 10 {
-            return None;
-        }
-    }
-    let c = zstd::bulk::compress(plain, ZSTD_LEVEL).ok()?;
-    (c.len() + plain.len() / 10 <= plain.len()).then_some(c)
+    let c = ZSTD_C.with(|c| c.borrow_mut().as_mut()?.compress(seg).ok())?;
+    (c.len() + seg.len() / 10 <= seg.len()).then_some(c)
 }
 
 #[cfg(test)]
@@ -227,6 +429,69 @@ mod tests {
         }
         let s = seal(&K, BlockKind::Data, &text).unwrap();
         assert!(s.data.len() < text.len() / 4, "text compresses");
+    }
+
+    #[test]
+    fn any_range_opens_from_its_segments_alone() {
+        let random: Vec<u8> = (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let text = b"segments of text compress on their own. ".repeat(2500);
+        for plain in [&random[..], &text[..], &text[..SEGMENT_PLAIN]] {
+            let s = seal(&K, BlockKind::Data, plain).unwrap();
+            let len = plain.len();
+            let seg = SEGMENT_PLAIN;
+            for range in [
+                0..1,
+                0..len,
+                seg - 1..seg + 1,
+                len - 1..len,
+                5..5,
+                3 * seg / 2..len,
+            ] {
+                if range.end > len || range.start > range.end {
+                    continue;
+                }
+                let mut fetched = Vec::new();
+                let got = open_range(&s.pointer, BlockKind::Data, range.clone(), &mut |r| {
+                    fetched.push(r.clone());
+                    Ok(s.data.slice(r))
+                })
+                .unwrap();
+                assert_eq!(got, &plain[range.clone()], "range {range:?}");
+                // Header, then only the segments that hold the range.
+                if !range.is_empty() {
+                    let want = range.len().div_ceil(seg) + 1;
+                    assert!(fetched[1].len() <= want * (seg + TAG_LEN), "{fetched:?}");
+                }
+            }
+            assert!(
+                open_range(&s.pointer, BlockKind::Data, 0..len + 1, &mut |r| Ok(s
+                    .data
+                    .slice(r)))
+                .is_err()
+            );
+            assert!(
+                open_range(&s.pointer, BlockKind::Root, 0..1, &mut |r| Ok(s
+                    .data
+                    .slice(r)))
+                .is_err()
+            );
+            // A damaged segment fails, whether opened alone or with the block.
+            let mut bad = s.data.to_vec();
+            let at = bad.len() - 20;
+            bad[at] ^= 1;
+            let bad = bytes::Bytes::from(bad);
+            assert!(
+                open_range(&s.pointer, BlockKind::Data, len - 1..len, &mut |r| Ok(
+                    bad.slice(r)
+                ))
+                .is_err()
+            );
+            assert!(open(&s.pointer, BlockKind::Data, &bad).is_err());
+        }
+        let s = seal(&K, BlockKind::Data, &text).unwrap();
+        assert!(s.data.len() < text.len() / 4, "segments still compress");
     }
 
     #[test]

@@ -32,11 +32,13 @@ pub struct Score(pub [u8; 32]);
 impl Score {
     /// Computes the score of a stored block (its ciphertext, header included).
     pub fn of(block: &[u8]) -> Score {
-        let leaves = leaf_hashes(block);
-        Score::bind(
-            block.len(),
-            MerkleTree::<SegmentHasher>::from_leaves(&leaves).root(),
-        )
+        Score::from_leaves(block.len(), &leaf_hashes(block))
+    }
+
+    /// The score of a block of `len` bytes whose segments hash to `leaves`
+    /// (see [`leaf_hashes`]).
+    pub fn from_leaves(len: usize, leaves: &[[u8; 32]]) -> Score {
+        Score::bind(len, MerkleTree::<SegmentHasher>::from_leaves(leaves).root())
     }
 
     /// Parses 64 hex digits.
@@ -149,14 +151,16 @@ fn segment(block: &[u8], index: usize) -> &[u8] {
     &block[start.min(end)..end]
 }
 
-fn leaf_hashes(block: &[u8]) -> Vec<[u8; 32]> {
+/// The Merkle leaf hash of every segment of `block` (one for an empty block).
+pub fn leaf_hashes(block: &[u8]) -> Vec<[u8; 32]> {
     if block.is_empty() {
         return vec![leaf_hash(&[])];
     }
     block.chunks(SEGMENT_SIZE).map(leaf_hash).collect()
 }
 
-fn leaf_hash(segment: &[u8]) -> [u8; 32] {
+/// The Merkle leaf hash of one segment.
+pub fn leaf_hash(segment: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update([LEAF_TAG]);
     h.update(segment);

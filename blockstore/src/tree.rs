@@ -332,6 +332,15 @@ impl quick_cache::Weighter<Score, Arc<Node>> for NodeWeight {
     }
 }
 
+/// How much of a data block a read decodes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Whole {
+    /// All of it, cached for the reads that follow.
+    Block,
+    /// Only the segments read; nothing is cached.
+    Segments,
+}
+
 /// Reads byte ranges of file trees, caching decoded blocks.
 pub struct TreeReader<S> {
     store: S,
@@ -354,6 +363,28 @@ impl<S: BlockStore> TreeReader<S> {
 
     /// Reads into `buf` from `offset`; returns the bytes read (short only at the end of file).
     pub fn read_at(&self, file: &FileRef, offset: u64, buf: &mut [u8]) -> Result<usize, Error> {
+        self.read(file, offset, buf, Whole::Block)
+    }
+
+    /// Like [`TreeReader::read_at`], but opens only the segments it needs of
+    /// data blocks not already decoded: for random access, where decoding a
+    /// whole block for a few bytes wastes the work.
+    pub fn read_at_random(
+        &self,
+        file: &FileRef,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, Error> {
+        self.read(file, offset, buf, Whole::Segments)
+    }
+
+    fn read(
+        &self,
+        file: &FileRef,
+        offset: u64,
+        buf: &mut [u8],
+        whole: Whole,
+    ) -> Result<usize, Error> {
         let len = file.len();
         if offset >= len || buf.is_empty() {
             return Ok(0);
@@ -364,7 +395,7 @@ impl<S: BlockStore> TreeReader<S> {
                 let start = offset as usize;
                 buf[..n].copy_from_slice(&data[start..start + n]);
             }
-            FileRef::Tree(root) => self.read_node(root, offset, &mut buf[..n])?,
+            FileRef::Tree(root) => self.read_node(root, offset, &mut buf[..n], whole)?,
         }
         Ok(n)
     }
@@ -400,7 +431,22 @@ impl<S: BlockStore> TreeReader<S> {
     }
 
     /// Fills `out` with the bytes at `offset` (relative to the node) under `p`.
-    fn read_node(&self, p: &Pointer, offset: u64, out: &mut [u8]) -> Result<(), Error> {
+    fn read_node(
+        &self,
+        p: &Pointer,
+        offset: u64,
+        out: &mut [u8],
+        whole: Whole,
+    ) -> Result<(), Error> {
+        if p.depth == 0 && whole == Whole::Segments && self.cache.get(&p.score).is_none() {
+            let start = offset as usize;
+            let plain =
+                block::open_range(p, BlockKind::Data, start..start + out.len(), &mut |r| {
+                    self.store.get_range(&p.score, r)
+                })?;
+            out.copy_from_slice(&plain);
+            return Ok(());
+        }
         let node = self.node(p)?;
         match &*node {
             Node::Data(data) => {
@@ -422,7 +468,7 @@ impl<S: BlockStore> TreeReader<S> {
                     };
                     let at = offset + done as u64 - start;
                     let n = ((child.len - at) as usize).min(out.len() - done);
-                    self.read_node(child, at, &mut out[done..done + n])?;
+                    self.read_node(child, at, &mut out[done..done + n], whole)?;
                     done += n;
                     i += 1;
                 }

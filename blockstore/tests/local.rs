@@ -164,6 +164,51 @@ fn any_flipped_byte_fails_get_and_scrub_reports_it() {
 }
 
 #[test]
+fn partial_reads_check_the_segments_they_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (score, data) = block(11, 300_000);
+    store.put(score, data.clone(), Class::Own).unwrap();
+    let len = data.len();
+    // The first partial read checks the whole block; later ones only their segments.
+    for range in [0..10, 4090..4100, 8192..12288, len - 5..len, 7..7, 0..len] {
+        let got = store.get_range(&score, range.clone()).unwrap();
+        assert_eq!(&got[..], &data[range.clone()], "range {range:?}");
+    }
+    assert!(store.get_range(&score, 0..len + 1).is_err());
+    let path = store.path_of(&score);
+    let mut bad = data.to_vec();
+    bad[150_000] ^= 0x01;
+    std::fs::write(&path, &bad).unwrap();
+    let seg = 150_000 / 4096 * 4096;
+    assert!(matches!(
+        store.get_range(&score, 150_000..150_001),
+        Err(Error::Corrupt { .. })
+    ));
+    assert!(matches!(
+        store.get_range(&score, seg - 10..seg + 1),
+        Err(Error::Corrupt { .. })
+    ));
+    // Segments that are intact still read.
+    assert_eq!(&store.get_range(&score, 0..100).unwrap()[..], &data[..100]);
+    std::fs::write(&path, &data[..len - 1]).unwrap();
+    assert!(matches!(
+        store.get_range(&score, len - 10..len),
+        Err(Error::Corrupt { .. })
+    ));
+    // A damaged block is refused on its first partial read too.
+    let (score2, data2) = block(12, 50_000);
+    store.put(score2, data2.clone(), Class::Own).unwrap();
+    let mut bad = data2.to_vec();
+    bad[40_000] ^= 0x80;
+    std::fs::write(store.path_of(&score2), &bad).unwrap();
+    assert!(matches!(
+        store.get_range(&score2, 0..10),
+        Err(Error::Corrupt { .. })
+    ));
+}
+
+#[test]
 fn no_plaintext_reaches_the_volume() {
     let marker = b"FINCRYPT-PLAINTEXT-MARKER-7f3a";
     let dir = tempfile::tempdir().unwrap();

@@ -58,6 +58,11 @@ proptest! {
             let got = reader.read_at(&file, off, &mut buf).unwrap();
             let want = data.get(off as usize..).map(|s| &s[..s.len().min(n)]).unwrap_or(&[]);
             prop_assert_eq!(&buf[..got], want);
+            // The same range opened segment by segment, with a cold cache.
+            let cold = TreeReader::new(&store, 1 << 20);
+            let mut buf = vec![0u8; n];
+            let got = cold.read_at_random(&file, off, &mut buf).unwrap();
+            prop_assert_eq!(&buf[..got], want);
         }
     }
 

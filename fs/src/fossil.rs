@@ -749,9 +749,15 @@ impl Fossil {
         }
         let n = inode.size.saturating_sub(offset).min(size as u64) as usize;
         let mut buf = vec![0u8; n];
-        self.reader.read_at(&inode.content, offset, &mut buf)?;
         let end = offset + n as u64;
         let sequential = lock(&self.read_ends).insert(ino, end) == Some(offset);
+        if sequential {
+            self.reader.read_at(&inode.content, offset, &mut buf)?;
+        } else {
+            // A jump: decode only what is asked until a run shows up.
+            self.reader
+                .read_at_random(&inode.content, offset, &mut buf)?;
+        }
         if sequential && n > 0 {
             // Decode the next blocks on the other cores while this one is copied out.
             self.reader.prefetch(&inode.content, end, READ_AHEAD_BLOCKS);

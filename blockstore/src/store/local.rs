@@ -10,16 +10,18 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{BlockStore, Class, check};
+use super::{BlockStore, Class, check, check_range};
+use crate::score::{self, SEGMENT_SIZE};
 use crate::{Error, Score};
 
 const BLOCKS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("blocks");
@@ -119,9 +121,30 @@ pub struct LocalStore {
     marked_clean: AtomicBool,
     /// Block files (and their directories) renamed into place but not yet fsynced.
     unsynced: Mutex<BTreeSet<PathBuf>>,
+    /// Leaf hashes of blocks read in part, so the next partial read is checked cheaply.
+    leaves: quick_cache::sync::Cache<Score, Arc<Leaves>, LeavesWeight>,
 }
 
 struct Stats(StoreStats);
+
+/// A block's length and segment hashes, checked against its score once so
+/// that later partial reads check only the segments they read.
+struct Leaves {
+    len: usize,
+    hashes: Vec<[u8; 32]>,
+}
+
+#[derive(Clone)]
+struct LeavesWeight;
+
+impl quick_cache::Weighter<Score, Arc<Leaves>> for LeavesWeight {
+    fn weight(&self, _: &Score, leaves: &Arc<Leaves>) -> u64 {
+        (leaves.hashes.len() * 32 + 64) as u64
+    }
+}
+
+/// Memory for leaf hashes: 8 KiB covers a 1 MiB block, so 16 MiB covers 2 GiB.
+const LEAVES_CACHE: u64 = 16 << 20;
 
 impl LocalStore {
     /// Opens (or creates) the volume in `dir`, repairing what a crash left behind.
@@ -175,6 +198,11 @@ impl LocalStore {
             tmp_counter: AtomicU64::new(0),
             marked_clean: AtomicBool::new(false),
             unsynced: Mutex::new(BTreeSet::new()),
+            leaves: quick_cache::sync::Cache::with_weighter(
+                (LEAVES_CACHE / (8 << 10)) as usize,
+                LEAVES_CACHE,
+                LeavesWeight,
+            ),
         };
         store.clear_tmp()?;
         if !clean {
@@ -191,6 +219,16 @@ impl LocalStore {
         // The counter is saved only at a clean close; never hand out a number already used.
         store.seq.fetch_max(max_seq, Ordering::SeqCst);
         Ok(store)
+    }
+
+    /// Counts a read, for the eviction of cached blocks.
+    fn touch(&self, score: &Score) {
+        *self
+            .hits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(*score)
+            .or_insert(0) += 1;
     }
 
     /// The volume's directory.
@@ -650,13 +688,60 @@ impl BlockStore for LocalStore {
             Err(e) => return Err(Error::io(&path, e)),
         };
         check(score, &data)?;
-        *self
-            .hits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(*score)
-            .or_insert(0) += 1;
+        self.touch(score);
         Ok(data.into())
+    }
+
+    fn get_range(&self, score: &Score, range: Range<usize>) -> Result<Bytes, Error> {
+        let Some(leaves) = self.leaves.get(score) else {
+            // First partial read of this block: check it whole, keep its leaves.
+            let block = self.get(score)?;
+            check_range(score, &range, block.len())?;
+            let leaves = Leaves {
+                len: block.len(),
+                hashes: score::leaf_hashes(&block),
+            };
+            self.leaves.insert(*score, Arc::new(leaves));
+            return Ok(block.slice(range));
+        };
+        let len = leaves.len;
+        check_range(score, &range, len)?;
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        // Read whole segments, so each can be checked against its leaf hash.
+        let first = range.start / SEGMENT_SIZE;
+        let last = (range.end - 1) / SEGMENT_SIZE;
+        let (start, end) = (first * SEGMENT_SIZE, ((last + 1) * SEGMENT_SIZE).min(len));
+        let path = self.path_of(score);
+        let mut buf = vec![0u8; end - start];
+        let read = fs::File::open(&path).and_then(|f| {
+            use std::os::unix::fs::FileExt;
+            f.read_exact_at(&mut buf, start as u64)
+        });
+        match read {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(*score));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(Error::Corrupt {
+                    score: *score,
+                    reason: "block file is shorter than the block".into(),
+                });
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+        for (i, seg) in buf.chunks(SEGMENT_SIZE).enumerate() {
+            if score::leaf_hash(seg) != leaves.hashes[first + i] {
+                return Err(Error::Corrupt {
+                    score: *score,
+                    reason: format!("segment {} does not match the score", first + i),
+                });
+            }
+        }
+        self.touch(score);
+        Ok(Bytes::from(buf).slice(range.start - start..range.end - start))
     }
 
     fn has(&self, score: &Score) -> Result<bool, Error> {

@@ -3,6 +3,8 @@
 pub mod local;
 pub mod mem;
 
+use std::ops::Range;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +44,15 @@ pub trait BlockStore: Send + Sync {
 
     /// Reads and verifies one block.
     fn get(&self, score: &Score) -> Result<Bytes, Error>;
+
+    /// Reads bytes `range` of one block, checked against the score: a store
+    /// that can verify part of a block (from its Merkle leaves) reads only
+    /// that part.
+    fn get_range(&self, score: &Score, range: Range<usize>) -> Result<Bytes, Error> {
+        let block = self.get(score)?;
+        check_range(score, &range, block.len())?;
+        Ok(block.slice(range))
+    }
 
     /// True if the block is stored here (without reading it).
     fn has(&self, score: &Score) -> Result<bool, Error>;
@@ -83,6 +94,9 @@ macro_rules! forward_store {
             fn get(&self, score: &Score) -> Result<Bytes, Error> {
                 (**self).get(score)
             }
+            fn get_range(&self, score: &Score, range: Range<usize>) -> Result<Bytes, Error> {
+                (**self).get_range(score, range)
+            }
             fn has(&self, score: &Score) -> Result<bool, Error> {
                 (**self).has(score)
             }
@@ -103,5 +117,16 @@ pub fn check(score: &Score, data: &[u8]) -> Result<(), Error> {
             score: *score,
             reason: format!("{} bytes do not match the score", data.len()),
         })
+    }
+}
+
+/// Refuses a range that does not lie within a block of `len` bytes.
+pub fn check_range(score: &Score, range: &Range<usize>, len: usize) -> Result<(), Error> {
+    if range.start <= range.end && range.end <= len {
+        Ok(())
+    } else {
+        Err(Error::Format(format!(
+            "range {range:?} is outside block {score} of {len} bytes"
+        )))
     }
 }
