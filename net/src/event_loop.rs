@@ -10,7 +10,6 @@ use std::sync::Arc;
 use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
 use libp2p::kad::QueryId;
-use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
@@ -20,7 +19,7 @@ use tokio::task::JoinSet;
 
 use crate::Error;
 use crate::codec::{self, InboundRequest};
-use crate::node::{Behaviour, BehaviourEvent, Handler, KAD_PROTOCOL};
+use crate::node::{Behaviour, BehaviourEvent, Handler, KAD_PROTOCOL, split_p2p};
 use crate::proto::{ErrorCode, Request, Response};
 
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
@@ -205,23 +204,19 @@ impl EventLoop {
     }
 
     fn dial(&mut self, addr: Multiaddr, reply: Reply<PeerId>) {
-        let opts = match addr.iter().last() {
-            Some(Protocol::P2p(peer)) => {
-                let mut transport_addr = addr.clone();
-                transport_addr.pop();
+        let opts = match split_p2p(&addr) {
+            Some((peer, transport)) => {
                 self.swarm
                     .behaviour_mut()
                     .kademlia
-                    .add_address(&peer, transport_addr.clone());
+                    .add_address(&peer, transport.clone());
                 if self.swarm.is_connected(&peer) {
                     let _ = reply.send(Ok(peer));
                     return;
                 }
-                DialOpts::peer_id(peer)
-                    .addresses(vec![transport_addr])
-                    .build()
+                DialOpts::peer_id(peer).addresses(vec![transport]).build()
             }
-            _ => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+            None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
         };
         let id = opts.connection_id();
         match self.swarm.dial(opts) {

@@ -138,6 +138,43 @@ pub fn new(
     ))
 }
 
+/// Splits `/…/p2p/<id>` into the id and the transport address before it.
+pub(crate) fn split_p2p(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
+    let mut transport = addr.clone();
+    match transport.pop() {
+        Some(libp2p::multiaddr::Protocol::P2p(peer)) => Some((peer, transport)),
+        _ => None,
+    }
+}
+
+/// Why a fixed TCP port in `addr` cannot be listened on, if it cannot.
+///
+/// libp2p's TCP listeners set SO_REUSEPORT, so a second node on a port already
+/// taken by another would bind it too and silently share its connections. A
+/// plain bind, without that option, fails on such a port: try one first.
+fn tcp_port_in_use(addr: &Multiaddr) -> Option<String> {
+    use libp2p::multiaddr::Protocol;
+    let mut parts = addr.iter();
+    let ip: std::net::IpAddr = match parts.next()? {
+        Protocol::Ip4(ip) => ip.into(),
+        Protocol::Ip6(ip) => ip.into(),
+        _ => return None,
+    };
+    let Some(Protocol::Tcp(port)) = parts.next() else {
+        return None;
+    };
+    if port == 0 {
+        return None;
+    }
+    match std::net::TcpListener::bind((ip, port)) {
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Some(e.to_string()),
+        // Other failures (no such address, permission) show again, and
+        // better, when libp2p binds.
+        Err(_) => None,
+    }
+}
+
 /// A running node: the event loop on a tokio task, and a client to it.
 pub struct Node {
     client: Client,
@@ -161,7 +198,14 @@ impl Node {
             task,
         };
         for addr in &config.listen {
-            match node.client.start_listening(addr.clone()).await {
+            let bound = match tcp_port_in_use(addr) {
+                Some(reason) => Err(Error::Listen {
+                    addr: addr.clone(),
+                    reason,
+                }),
+                None => node.client.start_listening(addr.clone()).await,
+            };
+            match bound {
                 Ok(bound) => node.listen_addrs.push(bound),
                 Err(e) => {
                     node.shutdown().await;
@@ -170,6 +214,11 @@ impl Node {
             }
         }
         for addr in &config.bootstrap {
+            // Known before start returns, so a request to a bootstrap peer
+            // made right after finds its address even before the dial is done.
+            if let Some((peer, transport)) = split_p2p(addr) {
+                let _ = node.client.add_address(peer, transport).await;
+            }
             let client = node.client.clone();
             let addr = addr.clone();
             tokio::spawn(async move {
