@@ -62,6 +62,21 @@ impl Home {
         self.data_dir.join("volume")
     }
 
+    /// The volume of blocks held for peers (`fincrypt serve`).
+    pub fn held_dir(&self) -> PathBuf {
+        self.data_dir.join("held")
+    }
+
+    /// Who placed which held block (docs/FORMATS.md, "Placement ledger").
+    pub fn placements_file(&self) -> PathBuf {
+        self.data_dir.join("placements.redb")
+    }
+
+    /// The node key, whose public half is this machine's PeerId.
+    pub fn node_key_file(&self) -> PathBuf {
+        self.config_dir.join("node.key")
+    }
+
     /// Opens the local block volume with the settings of `config`.
     pub fn open_volume(&self, config: &Config) -> Result<fincrypt_blockstore::LocalStore> {
         let options = fincrypt_blockstore::StoreOptions {

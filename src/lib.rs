@@ -4,6 +4,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod secrets;
+pub mod serve;
 
 // Large block buffers are allocated and freed all the time; mimalloc reuses
 // them where the system allocator maps and faults in fresh pages each time.

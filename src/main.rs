@@ -44,6 +44,21 @@ enum Command {
         #[arg(long)]
         allow_other: bool,
     },
+    /// Hold other people's blocks: a storage node for peers, in the foreground
+    /// until SIGTERM or SIGINT. Needs no passphrase (it only sees ciphertext).
+    Serve {
+        /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/4001 or
+        /// /ip4/0.0.0.0/udp/4001/quic-v1.
+        #[arg(long, value_name = "MULTIADDR", required = true)]
+        listen: Vec<fincrypt_net::Multiaddr>,
+        /// A peer to join the network through (repeatable), e.g.
+        /// /ip4/192.0.2.7/tcp/4001/p2p/12D3KooW...
+        #[arg(long, value_name = "MULTIADDR")]
+        bootstrap: Vec<fincrypt_net::Multiaddr>,
+        /// Room offered to peers, e.g. 2GiB or 500MB.
+        #[arg(long, value_name = "SIZE", value_parser = fincrypt::serve::parse_size)]
+        capacity: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -97,6 +112,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     allow_other,
                 },
                 &pass,
+            )?;
+        }
+        Command::Serve {
+            listen,
+            bootstrap,
+            capacity,
+        } => {
+            fincrypt::serve::serve(
+                &home,
+                fincrypt::serve::ServeArgs {
+                    listen,
+                    bootstrap,
+                    capacity,
+                },
             )?;
         }
         Command::Init => {

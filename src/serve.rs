@@ -1,0 +1,164 @@
+//! `fincrypt serve`: a storage node that holds other people's blocks.
+//!
+//! It needs no passphrase: it only ever sees ciphertext. Its held blocks live
+//! in `DATA/held/`, who placed each in `DATA/placements.redb`, and its node key
+//! (its PeerId) in `CONFIG/node.key`; with `--home DIR` all three are in DIR.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use fincrypt_blockstore::{LocalStore, StoreOptions};
+use fincrypt_net::{Holder, Multiaddr, Node, NodeConfig};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::Home;
+
+/// What `fincrypt serve` was asked to do.
+pub struct ServeArgs {
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to join the network through.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Bytes of held blocks this node accepts.
+    pub capacity: u64,
+}
+
+/// Runs a holder node in the foreground until SIGTERM or SIGINT.
+pub fn serve(home: &Home, args: ServeArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(home, args))
+}
+
+async fn run(home: &Home, args: ServeArgs) -> Result<()> {
+    if args.listen.is_empty() {
+        bail!("serve needs at least one --listen address");
+    }
+    // Signals are caught from the start, so one that arrives while the node
+    // is still starting is not lost (and does not kill the process mid-write).
+    let mut term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
+
+    let store = LocalStore::open(&home.held_dir(), StoreOptions::default())
+        .with_context(|| format!("opening the held volume in {}", home.held_dir().display()))?;
+    let store = Arc::new(store);
+    let holder = Holder::open(store.clone(), &home.placements_file(), args.capacity)?;
+    let mut config = NodeConfig::with_key_file(&home.node_key_file())?;
+    config.listen = args.listen;
+    config.bootstrap = args.bootstrap;
+    let node = Node::start(config, Some(Arc::new(holder.clone()))).await?;
+
+    let peer = node.peer_id();
+    let stats = holder.stats();
+    eprintln!(
+        "fincrypt serve: peer {peer}, holding {} blocks ({} of {} bytes)",
+        stats.held_blocks, stats.held_bytes, stats.capacity
+    );
+    for addr in node.listen_addrs() {
+        eprintln!("fincrypt serve: listening on {addr}/p2p/{peer}");
+    }
+
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("fincrypt serve: stopping");
+    node.shutdown().await;
+    drop(holder);
+    // Close the volume cleanly when nothing else holds it (a last request
+    // still finishing on the blocking pool may; its drop then closes it).
+    if let Ok(store) = Arc::try_unwrap(store) {
+        store.close()?;
+    }
+    Ok(())
+}
+
+/// Parses a size such as `2GiB`, `500MB`, `1.5G` or `4096` (bytes).
+///
+/// `K`, `M`, `G`, `T` (with or without a `B`) are powers of 1000; `KiB`,
+/// `MiB`, `GiB`, `TiB` powers of 1024. Case does not matter; a space may
+/// separate number and unit.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = (&s[..split], s[split..].trim());
+    let multiplier: u128 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "m" | "mb" => 1000_u128.pow(2),
+        "g" | "gb" => 1000_u128.pow(3),
+        "t" | "tb" => 1000_u128.pow(4),
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?} (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)"
+            ));
+        }
+    };
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && fraction.is_empty() {
+        return Err(format!("{s:?}: no number"));
+    }
+    if fraction.len() > 9 || fraction.contains('.') {
+        return Err(format!("{s:?}: not a number"));
+    }
+    let parse = |digits: &str| -> Result<u128, String> {
+        if digits.is_empty() {
+            Ok(0)
+        } else {
+            digits
+                .parse::<u128>()
+                .map_err(|_| format!("{s:?}: not a number"))
+        }
+    };
+    let scale = 10_u128.pow(fraction.len() as u32);
+    let whole = parse(whole)?;
+    let fraction = parse(fraction)?;
+    let bytes = whole
+        .checked_mul(multiplier)
+        .and_then(|w| w.checked_add(fraction * multiplier / scale))
+        .filter(|b| *b <= u64::MAX as u128)
+        .ok_or_else(|| format!("{s:?}: too large"))?;
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_in_decimal_and_binary_units() {
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("500mb"), Ok(500_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("10 KiB"), Ok(10 << 10));
+        assert_eq!(parse_size("1.5G"), Ok(1_500_000_000));
+        assert_eq!(parse_size("0.5KiB"), Ok(512));
+        assert_eq!(parse_size("1TiB"), Ok(1 << 40));
+        assert_eq!(parse_size("0"), Ok(0));
+    }
+
+    #[test]
+    fn nonsense_is_refused_with_a_reason() {
+        for bad in [
+            "",
+            "GiB",
+            "2 parsecs",
+            "1.2.3G",
+            "-5MB",
+            "99999999999999999999TB",
+            ".",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(parse_size("5XB").unwrap_err().contains("unknown unit"));
+    }
+}
