@@ -111,7 +111,7 @@ pub fn seal(content_key: &[u8; 32], kind: BlockKind, plain: &[u8]) -> Result<Sea
     let compress = worth_compressing(plain);
     let mut header = Vec::with_capacity(1 + 4 * n + TAG_LEN);
     header.push(kind as u8);
-    let mut out = Vec::with_capacity(1 + header_len(n) + plain.len() + n * TAG_LEN);
+    let mut out = crate::buf::take(1 + header_len(n) + plain.len() + n * TAG_LEN);
     out.push(BLOCK_VERSION);
     out.resize(1 + header_len(n), 0);
     for i in 0..n {
@@ -154,7 +154,7 @@ pub fn seal(content_key: &[u8; 32], kind: BlockKind, plain: &[u8]) -> Result<Sea
             size: plain.len() as u32,
             depth: 0,
         },
-        data: out.into(),
+        data: crate::buf::share(out),
     })
 }
 
@@ -168,14 +168,15 @@ pub fn open(pointer: &Pointer, kind: BlockKind, block: &[u8]) -> Result<Vec<u8>,
     if block.len() != layout.block_len {
         return Err(corrupt(pointer, "length differs from its header"));
     }
-    let mut out = vec![0u8; pointer.size as usize];
+    // Pooled: a block-sized buffer is otherwise freshly faulted in each time.
+    let mut out = crate::buf::take(pointer.size as usize);
     for (i, seg) in layout.segments.iter().enumerate() {
         seg.open(
             &layout.cipher,
             pointer,
             i,
             &block[seg.stored.clone()],
-            &mut out[seg.plain.clone()],
+            &mut out,
         )?;
     }
     Ok(out)
@@ -211,19 +212,10 @@ pub fn open_range(
     if stored.len() != span.len() {
         return Err(corrupt(pointer, "short read"));
     }
-    let mut plain = vec![0u8; segs.iter().map(|s| s.plain.len()).sum()];
-    let mut at = 0;
+    let mut plain = Vec::with_capacity(segs.iter().map(|s| s.plain.len()).sum());
     for (k, seg) in segs.iter().enumerate() {
         let src = seg.stored.start - span.start..seg.stored.end - span.start;
-        let dst = at..at + seg.plain.len();
-        seg.open(
-            &layout.cipher,
-            pointer,
-            first + k,
-            &stored[src],
-            &mut plain[dst],
-        )?;
-        at += seg.plain.len();
+        seg.open(&layout.cipher, pointer, first + k, &stored[src], &mut plain)?;
     }
     let skip = range.start - first * SEGMENT_PLAIN;
     out.copy_from_slice(&plain[skip..skip + range.len()]);
@@ -308,14 +300,14 @@ impl Layout {
 }
 
 impl Segment {
-    /// Decrypts (and decompresses) the stored segment `stored` into `out`.
+    /// Decrypts (and decompresses) the stored segment `stored`, appending it to `out`.
     fn open(
         &self,
         cipher: &Aes256GcmSiv,
         pointer: &Pointer,
         index: usize,
         stored: &[u8],
-        out: &mut [u8],
+        out: &mut Vec<u8>,
     ) -> Result<(), Error> {
         let (payload, tag) = stored.split_at(stored.len() - TAG_LEN);
         let tag = Tag::try_from(tag).map_err(|_| corrupt(pointer, "bad tag length"))?;
@@ -324,20 +316,21 @@ impl Segment {
                 .decrypt_inout_detached(&nonce(index), &[BLOCK_VERSION], buf.into(), &tag)
                 .map_err(|_| Error::Decrypt(pointer.score))
         };
-        if !self.zstd {
-            out.copy_from_slice(payload);
-            return decrypt(out);
+        let at = out.len();
+        out.extend_from_slice(payload);
+        decrypt(&mut out[at..])?;
+        if self.zstd {
+            let plain = ZSTD_D
+                .with(|d| {
+                    let mut d = d.borrow_mut();
+                    let d = d.as_mut().ok_or(())?;
+                    d.decompress(&out[at..], self.plain.len()).map_err(|_| ())
+                })
+                .map_err(|_| corrupt(pointer, "segment does not decompress"))?;
+            out.truncate(at);
+            out.extend_from_slice(&plain);
         }
-        let mut buf = payload.to_vec();
-        decrypt(&mut buf)?;
-        let n = ZSTD_D
-            .with(|d| {
-                let mut d = d.borrow_mut();
-                let d = d.as_mut().ok_or(())?;
-                d.decompress_to_buffer(&buf[..], &mut *out).map_err(|_| ())
-            })
-            .map_err(|_| corrupt(pointer, "segment does not decompress"))?;
-        if n != out.len() {
+        if out.len() - at != self.plain.len() {
             return Err(corrupt(pointer, "segment length differs from its pointer"));
         }
         Ok(())

@@ -7,6 +7,7 @@
 //! Formats are specified in `docs/FORMATS.md`.
 
 pub mod block;
+pub mod buf;
 mod error;
 pub mod keys;
 pub mod score;

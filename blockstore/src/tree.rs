@@ -6,6 +6,7 @@
 //! (a directory entry) and cost no block of their own.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use fastcdc::v2020::{FastCDC, Normalization};
@@ -309,7 +310,7 @@ pub fn write_all(
 
 /// A decoded block, as the reader caches it.
 enum Node {
-    Data(Vec<u8>),
+    Data(Bytes),
     /// Children with the file offset (relative to the node) at which each starts.
     Pointers(Vec<(u64, Pointer)>),
 }
@@ -398,6 +399,48 @@ impl<S: BlockStore> TreeReader<S> {
             FileRef::Tree(root) => self.read_node(root, offset, &mut buf[..n], whole)?,
         }
         Ok(n)
+    }
+
+    /// Reads up to `len` bytes at `offset` (short only at the end of file).
+    /// A range inside one data block is a view of the cached block, not a copy.
+    pub fn read_bytes(&self, file: &FileRef, offset: u64, len: usize) -> Result<Bytes, Error> {
+        let n = file.len().saturating_sub(offset).min(len as u64) as usize;
+        if let FileRef::Tree(root) = file
+            && n > 0
+            && let Some(b) = self.view(root, offset, n)?
+        {
+            return Ok(b);
+        }
+        let mut buf = vec![0u8; n];
+        self.read(file, offset, &mut buf, Whole::Block)?;
+        Ok(buf.into())
+    }
+
+    /// The `n` bytes at `offset` under `p` if one data block holds them all.
+    fn view(&self, p: &Pointer, offset: u64, n: usize) -> Result<Option<Bytes>, Error> {
+        let (mut p, mut at) = (*p, offset);
+        loop {
+            let node = self.node(&p)?;
+            match &*node {
+                Node::Data(d) => {
+                    let start = at as usize;
+                    return Ok(d.get(start..start + n).map(|_| d.slice(start..start + n)));
+                }
+                Node::Pointers(children) => {
+                    let i = children
+                        .partition_point(|(start, _)| *start <= at)
+                        .saturating_sub(1);
+                    let Some((start, c)) = children.get(i) else {
+                        return Ok(None);
+                    };
+                    if at - start + n as u64 > c.len {
+                        return Ok(None);
+                    }
+                    at -= start;
+                    p = *c;
+                }
+            }
+        }
     }
 
     /// Reads a whole file into memory (for small files and tests).
@@ -503,9 +546,16 @@ impl<S: BlockStore + Clone + Send + Sync + 'static> TreeReader<S> {
                     if self.cache.get(&c.score).is_none() {
                         let (store, cache, c) = (self.store.clone(), self.cache.clone(), *c);
                         rayon::spawn(move || {
-                            // A failure here shows again when the block is read.
-                            let _ = cache
-                                .get_or_insert_with(&c.score, || load(&store, &c).map(Arc::new));
+                            // Never wait here for a load already under way: a
+                            // waiting task would hold a pool thread idle.
+                            if let quick_cache::sync::GuardResult::Guard(g) =
+                                cache.get_value_or_guard(&c.score, Some(Duration::ZERO))
+                            {
+                                // A failure here shows again when the block is read.
+                                if let Ok(node) = load(&store, &c) {
+                                    let _ = g.insert(Arc::new(node));
+                                }
+                            }
                         });
                     }
                 }
@@ -522,20 +572,31 @@ impl<S: BlockStore + Clone + Send + Sync + 'static> TreeReader<S> {
 
 /// Fetches, verifies and decodes one block of a tree.
 fn load<S: BlockStore>(store: &S, p: &Pointer) -> Result<Node, Error> {
-    let data = store.get(&p.score)?;
+    // Opening authenticates the bytes; only a failure pays for the score check,
+    // which then names a damaged block as such.
+    store
+        .get_to_open(&p.score)
+        .and_then(|data| decode(p, &data))
+        .or_else(|_| decode(p, &store.get(&p.score)?))
+}
+
+/// Opens and parses one block of a tree.
+fn decode(p: &Pointer, data: &[u8]) -> Result<Node, Error> {
     let node = if p.depth == 0 {
-        let plain = block::open(p, BlockKind::Data, &data)?;
+        let plain = block::open(p, BlockKind::Data, data)?;
         if plain.len() as u64 != p.len {
             return Err(Error::Format(format!(
                 "data block {} has the wrong length",
                 p.score
             )));
         }
-        Node::Data(plain)
+        Node::Data(crate::buf::share(plain))
     } else {
-        let plain = block::open(p, BlockKind::Pointers, &data)?;
-        let entries: Vec<Pointer> = postcard::from_bytes(&plain)
-            .map_err(|e| Error::Format(format!("pointer block {}: {e}", p.score)))?;
+        let plain = block::open(p, BlockKind::Pointers, data)?;
+        let entries: Result<Vec<Pointer>, _> = postcard::from_bytes(&plain);
+        crate::buf::give(plain);
+        let entries =
+            entries.map_err(|e| Error::Format(format!("pointer block {}: {e}", p.score)))?;
         let mut start = 0u64;
         let mut children = Vec::with_capacity(entries.len());
         for c in entries {

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use bytes::Bytes;
 use fincrypt_blockstore::{BlockStore, Keys, TreeParams, TreeReader};
 
 use crate::error::{FsError, errno};
@@ -729,9 +730,9 @@ impl Fossil {
     }
 
     /// Reads up to `size` bytes at `offset`.
-    pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+    pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
         if is_snapshot_ino(ino) {
-            return self.snapdir.read(self, ino, offset, size);
+            return self.snapdir.read(self, ino, offset, size).map(Bytes::from);
         }
         let st = lock(&self.files).get(&ino).cloned();
         if let Some(st) = st {
@@ -740,7 +741,7 @@ impl Fossil {
                 let n = d.size.saturating_sub(offset).min(size as u64) as usize;
                 let mut buf = vec![0u8; n];
                 d.read(&self.reader, offset, &mut buf)?;
-                return Ok(buf);
+                return Ok(buf.into());
             }
         }
         let inode = self.meta.inode(ino)?;
@@ -748,21 +749,20 @@ impl Fossil {
             return errno(libc::EISDIR);
         }
         let n = inode.size.saturating_sub(offset).min(size as u64) as usize;
-        let mut buf = vec![0u8; n];
         let end = offset + n as u64;
         let sequential = lock(&self.read_ends).insert(ino, end) == Some(offset);
-        if sequential {
-            self.reader.read_at(&inode.content, offset, &mut buf)?;
-        } else {
+        if !sequential {
             // A jump: decode only what is asked until a run shows up.
+            let mut buf = vec![0u8; n];
             self.reader
                 .read_at_random(&inode.content, offset, &mut buf)?;
+            return Ok(buf.into());
         }
-        if sequential && n > 0 {
-            // Decode the next blocks on the other cores while this one is copied out.
+        if n > 0 {
+            // Decode the next blocks on the other cores while this one is read.
             self.reader.prefetch(&inode.content, end, READ_AHEAD_BLOCKS);
         }
-        Ok(buf)
+        Ok(self.reader.read_bytes(&inode.content, offset, n)?)
     }
 
     /// Writes `data` at `offset`; returns the bytes written.

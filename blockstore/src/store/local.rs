@@ -21,7 +21,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::{BlockStore, Class, check, check_range};
-use crate::score::{self, SEGMENT_SIZE};
+use crate::score::{self, MAX_BLOCK_LEN, SEGMENT_SIZE};
 use crate::{Error, Score};
 
 const BLOCKS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("blocks");
@@ -679,17 +679,34 @@ impl BlockStore for LocalStore {
     }
 
     fn get(&self, score: &Score) -> Result<Bytes, Error> {
+        let data = self.get_to_open(score)?;
+        check(score, &data)?;
+        Ok(data)
+    }
+
+    fn get_to_open(&self, score: &Score) -> Result<Bytes, Error> {
         let path = self.path_of(score);
-        let data = match fs::read(&path) {
+        let read = fs::File::open(&path).and_then(|mut f| {
+            use std::io::Read;
+            let len = f.metadata()?.len() as usize;
+            if len > MAX_BLOCK_LEN {
+                return Err(std::io::Error::other(
+                    "block file is over the largest block",
+                ));
+            }
+            let mut buf = crate::buf::take(len);
+            f.read_to_end(&mut buf)?;
+            Ok(buf)
+        });
+        let data = match read {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::NotFound(*score));
             }
             Err(e) => return Err(Error::io(&path, e)),
         };
-        check(score, &data)?;
         self.touch(score);
-        Ok(data.into())
+        Ok(crate::buf::share(data))
     }
 
     fn get_range(&self, score: &Score, range: Range<usize>) -> Result<Bytes, Error> {

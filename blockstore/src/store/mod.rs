@@ -45,6 +45,15 @@ pub trait BlockStore: Send + Sync {
     /// Reads and verifies one block.
     fn get(&self, score: &Score) -> Result<Bytes, Error>;
 
+    /// Reads one block for a caller that authenticates it itself, by opening
+    /// it with its key (AES-GCM-SIV tags fail on any change). A store may skip
+    /// the score check, which costs as much as the decryption; a block that
+    /// then fails to open is re-read with [`BlockStore::get`] to tell damage
+    /// from a wrong key. Bytes from peers are always checked before they are kept.
+    fn get_to_open(&self, score: &Score) -> Result<Bytes, Error> {
+        self.get(score)
+    }
+
     /// Reads bytes `range` of one block, checked against the score: a store
     /// that can verify part of a block (from its Merkle leaves) reads only
     /// that part.
@@ -93,6 +102,9 @@ macro_rules! forward_store {
             }
             fn get(&self, score: &Score) -> Result<Bytes, Error> {
                 (**self).get(score)
+            }
+            fn get_to_open(&self, score: &Score) -> Result<Bytes, Error> {
+                (**self).get_to_open(score)
             }
             fn get_range(&self, score: &Score, range: Range<usize>) -> Result<Bytes, Error> {
                 (**self).get_range(score, range)
