@@ -568,6 +568,28 @@ mod tests {
         assert!(s.len() <= MAX_DETAIL_LEN);
     }
 
+    /// Writes one frame per message kind into `$FINCRYPT_FUZZ_SEEDS`, as a
+    /// starting corpus for the fuzz target (scripts/fuzz-net.sh runs this).
+    #[test]
+    #[ignore = "writes files; run by scripts/fuzz-net.sh"]
+    fn write_fuzz_seeds() {
+        let Some(dir) = std::env::var_os("FINCRYPT_FUZZ_SEEDS") else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, r) in all_requests().iter().enumerate() {
+            std::fs::write(dir.join(format!("request-{i}")), encode_request(r).unwrap()).unwrap();
+        }
+        for (i, r) in all_responses().iter().enumerate() {
+            std::fs::write(
+                dir.join(format!("response-{i}")),
+                encode_response(r).unwrap(),
+            )
+            .unwrap();
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
