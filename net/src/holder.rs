@@ -180,18 +180,18 @@ impl Inner {
             return Err(ErrorCode::ScoreMismatch);
         }
         let _stripe = self.stripe(&score);
-        let present = self
+        let class = self
             .store
             .class_of(&score)
-            .map_err(|e| unavailable("look up a block", e))?
-            .is_some();
-        if present {
-            // Stored already (for this peer or another): only the placement is new.
+            .map_err(|e| unavailable("look up a block", e))?;
+        if matches!(class, Some(Class::Held | Class::Own)) {
+            // Kept for good already (for this peer or another): only the placement is new.
             self.ledger
                 .add(&score, &peer)
                 .map_err(|e| unavailable("record a placement", e))?;
             return Ok(());
         }
+        // New, or only a cached copy that eviction could take: store it as held.
         let len = data.len() as u64;
         self.reserve(len)?;
         let result = self.store_new(peer, score, data);
@@ -501,6 +501,17 @@ mod tests {
             h.answer_blocking(p, Request::Get { score: s }),
             Response::Block { data }
         );
+    }
+
+    #[test]
+    fn a_cached_copy_placed_by_a_peer_becomes_held() {
+        let (_d, h) = holder(1 << 20);
+        let (s, data) = block(7, 3000);
+        h.store().put(s, data.clone(), Class::Cached).unwrap();
+        let put = Request::Put { score: s, data };
+        assert_eq!(h.answer_blocking(PeerId::random(), put), Response::Stored);
+        assert_eq!(h.store().class_of(&s).unwrap(), Some(Class::Held));
+        assert_eq!(h.stats().held_bytes, 3000);
     }
 
     #[tokio::test]
