@@ -42,6 +42,9 @@ pub enum Error {
     /// Dialling an address failed.
     #[error("cannot dial {addr}: {reason}")]
     Dial { addr: Multiaddr, reason: String },
+    /// A Kademlia bootstrap could not start or did not complete.
+    #[error("bootstrap: {0}")]
+    Bootstrap(String),
     /// Setting up the transports failed.
     #[error("cannot set up the network: {0}")]
     Transport(String),

@@ -193,7 +193,7 @@ impl EventLoop {
                     self.bootstraps.insert(id, reply);
                 }
                 Err(_) => {
-                    let _ = reply.send(Err(Error::Transport(
+                    let _ = reply.send(Err(Error::Bootstrap(
                         "no known peers to bootstrap from".into(),
                     )));
                 }
@@ -423,7 +423,7 @@ impl EventLoop {
                     let _ = reply.send(
                         result
                             .map(|_| ())
-                            .map_err(|e| Error::Transport(format!("bootstrap: {e}"))),
+                            .map_err(|e| Error::Bootstrap(e.to_string())),
                     );
                 }
             }
