@@ -24,6 +24,9 @@ use crate::proto::{ErrorCode, Request, Response};
 
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
+/// How long a shutdown waits for inbound requests already being handled.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What a [`crate::Client`] asks of the event loop.
 pub(crate) enum Command {
     Listen {
@@ -122,9 +125,15 @@ impl EventLoop {
                 },
             }
         };
-        // Answer what is being answered; the holder's disk work finishes anyway.
-        while let Some(answered) = self.inbound.join_next().await {
-            self.on_answered(answered);
+        // Answer what is being answered (the holder's disk work finishes
+        // anyway), but do not let a stuck handler hold the shutdown forever.
+        let drain = async {
+            while let Some(answered) = self.inbound.join_next().await {
+                self.on_answered(answered);
+            }
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            tracing::warn!("inbound requests still running at shutdown were dropped");
         }
         drop(self.swarm);
         if let Some(reply) = done {
@@ -270,6 +279,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Blocks(event)) => self.on_blocks(event),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => self.on_identify(event),
             SwarmEvent::Behaviour(BehaviourEvent::Kademlia(event)) => self.on_kademlia(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Limits(never)) => match never {},
             SwarmEvent::NewListenAddr {
                 listener_id,
                 address,

@@ -12,7 +12,8 @@ use futures::future::BoxFuture;
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, identify, kad, noise, request_response, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, connection_limits, identify, kad, noise, request_response,
+    tcp, yamux,
 };
 use tokio::sync::mpsc;
 
@@ -48,6 +49,8 @@ pub struct NodeConfig {
     pub idle_timeout: Duration,
     /// Inbound requests handled at once; more are answered `Unavailable`.
     pub max_inbound: usize,
+    /// Connections kept open at once, in all.
+    pub max_connections: u32,
 }
 
 impl NodeConfig {
@@ -59,7 +62,8 @@ impl NodeConfig {
             bootstrap: Vec::new(),
             request_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
-            max_inbound: 64,
+            max_inbound: 32,
+            max_connections: 256,
         }
     }
 
@@ -69,9 +73,15 @@ impl NodeConfig {
     }
 }
 
+/// Concurrent block streams one connection may open: a request holds up to a
+/// block in memory while it is read, so this and the connection limits bound
+/// what peers can make a node hold.
+const STREAMS_PER_CONNECTION: usize = 16;
+
 /// The protocols a node speaks, composed; the logic is elsewhere.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
+    pub(crate) limits: connection_limits::Behaviour,
     pub(crate) blocks: request_response::Behaviour<Codec>,
     pub(crate) kademlia: kad::Behaviour<kad::store::MemoryStore>,
     pub(crate) identify: identify::Behaviour,
@@ -93,7 +103,11 @@ pub fn new(
     };
     let rr_config = request_response::Config::default()
         .with_request_timeout(config.request_timeout)
-        .with_max_concurrent_streams(32);
+        .with_max_concurrent_streams(STREAMS_PER_CONNECTION);
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(config.max_connections))
+        .with_max_pending_incoming(Some(64))
+        .with_max_established_per_peer(Some(4));
     let transport = |e: &dyn std::fmt::Display| Error::Transport(e.to_string());
     let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
@@ -119,6 +133,7 @@ pub fn new(
             // a node in client mode answers no queries: every node serves.
             kademlia.set_mode(Some(kad::Mode::Server));
             Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
                 blocks: request_response::Behaviour::with_codec(
                     Codec,
                     [(codec::PROTOCOL, support)],
