@@ -504,6 +504,30 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_puts_never_overfill_the_capacity() {
+        let (_d, h) = holder(50_000);
+        let outcomes: Vec<Response> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..16u8)
+                .map(|i| {
+                    let h = h.clone();
+                    scope.spawn(move || {
+                        let (score, data) = block(100 + i, 10_000);
+                        h.answer_blocking(PeerId::random(), Request::Put { score, data })
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let stored = outcomes.iter().filter(|r| **r == Response::Stored).count();
+        let full = outcomes
+            .iter()
+            .filter(|r| matches!(r, Response::Error(ErrorCode::Full { .. })))
+            .count();
+        assert_eq!((stored, full), (5, 11), "{outcomes:?}");
+        assert_eq!(h.stats().held_bytes, 50_000);
+    }
+
+    #[test]
     fn a_cached_copy_placed_by_a_peer_becomes_held() {
         let (_d, h) = holder(1 << 20);
         let (s, data) = block(7, 3000);
