@@ -495,3 +495,18 @@ async fn listening_on_a_taken_port_is_a_clear_error() {
     ));
     h.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_address_without_a_peer_id_is_enough() {
+    let h = start(1 << 30, tcp(), vec![]).await;
+    // Only the transport address: the peer's id is learnt when it identifies itself.
+    let bare = h.node.listen_addrs()[0].clone();
+    let o = start(0, tcp(), vec![bare]).await;
+    let oc = o.client();
+    eventually("the bootstrap peer to be known", || knows(&oc, h.id())).await;
+    let (score, data) = block(41, 5000);
+    within(oc.put(h.id(), score, data)).await.unwrap();
+    assert_eq!(h.holder.placers(&score).unwrap(), vec![o.id()]);
+    o.node.shutdown().await;
+    h.node.shutdown().await;
+}
