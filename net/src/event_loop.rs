@@ -274,6 +274,14 @@ impl EventLoop {
             .collect()
     }
 
+    fn in_routing_table(&mut self, peer: &PeerId) -> bool {
+        self.swarm
+            .behaviour_mut()
+            .kademlia
+            .kbucket(*peer)
+            .is_some_and(|bucket| bucket.iter().any(|e| e.node.key.preimage() == peer))
+    }
+
     fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::Behaviour(BehaviourEvent::Blocks(event)) => self.on_blocks(event),
@@ -334,8 +342,18 @@ impl EventLoop {
                     tracing::debug!(peer = ?peer_id, error = %error, "outgoing connection failed");
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                cause,
+                num_established,
+                ..
+            } => {
                 tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
+                // Forget what a peer said of itself once it is neither
+                // connected nor in the routing table, so the map stays small.
+                if num_established == 0 && !self.in_routing_table(&peer_id) {
+                    self.identified.remove(&peer_id);
+                }
             }
             _ => {}
         }
