@@ -10,6 +10,12 @@
 //! checks every block it fetches against its score and every proof against the
 //! score alone. Wire and file formats are in `docs/FORMATS.md`.
 //!
+//! Errors say whose fault a failure is: [`Error::Refused`] (the peer answered
+//! no: `Full`, `UnknownBlock`, `Unavailable` — retry later — ...),
+//! [`Error::Corrupt`] (the peer sent wrong bytes), and `Unreachable`,
+//! `Timeout` or `Protocol` (no usable answer). Code outside tokio (FUSE
+//! threads) calls the async client through a runtime handle's `block_on`.
+//!
 //! ```no_run
 //! # async fn demo(store: std::sync::Arc<fincrypt_blockstore::LocalStore>) -> Result<(), fincrypt_net::Error> {
 //! use fincrypt_net::{Holder, Node, NodeConfig};
