@@ -213,46 +213,76 @@ impl<'a> TreeWriter<'a> {
     /// Chunks `input`, seals the chunks and stores them with any parent
     /// blocks they complete; returns how many bytes of `input` were used.
     ///
-    /// The chunker runs on this thread while the chunks it has already cut are
-    /// sealed on the rayon pool, so neither waits for the other.
+    /// A helper thread cuts chunks and hands them to the rayon pool to seal;
+    /// this thread stores each block as it comes, so cutting, sealing and
+    /// writing overlap. (Waiting for sealed blocks on a pool thread instead
+    /// could deadlock when every pool thread waits so.)
     fn seal_chunks(&mut self, input: &[u8], last: bool) -> Result<usize, Error> {
         let p = self.params;
-        let key = &self.keys.content;
+        let (key, seed) = (&self.keys.content, self.keys.chunker_seed);
         let (tx, rx) = std::sync::mpsc::channel();
-        let mut consumed = 0;
-        rayon::scope(|scope| {
-            let mut cuts = FastCDC::with_level_and_seed(
-                input,
-                p.min_chunk,
-                p.avg_chunk,
-                p.max_chunk,
-                Normalization::Level1,
-                self.keys.chunker_seed,
-            )
-            .enumerate()
-            .peekable();
-            while let Some((i, c)) = cuts.next() {
-                // The final cut ends only where the input does: unless this is
-                // the end of the file, that chunk goes on in the next write.
-                if cuts.peek().is_none() && !last {
-                    break;
-                }
-                consumed = c.offset + c.length;
-                let tx = tx.clone();
-                let chunk = &input[c.offset..c.offset + c.length];
-                scope.spawn(move |_| {
-                    // The receiver outlives the scope, so this send cannot fail.
-                    let _ = tx.send((i, block::seal(key, BlockKind::Data, chunk)));
+        let mut sealed: Vec<(usize, block::Pointer)> = Vec::new();
+        let mut failed = None;
+        let (store, class, durable) = (self.store, self.class, self.durable);
+        let pending = &mut self.pending;
+        let consumed = std::thread::scope(|threads| {
+            let cutter = threads.spawn(move || {
+                let mut consumed = 0;
+                rayon::scope(|scope| {
+                    let mut cuts = FastCDC::with_level_and_seed(
+                        input,
+                        p.min_chunk,
+                        p.avg_chunk,
+                        p.max_chunk,
+                        Normalization::Level1,
+                        seed,
+                    )
+                    .enumerate()
+                    .peekable();
+                    while let Some((i, c)) = cuts.next() {
+                        // The final cut ends only where the input does: unless this is
+                        // the end of the file, that chunk goes on in the next write.
+                        if cuts.peek().is_none() && !last {
+                            break;
+                        }
+                        consumed = c.offset + c.length;
+                        let tx = tx.clone();
+                        let chunk = &input[c.offset..c.offset + c.length];
+                        scope.spawn(move |_| {
+                            // The receiver outlives the scope, so this send cannot fail.
+                            let _ = tx.send((i, block::seal(key, BlockKind::Data, chunk)));
+                        });
+                    }
                 });
+                consumed
+            });
+            for (i, s) in rx {
+                let stored = s.and_then(|s| {
+                    if durable {
+                        // One durable batch below: one fsync pass, not one per block.
+                        pending.push((s.pointer.score, s.data));
+                    } else {
+                        store.put_batch_unsynced(&[(s.pointer.score, s.data)], class)?;
+                    }
+                    Ok(s.pointer)
+                });
+                match stored {
+                    Ok(p) => sealed.push((i, p)),
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
             }
+            cutter.join()
         });
-        drop(tx);
-        let mut sealed: Vec<(usize, Result<block::Sealed, Error>)> = rx.into_iter().collect();
+        let consumed = consumed.map_err(|_| Error::Format("chunking thread panicked".into()))?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        self.stored_any |= !sealed.is_empty();
         sealed.sort_by_key(|(i, _)| *i);
-        for (_, s) in sealed {
-            let s = s?;
-            self.pending.push((s.pointer.score, s.data));
-            self.add(0, s.pointer)?;
+        for (_, p) in sealed {
+            self.add(0, p)?;
         }
         self.put_pending()?;
         Ok(consumed)

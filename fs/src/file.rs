@@ -85,16 +85,16 @@ impl Dirty {
                 .filter(|_| e >= offset && !next_touches)
             {
                 let at = (offset - s) as usize;
-                if v.len() < at + data.len() {
-                    if v.capacity() < at + data.len() {
-                        // Reserve for the whole write buffer at once: growing by
-                        // doubling would copy it and fault in new pages each time
-                        // (untouched capacity costs no memory).
-                        v.reserve_exact((at + data.len()).max(EXTENT_RESERVE) - v.len());
-                    }
-                    v.resize(at + data.len(), 0);
+                if v.capacity() < at + data.len() {
+                    // Reserve for the whole write buffer at once: growing by
+                    // doubling would copy it and fault in new pages each time
+                    // (untouched capacity costs no memory).
+                    v.reserve_exact((at + data.len()).max(EXTENT_RESERVE) - v.len());
                 }
-                v[at..at + data.len()].copy_from_slice(data);
+                // Overwrite what the extent has, append the rest (no zero-fill first).
+                let overlap = (v.len() - at).min(data.len());
+                v[at..at + overlap].copy_from_slice(&data[..overlap]);
+                v.extend_from_slice(&data[overlap..]);
                 return;
             }
         }
@@ -190,6 +190,13 @@ impl Dirty {
         Ok(())
     }
 
+    /// The written bytes from `at` (before `end`), if an extent holds `at`.
+    fn written_run(&self, at: u64, end: u64) -> Option<&[u8]> {
+        let (s, v) = self.extents.range(..=at).next_back()?;
+        let e = (s + v.len() as u64).min(end);
+        (at < e).then(|| &v[(at - s) as usize..(e - s) as usize])
+    }
+
     /// Writes the file's new content as blocks and returns its reference.
     pub fn seal<S: BlockStore>(
         &self,
@@ -214,9 +221,16 @@ impl Dirty {
         // Durable at the next fsync or sync, which syncs the store first.
         let mut w = w.unsynced();
         // Sized to what is sealed: a small file must not fault in a whole step.
-        let mut buf = vec![0u8; (data_end.saturating_sub(at) as usize).min(STEP)];
+        let mut buf = Vec::new();
         while at < data_end {
+            // Written bytes go to the writer straight from their extent.
+            if let Some(run) = self.written_run(at, data_end) {
+                w.write(run)?;
+                at += run.len() as u64;
+                continue;
+            }
             let n = ((data_end - at) as usize).min(STEP);
+            buf.resize(n, 0);
             self.read(reader, at, &mut buf[..n])?;
             w.write(&buf[..n])?;
             at += n as u64;
