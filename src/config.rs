@@ -72,6 +72,11 @@ impl Home {
         self.data_dir.join("placements.redb")
     }
 
+    /// The owner's manifest: which peers confirmed holding each own block.
+    pub fn manifest_file(&self) -> PathBuf {
+        self.data_dir.join("manifest.redb")
+    }
+
     /// The node key, whose public half is this machine's PeerId.
     pub fn node_key_file(&self) -> PathBuf {
         self.config_dir.join("node.key")
@@ -106,6 +111,38 @@ pub struct Config {
     pub snapshot_interval: u64,
     /// Snapshots kept; older ones go, and GC frees what only they used.
     pub snapshot_keep: usize,
+    /// Peer addresses the mount listens on (multiaddrs); none and no
+    /// `bootstrap` means the mount runs alone, with no network.
+    #[serde(deserialize_with = "one_or_many")]
+    pub listen: Vec<String>,
+    /// Peers the mount joins the network through (multiaddrs).
+    #[serde(deserialize_with = "one_or_many")]
+    pub bootstrap: Vec<String>,
+    /// Copies on peers of each own block when no directory above it says otherwise.
+    pub redundancy: u8,
+    /// Bytes of the local volume the mount offers peers for their blocks (0: none).
+    pub holder_capacity: u64,
+    /// Seconds between replication passes (placing own blocks on peers).
+    pub replicate_interval: u64,
+}
+
+/// Accepts a list, or one string of addresses separated by commas or spaces
+/// (as `FINCRYPT_BOOTSTRAP=/ip4/…,/ip4/…` gives).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        OneOrMany::Many(v) => v,
+    })
 }
 
 impl Default for Config {
@@ -114,6 +151,11 @@ impl Default for Config {
             cache_capacity: 1 << 30,
             snapshot_interval: 900,
             snapshot_keep: 96,
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            redundancy: 2,
+            holder_capacity: 0,
+            replicate_interval: 30,
         }
     }
 }
@@ -127,6 +169,11 @@ impl Config {
                 "cache_capacity",
                 "snapshot_interval",
                 "snapshot_keep",
+                "listen",
+                "bootstrap",
+                "redundancy",
+                "holder_capacity",
+                "replicate_interval",
             ]))
             .extract()
             .with_context(|| format!("reading settings ({})", home.config_file().display()))
@@ -143,8 +190,28 @@ impl Config {
              \n\
              # Seconds between automatic snapshots (0: only on request), and how many to keep.\n\
              snapshot_interval = {}\n\
-             snapshot_keep = {}\n",
-            d.cache_capacity, d.snapshot_interval, d.snapshot_keep
+             snapshot_keep = {}\n\
+             \n\
+             # Peers: addresses to listen on and to join through, e.g.\n\
+             # listen = [\"/ip4/0.0.0.0/tcp/4001\"]\n\
+             # bootstrap = [\"/ip4/192.0.2.7/tcp/4001/p2p/12D3KooW...\"]\n\
+             # With neither, the mount works alone.\n\
+             \n\
+             # Copies on peers of each own block unless a directory's\n\
+             # user.fincrypt.redundancy says otherwise (fincryptctl redundancy set).\n\
+             redundancy = {}\n\
+             \n\
+             # Bytes of the local volume offered to peers for their blocks (0: none).\n\
+             holder_capacity = {}\n\
+             \n\
+             # Seconds between passes that place own blocks on peers.\n\
+             replicate_interval = {}\n",
+            d.cache_capacity,
+            d.snapshot_interval,
+            d.snapshot_keep,
+            d.redundancy,
+            d.holder_capacity,
+            d.replicate_interval
         )
     }
 }

@@ -27,6 +27,9 @@ pub enum Request {
     SnapshotsList,
     /// Take a snapshot now.
     SnapshotsCreate,
+    /// Run replication passes until no own block is short of copies, or
+    /// `timeout_secs` pass; answers `{"under_replicated": N, ...}`.
+    Replicate { timeout_secs: u64 },
 }
 
 /// The daemon's answer: a JSON object, or an error message.

@@ -2,23 +2,121 @@
 //! socket and its background snapshots.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use fincrypt_blockstore::{BlockStore, LocalStore, TreeParams};
 use fincrypt_fs::fuse::MountOptions;
 use fincrypt_fs::{Fossil, Meta, snapshot};
+use fincrypt_net::{Client, Holder, Multiaddr, Node, NodeConfig};
 use serde_json::json;
 
 use crate::config::{Config, Home};
 use crate::control::{self, Request};
+use crate::replicate::{self, Manifest, ReplicationStats, Replicator};
 use crate::secrets;
 
 /// What `fincrypt mount` was asked to do.
 pub struct MountArgs {
     pub mountpoint: PathBuf,
     pub allow_other: bool,
+    /// Peer addresses to listen on; they replace the config's when given.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to join through; they replace the config's when given.
+    pub bootstrap: Vec<Multiaddr>,
+}
+
+/// The mount's peer node, when it has one.
+struct Net {
+    runtime: tokio::runtime::Runtime,
+    node: Mutex<Option<Node>>,
+    client: Client,
+    listen_addrs: Vec<Multiaddr>,
+    replicator: Replicator,
+}
+
+/// How long a status waits for the node's list of peers.
+const PEERS_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Net {
+    /// Starts a node when `config` names addresses to listen on or join through.
+    fn start(home: &Home, config: &Config, volume: &Arc<LocalStore>) -> Result<Option<Net>> {
+        let parse = |list: &[String], what: &str| -> Result<Vec<Multiaddr>> {
+            list.iter()
+                .map(|a| {
+                    a.parse::<Multiaddr>()
+                        .with_context(|| format!("{what} address {a:?} is not a multiaddr"))
+                })
+                .collect()
+        };
+        let listen = parse(&config.listen, "listen")?;
+        let bootstrap = parse(&config.bootstrap, "bootstrap")?;
+        if listen.is_empty() && bootstrap.is_empty() {
+            return Ok(None);
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("net")
+            .enable_all()
+            .build()
+            .context("starting the network runtime")?;
+        let holder = if config.holder_capacity > 0 {
+            let h = Holder::open(
+                volume.clone(),
+                &home.placements_file(),
+                config.holder_capacity,
+            )?;
+            Some(Arc::new(h) as Arc<dyn fincrypt_net::Handler>)
+        } else {
+            None
+        };
+        let mut node_config = NodeConfig::with_key_file(&home.node_key_file())?;
+        node_config.listen = listen;
+        node_config.bootstrap = bootstrap;
+        let node = runtime.block_on(Node::start(node_config, holder))?;
+        let client = node.client();
+        let listen_addrs: Vec<Multiaddr> = node
+            .listen_addrs()
+            .iter()
+            .map(|a| format!("{a}/p2p/{}", node.peer_id()).parse())
+            .collect::<Result<_, _>>()
+            .context("forming listen addresses")?;
+        for a in &listen_addrs {
+            eprintln!("fincrypt: listening on {a}");
+        }
+        let manifest = Manifest::open(&home.manifest_file())?;
+        Ok(Some(Net {
+            runtime,
+            node: Mutex::new(Some(node)),
+            client: client.clone(),
+            listen_addrs,
+            replicator: Replicator {
+                client,
+                manifest,
+                stats: Arc::new(ReplicationStats::default()),
+                running: tokio::sync::Mutex::new(()),
+            },
+        }))
+    }
+
+    fn connected_peers(&self) -> usize {
+        let peers = self
+            .runtime
+            .block_on(async { tokio::time::timeout(PEERS_TIMEOUT, self.client.peers()).await });
+        match peers {
+            Ok(Ok(list)) => list.iter().filter(|p| p.connected).count(),
+            _ => 0,
+        }
+    }
+
+    fn shutdown(&self) {
+        let node = self.node.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(node) = node {
+            self.runtime.block_on(node.shutdown());
+        }
+    }
 }
 
 /// The pieces a running mount shares between threads.
@@ -29,6 +127,8 @@ struct Daemon {
     mountpoint: PathBuf,
     /// Serialises snapshots, pruning and GC.
     snapshots: Mutex<()>,
+    /// The peer node, if peers are configured.
+    net: Option<Net>,
 }
 
 impl Daemon {
@@ -46,10 +146,83 @@ impl Daemon {
         Ok(json!({ "time": fincrypt_fs::snapdir::name(snap.time), "freed_blocks": freed }))
     }
 
+    /// One replication pass; returns the own blocks still short of copies.
+    fn replicate(&self) -> Result<u64> {
+        let Some(net) = &self.net else {
+            bail!(
+                "this mount has no peers: give --listen or --bootstrap (or set them in the config)"
+            );
+        };
+        let wanted = {
+            let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+            replicate::wanted(&self.fs, self.config.redundancy)?
+        };
+        let local: Arc<dyn BlockStore> = self.volume.clone();
+        net.runtime.block_on(net.replicator.pass(wanted, local))
+    }
+
+    /// Replication passes until nothing is short of copies or `timeout` passes.
+    fn replicate_until(&self, timeout: Duration) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let under = self.replicate()?;
+            if under == 0 || Instant::now() >= deadline {
+                return Ok(self.replication_json(under));
+            }
+            // Peers may still be connecting or identifying themselves: retry.
+            std::thread::sleep(Duration::from_millis(500).min(deadline - Instant::now()));
+        }
+    }
+
+    fn replication_json(&self, under: u64) -> serde_json::Value {
+        let (reason, tracked, copies) = match &self.net {
+            Some(net) => {
+                let s = &net.replicator.stats;
+                (
+                    s.reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                    s.tracked_blocks.load(Ordering::Relaxed),
+                    s.placed_copies.load(Ordering::Relaxed),
+                )
+            }
+            None => (String::new(), 0, 0),
+        };
+        json!({
+            "under_replicated": under,
+            "replicated_blocks": tracked,
+            "placed_copies": copies,
+            "replication_note": reason,
+        })
+    }
+
     fn handle(&self, req: Request) -> Result<serde_json::Value> {
         match req {
+            Request::Replicate { timeout_secs } => {
+                self.replicate_until(Duration::from_secs(timeout_secs))
+            }
             Request::Status => {
                 let s = self.volume.stats();
+                let (listen, peers, under, passes, note) = match &self.net {
+                    Some(net) => {
+                        let st = &net.replicator.stats;
+                        (
+                            net.listen_addrs
+                                .iter()
+                                .map(|a| a.to_string())
+                                .collect::<Vec<_>>(),
+                            net.connected_peers(),
+                            st.under_replicated.load(Ordering::Relaxed),
+                            st.passes.load(Ordering::Relaxed),
+                            st.reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                        )
+                    }
+                    None => (
+                        Vec::new(),
+                        0,
+                        0,
+                        0,
+                        "no peers configured: blocks are kept locally only".to_owned(),
+                    ),
+                };
                 Ok(json!({
                     "mountpoint": self.mountpoint,
                     "own_blocks": s.own_blocks,
@@ -60,7 +233,14 @@ impl Daemon {
                     "cached_bytes": s.cached_bytes,
                     "unsealed_bytes": self.fs.dirty_bytes(),
                     "snapshots": self.fs.meta().snapshots()?.len(),
-                    "peers": 0,
+                    "listen_addrs": listen,
+                    "peers": peers,
+                    "under_replicated": under,
+                    "replication_passes": passes,
+                    "replication_note": note,
+                    "proofs_passed": 0,
+                    "proofs_failed": 0,
+                    "default_redundancy": self.config.redundancy,
                 }))
             }
             Request::Sync | Request::SnapshotsCreate => self.snapshot(),
@@ -94,7 +274,13 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
     }
     // Unlock before opening anything, so a wrong passphrase changes no file.
     let (_, keys) = secrets::unlock(home, passphrase)?;
-    let config = Config::load(home)?;
+    let mut config = Config::load(home)?;
+    if !args.listen.is_empty() {
+        config.listen = args.listen.iter().map(|a| a.to_string()).collect();
+    }
+    if !args.bootstrap.is_empty() {
+        config.bootstrap = args.bootstrap.iter().map(|a| a.to_string()).collect();
+    }
     let mountpoint = args
         .mountpoint
         .canonicalize()
@@ -121,6 +307,7 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         // under 256 MiB while one thread can wait on fsync.
         threads: 3,
     };
+    let net = Net::start(home, &config, &volume)?;
     let mut session = fincrypt_fs::fuse::session(fs.clone(), &mountpoint, &opts)
         .with_context(|| format!("mounting on {}", mountpoint.display()))?;
     let daemon = Arc::new(Daemon {
@@ -129,6 +316,7 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         config: config.clone(),
         mountpoint: mountpoint.clone(),
         snapshots: Mutex::new(()),
+        net,
     });
 
     let socket = control::socket_path(&home.data_dir);
@@ -137,6 +325,9 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
 
     let stop = Arc::new((Mutex::new(false), Condvar::new()));
     spawn_snapshot_worker(daemon.clone(), stop.clone());
+    if daemon.net.is_some() {
+        spawn_replication_worker(daemon.clone(), stop.clone());
+    }
 
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([
@@ -161,6 +352,9 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
     *stop.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
     stop.1.notify_all();
     fs.sync_all().context("writing back at unmount")?;
+    if let Some(net) = &daemon.net {
+        net.shutdown();
+    }
     volume.shutdown()?;
     let _ = std::fs::remove_file(&socket);
     served.context("serving the mount")?;
@@ -206,6 +400,31 @@ fn spawn_snapshot_worker(daemon: Arc<Daemon>, stop: Arc<(Mutex<bool>, Condvar)>)
                     }
                     stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
                 }
+            }
+        });
+}
+
+/// Runs a replication pass every `replicate_interval` seconds until stopped.
+fn spawn_replication_worker(daemon: Arc<Daemon>, stop: Arc<(Mutex<bool>, Condvar)>) {
+    let interval = Duration::from_secs(daemon.config.replicate_interval.max(1));
+    let _ = std::thread::Builder::new()
+        .name("replication".into())
+        .spawn(move || {
+            let (lock, cvar) = &*stop;
+            let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                let (guard, _) = cvar
+                    .wait_timeout(stopped, interval)
+                    .unwrap_or_else(|p| p.into_inner());
+                stopped = guard;
+                if *stopped {
+                    return;
+                }
+                drop(stopped);
+                if let Err(e) = daemon.replicate() {
+                    tracing::warn!(error = %e, "replication pass failed");
+                }
+                stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
             }
         });
 }

@@ -43,6 +43,14 @@ enum Command {
         /// Let other users in (FUSE allow_other; the kernel checks permissions).
         #[arg(long)]
         allow_other: bool,
+        /// Also be a peer node listening on this address (repeatable), e.g.
+        /// /ip4/0.0.0.0/tcp/4001; replaces `listen` from the config.
+        #[arg(long, value_name = "MULTIADDR")]
+        listen: Vec<fincrypt_net::Multiaddr>,
+        /// A peer to join the network through (repeatable); replaces
+        /// `bootstrap` from the config. Own blocks are placed on peers.
+        #[arg(long, value_name = "MULTIADDR")]
+        bootstrap: Vec<fincrypt_net::Multiaddr>,
     },
     /// Hold other people's blocks: a storage node for peers, in the foreground
     /// until SIGTERM or SIGINT. Needs no passphrase (it only sees ciphertext).
@@ -88,6 +96,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Mount {
             mountpoint,
             allow_other,
+            listen,
+            bootstrap,
         } => {
             let pass = if home.is_initialised() {
                 secrets::passphrase(secrets::PASSPHRASE_VAR, "Passphrase: ", false)?
@@ -110,6 +120,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 fincrypt::daemon::MountArgs {
                     mountpoint,
                     allow_other,
+                    listen,
+                    bootstrap,
                 },
                 &pass,
             )?;

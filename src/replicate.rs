@@ -1,0 +1,367 @@
+//! Placement of own blocks on peers, and the owner's manifest of who holds what.
+//!
+//! A pass walks what the live tree and every retained snapshot reference
+//! (as GC does) and asks, per block, for a number of copies on peers:
+//! a data block its file's effective redundancy (the nearest
+//! `user.fincrypt.redundancy` on the way down from the root, else the
+//! config's default), every other block (pointer blocks, directory
+//! streams, roots) the highest redundancy in use and at least
+//! [`META_REDUNDANCY`]. A block short of copies is put on the connected
+//! peers that serve blocks and have room, closest first by XOR distance
+//! between the score and the SHA-256 of the peer's id; each peer that
+//! stores it is recorded in the manifest (`manifest.redb`, docs/FORMATS.md).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use fincrypt_blockstore::{BlockStore, FileRef, Pointer, Score};
+use fincrypt_fs::meta::{Kind, ROOT_INO};
+use fincrypt_fs::{Fossil, snapshot};
+use fincrypt_net::{Client, Error as NetError, ErrorCode, PeerId};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use sha2::{Digest, Sha256};
+
+/// The least number of copies of blocks that are not file data.
+pub const META_REDUNDANCY: u8 = 3;
+
+const HOLDERS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("holders");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Version of the manifest's tables.
+pub const MANIFEST_VERSION: u64 = 1;
+
+/// Copies asked of each own block: score -> redundancy.
+pub type Wanted = BTreeMap<Score, u8>;
+
+/// Works out the redundancy every referenced own block asks for.
+pub fn wanted(fs: &Fossil, default: u8) -> Result<Wanted> {
+    let default = default.max(1);
+    let mut data: HashMap<Score, u8> = HashMap::new();
+    let mut meta: HashSet<Score> = HashSet::new();
+    let mut highest = default;
+    let reader = fs.reader();
+    let add_file = |f: &FileRef,
+                    n: u8,
+                    is_dir: bool,
+                    data: &mut HashMap<Score, u8>,
+                    meta: &mut HashSet<Score>|
+     -> Result<()> {
+        reader.visit_scores(f, &mut |p: &Pointer| {
+            if p.depth == 0 && !is_dir {
+                let e = data.entry(p.score).or_insert(n);
+                *e = (*e).max(n);
+            } else {
+                meta.insert(p.score);
+            }
+        })?;
+        Ok(())
+    };
+
+    // The live tree, carrying each directory's effective redundancy down.
+    let view = fs.meta().view()?;
+    let root = view.inode(ROOT_INO)?;
+    let root_n = root.redundancy.unwrap_or(default);
+    highest = highest.max(root_n);
+    let mut dirs = vec![(ROOT_INO, root_n)];
+    let mut seen_dirs = HashSet::new();
+    while let Some((dir, n)) = dirs.pop() {
+        if !seen_dirs.insert(dir) {
+            continue;
+        }
+        for d in view.entries(dir)? {
+            let inode = view.inode(d.ino)?;
+            let m = inode.redundancy.unwrap_or(n);
+            highest = highest.max(m);
+            if inode.kind == Kind::Dir {
+                dirs.push((d.ino, m));
+            } else {
+                add_file(&inode.content, m, false, &mut data, &mut meta)?;
+            }
+        }
+    }
+    // Files no name leads to (unlinked while open) still have blocks.
+    for content in view.contents()? {
+        reader.visit_scores(&content, &mut |p: &Pointer| {
+            if p.depth == 0 {
+                data.entry(p.score).or_insert(default);
+            } else {
+                meta.insert(p.score);
+            }
+        })?;
+    }
+    drop(view);
+
+    // Retained snapshots, with the settings they recorded.
+    for snap in fs.meta().snapshots()? {
+        meta.insert(snap.root.score);
+        let r = snapshot::root(fs, &snap)?;
+        let n = r.tree.redundancy.unwrap_or(default);
+        let mut dirs = vec![(r.tree, n)];
+        while let Some((d, n)) = dirs.pop() {
+            add_file(&d.content, n, true, &mut data, &mut meta)?;
+            for e in snapshot::read_dir(fs, &d)? {
+                let m = e.redundancy.unwrap_or(n);
+                highest = highest.max(m);
+                if e.kind == Kind::Dir {
+                    dirs.push((e, m));
+                } else {
+                    add_file(&e.content, m, false, &mut data, &mut meta)?;
+                }
+            }
+        }
+    }
+
+    let meta_n = highest.max(META_REDUNDANCY);
+    let mut out: Wanted = data.into_iter().collect();
+    for s in meta {
+        out.insert(s, meta_n);
+    }
+    Ok(out)
+}
+
+/// The owner's record of which peers confirmed holding each own block.
+pub struct Manifest {
+    db: Database,
+}
+
+impl Manifest {
+    /// Opens (or creates) the manifest at `path`.
+    pub fn open(path: &Path) -> Result<Manifest> {
+        let db = Database::create(path).with_context(|| format!("opening {}", path.display()))?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let version = meta.get("version")?.map(|v| v.value());
+            match version {
+                None => {
+                    meta.insert("version", MANIFEST_VERSION)?;
+                }
+                Some(MANIFEST_VERSION) => {}
+                Some(v) => anyhow::bail!(
+                    "manifest version {v} in {} is not supported (this program reads {MANIFEST_VERSION})",
+                    path.display()
+                ),
+            }
+            txn.open_table(HOLDERS)?;
+        }
+        txn.commit()?;
+        Ok(Manifest { db })
+    }
+
+    /// The confirmed holders of `score`.
+    pub fn holders(&self, score: &Score) -> Result<Vec<PeerId>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(HOLDERS)?;
+        Ok(match table.get(score.0)? {
+            Some(v) => decode_peers(v.value()),
+            None => Vec::new(),
+        })
+    }
+
+    /// Records the confirmed holders of several blocks in one commit.
+    pub fn set_many(&self, entries: &[(Score, Vec<PeerId>)]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(HOLDERS)?;
+            for (score, peers) in entries {
+                let ids: Vec<Vec<u8>> = peers.iter().map(|p| p.to_bytes()).collect();
+                let bytes = postcard::to_allocvec(&ids)?;
+                table.insert(score.0, bytes.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+fn decode_peers(bytes: &[u8]) -> Vec<PeerId> {
+    let ids: Vec<Vec<u8>> = postcard::from_bytes(bytes).unwrap_or_default();
+    ids.iter()
+        .filter_map(|b| PeerId::from_bytes(b).ok())
+        .collect()
+}
+
+/// The XOR distance between a score and a peer (its id hashed to 32 bytes).
+pub fn distance(score: &Score, peer: &PeerId) -> [u8; 32] {
+    let h = Sha256::digest(peer.to_bytes());
+    let mut d = [0u8; 32];
+    for (i, b) in d.iter_mut().enumerate() {
+        *b = score.0[i] ^ h[i];
+    }
+    d
+}
+
+/// Figures of replication, for `status`.
+#[derive(Default)]
+pub struct ReplicationStats {
+    /// Own blocks with fewer confirmed holders than asked, after the last pass.
+    pub under_replicated: AtomicU64,
+    /// Own blocks the last pass looked at.
+    pub tracked_blocks: AtomicU64,
+    /// Confirmed copies of those on peers, in all.
+    pub placed_copies: AtomicU64,
+    /// Passes finished.
+    pub passes: AtomicU64,
+    /// Why blocks are short of copies, in words (empty when none are).
+    pub reason: Mutex<String>,
+}
+
+/// What a pass needs.
+pub struct Replicator {
+    pub client: Client,
+    pub manifest: Manifest,
+    pub stats: Arc<ReplicationStats>,
+    /// One pass at a time.
+    pub running: tokio::sync::Mutex<()>,
+}
+
+/// Puts of blocks to peers in flight at once.
+const PARALLEL_BLOCKS: usize = 8;
+
+impl Replicator {
+    /// Places every block of `wanted` short of copies; returns how many are still short.
+    ///
+    /// `local` reads a block's bytes from the owner's volume.
+    pub async fn pass(&self, wanted: Wanted, local: Arc<dyn BlockStore>) -> Result<u64> {
+        use futures::StreamExt;
+        let _one = self.running.lock().await;
+        let me = self.client.local_peer_id();
+        let peers: Vec<PeerId> = self
+            .client
+            .peers()
+            .await?
+            .into_iter()
+            .filter(|p| p.connected && p.serves_blocks == Some(true) && p.peer_id != me)
+            .map(|p| p.peer_id)
+            .collect();
+        // Room each candidate reports, counted down as this pass fills it.
+        let mut room: HashMap<PeerId, u64> = HashMap::new();
+        for p in &peers {
+            if let Ok(space) = self.client.space(*p).await {
+                room.insert(*p, space.free());
+            }
+        }
+        let room = Arc::new(Mutex::new(room));
+        let tracked = wanted.len() as u64;
+        let mut short = Vec::new();
+        let mut placed_total = 0u64;
+        for (score, n) in &wanted {
+            let holders = self.manifest.holders(score)?;
+            placed_total += holders.len().min(*n as usize) as u64;
+            if holders.len() < *n as usize {
+                short.push((*score, *n, holders));
+            }
+        }
+        let results = futures::stream::iter(short.into_iter().map(|(score, n, holders)| {
+            let room = room.clone();
+            let local = local.clone();
+            async move {
+                let before = holders.len();
+                let holders = self.place(score, n, holders, &room, &local).await;
+                (score, n, before, holders)
+            }
+        }))
+        .buffer_unordered(PARALLEL_BLOCKS)
+        .collect::<Vec<_>>()
+        .await;
+        let mut under = 0u64;
+        let mut changed = Vec::new();
+        for (score, n, before, holders) in results {
+            placed_total += (holders.len().min(n as usize) - before.min(n as usize)) as u64;
+            if holders.len() < n as usize {
+                under += 1;
+            }
+            if holders.len() != before {
+                changed.push((score, holders));
+            }
+        }
+        self.manifest.set_many(&changed)?;
+        let reason = if under == 0 {
+            String::new()
+        } else {
+            let free = room
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter(|f| **f > 0)
+                .count();
+            format!(
+                "{under} blocks short of copies: {} peers serve blocks, {free} of them with room",
+                peers.len()
+            )
+        };
+        *self.stats.reason.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+        self.stats.under_replicated.store(under, Ordering::Relaxed);
+        self.stats.tracked_blocks.store(tracked, Ordering::Relaxed);
+        self.stats
+            .placed_copies
+            .store(placed_total, Ordering::Relaxed);
+        self.stats.passes.fetch_add(1, Ordering::Relaxed);
+        Ok(under)
+    }
+
+    /// Puts `score` on the closest peers with room until it has `n` holders.
+    async fn place(
+        &self,
+        score: Score,
+        n: u8,
+        mut holders: Vec<PeerId>,
+        room: &Mutex<HashMap<PeerId, u64>>,
+        local: &Arc<dyn BlockStore>,
+    ) -> Vec<PeerId> {
+        let data: Bytes = match local.get(&score) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(%score, error = %e, "no local copy to place");
+                return holders;
+            }
+        };
+        let len = data.len() as u64;
+        let mut candidates: Vec<PeerId> = room
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(p, free)| **free >= len && !holders.contains(p))
+            .map(|(p, _)| *p)
+            .collect();
+        candidates.sort_by_key(|p| distance(&score, p));
+        let mut next = candidates.into_iter();
+        while holders.len() < n as usize {
+            let batch: Vec<PeerId> = next.by_ref().take(n as usize - holders.len()).collect();
+            if batch.is_empty() {
+                break;
+            }
+            let puts = batch.iter().map(|p| {
+                let data = data.clone();
+                async move { (*p, self.client.put(*p, score, data).await) }
+            });
+            for (peer, result) in futures::future::join_all(puts).await {
+                let mut room = room.lock().unwrap_or_else(|p| p.into_inner());
+                match result {
+                    Ok(()) => {
+                        holders.push(peer);
+                        if let Some(f) = room.get_mut(&peer) {
+                            *f = f.saturating_sub(len);
+                        }
+                    }
+                    Err(NetError::Refused {
+                        code: ErrorCode::Full { free },
+                        ..
+                    }) => {
+                        room.insert(peer, free.min(len.saturating_sub(1)));
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, %score, error = %e, "a put to a peer failed");
+                    }
+                }
+            }
+        }
+        holders
+    }
+}
