@@ -5,13 +5,16 @@
 //! (its PeerId) in `CONFIG/node.key`; with `--home DIR` all three are in DIR.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use fincrypt_blockstore::{LocalStore, StoreOptions};
 use fincrypt_net::{Holder, Multiaddr, Node, NodeConfig};
+use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::Home;
+use crate::control::{self, Request};
 
 /// What `fincrypt serve` was asked to do.
 pub struct ServeArgs {
@@ -59,12 +62,63 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
     for addr in node.listen_addrs() {
         eprintln!("fincrypt serve: listening on {addr}/p2p/{peer}");
     }
+    let socket = control::socket_path(&home.data_dir);
+    let listen: Vec<String> = node
+        .listen_addrs()
+        .iter()
+        .map(|a| format!("{a}/p2p/{peer}"))
+        .collect();
+    let (client, h, runtime) = (
+        node.client(),
+        holder.clone(),
+        tokio::runtime::Handle::current(),
+    );
+    let answer = move |req: Request| -> Result<serde_json::Value> {
+        match req {
+            Request::Status => {
+                let peers = runtime
+                    .block_on(async {
+                        tokio::time::timeout(Duration::from_secs(5), client.peers()).await
+                    })
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .map_or(0, |list| list.iter().filter(|p| p.connected).count());
+                let s = h.stats();
+                let volume = h.store().stats();
+                Ok(json!({
+                    "role": "serve",
+                    "peer_id": peer.to_string(),
+                    "listen_addrs": listen,
+                    "peers": peers,
+                    "capacity": s.capacity,
+                    "held_blocks": s.held_blocks,
+                    "held_bytes": s.held_bytes,
+                    "cached_blocks": volume.cached_blocks,
+                    "own_blocks": 0,
+                    "own_bytes": 0,
+                }))
+            }
+            _ => bail!("this is a storage node (fincrypt serve): it has no filesystem"),
+        }
+    };
+    // A status socket is a convenience: a node runs without one (say, when a
+    // mount of the same home already has it).
+    let socket_ok = match control::serve(&socket, answer) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "no control socket for status");
+            false
+        }
+    };
 
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
     eprintln!("fincrypt serve: stopping");
+    if socket_ok {
+        let _ = std::fs::remove_file(&socket);
+    }
     node.shutdown().await;
     drop(holder);
     // Close the volume cleanly when nothing else holds it (a last request
