@@ -1,0 +1,223 @@
+//! A small network of real processes on 127.0.0.1: four `fincrypt serve`
+//! nodes and a mount bootstrapped to them place the mount's own blocks at a
+//! directory's redundancy, and the nodes only ever see ciphertext.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{Mount, StartOptions, ctl, ctl_ok, init_home, text};
+
+const START_LIMIT: Duration = Duration::from_secs(60);
+
+/// A `fincrypt serve` process, killed and reaped when dropped.
+struct Served {
+    child: Child,
+    addr: String,
+    _lines: Receiver<String>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Starts `fincrypt --home HOME serve ARGS` and waits for its "listening on" line.
+/// The child is reaped by `Served`'s drop.
+#[allow(clippy::zombie_processes)]
+fn serve(home: &Path, args: &[&str]) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fincrypt"))
+        .arg("--home")
+        .arg(home)
+        .arg("serve")
+        .args(args)
+        .env_remove("FINCRYPT_PASSPHRASE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[serve] {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + START_LIMIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match lines.recv_timeout(left) {
+            Ok(line) => line,
+            Err(e) => panic!("serve did not come up: {e}"),
+        };
+        if let Some(addr) = line.strip_prefix("fincrypt serve: listening on ") {
+            return Served {
+                child,
+                addr: addr.to_owned(),
+                _lines: lines,
+            };
+        }
+    }
+}
+
+fn status(home: &Path) -> serde_json::Value {
+    let out = ctl_ok(home, &["status", "--json"]);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("status JSON {out:?}: {e}"))
+}
+
+fn number(v: &serde_json::Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("status has a number {key}: {v}"))
+}
+
+/// Every regular file under `dir`, recursively.
+fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().map_while(Result::ok) {
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            files_under(&e.path(), out);
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+}
+
+#[test]
+fn four_nodes_hold_three_copies_of_every_own_block_and_no_plaintext() {
+    let node_homes: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Served> = node_homes
+        .iter()
+        .map(|h| {
+            serve(
+                h.path(),
+                &["--listen", "/ip4/127.0.0.1/tcp/0", "--capacity", "1GiB"],
+            )
+        })
+        .collect();
+
+    let mut args = vec!["--listen".to_owned(), "/ip4/127.0.0.1/tcp/0".to_owned()];
+    for n in &nodes {
+        args.push("--bootstrap".into());
+        args.push(n.addr.clone());
+    }
+    let opts = StartOptions {
+        args,
+        // Only the passes `sync --replicated` asks for run in this test.
+        env: vec![("FINCRYPT_REPLICATE_INTERVAL".into(), "3600".into())],
+        ..StartOptions::default()
+    };
+    let m = Mount::start_with(init_home(), opts);
+    let home = m.home().to_path_buf();
+
+    let st = status(&home);
+    let listen = st["listen_addrs"]
+        .as_array()
+        .expect("listen_addrs is a list");
+    assert_eq!(listen.len(), 1, "{st}");
+    assert!(listen[0].as_str().unwrap().contains("/p2p/"), "{st}");
+    assert_eq!(number(&st, "proofs_failed"), 0);
+
+    // Redundancy: 3 on a directory, inherited below it, default elsewhere.
+    let dir = m.path().join("precious");
+    std::fs::create_dir_all(dir.join("deeper")).unwrap();
+    ctl_ok(&home, &["redundancy", "set", dir.to_str().unwrap(), "3"]);
+    let got = ctl_ok(&home, &["redundancy", "get", dir.to_str().unwrap()]);
+    assert!(got.starts_with("3 (set here)"), "{got}");
+    let got = ctl_ok(
+        &home,
+        &["redundancy", "get", dir.join("deeper").to_str().unwrap()],
+    );
+    assert!(got.starts_with("3 (inherited"), "{got}");
+    let got = ctl_ok(&home, &["redundancy", "get", m.path().to_str().unwrap()]);
+    assert!(got.starts_with("2 (the default)"), "{got}");
+    let outside = ctl(&home, &["redundancy", "get", "/tmp"]);
+    assert!(
+        !outside.status.success(),
+        "a path outside the mount is refused"
+    );
+
+    // Files with a plaintext marker, big enough to need blocks of their own.
+    let marker = b"PEERS-E2E-PLAINTEXT-MARKER-5b1d";
+    let mut written = Vec::new();
+    for (i, len) in [64_000usize, 300_000, 2_500_000, 6_000_000]
+        .into_iter()
+        .enumerate()
+    {
+        let mut data = common::random_bytes(i as u64 + 7, len);
+        for at in (0..len.saturating_sub(marker.len())).step_by(50_000) {
+            data[at..at + marker.len()].copy_from_slice(marker);
+        }
+        let path = if i % 2 == 0 {
+            dir.join(format!("file{i}"))
+        } else {
+            dir.join("deeper").join(format!("file{i}"))
+        };
+        std::fs::write(&path, &data).unwrap();
+        written.push((path, data));
+    }
+
+    let out = ctl(&home, &["sync", "--replicated", "--timeout", "120"]);
+    assert!(
+        out.status.success(),
+        "sync --replicated failed ({}): {}{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+
+    let st = status(&home);
+    assert_eq!(number(&st, "under_replicated"), 0, "{st}");
+    assert!(
+        number(&st, "peers") >= 4,
+        "the mount sees the four nodes: {st}"
+    );
+    let own = number(&st, "own_blocks");
+    assert!(own >= 4, "the files made blocks: {st}");
+    let held: u64 = node_homes
+        .iter()
+        .map(|h| number(&status(h.path()), "held_blocks"))
+        .sum();
+    assert_eq!(held, 3 * own, "three copies of each of {own} own blocks");
+    assert_eq!(
+        number(&st, "held_blocks"),
+        0,
+        "the mount holds nothing for others"
+    );
+
+    for (path, data) in &written {
+        assert!(
+            std::fs::read(path).unwrap() == *data,
+            "{} reads back",
+            path.display()
+        );
+    }
+
+    for h in &node_homes {
+        let mut files = Vec::new();
+        files_under(h.path(), &mut files);
+        for f in files {
+            let bytes = std::fs::read(&f).unwrap_or_default();
+            assert!(
+                !common::contains(&bytes, marker),
+                "plaintext marker in a node's {}",
+                f.display()
+            );
+        }
+    }
+
+    m.unmount();
+    drop(nodes);
+}
