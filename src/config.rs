@@ -124,6 +124,12 @@ pub struct Config {
     pub holder_capacity: u64,
     /// Seconds between replication passes (placing own blocks on peers).
     pub replicate_interval: u64,
+    /// Seconds between rounds of storage proofs asked of holders (0: none).
+    pub proof_interval: u64,
+    /// Blocks whose holders are challenged per round.
+    pub proof_blocks: usize,
+    /// Consecutive failed proofs after which a holder is dropped and its blocks placed elsewhere.
+    pub proof_failures: u32,
 }
 
 /// Accepts a list, or one string of addresses separated by commas or spaces
@@ -156,6 +162,9 @@ impl Default for Config {
             redundancy: 2,
             holder_capacity: 0,
             replicate_interval: 30,
+            proof_interval: 300,
+            proof_blocks: 16,
+            proof_failures: 3,
         }
     }
 }
@@ -174,6 +183,9 @@ impl Config {
                 "redundancy",
                 "holder_capacity",
                 "replicate_interval",
+                "proof_interval",
+                "proof_blocks",
+                "proof_failures",
             ]))
             .extract()
             .with_context(|| format!("reading settings ({})", home.config_file().display()))
@@ -205,13 +217,22 @@ impl Config {
              holder_capacity = {}\n\
              \n\
              # Seconds between passes that place own blocks on peers.\n\
-             replicate_interval = {}\n",
+             replicate_interval = {}\n\
+             \n\
+             # Storage proofs: seconds between rounds (0: none), blocks per round,\n\
+             # and consecutive failures after which a holder is dropped.\n\
+             proof_interval = {}\n\
+             proof_blocks = {}\n\
+             proof_failures = {}\n",
             d.cache_capacity,
             d.snapshot_interval,
             d.snapshot_keep,
             d.redundancy,
             d.holder_capacity,
-            d.replicate_interval
+            d.replicate_interval,
+            d.proof_interval,
+            d.proof_blocks,
+            d.proof_failures
         )
     }
 }

@@ -97,6 +97,9 @@ impl Net {
                 manifest,
                 stats: Arc::new(ReplicationStats::default()),
                 running: tokio::sync::Mutex::new(()),
+                failures: Mutex::new(Default::default()),
+                banned: Mutex::new(Default::default()),
+                cursor: Default::default(),
             },
         }))
     }
@@ -161,6 +164,28 @@ impl Daemon {
         net.runtime.block_on(net.replicator.pass(wanted, local))
     }
 
+    /// One round of storage proofs; when it drops a holder, a replication
+    /// pass follows at once to place its blocks elsewhere.
+    fn prove(&self) -> Result<()> {
+        let Some(net) = &self.net else { return Ok(()) };
+        let wanted = {
+            let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+            replicate::wanted(&self.fs, self.config.redundancy)?
+        };
+        let policy = replicate::ProofPolicy {
+            blocks: self.config.proof_blocks.max(1),
+            failures: self.config.proof_failures.max(1),
+            timeout: Duration::from_secs(30),
+        };
+        let dropped = net
+            .runtime
+            .block_on(net.replicator.challenge_round(&wanted, policy))?;
+        if dropped > 0 {
+            self.replicate()?;
+        }
+        Ok(())
+    }
+
     /// Replication passes until nothing is short of copies or `timeout` passes.
     fn replicate_until(&self, timeout: Duration) -> Result<serde_json::Value> {
         let deadline = Instant::now() + timeout;
@@ -201,7 +226,7 @@ impl Daemon {
             }
             Request::Status => {
                 let s = self.volume.stats();
-                let (listen, peers, under, passes, note) = match &self.net {
+                let (listen, peers, under, passes, note, proofs) = match &self.net {
                     Some(net) => {
                         let st = &net.replicator.stats;
                         (
@@ -213,6 +238,11 @@ impl Daemon {
                             st.under_replicated.load(Ordering::Relaxed),
                             st.passes.load(Ordering::Relaxed),
                             st.reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                            [
+                                st.proofs_passed.load(Ordering::Relaxed),
+                                st.proofs_failed.load(Ordering::Relaxed),
+                                st.holders_dropped.load(Ordering::Relaxed),
+                            ],
                         )
                     }
                     None => (
@@ -221,6 +251,7 @@ impl Daemon {
                         0,
                         0,
                         "no peers configured: blocks are kept locally only".to_owned(),
+                        [0; 3],
                     ),
                 };
                 Ok(json!({
@@ -238,8 +269,9 @@ impl Daemon {
                     "under_replicated": under,
                     "replication_passes": passes,
                     "replication_note": note,
-                    "proofs_passed": 0,
-                    "proofs_failed": 0,
+                    "proofs_passed": proofs[0],
+                    "proofs_failed": proofs[1],
+                    "holders_dropped": proofs[2],
                     "default_redundancy": self.config.redundancy,
                 }))
             }
@@ -326,7 +358,14 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
     let stop = Arc::new((Mutex::new(false), Condvar::new()));
     spawn_snapshot_worker(daemon.clone(), stop.clone());
     if daemon.net.is_some() {
-        spawn_replication_worker(daemon.clone(), stop.clone());
+        let every = Duration::from_secs(daemon.config.replicate_interval.max(1));
+        spawn_worker("replication", every, daemon.clone(), stop.clone(), |d| {
+            d.replicate().map(|_| ())
+        });
+        if daemon.config.proof_interval > 0 {
+            let every = Duration::from_secs(daemon.config.proof_interval);
+            spawn_worker("proofs", every, daemon.clone(), stop.clone(), |d| d.prove());
+        }
     }
 
     let mut unmounter = session.unmount_callable();
@@ -404,11 +443,16 @@ fn spawn_snapshot_worker(daemon: Arc<Daemon>, stop: Arc<(Mutex<bool>, Condvar)>)
         });
 }
 
-/// Runs a replication pass every `replicate_interval` seconds until stopped.
-fn spawn_replication_worker(daemon: Arc<Daemon>, stop: Arc<(Mutex<bool>, Condvar)>) {
-    let interval = Duration::from_secs(daemon.config.replicate_interval.max(1));
+/// Runs `work` every `interval` until stopped; failures are logged.
+fn spawn_worker(
+    name: &'static str,
+    interval: Duration,
+    daemon: Arc<Daemon>,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    work: fn(&Daemon) -> Result<()>,
+) {
     let _ = std::thread::Builder::new()
-        .name("replication".into())
+        .name(name.into())
         .spawn(move || {
             let (lock, cvar) = &*stop;
             let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -421,8 +465,8 @@ fn spawn_replication_worker(daemon: Arc<Daemon>, stop: Arc<(Mutex<bool>, Condvar
                     return;
                 }
                 drop(stopped);
-                if let Err(e) = daemon.replicate() {
-                    tracing::warn!(error = %e, "replication pass failed");
+                if let Err(e) = work(&daemon) {
+                    tracing::warn!(worker = name, error = %e, "background work failed");
                 }
                 stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
             }

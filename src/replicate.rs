@@ -180,6 +180,36 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// Removes `peer` from every block's holders; returns how many blocks it held.
+    pub fn drop_peer(&self, peer: &PeerId) -> Result<u64> {
+        let txn = self.db.begin_write()?;
+        let mut n = 0;
+        {
+            let mut table = txn.open_table(HOLDERS)?;
+            let mut changed = Vec::new();
+            for item in table.iter()? {
+                let (k, v) = item?;
+                let peers = decode_peers(v.value());
+                if peers.contains(peer) {
+                    let rest: Vec<Vec<u8>> = peers
+                        .iter()
+                        .filter(|p| *p != peer)
+                        .map(|p| p.to_bytes())
+                        .collect();
+                    changed.push((k.value(), postcard::to_allocvec(&rest)?));
+                }
+            }
+            for (k, v) in changed {
+                table.insert(k, v.as_slice())?;
+                n += 1;
+            }
+        }
+        txn.commit()?;
+        Ok(n)
+    }
+}
+
 fn decode_peers(bytes: &[u8]) -> Vec<PeerId> {
     let ids: Vec<Vec<u8>> = postcard::from_bytes(bytes).unwrap_or_default();
     ids.iter()
@@ -210,7 +240,27 @@ pub struct ReplicationStats {
     pub passes: AtomicU64,
     /// Why blocks are short of copies, in words (empty when none are).
     pub reason: Mutex<String>,
+    /// Storage proofs that checked out against the score.
+    pub proofs_passed: AtomicU64,
+    /// Challenges a holder failed: a wrong proof, "not held", or no answer.
+    pub proofs_failed: AtomicU64,
+    /// Holders dropped after consecutive failed proofs.
+    pub holders_dropped: AtomicU64,
 }
+
+/// How challenges are run.
+#[derive(Clone, Copy, Debug)]
+pub struct ProofPolicy {
+    /// Blocks challenged per round (every holder of each).
+    pub blocks: usize,
+    /// Consecutive failures after which a holder is dropped.
+    pub failures: u32,
+    /// How long one challenge may take.
+    pub timeout: std::time::Duration,
+}
+
+/// How long a dropped holder gets no new placements.
+const BANNED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What a pass needs.
 pub struct Replicator {
@@ -219,6 +269,12 @@ pub struct Replicator {
     pub stats: Arc<ReplicationStats>,
     /// One pass at a time.
     pub running: tokio::sync::Mutex<()>,
+    /// Consecutive failed proofs per holder.
+    pub failures: Mutex<HashMap<PeerId, u32>>,
+    /// Holders dropped lately, kept out of placement until the instant.
+    pub banned: Mutex<HashMap<PeerId, std::time::Instant>>,
+    /// Where the next challenge round starts in the list of blocks.
+    pub cursor: std::sync::atomic::AtomicUsize,
 }
 
 /// Puts of blocks to peers in flight at once.
@@ -240,6 +296,15 @@ impl Replicator {
             .filter(|p| p.connected && p.serves_blocks == Some(true) && p.peer_id != me)
             .map(|p| p.peer_id)
             .collect();
+        let peers: Vec<PeerId> = {
+            let now = std::time::Instant::now();
+            let mut banned = self.banned.lock().unwrap_or_else(|p| p.into_inner());
+            banned.retain(|_, until| *until > now);
+            peers
+                .into_iter()
+                .filter(|p| !banned.contains_key(p))
+                .collect()
+        };
         // Room each candidate reports, counted down as this pass fills it.
         let mut room: HashMap<PeerId, u64> = HashMap::new();
         for p in &peers {
@@ -304,6 +369,66 @@ impl Replicator {
             .store(placed_total, Ordering::Relaxed);
         self.stats.passes.fetch_add(1, Ordering::Relaxed);
         Ok(under)
+    }
+
+    /// Challenges every confirmed holder of the next `policy.blocks` blocks of
+    /// `wanted`; drops a holder (from every block it holds) after
+    /// `policy.failures` consecutive failures. Returns the holders dropped.
+    pub async fn challenge_round(&self, wanted: &Wanted, policy: ProofPolicy) -> Result<usize> {
+        use futures::StreamExt;
+        if wanted.is_empty() {
+            return Ok(0);
+        }
+        let start = self.cursor.fetch_add(policy.blocks, Ordering::Relaxed) % wanted.len();
+        let mut asks = Vec::new();
+        for score in wanted
+            .keys()
+            .cycle()
+            .skip(start)
+            .take(policy.blocks.min(wanted.len()))
+        {
+            for peer in self.manifest.holders(score)? {
+                asks.push((*score, peer));
+            }
+        }
+        let results = futures::stream::iter(asks.into_iter().map(|(score, peer)| async move {
+            let answer =
+                tokio::time::timeout(policy.timeout, self.client.challenge(peer, score)).await;
+            (peer, matches!(answer, Ok(Ok(true))))
+        }))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+        let mut doomed = Vec::new();
+        {
+            let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+            for (peer, ok) in results {
+                if ok {
+                    self.stats.proofs_passed.fetch_add(1, Ordering::Relaxed);
+                    failures.remove(&peer);
+                } else {
+                    self.stats.proofs_failed.fetch_add(1, Ordering::Relaxed);
+                    let n = failures.entry(peer).or_insert(0);
+                    *n += 1;
+                    if *n >= policy.failures && !doomed.contains(&peer) {
+                        doomed.push(peer);
+                    }
+                }
+            }
+            for peer in &doomed {
+                failures.remove(peer);
+            }
+        }
+        for peer in &doomed {
+            let blocks = self.manifest.drop_peer(peer)?;
+            tracing::warn!(%peer, blocks, "dropping a holder after failed storage proofs");
+            self.banned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(*peer, std::time::Instant::now() + BANNED_FOR);
+            self.stats.holders_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(doomed.len())
     }
 
     /// Puts `score` on the closest peers with room until it has `n` holders.

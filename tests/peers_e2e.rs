@@ -95,8 +95,8 @@ fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-#[test]
-fn four_nodes_hold_three_copies_of_every_own_block_and_no_plaintext() {
+/// Four serve nodes and a mount bootstrapped to them, with `env` for the mount.
+fn network(env: &[(&str, &str)]) -> (Vec<tempfile::TempDir>, Vec<Served>, Mount) {
     let node_homes: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let nodes: Vec<Served> = node_homes
         .iter()
@@ -107,7 +107,6 @@ fn four_nodes_hold_three_copies_of_every_own_block_and_no_plaintext() {
             )
         })
         .collect();
-
     let mut args = vec!["--listen".to_owned(), "/ip4/127.0.0.1/tcp/0".to_owned()];
     for n in &nodes {
         args.push("--bootstrap".into());
@@ -115,11 +114,102 @@ fn four_nodes_hold_three_copies_of_every_own_block_and_no_plaintext() {
     }
     let opts = StartOptions {
         args,
-        // Only the passes `sync --replicated` asks for run in this test.
-        env: vec![("FINCRYPT_REPLICATE_INTERVAL".into(), "3600".into())],
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         ..StartOptions::default()
     };
     let m = Mount::start_with(init_home(), opts);
+    (node_homes, nodes, m)
+}
+
+const MARKER: &[u8] = b"PEERS-E2E-PLAINTEXT-MARKER-5b1d";
+
+/// Writes files with [`MARKER`] in them under `dir` (and `dir/deeper`).
+fn write_files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    std::fs::create_dir_all(dir.join("deeper")).unwrap();
+    let mut written = Vec::new();
+    for (i, len) in [64_000usize, 300_000, 2_500_000, 6_000_000]
+        .into_iter()
+        .enumerate()
+    {
+        let mut data = common::random_bytes(i as u64 + 7, len);
+        for at in (0..len.saturating_sub(MARKER.len())).step_by(50_000) {
+            data[at..at + MARKER.len()].copy_from_slice(MARKER);
+        }
+        let path = if i % 2 == 0 {
+            dir.join(format!("file{i}"))
+        } else {
+            dir.join("deeper").join(format!("file{i}"))
+        };
+        std::fs::write(&path, &data).unwrap();
+        written.push((path, data));
+    }
+    written
+}
+
+fn sync_replicated(home: &Path) {
+    let out = ctl(home, &["sync", "--replicated", "--timeout", "120"]);
+    assert!(
+        out.status.success(),
+        "sync --replicated failed ({}): {}{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_killed_holder_is_dropped_and_its_copies_are_made_again() {
+    let (node_homes, mut nodes, m) = network(&[
+        ("FINCRYPT_REPLICATE_INTERVAL", "2"),
+        ("FINCRYPT_PROOF_INTERVAL", "1"),
+    ]);
+    let home = m.home().to_path_buf();
+    let dir = m.path().join("precious");
+    std::fs::create_dir_all(&dir).unwrap();
+    ctl_ok(&home, &["redundancy", "set", dir.to_str().unwrap(), "3"]);
+    let written = write_files(&dir);
+    sync_replicated(&home);
+    let own = number(&status(&home), "own_blocks");
+
+    let mut dead = nodes.remove(0);
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    let survivors = &node_homes[1..];
+    common::wait_until(
+        "three copies of every own block on the three survivors",
+        Duration::from_secs(60),
+        || {
+            let st = status(&home);
+            let held: u64 = survivors
+                .iter()
+                .map(|h| number(&status(h.path()), "held_blocks"))
+                .sum();
+            held == 3 * own
+                && number(&st, "under_replicated") == 0
+                && number(&st, "holders_dropped") >= 1
+        },
+    );
+    let st = status(&home);
+    assert!(number(&st, "proofs_passed") > 0, "{st}");
+    assert!(number(&st, "proofs_failed") > 0, "{st}");
+    for (path, data) in &written {
+        assert!(
+            std::fs::read(path).unwrap() == *data,
+            "{} reads back",
+            path.display()
+        );
+    }
+    m.unmount();
+    drop(nodes);
+}
+
+#[test]
+fn four_nodes_hold_three_copies_of_every_own_block_and_no_plaintext() {
+    // Only the passes `sync --replicated` asks for run in this test.
+    let (node_homes, nodes, m) = network(&[("FINCRYPT_REPLICATE_INTERVAL", "3600")]);
     let home = m.home().to_path_buf();
 
     let st = status(&home);
