@@ -181,6 +181,31 @@ impl Manifest {
 }
 
 impl Manifest {
+    /// Every entry: score and confirmed holders.
+    pub fn all(&self) -> Result<Vec<(Score, Vec<PeerId>)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(HOLDERS)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (k, v) = item?;
+            out.push((Score(k.value()), decode_peers(v.value())));
+        }
+        Ok(out)
+    }
+
+    /// Forgets blocks entirely.
+    pub fn remove(&self, scores: impl Iterator<Item = Score>) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(HOLDERS)?;
+            for s in scores {
+                table.remove(s.0)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Removes `peer` from every block's holders; returns how many blocks it held.
     pub fn drop_peer(&self, peer: &PeerId) -> Result<u64> {
         let txn = self.db.begin_write()?;
@@ -347,6 +372,7 @@ impl Replicator {
             }
         }
         self.manifest.set_many(&changed)?;
+        self.release_freed(&wanted, &local).await?;
         let reason = if under == 0 {
             String::new()
         } else {
@@ -369,6 +395,47 @@ impl Replicator {
             .store(placed_total, Ordering::Relaxed);
         self.stats.passes.fetch_add(1, Ordering::Relaxed);
         Ok(under)
+    }
+
+    /// Releases, on their holders, blocks that nothing references any more
+    /// and that GC has freed locally; forgets them once every holder let go.
+    /// An unreachable holder is asked again on a later pass.
+    async fn release_freed(&self, wanted: &Wanted, local: &Arc<dyn BlockStore>) -> Result<()> {
+        let mut per_peer: HashMap<PeerId, Vec<Score>> = HashMap::new();
+        let mut entries: HashMap<Score, Vec<PeerId>> = HashMap::new();
+        for (score, holders) in self.manifest.all()? {
+            if wanted.contains_key(&score) || local.has(&score).unwrap_or(true) {
+                continue;
+            }
+            for p in &holders {
+                per_peer.entry(*p).or_default().push(score);
+            }
+            entries.insert(score, holders);
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        for (peer, scores) in per_peer {
+            for chunk in scores.chunks(fincrypt_net::proto::MAX_SCORES) {
+                match self.client.release(peer, chunk).await {
+                    Ok(_) => {
+                        // Released, or the holder did not have our placement: either way gone.
+                        for s in chunk {
+                            if let Some(h) = entries.get_mut(s) {
+                                h.retain(|p| *p != peer);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "a release failed; retrying later")
+                    }
+                }
+            }
+        }
+        let (gone, kept): (Vec<_>, Vec<_>) = entries.into_iter().partition(|(_, h)| h.is_empty());
+        self.manifest.set_many(&kept)?;
+        self.manifest.remove(gone.iter().map(|(s, _)| *s))?;
+        Ok(())
     }
 
     /// Challenges every confirmed holder of the next `policy.blocks` blocks of

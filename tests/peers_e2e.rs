@@ -209,7 +209,11 @@ fn a_killed_holder_is_dropped_and_its_copies_are_made_again() {
 #[test]
 fn four_nodes_hold_three_copies_of_every_own_block_and_no_plaintext() {
     // Only the passes `sync --replicated` asks for run in this test.
-    let (node_homes, nodes, m) = network(&[("FINCRYPT_REPLICATE_INTERVAL", "3600")]);
+    // One snapshot kept, so a deleted file's blocks are freed at the next sync.
+    let (node_homes, nodes, m) = network(&[
+        ("FINCRYPT_REPLICATE_INTERVAL", "3600"),
+        ("FINCRYPT_SNAPSHOT_KEEP", "1"),
+    ]);
     let home = m.home().to_path_buf();
 
     let st = status(&home);
@@ -294,6 +298,23 @@ fn four_nodes_hold_three_copies_of_every_own_block_and_no_plaintext() {
             path.display()
         );
     }
+
+    // A deleted file's blocks, once GC frees them, are released on the nodes.
+    let (big, _) = written.pop().unwrap();
+    std::fs::remove_file(&big).unwrap();
+    sync_replicated(&home);
+    let st = status(&home);
+    let own_after = number(&st, "own_blocks");
+    assert!(own_after < own, "deleting a 6 MB file freed blocks: {st}");
+    let held: u64 = node_homes
+        .iter()
+        .map(|h| number(&status(h.path()), "held_blocks"))
+        .sum();
+    assert_eq!(
+        held,
+        3 * own_after,
+        "freed blocks were released on the nodes"
+    );
 
     for h in &node_homes {
         let mut files = Vec::new();
