@@ -17,6 +17,7 @@ use crate::config::{Config, Home};
 use crate::control::{self, Request};
 use crate::replicate::{self, Manifest, ReplicationStats, Replicator};
 use crate::secrets;
+use crate::tiered::{Remote, TieredStore};
 
 /// What `fincrypt mount` was asked to do.
 pub struct MountArgs {
@@ -86,7 +87,7 @@ impl Net {
         for a in &listen_addrs {
             eprintln!("fincrypt: listening on {a}");
         }
-        let manifest = Manifest::open(&home.manifest_file())?;
+        let manifest = Arc::new(Manifest::open(&home.manifest_file())?);
         Ok(Some(Net {
             runtime,
             node: Mutex::new(Some(node)),
@@ -324,7 +325,8 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let meta = Meta::open(&fs_dir.join("meta.redb"), &keys, uid, gid)
         .context("opening the filesystem metadata")?;
-    let store: Arc<dyn BlockStore> = volume.clone();
+    let tiered = Arc::new(TieredStore::new(volume.clone()));
+    let store: Arc<dyn BlockStore> = tiered.clone();
     let fs = Arc::new(Fossil::new(
         meta,
         store,
@@ -340,6 +342,13 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         threads: 3,
     };
     let net = Net::start(home, &config, &volume)?;
+    if let Some(net) = &net {
+        tiered.connect(Remote {
+            handle: net.runtime.handle().clone(),
+            client: net.client.clone(),
+            manifest: net.replicator.manifest.clone(),
+        });
+    }
     let mut session = fincrypt_fs::fuse::session(fs.clone(), &mountpoint, &opts)
         .with_context(|| format!("mounting on {}", mountpoint.display()))?;
     let daemon = Arc::new(Daemon {

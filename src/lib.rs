@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod replicate;
 pub mod secrets;
 pub mod serve;
+pub mod tiered;
 
 // Large block buffers are allocated and freed all the time; mimalloc reuses
 // them where the system allocator maps and faults in fresh pages each time.

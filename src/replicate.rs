@@ -290,7 +290,7 @@ const BANNED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 /// What a pass needs.
 pub struct Replicator {
     pub client: Client,
-    pub manifest: Manifest,
+    pub manifest: Arc<Manifest>,
     pub stats: Arc<ReplicationStats>,
     /// One pass at a time.
     pub running: tokio::sync::Mutex<()>,

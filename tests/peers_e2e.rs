@@ -95,6 +95,23 @@ fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
+/// Mount options that bootstrap to `nodes`, with `env` for the mount.
+fn mount_opts(nodes: &[Served], env: &[(&str, &str)]) -> StartOptions {
+    let mut args = vec!["--listen".to_owned(), "/ip4/127.0.0.1/tcp/0".to_owned()];
+    for n in nodes {
+        args.push("--bootstrap".into());
+        args.push(n.addr.clone());
+    }
+    StartOptions {
+        args,
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..StartOptions::default()
+    }
+}
+
 /// Four serve nodes and a mount bootstrapped to them, with `env` for the mount.
 fn network(env: &[(&str, &str)]) -> (Vec<tempfile::TempDir>, Vec<Served>, Mount) {
     let node_homes: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -107,20 +124,7 @@ fn network(env: &[(&str, &str)]) -> (Vec<tempfile::TempDir>, Vec<Served>, Mount)
             )
         })
         .collect();
-    let mut args = vec!["--listen".to_owned(), "/ip4/127.0.0.1/tcp/0".to_owned()];
-    for n in &nodes {
-        args.push("--bootstrap".into());
-        args.push(n.addr.clone());
-    }
-    let opts = StartOptions {
-        args,
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..StartOptions::default()
-    };
-    let m = Mount::start_with(init_home(), opts);
+    let m = Mount::start_with(init_home(), mount_opts(&nodes, env));
     (node_homes, nodes, m)
 }
 
@@ -329,6 +333,44 @@ fn four_nodes_hold_three_copies_of_every_own_block_and_no_plaintext() {
         }
     }
 
+    m.unmount();
+    drop(nodes);
+}
+
+#[test]
+fn reads_come_from_holders_when_the_local_copies_are_damaged() {
+    let env = [("FINCRYPT_REPLICATE_INTERVAL", "3600")];
+    let (_node_homes, nodes, m) = network(&env);
+    let home = m.home().to_path_buf();
+    let dir = m.path().join("precious");
+    std::fs::create_dir_all(&dir).unwrap();
+    ctl_ok(&home, &["redundancy", "set", dir.to_str().unwrap(), "3"]);
+    let written = write_files(&dir);
+    sync_replicated(&home);
+    let names: Vec<_> = written
+        .iter()
+        .map(|(p, d)| (p.strip_prefix(m.path()).unwrap().to_path_buf(), d.clone()))
+        .collect();
+    let home_dir = m.unmount();
+
+    // Every block file of the owner's volume now holds zeros.
+    let mut files = Vec::new();
+    files_under(&home_dir.path().join("volume").join("blocks"), &mut files);
+    assert!(files.len() >= 4, "the volume has block files");
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len() as usize;
+        std::fs::write(f, vec![0u8; len]).unwrap();
+    }
+
+    let m = Mount::start_with(home_dir, mount_opts(&nodes, &env));
+    for (name, data) in &names {
+        let got = std::fs::read(m.path().join(name)).unwrap();
+        assert!(
+            got == *data,
+            "{} reads back from the holders",
+            name.display()
+        );
+    }
     m.unmount();
     drop(nodes);
 }
