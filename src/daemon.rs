@@ -201,18 +201,25 @@ impl Daemon {
     }
 
     fn replication_json(&self, under: u64) -> serde_json::Value {
-        let (reason, tracked, copies) = match &self.net {
+        let (reason, tracked, copies, levels) = match &self.net {
             Some(net) => {
                 let s = &net.replicator.stats;
                 (
                     s.reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                     s.tracked_blocks.load(Ordering::Relaxed),
                     s.placed_copies.load(Ordering::Relaxed),
+                    s.by_redundancy
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .map(|(n, count)| (n.to_string(), json!(count)))
+                        .collect::<serde_json::Map<_, _>>(),
                 )
             }
-            None => (String::new(), 0, 0),
+            None => (String::new(), 0, 0, Default::default()),
         };
         json!({
+            "blocks_by_redundancy": levels,
             "under_replicated": under,
             "replicated_blocks": tracked,
             "placed_copies": copies,

@@ -271,6 +271,8 @@ pub struct ReplicationStats {
     pub proofs_failed: AtomicU64,
     /// Holders dropped after consecutive failed proofs.
     pub holders_dropped: AtomicU64,
+    /// Own blocks the last pass looked at, by the redundancy they ask for.
+    pub by_redundancy: Mutex<BTreeMap<u8, u64>>,
 }
 
 /// How challenges are run.
@@ -339,6 +341,15 @@ impl Replicator {
         }
         let room = Arc::new(Mutex::new(room));
         let tracked = wanted.len() as u64;
+        let mut levels = BTreeMap::new();
+        for n in wanted.values() {
+            *levels.entry(*n).or_insert(0u64) += 1;
+        }
+        *self
+            .stats
+            .by_redundancy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = levels;
         let mut short = Vec::new();
         let mut placed_total = 0u64;
         for (score, n) in &wanted {

@@ -374,3 +374,53 @@ fn reads_come_from_holders_when_the_local_copies_are_damaged() {
     m.unmount();
     drop(nodes);
 }
+
+/// `sync --replicated`'s lines "  N blocks at redundancy R", as (R, N).
+fn levels(out: &str) -> Vec<(u64, u64)> {
+    out.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let (count, rest) = l.split_once(" blocks at redundancy ")?;
+            Some((rest.trim().parse().ok()?, count.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn copies_follow_a_subdirectory_setting_below_its_parent() {
+    let (node_homes, nodes, m) = network(&[("FINCRYPT_REPLICATE_INTERVAL", "3600")]);
+    let home = m.home().to_path_buf();
+    let parent = m.path().join("three");
+    let child = parent.join("two");
+    std::fs::create_dir_all(&child).unwrap();
+    ctl_ok(&home, &["redundancy", "set", parent.to_str().unwrap(), "3"]);
+    ctl_ok(&home, &["redundancy", "set", child.to_str().unwrap(), "2"]);
+    let got = ctl_ok(&home, &["redundancy", "get", child.to_str().unwrap()]);
+    assert!(got.starts_with("2 (set here)"), "{got}");
+    std::fs::write(child.join("data"), common::random_bytes(3, 3_000_000)).unwrap();
+    std::fs::write(parent.join("data"), common::random_bytes(4, 3_000_000)).unwrap();
+    let out = ctl_ok(&home, &["sync", "--replicated", "--timeout", "120"]);
+    let levels = levels(&out);
+    let at = |r: u64| levels.iter().find(|(n, _)| *n == r).map_or(0, |(_, c)| *c);
+    assert!(
+        at(2) >= 1,
+        "the subdirectory's data asks for 2 copies: {out}"
+    );
+    assert!(
+        at(3) >= 2,
+        "the parent's data and the metadata ask for 3: {out}"
+    );
+    let own = number(&status(&home), "own_blocks");
+    assert_eq!(at(2) + at(3), own, "every own block is placed: {out}");
+    let held: u64 = node_homes
+        .iter()
+        .map(|h| number(&status(h.path()), "held_blocks"))
+        .sum();
+    assert_eq!(
+        held,
+        2 * at(2) + 3 * at(3),
+        "copies follow the settings: {out}"
+    );
+    m.unmount();
+    drop(nodes);
+}

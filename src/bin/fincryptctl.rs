@@ -195,6 +195,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "replicated: {} blocks, {} copies on peers",
                     v["replicated_blocks"], v["placed_copies"]
                 );
+                if let Some(levels) = v["blocks_by_redundancy"].as_object() {
+                    for (n, count) in levels {
+                        println!("  {count} blocks at redundancy {n}");
+                    }
+                }
             }
         }
         Command::Redundancy {
