@@ -424,3 +424,66 @@ fn copies_follow_a_subdirectory_setting_below_its_parent() {
     m.unmount();
     drop(nodes);
 }
+
+#[test]
+fn a_holder_with_a_corrupted_volume_is_dropped_and_reads_stay_right() {
+    let env = [
+        ("FINCRYPT_REPLICATE_INTERVAL", "2"),
+        ("FINCRYPT_PROOF_INTERVAL", "1"),
+    ];
+    let (node_homes, nodes, m) = network(&env);
+    let home = m.home().to_path_buf();
+    let dir = m.path().join("precious");
+    std::fs::create_dir_all(&dir).unwrap();
+    ctl_ok(&home, &["redundancy", "set", dir.to_str().unwrap(), "3"]);
+    let written = write_files(&dir);
+    sync_replicated(&home);
+    let own = number(&status(&home), "own_blocks");
+
+    // Node 0's held block files now hold zeros.
+    let mut files = Vec::new();
+    files_under(
+        &node_homes[0].path().join("held").join("blocks"),
+        &mut files,
+    );
+    assert!(!files.is_empty(), "node 0 holds blocks");
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len() as usize;
+        std::fs::write(f, vec![0u8; len]).unwrap();
+    }
+    let others = &node_homes[1..];
+    common::wait_until(
+        "the corrupting holder dropped and three good copies on the others",
+        Duration::from_secs(60),
+        || {
+            let st = status(&home);
+            let held: u64 = others
+                .iter()
+                .map(|h| number(&status(h.path()), "held_blocks"))
+                .sum();
+            held == 3 * own
+                && number(&st, "under_replicated") == 0
+                && number(&st, "holders_dropped") >= 1
+        },
+    );
+
+    // Reads are right, also with the owner's own copies damaged.
+    let names: Vec<_> = written
+        .iter()
+        .map(|(p, d)| (p.strip_prefix(m.path()).unwrap().to_path_buf(), d.clone()))
+        .collect();
+    let home_dir = m.unmount();
+    let mut files = Vec::new();
+    files_under(&home_dir.path().join("volume").join("blocks"), &mut files);
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len() as usize;
+        std::fs::write(f, vec![0u8; len]).unwrap();
+    }
+    let m = Mount::start_with(home_dir, mount_opts(&nodes, &env));
+    for (name, data) in &names {
+        let got = std::fs::read(m.path().join(name)).unwrap();
+        assert!(got == *data, "{} reads back right", name.display());
+    }
+    m.unmount();
+    drop(nodes);
+}
