@@ -351,14 +351,18 @@ impl Replicator {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = levels;
         let mut short = Vec::new();
+        let mut surplus = Vec::new();
         let mut placed_total = 0u64;
         for (score, n) in &wanted {
             let holders = self.manifest.holders(score)?;
             placed_total += holders.len().min(*n as usize) as u64;
             if holders.len() < *n as usize {
                 short.push((*score, *n, holders));
+            } else if holders.len() > *n as usize {
+                surplus.push((*score, *n, holders));
             }
         }
+        self.release_surplus(surplus).await?;
         let results = futures::stream::iter(short.into_iter().map(|(score, n, holders)| {
             let room = room.clone();
             let local = local.clone();
@@ -406,6 +410,38 @@ impl Replicator {
             .store(placed_total, Ordering::Relaxed);
         self.stats.passes.fetch_add(1, Ordering::Relaxed);
         Ok(under)
+    }
+
+    /// Blocks with more holders than asked (their redundancy went down): the
+    /// holders farthest by XOR distance release them; the nearest `n` stay.
+    async fn release_surplus(&self, surplus: Vec<(Score, u8, Vec<PeerId>)>) -> Result<()> {
+        let mut per_peer: HashMap<PeerId, Vec<Score>> = HashMap::new();
+        let mut entries = HashMap::new();
+        for (score, n, mut holders) in surplus {
+            holders.sort_by_key(|p| distance(&score, p));
+            for p in &holders[n as usize..] {
+                per_peer.entry(*p).or_default().push(score);
+            }
+            entries.insert(score, holders);
+        }
+        for (peer, scores) in per_peer {
+            for chunk in scores.chunks(fincrypt_net::proto::MAX_SCORES) {
+                match self.client.release(peer, chunk).await {
+                    Ok(_) => {
+                        for s in chunk {
+                            if let Some(h) = entries.get_mut(s) {
+                                h.retain(|p| *p != peer);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "a release failed; retrying later")
+                    }
+                }
+            }
+        }
+        let changed: Vec<_> = entries.into_iter().collect();
+        self.manifest.set_many(&changed)
     }
 
     /// Releases, on their holders, blocks that nothing references any more

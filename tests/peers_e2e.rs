@@ -388,7 +388,12 @@ fn levels(out: &str) -> Vec<(u64, u64)> {
 
 #[test]
 fn copies_follow_a_subdirectory_setting_below_its_parent() {
-    let (node_homes, nodes, m) = network(&[("FINCRYPT_REPLICATE_INTERVAL", "3600")]);
+    let (node_homes, nodes, m) = network(&[
+        ("FINCRYPT_REPLICATE_INTERVAL", "3600"),
+        // A retained snapshot keeps the setting it recorded (the highest wins):
+        // keep one, so the lowered setting is all that counts after a sync.
+        ("FINCRYPT_SNAPSHOT_KEEP", "1"),
+    ]);
     let home = m.home().to_path_buf();
     let parent = m.path().join("three");
     let child = parent.join("two");
@@ -420,6 +425,22 @@ fn copies_follow_a_subdirectory_setting_below_its_parent() {
         held,
         2 * at(2) + 3 * at(3),
         "copies follow the settings: {out}"
+    );
+
+    // Lowered to 1: the surplus copies are released.
+    ctl_ok(&home, &["redundancy", "set", child.to_str().unwrap(), "1"]);
+    let out = ctl_ok(&home, &["sync", "--replicated", "--timeout", "120"]);
+    let levels = self::levels(&out);
+    let at = |r: u64| levels.iter().find(|(n, _)| *n == r).map_or(0, |(_, c)| *c);
+    assert!(at(1) >= 1 && at(2) == 0, "{out}");
+    let held: u64 = node_homes
+        .iter()
+        .map(|h| number(&status(h.path()), "held_blocks"))
+        .sum();
+    assert_eq!(
+        held,
+        at(1) + 3 * at(3),
+        "surplus copies were released: {out}"
     );
     m.unmount();
     drop(nodes);
