@@ -30,6 +30,8 @@ pub const META_REDUNDANCY: u8 = 3;
 
 const HOLDERS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("holders");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Blocks a dropped holder may still keep: key PeerId bytes then the score.
+const DROPPED: TableDefinition<&[u8], u8> = TableDefinition::new("dropped");
 /// Version of the manifest's tables.
 pub const MANIFEST_VERSION: u64 = 1;
 
@@ -146,6 +148,7 @@ impl Manifest {
                 ),
             }
             txn.open_table(HOLDERS)?;
+            txn.open_table(DROPPED)?;
         }
         txn.commit()?;
         Ok(Manifest { db })
@@ -225,13 +228,51 @@ impl Manifest {
                     changed.push((k.value(), postcard::to_allocvec(&rest)?));
                 }
             }
+            let mut dropped = txn.open_table(DROPPED)?;
             for (k, v) in changed {
                 table.insert(k, v.as_slice())?;
+                let mut key = peer.to_bytes();
+                key.extend_from_slice(&k);
+                dropped.insert(key.as_slice(), 1)?;
                 n += 1;
             }
         }
         txn.commit()?;
         Ok(n)
+    }
+
+    /// Blocks dropped holders may still keep, per holder.
+    pub fn pending_releases(&self) -> Result<HashMap<PeerId, Vec<Score>>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DROPPED)?;
+        let mut out: HashMap<PeerId, Vec<Score>> = HashMap::new();
+        for item in table.iter()? {
+            let (k, _) = item?;
+            let k = k.value();
+            if k.len() <= 32 {
+                continue;
+            }
+            let (peer, score) = k.split_at(k.len() - 32);
+            if let (Ok(peer), Ok(score)) = (PeerId::from_bytes(peer), <[u8; 32]>::try_from(score)) {
+                out.entry(peer).or_default().push(Score(score));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets that `peer` may keep `scores`.
+    pub fn forget_releases(&self, peer: &PeerId, scores: &[Score]) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(DROPPED)?;
+            for s in scores {
+                let mut key = peer.to_bytes();
+                key.extend_from_slice(&s.0);
+                table.remove(key.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 }
 
@@ -388,6 +429,7 @@ impl Replicator {
         }
         self.manifest.set_many(&changed)?;
         self.release_freed(&wanted, &local).await?;
+        self.release_dropped().await?;
         let reason = if under == 0 {
             String::new()
         } else {
@@ -442,6 +484,48 @@ impl Replicator {
         }
         let changed: Vec<_> = entries.into_iter().collect();
         self.manifest.set_many(&changed)
+    }
+
+    /// Asks dropped holders that are connected again to release what they
+    /// kept, so a holder that comes back does not keep copies no one counts.
+    /// A block placed on the same holder again since is left alone.
+    async fn release_dropped(&self) -> Result<()> {
+        let pending = self.manifest.pending_releases()?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let connected: HashSet<PeerId> = self
+            .client
+            .peers()
+            .await?
+            .into_iter()
+            .filter(|p| p.connected)
+            .map(|p| p.peer_id)
+            .collect();
+        for (peer, scores) in pending {
+            if !connected.contains(&peer) {
+                continue;
+            }
+            let mut release = Vec::new();
+            let mut placed_again = Vec::new();
+            for s in scores {
+                if self.manifest.holders(&s)?.contains(&peer) {
+                    placed_again.push(s);
+                } else {
+                    release.push(s);
+                }
+            }
+            self.manifest.forget_releases(&peer, &placed_again)?;
+            for chunk in release.chunks(fincrypt_net::proto::MAX_SCORES) {
+                match self.client.release(peer, chunk).await {
+                    Ok(_) => self.manifest.forget_releases(&peer, chunk)?,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "a release failed; retrying later")
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Releases, on their holders, blocks that nothing references any more

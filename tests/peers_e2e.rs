@@ -482,7 +482,10 @@ fn a_holder_with_a_corrupted_volume_is_dropped_and_reads_stay_right() {
                 .iter()
                 .map(|h| number(&status(h.path()), "held_blocks"))
                 .sum();
+            // The dropped holder, still connected, is asked to let go of the rest.
+            let dropped_keeps = number(&status(node_homes[0].path()), "held_blocks");
             held == 3 * own
+                && dropped_keeps == 0
                 && number(&st, "under_replicated") == 0
                 && number(&st, "holders_dropped") >= 1
         },
