@@ -511,3 +511,33 @@ fn a_holder_with_a_corrupted_volume_is_dropped_and_reads_stay_right() {
     m.unmount();
     drop(nodes);
 }
+
+#[test]
+fn with_no_holders_sync_replicated_fails_with_a_count_and_a_reason() {
+    // A node with no one to place blocks on.
+    let opts = mount_opts(&[], &[("FINCRYPT_REPLICATE_INTERVAL", "3600")]);
+    let m = Mount::start_with(init_home(), opts);
+    let home = m.home().to_path_buf();
+    std::fs::write(m.path().join("f"), common::random_bytes(1, 500_000)).unwrap();
+    let out = ctl(&home, &["sync", "--replicated", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("fewer holders than asked"), "{err}");
+    assert!(err.contains("0 peers serve blocks"), "{err}");
+    let st = status(&home);
+    assert!(number(&st, "under_replicated") >= 1, "{st}");
+    m.unmount();
+
+    // Without --listen or --bootstrap the mount has no node at all.
+    let m = Mount::start(init_home());
+    let out = ctl(m.home(), &["sync", "--replicated", "--timeout", "1"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no peers"),
+        "{}",
+        text(&out.stderr)
+    );
+    let st = status(m.home());
+    assert_eq!(st["listen_addrs"].as_array().map(Vec::len), Some(0), "{st}");
+    m.unmount();
+}
