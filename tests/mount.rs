@@ -971,3 +971,19 @@ fn deleted_data_is_freed_once_no_kept_snapshot_uses_it() {
     );
     m.unmount();
 }
+
+#[test]
+fn a_file_raised_by_truncate_reads_its_hole_to_the_end() {
+    // The kernel reads 128 KiB at a time: the second, sequential read lies
+    // wholly past the file's sealed content (none) and must still be zeros.
+    let m = Mount::start(init_home());
+    let path = m.path().join("raised");
+    fs::write(&path, b"").unwrap();
+    let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(131_073).unwrap();
+    drop(f);
+    let got = fs::read(&path).unwrap();
+    assert_eq!(got.len(), 131_073, "every byte up to the size is read");
+    assert!(got.iter().all(|b| *b == 0), "the hole reads as zeros");
+    m.unmount();
+}

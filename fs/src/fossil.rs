@@ -762,7 +762,15 @@ impl Fossil {
             // Decode the next blocks on the other cores while this one is read.
             self.reader.prefetch(&inode.content, end, READ_AHEAD_BLOCKS);
         }
-        Ok(self.reader.read_bytes(&inode.content, offset, n)?)
+        let got = self.reader.read_bytes(&inode.content, offset, n)?;
+        if got.len() < n {
+            // The size was raised past the sealed content (truncate up): the
+            // rest is a hole, read as zeros.
+            let mut buf = got.to_vec();
+            buf.resize(n, 0);
+            return Ok(buf.into());
+        }
+        Ok(got)
     }
 
     /// Writes `data` at `offset`; returns the bytes written.
