@@ -688,3 +688,53 @@ impl Replicator {
         holders
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_order_is_deterministic_and_depends_on_the_score() {
+        let peers: Vec<PeerId> = (0..8).map(|_| PeerId::random()).collect();
+        let order = |score: &Score| {
+            let mut p = peers.clone();
+            p.sort_by_key(|p| distance(score, p));
+            p
+        };
+        let (a, b) = (Score([1; 32]), Score([200; 32]));
+        assert_eq!(order(&a), order(&a));
+        let mut shuffled = peers.clone();
+        shuffled.reverse();
+        shuffled.sort_by_key(|p| distance(&a, p));
+        assert_eq!(shuffled, order(&a), "the input order does not matter");
+        assert_ne!(
+            order(&a),
+            order(&b),
+            "different blocks spread over different peers"
+        );
+    }
+
+    #[test]
+    fn the_manifest_keeps_holders_and_dropped_placements_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manifest.redb");
+        let (p, q) = (PeerId::random(), PeerId::random());
+        let (s, t) = (Score([3; 32]), Score([4; 32]));
+        {
+            let m = Manifest::open(&path).unwrap();
+            m.set_many(&[(s, vec![p, q]), (t, vec![q])]).unwrap();
+            assert_eq!(m.drop_peer(&q).unwrap(), 2);
+        }
+        let m = Manifest::open(&path).unwrap();
+        assert_eq!(m.holders(&s).unwrap(), vec![p]);
+        assert!(m.holders(&t).unwrap().is_empty());
+        let pending = m.pending_releases().unwrap();
+        let mut kept = pending.get(&q).cloned().unwrap_or_default();
+        kept.sort_by_key(|s| s.0);
+        assert_eq!(kept, vec![s, t]);
+        m.forget_releases(&q, &[s, t]).unwrap();
+        assert!(m.pending_releases().unwrap().is_empty());
+        m.remove([s].into_iter()).unwrap();
+        assert!(m.holders(&s).unwrap().is_empty());
+    }
+}
