@@ -359,6 +359,15 @@ impl EventLoop {
         }
     }
 
+    /// Answers an inbound request with an error instead of serving it.
+    fn refuse(&mut self, channel: ResponseChannel<Response>, code: ErrorCode) {
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .blocks
+            .send_response(channel, Response::Error(code));
+    }
+
     fn on_blocks(&mut self, event: request_response::Event<InboundRequest, Response>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
@@ -399,22 +408,10 @@ impl EventLoop {
     ) {
         let Some(handler) = self.handler.clone() else {
             // Not advertised, so not expected; say so rather than stay silent.
-            let busy = Response::Error(ErrorCode::bad_request("this node holds no blocks"));
-            let _ = self
-                .swarm
-                .behaviour_mut()
-                .blocks
-                .send_response(channel, busy);
-            return;
+            return self.refuse(channel, ErrorCode::bad_request("this node holds no blocks"));
         };
         if self.inbound.len() >= self.max_inbound {
-            let busy = Response::Error(ErrorCode::Unavailable);
-            let _ = self
-                .swarm
-                .behaviour_mut()
-                .blocks
-                .send_response(channel, busy);
-            return;
+            return self.refuse(channel, ErrorCode::Unavailable);
         }
         self.inbound.spawn(async move {
             let response = handler.handle(peer, request).await;
