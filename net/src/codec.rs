@@ -30,20 +30,35 @@ async fn read_body<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8
         proto::frame_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     // Grow the buffer as bytes arrive rather than trusting the announced
     // length with one allocation: a peer that announces much and sends little
-    // holds little of our memory.
-    let mut body = Vec::with_capacity(len.min(64 << 10));
-    io.take(len as u64).read_to_end(&mut body).await?;
-    if body.len() != len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            DecodeError::Truncated("stream ended inside a frame"),
-        ));
+    // holds little of our memory. Each step doubles what arrived, up to the
+    // exact length, so a block is never held in a buffer twice its size.
+    let mut body = Vec::new();
+    while body.len() < len {
+        let start = body.len();
+        let end = (start * 2).max(64 << 10).min(len);
+        body.resize(end, 0);
+        if let Err(e) = io.read_exact(&mut body[start..end]).await {
+            return Err(match e.kind() {
+                io::ErrorKind::UnexpectedEof => io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    DecodeError::Truncated("stream ended inside a frame"),
+                ),
+                _ => e,
+            });
+        }
     }
     Ok(body)
 }
 
-async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, frame: &[u8]) -> io::Result<()> {
-    io.write_all(frame).await?;
+/// Writes a frame given as head and tail (a block's bytes go out as they are, uncopied).
+async fn write_frame<T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    (head, tail): (Vec<u8>, bytes::Bytes),
+) -> io::Result<()> {
+    io.write_all(&head).await?;
+    if !tail.is_empty() {
+        io.write_all(&tail).await?;
+    }
     io.flush().await?;
     io.close().await
 }
@@ -66,7 +81,7 @@ impl request_response::Codec for Codec {
         T: AsyncRead + Unpin + Send,
     {
         let body = read_body(io).await?;
-        Ok(proto::decode_request(&body))
+        Ok(proto::decode_request_bytes(body.into()))
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Response>
@@ -74,7 +89,8 @@ impl request_response::Codec for Codec {
         T: AsyncRead + Unpin + Send,
     {
         let body = read_body(io).await?;
-        proto::decode_response(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        proto::decode_response_bytes(body.into())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
     async fn write_request<T>(
@@ -88,8 +104,8 @@ impl request_response::Codec for Codec {
     {
         // Only the node's own Client sends requests, and always Ok ones.
         let request = request.map_err(invalid_input)?;
-        let frame = proto::encode_request(&request).map_err(invalid_input)?;
-        write_frame(io, &frame).await
+        let parts = proto::encode_request_parts(&request).map_err(invalid_input)?;
+        write_frame(io, parts).await
     }
 
     async fn write_response<T>(
@@ -101,8 +117,8 @@ impl request_response::Codec for Codec {
     where
         T: AsyncWrite + Unpin + Send,
     {
-        let frame = proto::encode_response(&response).map_err(invalid_input)?;
-        write_frame(io, &frame).await
+        let parts = proto::encode_response_parts(&response).map_err(invalid_input)?;
+        write_frame(io, parts).await
     }
 }
 

@@ -4,7 +4,9 @@
 //! - a `Put` is checked against its score (recomputed from the bytes) and
 //!   refused on a mismatch, then against the room offered (`capacity`, in
 //!   bytes of `held` blocks) and refused with `Full` beyond it; the placing
-//!   peer is recorded in the [`Ledger`] before the block is stored durably;
+//!   peer is recorded in the [`Ledger`] before the block is stored durably
+//!   (new blocks that arrive together are recorded and stored together, in
+//!   one commit each, and each put is answered once its block is durable);
 //! - `Get`, `Has` and `Challenge` concern only blocks some peer placed here:
 //!   a node's own blocks are never served through this interface;
 //! - a copy that fails its check on read is deleted (its placements stay), so
@@ -15,9 +17,9 @@
 //! The volume is blocking I/O: every request runs on tokio's blocking pool,
 //! never on the event loop, and at most [`MAX_CONCURRENT`] run at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use fincrypt_blockstore::{BlockStore, Class, LocalStore, Score, score};
@@ -62,6 +64,30 @@ struct Inner {
     /// Bytes of puts admitted but not yet counted in the store's statistics.
     reserved: Mutex<u64>,
     stripes: Vec<Mutex<()>>,
+    /// New blocks waiting to be stored together (see [`Inner::store_new`]).
+    group: Mutex<Group>,
+    group_done: Condvar,
+}
+
+/// Puts of new blocks that arrive while others are being stored wait and are
+/// then stored together: one ledger commit and one store commit for all of
+/// them rather than one each, which is most of a put's cost on a disk.
+#[derive(Default)]
+struct Group {
+    /// Waiting to be taken by the next committer.
+    pending: Vec<GroupPut>,
+    /// True while a thread stores a taken group.
+    busy: bool,
+    /// Results of stored puts, by ticket, until their thread collects them.
+    done: HashMap<u64, Result<(), ErrorCode>>,
+    next_ticket: u64,
+}
+
+struct GroupPut {
+    ticket: u64,
+    peer: PeerId,
+    score: Score,
+    data: Bytes,
 }
 
 impl Holder {
@@ -79,6 +105,8 @@ impl Holder {
                 capacity,
                 reserved: Mutex::new(0),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+                group: Mutex::new(Group::default()),
+                group_done: Condvar::new(),
             }),
             permits: Arc::new(Semaphore::new(MAX_CONCURRENT)),
         })
@@ -212,15 +240,65 @@ impl Inner {
         Ok(())
     }
 
+    /// Stores a new block with its placement, in a group with the puts that
+    /// wait meanwhile; returns once this one is durable (or failed).
+    ///
+    /// Whichever waiting thread finds no group being stored takes every
+    /// pending put and stores them; the others wait for their result.
     fn store_new(&self, peer: PeerId, score: Score, data: Bytes) -> Result<(), ErrorCode> {
+        let lock = || self.group.lock().unwrap_or_else(|p| p.into_inner());
+        let mut group = lock();
+        let ticket = group.next_ticket;
+        group.next_ticket += 1;
+        group.pending.push(GroupPut {
+            ticket,
+            peer,
+            score,
+            data,
+        });
+        loop {
+            if let Some(result) = group.done.remove(&ticket) {
+                return result;
+            }
+            if !group.busy {
+                group.busy = true;
+                let puts = std::mem::take(&mut group.pending);
+                drop(group);
+                // A panic must not leave `busy` set and every later put waiting.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.store_group(&puts)
+                }))
+                .unwrap_or(Err(ErrorCode::Unavailable));
+                group = lock();
+                group.busy = false;
+                for p in &puts {
+                    group.done.insert(p.ticket, result.clone());
+                }
+                self.group_done.notify_all();
+                continue;
+            }
+            group = self
+                .group_done
+                .wait(group)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Records the placements, then stores the blocks durably, each in one commit.
+    fn store_group(&self, puts: &[GroupPut]) -> Result<(), ErrorCode> {
+        let placements: Vec<(Score, PeerId)> = puts.iter().map(|p| (p.score, p.peer)).collect();
         let added = self
             .ledger
-            .add(&score, &peer)
+            .add_many(&placements)
             .map_err(|e| unavailable("record a placement", e))?;
-        if let Err(e) = self.store.put_batch(&[(score, data)], Class::Held) {
-            if added {
-                let _ = self.ledger.remove(&[(score, peer)]);
-            }
+        let blocks: Vec<(Score, Bytes)> = puts.iter().map(|p| (p.score, p.data.clone())).collect();
+        if let Err(e) = self.store.put_batch(&blocks, Class::Held) {
+            let undo: Vec<(Score, PeerId)> = placements
+                .into_iter()
+                .zip(added)
+                .filter_map(|(p, new)| new.then_some(p))
+                .collect();
+            let _ = self.ledger.remove(&undo);
             return Err(unavailable("store a block", e));
         }
         Ok(())
@@ -525,6 +603,66 @@ mod tests {
             .count();
         assert_eq!((stored, full), (5, 11), "{outcomes:?}");
         assert_eq!(h.stats().held_bytes, 50_000);
+    }
+
+    #[test]
+    fn puts_stored_together_are_each_durable_placed_and_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let peers: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
+        let blocks: Vec<(Score, Bytes)> = (0..48u8).map(|i| block(i, 5000 + i as usize)).collect();
+        {
+            let store = Arc::new(
+                LocalStore::open(&dir.path().join("held"), StoreOptions::default()).unwrap(),
+            );
+            let h = Holder::open(store, &dir.path().join("placements.redb"), 1 << 30).unwrap();
+            // More threads than stripes and a shared block: puts overlap and group.
+            let outcomes: Vec<Response> = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..24usize)
+                    .map(|t| {
+                        let (h, blocks, peers) = (h.clone(), &blocks, &peers);
+                        scope.spawn(move || {
+                            let mut out = Vec::new();
+                            for (score, data) in
+                                blocks.iter().skip(t * 2).take(2).chain(&blocks[..1])
+                            {
+                                let put = Request::Put {
+                                    score: *score,
+                                    data: data.clone(),
+                                };
+                                out.push(h.answer_blocking(peers[t % 4], put));
+                            }
+                            out
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .flat_map(|w| w.join().unwrap())
+                    .collect()
+            });
+            assert!(
+                outcomes.iter().all(|r| *r == Response::Stored),
+                "{outcomes:?}"
+            );
+            let total: u64 = blocks.iter().map(|(_, d)| d.len() as u64).sum();
+            assert_eq!(h.stats().held_blocks, 48);
+            assert_eq!(h.stats().held_bytes, total);
+            drop(h);
+        }
+        // Everything is there after reopening, with its placers.
+        let store =
+            Arc::new(LocalStore::open(&dir.path().join("held"), StoreOptions::default()).unwrap());
+        let h = Holder::open(store, &dir.path().join("placements.redb"), 1 << 30).unwrap();
+        for (i, (score, data)) in blocks.iter().enumerate() {
+            let got = h.answer_blocking(peers[0], Request::Get { score: *score });
+            assert_eq!(got, Response::Block { data: data.clone() });
+            let placers = h.placers(score).unwrap();
+            if i == 0 {
+                assert_eq!(placers.len(), 4, "every thread's peer placed block 0");
+            } else {
+                assert_eq!(placers, vec![peers[(i / 2) % 4]]);
+            }
+        }
     }
 
     #[test]

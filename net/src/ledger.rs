@@ -69,6 +69,20 @@ impl Ledger {
         Ok(!was)
     }
 
+    /// Records several placements in one commit; for each, true if it had not been recorded.
+    pub fn add_many(&self, placements: &[(Score, PeerId)]) -> Result<Vec<bool>, Error> {
+        let txn = self.db.begin_write()?;
+        let out = {
+            let mut table = txn.open_multimap_table(PLACERS)?;
+            placements
+                .iter()
+                .map(|(s, p)| Ok(!table.insert(s.0, p.to_bytes().as_slice())?))
+                .collect::<Result<Vec<bool>, Error>>()?
+        };
+        txn.commit()?;
+        Ok(out)
+    }
+
     /// The peers that placed `score`.
     pub fn placers(&self, score: &Score) -> Result<Vec<PeerId>, Error> {
         let txn = self.db.begin_read()?;
@@ -151,6 +165,12 @@ mod tests {
         assert_eq!(ledger.placers(&s).unwrap(), vec![b]);
         assert_eq!(ledger.blocks().unwrap(), 1);
         ledger.remove(&[(s, b)]).unwrap();
+        let t = Score([3; 32]);
+        assert_eq!(
+            ledger.add_many(&[(t, a), (t, b), (t, a)]).unwrap(),
+            vec![true, true, false]
+        );
+        ledger.remove(&[(t, a), (t, b)]).unwrap();
         assert_eq!(ledger.placed(&[s]).unwrap(), vec![false]);
         assert_eq!(ledger.blocks().unwrap(), 0);
     }

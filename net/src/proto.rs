@@ -32,6 +32,9 @@ pub const LEN_PREFIX: usize = 4;
 /// The most scores one `Has` or `Release` may name.
 pub const MAX_SCORES: usize = 65_536;
 
+/// Bytes of a score on the wire.
+const SCORE_LEN: usize = 32;
+
 /// Bytes of a challenge nonce.
 pub const NONCE_LEN: usize = 32;
 
@@ -289,6 +292,103 @@ fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, EncodeError> {
     // body <= MAX_FRAME_LEN, which fits in u32.
     out[..LEN_PREFIX].copy_from_slice(&(body as u32).to_le_bytes());
     Ok(out)
+}
+
+/// Encodes a request as a frame in two parts, `head` then `tail`, whose
+/// concatenation is [`encode_request`]'s frame: a `Put`'s block is the tail,
+/// so a sender writes it to the stream without copying it into the frame.
+pub fn encode_request_parts(request: &Request) -> Result<(Vec<u8>, Bytes), EncodeError> {
+    request.check_limits().map_err(EncodeError::TooLarge)?;
+    match request {
+        Request::Put { score, data } => {
+            let empty = Request::Put {
+                score: *score,
+                data: Bytes::new(),
+            };
+            Ok((encode_head(&empty, data.len())?, data.clone()))
+        }
+        other => Ok((encode_frame(other)?, Bytes::new())),
+    }
+}
+
+/// As [`encode_request_parts`], for responses: a `Block`'s data is the tail.
+pub fn encode_response_parts(response: &Response) -> Result<(Vec<u8>, Bytes), EncodeError> {
+    response.check_limits().map_err(EncodeError::TooLarge)?;
+    match response {
+        Response::Block { data } => {
+            let empty = Response::Block { data: Bytes::new() };
+            Ok((encode_head(&empty, data.len())?, data.clone()))
+        }
+        other => Ok((encode_frame(other)?, Bytes::new())),
+    }
+}
+
+/// The frame of `empty` (a message whose last field is empty bytes) with
+/// that field's length set to `tail` bytes, which the caller sends after it.
+fn encode_head<T: Serialize>(empty: &T, tail: usize) -> Result<Vec<u8>, EncodeError> {
+    let mut head = encode_frame(empty)?;
+    // postcard ends the message with the bytes' length, a varint: 0 is one zero byte.
+    if head.pop() != Some(0) {
+        return Err(EncodeError::Postcard("unexpected message layout".into()));
+    }
+    let mut head = postcard::to_extend(&(tail as u64), head)
+        .map_err(|e| EncodeError::Postcard(e.to_string()))?;
+    let body = head.len() - LEN_PREFIX + tail;
+    if body > MAX_FRAME_LEN {
+        return Err(EncodeError::TooLarge(format!(
+            "frame of {body} bytes exceeds the limit of {MAX_FRAME_LEN} bytes"
+        )));
+    }
+    head[..LEN_PREFIX].copy_from_slice(&(body as u32).to_le_bytes());
+    Ok(head)
+}
+
+/// Decodes a request body as [`decode_request`] does; a `Put`'s block is a
+/// slice of `body` rather than a copy.
+pub fn decode_request_bytes(body: Bytes) -> Result<Request, DecodeError> {
+    // Variant 0 is `Put`: the score, then the block.
+    if let Some((head, data)) = split_tail(&body, 0, SCORE_LEN) {
+        let score = Score(
+            head.try_into()
+                .map_err(|_| DecodeError::Truncated("score"))?,
+        );
+        let request = Request::Put { score, data };
+        request.check_limits().map_err(DecodeError::Malformed)?;
+        return Ok(request);
+    }
+    decode_request(&body)
+}
+
+/// Decodes a response body as [`decode_response`] does; a `Block`'s data is
+/// a slice of `body` rather than a copy.
+pub fn decode_response_bytes(body: Bytes) -> Result<Response, DecodeError> {
+    // Variant 1 is `Block`: only the data.
+    if let Some((_, data)) = split_tail(&body, 1, 0) {
+        let response = Response::Block { data };
+        response.check_limits().map_err(DecodeError::Malformed)?;
+        return Ok(response);
+    }
+    decode_response(&body)
+}
+
+/// For a body of this version holding variant `variant` (a one-byte varint),
+/// `fixed` bytes of fields, then bytes that run exactly to the end: those
+/// fields and the bytes. `None` for anything else, which the general
+/// decoder then judges.
+fn split_tail(body: &Bytes, variant: u8, fixed: usize) -> Option<(&[u8], Bytes)> {
+    if body.len() > MAX_FRAME_LEN {
+        return None;
+    }
+    let rest = match body.get(..2)? {
+        [VERSION, v] if *v == variant => body.get(2..)?,
+        _ => return None,
+    };
+    let fields = rest.get(..fixed)?;
+    let (len, data) = postcard::take_from_bytes::<u64>(rest.get(fixed..)?).ok()?;
+    if data.len() as u64 != len {
+        return None;
+    }
+    Some((fields, body.slice(body.len() - data.len()..)))
 }
 
 /// Reads a length prefix and checks it against the limit; the caller then reads that many bytes.
@@ -630,5 +730,83 @@ mod tests {
             let r = Request::Put { score: Score(s), data: Bytes::from(data) };
             prop_assert_eq!(decode_request_frame(&encode_request(&r).unwrap()).unwrap(), r);
         }
+
+        #[test]
+        fn the_slicing_decoders_agree_with_the_general_ones(
+            which in 0usize..18,
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+            cut in any::<usize>(),
+        ) {
+            let frame = if which < 6 {
+                encode_request(&all_requests()[which]).unwrap()
+            } else {
+                encode_response(&all_responses()[which - 6]).unwrap()
+            };
+            let mut body = frame[LEN_PREFIX..].to_vec();
+            for (at, byte) in flips {
+                let i = at % body.len();
+                body[i] ^= byte;
+            }
+            body.truncate(cut % (body.len() + 1));
+            prop_assert_eq!(decode_request_bytes(Bytes::from(body.clone())), decode_request(&body));
+            prop_assert_eq!(decode_response_bytes(Bytes::from(body.clone())), decode_response(&body));
+        }
+
+        #[test]
+        fn put_bodies_with_any_length_field_decode_alike(
+            len in proptest::collection::vec(any::<u8>(), 0..12),
+            data in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let mut body = vec![VERSION, 0];
+            body.extend_from_slice(&[5; 32]);
+            body.extend_from_slice(&len);
+            body.extend_from_slice(&data);
+            prop_assert_eq!(decode_request_bytes(Bytes::from(body.clone())), decode_request(&body));
+            let mut body = vec![VERSION, 1];
+            body.extend_from_slice(&len);
+            body.extend_from_slice(&data);
+            prop_assert_eq!(decode_response_bytes(Bytes::from(body.clone())), decode_response(&body));
+        }
+    }
+
+    #[test]
+    fn a_frame_in_two_parts_is_the_whole_frame() {
+        for len in [0usize, 1, 127, 128, 16_383, 16_384, 1 << 20, MAX_BLOCK_LEN] {
+            let data = Bytes::from(vec![3u8; len]);
+            let put = Request::Put {
+                score: score(8),
+                data: data.clone(),
+            };
+            let (head, tail) = encode_request_parts(&put).unwrap();
+            assert_eq!(
+                [head, tail.to_vec()].concat(),
+                encode_request(&put).unwrap(),
+                "{len}"
+            );
+            let block = Response::Block { data };
+            let (head, tail) = encode_response_parts(&block).unwrap();
+            assert_eq!(
+                [head, tail.to_vec()].concat(),
+                encode_response(&block).unwrap(),
+                "{len}"
+            );
+        }
+        for r in all_requests() {
+            let (head, tail) = encode_request_parts(&r).unwrap();
+            assert_eq!([head, tail.to_vec()].concat(), encode_request(&r).unwrap());
+            let body = Bytes::from(encode_request(&r).unwrap()).slice(LEN_PREFIX..);
+            assert_eq!(decode_request_bytes(body).unwrap(), r);
+        }
+        for r in all_responses() {
+            let (head, tail) = encode_response_parts(&r).unwrap();
+            assert_eq!([head, tail.to_vec()].concat(), encode_response(&r).unwrap());
+            let body = Bytes::from(encode_response(&r).unwrap()).slice(LEN_PREFIX..);
+            assert_eq!(decode_response_bytes(body).unwrap(), r);
+        }
+        let too_big = Request::Put {
+            score: score(1),
+            data: Bytes::from(vec![0; MAX_BLOCK_LEN + 1]),
+        };
+        assert!(encode_request_parts(&too_big).is_err());
     }
 }
