@@ -30,6 +30,8 @@ pub enum Request {
     /// Run replication passes until no own block is short of copies, or
     /// `timeout_secs` pass; answers `{"under_replicated": N, ...}`.
     Replicate { timeout_secs: u64 },
+    /// The owner's manifest the newest root names: who holds each own block.
+    Manifest,
 }
 
 /// The daemon's answer: a JSON object, or an error message.

@@ -7,15 +7,16 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use fincrypt_blockstore::{BlockStore, LocalStore, TreeParams};
+use fincrypt_blockstore::{BlockStore, FileRef, LocalStore, Score, TreeParams};
 use fincrypt_fs::fuse::MountOptions;
 use fincrypt_fs::{Fossil, Meta, snapshot};
-use fincrypt_net::{Client, Holder, Multiaddr, Node, NodeConfig};
+use fincrypt_net::{Client, Holder, Multiaddr, Node, NodeConfig, PeerId};
 use serde_json::json;
 
 use crate::config::{Config, Home};
 use crate::control::{self, Request};
-use crate::replicate::{self, Manifest, ReplicationStats, Replicator};
+use crate::manifest::{Manifest, ManifestRecord};
+use crate::replicate::{self, ReplicationStats, Replicator};
 use crate::secrets;
 use crate::tiered::{Remote, TieredStore};
 
@@ -144,10 +145,62 @@ impl Daemon {
 
     fn snapshot(&self) -> Result<serde_json::Value> {
         let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
-        let snap = snapshot::create(&self.fs)?;
+        let manifest = match &self.net {
+            Some(net) => Some(self.write_manifest(&net.replicator.manifest)?),
+            None => None,
+        };
+        let snap = snapshot::create_with_manifest(&self.fs, manifest)?;
         snapshot::prune(&self.fs, self.config.snapshot_keep.max(1))?;
         let freed = snapshot::gc(&self.fs, &self.volume)?;
         Ok(json!({ "time": fincrypt_fs::snapdir::name(snap.time), "freed_blocks": freed }))
+    }
+
+    /// Stores the manifest as blocks for the next root (docs/FORMATS.md,
+    /// "Owner's manifest"); unchanged, it is the same blocks as last time.
+    fn write_manifest(&self, manifest: &Manifest) -> Result<FileRef> {
+        let (keys, params) = self.fs.keys();
+        manifest.record()?.write(self.fs.store(), keys, params)
+    }
+
+    /// The manifest the newest root names, with the holders the working
+    /// index knows now of the manifest's own blocks.
+    fn manifest_json(&self) -> Result<serde_json::Value> {
+        let Some(snap) = self.fs.meta().snapshots()?.pop() else {
+            bail!("no snapshot yet: run `fincryptctl sync` first");
+        };
+        let root = snapshot::root(&self.fs, &snap)?;
+        let Some(file) = root.manifest else {
+            return Ok(json!({
+                "root": snap.root.score.to_hex(),
+                "time": fincrypt_fs::snapdir::name(snap.time),
+                "manifest": null,
+            }));
+        };
+        let record = ManifestRecord::read(self.fs.reader(), &file)?;
+        let mut blocks = Vec::new();
+        self.fs
+            .reader()
+            .visit_scores(&file, &mut |p| blocks.push(p.score))?;
+        let now = match &self.net {
+            Some(net) => net.replicator.manifest.holders_of(blocks.iter().copied())?,
+            None => vec![Vec::new(); blocks.len()],
+        };
+        let entry = |score: &Score, holders: &[PeerId]| {
+            json!({
+                "score": score.to_hex(),
+                "holders": holders.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            })
+        };
+        Ok(json!({
+            "root": snap.root.score.to_hex(),
+            "time": fincrypt_fs::snapdir::name(snap.time),
+            "manifest": {
+                "version": record.version,
+                "bytes": file.len(),
+                "blocks": blocks.iter().zip(&now).map(|(s, h)| entry(s, h)).collect::<Vec<_>>(),
+                "entries": record.holders()?.iter().map(|(s, h)| entry(s, h)).collect::<Vec<_>>(),
+            },
+        }))
     }
 
     /// One replication pass; returns the own blocks still short of copies.
@@ -284,6 +337,7 @@ impl Daemon {
                 }))
             }
             Request::Sync | Request::SnapshotsCreate => self.snapshot(),
+            Request::Manifest => self.manifest_json(),
             Request::SnapshotsList => {
                 let list: Vec<_> = self
                     .fs

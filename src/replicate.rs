@@ -1,39 +1,32 @@
-//! Placement of own blocks on peers, and the owner's manifest of who holds what.
+//! Placement of own blocks on peers, recorded in the owner's manifest.
 //!
 //! A pass walks what the live tree and every retained snapshot reference
 //! (as GC does) and asks, per block, for a number of copies on peers:
 //! a data block its file's effective redundancy (the nearest
 //! `user.fincrypt.redundancy` on the way down from the root, else the
 //! config's default), every other block (pointer blocks, directory
-//! streams, roots) the highest redundancy in use and at least
-//! [`META_REDUNDANCY`]. A block short of copies is put on the connected
+//! streams, roots, the manifest's own blocks) the highest redundancy in use
+//! and at least [`META_REDUNDANCY`]. A block short of copies is put on the connected
 //! peers that serve blocks and have room, closest first by XOR distance
 //! between the score and the SHA-256 of the peer's id; each peer that
-//! stores it is recorded in the manifest (`manifest.redb`, docs/FORMATS.md).
+//! stores it is recorded in the manifest ([`Manifest`], docs/FORMATS.md).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use bytes::Bytes;
 use fincrypt_blockstore::{BlockStore, FileRef, Pointer, Score};
 use fincrypt_fs::meta::{Kind, ROOT_INO};
 use fincrypt_fs::{Fossil, snapshot};
 use fincrypt_net::{Client, Error as NetError, ErrorCode, PeerId};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use sha2::{Digest, Sha256};
+
+pub use crate::manifest::Manifest;
 
 /// The least number of copies of blocks that are not file data.
 pub const META_REDUNDANCY: u8 = 3;
-
-const HOLDERS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("holders");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// Blocks a dropped holder may still keep: key PeerId bytes then the score.
-const DROPPED: TableDefinition<&[u8], u8> = TableDefinition::new("dropped");
-/// Version of the manifest's tables.
-pub const MANIFEST_VERSION: u64 = 1;
 
 /// Copies asked of each own block: score -> redundancy.
 pub type Wanted = BTreeMap<Score, u8>;
@@ -100,6 +93,10 @@ pub fn wanted(fs: &Fossil, default: u8) -> Result<Wanted> {
     for snap in fs.meta().snapshots()? {
         meta.insert(snap.root.score);
         let r = snapshot::root(fs, &snap)?;
+        // The manifest's blocks are metadata, like the root that names them.
+        if let Some(m) = &r.manifest {
+            add_file(m, default, true, &mut data, &mut meta)?;
+        }
         let n = r.tree.redundancy.unwrap_or(default);
         let mut dirs = vec![(r.tree, n)];
         while let Some((d, n)) = dirs.pop() {
@@ -122,165 +119,6 @@ pub fn wanted(fs: &Fossil, default: u8) -> Result<Wanted> {
         out.insert(s, meta_n);
     }
     Ok(out)
-}
-
-/// The owner's record of which peers confirmed holding each own block.
-pub struct Manifest {
-    db: Database,
-}
-
-impl Manifest {
-    /// Opens (or creates) the manifest at `path`.
-    pub fn open(path: &Path) -> Result<Manifest> {
-        let db = Database::create(path).with_context(|| format!("opening {}", path.display()))?;
-        let txn = db.begin_write()?;
-        {
-            let mut meta = txn.open_table(META)?;
-            let version = meta.get("version")?.map(|v| v.value());
-            match version {
-                None => {
-                    meta.insert("version", MANIFEST_VERSION)?;
-                }
-                Some(MANIFEST_VERSION) => {}
-                Some(v) => anyhow::bail!(
-                    "manifest version {v} in {} is not supported (this program reads {MANIFEST_VERSION})",
-                    path.display()
-                ),
-            }
-            txn.open_table(HOLDERS)?;
-            txn.open_table(DROPPED)?;
-        }
-        txn.commit()?;
-        Ok(Manifest { db })
-    }
-
-    /// The confirmed holders of `score`.
-    pub fn holders(&self, score: &Score) -> Result<Vec<PeerId>> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(HOLDERS)?;
-        Ok(match table.get(score.0)? {
-            Some(v) => decode_peers(v.value()),
-            None => Vec::new(),
-        })
-    }
-
-    /// Records the confirmed holders of several blocks in one commit.
-    pub fn set_many(&self, entries: &[(Score, Vec<PeerId>)]) -> Result<()> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        let txn = self.db.begin_write()?;
-        {
-            let mut table = txn.open_table(HOLDERS)?;
-            for (score, peers) in entries {
-                let ids: Vec<Vec<u8>> = peers.iter().map(|p| p.to_bytes()).collect();
-                let bytes = postcard::to_allocvec(&ids)?;
-                table.insert(score.0, bytes.as_slice())?;
-            }
-        }
-        txn.commit()?;
-        Ok(())
-    }
-}
-
-impl Manifest {
-    /// Every entry: score and confirmed holders.
-    pub fn all(&self) -> Result<Vec<(Score, Vec<PeerId>)>> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(HOLDERS)?;
-        let mut out = Vec::new();
-        for item in table.iter()? {
-            let (k, v) = item?;
-            out.push((Score(k.value()), decode_peers(v.value())));
-        }
-        Ok(out)
-    }
-
-    /// Forgets blocks entirely.
-    pub fn remove(&self, scores: impl Iterator<Item = Score>) -> Result<()> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut table = txn.open_table(HOLDERS)?;
-            for s in scores {
-                table.remove(s.0)?;
-            }
-        }
-        txn.commit()?;
-        Ok(())
-    }
-
-    /// Removes `peer` from every block's holders; returns how many blocks it held.
-    pub fn drop_peer(&self, peer: &PeerId) -> Result<u64> {
-        let txn = self.db.begin_write()?;
-        let mut n = 0;
-        {
-            let mut table = txn.open_table(HOLDERS)?;
-            let mut changed = Vec::new();
-            for item in table.iter()? {
-                let (k, v) = item?;
-                let peers = decode_peers(v.value());
-                if peers.contains(peer) {
-                    let rest: Vec<Vec<u8>> = peers
-                        .iter()
-                        .filter(|p| *p != peer)
-                        .map(|p| p.to_bytes())
-                        .collect();
-                    changed.push((k.value(), postcard::to_allocvec(&rest)?));
-                }
-            }
-            let mut dropped = txn.open_table(DROPPED)?;
-            for (k, v) in changed {
-                table.insert(k, v.as_slice())?;
-                let mut key = peer.to_bytes();
-                key.extend_from_slice(&k);
-                dropped.insert(key.as_slice(), 1)?;
-                n += 1;
-            }
-        }
-        txn.commit()?;
-        Ok(n)
-    }
-
-    /// Blocks dropped holders may still keep, per holder.
-    pub fn pending_releases(&self) -> Result<HashMap<PeerId, Vec<Score>>> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(DROPPED)?;
-        let mut out: HashMap<PeerId, Vec<Score>> = HashMap::new();
-        for item in table.iter()? {
-            let (k, _) = item?;
-            let k = k.value();
-            if k.len() <= 32 {
-                continue;
-            }
-            let (peer, score) = k.split_at(k.len() - 32);
-            if let (Ok(peer), Ok(score)) = (PeerId::from_bytes(peer), <[u8; 32]>::try_from(score)) {
-                out.entry(peer).or_default().push(Score(score));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Forgets that `peer` may keep `scores`.
-    pub fn forget_releases(&self, peer: &PeerId, scores: &[Score]) -> Result<()> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut table = txn.open_table(DROPPED)?;
-            for s in scores {
-                let mut key = peer.to_bytes();
-                key.extend_from_slice(&s.0);
-                table.remove(key.as_slice())?;
-            }
-        }
-        txn.commit()?;
-        Ok(())
-    }
-}
-
-fn decode_peers(bytes: &[u8]) -> Vec<PeerId> {
-    let ids: Vec<Vec<u8>> = postcard::from_bytes(bytes).unwrap_or_default();
-    ids.iter()
-        .filter_map(|b| PeerId::from_bytes(b).ok())
-        .collect()
 }
 
 /// The XOR distance between a score and a peer (its id hashed to 32 bytes).
@@ -394,8 +232,8 @@ impl Replicator {
         let mut short = Vec::new();
         let mut surplus = Vec::new();
         let mut placed_total = 0u64;
-        for (score, n) in &wanted {
-            let holders = self.manifest.holders(score)?;
+        let known = self.manifest.holders_of(wanted.keys().copied())?;
+        for ((score, n), holders) in wanted.iter().zip(known) {
             placed_total += holders.len().min(*n as usize) as u64;
             if holders.len() < *n as usize {
                 short.push((*score, *n, holders));
@@ -638,7 +476,9 @@ impl Replicator {
         room: &Mutex<HashMap<PeerId, u64>>,
         local: &Arc<dyn BlockStore>,
     ) -> Vec<PeerId> {
-        let data: Bytes = match local.get(&score) {
+        // Not checked against the score here: each holder checks it (and
+        // refuses a damaged copy), so hashing it here too would only cost.
+        let data: Bytes = match local.get_to_open(&score) {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!(%score, error = %e, "no local copy to place");
@@ -679,6 +519,13 @@ impl Replicator {
                     }) => {
                         room.insert(peer, free.min(len.saturating_sub(1)));
                     }
+                    Err(NetError::Refused {
+                        code: ErrorCode::ScoreMismatch,
+                        ..
+                    }) => {
+                        tracing::warn!(%score, "the local copy of a block does not match its score; not placed");
+                        return holders;
+                    }
                     Err(e) => {
                         tracing::debug!(%peer, %score, error = %e, "a put to a peer failed");
                     }
@@ -712,29 +559,5 @@ mod tests {
             order(&b),
             "different blocks spread over different peers"
         );
-    }
-
-    #[test]
-    fn the_manifest_keeps_holders_and_dropped_placements_across_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("manifest.redb");
-        let (p, q) = (PeerId::random(), PeerId::random());
-        let (s, t) = (Score([3; 32]), Score([4; 32]));
-        {
-            let m = Manifest::open(&path).unwrap();
-            m.set_many(&[(s, vec![p, q]), (t, vec![q])]).unwrap();
-            assert_eq!(m.drop_peer(&q).unwrap(), 2);
-        }
-        let m = Manifest::open(&path).unwrap();
-        assert_eq!(m.holders(&s).unwrap(), vec![p]);
-        assert!(m.holders(&t).unwrap().is_empty());
-        let pending = m.pending_releases().unwrap();
-        let mut kept = pending.get(&q).cloned().unwrap_or_default();
-        kept.sort_by_key(|s| s.0);
-        assert_eq!(kept, vec![s, t]);
-        m.forget_releases(&q, &[s, t]).unwrap();
-        assert!(m.pending_releases().unwrap().is_empty());
-        m.remove([s].into_iter()).unwrap();
-        assert!(m.holders(&s).unwrap().is_empty());
     }
 }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use fincrypt_blockstore::{BlockStore, Class, Error, LocalStore, Score};
 use fincrypt_net::Client;
 
-use crate::replicate::Manifest;
+use crate::manifest::Manifest;
 
 /// How long one holder may take to send a block.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);

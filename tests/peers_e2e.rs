@@ -541,3 +541,123 @@ fn with_no_holders_sync_replicated_fails_with_a_count_and_a_reason() {
     assert_eq!(st["listen_addrs"].as_array().map(Vec::len), Some(0), "{st}");
     m.unmount();
 }
+
+/// The holders of each score, by PeerId, as `fincryptctl manifest --json` lists them.
+fn listed(v: &serde_json::Value) -> Vec<(String, std::collections::BTreeSet<String>)> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("a list: {v}"))
+        .iter()
+        .map(|e| {
+            let holders = e["holders"]
+                .as_array()
+                .unwrap_or_else(|| panic!("holders: {e}"))
+                .iter()
+                .map(|h| h.as_str().unwrap().to_owned())
+                .collect();
+            (e["score"].as_str().unwrap().to_owned(), holders)
+        })
+        .collect()
+}
+
+/// Which of `scores` each node says it holds for a placer, asked over the
+/// network as any peer could: score -> PeerIds of the nodes holding it.
+fn ask_nodes(
+    nodes: &[Served],
+    scores: &[String],
+) -> std::collections::HashMap<String, std::collections::BTreeSet<String>> {
+    use fincrypt_blockstore::Score;
+    use fincrypt_net::{Keypair, Node, NodeConfig};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let parsed: Vec<Score> = scores.iter().map(|s| Score::from_hex(s).unwrap()).collect();
+    let mut out: std::collections::HashMap<_, std::collections::BTreeSet<String>> = scores
+        .iter()
+        .map(|s| (s.clone(), Default::default()))
+        .collect();
+    rt.block_on(async {
+        let probe = Node::start(NodeConfig::new(Keypair::generate_ed25519()), None)
+            .await
+            .unwrap();
+        let client = probe.client();
+        for n in nodes {
+            let peer = client.dial(n.addr.parse().unwrap()).await.unwrap();
+            for (i, chunk) in parsed.chunks(1000).enumerate() {
+                let flags = client.has(peer, chunk).await.unwrap();
+                for (j, held) in flags.into_iter().enumerate() {
+                    if held {
+                        let key = &scores[i * 1000 + j];
+                        out.get_mut(key).unwrap().insert(peer.to_string());
+                    }
+                }
+            }
+        }
+        probe.shutdown().await;
+    });
+    out
+}
+
+#[test]
+fn the_newest_root_names_a_manifest_of_who_holds_each_block() {
+    let (_node_homes, nodes, m) = network(&[
+        ("FINCRYPT_REPLICATE_INTERVAL", "3600"),
+        ("FINCRYPT_SNAPSHOT_KEEP", "8"),
+    ]);
+    let home = m.home().to_path_buf();
+    let dir = m.path().join("precious");
+    std::fs::create_dir_all(&dir).unwrap();
+    ctl_ok(&home, &["redundancy", "set", dir.to_str().unwrap(), "3"]);
+    // One block per file, enough of them for a manifest of more than 4 KiB:
+    // stored in blocks of its own rather than inline in the root.
+    for i in 0..160u64 {
+        let data = common::random_bytes(1000 + i, 8192);
+        std::fs::write(dir.join(format!("small{i}")), data).unwrap();
+    }
+    sync_replicated(&home);
+    // The root of this sync names what the first pass placed.
+    sync_replicated(&home);
+
+    let v: serde_json::Value =
+        serde_json::from_str(ctl_ok(&home, &["manifest", "--json"]).trim()).unwrap();
+    let manifest = &v["manifest"];
+    assert_eq!(manifest["version"], 1, "{v}");
+    let entries = listed(&manifest["entries"]);
+    let blocks = listed(&manifest["blocks"]);
+    assert!(!blocks.is_empty(), "the manifest is stored in blocks: {v}");
+    let own = number(&status(&home), "own_blocks");
+    assert_eq!(
+        entries.len() + 1 + blocks.len(),
+        own as usize,
+        "every own block is in the manifest but the newest root and the manifest's own blocks"
+    );
+
+    let mut scores: Vec<String> = entries.iter().map(|(s, _)| s.clone()).collect();
+    scores.extend(blocks.iter().map(|(s, _)| s.clone()));
+    let truth = ask_nodes(&nodes, &scores);
+    for (score, holders) in &entries {
+        assert_eq!(
+            holders.len(),
+            3,
+            "{score} has three holders in the manifest"
+        );
+        assert_eq!(
+            holders, &truth[score],
+            "the manifest names the nodes that hold {score}"
+        );
+    }
+    for (score, holders) in &blocks {
+        assert!(
+            truth[score].len() >= 3,
+            "the manifest's block {score} is held by {:?}",
+            truth[score]
+        );
+        assert_eq!(holders, &truth[score], "the working index knows them");
+    }
+
+    // A person's summary names each holder.
+    let out = ctl_ok(&home, &["manifest"]);
+    assert!(
+        out.contains(&format!("{} own blocks", entries.len())),
+        "{out}"
+    );
+    m.unmount();
+    drop(nodes);
+}

@@ -2,8 +2,9 @@
 //!
 //! A directory becomes a stream of [`SnapEntry`] records stored as a file
 //! tree (inline when small); a snapshot is a [`RootRecord`] block holding the
-//! root directory's entry, the time and the previous root. Formats are in
-//! docs/FORMATS.md ("Snapshots").
+//! root directory's entry, the time, the previous root and the owner's
+//! manifest of who holds what (an opaque file tree to this crate). Formats
+//! are in docs/FORMATS.md ("Snapshots").
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -16,8 +17,10 @@ use crate::error::FsError;
 use crate::fossil::Fossil;
 use crate::meta::{Inode, Kind, ROOT_INO, SnapshotRecord, Time};
 
-/// Version of directory streams and root records.
-pub const SNAPSHOT_VERSION: u8 = 1;
+/// Version of root records; version 1 roots (no manifest) are still read.
+pub const SNAPSHOT_VERSION: u8 = 2;
+/// Version of directory streams (unchanged since roots were version 1).
+pub const DIR_STREAM_VERSION: u8 = 1;
 
 /// One name in a snapshot directory, with everything `stat` shows.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -53,6 +56,41 @@ pub struct RootRecord {
     /// The root directory (name empty).
     pub tree: SnapEntry,
     pub previous: Option<Pointer>,
+    /// The owner's manifest as of this snapshot (written by the mount: who
+    /// holds each own block); `None` in version 1 roots and without peers.
+    pub manifest: Option<FileRef>,
+}
+
+/// A root record as version 1 wrote it.
+#[derive(Deserialize)]
+struct RootRecordV1 {
+    version: u8,
+    time: Time,
+    tree: SnapEntry,
+    previous: Option<Pointer>,
+}
+
+impl RootRecord {
+    /// Decodes a root record of any version this program reads.
+    pub fn decode(plain: &[u8]) -> Result<RootRecord, FsError> {
+        // postcard writes the leading `version: u8` as one byte.
+        match plain.first().copied() {
+            Some(1) => {
+                let r: RootRecordV1 = postcard::from_bytes(plain)?;
+                Ok(RootRecord {
+                    version: r.version,
+                    time: r.time,
+                    tree: r.tree,
+                    previous: r.previous,
+                    manifest: None,
+                })
+            }
+            Some(SNAPSHOT_VERSION) => Ok(postcard::from_bytes(plain)?),
+            v => Err(FsError::Meta(format!(
+                "snapshot version {v:?} is not supported"
+            ))),
+        }
+    }
 }
 
 fn entry(name: Vec<u8>, inode: &Inode, content: FileRef) -> SnapEntry {
@@ -78,8 +116,18 @@ fn entry(name: Vec<u8>, inode: &Inode, content: FileRef) -> SnapEntry {
     }
 }
 
-/// Seals all writes, writes the tree as blocks and records a new root.
+/// Seals all writes, writes the tree as blocks and records a new root; the
+/// root keeps the previous root's manifest.
 pub fn create(fs: &Fossil) -> Result<SnapshotRecord, FsError> {
+    create_with_manifest(fs, None)
+}
+
+/// As [`create`], with `manifest` (the owner's manifest, already stored as
+/// blocks) in the root; `None` keeps the previous root's, if any.
+pub fn create_with_manifest(
+    fs: &Fossil,
+    manifest: Option<FileRef>,
+) -> Result<SnapshotRecord, FsError> {
     fs.sync_all()?;
     let (keys, params) = fs.keys();
     let store = fs.store();
@@ -130,7 +178,7 @@ pub fn create(fs: &Fossil) -> Result<SnapshotRecord, FsError> {
             unreachable!("stack checked non-empty above")
         };
         let stream = postcard::to_allocvec(&DirStream {
-            version: SNAPSHOT_VERSION,
+            version: DIR_STREAM_VERSION,
             entries: frame.done,
         })?;
         let content = write_all(store, keys, params, Class::Own, &stream)?;
@@ -140,13 +188,21 @@ pub fn create(fs: &Fossil) -> Result<SnapshotRecord, FsError> {
             None => break e,
         }
     };
-    let previous = fs.meta().snapshots()?.last().map(|s| s.root);
+    let last = fs.meta().snapshots()?.pop();
+    let manifest = match (manifest, &last) {
+        (Some(m), _) => Some(m),
+        // An unreadable previous root only costs the carried-over manifest.
+        (None, Some(last)) => self::root(fs, last).ok().and_then(|r| r.manifest),
+        (None, None) => None,
+    };
+    let previous = last.map(|s| s.root);
     let time = Time::now();
     let record = RootRecord {
         version: SNAPSHOT_VERSION,
         time,
         tree,
         previous,
+        manifest,
     };
     let bytes = postcard::to_allocvec(&record)?;
     let sealed = block::seal(&keys.content, BlockKind::Root, &bytes)?;
@@ -171,21 +227,14 @@ fn key_of(t: Time) -> u64 {
 pub fn root(fs: &Fossil, snap: &SnapshotRecord) -> Result<RootRecord, FsError> {
     let data = fs.store().get(&snap.root.score)?;
     let plain = block::open(&snap.root, BlockKind::Root, &data)?;
-    let r: RootRecord = postcard::from_bytes(&plain)?;
-    if r.version != SNAPSHOT_VERSION {
-        return Err(FsError::Meta(format!(
-            "snapshot version {} is not supported",
-            r.version
-        )));
-    }
-    Ok(r)
+    RootRecord::decode(&plain)
 }
 
 /// The entries of a snapshot directory.
 pub fn read_dir(fs: &Fossil, dir: &SnapEntry) -> Result<Vec<SnapEntry>, FsError> {
     let bytes = fs.reader().read_all(&dir.content)?;
     let s: DirStream = postcard::from_bytes(&bytes)?;
-    if s.version != SNAPSHOT_VERSION {
+    if s.version != DIR_STREAM_VERSION {
         return Err(FsError::Meta(format!(
             "directory stream version {} is not supported",
             s.version
@@ -226,6 +275,9 @@ pub fn gc(fs: &Fossil, volume: &LocalStore) -> Result<u64, FsError> {
     for snap in fs.meta().snapshots()? {
         live.insert(snap.root.score);
         let r = root(fs, &snap)?;
+        if let Some(m) = &r.manifest {
+            add_tree(m, &mut live)?;
+        }
         let mut dirs = vec![r.tree];
         while let Some(d) = dirs.pop() {
             add_tree(&d.content, &mut live)?;
@@ -239,4 +291,72 @@ pub fn gc(fs: &Fossil, volume: &LocalStore) -> Result<u64, FsError> {
         }
     }
     Ok(volume.sweep(&live, mark)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fincrypt_blockstore::Score;
+
+    fn dir_entry() -> SnapEntry {
+        SnapEntry {
+            name: Vec::new(),
+            kind: Kind::Dir,
+            perm: 0o755,
+            uid: 1,
+            gid: 2,
+            size: 0,
+            atime: Time::now(),
+            mtime: Time::now(),
+            ctime: Time::now(),
+            rdev: 0,
+            content: FileRef::Inline(b"stream".to_vec()),
+            target: Vec::new(),
+            xattrs: BTreeMap::new(),
+            redundancy: Some(3),
+        }
+    }
+
+    /// Version 1's layout, as it was written before roots named a manifest.
+    #[derive(Serialize)]
+    struct WrittenByV1 {
+        version: u8,
+        time: Time,
+        tree: SnapEntry,
+        previous: Option<Pointer>,
+    }
+
+    #[test]
+    fn version_1_roots_still_read_and_version_2_roots_keep_their_manifest() {
+        let old = WrittenByV1 {
+            version: 1,
+            time: Time::now(),
+            tree: dir_entry(),
+            previous: None,
+        };
+        let r = RootRecord::decode(&postcard::to_allocvec(&old).unwrap()).unwrap();
+        assert_eq!((r.version, r.manifest, r.tree), (1, None, old.tree));
+
+        let manifest = FileRef::Tree(Pointer {
+            score: Score([9; 32]),
+            key: [7; 32],
+            len: 5000,
+            size: 40,
+            depth: 1,
+        });
+        let new = RootRecord {
+            version: SNAPSHOT_VERSION,
+            time: Time::now(),
+            tree: dir_entry(),
+            previous: None,
+            manifest: Some(manifest.clone()),
+        };
+        let r = RootRecord::decode(&postcard::to_allocvec(&new).unwrap()).unwrap();
+        assert_eq!(r.manifest, Some(manifest));
+        assert_eq!(r.version, 2);
+
+        let mut future = postcard::to_allocvec(&new).unwrap();
+        future[0] = 3;
+        assert!(RootRecord::decode(&future).is_err());
+    }
 }

@@ -54,6 +54,13 @@ enum Command {
         #[command(subcommand)]
         command: RedundancyCommand,
     },
+    /// Who holds what, as the owner's manifest under the newest root says
+    /// (that root is not in it yet: its holders go into the next one).
+    Manifest {
+        /// Print every entry as JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// List or take snapshots.
     Snapshots {
         #[command(subcommand)]
@@ -232,6 +239,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None => println!("{default} (the default)"),
             }
         }
+        Command::Manifest { json } => {
+            let v = control::call(data, &Request::Manifest, None)?;
+            if json {
+                println!("{v}");
+            } else {
+                print_manifest(&v);
+            }
+        }
         Command::Snapshots {
             command: SnapshotCommand::List,
         } => {
@@ -248,4 +263,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A person's summary of `Request::Manifest`'s answer: counts per holder.
+fn print_manifest(v: &serde_json::Value) {
+    let root = v["root"].as_str().unwrap_or("?");
+    let time = v["time"].as_str().unwrap_or("?");
+    println!("root {root} ({time})");
+    let m = &v["manifest"];
+    if m.is_null() {
+        println!("  names no manifest (a mount without peers, or an older root)");
+        return;
+    }
+    let list = |key: &str| m[key].as_array().cloned().unwrap_or_default();
+    let (entries, blocks) = (list("entries"), list("blocks"));
+    println!(
+        "  manifest version {}: {} own blocks, {} bytes in {} blocks of its own",
+        m["version"],
+        entries.len(),
+        m["bytes"],
+        blocks.len()
+    );
+    let mut per_peer: std::collections::BTreeMap<String, u64> = Default::default();
+    for e in &entries {
+        for h in e["holders"].as_array().into_iter().flatten() {
+            *per_peer
+                .entry(h.as_str().unwrap_or("?").to_owned())
+                .or_default() += 1;
+        }
+    }
+    for (peer, n) in per_peer {
+        println!("  {peer} holds {n}");
+    }
 }

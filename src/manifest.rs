@@ -1,0 +1,417 @@
+//! The owner's manifest: which peers confirmed holding each own block.
+//!
+//! Two forms, one content (docs/FORMATS.md, "Owner's manifest"):
+//! - [`Manifest`], `DATA/manifest.redb`, the working index a replication
+//!   pass reads and updates block by block;
+//! - [`ManifestRecord`], the same entries written as an encrypted file tree
+//!   whenever a snapshot is taken and referenced from its root record, so
+//!   whoever can read the root can also find who holds every block, and each
+//!   root carries the version of the manifest of its time.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use fincrypt_blockstore::tree::write_all;
+use fincrypt_blockstore::{BlockStore, Class, FileRef, Keys, Score, TreeParams, TreeReader};
+use fincrypt_net::PeerId;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const HOLDERS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("holders");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Blocks a dropped holder may still keep: key PeerId bytes then the score.
+const DROPPED: TableDefinition<&[u8], u8> = TableDefinition::new("dropped");
+/// Version of the manifest's tables.
+pub const MANIFEST_VERSION: u64 = 1;
+
+/// The owner's record of which peers confirmed holding each own block.
+pub struct Manifest {
+    db: Database,
+}
+
+impl Manifest {
+    /// Opens (or creates) the manifest at `path`.
+    pub fn open(path: &Path) -> Result<Manifest> {
+        let db = Database::create(path).with_context(|| format!("opening {}", path.display()))?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let version = meta.get("version")?.map(|v| v.value());
+            match version {
+                None => {
+                    meta.insert("version", MANIFEST_VERSION)?;
+                }
+                Some(MANIFEST_VERSION) => {}
+                Some(v) => anyhow::bail!(
+                    "manifest version {v} in {} is not supported (this program reads {MANIFEST_VERSION})",
+                    path.display()
+                ),
+            }
+            txn.open_table(HOLDERS)?;
+            txn.open_table(DROPPED)?;
+        }
+        txn.commit()?;
+        Ok(Manifest { db })
+    }
+
+    /// The confirmed holders of `score`.
+    pub fn holders(&self, score: &Score) -> Result<Vec<PeerId>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(HOLDERS)?;
+        Ok(match table.get(score.0)? {
+            Some(v) => decode_peers(v.value()),
+            None => Vec::new(),
+        })
+    }
+
+    /// The confirmed holders of each of `scores`, read in one transaction.
+    pub fn holders_of(&self, scores: impl Iterator<Item = Score>) -> Result<Vec<Vec<PeerId>>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(HOLDERS)?;
+        let mut out = Vec::new();
+        for s in scores {
+            out.push(match table.get(s.0)? {
+                Some(v) => decode_peers(v.value()),
+                None => Vec::new(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Records the confirmed holders of several blocks in one commit.
+    pub fn set_many(&self, entries: &[(Score, Vec<PeerId>)]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(HOLDERS)?;
+            for (score, peers) in entries {
+                let ids: Vec<Vec<u8>> = peers.iter().map(|p| p.to_bytes()).collect();
+                let bytes = postcard::to_allocvec(&ids)?;
+                table.insert(score.0, bytes.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every entry: score and confirmed holders, in score order.
+    pub fn all(&self) -> Result<Vec<(Score, Vec<PeerId>)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(HOLDERS)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (k, v) = item?;
+            out.push((Score(k.value()), decode_peers(v.value())));
+        }
+        Ok(out)
+    }
+
+    /// Forgets blocks entirely.
+    pub fn remove(&self, scores: impl Iterator<Item = Score>) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(HOLDERS)?;
+            for s in scores {
+                table.remove(s.0)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Removes `peer` from every block's holders; returns how many blocks it held.
+    pub fn drop_peer(&self, peer: &PeerId) -> Result<u64> {
+        let txn = self.db.begin_write()?;
+        let mut n = 0;
+        {
+            let mut table = txn.open_table(HOLDERS)?;
+            let mut changed = Vec::new();
+            for item in table.iter()? {
+                let (k, v) = item?;
+                let peers = decode_peers(v.value());
+                if peers.contains(peer) {
+                    let rest: Vec<Vec<u8>> = peers
+                        .iter()
+                        .filter(|p| *p != peer)
+                        .map(|p| p.to_bytes())
+                        .collect();
+                    changed.push((k.value(), postcard::to_allocvec(&rest)?));
+                }
+            }
+            let mut dropped = txn.open_table(DROPPED)?;
+            for (k, v) in changed {
+                table.insert(k, v.as_slice())?;
+                let mut key = peer.to_bytes();
+                key.extend_from_slice(&k);
+                dropped.insert(key.as_slice(), 1)?;
+                n += 1;
+            }
+        }
+        txn.commit()?;
+        Ok(n)
+    }
+
+    /// Blocks dropped holders may still keep, per holder.
+    pub fn pending_releases(&self) -> Result<HashMap<PeerId, Vec<Score>>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DROPPED)?;
+        let mut out: HashMap<PeerId, Vec<Score>> = HashMap::new();
+        for item in table.iter()? {
+            let (k, _) = item?;
+            let k = k.value();
+            if k.len() <= 32 {
+                continue;
+            }
+            let (peer, score) = k.split_at(k.len() - 32);
+            if let (Ok(peer), Ok(score)) = (PeerId::from_bytes(peer), <[u8; 32]>::try_from(score)) {
+                out.entry(peer).or_default().push(Score(score));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets that `peer` may keep `scores`.
+    pub fn forget_releases(&self, peer: &PeerId, scores: &[Score]) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(DROPPED)?;
+            for s in scores {
+                let mut key = peer.to_bytes();
+                key.extend_from_slice(&s.0);
+                table.remove(key.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The whole manifest as a record, to be stored as blocks.
+    pub fn record(&self) -> Result<ManifestRecord> {
+        Ok(ManifestRecord::new(&self.all()?))
+    }
+}
+
+fn decode_peers(bytes: &[u8]) -> Vec<PeerId> {
+    let ids: Vec<Vec<u8>> = postcard::from_bytes(bytes).unwrap_or_default();
+    ids.iter()
+        .filter_map(|b| PeerId::from_bytes(b).ok())
+        .collect()
+}
+
+/// Version of [`ManifestRecord`].
+pub const MANIFEST_RECORD_VERSION: u8 = 1;
+
+/// The manifest as stored in blocks under a snapshot root: each own block's
+/// confirmed holders, with every holder's PeerId written once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    /// [`MANIFEST_RECORD_VERSION`].
+    pub version: u8,
+    /// PeerId bytes of every holder named below, in byte order, each once.
+    pub peers: Vec<Vec<u8>>,
+    /// Own blocks in score order, each with its holders as indices into `peers`.
+    pub entries: Vec<(Score, Vec<u32>)>,
+}
+
+impl ManifestRecord {
+    /// A record of `entries` (score, holders); the order of the input does not matter.
+    pub fn new(entries: &[(Score, Vec<PeerId>)]) -> ManifestRecord {
+        let mut index: BTreeMap<Vec<u8>, u32> = BTreeMap::new();
+        for (_, holders) in entries {
+            for p in holders {
+                index.insert(p.to_bytes(), 0);
+            }
+        }
+        for (i, v) in index.values_mut().enumerate() {
+            *v = i as u32;
+        }
+        let mut out: Vec<(Score, Vec<u32>)> = entries
+            .iter()
+            .map(|(score, holders)| {
+                let mut ids: Vec<u32> = holders.iter().map(|p| index[&p.to_bytes()]).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                (*score, ids)
+            })
+            .collect();
+        out.sort_by_key(|(s, _)| *s);
+        ManifestRecord {
+            version: MANIFEST_RECORD_VERSION,
+            peers: index.into_keys().collect(),
+            entries: out,
+        }
+    }
+
+    /// Every entry with its holders as PeerIds, in score order.
+    pub fn holders(&self) -> Result<Vec<(Score, Vec<PeerId>)>> {
+        let peers = self
+            .peers
+            .iter()
+            .map(|b| PeerId::from_bytes(b).context("a manifest names a malformed PeerId"))
+            .collect::<Result<Vec<_>>>()?;
+        self.entries
+            .iter()
+            .map(|(score, ids)| {
+                let holders = ids
+                    .iter()
+                    .map(|i| {
+                        peers.get(*i as usize).copied().with_context(|| {
+                            format!("a manifest entry names holder {i} of {}", peers.len())
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((*score, holders))
+            })
+            .collect()
+    }
+
+    /// Writes the record as a file tree of own blocks and returns its reference.
+    ///
+    /// The tree is content-defined and its keys convergent, so an unchanged
+    /// manifest gives the same blocks again, and a change touches few of them.
+    pub fn write(
+        &self,
+        store: &dyn BlockStore,
+        keys: &Keys,
+        params: TreeParams,
+    ) -> Result<FileRef> {
+        let bytes = postcard::to_allocvec(self)?;
+        Ok(write_all(store, keys, params, Class::Own, &bytes)?)
+    }
+
+    /// Reads a record written by [`ManifestRecord::write`].
+    pub fn read<S: BlockStore>(reader: &TreeReader<S>, file: &FileRef) -> Result<ManifestRecord> {
+        let bytes = reader.read_all(file)?;
+        let version = bytes.first().copied();
+        if version != Some(MANIFEST_RECORD_VERSION) {
+            bail!(
+                "manifest record version {version:?} is not supported (this program reads {MANIFEST_RECORD_VERSION})"
+            );
+        }
+        let record: ManifestRecord =
+            postcard::from_bytes(&bytes).context("decoding the manifest record")?;
+        // Indices are checked once here, so readers can trust them.
+        record.holders()?;
+        Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fincrypt_blockstore::{MasterSecret, MemStore};
+    use std::sync::Arc;
+
+    #[test]
+    fn the_manifest_keeps_holders_and_dropped_placements_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manifest.redb");
+        let (p, q) = (PeerId::random(), PeerId::random());
+        let (s, t) = (Score([3; 32]), Score([4; 32]));
+        {
+            let m = Manifest::open(&path).unwrap();
+            m.set_many(&[(s, vec![p, q]), (t, vec![q])]).unwrap();
+            assert_eq!(m.drop_peer(&q).unwrap(), 2);
+        }
+        let m = Manifest::open(&path).unwrap();
+        assert_eq!(m.holders(&s).unwrap(), vec![p]);
+        assert!(m.holders(&t).unwrap().is_empty());
+        let pending = m.pending_releases().unwrap();
+        let mut kept = pending.get(&q).cloned().unwrap_or_default();
+        kept.sort_by_key(|s| s.0);
+        assert_eq!(kept, vec![s, t]);
+        m.forget_releases(&q, &[s, t]).unwrap();
+        assert!(m.pending_releases().unwrap().is_empty());
+        m.remove([s].into_iter()).unwrap();
+        assert!(m.holders(&s).unwrap().is_empty());
+    }
+
+    /// Entries over `n` blocks, each held by three of eight peers.
+    fn entries(n: usize) -> Vec<(Score, Vec<PeerId>)> {
+        let peers: Vec<PeerId> = (0..8).map(|_| PeerId::random()).collect();
+        (0..n)
+            .map(|i| {
+                let mut s = [0u8; 32];
+                s[..8]
+                    .copy_from_slice(&(i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
+                let holders = (0..3).map(|k| peers[(i + k * 3) % 8]).collect();
+                (Score(s), holders)
+            })
+            .collect()
+    }
+
+    fn sorted(mut v: Vec<(Score, Vec<PeerId>)>) -> Vec<(Score, Vec<PeerId>)> {
+        for (_, h) in &mut v {
+            h.sort();
+        }
+        v.sort_by_key(|(s, _)| *s);
+        v
+    }
+
+    #[test]
+    fn a_manifest_written_as_blocks_reads_back_equal() {
+        let keys = MasterSecret::generate().keys();
+        let store = Arc::new(MemStore::new());
+        // Small chunks and fanout, so the record spans data and pointer blocks.
+        let params = TreeParams {
+            min_chunk: 1 << 10,
+            avg_chunk: 4 << 10,
+            max_chunk: 16 << 10,
+            fanout: 4,
+            inline_max: 64,
+        };
+        let reader = TreeReader::new(store.clone() as Arc<dyn BlockStore>, 1 << 20);
+        for n in [0usize, 1, 3000] {
+            let e = entries(n);
+            let record = ManifestRecord::new(&e);
+            let file = record.write(&*store, &keys, params).unwrap();
+            let back = ManifestRecord::read(&reader, &file).unwrap();
+            assert_eq!(back, record, "{n} entries");
+            assert_eq!(
+                sorted(back.holders().unwrap()),
+                sorted(e.clone()),
+                "{n} entries"
+            );
+            if n == 3000 {
+                let FileRef::Tree(root) = &file else {
+                    panic!("3000 entries are not inline")
+                };
+                assert!(root.depth >= 2, "the record spans pointer blocks");
+                // Written again unchanged, it is the same blocks.
+                let again = ManifestRecord::new(&entries_like(&e)).write(&*store, &keys, params);
+                assert_eq!(again.unwrap(), file);
+            }
+        }
+    }
+
+    /// The same entries in another order.
+    fn entries_like(e: &[(Score, Vec<PeerId>)]) -> Vec<(Score, Vec<PeerId>)> {
+        let mut v = e.to_vec();
+        v.reverse();
+        for (_, h) in &mut v {
+            h.reverse();
+        }
+        v
+    }
+
+    #[test]
+    fn a_record_naming_a_missing_holder_or_another_version_is_refused() {
+        let keys = MasterSecret::generate().keys();
+        let store = Arc::new(MemStore::new());
+        let reader = TreeReader::new(store.clone() as Arc<dyn BlockStore>, 1 << 20);
+        let mut record = ManifestRecord::new(&entries(10));
+        record.entries[3].1.push(99);
+        let file = record.write(&*store, &keys, TreeParams::default()).unwrap();
+        let err = ManifestRecord::read(&reader, &file).unwrap_err();
+        assert!(err.to_string().contains("holder 99"), "{err:#}");
+
+        let mut record = ManifestRecord::new(&entries(10));
+        record.version = 2;
+        let file = record.write(&*store, &keys, TreeParams::default()).unwrap();
+        let err = ManifestRecord::read(&reader, &file).unwrap_err();
+        assert!(err.to_string().contains("version"), "{err:#}");
+    }
+}
