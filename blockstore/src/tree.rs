@@ -134,6 +134,41 @@ impl<'a> TreeWriter<'a> {
         reader: &TreeReader<S>,
         from: u64,
     ) -> Result<(Self, u64), Error> {
+        Self::resume_inner(store, keys, params, class, base, reader, from, false)
+    }
+
+    /// A writer that continues `base`, which [`TreeWriter::finish_at_cut`]
+    /// made, with bytes unchanged up to `from` (> `base.len()`): every block
+    /// of `base` is kept, its last included, since its end was cut with the
+    /// next byte in view. Returns the offset to write from (`base.len()`).
+    pub fn resume_at_cut<S: BlockStore>(
+        store: &'a dyn BlockStore,
+        keys: &'a Keys,
+        params: TreeParams,
+        class: Class,
+        base: &FileRef,
+        reader: &TreeReader<S>,
+    ) -> Result<(Self, u64), Error> {
+        Self::resume_inner(store, keys, params, class, base, reader, u64::MAX, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn resume_inner<S: BlockStore>(
+        store: &'a dyn BlockStore,
+        keys: &'a Keys,
+        params: TreeParams,
+        class: Class,
+        base: &FileRef,
+        reader: &TreeReader<S>,
+        from: u64,
+        ends_at_cut: bool,
+    ) -> Result<(Self, u64), Error> {
+        if ends_at_cut {
+            if let FileRef::Inline(_) = base {
+                // Nothing was cut: the inline bytes are written again.
+                return Ok((TreeWriter::new(store, keys, params, class), 0));
+            }
+        }
         let mut leaves = Vec::new();
         reader.visit_scores(base, &mut |p| {
             if p.depth == 0 {
@@ -141,8 +176,10 @@ impl<'a> TreeWriter<'a> {
             }
         })?;
         // The last leaf ends where the file ended, not at a content-defined
-        // cut, so it is always re-chunked.
-        leaves.pop();
+        // cut, so it is re-chunked, unless `finish_at_cut` made it.
+        if !ends_at_cut {
+            leaves.pop();
+        }
         let mut w = TreeWriter::new(store, keys, params, class);
         let mut end = 0u64;
         for leaf in leaves {
@@ -161,17 +198,49 @@ impl<'a> TreeWriter<'a> {
 
     /// Appends bytes to the file.
     pub fn write(&mut self, data: &[u8]) -> Result<(), Error> {
-        if self.buf.is_empty() && data.len() >= self.params.batch_bytes() {
+        let max_chunk = self.params.max_chunk as usize;
+        if self.buf.is_empty() && data.len() >= 2 * max_chunk {
             // A large write is chunked where it lies; only its tail is copied.
             let consumed = self.seal_chunks(data, false)?;
             self.buf.extend_from_slice(&data[consumed..]);
             return Ok(());
         }
-        self.buf.extend_from_slice(data);
+        if !self.buf.is_empty() && data.len() >= 3 * max_chunk {
+            // Chunk the buffered bytes with just enough of `data` to pass a
+            // cut (a chunk ends within `max_chunk` of its start), then the
+            // rest of `data` where it lies, instead of copying all of it.
+            let old = self.buf.len();
+            self.buf.extend_from_slice(&data[..max_chunk]);
+            let consumed = self.flush_chunks(false)?;
+            if consumed >= old {
+                self.buf.clear();
+                return self.write(&data[consumed - old..]);
+            }
+            self.buf.extend_from_slice(&data[max_chunk..]);
+        } else {
+            self.buf.extend_from_slice(data);
+        }
         if self.buf.len() >= self.params.batch_bytes() {
             self.flush_chunks(false)?;
         }
         Ok(())
+    }
+
+    /// Stores every chunk that ends at a content-defined cut and returns the
+    /// tree of those alone and `true`: the bytes after the last cut are
+    /// dropped, for the caller to write again over that tree with
+    /// [`TreeWriter::resume_at_cut`]. A stream sealed in pieces so is cut
+    /// exactly as if written in one go, and no piece re-reads the last.
+    /// With no cut at all, this is [`TreeWriter::finish`] and `false`.
+    pub fn finish_at_cut(mut self) -> Result<(FileRef, bool), Error> {
+        if self.buf.len() > self.params.inline_max {
+            self.flush_chunks(false)?;
+        }
+        let cut = self.stored_any || self.levels.iter().any(|l| !l.is_empty());
+        if cut {
+            self.buf.clear();
+        }
+        Ok((self.finish()?, cut))
     }
 
     /// Stores what remains and returns the file's reference.
@@ -200,14 +269,14 @@ impl<'a> TreeWriter<'a> {
     }
 
     /// Cuts the buffer into chunks and stores them; keeps the last, possibly
-    /// incomplete chunk unless this is the end of the file.
-    fn flush_chunks(&mut self, last: bool) -> Result<(), Error> {
+    /// incomplete chunk unless this is the end of the file. Returns the bytes used.
+    fn flush_chunks(&mut self, last: bool) -> Result<usize, Error> {
         let buf = std::mem::take(&mut self.buf);
         let result = self.seal_chunks(&buf, last);
         self.buf = buf;
         let consumed = result?;
         self.buf.drain(..consumed);
-        Ok(())
+        Ok(consumed)
     }
 
     /// Chunks `input`, seals the chunks and stores them with any parent
@@ -376,6 +445,16 @@ enum Whole {
 pub struct TreeReader<S> {
     store: S,
     cache: Arc<quick_cache::sync::Cache<Score, Arc<Node>, NodeWeight>>,
+}
+
+/// A clone shares the cache.
+impl<S: Clone> Clone for TreeReader<S> {
+    fn clone(&self) -> Self {
+        TreeReader {
+            store: self.store.clone(),
+            cache: self.cache.clone(),
+        }
+    }
 }
 
 impl<S: BlockStore> TreeReader<S> {

@@ -319,3 +319,45 @@ fn resume_after_an_edit_exactly_at_a_chunk_boundary() {
         }
     }
 }
+
+/// A stream sealed in pieces, each up to its last cut and the next resumed
+/// at that cut, ends as the very tree written in one go: the same blocks, so
+/// dedup holds, and no piece re-reads the one before.
+#[test]
+fn a_stream_sealed_in_pieces_at_cuts_is_the_tree_of_one_write() {
+    let store = MemStore::new();
+    let reader = TreeReader::new(&store, 1 << 20);
+    let keys = common::keys();
+    let data = common::bytes(21, 300_000, 0);
+    let whole = write_all(&store, &keys, SMALL, Class::Own, &data).unwrap();
+    for piece in [3_000usize, 17_777, 100_000] {
+        let mut base = FileRef::Inline(Vec::new());
+        let mut cut = false;
+        let mut end = 0usize;
+        while end < data.len() {
+            end = (end + piece).min(data.len());
+            let (mut w, from) = if cut {
+                TreeWriter::resume_at_cut(&store, &keys, SMALL, Class::Own, &base, &reader).unwrap()
+            } else {
+                let from = base.len();
+                TreeWriter::resume(&store, &keys, SMALL, Class::Own, &base, &reader, from).unwrap()
+            };
+            // Two uneven writes: a short one buffered, then a long one
+            // chunked where it lies after bridging the buffered bytes.
+            let mid = from as usize + (end - from as usize) / 5;
+            w.write(&data[from as usize..mid]).unwrap();
+            w.write(&data[mid..end]).unwrap();
+            if end < data.len() {
+                (base, cut) = w.finish_at_cut().unwrap();
+                assert!(base.len() <= end as u64);
+                assert_eq!(
+                    reader.read_all(&base).unwrap(),
+                    &data[..base.len() as usize]
+                );
+            } else {
+                base = w.finish().unwrap();
+            }
+        }
+        assert_eq!(base, whole, "pieces of {piece} bytes");
+    }
+}

@@ -4,8 +4,14 @@
 //! see the extents laid over the tree. On flush, fsync, close or when memory
 //! runs short, the file is rewritten from its first changed chunk: the
 //! unchanged prefix of chunks is kept, the rest is chunked and sealed anew.
+//!
+//! When a writer fills its buffer, the full buffer is sealed in the
+//! background ([`SealJob`]) while new writes collect over it: the new
+//! extents lie over the job's view until its tree is committed, then over
+//! that tree ([`Dirty::rebase`]).
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex};
 
 use fincrypt_blockstore::{BlockStore, Class, FileRef, Keys, TreeParams, TreeReader, TreeWriter};
 
@@ -17,14 +23,69 @@ const EXTENT_RESERVE: usize = 17 << 20;
 /// Bytes streamed per step while rewriting a file.
 const STEP: usize = 4 << 20;
 
-/// Written-but-unsealed state of one file.
+/// What a file's extents lie over.
+#[derive(Clone, Debug)]
+pub enum Base {
+    /// Content committed in blocks.
+    Sealed(FileRef),
+    /// Earlier writes being sealed in the background.
+    Sealing(Arc<SealJob>),
+}
+
+/// Writes handed to a background sealer, and its outcome once known.
 #[derive(Debug)]
+pub struct SealJob {
+    /// The writes, frozen; always over sealed content.
+    pub dirty: Dirty,
+    outcome: Mutex<Option<Result<(FileRef, bool), FsError>>>,
+    done: Condvar,
+}
+
+impl SealJob {
+    /// A job for `dirty`, which must lie over sealed content.
+    pub fn new(dirty: Dirty) -> Arc<SealJob> {
+        Arc::new(SealJob {
+            dirty,
+            outcome: Mutex::new(None),
+            done: Condvar::new(),
+        })
+    }
+
+    /// Records the outcome and wakes whoever waits for it.
+    pub fn finish(&self, outcome: Result<(FileRef, bool), FsError>) {
+        let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        *o = Some(outcome);
+        self.done.notify_all();
+    }
+
+    /// Waits for the outcome: the sealed content (again on each call), or
+    /// the error (to the first caller; later ones get an EIO).
+    pub fn wait(&self) -> Result<(FileRef, bool), FsError> {
+        let mut o = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match &mut *o {
+                Some(Ok(done)) => return Ok(done.clone()),
+                Some(Err(e)) => {
+                    return Err(std::mem::replace(e, FsError::Errno(libc::EIO)));
+                }
+                None => o = self.done.wait(o).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+    }
+}
+
+/// Written-but-unsealed state of one file.
+#[derive(Clone, Debug)]
 pub struct Dirty {
-    /// The committed content the extents lie over.
-    pub base: FileRef,
+    /// What the extents lie over.
+    base: Base,
+    /// The sealed base ends at a content-defined cut, with the bytes after
+    /// it unchanged in the extents ([`TreeWriter::finish_at_cut`]).
+    base_at_cut: bool,
     /// The file's current length.
     pub size: u64,
-    /// Written ranges: start offset -> bytes; never overlapping or adjacent.
+    /// Written ranges: start offset -> bytes; never overlapping (and adjacent
+    /// only where a sealed piece's tail was laid back under newer writes).
     extents: BTreeMap<u64, Vec<u8>>,
     /// Smallest offset whose content may differ from `base`.
     pub first_change: u64,
@@ -41,7 +102,8 @@ impl Dirty {
     pub fn new(base: FileRef, size: u64) -> Dirty {
         let base_valid = base.len();
         Dirty {
-            base,
+            base: Base::Sealed(base),
+            base_at_cut: false,
             size,
             extents: BTreeMap::new(),
             first_change: u64::MAX,
@@ -51,6 +113,99 @@ impl Dirty {
         }
     }
 
+    /// Fresh state over the view of `job`, whose writes are being sealed.
+    pub fn over(job: Arc<SealJob>) -> Dirty {
+        let (size, mtime) = (job.dirty.size, job.dirty.mtime);
+        Dirty {
+            base: Base::Sealing(job),
+            base_at_cut: false,
+            size,
+            extents: BTreeMap::new(),
+            first_change: u64::MAX,
+            base_valid: size,
+            initial_size: size,
+            mtime,
+        }
+    }
+
+    /// The background job this state lies over, if any.
+    pub fn sealing(&self) -> Option<&Arc<SealJob>> {
+        match &self.base {
+            Base::Sealing(job) => Some(job),
+            Base::Sealed(_) => None,
+        }
+    }
+
+    /// Lays the extents over `sealed`, the committed outcome of `job`,
+    /// the writes they lay over. Past its end that job's view held only
+    /// zeros, unless `at_cut` (it ends at the job's last content-defined
+    /// cut): then the job's bytes after it that are still visible are laid
+    /// back under the extents, to be sealed with the next piece.
+    pub fn rebase<S: BlockStore>(
+        &mut self,
+        sealed: FileRef,
+        at_cut: bool,
+        job: &Dirty,
+        reader: &TreeReader<S>,
+    ) -> Result<(), FsError> {
+        if at_cut {
+            // Read every gap first: on an error nothing has changed, and the
+            // extents still lie over the job.
+            let hi = self.base_valid.min(self.size).min(job.size);
+            let mut gaps = Vec::new();
+            let mut at = sealed.len();
+            while at < hi {
+                if let Some((s, v)) = self.extents.range(..=at).next_back() {
+                    let e = s + v.len() as u64;
+                    if e > at {
+                        at = e;
+                        continue;
+                    }
+                }
+                let next = self
+                    .extents
+                    .range(at..)
+                    .next()
+                    .map_or(hi, |(s, _)| (*s).min(hi));
+                let mut gap = vec![0u8; (next - at) as usize];
+                job.read(reader, at, &mut gap)?;
+                gaps.push((at, gap));
+                at = next;
+            }
+            self.extents.extend(gaps);
+        }
+        self.base_valid = self.base_valid.min(sealed.len());
+        self.base = Base::Sealed(sealed);
+        self.base_at_cut = at_cut;
+        Ok(())
+    }
+
+    /// True when the last write reaches the end of the file (a stream).
+    pub fn written_to_end(&self) -> bool {
+        self.extents
+            .iter()
+            .next_back()
+            .is_some_and(|(s, v)| s + v.len() as u64 == self.size)
+    }
+
+    /// Folds these writes into those of the job they lay over, whose
+    /// sealing failed: nothing written is lost, and sealing can be retried.
+    pub fn fold_into(self, mut under: Dirty) -> Dirty {
+        let visible = self.base_valid.min(self.size);
+        if visible < under.size {
+            under.truncate(visible);
+        }
+        if self.size != under.size {
+            under.truncate(self.size);
+        }
+        for (s, v) in &self.extents {
+            under.write(*s, v);
+        }
+        under.first_change = under.first_change.min(self.first_change);
+        under.mtime = under.mtime.max(self.mtime);
+        under
+    }
+
     /// Bytes held in memory.
     pub fn held(&self) -> usize {
         self.extents.values().map(Vec::len).sum()
@@ -58,7 +213,7 @@ impl Dirty {
 
     /// True when nothing differs from `base`.
     pub fn is_clean(&self) -> bool {
-        self.first_change == u64::MAX && self.size == self.initial_size
+        self.first_change == u64::MAX && self.size == self.initial_size && self.extents.is_empty()
     }
 
     /// Records a write of `data` at `offset`.
@@ -172,7 +327,12 @@ impl Dirty {
         let base_len = self.base_valid.min(self.size);
         if offset < base_len {
             let n = ((base_len - offset) as usize).min(buf.len());
-            reader.read_at(&self.base, offset, &mut buf[..n])?;
+            match &self.base {
+                Base::Sealed(base) => {
+                    reader.read_at(base, offset, &mut buf[..n])?;
+                }
+                Base::Sealing(job) => job.dirty.read(reader, offset, &mut buf[..n])?,
+            }
             buf[n..].fill(0);
         } else {
             buf.fill(0);
@@ -205,6 +365,30 @@ impl Dirty {
         keys: &Keys,
         params: TreeParams,
     ) -> Result<FileRef, FsError> {
+        Ok(self.seal_with(store, reader, keys, params, false)?.0)
+    }
+
+    /// Like [`Dirty::seal`], but for a piece of a stream: stops at the last
+    /// content-defined cut and says whether it did (the rest is for
+    /// [`Dirty::rebase`] to keep).
+    pub fn seal_at_cut<S: BlockStore>(
+        &self,
+        store: &dyn BlockStore,
+        reader: &TreeReader<S>,
+        keys: &Keys,
+        params: TreeParams,
+    ) -> Result<(FileRef, bool), FsError> {
+        self.seal_with(store, reader, keys, params, true)
+    }
+
+    fn seal_with<S: BlockStore>(
+        &self,
+        store: &dyn BlockStore,
+        reader: &TreeReader<S>,
+        keys: &Keys,
+        params: TreeParams,
+        at_cut: bool,
+    ) -> Result<(FileRef, bool), FsError> {
         // Past the last written byte and the visible committed bytes lie only
         // zeros that were never written (an extended or preallocated tail):
         // they are not stored, since a file may be longer than its content.
@@ -214,10 +398,18 @@ impl Dirty {
             .next_back()
             .map(|(s, v)| s + v.len() as u64)
             .unwrap_or(0);
+        let Base::Sealed(base) = &self.base else {
+            // The file lock lets a job start only over sealed content.
+            return Err(FsError::Errno(libc::EIO));
+        };
         let data_end = written_end.max(self.base_valid).min(self.size);
-        let from = self.first_change.min(data_end).min(self.base.len());
-        let (w, mut at) =
-            TreeWriter::resume(store, keys, params, Class::Own, &self.base, reader, from)?;
+        let from = self.first_change.min(data_end);
+        let (w, mut at) = if self.base_at_cut && from > base.len() {
+            TreeWriter::resume_at_cut(store, keys, params, Class::Own, base, reader)?
+        } else {
+            let from = from.min(base.len());
+            TreeWriter::resume(store, keys, params, Class::Own, base, reader, from)?
+        };
         // Durable at the next fsync or sync, which syncs the store first.
         let mut w = w.unsynced();
         // Sized to what is sealed: a small file must not fault in a whole step.
@@ -235,7 +427,11 @@ impl Dirty {
             w.write(&buf[..n])?;
             at += n as u64;
         }
-        Ok(w.finish()?)
+        if at_cut {
+            Ok(w.finish_at_cut()?)
+        } else {
+            Ok((w.finish()?, false))
+        }
     }
 }
 
@@ -288,5 +484,66 @@ mod tests {
         assert_eq!(stored.len(), 10_020);
         assert!(stored == model[..stored.len()], "sealed content differs");
         assert!(model[stored.len()..].iter().all(|b| *b == 0));
+    }
+
+    fn view<S: BlockStore>(d: &Dirty, reader: &TreeReader<S>) -> Vec<u8> {
+        let mut buf = vec![0u8; d.size as usize];
+        d.read(reader, 0, &mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn writes_over_a_seal_job_rebase_onto_it_or_fold_back_into_it() {
+        let store = MemStore::new();
+        let keys = fincrypt_blockstore::MasterSecret::generate().keys();
+        let params = TreeParams {
+            min_chunk: 64,
+            avg_chunk: 256,
+            max_chunk: 1024,
+            fanout: 4,
+            inline_max: 64,
+        };
+        let reader = TreeReader::new(&store, 1 << 20);
+        let base_data: Vec<u8> = (0..6_000u32).map(|i| (i * 7) as u8).collect();
+        let base =
+            fincrypt_blockstore::tree::write_all(&store, &keys, params, Class::Own, &base_data)
+                .unwrap();
+        // The job's writes: an edit, an append, a hole and zeros past its last write.
+        let mut under = Dirty::new(base, base_data.len() as u64);
+        under.write(100, &[1; 300]);
+        under.write(6_000, &[2; 2_000]);
+        under.write(9_000, &[3; 500]);
+        under.truncate(12_000);
+        let job = SealJob::new(under.clone());
+        // New writes over it: a cut into its writes, then writes across the cut.
+        let mut over = Dirty::over(job.clone());
+        over.write(50, &[4; 100]);
+        over.truncate(7_000);
+        over.write(6_900, &[5; 400]);
+        over.write(10_000, &[6; 10]);
+        let expected = view(&over, &reader);
+        assert_eq!(expected.len(), 10_010);
+        assert_eq!(
+            &expected[7_300..10_000],
+            &vec![0u8; 2_700][..],
+            "the cut hid the job's bytes"
+        );
+
+        // A failed seal: the writes fold back into the job's, losing nothing.
+        let folded = over.clone().fold_into(job.dirty.clone());
+        assert!(folded.sealing().is_none());
+        assert_eq!(view(&folded, &reader), expected);
+        let resealed = folded.seal(&store, &reader, &keys, params).unwrap();
+        let stored = reader.read_all(&resealed).unwrap();
+        assert_eq!(stored, expected[..stored.len()]);
+
+        // A successful one: the writes lie over its tree.
+        let sealed = job.dirty.seal(&store, &reader, &keys, params).unwrap();
+        over.rebase(sealed, false, &job.dirty, &reader).unwrap();
+        assert!(over.sealing().is_none());
+        assert_eq!(view(&over, &reader), expected);
+        let resealed = over.seal(&store, &reader, &keys, params).unwrap();
+        let stored = reader.read_all(&resealed).unwrap();
+        assert_eq!(stored, expected[..stored.len()]);
     }
 }

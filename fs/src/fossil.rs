@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
-use fincrypt_blockstore::{BlockStore, Keys, TreeParams, TreeReader};
+use fincrypt_blockstore::{BlockStore, FileRef, Keys, TreeParams, TreeReader};
 
 use crate::error::{FsError, errno};
-use crate::file::Dirty;
+use crate::file::{Dirty, SealJob};
 use crate::meta::{Dirent, Inode, Kind, Meta, ROOT_INO, Time};
 use crate::snapdir::{SNAP_BASE, SNAPSHOTS_NAME, SnapDir, is_snapshot_ino};
 
@@ -84,19 +84,87 @@ struct FileState {
     dirty: Option<Dirty>,
 }
 
+/// What sealing a file's writes needs, for the calling or a background thread.
+#[derive(Clone)]
+struct Sealer {
+    meta: Arc<Meta>,
+    store: Arc<dyn BlockStore>,
+    reader: TreeReader<Arc<dyn BlockStore>>,
+    keys: Keys,
+    params: TreeParams,
+    gc_gate: Arc<RwLock<()>>,
+}
+
+impl Sealer {
+    /// Writes `d` as blocks and records the new content in the inode;
+    /// returns the content, or `None` when nothing changed. With `at_cut`,
+    /// only up to the last content-defined cut ([`Dirty::seal_at_cut`]);
+    /// the flag returned says whether it stopped there.
+    fn seal(
+        &self,
+        ino: u64,
+        d: &Dirty,
+        durable: bool,
+        at_cut: bool,
+    ) -> Result<Option<(FileRef, bool)>, FsError> {
+        let _gate = self.gc_gate.read().unwrap_or_else(|p| p.into_inner());
+        let content = if d.is_clean() {
+            None
+        } else if at_cut {
+            Some(d.seal_at_cut(&*self.store, &self.reader, &self.keys, self.params)?)
+        } else {
+            Some((
+                d.seal(&*self.store, &self.reader, &self.keys, self.params)?,
+                false,
+            ))
+        };
+        let mut txn = self.meta.write()?;
+        match txn.inode(ino) {
+            Ok(mut inode) => {
+                if let Some((c, cut)) = &content {
+                    inode.content = c.clone();
+                    // A piece cut short is committed as a file of its length.
+                    inode.size = if *cut { c.len() } else { d.size };
+                    inode.mtime = d.mtime;
+                    inode.ctime = inode.ctime.max(d.mtime);
+                }
+                txn.put_inode(ino, &inode)?;
+            }
+            // Deleted meanwhile: its blocks are garbage for the next GC.
+            Err(FsError::Errno(libc::ENOENT)) => {}
+            Err(e) => return Err(e),
+        }
+        if durable {
+            commit_durably(&*self.store, txn)?;
+        } else {
+            txn.commit(false)?;
+        }
+        Ok(content)
+    }
+}
+
+/// Commits `txn` durably, after making the blocks it may name durable.
+/// The open transaction keeps every other commit out meanwhile, so no
+/// metadata naming a block that is not yet on disk becomes durable.
+fn commit_durably(store: &dyn BlockStore, txn: crate::meta::WriteTxn<'_>) -> Result<(), FsError> {
+    store.sync()?;
+    txn.commit(true)
+}
+
 /// The live filesystem.
 pub struct Fossil {
-    meta: Meta,
+    meta: Arc<Meta>,
     store: Arc<dyn BlockStore>,
     reader: TreeReader<Arc<dyn BlockStore>>,
     keys: Keys,
     params: TreeParams,
     files: Mutex<HashMap<u64, Arc<Mutex<FileState>>>>,
     opens: Mutex<HashMap<u64, u32>>,
-    dirty_total: AtomicUsize,
+    /// Unsealed bytes of all files, in-flight background seals included.
+    dirty_total: Arc<AtomicUsize>,
     /// Held shared from sealing a file's blocks until its inode is committed;
     /// GC takes it exclusively to set its mark, so it never sweeps such blocks.
-    gc_gate: RwLock<()>,
+    gc_gate: Arc<RwLock<()>>,
     snapdir: SnapDir,
     /// Where each file's last read ended: a read that starts there is sequential.
     read_ends: Mutex<HashMap<u64, u64>>,
@@ -120,15 +188,15 @@ impl Fossil {
         disk: PathBuf,
     ) -> Result<Fossil, FsError> {
         let fs = Fossil {
-            meta,
+            meta: Arc::new(meta),
             reader: TreeReader::new(store.clone(), READ_CACHE),
             store,
             keys,
             params,
             files: Mutex::new(HashMap::new()),
             opens: Mutex::new(HashMap::new()),
-            dirty_total: AtomicUsize::new(0),
-            gc_gate: RwLock::new(()),
+            dirty_total: Arc::new(AtomicUsize::new(0)),
+            gc_gate: Arc::new(RwLock::new(())),
             snapdir: SnapDir::default(),
             read_ends: Mutex::new(HashMap::new()),
             disk,
@@ -797,7 +865,7 @@ impl Fossil {
             d.held()
         };
         if held > FILE_DIRTY_MAX || self.dirty_total.load(Ordering::Relaxed) > TOTAL_DIRTY_MAX {
-            self.seal_locked(ino, &mut st, false)?;
+            self.seal_in_background(ino, &mut st)?;
         }
         Ok(data.len())
     }
@@ -842,11 +910,8 @@ impl Fossil {
     }
 
     /// Commits `txn` durably, after making the blocks it may name durable.
-    /// The open transaction keeps every other commit out meanwhile, so no
-    /// metadata naming a block that is not yet on disk becomes durable.
     pub fn commit_durably(&self, txn: crate::meta::WriteTxn<'_>) -> Result<(), FsError> {
-        self.store.sync()?;
-        txn.commit(true)
+        commit_durably(&*self.store, txn)
     }
 
     /// Seals every file's writes and makes everything durable.
@@ -863,39 +928,91 @@ impl Fossil {
     }
 
     fn seal_locked(&self, ino: u64, st: &mut FileState, durable: bool) -> Result<(), FsError> {
+        self.settle(st)?;
         let Some(d) = &st.dirty else {
             return if durable { self.sync_meta() } else { Ok(()) };
         };
-        let _gate = self.gc_gate.read().unwrap_or_else(|p| p.into_inner());
-        let content = if d.is_clean() {
-            None
-        } else {
-            Some(d.seal(&*self.store, &self.reader, &self.keys, self.params)?)
-        };
-        let mut txn = self.meta.write()?;
-        match txn.inode(ino) {
-            Ok(mut inode) => {
-                if let Some(c) = content {
-                    inode.content = c;
-                    inode.size = d.size;
-                    inode.mtime = d.mtime;
-                    inode.ctime = inode.ctime.max(d.mtime);
-                }
-                txn.put_inode(ino, &inode)?;
-            }
-            // Deleted meanwhile: its blocks are garbage for the next GC.
-            Err(FsError::Errno(libc::ENOENT)) => {}
-            Err(e) => return Err(e),
-        }
-        if durable {
-            self.commit_durably(txn)?;
-        } else {
-            txn.commit(false)?;
-        }
+        self.sealer().seal(ino, d, durable, false)?;
         if let Some(d) = st.dirty.take() {
             self.dirty_total.fetch_sub(d.held(), Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Hands the file's writes to a background sealer and lets new writes
+    /// collect over them, after the previous job of this file is settled:
+    /// the writer fills one buffer while the other is chunked and sealed.
+    fn seal_in_background(&self, ino: u64, st: &mut FileState) -> Result<(), FsError> {
+        self.settle(st)?;
+        let Some(d) = st.dirty.take_if(|d| !d.is_clean()) else {
+            return Ok(());
+        };
+        // A full buffer of a stream is sealed up to its last cut; the rest
+        // goes on with the next, so no piece re-reads the one before.
+        let at_cut = d.held() > FILE_DIRTY_MAX / 2 && d.written_to_end();
+        let job = SealJob::new(d);
+        st.dirty = Some(Dirty::over(job.clone()));
+        let (sealer, total) = (self.sealer(), self.dirty_total.clone());
+        let run = move |job: &SealJob| {
+            let outcome = sealer
+                .seal(ino, &job.dirty, false, at_cut)
+                .and_then(|c| c.ok_or(FsError::Errno(libc::EIO)));
+            total.fetch_sub(job.dirty.held(), Ordering::Relaxed);
+            job.finish(outcome);
+        };
+        let mine = job.clone();
+        let spawned = std::thread::Builder::new()
+            .name("fincrypt-seal".into())
+            .spawn({
+                let run = run.clone();
+                move || run(&job)
+            });
+        if spawned.is_err() {
+            // No thread to be had: seal here, as if the buffer were synchronous.
+            run(&mine);
+        }
+        Ok(())
+    }
+
+    /// Waits for the background seal the file's writes lie over, if any, and
+    /// lays them over its committed tree. If it failed, its writes are
+    /// folded back into the file's, to be sealed again, and its error returned.
+    fn settle(&self, st: &mut FileState) -> Result<(), FsError> {
+        let Some(job) = st.dirty.as_ref().and_then(|d| d.sealing()).cloned() else {
+            return Ok(());
+        };
+        let outcome = job.wait();
+        let Some(d) = st.dirty.take() else {
+            return outcome.map(drop);
+        };
+        match outcome {
+            Ok((sealed, at_cut)) => {
+                let mut d = d;
+                let before = d.held();
+                let rebased = d.rebase(sealed, at_cut, &job.dirty, &self.reader);
+                self.account(before, d.held());
+                st.dirty = Some(d);
+                rebased
+            }
+            Err(e) => {
+                let before = d.held();
+                let merged = d.fold_into(job.dirty.clone());
+                self.account(before, merged.held());
+                st.dirty = Some(merged);
+                Err(e)
+            }
+        }
+    }
+
+    fn sealer(&self) -> Sealer {
+        Sealer {
+            meta: self.meta.clone(),
+            store: self.store.clone(),
+            reader: self.reader.clone(),
+            keys: self.keys.clone(),
+            params: self.params,
+            gc_gate: self.gc_gate.clone(),
+        }
     }
 
     /// Up to `limit` entries of directory `ino` from cookie `offset`: (next cookie, entry).
