@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 
 /// Buffers kept for reuse; a few blocks in flight at once need no more.
-const KEEP: usize = 8;
+const KEEP: usize = 4;
 /// Larger buffers are not kept (a block's plaintext is at most 8 MiB).
 const MAX_KEEP: usize = 9 << 20;
 /// Smaller buffers are not worth pooling.

@@ -19,7 +19,7 @@ use crate::error::FsError;
 use crate::meta::Time;
 
 /// Capacity an appended-to extent reserves: the write buffer's size, plus a write.
-const EXTENT_RESERVE: usize = 17 << 20;
+const EXTENT_RESERVE: usize = 9 << 20;
 /// Bytes streamed per step while rewriting a file.
 const STEP: usize = 4 << 20;
 

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, mpsc};
 
 use bytes::Bytes;
 use fincrypt_blockstore::{BlockStore, FileRef, Keys, TreeParams, TreeReader};
@@ -23,7 +23,7 @@ pub const NAME_MAX: usize = 255;
 /// Longest extended attribute value.
 pub const XATTR_SIZE_MAX: usize = 64 * 1024;
 /// Dirty bytes one file may hold before it is sealed into blocks.
-const FILE_DIRTY_MAX: usize = 16 << 20;
+const FILE_DIRTY_MAX: usize = 8 << 20;
 /// Dirty bytes all files together may hold.
 const TOTAL_DIRTY_MAX: usize = 32 << 20;
 /// Blocks decoded ahead of a sequential reader.
@@ -83,6 +83,9 @@ pub struct Caller {
 struct FileState {
     dirty: Option<Dirty>,
 }
+
+/// A full buffer's seal, run on the sealing thread.
+type SealTask = Box<dyn FnOnce() + Send>;
 
 /// What sealing a file's writes needs, for the calling or a background thread.
 #[derive(Clone)]
@@ -165,6 +168,7 @@ pub struct Fossil {
     /// Held shared from sealing a file's blocks until its inode is committed;
     /// GC takes it exclusively to set its mark, so it never sweeps such blocks.
     gc_gate: Arc<RwLock<()>>,
+    seal_queue: OnceLock<mpsc::Sender<SealTask>>,
     snapdir: SnapDir,
     /// Where each file's last read ended: a read that starts there is sequential.
     read_ends: Mutex<HashMap<u64, u64>>,
@@ -197,6 +201,7 @@ impl Fossil {
             opens: Mutex::new(HashMap::new()),
             dirty_total: Arc::new(AtomicUsize::new(0)),
             gc_gate: Arc::new(RwLock::new(())),
+            seal_queue: OnceLock::new(),
             snapdir: SnapDir::default(),
             read_ends: Mutex::new(HashMap::new()),
             disk,
@@ -953,25 +958,33 @@ impl Fossil {
         let job = SealJob::new(d);
         st.dirty = Some(Dirty::over(job.clone()));
         let (sealer, total) = (self.sealer(), self.dirty_total.clone());
-        let run = move |job: &SealJob| {
-            let outcome = sealer
-                .seal(ino, &job.dirty, false, at_cut)
-                .and_then(|c| c.ok_or(FsError::Errno(libc::EIO)));
+        let task: SealTask = Box::new(move || {
+            // Whatever happens, the job gets an outcome: a waiter never hangs.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                sealer.seal(ino, &job.dirty, false, at_cut)
+            }))
+            .unwrap_or(Err(FsError::Errno(libc::EIO)))
+            .and_then(|c| c.ok_or(FsError::Errno(libc::EIO)));
             total.fetch_sub(job.dirty.held(), Ordering::Relaxed);
             job.finish(outcome);
-        };
-        let mine = job.clone();
-        let spawned = std::thread::Builder::new()
-            .name("fincrypt-seal".into())
-            .spawn({
-                let run = run.clone();
-                move || run(&job)
-            });
-        if spawned.is_err() {
-            // No thread to be had: seal here, as if the buffer were synchronous.
-            run(&mine);
+        });
+        if let Err(refused) = self.seal_queue().send(task) {
+            // No sealing thread to be had: seal here, as if synchronously.
+            (refused.0)();
         }
         Ok(())
+    }
+
+    /// The queue of the thread that seals full buffers, started on first use.
+    /// One thread is enough: each seal spreads its chunks over the rayon pool.
+    fn seal_queue(&self) -> &mpsc::Sender<SealTask> {
+        self.seal_queue.get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<SealTask>();
+            let _ = std::thread::Builder::new()
+                .name("fincrypt-seal".into())
+                .spawn(move || rx.into_iter().for_each(|task| task()));
+            tx
+        })
     }
 
     /// Waits for the background seal the file's writes lie over, if any, and

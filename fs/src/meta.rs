@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{FsError, errno};
 
+/// Bytes of metadata pages redb may cache.
+const META_CACHE: usize = 32 << 20;
 const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
 const DIRENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("dirents");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
@@ -162,7 +164,10 @@ pub struct Meta {
 impl Meta {
     /// Opens (or creates, with an empty root directory) the database at `path`.
     pub fn open(path: &Path, keys: &Keys, root_uid: u32, root_gid: u32) -> Result<Meta, FsError> {
-        let db = Database::create(path)?;
+        // redb caches up to 1 GiB by default; the daemon's memory is bounded.
+        let db = redb::Builder::new()
+            .set_cache_size(META_CACHE)
+            .create(path)?;
         let cipher = Aes256GcmSiv::new_from_slice(&keys.metadata)
             .map_err(|_| FsError::Meta("bad key".into()))?;
         let name_key = blake3::derive_key("fincrypt fs name cookies v1", &keys.metadata);

@@ -24,6 +24,8 @@ use super::{BlockStore, Class, check, check_range};
 use crate::score::{self, MAX_BLOCK_LEN, SEGMENT_SIZE};
 use crate::{Error, Score};
 
+/// Bytes of the block index redb may cache.
+const INDEX_CACHE: usize = 16 << 20;
 const BLOCKS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("blocks");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Version of the volume layout and index entries (docs/FORMATS.md, "Local volume").
@@ -165,7 +167,11 @@ impl LocalStore {
                 .and_then(|d| d.sync_all())
                 .map_err(|e| Error::io(&blocks, e))?;
         }
-        let db = Database::create(dir.join("index.redb"))?;
+        // redb caches up to 1 GiB by default; the index's hot part is its
+        // interior pages, and the daemon's memory is bounded (docs/SEMANTICS.md).
+        let db = redb::Builder::new()
+            .set_cache_size(INDEX_CACHE)
+            .create(dir.join("index.redb"))?;
         let txn = db.begin_write()?;
         let (clean, seq) = {
             let mut meta = txn.open_table(META)?;
