@@ -718,6 +718,42 @@ fn read_at(f: &File, off: u64, len: u64) -> Vec<u8> {
     buf
 }
 
+/// Writing a file much larger than the write buffers streams it: the daemon
+/// holds a bounded amount of it, whatever the file's size.
+#[test]
+fn streaming_a_large_file_keeps_the_daemon_under_256_mib() {
+    const LIMIT: u64 = 256 * MIB;
+    let size = 3 * GIB;
+    let m = Mount::start(init_home());
+    let piece = random_bytes(91, MIB as usize);
+    let mut f = File::create(m.path().join("stream")).unwrap();
+    let mut buf = piece.clone();
+    for i in 0..size / MIB {
+        // Every MiB differs, so nothing deduplicates away.
+        buf[..8].copy_from_slice(&i.to_le_bytes());
+        f.write_all(&buf).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let peak = m.peak_rss();
+    assert!(
+        peak < LIMIT,
+        "daemon peaked at {} MiB resident writing {} GiB",
+        peak / MIB,
+        size / GIB
+    );
+    let f = File::open(m.path().join("stream")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), size);
+    for i in [0, 1, size / MIB / 2, size / MIB - 1] {
+        let got = read_at(&f, i * MIB, MIB);
+        assert_eq!(&got[..8], &i.to_le_bytes(), "MiB {i}");
+        assert_same_bytes(&format!("MiB {i}"), &got[8..], &piece[8..]);
+    }
+    drop(f);
+    eprintln!("peak resident while streaming: {} MiB", peak / MIB);
+    m.unmount();
+}
+
 #[test]
 fn a_file_over_4_gib_keeps_its_data_and_its_holes() {
     let size = 4 * GIB + 3 * MIB + 12_345;
