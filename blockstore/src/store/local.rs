@@ -669,6 +669,28 @@ impl LocalStore {
     }
 }
 
+impl LocalStore {
+    /// Runs `read` on the block's file, naming what can go wrong: a missing
+    /// file is an unknown block, a short one a corrupt block.
+    fn read_block_file<T>(
+        &self,
+        score: &Score,
+        read: impl FnOnce(fs::File) -> std::io::Result<T>,
+    ) -> Result<T, Error> {
+        let path = self.path_of(score);
+        fs::File::open(&path)
+            .and_then(read)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::NotFound(*score),
+                std::io::ErrorKind::UnexpectedEof => Error::Corrupt {
+                    score: *score,
+                    reason: "block file is shorter than the block".into(),
+                },
+                _ => Error::io(&path, e),
+            })
+    }
+}
+
 impl BlockStore for LocalStore {
     fn put_batch(&self, blocks: &[(Score, Bytes)], class: Class) -> Result<(), Error> {
         self.store_batch(blocks, class, true)
@@ -691,8 +713,7 @@ impl BlockStore for LocalStore {
     }
 
     fn get_to_open(&self, score: &Score) -> Result<Bytes, Error> {
-        let path = self.path_of(score);
-        let read = fs::File::open(&path).and_then(|mut f| {
+        let data = self.read_block_file(score, |mut f| {
             use std::io::Read;
             let len = f.metadata()?.len() as usize;
             if len > MAX_BLOCK_LEN {
@@ -703,14 +724,7 @@ impl BlockStore for LocalStore {
             let mut buf = crate::buf::take(len);
             f.read_to_end(&mut buf)?;
             Ok(buf)
-        });
-        let data = match read {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotFound(*score));
-            }
-            Err(e) => return Err(Error::io(&path, e)),
-        };
+        })?;
         self.touch(score);
         Ok(crate::buf::share(data))
     }
@@ -736,25 +750,11 @@ impl BlockStore for LocalStore {
         let first = range.start / SEGMENT_SIZE;
         let last = (range.end - 1) / SEGMENT_SIZE;
         let (start, end) = (first * SEGMENT_SIZE, ((last + 1) * SEGMENT_SIZE).min(len));
-        let path = self.path_of(score);
         let mut buf = vec![0u8; end - start];
-        let read = fs::File::open(&path).and_then(|f| {
+        self.read_block_file(score, |f| {
             use std::os::unix::fs::FileExt;
             f.read_exact_at(&mut buf, start as u64)
-        });
-        match read {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotFound(*score));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(Error::Corrupt {
-                    score: *score,
-                    reason: "block file is shorter than the block".into(),
-                });
-            }
-            Err(e) => return Err(Error::io(&path, e)),
-        }
+        })?;
         for (i, seg) in buf.chunks(SEGMENT_SIZE).enumerate() {
             if score::leaf_hash(seg) != leaves.hashes[first + i] {
                 return Err(Error::Corrupt {
