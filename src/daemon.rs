@@ -354,7 +354,7 @@ impl Daemon {
 
 /// `mi_option_purge_delay` in mimalloc v2's `mimalloc.h` (libmimalloc-sys
 /// builds v2 unless its `v3` feature is on); libmimalloc-sys names no constant for it.
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+pub(crate) const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Unlocks, mounts and serves until unmounted or told to stop by SIGTERM or SIGINT.
 pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
