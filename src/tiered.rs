@@ -125,6 +125,17 @@ impl BlockStore for TieredStore {
         }
     }
 
+    fn get_range_to_open(&self, score: &Score, range: Range<usize>) -> Result<Bytes, Error> {
+        match self.local.get_range_to_open(score, range.clone()) {
+            Err(e) if e.is_block_unavailable() => {
+                let block = self.fetch(score, e)?;
+                fincrypt_blockstore::store::check_range(score, &range, block.len())?;
+                Ok(block.slice(range))
+            }
+            other => other,
+        }
+    }
+
     fn has(&self, score: &Score) -> Result<bool, Error> {
         self.local.has(score)
     }

@@ -591,11 +591,17 @@ impl<S: BlockStore> TreeReader<S> {
         whole: Whole,
     ) -> Result<(), Error> {
         if p.depth == 0 && whole == Whole::Segments && self.cache.get(&p.score).is_none() {
-            let start = offset as usize;
-            let plain =
-                block::open_range(p, BlockKind::Data, start..start + out.len(), &mut |r| {
+            let range = offset as usize..offset as usize + out.len();
+            // Opening authenticates the bytes; only a failure pays for the
+            // checked read, which then names a damaged block as such.
+            let plain = block::open_range(p, BlockKind::Data, range.clone(), &mut |r| {
+                self.store.get_range_to_open(&p.score, r)
+            })
+            .or_else(|_| {
+                block::open_range(p, BlockKind::Data, range, &mut |r| {
                     self.store.get_range(&p.score, r)
-                })?;
+                })
+            })?;
             out.copy_from_slice(&plain);
             return Ok(());
         }

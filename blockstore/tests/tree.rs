@@ -361,3 +361,49 @@ fn a_stream_sealed_in_pieces_at_cuts_is_the_tree_of_one_write() {
         assert_eq!(base, whole, "pieces of {piece} bytes");
     }
 }
+
+/// Random reads from the local volume open segments without the leaf checks;
+/// a damaged segment still fails to open and is then read checked, so the
+/// reader gets an error naming the block, never wrong bytes, while the
+/// block's intact segments still read right.
+#[test]
+fn random_reads_of_a_damaged_local_block_are_errors_never_wrong_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(dir.path(), StoreOptions::default()).unwrap();
+    let keys = common::keys();
+    let data = common::bytes(5, 3 << 20, 0);
+    let file = write_all(&store, &keys, TreeParams::default(), Class::Own, &data).unwrap();
+    // The first data block.
+    let mut leaves = Vec::new();
+    TreeReader::new(&store, 0)
+        .visit_scores(&file, &mut |p| {
+            if p.depth == 0 {
+                leaves.push(*p);
+            }
+        })
+        .unwrap();
+    let first = leaves[0];
+    // Damage one byte well inside the block (past the header, in a segment).
+    let path = store.path_of(&first.score);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let reader = TreeReader::new(&store, 0);
+    let mut saw_error = false;
+    for off in (0..first.len).step_by(4096) {
+        let mut buf = vec![0u8; 4096.min((first.len - off) as usize)];
+        match reader.read_at_random(&file, off, &mut buf) {
+            Ok(n) => assert_eq!(&buf[..n], &data[off as usize..off as usize + n], "at {off}"),
+            Err(e) => {
+                assert!(
+                    matches!(e, Error::Corrupt { score, .. } if score == first.score),
+                    "at {off}: {e}"
+                );
+                saw_error = true;
+            }
+        }
+    }
+    assert!(saw_error, "the damaged segment read without an error");
+}

@@ -767,6 +767,21 @@ impl BlockStore for LocalStore {
         Ok(Bytes::from(buf).slice(range.start - start..range.end - start))
     }
 
+    fn get_range_to_open(&self, score: &Score, range: Range<usize>) -> Result<Bytes, Error> {
+        if range.start > range.end || range.end > MAX_BLOCK_LEN {
+            return Err(Error::Format(format!(
+                "range {range:?} is outside block {score}"
+            )));
+        }
+        let mut buf = vec![0u8; range.len()];
+        self.read_block_file(score, |f| {
+            use std::os::unix::fs::FileExt;
+            f.read_exact_at(&mut buf, range.start as u64)
+        })?;
+        self.touch(score);
+        Ok(Bytes::from(buf))
+    }
+
     fn has(&self, score: &Score) -> Result<bool, Error> {
         Ok(self.entry(score)?.is_some())
     }

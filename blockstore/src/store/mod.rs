@@ -63,6 +63,15 @@ pub trait BlockStore: Send + Sync {
         Ok(block.slice(range))
     }
 
+    /// Reads bytes `range` of one block for a caller that authenticates them
+    /// itself by opening them with the block's key, as
+    /// [`BlockStore::get_to_open`] does for a whole block: a store may skip
+    /// the leaf checks. A range that then fails to open is read again with
+    /// [`BlockStore::get_range`].
+    fn get_range_to_open(&self, score: &Score, range: Range<usize>) -> Result<Bytes, Error> {
+        self.get_range(score, range)
+    }
+
     /// True if the block is stored here (without reading it).
     fn has(&self, score: &Score) -> Result<bool, Error>;
 
@@ -108,6 +117,9 @@ macro_rules! forward_store {
             }
             fn get_range(&self, score: &Score, range: Range<usize>) -> Result<Bytes, Error> {
                 (**self).get_range(score, range)
+            }
+            fn get_range_to_open(&self, score: &Score, range: Range<usize>) -> Result<Bytes, Error> {
+                (**self).get_range_to_open(score, range)
             }
             fn has(&self, score: &Score) -> Result<bool, Error> {
                 (**self).has(score)
