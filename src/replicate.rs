@@ -296,7 +296,7 @@ impl Replicator {
     /// holders farthest by XOR distance release them; the nearest `n` stay.
     async fn release_surplus(&self, surplus: Vec<(Score, u8, Vec<PeerId>)>) -> Result<()> {
         let mut per_peer: HashMap<PeerId, Vec<Score>> = HashMap::new();
-        let mut entries = HashMap::new();
+        let mut entries: HashMap<Score, Vec<PeerId>> = HashMap::new();
         for (score, n, mut holders) in surplus {
             holders.sort_by_key(|p| distance(&score, p));
             for p in &holders[n as usize..] {
@@ -304,6 +304,20 @@ impl Replicator {
             }
             entries.insert(score, holders);
         }
+        self.release_on(per_peer, &mut entries).await;
+        let changed: Vec<_> = entries.into_iter().collect();
+        self.manifest.set_many(&changed)
+    }
+
+    /// Sends each peer `Release` for its scores (in requests of at most
+    /// `MAX_SCORES`) and takes a peer out of a score's holders in `entries`
+    /// once it answered: released, or it had no placement of ours, either
+    /// way gone. A peer that did not answer stays, to be asked again later.
+    async fn release_on(
+        &self,
+        per_peer: HashMap<PeerId, Vec<Score>>,
+        entries: &mut HashMap<Score, Vec<PeerId>>,
+    ) {
         for (peer, scores) in per_peer {
             for chunk in scores.chunks(fincrypt_net::proto::MAX_SCORES) {
                 match self.client.release(peer, chunk).await {
@@ -320,8 +334,6 @@ impl Replicator {
                 }
             }
         }
-        let changed: Vec<_> = entries.into_iter().collect();
-        self.manifest.set_many(&changed)
     }
 
     /// Asks dropped holders that are connected again to release what they
@@ -384,23 +396,7 @@ impl Replicator {
         if entries.is_empty() {
             return Ok(());
         }
-        for (peer, scores) in per_peer {
-            for chunk in scores.chunks(fincrypt_net::proto::MAX_SCORES) {
-                match self.client.release(peer, chunk).await {
-                    Ok(_) => {
-                        // Released, or the holder did not have our placement: either way gone.
-                        for s in chunk {
-                            if let Some(h) = entries.get_mut(s) {
-                                h.retain(|p| *p != peer);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "a release failed; retrying later")
-                    }
-                }
-            }
-        }
+        self.release_on(per_peer, &mut entries).await;
         let (gone, kept): (Vec<_>, Vec<_>) = entries.into_iter().partition(|(_, h)| h.is_empty());
         self.manifest.set_many(&kept)?;
         self.manifest.remove(gone.iter().map(|(s, _)| *s))?;

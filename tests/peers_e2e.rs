@@ -83,6 +83,14 @@ fn number(v: &serde_json::Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("status has a number {key}: {v}"))
 }
 
+/// Blocks the nodes under `homes` hold for others, in all.
+fn held_blocks(homes: &[tempfile::TempDir]) -> u64 {
+    homes
+        .iter()
+        .map(|h| number(&status(h.path()), "held_blocks"))
+        .sum()
+}
+
 /// Every regular file under `dir`, recursively.
 fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap().map_while(Result::ok) {
@@ -187,10 +195,7 @@ fn a_killed_holder_is_dropped_and_its_copies_are_made_again() {
         Duration::from_secs(60),
         || {
             let st = status(&home);
-            let held: u64 = survivors
-                .iter()
-                .map(|h| number(&status(h.path()), "held_blocks"))
-                .sum();
+            let held: u64 = held_blocks(survivors);
             held == 3 * own
                 && number(&st, "under_replicated") == 0
                 && number(&st, "holders_dropped") >= 1
@@ -248,33 +253,8 @@ fn four_nodes_hold_three_copies_of_every_own_block_and_no_plaintext() {
     );
 
     // Files with a plaintext marker, big enough to need blocks of their own.
-    let marker = b"PEERS-E2E-PLAINTEXT-MARKER-5b1d";
-    let mut written = Vec::new();
-    for (i, len) in [64_000usize, 300_000, 2_500_000, 6_000_000]
-        .into_iter()
-        .enumerate()
-    {
-        let mut data = common::random_bytes(i as u64 + 7, len);
-        for at in (0..len.saturating_sub(marker.len())).step_by(50_000) {
-            data[at..at + marker.len()].copy_from_slice(marker);
-        }
-        let path = if i % 2 == 0 {
-            dir.join(format!("file{i}"))
-        } else {
-            dir.join("deeper").join(format!("file{i}"))
-        };
-        std::fs::write(&path, &data).unwrap();
-        written.push((path, data));
-    }
-
-    let out = ctl(&home, &["sync", "--replicated", "--timeout", "120"]);
-    assert!(
-        out.status.success(),
-        "sync --replicated failed ({}): {}{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    let mut written = write_files(&dir);
+    sync_replicated(&home);
 
     let st = status(&home);
     assert_eq!(number(&st, "under_replicated"), 0, "{st}");
@@ -284,10 +264,7 @@ fn four_nodes_hold_three_copies_of_every_own_block_and_no_plaintext() {
     );
     let own = number(&st, "own_blocks");
     assert!(own >= 4, "the files made blocks: {st}");
-    let held: u64 = node_homes
-        .iter()
-        .map(|h| number(&status(h.path()), "held_blocks"))
-        .sum();
+    let held: u64 = held_blocks(&node_homes);
     assert_eq!(held, 3 * own, "three copies of each of {own} own blocks");
     assert_eq!(
         number(&st, "held_blocks"),
@@ -310,10 +287,7 @@ fn four_nodes_hold_three_copies_of_every_own_block_and_no_plaintext() {
     let st = status(&home);
     let own_after = number(&st, "own_blocks");
     assert!(own_after < own, "deleting a 6 MB file freed blocks: {st}");
-    let held: u64 = node_homes
-        .iter()
-        .map(|h| number(&status(h.path()), "held_blocks"))
-        .sum();
+    let held: u64 = held_blocks(&node_homes);
     assert_eq!(
         held,
         3 * own_after,
@@ -326,7 +300,7 @@ fn four_nodes_hold_three_copies_of_every_own_block_and_no_plaintext() {
         for f in files {
             let bytes = std::fs::read(&f).unwrap_or_default();
             assert!(
-                !common::contains(&bytes, marker),
+                !common::contains(&bytes, MARKER),
                 "plaintext marker in a node's {}",
                 f.display()
             );
@@ -417,10 +391,7 @@ fn copies_follow_a_subdirectory_setting_below_its_parent() {
     );
     let own = number(&status(&home), "own_blocks");
     assert_eq!(at(2) + at(3), own, "every own block is placed: {out}");
-    let held: u64 = node_homes
-        .iter()
-        .map(|h| number(&status(h.path()), "held_blocks"))
-        .sum();
+    let held: u64 = held_blocks(&node_homes);
     assert_eq!(
         held,
         2 * at(2) + 3 * at(3),
@@ -433,10 +404,7 @@ fn copies_follow_a_subdirectory_setting_below_its_parent() {
     let levels = self::levels(&out);
     let at = |r: u64| levels.iter().find(|(n, _)| *n == r).map_or(0, |(_, c)| *c);
     assert!(at(1) >= 1 && at(2) == 0, "{out}");
-    let held: u64 = node_homes
-        .iter()
-        .map(|h| number(&status(h.path()), "held_blocks"))
-        .sum();
+    let held: u64 = held_blocks(&node_homes);
     assert_eq!(
         held,
         at(1) + 3 * at(3),
@@ -478,10 +446,7 @@ fn a_holder_with_a_corrupted_volume_is_dropped_and_reads_stay_right() {
         Duration::from_secs(60),
         || {
             let st = status(&home);
-            let held: u64 = others
-                .iter()
-                .map(|h| number(&status(h.path()), "held_blocks"))
-                .sum();
+            let held: u64 = held_blocks(others);
             // The dropped holder, still connected, is asked to let go of the rest.
             let dropped_keeps = number(&status(node_homes[0].path()), "held_blocks");
             held == 3 * own
