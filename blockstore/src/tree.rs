@@ -73,6 +73,16 @@ impl FileRef {
     }
 }
 
+/// Where [`TreeWriter::resume`] continues a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// At the first byte that differs from the base.
+    Change(u64),
+    /// At the end of a base that [`TreeWriter::finish_at_cut`] made, with the
+    /// byte after it unchanged.
+    Cut,
+}
+
 /// Builds a file tree from a stream of bytes, storing blocks as it goes.
 ///
 /// Memory stays bounded by a few chunks however long the stream is. Chunks are
@@ -119,12 +129,13 @@ impl<'a> TreeWriter<'a> {
         self
     }
 
-    /// A writer that continues `base`: it keeps the data blocks of `base` that
-    /// end at a content-defined boundary before `from`, and returns the
-    /// offset from which the caller must write the new content.
-    ///
-    /// Appending to a large file thus re-chunks only its last chunk, and an
-    /// edit re-chunks from the chunk it falls in.
+    /// A writer that continues `base` and the offset from which the caller
+    /// must write the new content. At [`Resume::Change`] it keeps the data
+    /// blocks of `base` that end at a content-defined boundary before the
+    /// first changed byte: appending to a large file thus re-chunks only its
+    /// last chunk, and an edit re-chunks from the chunk it falls in. At
+    /// [`Resume::Cut`] it keeps every block of `base`, which
+    /// [`TreeWriter::finish_at_cut`] made, and the caller writes on from its end.
     pub fn resume<S: BlockStore>(
         store: &'a dyn BlockStore,
         keys: &'a Keys,
@@ -132,37 +143,12 @@ impl<'a> TreeWriter<'a> {
         class: Class,
         base: &FileRef,
         reader: &TreeReader<S>,
-        from: u64,
+        at: Resume,
     ) -> Result<(Self, u64), Error> {
-        Self::resume_inner(store, keys, params, class, base, reader, from, false)
-    }
-
-    /// A writer that continues `base`, which [`TreeWriter::finish_at_cut`]
-    /// made, with bytes unchanged up to `from` (> `base.len()`): every block
-    /// of `base` is kept, its last included, since its end was cut with the
-    /// next byte in view. Returns the offset to write from (`base.len()`).
-    pub fn resume_at_cut<S: BlockStore>(
-        store: &'a dyn BlockStore,
-        keys: &'a Keys,
-        params: TreeParams,
-        class: Class,
-        base: &FileRef,
-        reader: &TreeReader<S>,
-    ) -> Result<(Self, u64), Error> {
-        Self::resume_inner(store, keys, params, class, base, reader, u64::MAX, true)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn resume_inner<S: BlockStore>(
-        store: &'a dyn BlockStore,
-        keys: &'a Keys,
-        params: TreeParams,
-        class: Class,
-        base: &FileRef,
-        reader: &TreeReader<S>,
-        from: u64,
-        ends_at_cut: bool,
-    ) -> Result<(Self, u64), Error> {
+        let (from, ends_at_cut) = match at {
+            Resume::Change(from) => (from, false),
+            Resume::Cut => (u64::MAX, true),
+        };
         if ends_at_cut {
             if let FileRef::Inline(_) = base {
                 // Nothing was cut: the inline bytes are written again.
@@ -228,8 +214,8 @@ impl<'a> TreeWriter<'a> {
 
     /// Stores every chunk that ends at a content-defined cut and returns the
     /// tree of those alone and `true`: the bytes after the last cut are
-    /// dropped, for the caller to write again over that tree with
-    /// [`TreeWriter::resume_at_cut`]. A stream sealed in pieces so is cut
+    /// dropped, for the caller to write again over that tree, resumed at
+    /// [`Resume::Cut`]. A stream sealed in pieces so is cut
     /// exactly as if written in one go, and no piece re-reads the last.
     /// With no cut at all, this is [`TreeWriter::finish`] and `false`.
     pub fn finish_at_cut(mut self) -> Result<(FileRef, bool), Error> {

@@ -6,8 +6,8 @@ use std::collections::HashSet;
 
 use fincrypt_blockstore::tree::write_all;
 use fincrypt_blockstore::{
-    BlockStore, Class, Error, FileRef, LocalStore, MemStore, Score, StoreOptions, TreeParams,
-    TreeReader, TreeWriter,
+    BlockStore, Class, Error, FileRef, LocalStore, MemStore, Resume, Score, StoreOptions,
+    TreeParams, TreeReader, TreeWriter,
 };
 use proptest::prelude::*;
 
@@ -268,7 +268,7 @@ fn resume_matches_a_fresh_write_and_reuses_the_prefix() {
                 Class::Own,
                 &base,
                 &reader,
-                edit_at as u64,
+                Resume::Change(edit_at as u64),
             )
             .unwrap();
             assert!(from <= edit_at as u64);
@@ -312,8 +312,16 @@ fn resume_after_an_edit_exactly_at_a_chunk_boundary() {
             let mut new = old.clone();
             new[edit as usize] ^= 0xff;
             let fresh = write_all(&store, &keys, SMALL, Class::Own, &new).unwrap();
-            let (mut w, from) =
-                TreeWriter::resume(&store, &keys, SMALL, Class::Own, &base, &reader, edit).unwrap();
+            let (mut w, from) = TreeWriter::resume(
+                &store,
+                &keys,
+                SMALL,
+                Class::Own,
+                &base,
+                &reader,
+                Resume::Change(edit),
+            )
+            .unwrap();
             w.write(&new[from as usize..]).unwrap();
             assert_eq!(w.finish().unwrap(), fresh, "edit at the boundary {edit}");
         }
@@ -336,12 +344,13 @@ fn a_stream_sealed_in_pieces_at_cuts_is_the_tree_of_one_write() {
         let mut end = 0usize;
         while end < data.len() {
             end = (end + piece).min(data.len());
-            let (mut w, from) = if cut {
-                TreeWriter::resume_at_cut(&store, &keys, SMALL, Class::Own, &base, &reader).unwrap()
+            let at = if cut {
+                Resume::Cut
             } else {
-                let from = base.len();
-                TreeWriter::resume(&store, &keys, SMALL, Class::Own, &base, &reader, from).unwrap()
+                Resume::Change(base.len())
             };
+            let (mut w, from) =
+                TreeWriter::resume(&store, &keys, SMALL, Class::Own, &base, &reader, at).unwrap();
             // Two uneven writes: a short one buffered, then a long one
             // chunked where it lies after bridging the buffered bytes.
             let mid = from as usize + (end - from as usize) / 5;

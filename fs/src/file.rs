@@ -13,7 +13,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
 
-use fincrypt_blockstore::{BlockStore, Class, FileRef, Keys, TreeParams, TreeReader, TreeWriter};
+use fincrypt_blockstore::{
+    BlockStore, Class, FileRef, Keys, Resume, TreeParams, TreeReader, TreeWriter,
+};
 
 use crate::error::FsError;
 use crate::meta::Time;
@@ -404,12 +406,13 @@ impl Dirty {
         };
         let data_end = written_end.max(self.base_valid).min(self.size);
         let from = self.first_change.min(data_end);
-        let (w, mut at) = if self.base_at_cut && from > base.len() {
-            TreeWriter::resume_at_cut(store, keys, params, Class::Own, base, reader)?
+        let resume = if self.base_at_cut && from > base.len() {
+            Resume::Cut
         } else {
-            let from = from.min(base.len());
-            TreeWriter::resume(store, keys, params, Class::Own, base, reader, from)?
+            Resume::Change(from.min(base.len()))
         };
+        let (w, mut at) =
+            TreeWriter::resume(store, keys, params, Class::Own, base, reader, resume)?;
         // Durable at the next fsync or sync, which syncs the store first.
         let mut w = w.unsynced();
         // Sized to what is sealed: a small file must not fault in a whole step.
@@ -440,17 +443,20 @@ mod tests {
     use super::*;
     use fincrypt_blockstore::MemStore;
 
+    /// Small chunks and fanout, so a few KiB make multi-level trees.
+    const SMALL: TreeParams = TreeParams {
+        min_chunk: 64,
+        avg_chunk: 256,
+        max_chunk: 1024,
+        fanout: 4,
+        inline_max: 64,
+    };
+
     #[test]
     fn extents_merge_and_read_back_over_a_base() {
         let store = MemStore::new();
         let keys = fincrypt_blockstore::MasterSecret::generate().keys();
-        let params = TreeParams {
-            min_chunk: 64,
-            avg_chunk: 256,
-            max_chunk: 1024,
-            fanout: 4,
-            inline_max: 64,
-        };
+        let params = SMALL;
         let mut model: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
         let base = fincrypt_blockstore::tree::write_all(&store, &keys, params, Class::Own, &model)
             .unwrap();
@@ -496,13 +502,7 @@ mod tests {
     fn writes_over_a_seal_job_rebase_onto_it_or_fold_back_into_it() {
         let store = MemStore::new();
         let keys = fincrypt_blockstore::MasterSecret::generate().keys();
-        let params = TreeParams {
-            min_chunk: 64,
-            avg_chunk: 256,
-            max_chunk: 1024,
-            fanout: 4,
-            inline_max: 64,
-        };
+        let params = SMALL;
         let reader = TreeReader::new(&store, 1 << 20);
         let base_data: Vec<u8> = (0..6_000u32).map(|i| (i * 7) as u8).collect();
         let base =

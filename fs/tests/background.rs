@@ -27,7 +27,7 @@ fn mount(dir: &std::path::Path, keys: &fincrypt_blockstore::Keys) -> Fossil {
 /// Bytes that differ at every offset and between passes.
 fn pattern(offset: usize, len: usize, pass: u8) -> Vec<u8> {
     (offset..offset + len)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[(i % 4)] ^ pass)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[i % 4] ^ pass)
         .collect()
 }
 
