@@ -13,6 +13,21 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+/// The `--home` option both commands take.
+#[derive(clap::Args, Clone, Debug)]
+pub struct HomeArg {
+    /// The configuration and data are under DIR instead of the XDG locations.
+    #[arg(long, global = true, env = "FINCRYPT_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+}
+
+impl HomeArg {
+    /// The directories it names.
+    pub fn resolve(&self) -> Result<Home> {
+        Home::resolve(self.home.as_deref())
+    }
+}
+
 /// The directories of one Fincrypt identity.
 #[derive(Clone, Debug)]
 pub struct Home {

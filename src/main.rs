@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use fincrypt::config::{Config, Home};
+use fincrypt::config::{Config, Home, HomeArg};
 use fincrypt::secrets;
 use fincrypt_blockstore::LocalStore;
 
@@ -16,9 +16,8 @@ use fincrypt_blockstore::LocalStore;
     about = "An encrypted, distributed filesystem"
 )]
 struct Cli {
-    /// Keep configuration and data under DIR instead of the XDG locations.
-    #[arg(long, global = true, env = "FINCRYPT_HOME", value_name = "DIR")]
-    home: Option<PathBuf>,
+    #[command(flatten)]
+    home: HomeArg,
     #[command(subcommand)]
     command: Command,
 }
@@ -91,7 +90,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let home = Home::resolve(cli.home.as_deref())?;
+    let home = cli.home.resolve()?;
     match cli.command {
         Command::Mount {
             mountpoint,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use fincrypt::config::Home;
+use fincrypt::config::HomeArg;
 use fincrypt::control::{self, Request};
 
 #[derive(Parser)]
@@ -18,9 +18,8 @@ use fincrypt::control::{self, Request};
     about = "Control a running Fincrypt daemon"
 )]
 struct Cli {
-    /// The daemon's home, as given to `fincrypt --home`.
-    #[arg(long, global = true, env = "FINCRYPT_HOME", value_name = "DIR")]
-    home: Option<PathBuf>,
+    #[command(flatten)]
+    home: HomeArg,
     #[command(subcommand)]
     command: Command,
 }
@@ -160,7 +159,7 @@ fn inside_mount(data: &Path, path: &Path) -> Result<(PathBuf, u8, PathBuf)> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let home = Home::resolve(cli.home.as_deref())?;
+    let home = cli.home.resolve()?;
     let data = &home.data_dir;
     match cli.command {
         Command::Status { json } => {
