@@ -145,41 +145,64 @@ impl<'a> TreeWriter<'a> {
         reader: &TreeReader<S>,
         at: Resume,
     ) -> Result<(Self, u64), Error> {
-        let (from, ends_at_cut) = match at {
-            Resume::Change(from) => (from, false),
-            Resume::Cut => (u64::MAX, true),
-        };
-        if ends_at_cut {
-            if let FileRef::Inline(_) = base {
-                // Nothing was cut: the inline bytes are written again.
-                return Ok((TreeWriter::new(store, keys, params, class), 0));
-            }
-        }
-        let mut leaves = Vec::new();
-        reader.visit_scores(base, &mut |p| {
-            if p.depth == 0 {
-                leaves.push(*p);
-            }
-        })?;
         // The last leaf ends where the file ended, not at a content-defined
-        // cut, so it is re-chunked, unless `finish_at_cut` made it.
-        if !ends_at_cut {
-            leaves.pop();
-        }
+        // cut, so it is re-chunked (`from` is at most the end), unless
+        // `finish_at_cut` made it.
+        let from = match at {
+            Resume::Change(from) => from.min(base.len()),
+            Resume::Cut => u64::MAX,
+        };
         let mut w = TreeWriter::new(store, keys, params, class);
         let mut end = 0u64;
-        for leaf in leaves {
-            // FastCDC decides a cut at offset e by hashing byte e too (the
-            // first byte of the next chunk), so a chunk is kept only if it ends
-            // strictly before the first changed byte.
-            if end + leaf.len >= from {
-                break;
-            }
-            end += leaf.len;
-            w.add(0, leaf)?;
-            w.stored_any = true;
+        if let FileRef::Tree(root) = base {
+            w.keep(reader, root, true, &mut end, from)?;
         }
         Ok((w, end))
+    }
+
+    /// Keeps what the resumed file shares with the subtree under `p`, which
+    /// starts at `*end`: returns false at the first block not kept. A full
+    /// pointer block whose whole range lies before `from` is kept as one
+    /// pointer, since the writer would seal the very same block there;
+    /// except on the tree's right edge (`last`), where `finish` may have
+    /// filled a block with a partial one. So resuming reads only the right
+    /// edge, however long the file.
+    fn keep<S: BlockStore>(
+        &mut self,
+        reader: &TreeReader<S>,
+        p: &Pointer,
+        last: bool,
+        end: &mut u64,
+        from: u64,
+    ) -> Result<bool, Error> {
+        // FastCDC decides a cut at offset e by hashing byte e too (the first
+        // byte of the next chunk), so a chunk is kept only if it ends
+        // strictly before the first changed byte.
+        if *end + p.len >= from && p.depth == 0 {
+            return Ok(false);
+        }
+        if p.depth > 0 {
+            let node = reader.node(p)?;
+            let Node::Pointers(children) = &*node else {
+                return Err(Error::Format(format!(
+                    "pointer block {} holds data",
+                    p.score
+                )));
+            };
+            if last || children.len() != self.params.fanout || *end + p.len >= from {
+                for (i, (_, c)) in children.iter().enumerate() {
+                    let last = last && i + 1 == children.len();
+                    if !self.keep(reader, c, last, end, from)? {
+                        return Ok(false);
+                    }
+                }
+                return Ok(true);
+            }
+        }
+        self.add(p.depth as usize, *p)?;
+        self.stored_any = true;
+        *end += p.len;
+        Ok(true)
     }
 
     /// Appends bytes to the file.
