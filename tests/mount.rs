@@ -1008,6 +1008,54 @@ fn deleted_data_is_freed_once_no_kept_snapshot_uses_it() {
     m.unmount();
 }
 
+/// Snapshots that share most of their trees all read back whole after the
+/// GC that follows each of them (it walks what they share only once).
+#[test]
+fn kept_snapshots_sharing_trees_survive_gc() {
+    let home = init_home();
+    common::set_config(home.path(), "snapshot_keep", "3");
+    let m = Mount::start(home);
+    let files = [
+        ("a/one.bin", 3 * MIB as usize),
+        ("a/b/two.bin", 200_000),
+        ("a/b/c/three.bin", 5_000),
+        ("top.txt", 40),
+    ];
+    let mut want: Vec<BTreeMap<&str, Vec<u8>>> = Vec::new();
+    let mut now: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
+    fs::create_dir_all(m.path().join("a/b/c")).unwrap();
+    for (i, (name, len)) in files.iter().enumerate() {
+        let data = random_bytes(500 + i as u64, *len);
+        fs::write(m.path().join(name), &data).unwrap();
+        now.insert(name, data);
+    }
+    ctl_ok(m.home(), &["sync"]);
+    want.push(now.clone());
+    // One file deep down changes; everything else is shared with the first.
+    let changed = random_bytes(600, 200_000);
+    fs::write(m.path().join("a/b/two.bin"), &changed).unwrap();
+    now.insert("a/b/two.bin", changed);
+    ctl_ok(m.home(), &["sync"]);
+    want.push(now.clone());
+    // Everything goes from the live tree.
+    fs::remove_dir_all(m.path().join("a")).unwrap();
+    fs::remove_file(m.path().join("top.txt")).unwrap();
+    ctl_ok(m.home(), &["sync"]);
+    want.push(BTreeMap::new());
+
+    let names = snapshot_names(m.home());
+    assert_eq!(names.len(), 3, "three kept: {names:?}");
+    for (name, files) in names.iter().zip(&want) {
+        let dir = m.path().join(".snapshots").join(name);
+        for (file, data) in files {
+            let got = fs::read(dir.join(file))
+                .unwrap_or_else(|e| panic!("snapshot {name}: reading {file}: {e}"));
+            assert_same_bytes(&format!("snapshot {name}: {file}"), &got, data);
+        }
+    }
+    m.unmount();
+}
+
 #[test]
 fn a_file_raised_by_truncate_reads_its_hole_to_the_end() {
     // The kernel reads 128 KiB at a time: the second, sequential read lies

@@ -5,6 +5,7 @@
 //! data blocks it overlaps. Small files are kept inline by their parent
 //! (a directory entry) and cost no block of their own.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -574,6 +575,29 @@ impl<S: BlockStore> TreeReader<S> {
     pub fn visit_scores(&self, file: &FileRef, f: &mut dyn FnMut(&Pointer)) -> Result<(), Error> {
         if let FileRef::Tree(root) = file {
             self.visit(root, f)?;
+        }
+        Ok(())
+    }
+
+    /// Adds the score of every block of `file` to `seen`, without opening a
+    /// pointer block already there: its subtree was added with it. Walking
+    /// many trees that share most blocks (snapshots) so costs what they do
+    /// not share.
+    pub fn add_new_scores(&self, file: &FileRef, seen: &mut HashSet<Score>) -> Result<(), Error> {
+        if let FileRef::Tree(root) = file {
+            self.add_new(root, seen)?;
+        }
+        Ok(())
+    }
+
+    fn add_new(&self, p: &Pointer, seen: &mut HashSet<Score>) -> Result<(), Error> {
+        if seen.insert(p.score) && p.depth > 0 {
+            let node = self.node(p)?;
+            if let Node::Pointers(children) = &*node {
+                for (_, c) in children {
+                    self.add_new(c, seen)?;
+                }
+            }
         }
         Ok(())
     }

@@ -416,3 +416,33 @@ fn random_reads_of_a_damaged_local_block_are_errors_never_wrong_bytes() {
     }
     assert!(saw_error, "the damaged segment read without an error");
 }
+
+/// Adding a tree's scores to a set opens no pointer block already in it:
+/// trees that share subtrees (snapshots) cost only what they do not share.
+#[test]
+fn adding_new_scores_skips_subtrees_already_seen() {
+    let store = MemStore::new();
+    let keys = common::keys();
+    let data = common::bytes(8, 200_000, 0);
+    let file = write_all(&store, &keys, SMALL, Class::Own, &data).unwrap();
+    let mut all = HashSet::new();
+    TreeReader::new(&store, 0)
+        .visit_scores(&file, &mut |p| {
+            all.insert(p.score);
+        })
+        .unwrap();
+    let mut seen = HashSet::new();
+    let reader = TreeReader::new(&store, 0);
+    reader.add_new_scores(&file, &mut seen).unwrap();
+    assert_eq!(seen, all);
+    // Seen before, the root is not opened again: gone from the store, the
+    // walk still succeeds and adds nothing.
+    let FileRef::Tree(root) = &file else {
+        panic!("200 KB is not inline");
+    };
+    store.delete(&root.score).unwrap();
+    reader.add_new_scores(&file, &mut seen).unwrap();
+    assert_eq!(seen, all);
+    let mut fresh = HashSet::new();
+    assert!(reader.add_new_scores(&file, &mut fresh).is_err());
+}

@@ -263,12 +263,14 @@ pub fn gc(fs: &Fossil, volume: &LocalStore) -> Result<u64, FsError> {
     let mark = fs.with_sealing_paused(|| volume.mark());
     let mut live: HashSet<Score> = HashSet::new();
     let reader = fs.reader();
+    // Snapshots share most of their trees: a subtree already marked is not
+    // walked again, so GC costs what the snapshots do not share.
     let add_tree = |f: &FileRef, live: &mut HashSet<Score>| -> Result<(), FsError> {
-        reader.visit_scores(f, &mut |p| {
-            live.insert(p.score);
-        })?;
-        Ok(())
+        Ok(reader.add_new_scores(f, live)?)
     };
+    // Directory streams already listed (kept apart from `live`: a file could
+    // hold the very bytes of a directory stream, and then the same blocks).
+    let mut dirs_seen: HashSet<Score> = HashSet::new();
     for content in fs.meta().view()?.contents()? {
         add_tree(&content, &mut live)?;
     }
@@ -280,6 +282,12 @@ pub fn gc(fs: &Fossil, volume: &LocalStore) -> Result<u64, FsError> {
         }
         let mut dirs = vec![r.tree];
         while let Some(d) = dirs.pop() {
+            if let FileRef::Tree(p) = &d.content {
+                if !dirs_seen.insert(p.score) {
+                    // The same directory, and so all below it, was listed before.
+                    continue;
+                }
+            }
             add_tree(&d.content, &mut live)?;
             for e in read_dir(fs, &d)? {
                 if e.kind == Kind::Dir {
