@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{
-    Mount, Rng, assert_same_bytes, contains, ctl, ctl_ok, disk_state, init_home, random_bytes,
-    refused_mount, regular_files, text, wait_until,
+    Mount, Rng, assert_same_bytes, contains, ctl, ctl_ok, disk_state, init_home, init_home_in,
+    random_bytes, refused_mount, regular_files, text, wait_until,
 };
 
 const KIB: u64 = 1 << 10;
@@ -1053,6 +1053,98 @@ fn kept_snapshots_sharing_trees_survive_gc() {
             assert_same_bytes(&format!("snapshot {name}: {file}"), &got, data);
         }
     }
+    m.unmount();
+}
+
+/// A tmpfs of limited size, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> SmallDisk {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("running mount");
+        assert!(ok.success(), "mounting a tmpfs on {}", dir.display());
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A full disk is an error to the writer (ENOSPC), never a crash or a
+/// hang, and loses nothing already made durable: the mount goes on, older
+/// files read back, space freed by a delete is usable again, and the home
+/// mounts again afterwards.
+#[test]
+fn a_full_disk_is_an_error_and_loses_nothing_durable() {
+    let home = tempfile::Builder::new()
+        .prefix("fincrypt-home-small-")
+        .tempdir()
+        .unwrap();
+    let _disk = SmallDisk::mount(home.path(), "48m");
+    init_home_in(&home);
+    let m = Mount::start(home);
+    let keep = random_bytes(700, 4 * MIB as usize);
+    let mut f = File::create(m.path().join("keep.bin")).unwrap();
+    f.write_all(&keep).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    // Write far more than fits: some write, close or fsync must fail.
+    let error = (|| -> std::io::Result<()> {
+        let mut f = File::create(m.path().join("big.bin"))?;
+        let mut piece = random_bytes(701, MIB as usize);
+        for i in 0..200u64 {
+            piece[..8].copy_from_slice(&i.to_le_bytes());
+            f.write_all(&piece)?;
+        }
+        f.sync_all()
+    })()
+    .expect_err("200 MiB fitted on a 48 MiB disk");
+    assert_eq!(
+        error.raw_os_error(),
+        Some(libc::ENOSPC),
+        "a full disk shows as ENOSPC: {error}"
+    );
+
+    // The mount still answers, and what was durable reads back.
+    assert_same_bytes(
+        "keep.bin",
+        &fs::read(m.path().join("keep.bin")).unwrap(),
+        &keep,
+    );
+    ctl_ok(m.home(), &["status", "--json"]);
+    // Deleting the big file and collecting frees room for new data.
+    fs::remove_file(m.path().join("big.bin")).unwrap();
+    ctl_ok(m.home(), &["sync"]);
+    let after = random_bytes(702, MIB as usize);
+    let mut f = File::create(m.path().join("after.bin")).unwrap();
+    f.write_all(&after).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let home = m.unmount();
+    let m = Mount::start(home);
+    assert_same_bytes(
+        "keep.bin",
+        &fs::read(m.path().join("keep.bin")).unwrap(),
+        &keep,
+    );
+    assert_same_bytes(
+        "after.bin",
+        &fs::read(m.path().join("after.bin")).unwrap(),
+        &after,
+    );
+    assert!(!m.path().join("big.bin").exists());
     m.unmount();
 }
 

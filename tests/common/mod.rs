@@ -163,6 +163,12 @@ pub fn init_home() -> TempDir {
         .prefix("fincrypt-home-")
         .tempdir()
         .unwrap();
+    init_home_in(&home);
+    home
+}
+
+/// Initialises `home` (an empty directory) as [`init_home`] does.
+pub fn init_home_in(home: &TempDir) {
     let out = run(
         fincrypt(home.path())
             .arg("init")
@@ -177,7 +183,6 @@ pub fn init_home() -> TempDir {
         "init prints a 24-word phrase: {phrase:?}"
     );
     set_config(home.path(), "snapshot_interval", "0");
-    home
 }
 
 /// Sets `key = value` in the home's config.toml, replacing an existing line.
