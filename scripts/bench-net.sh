@@ -298,19 +298,7 @@ three receivers) shares the same cores; best of $ROUNDS rounds, taken in turns.
 $table
 EOF
 )
-  SECTION=$section HEADING=$HEADING python3 - "$DOCS" <<'PY'
-import os, re, sys
-path, heading, section = sys.argv[1], os.environ["HEADING"], os.environ["SECTION"].rstrip() + "\n"
-text = open(path).read()
-start = text.find(heading + "\n")
-if start < 0:
-    text = text.rstrip("\n") + "\n\n" + section
-else:
-    nxt = re.compile(r"^## ", re.M).search(text, start + len(heading))
-    rest = text[nxt.start():] if nxt else ""
-    text = text[:start] + section + ("\n" + rest if rest else "")
-open(path, "w").write(text)
-PY
+  printf '%s\n' "$section" | python3 "$ROOT/scripts/lib/replace-section.py" "$DOCS" "$HEADING"
   log "wrote the section into $DOCS"
 }
 

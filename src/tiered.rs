@@ -85,6 +85,24 @@ impl TieredStore {
         }
         Err(local_error)
     }
+
+    /// A range read locally, or, if the block is missing or damaged here,
+    /// the range of the whole block fetched (and checked) from a holder.
+    fn range_or_fetch(
+        &self,
+        score: &Score,
+        range: Range<usize>,
+        local: Result<Bytes, Error>,
+    ) -> Result<Bytes, Error> {
+        match local {
+            Err(e) if e.is_block_unavailable() => {
+                let block = self.fetch(score, e)?;
+                fincrypt_blockstore::store::check_range(score, &range, block.len())?;
+                Ok(block.slice(range))
+            }
+            other => other,
+        }
+    }
 }
 
 impl BlockStore for TieredStore {
@@ -115,25 +133,13 @@ impl BlockStore for TieredStore {
     }
 
     fn get_range(&self, score: &Score, range: Range<usize>) -> Result<Bytes, Error> {
-        match self.local.get_range(score, range.clone()) {
-            Err(e) if e.is_block_unavailable() => {
-                let block = self.fetch(score, e)?;
-                fincrypt_blockstore::store::check_range(score, &range, block.len())?;
-                Ok(block.slice(range))
-            }
-            other => other,
-        }
+        let local = self.local.get_range(score, range.clone());
+        self.range_or_fetch(score, range, local)
     }
 
     fn get_range_to_open(&self, score: &Score, range: Range<usize>) -> Result<Bytes, Error> {
-        match self.local.get_range_to_open(score, range.clone()) {
-            Err(e) if e.is_block_unavailable() => {
-                let block = self.fetch(score, e)?;
-                fincrypt_blockstore::store::check_range(score, &range, block.len())?;
-                Ok(block.slice(range))
-            }
-            other => other,
-        }
+        let local = self.local.get_range_to_open(score, range.clone());
+        self.range_or_fetch(score, range, local)
     }
 
     fn has(&self, score: &Score) -> Result<bool, Error> {
