@@ -22,6 +22,8 @@ const HOLDERS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("holders"
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Blocks a dropped holder may still keep: key PeerId bytes then the score.
 const DROPPED: TableDefinition<&[u8], u8> = TableDefinition::new("dropped");
+/// Bytes of manifest pages redb may cache.
+const MANIFEST_CACHE: usize = 8 << 20;
 /// Version of the manifest's tables.
 pub const MANIFEST_VERSION: u64 = 1;
 
@@ -33,7 +35,11 @@ pub struct Manifest {
 impl Manifest {
     /// Opens (or creates) the manifest at `path`.
     pub fn open(path: &Path) -> Result<Manifest> {
-        let db = Database::create(path).with_context(|| format!("opening {}", path.display()))?;
+        // redb caches up to 1 GiB by default; the daemon's memory is bounded.
+        let db = redb::Builder::new()
+            .set_cache_size(MANIFEST_CACHE)
+            .create(path)
+            .with_context(|| format!("opening {}", path.display()))?;
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;

@@ -18,6 +18,8 @@ use redb::{
 
 use crate::Error;
 
+/// Bytes of ledger pages redb may cache.
+const LEDGER_CACHE: usize = 8 << 20;
 const PLACERS: MultimapTableDefinition<[u8; 32], &[u8]> = MultimapTableDefinition::new("placers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Version of the placement ledger's tables.
@@ -35,7 +37,10 @@ impl Ledger {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::Ledger(format!("{}: {e}", dir.display())))?;
         }
-        let db = Database::create(path)
+        // redb caches up to 1 GiB by default; a node's memory is bounded.
+        let db = redb::Builder::new()
+            .set_cache_size(LEDGER_CACHE)
+            .create(path)
             .map_err(|e| Error::Ledger(format!("{}: {e}", path.display())))?;
         let txn = db.begin_write()?;
         {
