@@ -55,6 +55,20 @@ pub fn wanted(fs: &Fossil, default: u8) -> Result<Wanted> {
         Ok(())
     };
 
+    // Trees already walked, with the redundancy asked of them then: walking
+    // one again at no higher redundancy adds nothing, and the live tree and
+    // the retained snapshots share most of their trees.
+    let mut walked: HashMap<(Score, bool), u8> = HashMap::new();
+    fn fresh(walked: &mut HashMap<(Score, bool), u8>, f: &FileRef, n: u8, is_dir: bool) -> bool {
+        let FileRef::Tree(p) = f else { return true };
+        let seen = walked.entry((p.score, is_dir)).or_insert(0);
+        if *seen >= n {
+            return false;
+        }
+        *seen = n;
+        true
+    }
+
     // The live tree, carrying each directory's effective redundancy down.
     let view = fs.meta().view()?;
     let root = view.inode(ROOT_INO)?;
@@ -72,7 +86,7 @@ pub fn wanted(fs: &Fossil, default: u8) -> Result<Wanted> {
             highest = highest.max(m);
             if inode.kind == Kind::Dir {
                 dirs.push((d.ino, m));
-            } else {
+            } else if fresh(&mut walked, &inode.content, m, false) {
                 add_file(&inode.content, m, false, &mut data, &mut meta)?;
             }
         }
@@ -100,13 +114,17 @@ pub fn wanted(fs: &Fossil, default: u8) -> Result<Wanted> {
         let n = r.tree.redundancy.unwrap_or(default);
         let mut dirs = vec![(r.tree, n)];
         while let Some((d, n)) = dirs.pop() {
+            if !fresh(&mut walked, &d.content, n, true) {
+                // Listed before at this redundancy or higher: all below it too.
+                continue;
+            }
             add_file(&d.content, n, true, &mut data, &mut meta)?;
             for e in snapshot::read_dir(fs, &d)? {
                 let m = e.redundancy.unwrap_or(n);
                 highest = highest.max(m);
                 if e.kind == Kind::Dir {
                     dirs.push((e, m));
-                } else {
+                } else if fresh(&mut walked, &e.content, m, false) {
                     add_file(&e.content, m, false, &mut data, &mut meta)?;
                 }
             }
@@ -535,6 +553,76 @@ impl Replicator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fincrypt_blockstore::{LocalStore, MasterSecret, StoreOptions, TreeParams};
+    use fincrypt_fs::fossil::REDUNDANCY_XATTR;
+    use fincrypt_fs::{Caller, Meta};
+
+    /// The copies asked of a file's data blocks follow the highest setting
+    /// over the live tree and every retained snapshot, also when the walk
+    /// skips trees it has seen (snapshots share them).
+    #[test]
+    fn wanted_takes_the_highest_redundancy_over_live_tree_and_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = MasterSecret::generate().keys();
+        let store: Arc<dyn BlockStore> = Arc::new(
+            LocalStore::open(&dir.path().join("volume"), StoreOptions::default()).unwrap(),
+        );
+        let meta = Meta::open(&dir.path().join("meta.redb"), &keys, 0, 0).unwrap();
+        let fs = Fossil::new(meta, store, keys, TreeParams::default(), dir.path().into()).unwrap();
+        let who = Caller { uid: 0, gid: 0 };
+        let a = fs
+            .mknod(ROOT_INO, b"a", Kind::Dir, 0o755, 0, None, who)
+            .unwrap()
+            .ino;
+        let b = fs
+            .mknod(ROOT_INO, b"b", Kind::Dir, 0o755, 0, None, who)
+            .unwrap()
+            .ino;
+        let write = |parent: u64, name: &[u8], seed: u8| {
+            let ino = fs.create(parent, name, 0o644, who).unwrap().ino;
+            let data: Vec<u8> = (0..300_000u32)
+                .map(|i| (i * 31 + seed as u32) as u8 ^ seed)
+                .collect();
+            fs.write(ino, 0, &data).unwrap();
+            fs.release(ino).unwrap();
+            let inode = fs.meta().inode(ino).unwrap();
+            let mut scores = Vec::new();
+            fs.reader()
+                .visit_scores(&inode.content, &mut |p| {
+                    if p.depth == 0 {
+                        scores.push(p.score);
+                    }
+                })
+                .unwrap();
+            assert!(!scores.is_empty());
+            scores
+        };
+        let f = write(a, b"f", 1);
+        let g = write(b, b"g", 2);
+        let set = |ino: u64, n: &str| {
+            fs.setxattr(ino, REDUNDANCY_XATTR, n.as_bytes(), false, false)
+                .unwrap()
+        };
+        let asked = |scores: &[Score]| -> Vec<u8> {
+            let w = wanted(&fs, 2).unwrap();
+            scores.iter().map(|s| w[s]).collect()
+        };
+
+        set(a, "2");
+        snapshot::create(&fs).unwrap();
+        set(a, "4");
+        assert!(
+            asked(&f).iter().all(|n| *n == 4),
+            "the live setting, higher than the snapshot's"
+        );
+        snapshot::create(&fs).unwrap();
+        set(a, "1");
+        assert!(
+            asked(&f).iter().all(|n| *n == 4),
+            "the newer snapshot's setting, higher than live"
+        );
+        assert!(asked(&g).iter().all(|n| *n == 2), "the default, everywhere");
+    }
 
     #[test]
     fn placement_order_is_deterministic_and_depends_on_the_score() {

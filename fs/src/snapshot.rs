@@ -282,11 +282,11 @@ pub fn gc(fs: &Fossil, volume: &LocalStore) -> Result<u64, FsError> {
         }
         let mut dirs = vec![r.tree];
         while let Some(d) = dirs.pop() {
-            if let FileRef::Tree(p) = &d.content {
-                if !dirs_seen.insert(p.score) {
-                    // The same directory, and so all below it, was listed before.
-                    continue;
-                }
+            if let FileRef::Tree(p) = &d.content
+                && !dirs_seen.insert(p.score)
+            {
+                // The same directory, and so all below it, was listed before.
+                continue;
             }
             add_tree(&d.content, &mut live)?;
             for e in read_dir(fs, &d)? {
