@@ -172,6 +172,14 @@ fn sync_replicated(home: &Path) {
     );
 }
 
+/// `fincryptctl redundancy set DIR N` on the mount of `home`.
+fn set_redundancy(home: &Path, dir: &Path, n: u8) {
+    ctl_ok(
+        home,
+        &["redundancy", "set", dir.to_str().unwrap(), &n.to_string()],
+    );
+}
+
 #[test]
 fn a_killed_holder_is_dropped_and_its_copies_are_made_again() {
     let (node_homes, mut nodes, m) = network(&[
@@ -181,7 +189,7 @@ fn a_killed_holder_is_dropped_and_its_copies_are_made_again() {
     let home = m.home().to_path_buf();
     let dir = m.path().join("precious");
     std::fs::create_dir_all(&dir).unwrap();
-    ctl_ok(&home, &["redundancy", "set", dir.to_str().unwrap(), "3"]);
+    set_redundancy(&home, &dir, 3);
     let written = write_files(&dir);
     sync_replicated(&home);
     let own = number(&status(&home), "own_blocks");
@@ -236,7 +244,7 @@ fn four_nodes_hold_three_copies_of_every_own_block_and_no_plaintext() {
     // Redundancy: 3 on a directory, inherited below it, default elsewhere.
     let dir = m.path().join("precious");
     std::fs::create_dir_all(dir.join("deeper")).unwrap();
-    ctl_ok(&home, &["redundancy", "set", dir.to_str().unwrap(), "3"]);
+    set_redundancy(&home, &dir, 3);
     let got = ctl_ok(&home, &["redundancy", "get", dir.to_str().unwrap()]);
     assert!(got.starts_with("3 (set here)"), "{got}");
     let got = ctl_ok(
@@ -318,7 +326,7 @@ fn reads_come_from_holders_when_the_local_copies_are_damaged() {
     let home = m.home().to_path_buf();
     let dir = m.path().join("precious");
     std::fs::create_dir_all(&dir).unwrap();
-    ctl_ok(&home, &["redundancy", "set", dir.to_str().unwrap(), "3"]);
+    set_redundancy(&home, &dir, 3);
     let written = write_files(&dir);
     sync_replicated(&home);
     let names: Vec<_> = written
@@ -372,8 +380,8 @@ fn copies_follow_a_subdirectory_setting_below_its_parent() {
     let parent = m.path().join("three");
     let child = parent.join("two");
     std::fs::create_dir_all(&child).unwrap();
-    ctl_ok(&home, &["redundancy", "set", parent.to_str().unwrap(), "3"]);
-    ctl_ok(&home, &["redundancy", "set", child.to_str().unwrap(), "2"]);
+    set_redundancy(&home, &parent, 3);
+    set_redundancy(&home, &child, 2);
     let got = ctl_ok(&home, &["redundancy", "get", child.to_str().unwrap()]);
     assert!(got.starts_with("2 (set here)"), "{got}");
     std::fs::write(child.join("data"), common::random_bytes(3, 3_000_000)).unwrap();
@@ -399,7 +407,7 @@ fn copies_follow_a_subdirectory_setting_below_its_parent() {
     );
 
     // Lowered to 1: the surplus copies are released.
-    ctl_ok(&home, &["redundancy", "set", child.to_str().unwrap(), "1"]);
+    set_redundancy(&home, &child, 1);
     let out = ctl_ok(&home, &["sync", "--replicated", "--timeout", "120"]);
     let levels = self::levels(&out);
     let at = |r: u64| levels.iter().find(|(n, _)| *n == r).map_or(0, |(_, c)| *c);
@@ -424,7 +432,7 @@ fn a_holder_with_a_corrupted_volume_is_dropped_and_reads_stay_right() {
     let home = m.home().to_path_buf();
     let dir = m.path().join("precious");
     std::fs::create_dir_all(&dir).unwrap();
-    ctl_ok(&home, &["redundancy", "set", dir.to_str().unwrap(), "3"]);
+    set_redundancy(&home, &dir, 3);
     let written = write_files(&dir);
     sync_replicated(&home);
     let own = number(&status(&home), "own_blocks");
@@ -569,7 +577,7 @@ fn the_newest_root_names_a_manifest_of_who_holds_each_block() {
     let home = m.home().to_path_buf();
     let dir = m.path().join("precious");
     std::fs::create_dir_all(&dir).unwrap();
-    ctl_ok(&home, &["redundancy", "set", dir.to_str().unwrap(), "3"]);
+    set_redundancy(&home, &dir, 3);
     // One block per file, enough of them for a manifest of more than 4 KiB:
     // stored in blocks of its own rather than inline in the root.
     for i in 0..160u64 {
