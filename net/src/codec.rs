@@ -28,14 +28,15 @@ async fn read_body<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8
     io.read_exact(&mut prefix).await?;
     let len =
         proto::frame_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    // Grow the buffer as bytes arrive rather than trusting the announced
-    // length with one allocation: a peer that announces much and sends little
-    // holds little of our memory. Each step doubles what arrived, up to the
-    // exact length, so a block is never held in a buffer twice its size.
-    let mut body = Vec::new();
+    // The whole length is reserved at once, which costs address space only:
+    // memory is written (zeroed, then filled) a step at a time as bytes
+    // arrive, so a peer that announces much and sends little makes us commit
+    // little, and the buffer is never moved to grow.
+    const STEP: usize = 256 << 10;
+    let mut body = Vec::with_capacity(len);
     while body.len() < len {
         let start = body.len();
-        let end = (start * 2).max(64 << 10).min(len);
+        let end = (start + STEP).min(len);
         body.resize(end, 0);
         if let Err(e) = io.read_exact(&mut body[start..end]).await {
             return Err(match e.kind() {

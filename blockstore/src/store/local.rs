@@ -119,6 +119,8 @@ pub struct LocalStore {
     hits: Mutex<HashMap<Score, u64>>,
     seq: AtomicU64,
     tmp_counter: AtomicU64,
+    /// False once the volume's filesystem refused a direct write (see [`direct_io`]).
+    direct_ok: AtomicBool,
     /// Set by `shutdown`; the next change marks the volume in use again.
     marked_clean: AtomicBool,
     /// Block files (and their directories) renamed into place but not yet fsynced.
@@ -202,6 +204,7 @@ impl LocalStore {
             hits: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(seq),
             tmp_counter: AtomicU64::new(0),
+            direct_ok: AtomicBool::new(true),
             marked_clean: AtomicBool::new(false),
             unsynced: Mutex::new(BTreeSet::new()),
             leaves: quick_cache::sync::Cache::with_weighter(
@@ -346,16 +349,31 @@ impl LocalStore {
     }
 
     /// Writes `data` to a fresh temp file and fsyncs it.
-    fn write_tmp(&self, data: &[u8], sync: bool) -> Result<PathBuf, Error> {
+    /// Writes `data` to a new file in `tmp/`, fsynced if `sync`; `direct`
+    /// asks for a write past the page cache (see [`direct_io`]), which falls
+    /// back to a buffered one on a filesystem that refuses it.
+    fn write_tmp(&self, data: &[u8], sync: bool, direct: bool) -> Result<PathBuf, Error> {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let path = self
             .dir
             .join("tmp")
             .join(format!("{}-{n}", std::process::id()));
-        let result = fs::File::create(&path).and_then(|mut f| {
-            f.write_all(data)?;
-            if sync { f.sync_data() } else { Ok(()) }
-        });
+        let direct = direct && sync && self.direct_ok.load(Ordering::Relaxed);
+        let mut result = if direct {
+            direct_io::write_file(&path, data)
+        } else {
+            Err(std::io::ErrorKind::Unsupported.into())
+        };
+        if direct && matches!(&result, Err(e) if direct_io::refused(e)) {
+            tracing::debug!(dir = %self.dir.display(), "the volume's filesystem refuses direct writes; writing through the page cache");
+            self.direct_ok.store(false, Ordering::Relaxed);
+        }
+        if !direct || matches!(&result, Err(e) if direct_io::refused(e)) {
+            result = fs::File::create(&path).and_then(|mut f| {
+                f.write_all(data)?;
+                if sync { f.sync_data() } else { Ok(()) }
+            });
+        }
         match result {
             Ok(()) => Ok(path),
             Err(e) => {
@@ -578,7 +596,10 @@ impl LocalStore {
             if !seen.insert(*score) || self.entry(score)?.is_some() {
                 continue;
             }
-            match self.write_tmp(data, durable) {
+            // Held blocks are other peers' data, rarely read back here: they
+            // go to disk past the page cache rather than through it.
+            let direct = class == Class::Held;
+            match self.write_tmp(data, durable, direct) {
                 Ok(tmp) => written.push((*score, data.len() as u64, tmp)),
                 Err(e) => {
                     for (_, _, tmp) in &written {
@@ -832,4 +853,65 @@ fn decode_entry(bytes: &[u8]) -> Result<Entry, Error> {
         )));
     }
     Ok(e)
+}
+
+/// Writes past the page cache (`O_DIRECT`).
+///
+/// A held block is written once, fsynced at once and seldom read again on
+/// this machine: copying it into the page cache first only costs CPU and
+/// pushes the owner's own files out of memory. Direct I/O needs the buffer,
+/// length and offset aligned to the device's sector, so the block is copied
+/// into an aligned buffer padded to [`ALIGN`] and the file then cut to the
+/// block's length. Filesystems without direct I/O answer `EINVAL`, and the
+/// store then writes through the page cache.
+mod direct_io {
+    use std::cell::RefCell;
+    use std::fs;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::path::Path;
+
+    /// Alignment for buffer, length and offset: a page covers any sector size in use.
+    pub const ALIGN: usize = 4096;
+    /// A thread's buffer above this size is freed after the write.
+    const KEEP: usize = 8 << 20;
+
+    thread_local! {
+        static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// True for the answers of a filesystem that does not do direct I/O.
+    pub fn refused(e: &std::io::Error) -> bool {
+        e.raw_os_error() == Some(libc::EINVAL)
+    }
+
+    /// Creates `path` holding exactly `data`, durably (data and size).
+    pub fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)?;
+        let padded = data.len().div_ceil(ALIGN) * ALIGN;
+        BUF.with_borrow_mut(|buf| {
+            buf.resize(padded + ALIGN, 0);
+            // The first ALIGN-aligned byte of the buffer: a Vec<u8> has no alignment to ask for.
+            let start = buf.as_ptr().align_offset(ALIGN);
+            if start >= ALIGN {
+                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            let aligned = &mut buf[start..start + padded];
+            aligned[..data.len()].copy_from_slice(data);
+            aligned[data.len()..].fill(0);
+            let written = file.write_all(aligned);
+            if buf.len() > KEEP {
+                *buf = Vec::new();
+            }
+            written
+        })?;
+        if padded != data.len() {
+            file.set_len(data.len() as u64)?;
+        }
+        file.sync_data()
+    }
 }
