@@ -5,6 +5,11 @@
 //! a fetched block is checked against its score and a proof against the score
 //! alone, so a lying or damaged holder yields an error or `false`, never bytes.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
 use bytes::Bytes;
 use fincrypt_blockstore::{Score, score};
 use libp2p::{Multiaddr, PeerId};
@@ -12,14 +17,18 @@ use rand::RngCore;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Error;
+use crate::bulk::{BulkConn, BulkPool, Pooled};
 use crate::event_loop::{Command, PeerInfo};
-use crate::proto::{Bitmap, NONCE_LEN, Request, Response};
+use crate::proto::{Bitmap, BulkKey, NONCE_LEN, Request, Response};
 
 /// A cloneable handle to a running node; a closed node answers [`Error::Shutdown`].
 #[derive(Clone)]
 pub struct Client {
     sender: mpsc::Sender<Command>,
     peer_id: PeerId,
+    /// Bulk connections for puts and gets; `None` when the node uses libp2p only.
+    bulk: Option<Arc<BulkPool>>,
+    request_timeout: Duration,
 }
 
 /// Room a holder offers, as it reports it.
@@ -39,8 +48,25 @@ impl Space {
 }
 
 impl Client {
-    pub(crate) fn new(sender: mpsc::Sender<Command>, peer_id: PeerId) -> Client {
-        Client { sender, peer_id }
+    pub(crate) fn new(
+        sender: mpsc::Sender<Command>,
+        peer_id: PeerId,
+        bulk: bool,
+        request_timeout: Duration,
+    ) -> Client {
+        Client {
+            sender,
+            peer_id,
+            bulk: bulk.then(Arc::default),
+            request_timeout,
+        }
+    }
+
+    /// Requests answered over bulk connections so far (see [`crate::bulk`]).
+    pub fn bulk_answered(&self) -> u64 {
+        self.bulk
+            .as_ref()
+            .map_or(0, |b| b.answered.load(Ordering::Relaxed))
     }
 
     /// This node's PeerId.
@@ -93,6 +119,21 @@ impl Client {
         self.ask(|reply| Command::Peers { reply }).await
     }
 
+    /// Has the event loop answer bulk requests with `server` (whose listener
+    /// task stops with the loop).
+    pub(crate) async fn enable_bulk(
+        &self,
+        server: Arc<crate::bulk::BulkServer>,
+        task: tokio::task::JoinHandle<()>,
+    ) {
+        if let Err(e) = self.sender.send(Command::EnableBulk { server, task }).await {
+            // The loop is gone: so is the listener with the command.
+            if let Command::EnableBulk { task, .. } = e.0 {
+                task.abort();
+            }
+        }
+    }
+
     /// Stops the node (see [`crate::Node::shutdown`]); other handles then answer `Shutdown`.
     pub async fn shutdown(&self) {
         let (reply, done) = oneshot::channel();
@@ -103,17 +144,87 @@ impl Client {
 
     async fn request(&self, peer: PeerId, request: Request) -> Result<Response, Error> {
         request.check_limits().map_err(Error::InvalidRequest)?;
-        let response = self
-            .ask(|reply| Command::Request {
-                peer,
-                request,
-                reply,
-            })
-            .await?;
+        let bulk = match &request {
+            Request::Put { .. } | Request::Get { .. } => self.bulk_call(peer, &request).await,
+            _ => None,
+        };
+        let response = match bulk {
+            Some(response) => response,
+            None => self.libp2p_call(peer, request).await?,
+        };
         match response {
             Response::Error(code) => Err(Error::Refused { peer, code }),
             other => Ok(other),
         }
+    }
+
+    async fn libp2p_call(&self, peer: PeerId, request: Request) -> Result<Response, Error> {
+        self.ask(|reply| Command::Request {
+            peer,
+            request,
+            reply,
+        })
+        .await
+    }
+
+    /// Sends `request` over a bulk connection to `peer`; `None` when there is
+    /// none to be had or it failed, and the request should go over libp2p.
+    async fn bulk_call(&self, peer: PeerId, request: &Request) -> Option<Response> {
+        let pool = self.bulk.as_ref()?;
+        // An idle connection may have been closed by the holder meanwhile:
+        // then one fresh connection is tried before giving up.
+        let mut conn = match pool.take(&peer) {
+            Pooled::Skip => return None,
+            Pooled::Idle(conn) => Some(conn),
+            Pooled::Open => None,
+        };
+        for _ in 0..2 {
+            let fresh = conn.is_none();
+            let mut c = match conn.take() {
+                Some(c) => c,
+                None => match self.open_bulk(peer).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "no bulk connection; using libp2p");
+                        pool.set_libp2p_only(peer);
+                        return None;
+                    }
+                },
+            };
+            match tokio::time::timeout(self.request_timeout, c.call(request)).await {
+                Ok(Ok(response)) => {
+                    pool.give_back(peer, c);
+                    pool.answered.fetch_add(1, Ordering::Relaxed);
+                    return Some(response);
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "a bulk request failed"),
+                Err(_) => tracing::debug!(%peer, "a bulk request timed out"),
+            }
+            if fresh {
+                pool.set_libp2p_only(peer);
+                break;
+            }
+        }
+        None
+    }
+
+    /// Opens a bulk connection to `peer`: a key agreed over libp2p, then TCP.
+    async fn open_bulk(&self, peer: PeerId) -> Result<BulkConn, Error> {
+        let mut key = BulkKey([0; 32]);
+        rand::thread_rng().fill_bytes(&mut key.0);
+        let request = Request::Bulk { key: key.clone() };
+        let (port, session) = match self.libp2p_call(peer, request).await? {
+            Response::Bulk { port, session } => (port, session),
+            Response::Error(code) => return Err(Error::Refused { peer, code }),
+            other => return Err(unexpected(peer, &other)),
+        };
+        let ip = self.ask(|reply| Command::RemoteIp { peer, reply }).await?;
+        BulkConn::connect(SocketAddr::new(ip, port), session, &key)
+            .await
+            .map_err(|e| Error::Unreachable {
+                peer,
+                reason: format!("bulk connection: {e}"),
+            })
     }
 
     /// Asks `peer` to hold a block; returns once the peer has stored it durably.
@@ -243,6 +354,7 @@ fn unexpected(peer: PeerId, response: &Response) -> Error {
         Response::Proof { .. } => "Proof",
         Response::Released { .. } => "Released",
         Response::Space { .. } => "Space",
+        Response::Bulk { .. } => "Bulk",
         Response::Error(_) => "Error",
     };
     Error::Protocol {

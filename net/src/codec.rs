@@ -28,12 +28,24 @@ async fn read_body<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8
     io.read_exact(&mut prefix).await?;
     let len =
         proto::frame_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    // The whole length is reserved at once, which costs address space only:
-    // memory is written (zeroed, then filled) a step at a time as bytes
-    // arrive, so a peer that announces much and sends little makes us commit
-    // little, and the buffer is never moved to grow.
+    read_announced(io, len, Vec::new()).await
+}
+
+/// Reads the `len` bytes a peer announced, into `buf` (emptied first; pass a
+/// used buffer to reuse its memory).
+///
+/// The whole length is reserved at once, which costs address space only:
+/// memory is written (zeroed, then filled) a step at a time as bytes arrive,
+/// so a peer that announces much and sends little makes us commit little,
+/// and the buffer is never moved to grow.
+pub(crate) async fn read_announced<T: AsyncRead + Unpin>(
+    io: &mut T,
+    len: usize,
+    mut body: Vec<u8>,
+) -> io::Result<Vec<u8>> {
     const STEP: usize = 256 << 10;
-    let mut body = Vec::with_capacity(len);
+    body.clear();
+    body.reserve_exact(len);
     while body.len() < len {
         let start = body.len();
         let end = (start + STEP).min(len);

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::Error;
+use crate::bulk::BulkServer;
 use crate::codec::{self, InboundRequest};
 use crate::node::{Behaviour, BehaviourEvent, Handler, KAD_PROTOCOL, split_p2p};
 use crate::proto::{ErrorCode, Request, Response};
@@ -55,6 +56,16 @@ pub(crate) enum Command {
     Bootstrap {
         reply: Reply<()>,
     },
+    /// The IP address a connection to `peer` reaches it at.
+    RemoteIp {
+        peer: PeerId,
+        reply: Reply<std::net::IpAddr>,
+    },
+    /// Answer `Request::Bulk` with `server`; `task` (its listener) stops with the loop.
+    EnableBulk {
+        server: Arc<BulkServer>,
+        task: tokio::task::JoinHandle<()>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -87,6 +98,9 @@ pub struct EventLoop {
     dials: HashMap<ConnectionId, (Multiaddr, Reply<PeerId>)>,
     bootstraps: HashMap<QueryId, Reply<()>>,
     identified: HashMap<PeerId, identify::Info>,
+    /// The remote address of one open connection per connected peer.
+    remote: HashMap<PeerId, Multiaddr>,
+    bulk: Option<(Arc<BulkServer>, tokio::task::JoinHandle<()>)>,
 }
 
 impl EventLoop {
@@ -107,6 +121,8 @@ impl EventLoop {
             dials: HashMap::new(),
             bootstraps: HashMap::new(),
             identified: HashMap::new(),
+            remote: HashMap::new(),
+            bulk: None,
         }
     }
 
@@ -134,6 +150,9 @@ impl EventLoop {
         };
         if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
             tracing::warn!("inbound requests still running at shutdown were dropped");
+        }
+        if let Some((_, task)) = self.bulk.take() {
+            task.abort();
         }
         drop(self.swarm);
         if let Some(reply) = done {
@@ -207,6 +226,24 @@ impl EventLoop {
                     )));
                 }
             },
+            Command::RemoteIp { peer, reply } => {
+                let ip = self.remote.get(&peer).and_then(|addr| {
+                    addr.iter().find_map(|p| match p {
+                        libp2p::multiaddr::Protocol::Ip4(ip) => Some(ip.into()),
+                        libp2p::multiaddr::Protocol::Ip6(ip) => Some(ip.into()),
+                        _ => None,
+                    })
+                });
+                let _ = reply.send(ip.ok_or_else(|| Error::Unreachable {
+                    peer,
+                    reason: "not connected over IP".into(),
+                }));
+            }
+            Command::EnableBulk { server, task } => {
+                if let Some((_, old)) = self.bulk.replace((server, task)) {
+                    old.abort();
+                }
+            }
             // `run` stops on it before it gets here.
             Command::Shutdown { .. } => {}
         }
@@ -316,9 +353,12 @@ impl EventLoop {
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
+                endpoint,
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, "connected");
+                self.remote
+                    .insert(peer_id, endpoint.get_remote_address().clone());
                 if let Some((_, reply)) = self.dials.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
@@ -351,21 +391,24 @@ impl EventLoop {
                 tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
                 // Forget what a peer said of itself once it is neither
                 // connected nor in the routing table, so the map stays small.
-                if num_established == 0 && !self.in_routing_table(&peer_id) {
-                    self.identified.remove(&peer_id);
+                if num_established == 0 {
+                    self.remote.remove(&peer_id);
+                    if !self.in_routing_table(&peer_id) {
+                        self.identified.remove(&peer_id);
+                    }
                 }
             }
             _ => {}
         }
     }
 
-    /// Answers an inbound request with an error instead of serving it.
-    fn refuse(&mut self, channel: ResponseChannel<Response>, code: ErrorCode) {
+    /// Answers an inbound request from the loop itself, not the handler.
+    fn respond(&mut self, channel: ResponseChannel<Response>, response: Response) {
         let _ = self
             .swarm
             .behaviour_mut()
             .blocks
-            .send_response(channel, Response::Error(code));
+            .send_response(channel, response);
     }
 
     fn on_blocks(&mut self, event: request_response::Event<InboundRequest, Response>) {
@@ -408,10 +451,21 @@ impl EventLoop {
     ) {
         let Some(handler) = self.handler.clone() else {
             // Not advertised, so not expected; say so rather than stay silent.
-            return self.refuse(channel, ErrorCode::bad_request("this node holds no blocks"));
+            return self.respond(
+                channel,
+                Response::Error(ErrorCode::bad_request("this node holds no blocks")),
+            );
         };
+        if let Ok(Request::Bulk { key }) = &request {
+            // Answered here: sessions belong to the node, not the handler.
+            let response = match &self.bulk {
+                Some((server, _)) => server.open(peer, key.clone()),
+                None => Response::Error(ErrorCode::bad_request("this node has no bulk listener")),
+            };
+            return self.respond(channel, response);
+        }
         if self.inbound.len() >= self.max_inbound {
-            return self.refuse(channel, ErrorCode::Unavailable);
+            return self.respond(channel, Response::Error(ErrorCode::Unavailable));
         }
         self.inbound.spawn(async move {
             let response = handler.handle(peer, request).await;

@@ -186,6 +186,9 @@ impl Inner {
             Request::Release { scores } => self
                 .release(peer, &scores)
                 .map(|released| Response::Released { released }),
+            Request::Bulk { .. } => Err(ErrorCode::bad_request(
+                "bulk connections are opened by the node, not its holder",
+            )),
             Request::Space => {
                 let used = self.store.stats().held_bytes;
                 Ok(Response::Space {
@@ -269,10 +272,14 @@ impl Inner {
                     self.store_group(&puts)
                 }))
                 .unwrap_or(Err(ErrorCode::Unavailable));
+                // The blocks go before the waiters wake: their callers may
+                // reuse the memory once no one else holds it.
+                let tickets: Vec<u64> = puts.iter().map(|p| p.ticket).collect();
+                drop(puts);
                 group = lock();
                 group.busy = false;
-                for p in &puts {
-                    group.done.insert(p.ticket, result.clone());
+                for ticket in tickets {
+                    group.done.insert(ticket, result.clone());
                 }
                 self.group_done.notify_all();
                 continue;

@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bulk;
 mod client;
 pub mod codec;
 mod error;

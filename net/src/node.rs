@@ -17,6 +17,7 @@ use libp2p::{
 };
 use tokio::sync::mpsc;
 
+use crate::bulk::BulkServer;
 use crate::client::Client;
 use crate::codec::{self, Codec, InboundRequest};
 use crate::event_loop::EventLoop;
@@ -51,6 +52,10 @@ pub struct NodeConfig {
     pub max_inbound: usize,
     /// Connections kept open at once, in all.
     pub max_connections: u32,
+    /// Move blocks over bulk connections (AES-256-GCM over TCP, keyed over
+    /// libp2p; see [`crate::bulk`]) when the peer offers one, and offer one
+    /// when this node holds blocks. Off: everything goes over libp2p.
+    pub bulk: bool,
 }
 
 impl NodeConfig {
@@ -64,6 +69,7 @@ impl NodeConfig {
             idle_timeout: Duration::from_secs(60),
             max_inbound: 32,
             max_connections: 256,
+            bulk: true,
         }
     }
 
@@ -151,7 +157,7 @@ pub fn new(
         .build();
     let (sender, receiver) = mpsc::channel(64);
     Ok((
-        Client::new(sender, peer_id),
+        Client::new(sender, peer_id, config.bulk, config.request_timeout),
         EventLoop::new(swarm, receiver, handler, config.max_inbound),
     ))
 }
@@ -208,7 +214,7 @@ impl Node {
         config: NodeConfig,
         handler: Option<Arc<dyn Handler>>,
     ) -> Result<Node, Error> {
-        let (client, event_loop) = new(&config, handler)?;
+        let (client, event_loop) = new(&config, handler.clone())?;
         let task = tokio::spawn(event_loop.run());
         let mut node = Node {
             client,
@@ -231,6 +237,9 @@ impl Node {
                 }
             }
         }
+        if let (true, Some(handler)) = (config.bulk, handler) {
+            node.start_bulk(handler).await;
+        }
         for addr in &config.bootstrap {
             // Known before start returns, so a request to a bootstrap peer
             // made right after finds its address even before the dial is done.
@@ -247,6 +256,25 @@ impl Node {
             });
         }
         Ok(node)
+    }
+
+    /// Offers bulk connections on the IP of the first address listened on;
+    /// without one (or if it cannot be bound) blocks go over libp2p only.
+    async fn start_bulk(&self, handler: Arc<dyn Handler>) {
+        use libp2p::multiaddr::Protocol;
+        let ip = self.listen_addrs.iter().find_map(|a| match a.iter().next() {
+            Some(Protocol::Ip4(ip)) => Some(std::net::IpAddr::from(ip)),
+            Some(Protocol::Ip6(ip)) => Some(ip.into()),
+            _ => None,
+        });
+        let Some(ip) = ip else { return };
+        match BulkServer::start(ip, handler).await {
+            Ok((server, task)) => {
+                tracing::debug!(%ip, port = server.port(), "offering bulk connections");
+                self.client.enable_bulk(server, task).await;
+            }
+            Err(e) => tracing::warn!(%ip, error = %e, "cannot offer bulk connections; blocks go over libp2p"),
+        }
     }
 
     /// This node's PeerId.

@@ -59,6 +59,20 @@ pub enum Request {
     Release { scores: Vec<Score> },
     /// How much room do you offer, and how much of it is used?
     Space,
+    /// Open a bulk connection for me, keyed with `key` (see [`crate::bulk`]);
+    /// sent only over the libp2p connection, which authenticates and hides it.
+    Bulk { key: BulkKey },
+}
+
+/// The AES-256-GCM key of one bulk connection, chosen at random by the peer
+/// that opens it. Never printed, and wiped from memory when dropped.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+pub struct BulkKey(pub [u8; 32]);
+
+impl fmt::Debug for BulkKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BulkKey(..)")
+    }
 }
 
 /// A holder's answer to a [`Request`].
@@ -79,6 +93,10 @@ pub enum Response {
     Space { capacity: u64, used: u64 },
     /// The request was refused or failed.
     Error(ErrorCode),
+    // New variants go last: postcard names a variant by its index.
+    /// For `Bulk`: connect over TCP to `port` at the address this libp2p
+    /// connection reaches, and send `session` first.
+    Bulk { port: u16, session: [u8; 16] },
 }
 
 /// Why a holder refused or could not serve a request.
@@ -492,6 +510,9 @@ mod tests {
                 scores: vec![score(6)],
             },
             Request::Space,
+            Request::Bulk {
+                key: BulkKey([3; 32]),
+            },
         ]
     }
 
@@ -521,6 +542,10 @@ mod tests {
             Response::Error(ErrorCode::ScoreMismatch),
             Response::Error(ErrorCode::UnsupportedVersion { supported: 1 }),
             Response::Error(ErrorCode::Unavailable),
+            Response::Bulk {
+                port: 40_123,
+                session: [8; 16],
+            },
         ]
     }
 

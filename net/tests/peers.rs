@@ -179,6 +179,8 @@ async fn three_nodes_find_each_other_and_exchange_blocks_over_tcp() {
         let err = within(cc.get(holder, absent)).await.unwrap_err();
         assert!(err.is_unknown_block(), "{err}");
     }
+    // Puts and gets (6 + 6 + 2) went over bulk connections, the rest over libp2p.
+    assert_eq!(cc.bulk_answered(), 14);
 
     // Another peer may read (b from a), but only c's release counts.
     let bc = b.client();
@@ -509,4 +511,37 @@ async fn a_bootstrap_address_without_a_peer_id_is_enough() {
     assert_eq!(h.holder.placers(&score).unwrap(), vec![o.id()]);
     o.node.shutdown().await;
     h.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_go_over_libp2p_to_a_holder_without_bulk_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let holder = open_holder(dir.path(), 1 << 30);
+    let mut config = NodeConfig::with_key_file(&dir.path().join("node.key")).unwrap();
+    config.listen = vec![tcp()];
+    config.bulk = false;
+    let plain = Node::start(config, Some(Arc::new(holder.clone())))
+        .await
+        .unwrap();
+    let plain_addr = plain.listen_addrs()[0]
+        .clone()
+        .with(Protocol::P2p(plain.peer_id()));
+    let asker = start(1 << 30, tcp(), vec![plain_addr]).await;
+    let ac = asker.client();
+    eventually("the asker to know the holder", || knows(&ac, plain.peer_id())).await;
+
+    let blocks: Vec<_> = (0..3).map(|i| block(40 + i, 200_000)).collect();
+    for (score, data) in &blocks {
+        within(ac.put(plain.peer_id(), *score, data.clone()))
+            .await
+            .unwrap();
+    }
+    for (score, data) in &blocks {
+        assert_eq!(&within(ac.get(plain.peer_id(), *score)).await.unwrap(), data);
+    }
+    assert_eq!(holder.stats().held_blocks, 3);
+    assert_eq!(holder.placers(&blocks[0].0).unwrap(), vec![asker.id()]);
+    assert_eq!(ac.bulk_answered(), 0);
+    asker.node.shutdown().await;
+    plain.shutdown().await;
 }

@@ -349,16 +349,16 @@ impl LocalStore {
     }
 
     /// Writes `data` to a fresh temp file and fsyncs it.
-    /// Writes `data` to a new file in `tmp/`, fsynced if `sync`; `direct`
-    /// asks for a write past the page cache (see [`direct_io`]), which falls
-    /// back to a buffered one on a filesystem that refuses it.
-    fn write_tmp(&self, data: &[u8], sync: bool, direct: bool) -> Result<PathBuf, Error> {
+    /// Writes `data` to a new file in `tmp/` and returns it, not yet fsynced;
+    /// `direct` asks for a write past the page cache (see [`direct_io`]),
+    /// which falls back to a buffered one on a filesystem that refuses it.
+    fn write_tmp(&self, data: &[u8], direct: bool) -> Result<(PathBuf, fs::File), Error> {
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let path = self
             .dir
             .join("tmp")
             .join(format!("{}-{n}", std::process::id()));
-        let direct = direct && sync && self.direct_ok.load(Ordering::Relaxed);
+        let direct = direct && self.direct_ok.load(Ordering::Relaxed);
         let mut result = if direct {
             direct_io::write_file(&path, data)
         } else {
@@ -369,13 +369,10 @@ impl LocalStore {
             self.direct_ok.store(false, Ordering::Relaxed);
         }
         if !direct || matches!(&result, Err(e) if direct_io::refused(e)) {
-            result = fs::File::create(&path).and_then(|mut f| {
-                f.write_all(data)?;
-                if sync { f.sync_data() } else { Ok(()) }
-            });
+            result = fs::File::create(&path).and_then(|mut f| f.write_all(data).map(|()| f));
         }
         match result {
-            Ok(()) => Ok(path),
+            Ok(file) => Ok((path, file)),
             Err(e) => {
                 let _ = fs::remove_file(&path);
                 Err(Error::io(&path, e))
@@ -580,6 +577,48 @@ impl Drop for LocalStore {
 }
 
 impl LocalStore {
+    /// Writes the blocks of a batch not stored yet to files in `tmp/`, listed
+    /// in `written` (also when this fails, for the caller to remove them).
+    ///
+    /// Every file is written before any is fsynced: on a journaling
+    /// filesystem the first fsync then commits all their creations at once,
+    /// where write-then-fsync per file waits for one commit each. Files are
+    /// synced every `SYNC_GROUP` to bound how many are open.
+    fn write_new_files(
+        &self,
+        blocks: &[(Score, Bytes)],
+        class: Class,
+        durable: bool,
+        written: &mut Vec<(Score, u64, PathBuf)>,
+    ) -> Result<(), Error> {
+        const SYNC_GROUP: usize = 256;
+        let sync = |files: &mut Vec<(fs::File, PathBuf)>| -> Result<(), Error> {
+            for (file, tmp) in files.drain(..) {
+                file.sync_data().map_err(|e| Error::io(&tmp, e))?;
+            }
+            Ok(())
+        };
+        let mut files = Vec::new();
+        let mut seen = HashSet::new();
+        for (score, data) in blocks {
+            if !seen.insert(*score) || self.entry(score)?.is_some() {
+                continue;
+            }
+            // Held blocks are other peers' data, rarely read back here: they
+            // go to disk past the page cache rather than through it.
+            let direct = durable && class == Class::Held;
+            let (tmp, file) = self.write_tmp(data, direct)?;
+            written.push((*score, data.len() as u64, tmp.clone()));
+            if durable {
+                files.push((file, tmp));
+                if files.len() >= SYNC_GROUP {
+                    sync(&mut files)?;
+                }
+            }
+        }
+        sync(&mut files)
+    }
+
     /// Stores blocks; with `durable` they are on disk on return, otherwise
     /// after the next durable commit or [`BlockStore::sync`].
     fn store_batch(
@@ -591,23 +630,11 @@ impl LocalStore {
         // The slow part, writing and fsyncing data, happens outside the lock;
         // a block already present is skipped cheaply.
         let mut written = Vec::with_capacity(blocks.len());
-        let mut seen = HashSet::new();
-        for (score, data) in blocks {
-            if !seen.insert(*score) || self.entry(score)?.is_some() {
-                continue;
+        if let Err(e) = self.write_new_files(blocks, class, durable, &mut written) {
+            for (_, _, tmp) in &written {
+                let _ = fs::remove_file(tmp);
             }
-            // Held blocks are other peers' data, rarely read back here: they
-            // go to disk past the page cache rather than through it.
-            let direct = class == Class::Held;
-            match self.write_tmp(data, durable, direct) {
-                Ok(tmp) => written.push((*score, data.len() as u64, tmp)),
-                Err(e) => {
-                    for (_, _, tmp) in &written {
-                        let _ = fs::remove_file(tmp);
-                    }
-                    return Err(e);
-                }
-            }
+            return Err(e);
         }
         let mut stats = self.lock();
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
@@ -885,8 +912,8 @@ mod direct_io {
         e.raw_os_error() == Some(libc::EINVAL)
     }
 
-    /// Creates `path` holding exactly `data`, durably (data and size).
-    pub fn write_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    /// Creates `path` holding exactly `data`; the caller fsyncs it.
+    pub fn write_file(path: &Path, data: &[u8]) -> std::io::Result<fs::File> {
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -912,6 +939,6 @@ mod direct_io {
         if padded != data.len() {
             file.set_len(data.len() as u64)?;
         }
-        file.sync_data()
+        Ok(file)
     }
 }

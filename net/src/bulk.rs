@@ -1,0 +1,617 @@
+//! Bulk connections: blocks between two peers over a TCP connection of their
+//! own, encrypted with AES-256-GCM under a key agreed over libp2p.
+//!
+//! Why: nearly every byte between peers is a block in a `Put` or a `Get`.
+//! libp2p's Noise offers only ChaCha20-Poly1305 (and its TLS prefers it), and
+//! the muxer frames and copies every byte again. On CPUs with AES instructions
+//! AES-GCM costs a fraction of ChaCha20-Poly1305, so replication spent a third
+//! of its CPU on transport crypto it need not. Puts and gets go over a bulk
+//! connection when the peer offers one; everything else, and everything when a
+//! bulk connection cannot be had, goes over libp2p as before.
+//!
+//! Opening (docs/FORMATS.md, "Bulk connections"): the client sends
+//! `Request::Bulk { key }` over its libp2p connection (authenticated and
+//! encrypted by Noise) with a fresh random key. The holder keeps
+//! `session -> (peer, key)` for [`SESSION_TTL`] and answers
+//! `Response::Bulk { port, session }`. The client connects to `port` at the IP
+//! its libp2p connection reaches, sends the 16 session bytes, then records.
+//! A session opens one connection, once.
+//!
+//! Record: a 4-byte little-endian length `L` (16 < `L` <= the frame limit
+//! plus 16), then `L` bytes: one frame body of the peer protocol (version byte,
+//! postcard message) sealed with AES-256-GCM, tag last, no associated data.
+//! Nonce: the direction as 4 bytes big-endian (0 client to holder, 1 holder
+//! to client), then the record's index in that direction as 8 bytes
+//! big-endian. A record that fails to open ends the connection: only the peer
+//! the key was agreed with can send one, and none can be replayed, reordered
+//! or cut without notice.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::PeerId;
+use rand::RngCore;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+
+use crate::codec::read_announced;
+use crate::node::Handler;
+use crate::proto::{
+    self, BulkKey, DecodeError, ErrorCode, LEN_PREFIX, MAX_FRAME_LEN, Request, Response,
+};
+
+/// Bytes of a session id.
+pub const SESSION_LEN: usize = 16;
+const TAG_LEN: usize = 16;
+/// The longest record: a maximal frame body and its tag.
+const MAX_RECORD: usize = MAX_FRAME_LEN + TAG_LEN;
+/// How long a session waits for its connection.
+pub const SESSION_TTL: Duration = Duration::from_secs(30);
+/// Sessions waiting at once; more are answered `Unavailable`.
+const MAX_SESSIONS: usize = 1024;
+/// Bulk connections a holder serves at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 128;
+/// How long a new connection may take to name its session.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with no record for this long is closed (clients keep idle
+/// connections for less, see [`IDLE_KEPT`]).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a client keeps an idle connection for reuse.
+const IDLE_KEPT: Duration = Duration::from_secs(60);
+/// Idle connections a client keeps per peer.
+const IDLE_PER_PEER: usize = 8;
+/// How long a client waits for a connection to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a peer's bulk connection could not be opened, how long requests to
+/// it go over libp2p only.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+
+fn invalid(what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Which way a record travels; part of its nonce.
+#[derive(Clone, Copy)]
+enum Direction {
+    ToHolder = 0,
+    ToClient = 1,
+}
+
+/// One direction of a connection: its key, the index of its next record,
+/// and (sending) the buffer records are sealed in, kept from one to the next
+/// so that sending a block does not fault in fresh memory each time.
+struct Cipher {
+    key: LessSafeKey,
+    direction: Direction,
+    next: u64,
+    scratch: Vec<u8>,
+}
+
+/// A sealing buffer larger than this is not kept after its record.
+const SCRATCH_KEPT: usize = 8 << 20;
+
+impl Cipher {
+    fn new(key: &BulkKey, direction: Direction) -> io::Result<Cipher> {
+        let key = UnboundKey::new(&AES_256_GCM, &key.0)
+            .map_err(|_| io::Error::other("the AES-256-GCM key was refused"))?;
+        Ok(Cipher {
+            key: LessSafeKey::new(key),
+            direction,
+            next: 0,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The next record's nonce; each is used once.
+    fn nonce(&mut self) -> io::Result<Nonce> {
+        let mut n = [0u8; NONCE_LEN];
+        n[..4].copy_from_slice(&(self.direction as u32).to_be_bytes());
+        n[4..].copy_from_slice(&self.next.to_be_bytes());
+        self.next = self
+            .next
+            .checked_add(1)
+            .ok_or_else(|| io::Error::other("record counter exhausted"))?;
+        Ok(Nonce::assume_unique_for_key(n))
+    }
+}
+
+/// Seals the frame given as head (length prefix first) and tail, and writes it as one record.
+async fn write_record<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    cipher: &mut Cipher,
+    (head, tail): (Vec<u8>, Bytes),
+) -> io::Result<()> {
+    let body = head.len().saturating_sub(LEN_PREFIX) + tail.len();
+    let record = u32::try_from(body + TAG_LEN).map_err(invalid)?;
+    let mut buf = std::mem::take(&mut cipher.scratch);
+    buf.clear();
+    buf.reserve(LEN_PREFIX + body + TAG_LEN);
+    buf.extend_from_slice(&record.to_le_bytes());
+    buf.extend_from_slice(head.get(LEN_PREFIX..).unwrap_or_default());
+    buf.extend_from_slice(&tail);
+    let nonce = cipher.nonce()?;
+    let tag = cipher
+        .key
+        .seal_in_place_separate_tag(nonce, Aad::empty(), &mut buf[LEN_PREFIX..])
+        .map_err(|_| io::Error::other("sealing a record failed"))?;
+    buf.extend_from_slice(tag.as_ref());
+    let written = io.write_all(&buf).await;
+    if buf.capacity() <= SCRATCH_KEPT {
+        cipher.scratch = buf;
+    }
+    written?;
+    io.flush().await
+}
+
+/// Reads and opens one record, into `spare`'s memory; `None` when the stream
+/// ends between records.
+async fn read_record<R: AsyncRead + Unpin>(
+    io: &mut R,
+    cipher: &mut Cipher,
+    spare: Vec<u8>,
+) -> io::Result<Option<Bytes>> {
+    let mut prefix = [0u8; LEN_PREFIX];
+    let mut got = 0;
+    while got < LEN_PREFIX {
+        match io.read(&mut prefix[got..]).await? {
+            0 if got == 0 => return Ok(None),
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
+        }
+    }
+    let len = u32::from_le_bytes(prefix) as usize;
+    if !(TAG_LEN < len && len <= MAX_RECORD) {
+        return Err(invalid(format!("a record of {len} bytes is out of bounds")));
+    }
+    let mut buf = read_announced(io, len, spare).await?;
+    let nonce = cipher.nonce()?;
+    let plain = cipher
+        .key
+        .open_in_place(nonce, Aad::empty(), &mut buf)
+        .map_err(|_| invalid("a record failed its authentication"))?
+        .len();
+    buf.truncate(plain);
+    Ok(Some(Bytes::from(buf)))
+}
+
+/// A holder's side: the listener, and the sessions opened over libp2p.
+pub(crate) struct BulkServer {
+    port: u16,
+    sessions: Mutex<HashMap<[u8; SESSION_LEN], Session>>,
+}
+
+struct Session {
+    peer: PeerId,
+    key: BulkKey,
+    expires: Instant,
+}
+
+impl BulkServer {
+    /// Listens on `ip` (the port chosen by the system) and serves connections
+    /// with `handler` until the returned task is aborted.
+    pub(crate) async fn start(
+        ip: IpAddr,
+        handler: Arc<dyn Handler>,
+    ) -> io::Result<(Arc<BulkServer>, JoinHandle<()>)> {
+        let listener = TcpListener::bind((ip, 0)).await?;
+        let server = Arc::new(BulkServer {
+            port: listener.local_addr()?.port(),
+            sessions: Mutex::new(HashMap::new()),
+        });
+        let task = tokio::spawn(accept(listener, server.clone(), handler));
+        Ok((server, task))
+    }
+
+    /// The port bulk connections are accepted on.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Opens a session for `peer` with its `key`: the answer to its `Request::Bulk`.
+    pub(crate) fn open(&self, peer: PeerId, key: BulkKey) -> Response {
+        let now = Instant::now();
+        let mut sessions = lock(&self.sessions);
+        sessions.retain(|_, s| s.expires > now);
+        if sessions.len() >= MAX_SESSIONS {
+            return Response::Error(ErrorCode::Unavailable);
+        }
+        let mut session = [0u8; SESSION_LEN];
+        rand::thread_rng().fill_bytes(&mut session);
+        sessions.insert(
+            session,
+            Session {
+                peer,
+                key,
+                expires: now + SESSION_TTL,
+            },
+        );
+        Response::Bulk {
+            port: self.port,
+            session,
+        }
+    }
+
+    fn take(&self, session: &[u8; SESSION_LEN]) -> Option<Session> {
+        let s = lock(&self.sessions).remove(session)?;
+        (s.expires > Instant::now()).then_some(s)
+    }
+}
+
+async fn accept(listener: TcpListener, server: Arc<BulkServer>, handler: Arc<dyn Handler>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, from)) => {
+                    if connections.len() >= MAX_CONNECTIONS {
+                        tracing::debug!(%from, "too many bulk connections; closing a new one");
+                        continue;
+                    }
+                    let (server, handler) = (server.clone(), handler.clone());
+                    connections.spawn(async move {
+                        if let Err(e) = serve(stream, &server, handler).await {
+                            tracing::debug!(%from, error = %e, "a bulk connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors, say: back off rather than spin.
+                    tracing::warn!(error = %e, "accepting a bulk connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn serve(stream: TcpStream, server: &BulkServer, handler: Arc<dyn Handler>) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut io = stream.compat();
+    let mut session = [0u8; SESSION_LEN];
+    tokio::time::timeout(HELLO_TIMEOUT, io.read_exact(&mut session))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    let Some(Session { peer, key, .. }) = server.take(&session) else {
+        return Err(invalid("unknown or expired session"));
+    };
+    let mut inbound = Cipher::new(&key, Direction::ToHolder)?;
+    let mut outbound = Cipher::new(&key, Direction::ToClient)?;
+    drop(key);
+    // A record's memory, back from the handler when it kept no part of it:
+    // reading each block into fresh memory costs page faults.
+    let mut spare = Vec::new();
+    loop {
+        let read = read_record(&mut io, &mut inbound, std::mem::take(&mut spare));
+        let record = tokio::time::timeout(IDLE_TIMEOUT, read)
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        let Some(body) = record else {
+            return Ok(());
+        };
+        let whole = body.clone();
+        let request = match proto::decode_request_bytes(body) {
+            Ok(Request::Bulk { .. }) => Err(DecodeError::Malformed(
+                "a bulk connection cannot open another".into(),
+            )),
+            other => other,
+        };
+        let response = handler.handle(peer, request).await;
+        if let Ok(memory) = whole.try_into_mut() {
+            let memory = Vec::from(memory);
+            if memory.capacity() <= SCRATCH_KEPT {
+                spare = memory;
+            }
+        }
+        let parts = proto::encode_response_parts(&response).map_err(invalid)?;
+        write_record(&mut io, &mut outbound, parts).await?;
+    }
+}
+
+/// A client's open connection to one holder.
+pub(crate) struct BulkConn {
+    io: Compat<TcpStream>,
+    send: Cipher,
+    recv: Cipher,
+    idle_since: Instant,
+}
+
+impl BulkConn {
+    /// Connects to a holder's bulk listener and names the session.
+    pub(crate) async fn connect(
+        addr: SocketAddr,
+        session: [u8; SESSION_LEN],
+        key: &BulkKey,
+    ) -> io::Result<BulkConn> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        stream.set_nodelay(true)?;
+        let mut io = stream.compat();
+        io.write_all(&session).await?;
+        Ok(BulkConn {
+            io,
+            send: Cipher::new(key, Direction::ToHolder)?,
+            recv: Cipher::new(key, Direction::ToClient)?,
+            idle_since: Instant::now(),
+        })
+    }
+
+    /// Sends one request and reads its response.
+    pub(crate) async fn call(&mut self, request: &Request) -> io::Result<Response> {
+        let parts = proto::encode_request_parts(request).map_err(invalid)?;
+        write_record(&mut self.io, &mut self.send, parts).await?;
+        let body = read_record(&mut self.io, &mut self.recv, Vec::new())
+            .await?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        proto::decode_response_bytes(body).map_err(invalid)
+    }
+}
+
+/// A client's idle bulk connections, per peer.
+#[derive(Default)]
+pub(crate) struct BulkPool {
+    peers: Mutex<HashMap<PeerId, PeerConns>>,
+    /// Requests answered over bulk connections, for tests and status.
+    pub(crate) answered: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct PeerConns {
+    idle: Vec<BulkConn>,
+    libp2p_only_until: Option<Instant>,
+}
+
+/// What the pool has for a peer.
+pub(crate) enum Pooled {
+    /// An idle connection to reuse.
+    Idle(BulkConn),
+    /// None idle: open one.
+    Open,
+    /// The peer's bulk connection failed lately: use libp2p.
+    Skip,
+}
+
+impl BulkPool {
+    pub(crate) fn take(&self, peer: &PeerId) -> Pooled {
+        let mut peers = lock(&self.peers);
+        let Some(p) = peers.get_mut(peer) else {
+            return Pooled::Open;
+        };
+        if p.libp2p_only_until.is_some_and(|t| t > Instant::now()) {
+            return Pooled::Skip;
+        }
+        while let Some(conn) = p.idle.pop() {
+            if conn.idle_since.elapsed() < IDLE_KEPT {
+                return Pooled::Idle(conn);
+            }
+        }
+        Pooled::Open
+    }
+
+    pub(crate) fn give_back(&self, peer: PeerId, mut conn: BulkConn) {
+        conn.idle_since = Instant::now();
+        let mut peers = lock(&self.peers);
+        // Connections idle too long are closed here too, not only when their
+        // peer is next asked: each keeps a block-sized buffer.
+        for p in peers.values_mut() {
+            p.idle.retain(|c| c.idle_since.elapsed() < IDLE_KEPT);
+        }
+        let p = peers.entry(peer).or_default();
+        p.libp2p_only_until = None;
+        if p.idle.len() < IDLE_PER_PEER {
+            p.idle.push(conn);
+        }
+    }
+
+    /// Sends requests to `peer` over libp2p only for a while.
+    pub(crate) fn set_libp2p_only(&self, peer: PeerId) {
+        let mut peers = lock(&self.peers);
+        let p = peers.entry(peer).or_default();
+        p.idle.clear();
+        p.libp2p_only_until = Some(Instant::now() + RETRY_AFTER);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::InboundRequest;
+    use fincrypt_blockstore::Score;
+    use futures::future::BoxFuture;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Answers `Stored` to a put, `Block` with a copy of the last put to a
+    /// get, and counts what reached it.
+    #[derive(Default)]
+    struct Echo {
+        calls: AtomicUsize,
+        last: Mutex<Option<(PeerId, Bytes)>>,
+    }
+
+    impl Handler for Arc<Echo> {
+        fn handle(&self, peer: PeerId, request: InboundRequest) -> BoxFuture<'static, Response> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let response = match request {
+                Ok(Request::Put { data, .. }) => {
+                    *lock(&self.last) = Some((peer, data));
+                    Response::Stored
+                }
+                Ok(Request::Get { .. }) => match lock(&self.last).clone() {
+                    Some((_, data)) => Response::Block { data },
+                    None => Response::Error(ErrorCode::UnknownBlock),
+                },
+                Ok(_) => Response::Error(ErrorCode::bad_request("not here")),
+                Err(e) => Response::Error(e.to_code()),
+            };
+            Box::pin(async move { response })
+        }
+    }
+
+    async fn server() -> (Arc<Echo>, Arc<BulkServer>, JoinHandle<()>, SocketAddr) {
+        let echo = Arc::new(Echo::default());
+        let (server, task) = BulkServer::start("127.0.0.1".parse().unwrap(), Arc::new(echo.clone()))
+            .await
+            .unwrap();
+        let addr = SocketAddr::new("127.0.0.1".parse().unwrap(), server.port());
+        (echo, server, task, addr)
+    }
+
+    fn session_of(response: Response) -> [u8; SESSION_LEN] {
+        match response {
+            Response::Bulk { session, .. } => session,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// True once the holder has closed `stream` (what it reads is discarded).
+    async fn closed(stream: &mut TcpStream) -> bool {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return true,
+                    Ok(_) => {}
+                }
+            }
+        });
+        read.await.unwrap_or(false)
+    }
+
+    async fn raw(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
+        use tokio::io::AsyncWriteExt as _;
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
+        stream
+    }
+
+    #[tokio::test]
+    async fn a_session_opens_one_connection_for_its_peer_and_key() {
+        let (echo, server, task, addr) = server().await;
+        let peer = PeerId::random();
+        let key = BulkKey([7; 32]);
+        let session = session_of(server.open(peer, key.clone()));
+        let mut conn = BulkConn::connect(addr, session, &key).await.unwrap();
+        let data = Bytes::from(vec![5u8; 300_000]);
+        let put = Request::Put {
+            score: Score::of(&data),
+            data: data.clone(),
+        };
+        assert_eq!(conn.call(&put).await.unwrap(), Response::Stored);
+        let get = Request::Get {
+            score: Score::of(&data),
+        };
+        assert_eq!(conn.call(&get).await.unwrap(), Response::Block { data: data.clone() });
+        assert_eq!(lock(&echo.last).as_ref().unwrap().0, peer);
+        // A bulk connection cannot open another.
+        let nested = Request::Bulk { key: key.clone() };
+        assert!(matches!(
+            conn.call(&nested).await.unwrap(),
+            Response::Error(ErrorCode::BadRequest(_))
+        ));
+        // The session is spent: a second connection with it is closed unheard.
+        let calls = echo.calls.load(Ordering::SeqCst);
+        let mut again = BulkConn::connect(addr, session, &key).await.unwrap();
+        assert!(again.call(&get).await.is_err());
+        assert_eq!(echo.calls.load(Ordering::SeqCst), calls);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn strangers_and_forgers_are_closed_unheard() {
+        let (echo, server, task, addr) = server().await;
+        let key = BulkKey([9; 32]);
+
+        // An unknown session.
+        let mut s = raw(addr, &[1; SESSION_LEN]).await;
+        assert!(closed(&mut s).await);
+
+        // A known session, then bytes that are no record of its key.
+        let session = session_of(server.open(PeerId::random(), key.clone()));
+        let mut garbage = session.to_vec();
+        garbage.extend_from_slice(&100u32.to_le_bytes());
+        garbage.extend_from_slice(&[0xAB; 100]);
+        let mut s = raw(addr, &garbage).await;
+        assert!(closed(&mut s).await);
+
+        // A record sealed with another key.
+        let session = session_of(server.open(PeerId::random(), key.clone()));
+        let mut forged = BulkConn::connect(addr, session, &BulkKey([10; 32])).await.unwrap();
+        assert!(forged.call(&Request::Space).await.is_err());
+
+        // A length beyond the limit, and a record cut short.
+        for tail in [
+            (u32::MAX).to_le_bytes().to_vec(),
+            [1000u32.to_le_bytes().as_slice(), &[0; 10]].concat(),
+        ] {
+            let session = session_of(server.open(PeerId::random(), key.clone()));
+            let mut s = raw(addr, &[session.as_slice(), &tail].concat()).await;
+            if tail.len() > 4 {
+                use tokio::io::AsyncWriteExt as _;
+                s.shutdown().await.unwrap();
+            }
+            assert!(closed(&mut s).await);
+        }
+        assert_eq!(echo.calls.load(Ordering::SeqCst), 0);
+
+        // The listener still serves an honest client after all that.
+        let session = session_of(server.open(PeerId::random(), key.clone()));
+        let mut conn = BulkConn::connect(addr, session, &key).await.unwrap();
+        let data = Bytes::from_static(b"still here");
+        let put = Request::Put {
+            score: Score::of(&data),
+            data,
+        };
+        assert_eq!(conn.call(&put).await.unwrap(), Response::Stored);
+        task.abort();
+    }
+
+    #[test]
+    fn records_open_only_in_order_and_direction() {
+        futures::executor::block_on(async {
+            let key = BulkKey([4; 32]);
+            let frame = |n: u8| (vec![0, 0, 0, 0, proto::VERSION, n], Bytes::new());
+            let mut wire = Vec::new();
+            let mut send = Cipher::new(&key, Direction::ToHolder).unwrap();
+            write_record(&mut wire, &mut send, frame(1)).await.unwrap();
+            write_record(&mut wire, &mut send, frame(2)).await.unwrap();
+            let first_len = LEN_PREFIX + 2 + TAG_LEN;
+
+            let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
+            let mut io = futures::io::Cursor::new(wire.clone());
+            let a = read_record(&mut io, &mut recv, Vec::new()).await.unwrap().unwrap();
+            let b = read_record(&mut io, &mut recv, Vec::new()).await.unwrap().unwrap();
+            assert_eq!((&a[..], &b[..]), (&[proto::VERSION, 1][..], &[proto::VERSION, 2][..]));
+            assert!(read_record(&mut io, &mut recv, Vec::new()).await.unwrap().is_none());
+
+            // The second record first (a reorder or a replay) does not open.
+            let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
+            let mut io = futures::io::Cursor::new(wire[first_len..].to_vec());
+            assert!(read_record(&mut io, &mut recv, Vec::new()).await.is_err());
+
+            // Nor does a record reflected back in the other direction.
+            let mut recv = Cipher::new(&key, Direction::ToClient).unwrap();
+            let mut io = futures::io::Cursor::new(wire.clone());
+            assert!(read_record(&mut io, &mut recv, Vec::new()).await.is_err());
+
+            // Nor one with a flipped bit.
+            let mut bent = wire.clone();
+            bent[LEN_PREFIX + 1] ^= 1;
+            let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
+            let mut io = futures::io::Cursor::new(bent);
+            assert!(read_record(&mut io, &mut recv, Vec::new()).await.is_err());
+        });
+    }
+}
