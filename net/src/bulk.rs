@@ -68,10 +68,10 @@ const IDLE_KEPT: Duration = Duration::from_secs(60);
 /// Idle connections a client keeps per peer.
 const IDLE_PER_PEER: usize = 8;
 /// How long a client waits for a connection to open.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// After a peer's bulk connection could not be opened, how long requests to
 /// it go over libp2p only.
-const RETRY_AFTER: Duration = Duration::from_secs(60);
+const RETRY_AFTER: Duration = Duration::from_secs(300);
 
 fn invalid(what: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
