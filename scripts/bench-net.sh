@@ -24,6 +24,12 @@
 #   bytes (no file): the bare loopback limit.
 # The two take turns for $BENCH_ROUNDS rounds (default 2), each replication on
 # fresh homes; the table shows each one's best round and lists every round.
+# Each round's homes stay until the end (about 4.5 GiB a round): on an ext4
+# without a journal, as this machine's root filesystem is, creating a file
+# scans past every inode freed in the last minutes of its group, and the
+# previous round's thousands of freshly deleted block files made that a
+# quarter of the nodes' CPU. Neither a journaled ext4 nor a node in normal
+# use deletes thousands of files just before taking thousands in.
 #
 # Needs: a release build (made here unless FINCRYPT_BIN_DIR is given), FUSE
 # (fusermount3), python3. Everything lives under $BENCH_DIR (default
@@ -42,6 +48,7 @@ SIZE_MIB=${BENCH_SIZE_MIB:-1024}
 STEP_TIMEOUT=900      # seconds any one step may take before it counts as hung
 BIN=${FINCRYPT_BIN_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
 SRC=$WORK/source.bin
+ROUND_DIR=$WORK/round-0    # this round's homes and files (set per round)
 RESULTS=$WORK/results.tsv   # round <TAB> what <TAB> seconds
 LOG=$WORK/bench.log
 export FINCRYPT_PASSPHRASE=bench-net-passphrase
@@ -77,7 +84,7 @@ stop_all() {
 }
 cleanup() {
   stop_all
-  rm -rf "$WORK/round" "$SRC"
+  rm -rf "$WORK"/round-* "$SRC"
 }
 
 build() {
@@ -98,7 +105,7 @@ json_field() {  # $1 JSON text, $2 key
 # Sends $SRC to three receivers; $1 = file (receivers write and fsync) or
 # null (receivers discard). Prints the seconds taken.
 tcp_copy() {
-  timeout "$STEP_TIMEOUT" python3 - "$SRC" "$1" "$WORK/round" "$NODES" <<'PY'
+  timeout "$STEP_TIMEOUT" python3 - "$SRC" "$1" "$ROUND_DIR" "$NODES" <<'PY'
 import os, socket, sys, threading, time, multiprocessing as mp
 
 src, mode, outdir, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -166,13 +173,13 @@ PY
 
 # ---------------------------------------------------------------- replication
 
-# Starts three serve nodes and the owner's mount under $WORK/round; sets BOOT
+# Starts three serve nodes and the owner's mount under $ROUND_DIR; sets BOOT
 # to the nodes' addresses and MNT/OWNER.
 start_network() {
   local i home addr
   local boot=()
   for i in $(seq 1 "$NODES"); do
-    home=$WORK/round/node$i
+    home=$ROUND_DIR/node$i
     mkdir -p "$home"
     (cd "$WORK" && exec "$BIN/fincrypt" --home "$home" serve --listen /ip4/127.0.0.1/tcp/0 \
       --capacity 4GiB 2>"$home/serve.log") &
@@ -182,17 +189,17 @@ start_network() {
     addr=$(sed -n 's/^fincrypt serve: listening on //p' "$home/serve.log" | head -n 1)
     boot+=(--bootstrap "$addr")
   done
-  OWNER=$WORK/round/owner
-  MNT=$WORK/round/mnt
+  OWNER=$ROUND_DIR/owner
+  MNT=$ROUND_DIR/mnt
   mkdir -p "$MNT"
   "$BIN/fincrypt" --home "$OWNER" init >/dev/null 2>>"$LOG"
   # Only the passes `sync --replicated` asks for run: nothing is placed
   # before the clock starts. No scheduled snapshots or proofs.
   (cd "$WORK" && FINCRYPT_REPLICATE_INTERVAL=86400 FINCRYPT_SNAPSHOT_INTERVAL=0 \
     FINCRYPT_PROOF_INTERVAL=0 exec "$BIN/fincrypt" --home "$OWNER" mount "$MNT" \
-    --listen /ip4/127.0.0.1/tcp/0 "${boot[@]}" 2>"$WORK/round/owner.log") &
+    --listen /ip4/127.0.0.1/tcp/0 "${boot[@]}" 2>"$ROUND_DIR/owner.log") &
   PIDS+=($!)
-  wait_for 60 mountpoint -q "$MNT" || { cat "$WORK/round/owner.log" >&2; return 1; }
+  wait_for 60 mountpoint -q "$MNT" || { cat "$ROUND_DIR/owner.log" >&2; return 1; }
   wait_for 60 peers_at_least "$NODES" || { log "the mount did not see $NODES peers"; return 1; }
 }
 peers_at_least() {
@@ -204,8 +211,6 @@ peers_at_least() {
 # One replication run; sets REP to "seconds<TAB>own_bytes<TAB>held_bytes_total<TAB>write_seconds".
 REP=""
 replicate_once() {
-  rm -rf "$WORK/round"
-  mkdir -p "$WORK/round"
   start_network
   mkdir "$MNT/data"
   "$BIN/fincryptctl" --home "$OWNER" redundancy set "$MNT/data" 3
@@ -221,7 +226,7 @@ replicate_once() {
   st=$("$BIN/fincryptctl" --home "$OWNER" status --json)
   own=$(json_field "$st" own_bytes)
   for i in $(seq 1 "$NODES"); do
-    st=$("$BIN/fincryptctl" --home "$WORK/round/node$i" status --json)
+    st=$("$BIN/fincryptctl" --home "$ROUND_DIR/node$i" status --json)
     held=$((held + $(json_field "$st" held_bytes)))
   done
   if [ "$held" -lt $((3 * SIZE_MIB << 20)) ]; then
@@ -310,6 +315,12 @@ main() {
   flock -n 9 || { echo "bench-net: another run is using $WORK" >&2; exit 1; }
   : >"$LOG"
   : >"$RESULTS"
+  local need=$(( (ROUNDS * 9 + 8) * SIZE_MIB / 2 ))   # MiB: homes of every round, source, TCP files
+  local free
+  free=$(df -Pm "$WORK" | awk 'NR == 2 {print $4}')
+  if [ "$free" -lt "$need" ]; then
+    echo "bench-net: needs about $need MiB free in $WORK, has $free" >&2; exit 1
+  fi
   trap cleanup EXIT
   trap 'exit 130' INT TERM
   build
@@ -317,7 +328,8 @@ main() {
   head -c "$((SIZE_MIB << 20))" /dev/urandom >"$SRC"
   local round secs
   for round in $(seq "$ROUNDS"); do
-    rm -rf "$WORK/round"; mkdir -p "$WORK/round"
+    ROUND_DIR=$WORK/round-$round
+    rm -rf "$ROUND_DIR"; mkdir -p "$ROUND_DIR"
     secs=$(tcp_copy file); log "round $round: TCP copy to files: $secs s"
     printf '%s\ttcp-file\t%s\n' "$round" "$secs" >>"$RESULTS"
     secs=$(tcp_copy null); log "round $round: TCP copy discarded: $secs s"

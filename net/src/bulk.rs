@@ -98,8 +98,12 @@ struct Cipher {
     scratch: Vec<u8>,
 }
 
-/// A sealing buffer larger than this is not kept after its record.
+/// A record buffer larger than this is not kept after its record.
 const SCRATCH_KEPT: usize = 8 << 20;
+/// A new record buffer is made at least this large (the largest block of the
+/// default chunking and its frame), so that a kept one fits what comes next:
+/// only the part written is ever committed to memory.
+const SCRATCH_MADE: usize = (4 << 20) + (128 << 10);
 
 impl Cipher {
     fn new(key: &BulkKey, direction: Direction) -> io::Result<Cipher> {
@@ -136,7 +140,10 @@ async fn write_record<W: AsyncWrite + Unpin>(
     let record = u32::try_from(body + TAG_LEN).map_err(invalid)?;
     let mut buf = std::mem::take(&mut cipher.scratch);
     buf.clear();
-    buf.reserve(LEN_PREFIX + body + TAG_LEN);
+    if buf.capacity() < LEN_PREFIX + body + TAG_LEN {
+        // Growing would copy the old bytes for nothing.
+        buf = Vec::with_capacity((LEN_PREFIX + body + TAG_LEN).max(SCRATCH_MADE));
+    }
     buf.extend_from_slice(&record.to_le_bytes());
     buf.extend_from_slice(head.get(LEN_PREFIX..).unwrap_or_default());
     buf.extend_from_slice(&tail);
@@ -174,6 +181,11 @@ async fn read_record<R: AsyncRead + Unpin>(
     if !(TAG_LEN < len && len <= MAX_RECORD) {
         return Err(invalid(format!("a record of {len} bytes is out of bounds")));
     }
+    let spare = if spare.capacity() < len {
+        Vec::with_capacity(len.max(SCRATCH_MADE))
+    } else {
+        spare
+    };
     let mut buf = read_announced(io, len, spare).await?;
     let nonce = cipher.nonce()?;
     let plain = cipher

@@ -45,7 +45,10 @@ pub(crate) async fn read_announced<T: AsyncRead + Unpin>(
 ) -> io::Result<Vec<u8>> {
     const STEP: usize = 256 << 10;
     body.clear();
-    body.reserve_exact(len);
+    if body.capacity() < len {
+        // Growing would copy the old bytes for nothing.
+        body = Vec::with_capacity(len);
+    }
     while body.len() < len {
         let start = body.len();
         let end = (start + STEP).min(len);

@@ -902,6 +902,8 @@ mod direct_io {
     pub const ALIGN: usize = 4096;
     /// A thread's buffer above this size is freed after the write.
     const KEEP: usize = 8 << 20;
+    /// A new buffer holds at least the largest block of the default chunking.
+    const MADE: usize = (4 << 20) + (128 << 10) + ALIGN;
 
     thread_local! {
         static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -921,7 +923,15 @@ mod direct_io {
             .open(path)?;
         let padded = data.len().div_ceil(ALIGN) * ALIGN;
         BUF.with_borrow_mut(|buf| {
-            buf.resize(padded + ALIGN, 0);
+            if buf.capacity() < padded + ALIGN {
+                // Made large enough for the blocks that usually follow, so it
+                // is not regrown (and copied) block by block; only the part
+                // ever written takes memory.
+                *buf = Vec::with_capacity((padded + ALIGN).max(MADE));
+            }
+            if buf.len() < padded + ALIGN {
+                buf.resize(padded + ALIGN, 0);
+            }
             // The first ALIGN-aligned byte of the buffer: a Vec<u8> has no alignment to ask for.
             let start = buf.as_ptr().align_offset(ALIGN);
             if start >= ALIGN {
