@@ -181,10 +181,12 @@ async fn read_record<R: AsyncRead + Unpin>(
     if !(TAG_LEN < len && len <= MAX_RECORD) {
         return Err(invalid(format!("a record of {len} bytes is out of bounds")));
     }
-    let spare = if spare.capacity() < len {
-        Vec::with_capacity(len.max(SCRATCH_MADE))
-    } else {
-        spare
+    // A kept buffer too small is replaced by one that fits what usually
+    // follows; without one (a client reading a short answer), the exact size.
+    let spare = match spare.capacity() {
+        0 => Vec::new(),
+        n if n < len => Vec::with_capacity(len.max(SCRATCH_MADE)),
+        _ => spare,
     };
     let mut buf = read_announced(io, len, spare).await?;
     let nonce = cipher.nonce()?;
