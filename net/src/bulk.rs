@@ -63,8 +63,12 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no record for this long is closed (clients keep idle
 /// connections for less, see [`IDLE_KEPT`]).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long a client keeps an idle connection for reuse.
-const IDLE_KEPT: Duration = Duration::from_secs(60);
+/// How long a client keeps an idle connection for reuse (each keeps a
+/// block-sized buffer); a sweep every [`SWEEP_EVERY`] closes older ones.
+const IDLE_KEPT: Duration = Duration::from_secs(10);
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// How long a holder keeps a quiet connection's receive buffer.
+const SPARE_KEPT: Duration = Duration::from_secs(1);
 /// Idle connections a client keeps per peer.
 const IDLE_PER_PEER: usize = 8;
 /// How long a client waits for a connection to open.
@@ -307,6 +311,13 @@ async fn serve(stream: TcpStream, server: &BulkServer, handler: Arc<dyn Handler>
     // reading each block into fresh memory costs page faults.
     let mut spare = Vec::new();
     loop {
+        // A quiet connection gives its buffer back; a busy one keeps it.
+        if tokio::time::timeout(SPARE_KEPT, io.get_ref().readable())
+            .await
+            .is_err()
+        {
+            spare = Vec::new();
+        }
         let read = read_record(&mut io, &mut inbound, std::mem::take(&mut spare));
         let record = tokio::time::timeout(IDLE_TIMEOUT, read)
             .await
@@ -377,6 +388,8 @@ impl BulkConn {
 #[derive(Default)]
 pub(crate) struct BulkPool {
     peers: Mutex<HashMap<PeerId, PeerConns>>,
+    /// True while a task sweeps idle connections.
+    sweeping: std::sync::atomic::AtomicBool,
     /// Requests answered over bulk connections, for tests and status.
     pub(crate) answered: std::sync::atomic::AtomicU64,
 }
@@ -414,19 +427,47 @@ impl BulkPool {
         Pooled::Open
     }
 
-    pub(crate) fn give_back(&self, peer: PeerId, mut conn: BulkConn) {
+    pub(crate) fn give_back(self: &Arc<Self>, peer: PeerId, mut conn: BulkConn) {
         conn.idle_since = Instant::now();
-        let mut peers = lock(&self.peers);
-        // Connections idle too long are closed here too, not only when their
-        // peer is next asked: each keeps a block-sized buffer.
-        for p in peers.values_mut() {
-            p.idle.retain(|c| c.idle_since.elapsed() < IDLE_KEPT);
+        {
+            let mut peers = lock(&self.peers);
+            let p = peers.entry(peer).or_default();
+            p.libp2p_only_until = None;
+            if p.idle.len() < IDLE_PER_PEER {
+                p.idle.push(conn);
+            }
         }
-        let p = peers.entry(peer).or_default();
-        p.libp2p_only_until = None;
-        if p.idle.len() < IDLE_PER_PEER {
-            p.idle.push(conn);
+        self.sweep_later();
+    }
+
+    /// Starts a task that closes connections idle longer than [`IDLE_KEPT`],
+    /// until none is left, unless one runs already.
+    fn sweep_later(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.sweeping.swap(true, SeqCst) {
+            return;
         }
+        let pool = Arc::downgrade(self);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(SWEEP_EVERY).await;
+                let Some(pool) = pool.upgrade() else { return };
+                let mut peers = lock(&pool.peers);
+                peers.retain(|_, p| {
+                    p.idle.retain(|c| c.idle_since.elapsed() < IDLE_KEPT);
+                    !p.idle.is_empty() || p.libp2p_only_until.is_some_and(|t| t > Instant::now())
+                });
+                if peers.values().all(|p| p.idle.is_empty()) {
+                    // Cleared under the lock: a connection given back after
+                    // this starts a new sweep.
+                    pool.sweeping.store(false, SeqCst);
+                    return;
+                }
+            }
+        });
     }
 
     /// Sends requests to `peer` over libp2p only for a while.
