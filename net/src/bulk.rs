@@ -403,7 +403,7 @@ struct PeerConns {
 /// What the pool has for a peer.
 pub(crate) enum Pooled {
     /// An idle connection to reuse.
-    Idle(BulkConn),
+    Idle(Box<BulkConn>),
     /// None idle: open one.
     Open,
     /// The peer's bulk connection failed lately: use libp2p.
@@ -421,7 +421,7 @@ impl BulkPool {
         }
         while let Some(conn) = p.idle.pop() {
             if conn.idle_since.elapsed() < IDLE_KEPT {
-                return Pooled::Idle(conn);
+                return Pooled::Idle(Box::new(conn));
             }
         }
         Pooled::Open

@@ -175,7 +175,7 @@ impl Client {
         // then one fresh connection is tried before giving up.
         let mut conn = match pool.take(&peer) {
             Pooled::Skip => return None,
-            Pooled::Idle(conn) => Some(conn),
+            Pooled::Idle(conn) => Some(*conn),
             Pooled::Open => None,
         };
         for _ in 0..2 {
