@@ -229,7 +229,9 @@ mod tests {
     #[test]
     fn the_root_is_rs_merkles_for_any_number_of_leaves() {
         for n in (0..=300).chain([511, 512, 513, 1000, 2048, 2049]) {
-            let leaves: Vec<[u8; 32]> = (0..n).map(|i| leaf_hash(&(i as u64).to_le_bytes())).collect();
+            let leaves: Vec<[u8; 32]> = (0..n)
+                .map(|i| leaf_hash(&(i as u64).to_le_bytes()))
+                .collect();
             assert_eq!(
                 merkle_root(&leaves),
                 MerkleTree::<SegmentHasher>::from_leaves(&leaves).root(),

@@ -267,7 +267,12 @@ fn held_blocks_of_any_length_are_stored_exactly() {
     }
     let store = open(dir.path());
     for (s, d) in &blocks {
-        assert_eq!(&store.get(s).unwrap(), d, "block of {} bytes after reopen", d.len());
+        assert_eq!(
+            &store.get(s).unwrap(),
+            d,
+            "block of {} bytes after reopen",
+            d.len()
+        );
     }
     let st = store.stats();
     assert_eq!(st.held_blocks, lens.len() as u64);

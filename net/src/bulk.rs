@@ -294,7 +294,11 @@ async fn accept(listener: TcpListener, server: Arc<BulkServer>, handler: Arc<dyn
     }
 }
 
-async fn serve(stream: TcpStream, server: &BulkServer, handler: Arc<dyn Handler>) -> io::Result<()> {
+async fn serve(
+    stream: TcpStream,
+    server: &BulkServer,
+    handler: Arc<dyn Handler>,
+) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let mut io = stream.compat();
     let mut session = [0u8; SESSION_LEN];
@@ -516,9 +520,10 @@ mod tests {
 
     async fn server() -> (Arc<Echo>, Arc<BulkServer>, JoinHandle<()>, SocketAddr) {
         let echo = Arc::new(Echo::default());
-        let (server, task) = BulkServer::start("127.0.0.1".parse().unwrap(), Arc::new(echo.clone()))
-            .await
-            .unwrap();
+        let (server, task) =
+            BulkServer::start("127.0.0.1".parse().unwrap(), Arc::new(echo.clone()))
+                .await
+                .unwrap();
         let addr = SocketAddr::new("127.0.0.1".parse().unwrap(), server.port());
         (echo, server, task, addr)
     }
@@ -568,7 +573,10 @@ mod tests {
         let get = Request::Get {
             score: Score::of(&data),
         };
-        assert_eq!(conn.call(&get).await.unwrap(), Response::Block { data: data.clone() });
+        assert_eq!(
+            conn.call(&get).await.unwrap(),
+            Response::Block { data: data.clone() }
+        );
         assert_eq!(lock(&echo.last).as_ref().unwrap().0, peer);
         // A bulk connection cannot open another.
         let nested = Request::Bulk { key: key.clone() };
@@ -603,7 +611,9 @@ mod tests {
 
         // A record sealed with another key.
         let session = session_of(server.open(PeerId::random(), key.clone()));
-        let mut forged = BulkConn::connect(addr, session, &BulkKey([10; 32])).await.unwrap();
+        let mut forged = BulkConn::connect(addr, session, &BulkKey([10; 32]))
+            .await
+            .unwrap();
         assert!(forged.call(&Request::Space).await.is_err());
 
         // A length beyond the limit, and a record cut short.
@@ -646,10 +656,24 @@ mod tests {
 
             let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
             let mut io = futures::io::Cursor::new(wire.clone());
-            let a = read_record(&mut io, &mut recv, Vec::new()).await.unwrap().unwrap();
-            let b = read_record(&mut io, &mut recv, Vec::new()).await.unwrap().unwrap();
-            assert_eq!((&a[..], &b[..]), (&[proto::VERSION, 1][..], &[proto::VERSION, 2][..]));
-            assert!(read_record(&mut io, &mut recv, Vec::new()).await.unwrap().is_none());
+            let a = read_record(&mut io, &mut recv, Vec::new())
+                .await
+                .unwrap()
+                .unwrap();
+            let b = read_record(&mut io, &mut recv, Vec::new())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (&a[..], &b[..]),
+                (&[proto::VERSION, 1][..], &[proto::VERSION, 2][..])
+            );
+            assert!(
+                read_record(&mut io, &mut recv, Vec::new())
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
 
             // The second record first (a reorder or a replay) does not open.
             let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();

@@ -262,18 +262,23 @@ impl Node {
     /// without one (or if it cannot be bound) blocks go over libp2p only.
     async fn start_bulk(&self, handler: Arc<dyn Handler>) {
         use libp2p::multiaddr::Protocol;
-        let ip = self.listen_addrs.iter().find_map(|a| match a.iter().next() {
-            Some(Protocol::Ip4(ip)) => Some(std::net::IpAddr::from(ip)),
-            Some(Protocol::Ip6(ip)) => Some(ip.into()),
-            _ => None,
-        });
+        let ip = self
+            .listen_addrs
+            .iter()
+            .find_map(|a| match a.iter().next() {
+                Some(Protocol::Ip4(ip)) => Some(std::net::IpAddr::from(ip)),
+                Some(Protocol::Ip6(ip)) => Some(ip.into()),
+                _ => None,
+            });
         let Some(ip) = ip else { return };
         match BulkServer::start(ip, handler).await {
             Ok((server, task)) => {
                 tracing::debug!(%ip, port = server.port(), "offering bulk connections");
                 self.client.enable_bulk(server, task).await;
             }
-            Err(e) => tracing::warn!(%ip, error = %e, "cannot offer bulk connections; blocks go over libp2p"),
+            Err(e) => {
+                tracing::warn!(%ip, error = %e, "cannot offer bulk connections; blocks go over libp2p")
+            }
         }
     }
 

@@ -66,7 +66,9 @@ pub enum Request {
 
 /// The AES-256-GCM key of one bulk connection, chosen at random by the peer
 /// that opens it. Never printed, and wiped from memory when dropped.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+#[derive(
+    Clone, PartialEq, Eq, Serialize, Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop,
+)]
 pub struct BulkKey(pub [u8; 32]);
 
 impl fmt::Debug for BulkKey {

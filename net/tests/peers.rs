@@ -528,7 +528,10 @@ async fn blocks_go_over_libp2p_to_a_holder_without_bulk_connections() {
         .with(Protocol::P2p(plain.peer_id()));
     let asker = start(1 << 30, tcp(), vec![plain_addr]).await;
     let ac = asker.client();
-    eventually("the asker to know the holder", || knows(&ac, plain.peer_id())).await;
+    eventually("the asker to know the holder", || {
+        knows(&ac, plain.peer_id())
+    })
+    .await;
 
     let blocks: Vec<_> = (0..3).map(|i| block(40 + i, 200_000)).collect();
     for (score, data) in &blocks {
@@ -537,7 +540,10 @@ async fn blocks_go_over_libp2p_to_a_holder_without_bulk_connections() {
             .unwrap();
     }
     for (score, data) in &blocks {
-        assert_eq!(&within(ac.get(plain.peer_id(), *score)).await.unwrap(), data);
+        assert_eq!(
+            &within(ac.get(plain.peer_id(), *score)).await.unwrap(),
+            data
+        );
     }
     assert_eq!(holder.stats().held_blocks, 3);
     assert_eq!(holder.placers(&blocks[0].0).unwrap(), vec![asker.id()]);
