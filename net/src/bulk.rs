@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::PeerId;
 use rand::RngCore;
@@ -41,7 +42,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
-use crate::codec::read_announced;
+use crate::codec::{InboundRequest, read_announced};
 use crate::node::Handler;
 use crate::proto::{
     self, BulkKey, DecodeError, ErrorCode, LEN_PREFIX, MAX_FRAME_LEN, Request, Response,
@@ -231,11 +232,6 @@ impl BulkServer {
         Ok((server, task))
     }
 
-    /// The port bulk connections are accepted on.
-    pub(crate) fn port(&self) -> u16 {
-        self.port
-    }
-
     /// Opens a session for `peer` with its `key`: the answer to its `Request::Bulk`.
     pub(crate) fn open(&self, peer: PeerId, key: BulkKey) -> Response {
         let now = Instant::now();
@@ -263,6 +259,46 @@ impl BulkServer {
     fn take(&self, session: &[u8; SESSION_LEN]) -> Option<Session> {
         let s = lock(&self.sessions).remove(session)?;
         (s.expires > Instant::now()).then_some(s)
+    }
+}
+
+/// A node's handler with bulk connections offered: it answers
+/// `Request::Bulk` itself and hands every other request to the node's own
+/// handler. Dropped with the node's event loop, it stops the listener.
+pub(crate) struct WithBulk {
+    server: Arc<BulkServer>,
+    inner: Arc<dyn Handler>,
+    listener: JoinHandle<()>,
+}
+
+impl WithBulk {
+    /// Listens for bulk connections on `ip` and wraps `inner`.
+    pub(crate) async fn start(ip: IpAddr, inner: Arc<dyn Handler>) -> io::Result<WithBulk> {
+        let (server, listener) = BulkServer::start(ip, inner.clone()).await?;
+        tracing::debug!(%ip, port = server.port, "offering bulk connections");
+        Ok(WithBulk {
+            server,
+            inner,
+            listener,
+        })
+    }
+}
+
+impl Drop for WithBulk {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+impl Handler for WithBulk {
+    fn handle(&self, peer: PeerId, request: InboundRequest) -> BoxFuture<'static, Response> {
+        match request {
+            Ok(Request::Bulk { key }) => {
+                let response = self.server.open(peer, key);
+                Box::pin(async move { response })
+            }
+            other => self.inner.handle(peer, other),
+        }
     }
 }
 
@@ -486,9 +522,7 @@ impl BulkPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::InboundRequest;
     use fincrypt_blockstore::Score;
-    use futures::future::BoxFuture;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Answers `Stored` to a put, `Block` with a copy of the last put to a
@@ -524,7 +558,7 @@ mod tests {
             BulkServer::start("127.0.0.1".parse().unwrap(), Arc::new(echo.clone()))
                 .await
                 .unwrap();
-        let addr = SocketAddr::new("127.0.0.1".parse().unwrap(), server.port());
+        let addr = SocketAddr::new("127.0.0.1".parse().unwrap(), server.port);
         (echo, server, task, addr)
     }
 

@@ -119,21 +119,6 @@ impl Client {
         self.ask(|reply| Command::Peers { reply }).await
     }
 
-    /// Has the event loop answer bulk requests with `server` (whose listener
-    /// task stops with the loop).
-    pub(crate) async fn enable_bulk(
-        &self,
-        server: Arc<crate::bulk::BulkServer>,
-        task: tokio::task::JoinHandle<()>,
-    ) {
-        if let Err(e) = self.sender.send(Command::EnableBulk { server, task }).await {
-            // The loop is gone: so is the listener with the command.
-            if let Command::EnableBulk { task, .. } = e.0 {
-                task.abort();
-            }
-        }
-    }
-
     /// Stops the node (see [`crate::Node::shutdown`]); other handles then answer `Shutdown`.
     pub async fn shutdown(&self) {
         let (reply, done) = oneshot::channel();

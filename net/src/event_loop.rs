@@ -18,7 +18,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::Error;
-use crate::bulk::BulkServer;
 use crate::codec::{self, InboundRequest};
 use crate::node::{Behaviour, BehaviourEvent, Handler, KAD_PROTOCOL, split_p2p};
 use crate::proto::{ErrorCode, Request, Response};
@@ -61,11 +60,6 @@ pub(crate) enum Command {
         peer: PeerId,
         reply: Reply<std::net::IpAddr>,
     },
-    /// Answer `Request::Bulk` with `server`; `task` (its listener) stops with the loop.
-    EnableBulk {
-        server: Arc<BulkServer>,
-        task: tokio::task::JoinHandle<()>,
-    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -100,7 +94,6 @@ pub struct EventLoop {
     identified: HashMap<PeerId, identify::Info>,
     /// The remote address of one open connection per connected peer.
     remote: HashMap<PeerId, Multiaddr>,
-    bulk: Option<(Arc<BulkServer>, tokio::task::JoinHandle<()>)>,
 }
 
 impl EventLoop {
@@ -122,7 +115,6 @@ impl EventLoop {
             bootstraps: HashMap::new(),
             identified: HashMap::new(),
             remote: HashMap::new(),
-            bulk: None,
         }
     }
 
@@ -150,9 +142,6 @@ impl EventLoop {
         };
         if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
             tracing::warn!("inbound requests still running at shutdown were dropped");
-        }
-        if let Some((_, task)) = self.bulk.take() {
-            task.abort();
         }
         drop(self.swarm);
         if let Some(reply) = done {
@@ -238,11 +227,6 @@ impl EventLoop {
                     peer,
                     reason: "not connected over IP".into(),
                 }));
-            }
-            Command::EnableBulk { server, task } => {
-                if let Some((_, old)) = self.bulk.replace((server, task)) {
-                    old.abort();
-                }
             }
             // `run` stops on it before it gets here.
             Command::Shutdown { .. } => {}
@@ -456,14 +440,6 @@ impl EventLoop {
                 Response::Error(ErrorCode::bad_request("this node holds no blocks")),
             );
         };
-        if let Ok(Request::Bulk { key }) = &request {
-            // Answered here: sessions belong to the node, not the handler.
-            let response = match &self.bulk {
-                Some((server, _)) => server.open(peer, key.clone()),
-                None => Response::Error(ErrorCode::bad_request("this node has no bulk listener")),
-            };
-            return self.respond(channel, response);
-        }
         if self.inbound.len() >= self.max_inbound {
             return self.respond(channel, Response::Error(ErrorCode::Unavailable));
         }

@@ -187,7 +187,7 @@ impl Inner {
                 .release(peer, &scores)
                 .map(|released| Response::Released { released }),
             Request::Bulk { .. } => Err(ErrorCode::bad_request(
-                "bulk connections are opened by the node, not its holder",
+                "this node offers no bulk connections",
             )),
             Request::Space => {
                 let used = self.store.stats().held_bytes;

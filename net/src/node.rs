@@ -17,7 +17,7 @@ use libp2p::{
 };
 use tokio::sync::mpsc;
 
-use crate::bulk::BulkServer;
+use crate::bulk::WithBulk;
 use crate::client::Client;
 use crate::codec::{self, Codec, InboundRequest};
 use crate::event_loop::EventLoop;
@@ -199,6 +199,26 @@ fn tcp_port_in_use(addr: &Multiaddr) -> Option<String> {
     }
 }
 
+/// `handler` with bulk connections offered on the IP of the first listen
+/// address; `handler` alone (blocks over libp2p only) if there is no such
+/// address or it cannot be bound.
+async fn with_bulk(listen: &[Multiaddr], handler: Arc<dyn Handler>) -> Arc<dyn Handler> {
+    use libp2p::multiaddr::Protocol;
+    let ip = listen.iter().find_map(|a| match a.iter().next() {
+        Some(Protocol::Ip4(ip)) => Some(std::net::IpAddr::from(ip)),
+        Some(Protocol::Ip6(ip)) => Some(ip.into()),
+        _ => None,
+    });
+    let Some(ip) = ip else { return handler };
+    match WithBulk::start(ip, handler.clone()).await {
+        Ok(wrapped) => Arc::new(wrapped),
+        Err(e) => {
+            tracing::warn!(%ip, error = %e, "cannot offer bulk connections; blocks go over libp2p");
+            handler
+        }
+    }
+}
+
 /// A running node: the event loop on a tokio task, and a client to it.
 pub struct Node {
     client: Client,
@@ -214,7 +234,11 @@ impl Node {
         config: NodeConfig,
         handler: Option<Arc<dyn Handler>>,
     ) -> Result<Node, Error> {
-        let (client, event_loop) = new(&config, handler.clone())?;
+        let handler = match (config.bulk, handler) {
+            (true, Some(handler)) => Some(with_bulk(&config.listen, handler).await),
+            (_, handler) => handler,
+        };
+        let (client, event_loop) = new(&config, handler)?;
         let task = tokio::spawn(event_loop.run());
         let mut node = Node {
             client,
@@ -237,9 +261,6 @@ impl Node {
                 }
             }
         }
-        if let (true, Some(handler)) = (config.bulk, handler) {
-            node.start_bulk(handler).await;
-        }
         for addr in &config.bootstrap {
             // Known before start returns, so a request to a bootstrap peer
             // made right after finds its address even before the dial is done.
@@ -256,30 +277,6 @@ impl Node {
             });
         }
         Ok(node)
-    }
-
-    /// Offers bulk connections on the IP of the first address listened on;
-    /// without one (or if it cannot be bound) blocks go over libp2p only.
-    async fn start_bulk(&self, handler: Arc<dyn Handler>) {
-        use libp2p::multiaddr::Protocol;
-        let ip = self
-            .listen_addrs
-            .iter()
-            .find_map(|a| match a.iter().next() {
-                Some(Protocol::Ip4(ip)) => Some(std::net::IpAddr::from(ip)),
-                Some(Protocol::Ip6(ip)) => Some(ip.into()),
-                _ => None,
-            });
-        let Some(ip) = ip else { return };
-        match BulkServer::start(ip, handler).await {
-            Ok((server, task)) => {
-                tracing::debug!(%ip, port = server.port(), "offering bulk connections");
-                self.client.enable_bulk(server, task).await;
-            }
-            Err(e) => {
-                tracing::warn!(%ip, error = %e, "cannot offer bulk connections; blocks go over libp2p")
-            }
-        }
     }
 
     /// This node's PeerId.
