@@ -348,7 +348,6 @@ impl LocalStore {
         }
     }
 
-    /// Writes `data` to a fresh temp file and fsyncs it.
     /// Writes `data` to a new file in `tmp/` and returns it, not yet fsynced;
     /// `direct` asks for a write past the page cache (see [`direct_io`]),
     /// which falls back to a buffered one on a filesystem that refuses it.
@@ -358,19 +357,17 @@ impl LocalStore {
             .dir
             .join("tmp")
             .join(format!("{}-{n}", std::process::id()));
+        let buffered = || fs::File::create(&path).and_then(|mut f| f.write_all(data).map(|()| f));
         let direct = direct && self.direct_ok.load(Ordering::Relaxed);
-        let mut result = if direct {
-            direct_io::write_file(&path, data)
-        } else {
-            Err(std::io::ErrorKind::Unsupported.into())
+        let result = match direct.then(|| direct_io::write_file(&path, data)) {
+            None => buffered(),
+            Some(Err(e)) if direct_io::refused(&e) => {
+                tracing::debug!(dir = %self.dir.display(), "the volume's filesystem refuses direct writes; writing through the page cache");
+                self.direct_ok.store(false, Ordering::Relaxed);
+                buffered()
+            }
+            Some(written) => written,
         };
-        if direct && matches!(&result, Err(e) if direct_io::refused(e)) {
-            tracing::debug!(dir = %self.dir.display(), "the volume's filesystem refuses direct writes; writing through the page cache");
-            self.direct_ok.store(false, Ordering::Relaxed);
-        }
-        if !direct || matches!(&result, Err(e) if direct_io::refused(e)) {
-            result = fs::File::create(&path).and_then(|mut f| f.write_all(data).map(|()| f));
-        }
         match result {
             Ok(file) => Ok((path, file)),
             Err(e) => {
