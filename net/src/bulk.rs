@@ -218,18 +218,19 @@ struct Session {
 
 impl BulkServer {
     /// Listens on `ip` (the port chosen by the system) and serves connections
-    /// with `handler` until the returned task is aborted.
+    /// with `handler` until stopped (see [`BulkStop`]).
     pub(crate) async fn start(
         ip: IpAddr,
         handler: Arc<dyn Handler>,
-    ) -> io::Result<(Arc<BulkServer>, JoinHandle<()>)> {
+    ) -> io::Result<(Arc<BulkServer>, BulkStop)> {
         let listener = TcpListener::bind((ip, 0)).await?;
         let server = Arc::new(BulkServer {
             port: listener.local_addr()?.port(),
             sessions: Mutex::new(HashMap::new()),
         });
-        let task = tokio::spawn(accept(listener, server.clone(), handler));
-        Ok((server, task))
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(accept(listener, server.clone(), handler, stopped));
+        Ok((server, BulkStop { stop, task }))
     }
 
     /// Opens a session for `peer` with its `key`: the answer to its `Request::Bulk`.
@@ -262,25 +263,48 @@ impl BulkServer {
     }
 }
 
+/// Stops a bulk listener and its connections, and waits until they are gone
+/// (and with them their hold on the handler and its volume).
+pub(crate) struct BulkStop {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl BulkStop {
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(());
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "the bulk listener failed");
+        }
+    }
+}
+
 /// A node's handler with bulk connections offered: it answers
 /// `Request::Bulk` itself and hands every other request to the node's own
-/// handler. Dropped with the node's event loop, it stops the listener.
+/// handler. Dropped (a node dropped without a shutdown), it aborts the listener.
 pub(crate) struct WithBulk {
     server: Arc<BulkServer>,
     inner: Arc<dyn Handler>,
-    listener: JoinHandle<()>,
+    listener: tokio::task::AbortHandle,
 }
 
 impl WithBulk {
     /// Listens for bulk connections on `ip` and wraps `inner`.
-    pub(crate) async fn start(ip: IpAddr, inner: Arc<dyn Handler>) -> io::Result<WithBulk> {
-        let (server, listener) = BulkServer::start(ip, inner.clone()).await?;
+    pub(crate) async fn start(
+        ip: IpAddr,
+        inner: Arc<dyn Handler>,
+    ) -> io::Result<(WithBulk, BulkStop)> {
+        let (server, stop) = BulkServer::start(ip, inner.clone()).await?;
         tracing::debug!(%ip, port = server.port, "offering bulk connections");
-        Ok(WithBulk {
-            server,
-            inner,
-            listener,
-        })
+        let listener = stop.task.abort_handle();
+        Ok((
+            WithBulk {
+                server,
+                inner,
+                listener,
+            },
+            stop,
+        ))
     }
 }
 
@@ -302,10 +326,19 @@ impl Handler for WithBulk {
     }
 }
 
-async fn accept(listener: TcpListener, server: Arc<BulkServer>, handler: Arc<dyn Handler>) {
+async fn accept(
+    listener: TcpListener,
+    server: Arc<BulkServer>,
+    handler: Arc<dyn Handler>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
+            _ = &mut stopped => {
+                connections.shutdown().await;
+                return;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, from)) => {
                     if connections.len() >= MAX_CONNECTIONS {
@@ -552,7 +585,7 @@ mod tests {
         }
     }
 
-    async fn server() -> (Arc<Echo>, Arc<BulkServer>, JoinHandle<()>, SocketAddr) {
+    async fn server() -> (Arc<Echo>, Arc<BulkServer>, BulkStop, SocketAddr) {
         let echo = Arc::new(Echo::default());
         let (server, task) =
             BulkServer::start("127.0.0.1".parse().unwrap(), Arc::new(echo.clone()))
@@ -623,7 +656,7 @@ mod tests {
         let mut again = BulkConn::connect(addr, session, &key).await.unwrap();
         assert!(again.call(&get).await.is_err());
         assert_eq!(echo.calls.load(Ordering::SeqCst), calls);
-        task.abort();
+        task.stop().await;
     }
 
     #[tokio::test]
@@ -674,7 +707,7 @@ mod tests {
             data,
         };
         assert_eq!(conn.call(&put).await.unwrap(), Response::Stored);
-        task.abort();
+        task.stop().await;
     }
 
     #[test]

@@ -17,7 +17,7 @@ use libp2p::{
 };
 use tokio::sync::mpsc;
 
-use crate::bulk::WithBulk;
+use crate::bulk::{BulkStop, WithBulk};
 use crate::client::Client;
 use crate::codec::{self, Codec, InboundRequest};
 use crate::event_loop::EventLoop;
@@ -202,19 +202,24 @@ fn tcp_port_in_use(addr: &Multiaddr) -> Option<String> {
 /// `handler` with bulk connections offered on the IP of the first listen
 /// address; `handler` alone (blocks over libp2p only) if there is no such
 /// address or it cannot be bound.
-async fn with_bulk(listen: &[Multiaddr], handler: Arc<dyn Handler>) -> Arc<dyn Handler> {
+async fn with_bulk(
+    listen: &[Multiaddr],
+    handler: Arc<dyn Handler>,
+) -> (Arc<dyn Handler>, Option<BulkStop>) {
     use libp2p::multiaddr::Protocol;
     let ip = listen.iter().find_map(|a| match a.iter().next() {
         Some(Protocol::Ip4(ip)) => Some(std::net::IpAddr::from(ip)),
         Some(Protocol::Ip6(ip)) => Some(ip.into()),
         _ => None,
     });
-    let Some(ip) = ip else { return handler };
+    let Some(ip) = ip else {
+        return (handler, None);
+    };
     match WithBulk::start(ip, handler.clone()).await {
-        Ok(wrapped) => Arc::new(wrapped),
+        Ok((wrapped, stop)) => (Arc::new(wrapped), Some(stop)),
         Err(e) => {
             tracing::warn!(%ip, error = %e, "cannot offer bulk connections; blocks go over libp2p");
-            handler
+            (handler, None)
         }
     }
 }
@@ -224,6 +229,8 @@ pub struct Node {
     client: Client,
     listen_addrs: Vec<Multiaddr>,
     task: tokio::task::JoinHandle<()>,
+    /// The bulk listener, stopped after the event loop.
+    bulk: Option<BulkStop>,
 }
 
 impl Node {
@@ -234,9 +241,12 @@ impl Node {
         config: NodeConfig,
         handler: Option<Arc<dyn Handler>>,
     ) -> Result<Node, Error> {
-        let handler = match (config.bulk, handler) {
-            (true, Some(handler)) => Some(with_bulk(&config.listen, handler).await),
-            (_, handler) => handler,
+        let (handler, bulk) = match (config.bulk, handler) {
+            (true, Some(handler)) => {
+                let (handler, stop) = with_bulk(&config.listen, handler).await;
+                (Some(handler), stop)
+            }
+            (_, handler) => (handler, None),
         };
         let (client, event_loop) = new(&config, handler)?;
         let task = tokio::spawn(event_loop.run());
@@ -244,6 +254,7 @@ impl Node {
             client,
             listen_addrs: Vec::new(),
             task,
+            bulk,
         };
         for addr in &config.listen {
             let bound = match tcp_port_in_use(addr) {
@@ -299,6 +310,9 @@ impl Node {
         self.client.shutdown().await;
         if let Err(e) = self.task.await {
             tracing::error!(error = %e, "the network event loop failed");
+        }
+        if let Some(bulk) = self.bulk {
+            bulk.stop().await;
         }
     }
 }
