@@ -17,9 +17,12 @@
 //! its libp2p connection reaches, sends the 16 session bytes, then records.
 //! A session opens one connection, once.
 //!
-//! Record: a 4-byte little-endian length `L` (16 < `L` <= the frame limit
-//! plus 16), then `L` bytes: one frame body of the peer protocol (version byte,
-//! postcard message) sealed with AES-256-GCM, tag last, no associated data.
+//! Frames (a frame body of the peer protocol: version byte, postcard
+//! message) go as records of at most [`PIECE`] bytes of plaintext. Record: a
+//! 4-byte little-endian word, its bit 31 set when more records of the frame
+//! follow and its low bits the sealed length `L` (16 < `L` <= [`PIECE`] + 16),
+//! then `L` bytes: the piece sealed with AES-256-GCM, the word as associated
+//! data, tag last.
 //! Nonce: the direction as 4 bytes big-endian (0 client to holder, 1 holder
 //! to client), then the record's index in that direction as 8 bytes
 //! big-endian. A record that fails to open ends the connection: only the peer
@@ -42,7 +45,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
-use crate::codec::{InboundRequest, read_announced};
+use crate::codec::InboundRequest;
 use crate::node::Handler;
 use crate::proto::{
     self, BulkKey, DecodeError, ErrorCode, LEN_PREFIX, MAX_FRAME_LEN, Request, Response,
@@ -51,8 +54,6 @@ use crate::proto::{
 /// Bytes of a session id.
 pub const SESSION_LEN: usize = 16;
 const TAG_LEN: usize = 16;
-/// The longest record: a maximal frame body and its tag.
-const MAX_RECORD: usize = MAX_FRAME_LEN + TAG_LEN;
 /// How long a session waits for its connection.
 pub const SESSION_TTL: Duration = Duration::from_secs(30);
 /// Sessions waiting at once; more are answered `Unavailable`.
@@ -94,8 +95,7 @@ enum Direction {
 }
 
 /// One direction of a connection: its key, the index of its next record,
-/// and (sending) the buffer records are sealed in, kept from one to the next
-/// so that sending a block does not fault in fresh memory each time.
+/// and (sending) the buffer records are sealed in, made once per connection.
 struct Cipher {
     key: LessSafeKey,
     direction: Direction,
@@ -103,12 +103,21 @@ struct Cipher {
     scratch: Vec<u8>,
 }
 
-/// A record buffer larger than this is not kept after its record.
-const SCRATCH_KEPT: usize = 8 << 20;
-/// A new record buffer is made at least this large (the largest block of the
-/// default chunking and its frame), so that a kept one fits what comes next:
-/// only the part written is ever committed to memory.
-const SCRATCH_MADE: usize = (4 << 20) + (128 << 10);
+/// The most plaintext one record carries; a longer frame body goes as several.
+///
+/// Small records keep each piece in the cache from the copy that takes it out
+/// of a block, through sealing (or opening), to the socket, and the sender's
+/// buffer small enough to keep for good: sealing whole 4 MiB blocks made each
+/// connection fault in and walk a block-sized buffer from memory.
+const PIECE: usize = 256 << 10;
+/// Set in a record's length prefix when more records of the same frame follow.
+const MORE: u32 = 1 << 31;
+/// A frame buffer a receiver makes when the first record says more follow:
+/// the largest block of the default chunking and its frame, so that it is
+/// made once and kept (only the part written is committed to memory).
+const FRAME_MADE: usize = (4 << 20) + (128 << 10);
+/// A frame buffer larger than this is not kept after its frame.
+const FRAME_KEPT: usize = 8 << 20;
 
 impl Cipher {
     fn new(key: &BulkKey, direction: Direction) -> io::Result<Cipher> {
@@ -135,73 +144,114 @@ impl Cipher {
     }
 }
 
-/// Seals the frame given as head (length prefix first) and tail, and writes it as one record.
-async fn write_record<W: AsyncWrite + Unpin>(
+/// Seals the frame given as head (length prefix first) and tail, and writes
+/// it as records of at most [`PIECE`] bytes of plaintext each.
+async fn write_frame<W: AsyncWrite + Unpin>(
     io: &mut W,
     cipher: &mut Cipher,
     (head, tail): (Vec<u8>, Bytes),
 ) -> io::Result<()> {
-    let body = head.len().saturating_sub(LEN_PREFIX) + tail.len();
-    let record = u32::try_from(body + TAG_LEN).map_err(invalid)?;
+    let head = head.get(LEN_PREFIX..).unwrap_or_default();
+    let body = head.len() + tail.len();
+    if body == 0 || body > MAX_FRAME_LEN {
+        return Err(invalid(format!("a frame body of {body} bytes")));
+    }
     let mut buf = std::mem::take(&mut cipher.scratch);
-    buf.clear();
-    if buf.capacity() < LEN_PREFIX + body + TAG_LEN {
-        // Growing would copy the old bytes for nothing.
-        buf = Vec::with_capacity((LEN_PREFIX + body + TAG_LEN).max(SCRATCH_MADE));
+    if buf.capacity() < LEN_PREFIX + PIECE + TAG_LEN {
+        buf = Vec::with_capacity(LEN_PREFIX + PIECE + TAG_LEN);
     }
-    buf.extend_from_slice(&record.to_le_bytes());
-    buf.extend_from_slice(head.get(LEN_PREFIX..).unwrap_or_default());
-    buf.extend_from_slice(&tail);
-    let nonce = cipher.nonce()?;
-    let tag = cipher
-        .key
-        .seal_in_place_separate_tag(nonce, Aad::empty(), &mut buf[LEN_PREFIX..])
-        .map_err(|_| io::Error::other("sealing a record failed"))?;
-    buf.extend_from_slice(tag.as_ref());
-    let written = io.write_all(&buf).await;
-    if buf.capacity() <= SCRATCH_KEPT {
-        cipher.scratch = buf;
-    }
-    written?;
+    let mut sent = 0;
+    let result = loop {
+        let piece = (body - sent).min(PIECE);
+        let more = if sent + piece < body { MORE } else { 0 };
+        let prefix = (piece + TAG_LEN) as u32 | more;
+        buf.clear();
+        buf.extend_from_slice(&prefix.to_le_bytes());
+        // The piece [sent, sent + piece) of head ++ tail.
+        let from_head = head.get(sent..).unwrap_or_default();
+        let from_head = &from_head[..from_head.len().min(piece)];
+        buf.extend_from_slice(from_head);
+        let in_tail = (sent + from_head.len()).saturating_sub(head.len());
+        buf.extend_from_slice(&tail[in_tail..in_tail + piece - from_head.len()]);
+        let nonce = cipher.nonce()?;
+        let (prefix_bytes, plain) = buf.split_at_mut(LEN_PREFIX);
+        let tag = cipher
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(&*prefix_bytes), plain)
+            .map_err(|_| io::Error::other("sealing a record failed"))?;
+        buf.extend_from_slice(tag.as_ref());
+        if let Err(e) = io.write_all(&buf).await {
+            break Err(e);
+        }
+        sent += piece;
+        if more == 0 {
+            break Ok(());
+        }
+    };
+    cipher.scratch = buf;
+    result?;
     io.flush().await
 }
 
-/// Reads and opens one record, into `spare`'s memory; `None` when the stream
-/// ends between records.
-async fn read_record<R: AsyncRead + Unpin>(
+/// Reads and opens the records of one frame, into `spare`'s memory; `None`
+/// when the stream ends between frames.
+async fn read_frame<R: AsyncRead + Unpin>(
     io: &mut R,
     cipher: &mut Cipher,
     spare: Vec<u8>,
 ) -> io::Result<Option<Bytes>> {
-    let mut prefix = [0u8; LEN_PREFIX];
-    let mut got = 0;
-    while got < LEN_PREFIX {
-        match io.read(&mut prefix[got..]).await? {
-            0 if got == 0 => return Ok(None),
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n => got += n,
+    let mut buf = spare;
+    buf.clear();
+    loop {
+        let mut prefix = [0u8; LEN_PREFIX];
+        let mut got = 0;
+        while got < LEN_PREFIX {
+            match io.read(&mut prefix[got..]).await? {
+                0 if got == 0 && buf.is_empty() => return Ok(None),
+                0 => return Err(truncated()),
+                n => got += n,
+            }
+        }
+        let word = u32::from_le_bytes(prefix);
+        let len = (word & !MORE) as usize;
+        if !(TAG_LEN < len && len <= PIECE + TAG_LEN) {
+            return Err(invalid(format!("a record of {len} bytes is out of bounds")));
+        }
+        let filled = buf.len();
+        if filled + len - TAG_LEN > MAX_FRAME_LEN {
+            return Err(invalid("a frame beyond the size limit"));
+        }
+        if buf.capacity() < filled + len {
+            // A frame of several records gets a buffer for the block it
+            // usually is, so that it does not regrow; a short one, its size.
+            let want = if word & MORE != 0 { FRAME_MADE } else { 0 };
+            buf.reserve((filled + len).max(want) - filled);
+        }
+        buf.resize(filled + len, 0);
+        io.read_exact(&mut buf[filled..])
+            .await
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => truncated(),
+                _ => e,
+            })?;
+        let nonce = cipher.nonce()?;
+        let plain = cipher
+            .key
+            .open_in_place(nonce, Aad::from(prefix), &mut buf[filled..])
+            .map_err(|_| invalid("a record failed its authentication"))?
+            .len();
+        buf.truncate(filled + plain);
+        if word & MORE == 0 {
+            return Ok(Some(Bytes::from(buf)));
         }
     }
-    let len = u32::from_le_bytes(prefix) as usize;
-    if !(TAG_LEN < len && len <= MAX_RECORD) {
-        return Err(invalid(format!("a record of {len} bytes is out of bounds")));
-    }
-    // A kept buffer too small is replaced by one that fits what usually
-    // follows; without one (a client reading a short answer), the exact size.
-    let spare = match spare.capacity() {
-        0 => Vec::new(),
-        n if n < len => Vec::with_capacity(len.max(SCRATCH_MADE)),
-        _ => spare,
-    };
-    let mut buf = read_announced(io, len, spare).await?;
-    let nonce = cipher.nonce()?;
-    let plain = cipher
-        .key
-        .open_in_place(nonce, Aad::empty(), &mut buf)
-        .map_err(|_| invalid("a record failed its authentication"))?
-        .len();
-    buf.truncate(plain);
-    Ok(Some(Bytes::from(buf)))
+}
+
+fn truncated() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        DecodeError::Truncated("stream ended inside a frame"),
+    )
 }
 
 /// A holder's side: the listener, and the sessions opened over libp2p.
@@ -391,7 +441,7 @@ async fn serve(
         {
             spare = Vec::new();
         }
-        let read = read_record(&mut io, &mut inbound, std::mem::take(&mut spare));
+        let read = read_frame(&mut io, &mut inbound, std::mem::take(&mut spare));
         let record = tokio::time::timeout(IDLE_TIMEOUT, read)
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
@@ -408,12 +458,12 @@ async fn serve(
         let response = handler.handle(peer, request).await;
         if let Ok(memory) = whole.try_into_mut() {
             let memory = Vec::from(memory);
-            if memory.capacity() <= SCRATCH_KEPT {
+            if memory.capacity() <= FRAME_KEPT {
                 spare = memory;
             }
         }
         let parts = proto::encode_response_parts(&response).map_err(invalid)?;
-        write_record(&mut io, &mut outbound, parts).await?;
+        write_frame(&mut io, &mut outbound, parts).await?;
     }
 }
 
@@ -449,8 +499,8 @@ impl BulkConn {
     /// Sends one request and reads its response.
     pub(crate) async fn call(&mut self, request: &Request) -> io::Result<Response> {
         let parts = proto::encode_request_parts(request).map_err(invalid)?;
-        write_record(&mut self.io, &mut self.send, parts).await?;
-        let body = read_record(&mut self.io, &mut self.recv, Vec::new())
+        write_frame(&mut self.io, &mut self.send, parts).await?;
+        let body = read_frame(&mut self.io, &mut self.recv, Vec::new())
             .await?
             .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
         proto::decode_response_bytes(body).map_err(invalid)
@@ -711,23 +761,94 @@ mod tests {
     }
 
     #[test]
+    fn long_frames_go_as_several_records_that_open_only_whole() {
+        futures::executor::block_on(async {
+            let key = BulkKey([5; 32]);
+            let data: Vec<u8> = (0..3 * PIECE + 1234).map(|i| (i % 251) as u8).collect();
+            let frame = || {
+                (
+                    vec![0, 0, 0, 0, proto::VERSION, 7],
+                    Bytes::from(data.clone()),
+                )
+            };
+            let mut wire = Vec::new();
+            let mut send = Cipher::new(&key, Direction::ToHolder).unwrap();
+            write_frame(&mut wire, &mut send, frame()).await.unwrap();
+            write_frame(&mut wire, &mut send, frame()).await.unwrap();
+            // Four records a frame, the first three marked "more".
+            let mut at = 0;
+            let mut words = Vec::new();
+            while at < wire.len() {
+                let word = u32::from_le_bytes(wire[at..at + 4].try_into().unwrap());
+                words.push(word & MORE != 0);
+                at += LEN_PREFIX + (word & !MORE) as usize;
+            }
+            assert_eq!(words, [true, true, true, false, true, true, true, false]);
+
+            let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
+            let mut io = futures::io::Cursor::new(wire.clone());
+            for _ in 0..2 {
+                let body = read_frame(&mut io, &mut recv, Vec::new())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(&body[..2], &[proto::VERSION, 7]);
+                assert_eq!(&body[2..], &data[..]);
+            }
+            assert!(
+                read_frame(&mut io, &mut recv, Vec::new())
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+
+            // A stream that ends after a record marked "more" is cut, not done.
+            let first = LEN_PREFIX + PIECE + TAG_LEN;
+            let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
+            let mut io = futures::io::Cursor::new(wire[..first].to_vec());
+            let cut = read_frame(&mut io, &mut recv, Vec::new())
+                .await
+                .unwrap_err();
+            assert_eq!(cut.kind(), io::ErrorKind::UnexpectedEof);
+
+            // Clearing "more" to end the frame early fails to open: the word is
+            // associated data.
+            let mut early = wire.clone();
+            early[3] &= 0x7f;
+            let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
+            let mut io = futures::io::Cursor::new(early);
+            assert!(read_frame(&mut io, &mut recv, Vec::new()).await.is_err());
+
+            // A record longer than a piece is refused before it is read.
+            let mut long = Vec::new();
+            long.extend_from_slice(&((PIECE + TAG_LEN + 1) as u32).to_le_bytes());
+            let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
+            let mut io = futures::io::Cursor::new(long);
+            let err = read_frame(&mut io, &mut recv, Vec::new())
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        });
+    }
+
+    #[test]
     fn records_open_only_in_order_and_direction() {
         futures::executor::block_on(async {
             let key = BulkKey([4; 32]);
             let frame = |n: u8| (vec![0, 0, 0, 0, proto::VERSION, n], Bytes::new());
             let mut wire = Vec::new();
             let mut send = Cipher::new(&key, Direction::ToHolder).unwrap();
-            write_record(&mut wire, &mut send, frame(1)).await.unwrap();
-            write_record(&mut wire, &mut send, frame(2)).await.unwrap();
+            write_frame(&mut wire, &mut send, frame(1)).await.unwrap();
+            write_frame(&mut wire, &mut send, frame(2)).await.unwrap();
             let first_len = LEN_PREFIX + 2 + TAG_LEN;
 
             let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
             let mut io = futures::io::Cursor::new(wire.clone());
-            let a = read_record(&mut io, &mut recv, Vec::new())
+            let a = read_frame(&mut io, &mut recv, Vec::new())
                 .await
                 .unwrap()
                 .unwrap();
-            let b = read_record(&mut io, &mut recv, Vec::new())
+            let b = read_frame(&mut io, &mut recv, Vec::new())
                 .await
                 .unwrap()
                 .unwrap();
@@ -736,7 +857,7 @@ mod tests {
                 (&[proto::VERSION, 1][..], &[proto::VERSION, 2][..])
             );
             assert!(
-                read_record(&mut io, &mut recv, Vec::new())
+                read_frame(&mut io, &mut recv, Vec::new())
                     .await
                     .unwrap()
                     .is_none()
@@ -745,19 +866,19 @@ mod tests {
             // The second record first (a reorder or a replay) does not open.
             let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
             let mut io = futures::io::Cursor::new(wire[first_len..].to_vec());
-            assert!(read_record(&mut io, &mut recv, Vec::new()).await.is_err());
+            assert!(read_frame(&mut io, &mut recv, Vec::new()).await.is_err());
 
             // Nor does a record reflected back in the other direction.
             let mut recv = Cipher::new(&key, Direction::ToClient).unwrap();
             let mut io = futures::io::Cursor::new(wire.clone());
-            assert!(read_record(&mut io, &mut recv, Vec::new()).await.is_err());
+            assert!(read_frame(&mut io, &mut recv, Vec::new()).await.is_err());
 
             // Nor one with a flipped bit.
             let mut bent = wire.clone();
             bent[LEN_PREFIX + 1] ^= 1;
             let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
             let mut io = futures::io::Cursor::new(bent);
-            assert!(read_record(&mut io, &mut recv, Vec::new()).await.is_err());
+            assert!(read_frame(&mut io, &mut recv, Vec::new()).await.is_err());
         });
     }
 }

@@ -28,27 +28,18 @@ async fn read_body<T: AsyncRead + Unpin + Send>(io: &mut T) -> io::Result<Vec<u8
     io.read_exact(&mut prefix).await?;
     let len =
         proto::frame_len(prefix).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    read_announced(io, len, Vec::new()).await
+    read_announced(io, len).await
 }
 
-/// Reads the `len` bytes a peer announced, into `buf` (emptied first; pass a
-/// used buffer to reuse its memory).
+/// Reads the `len` bytes a peer announced.
 ///
 /// The whole length is reserved at once, which costs address space only:
 /// memory is written (zeroed, then filled) a step at a time as bytes arrive,
 /// so a peer that announces much and sends little makes us commit little,
 /// and the buffer is never moved to grow.
-pub(crate) async fn read_announced<T: AsyncRead + Unpin>(
-    io: &mut T,
-    len: usize,
-    mut body: Vec<u8>,
-) -> io::Result<Vec<u8>> {
+async fn read_announced<T: AsyncRead + Unpin>(io: &mut T, len: usize) -> io::Result<Vec<u8>> {
     const STEP: usize = 256 << 10;
-    body.clear();
-    if body.capacity() < len {
-        // Growing would copy the old bytes for nothing.
-        body = Vec::with_capacity(len);
-    }
+    let mut body = Vec::with_capacity(len);
     while body.len() < len {
         let start = body.len();
         let end = (start + STEP).min(len);
