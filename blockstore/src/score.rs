@@ -32,13 +32,24 @@ pub struct Score(pub [u8; 32]);
 impl Score {
     /// Computes the score of a stored block (its ciphertext, header included).
     pub fn of(block: &[u8]) -> Score {
-        Score::from_leaves(block.len(), &leaf_hashes(block))
+        let mut root = RootBuilder::default();
+        if block.is_empty() {
+            root.push(leaf_hash(&[]));
+        }
+        for segment in block.chunks(SEGMENT_SIZE) {
+            root.push(leaf_hash(segment));
+        }
+        Score::bind(block.len(), root.finish())
     }
 
     /// The score of a block of `len` bytes whose segments hash to `leaves`
     /// (see [`leaf_hashes`]).
     pub fn from_leaves(len: usize, leaves: &[[u8; 32]]) -> Score {
-        Score::bind(len, merkle_root(leaves))
+        let mut root = RootBuilder::default();
+        for leaf in leaves {
+            root.push(*leaf);
+        }
+        Score::bind(len, root.finish())
     }
 
     /// Parses 64 hex digits.
@@ -167,26 +178,57 @@ pub fn leaf_hash(segment: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// The root of the Merkle tree over `leaves`, as rs_merkle builds it (pairs
-/// hashed left to right, an odd last node promoted unchanged); `None` for no
-/// leaves.
+/// The root of the Merkle tree over leaves pushed one at a time, as rs_merkle
+/// builds it (pairs hashed left to right, an odd last node promoted
+/// unchanged), in constant memory.
 ///
 /// Every block stored or received is scored, and rs_merkle's `from_leaves`
 /// keeps a tree of layers to answer proofs with, allocating for each: a
-/// tenth of a holder's CPU went to that. The root alone needs one pass over
-/// a buffer halving in place. Proofs still come from rs_merkle, and a test
-/// checks both agree.
-fn merkle_root(leaves: &[[u8; 32]]) -> Option<[u8; 32]> {
-    use rs_merkle::Hasher as _;
-    let mut layer = leaves.to_vec();
-    while layer.len() > 1 {
-        let pairs = layer.len().div_ceil(2);
-        for i in 0..pairs {
-            layer[i] = SegmentHasher::concat_and_hash(&layer[2 * i], layer.get(2 * i + 1));
+/// tenth of a holder's CPU went to that. rs_merkle's tree is, from the left,
+/// perfect subtrees of decreasing size, then the last ones joined from the
+/// right; so each leaf joins the perfect subtree before it while both are of
+/// one height, and [`RootBuilder::finish`] joins what is left from the right.
+/// Proofs still come from rs_merkle, and a test checks both agree.
+struct RootBuilder {
+    /// Leaves pushed so far: bit `h` is set when `subtrees[h]` holds the root
+    /// of a perfect subtree of height `h` (the subtrees' leaves, left to
+    /// right, are in order of decreasing height).
+    count: u64,
+    subtrees: [[u8; 32]; 64],
+}
+
+impl Default for RootBuilder {
+    fn default() -> Self {
+        RootBuilder {
+            count: 0,
+            subtrees: [[0; 32]; 64],
         }
-        layer.truncate(pairs);
     }
-    layer.first().copied()
+}
+
+impl RootBuilder {
+    fn push(&mut self, leaf: [u8; 32]) {
+        use rs_merkle::Hasher as _;
+        let mut node = leaf;
+        let mut height = 0;
+        while self.count & (1 << height) != 0 {
+            node = SegmentHasher::concat_and_hash(&self.subtrees[height], Some(&node));
+            height += 1;
+        }
+        self.subtrees[height] = node;
+        self.count += 1;
+    }
+
+    /// The root; `None` if nothing was pushed.
+    fn finish(self) -> Option<[u8; 32]> {
+        use rs_merkle::Hasher as _;
+        let mut heights = (0..64).filter(|h| self.count & (1 << h) != 0);
+        let mut right = self.subtrees[heights.next()?];
+        for height in heights {
+            right = SegmentHasher::concat_and_hash(&self.subtrees[height], Some(&right));
+        }
+        Some(right)
+    }
 }
 
 /// rs_merkle hasher with a tag on inner nodes (leaves are hashed by `leaf_hash`).
@@ -232,8 +274,10 @@ mod tests {
             let leaves: Vec<[u8; 32]> = (0..n)
                 .map(|i| leaf_hash(&(i as u64).to_le_bytes()))
                 .collect();
+            let mut root = RootBuilder::default();
+            leaves.iter().for_each(|l| root.push(*l));
             assert_eq!(
-                merkle_root(&leaves),
+                root.finish(),
                 MerkleTree::<SegmentHasher>::from_leaves(&leaves).root(),
                 "{n} leaves"
             );
