@@ -279,3 +279,56 @@ fn held_blocks_of_any_length_are_stored_exactly() {
     assert_eq!(st.held_bytes, lens.iter().sum::<usize>() as u64);
     assert!(store.scrub().unwrap().is_clean());
 }
+
+#[test]
+fn staged_blocks_join_in_one_commit_and_leave_nothing_when_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let tmp_files = || std::fs::read_dir(dir.path().join("tmp")).unwrap().count();
+    let (kept, dropped, cached, twice) =
+        (block(1, 5000), block(2, 6000), block(3, 700), block(4, 800));
+    store
+        .put(cached.0, cached.1.clone(), Class::Cached)
+        .unwrap();
+
+    // Staged from several threads, as a holder's puts are.
+    let mut staged: Vec<_> = std::thread::scope(|s| {
+        let jobs: Vec<_> = [&kept, &dropped, &cached, &twice, &twice]
+            .into_iter()
+            .map(|(score, data)| {
+                let store = &store;
+                s.spawn(move || {
+                    let mut st = store.stage(score, data, Class::Held, true).unwrap();
+                    st.sync().unwrap();
+                    st
+                })
+            })
+            .collect();
+        jobs.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    // Two new blocks, the second staged twice; the cached one needs no file.
+    assert_eq!(tmp_files(), 4);
+    let dropped_stage = staged.remove(1);
+    assert_eq!(dropped_stage.score(), &dropped.0);
+    drop(dropped_stage);
+    assert_eq!(tmp_files(), 3);
+
+    store.put_staged(staged, Class::Held, true).unwrap();
+    assert_eq!(tmp_files(), 0, "every staged file was linked in or removed");
+    for (score, data) in [&kept, &cached, &twice] {
+        assert_eq!(&store.get(score).unwrap(), data);
+        assert_eq!(store.class_of(score).unwrap(), Some(Class::Held));
+    }
+    assert!(!store.has(&dropped.0).unwrap());
+    let st = store.stats();
+    assert_eq!((st.held_blocks, st.cached_blocks), (3, 0));
+    assert_eq!(
+        st.held_bytes,
+        (kept.1.len() + cached.1.len() + twice.1.len()) as u64
+    );
+    drop(store);
+
+    let store = open(dir.path());
+    assert_eq!(&store.get(&twice.0).unwrap(), &twice.1);
+    assert!(store.scrub().unwrap().is_clean());
+}

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use fincrypt_blockstore::{BlockStore, Class, LocalStore, Score, score};
+use fincrypt_blockstore::{BlockStore, Class, LocalStore, Score, Staged, score};
 use futures::future::BoxFuture;
 use libp2p::PeerId;
 use tokio::sync::Semaphore;
@@ -86,8 +86,7 @@ struct Group {
 struct GroupPut {
     ticket: u64,
     peer: PeerId,
-    score: Score,
-    data: Bytes,
+    staged: Staged,
 }
 
 impl Holder {
@@ -225,7 +224,17 @@ impl Inner {
         // New, or only a cached copy that eviction could take: store it as held.
         let len = data.len() as u64;
         self.reserve(len)?;
-        let result = self.store_new(peer, score, data);
+        // Each put writes its block as it comes, in parallel with the others;
+        // only linking the blocks in is done for a group at a time.
+        let result = self
+            .store
+            .stage(&score, &data, Class::Held, true)
+            .and_then(|mut staged| staged.sync().map(|()| staged))
+            .map_err(|e| unavailable("store a block", e))
+            .and_then(|staged| {
+                drop(data);
+                self.store_new(peer, staged)
+            });
         *self.reserved.lock().unwrap_or_else(|p| p.into_inner()) -= len;
         result
     }
@@ -243,12 +252,13 @@ impl Inner {
         Ok(())
     }
 
-    /// Stores a new block with its placement, in a group with the puts that
-    /// wait meanwhile; returns once this one is durable (or failed).
+    /// Links a new block, staged and synced, into the volume with its
+    /// placement, in a group with the puts that wait meanwhile; returns once
+    /// this one is durable (or failed).
     ///
     /// Whichever waiting thread finds no group being stored takes every
     /// pending put and stores them; the others wait for their result.
-    fn store_new(&self, peer: PeerId, score: Score, data: Bytes) -> Result<(), ErrorCode> {
+    fn store_new(&self, peer: PeerId, staged: Staged) -> Result<(), ErrorCode> {
         let lock = || self.group.lock().unwrap_or_else(|p| p.into_inner());
         let mut group = lock();
         let ticket = group.next_ticket;
@@ -256,8 +266,7 @@ impl Inner {
         group.pending.push(GroupPut {
             ticket,
             peer,
-            score,
-            data,
+            staged,
         });
         loop {
             if let Some(result) = group.done.remove(&ticket) {
@@ -267,15 +276,12 @@ impl Inner {
                 group.busy = true;
                 let puts = std::mem::take(&mut group.pending);
                 drop(group);
+                let tickets: Vec<u64> = puts.iter().map(|p| p.ticket).collect();
                 // A panic must not leave `busy` set and every later put waiting.
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    self.store_group(&puts)
+                    self.store_group(puts)
                 }))
                 .unwrap_or(Err(ErrorCode::Unavailable));
-                // The blocks go before the waiters wake: their callers may
-                // reuse the memory once no one else holds it.
-                let tickets: Vec<u64> = puts.iter().map(|p| p.ticket).collect();
-                drop(puts);
                 group = lock();
                 group.busy = false;
                 for ticket in tickets {
@@ -291,15 +297,16 @@ impl Inner {
         }
     }
 
-    /// Records the placements, then stores the blocks durably, each in one commit.
-    fn store_group(&self, puts: &[GroupPut]) -> Result<(), ErrorCode> {
-        let placements: Vec<(Score, PeerId)> = puts.iter().map(|p| (p.score, p.peer)).collect();
+    /// Records the placements, then links the blocks in durably, each in one commit.
+    fn store_group(&self, puts: Vec<GroupPut>) -> Result<(), ErrorCode> {
+        let placements: Vec<(Score, PeerId)> =
+            puts.iter().map(|p| (*p.staged.score(), p.peer)).collect();
         let added = self
             .ledger
             .add_many(&placements)
             .map_err(|e| unavailable("record a placement", e))?;
-        let blocks: Vec<(Score, Bytes)> = puts.iter().map(|p| (p.score, p.data.clone())).collect();
-        if let Err(e) = self.store.put_batch(&blocks, Class::Held) {
+        let staged = puts.into_iter().map(|p| p.staged).collect();
+        if let Err(e) = self.store.put_staged(staged, Class::Held, true) {
             let undo: Vec<(Score, PeerId)> = placements
                 .into_iter()
                 .zip(added)

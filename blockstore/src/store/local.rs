@@ -573,47 +573,99 @@ impl Drop for LocalStore {
     }
 }
 
+/// A block on its way into a [`LocalStore`]: written to a file of its own in
+/// `tmp/` (unless the store had it already), to be linked in by
+/// [`LocalStore::put_staged`]. A staged file that never joins is removed.
+///
+/// Staging apart from the commit lets a caller write blocks from several
+/// threads at once and commit them together: a holder's puts each write
+/// their block as it arrives, and a group of them is committed in one go.
+pub struct Staged {
+    score: Score,
+    /// The temporary file, its size, and the open file until it is synced;
+    /// `None` for a block the store had when it was staged.
+    file: Option<(PathBuf, u64, Option<fs::File>)>,
+}
+
+impl Staged {
+    /// The block's score.
+    pub fn score(&self) -> &Score {
+        &self.score
+    }
+
+    /// Makes the staged file's data durable (metadata included: it has to
+    /// be found after a crash once linked in).
+    pub fn sync(&mut self) -> Result<(), Error> {
+        if let Some((tmp, _, open)) = &mut self.file
+            && let Some(file) = open.take()
+        {
+            file.sync_data().map_err(|e| Error::io(tmp, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some((tmp, _, _)) = self.file.take() {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+}
+
 impl LocalStore {
-    /// Writes the blocks of a batch not stored yet to files in `tmp/`, listed
-    /// in `written` (also when this fails, for the caller to remove them).
+    /// Writes `data`, the block `score`, to a temporary file unless the store
+    /// has it; with `durable`, a later [`Staged::sync`] or
+    /// [`LocalStore::put_staged`] makes it durable.
+    pub fn stage(
+        &self,
+        score: &Score,
+        data: &[u8],
+        class: Class,
+        durable: bool,
+    ) -> Result<Staged, Error> {
+        if self.entry(score)?.is_some() {
+            return Ok(Staged {
+                score: *score,
+                file: None,
+            });
+        }
+        // Held blocks are other peers' data, rarely read back here: they
+        // go to disk past the page cache rather than through it.
+        let direct = durable && class == Class::Held;
+        let (tmp, file) = self.write_tmp(data, direct)?;
+        Ok(Staged {
+            score: *score,
+            file: Some((tmp, data.len() as u64, durable.then_some(file))),
+        })
+    }
+
+    /// Stages the blocks of a batch (see [`LocalStore::stage`]).
     ///
     /// Every file is written before any is fsynced: on a journaling
     /// filesystem the first fsync then commits all their creations at once,
     /// where write-then-fsync per file waits for one commit each. Files are
     /// synced every `SYNC_GROUP` to bound how many are open.
-    fn write_new_files(
+    fn stage_batch(
         &self,
         blocks: &[(Score, Bytes)],
         class: Class,
         durable: bool,
-        written: &mut Vec<(Score, u64, PathBuf)>,
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<Staged>, Error> {
         const SYNC_GROUP: usize = 256;
-        let sync = |files: &mut Vec<(fs::File, PathBuf)>| -> Result<(), Error> {
-            for (file, tmp) in files.drain(..) {
-                file.sync_data().map_err(|e| Error::io(&tmp, e))?;
-            }
-            Ok(())
-        };
-        let mut files = Vec::new();
+        let mut staged: Vec<Staged> = Vec::with_capacity(blocks.len());
         let mut seen = HashSet::new();
         for (score, data) in blocks {
-            if !seen.insert(*score) || self.entry(score)?.is_some() {
+            if !seen.insert(*score) {
                 continue;
             }
-            // Held blocks are other peers' data, rarely read back here: they
-            // go to disk past the page cache rather than through it.
-            let direct = durable && class == Class::Held;
-            let (tmp, file) = self.write_tmp(data, direct)?;
-            written.push((*score, data.len() as u64, tmp.clone()));
-            if durable {
-                files.push((file, tmp));
-                if files.len() >= SYNC_GROUP {
-                    sync(&mut files)?;
-                }
+            staged.push(self.stage(score, data, class, durable)?);
+            if durable && staged.len().is_multiple_of(SYNC_GROUP) {
+                let from = staged.len() - SYNC_GROUP;
+                staged[from..].iter_mut().try_for_each(Staged::sync)?;
             }
         }
-        sync(&mut files)
+        Ok(staged)
     }
 
     /// Stores blocks; with `durable` they are on disk on return, otherwise
@@ -624,14 +676,23 @@ impl LocalStore {
         class: Class,
         durable: bool,
     ) -> Result<(), Error> {
-        // The slow part, writing and fsyncing data, happens outside the lock;
-        // a block already present is skipped cheaply.
-        let mut written = Vec::with_capacity(blocks.len());
-        if let Err(e) = self.write_new_files(blocks, class, durable, &mut written) {
-            for (_, _, tmp) in &written {
-                let _ = fs::remove_file(tmp);
-            }
-            return Err(e);
+        let staged = self.stage_batch(blocks, class, durable)?;
+        self.put_staged(staged, class, durable)
+    }
+
+    /// Links staged blocks into the store as `class` in one commit (a block
+    /// stored meanwhile keeps its copy, its class raised to `class` if
+    /// lower); with `durable` they are on disk on return, otherwise after
+    /// the next durable commit or [`BlockStore::sync`].
+    pub fn put_staged(
+        &self,
+        mut staged: Vec<Staged>,
+        class: Class,
+        durable: bool,
+    ) -> Result<(), Error> {
+        // The slow part, fsyncing data, happens outside the lock.
+        if durable {
+            staged.iter_mut().try_for_each(Staged::sync)?;
         }
         let mut stats = self.lock();
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
@@ -644,9 +705,8 @@ impl LocalStore {
         {
             let mut table = txn.open_table(BLOCKS)?;
             self.flush_hits(&mut table)?;
-            let mut new_files: HashMap<Score, (u64, PathBuf)> =
-                written.into_iter().map(|(s, n, p)| (s, (n, p))).collect();
-            for (score, _) in blocks {
+            for block in &mut staged {
+                let score = &block.score;
                 let existing = table
                     .get(score.0)?
                     .map(|v| decode_entry(v.value()))
@@ -655,9 +715,6 @@ impl LocalStore {
                     Some(mut e) => {
                         // Already stored (maybe by a racing put): raise its class and
                         // refresh its sequence so a running GC sweep spares it.
-                        if let Some((_, tmp)) = new_files.remove(score) {
-                            let _ = fs::remove_file(tmp);
-                        }
                         let old = e.class();
                         if class > old {
                             changes.push((old, e.size, -1));
@@ -669,12 +726,15 @@ impl LocalStore {
                         table.insert(score.0, &encode_entry(&e)[..])?;
                     }
                     None => {
-                        let Some((size, tmp)) = new_files.remove(score) else {
+                        let Some((tmp, size, _)) = &block.file else {
+                            // Gone since it was staged (a racing delete): nothing to link.
                             continue;
                         };
-                        let dest = self.path_of(score);
+                        let (size, dest) = (*size, self.path_of(score));
                         dirs.insert(dest.parent().map(Path::to_path_buf).unwrap_or_default());
-                        fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+                        fs::rename(tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+                        // Linked: no longer the staged file's to remove.
+                        block.file = None;
                         if !durable {
                             self.unsynced
                                 .lock()
