@@ -35,15 +35,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use futures::future::BoxFuture;
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::PeerId;
 use rand::RngCore;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
-use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 use crate::codec::InboundRequest;
 use crate::node::Handler;
@@ -227,13 +226,13 @@ async fn read_frame<R: AsyncRead + Unpin>(
             let want = if word & MORE != 0 { FRAME_MADE } else { 0 };
             buf.reserve((filled + len).max(want) - filled);
         }
-        buf.resize(filled + len, 0);
-        io.read_exact(&mut buf[filled..])
-            .await
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof => truncated(),
-                _ => e,
-            })?;
+        // Read into the spare capacity: no zeroing of what the socket fills.
+        while buf.len() < filled + len {
+            let want = filled + len - buf.len();
+            if io.read_buf(&mut (&mut buf).limit(want)).await? == 0 {
+                return Err(truncated());
+            }
+        }
         let nonce = cipher.nonce()?;
         let plain = cipher
             .key
@@ -418,8 +417,8 @@ async fn serve(
     server: &BulkServer,
     handler: Arc<dyn Handler>,
 ) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    let mut io = stream.compat();
+    let mut io = stream;
+    io.set_nodelay(true)?;
     let mut session = [0u8; SESSION_LEN];
     tokio::time::timeout(HELLO_TIMEOUT, io.read_exact(&mut session))
         .await
@@ -435,7 +434,7 @@ async fn serve(
     let mut spare = Vec::new();
     loop {
         // A quiet connection gives its buffer back; a busy one keeps it.
-        if tokio::time::timeout(SPARE_KEPT, io.get_ref().readable())
+        if tokio::time::timeout(SPARE_KEPT, io.readable())
             .await
             .is_err()
         {
@@ -469,7 +468,7 @@ async fn serve(
 
 /// A client's open connection to one holder.
 pub(crate) struct BulkConn {
-    io: Compat<TcpStream>,
+    io: TcpStream,
     send: Cipher,
     recv: Cipher,
     idle_since: Instant,
@@ -485,8 +484,8 @@ impl BulkConn {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
-        stream.set_nodelay(true)?;
-        let mut io = stream.compat();
+        let mut io = stream;
+        io.set_nodelay(true)?;
         io.write_all(&session).await?;
         Ok(BulkConn {
             io,
@@ -786,7 +785,7 @@ mod tests {
             assert_eq!(words, [true, true, true, false, true, true, true, false]);
 
             let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
-            let mut io = futures::io::Cursor::new(wire.clone());
+            let mut io = std::io::Cursor::new(wire.clone());
             for _ in 0..2 {
                 let body = read_frame(&mut io, &mut recv, Vec::new())
                     .await
@@ -805,7 +804,7 @@ mod tests {
             // A stream that ends after a record marked "more" is cut, not done.
             let first = LEN_PREFIX + PIECE + TAG_LEN;
             let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
-            let mut io = futures::io::Cursor::new(wire[..first].to_vec());
+            let mut io = std::io::Cursor::new(wire[..first].to_vec());
             let cut = read_frame(&mut io, &mut recv, Vec::new())
                 .await
                 .unwrap_err();
@@ -816,14 +815,14 @@ mod tests {
             let mut early = wire.clone();
             early[3] &= 0x7f;
             let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
-            let mut io = futures::io::Cursor::new(early);
+            let mut io = std::io::Cursor::new(early);
             assert!(read_frame(&mut io, &mut recv, Vec::new()).await.is_err());
 
             // A record longer than a piece is refused before it is read.
             let mut long = Vec::new();
             long.extend_from_slice(&((PIECE + TAG_LEN + 1) as u32).to_le_bytes());
             let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
-            let mut io = futures::io::Cursor::new(long);
+            let mut io = std::io::Cursor::new(long);
             let err = read_frame(&mut io, &mut recv, Vec::new())
                 .await
                 .unwrap_err();
@@ -843,7 +842,7 @@ mod tests {
             let first_len = LEN_PREFIX + 2 + TAG_LEN;
 
             let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
-            let mut io = futures::io::Cursor::new(wire.clone());
+            let mut io = std::io::Cursor::new(wire.clone());
             let a = read_frame(&mut io, &mut recv, Vec::new())
                 .await
                 .unwrap()
@@ -865,19 +864,19 @@ mod tests {
 
             // The second record first (a reorder or a replay) does not open.
             let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
-            let mut io = futures::io::Cursor::new(wire[first_len..].to_vec());
+            let mut io = std::io::Cursor::new(wire[first_len..].to_vec());
             assert!(read_frame(&mut io, &mut recv, Vec::new()).await.is_err());
 
             // Nor does a record reflected back in the other direction.
             let mut recv = Cipher::new(&key, Direction::ToClient).unwrap();
-            let mut io = futures::io::Cursor::new(wire.clone());
+            let mut io = std::io::Cursor::new(wire.clone());
             assert!(read_frame(&mut io, &mut recv, Vec::new()).await.is_err());
 
             // Nor one with a flipped bit.
             let mut bent = wire.clone();
             bent[LEN_PREFIX + 1] ^= 1;
             let mut recv = Cipher::new(&key, Direction::ToHolder).unwrap();
-            let mut io = futures::io::Cursor::new(bent);
+            let mut io = std::io::Cursor::new(bent);
             assert!(read_frame(&mut io, &mut recv, Vec::new()).await.is_err());
         });
     }
