@@ -245,7 +245,17 @@ fn held_blocks_of_any_length_are_stored_exactly() {
     // Held blocks are written past the page cache in 4 KiB-aligned pieces and
     // cut to length: lengths around the alignment must come back exact.
     let dir = tempfile::tempdir().unwrap();
-    let lens = [1usize, 511, 4095, 4096, 4097, 65_536 + 17, (1 << 20) + 3];
+    let lens = [
+        1usize,
+        511,
+        4095,
+        4096,
+        4097,
+        65_536 + 17,
+        (1 << 20) + 3,
+        2 << 20,
+        (3 << 20) + 4095,
+    ];
     let blocks: Vec<(Score, Bytes)> = lens
         .iter()
         .enumerate()

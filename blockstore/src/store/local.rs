@@ -949,22 +949,21 @@ fn decode_entry(bytes: &[u8]) -> Result<Entry, Error> {
 /// block's length. Filesystems without direct I/O answer `EINVAL`, and the
 /// store then writes through the page cache.
 mod direct_io {
-    use std::cell::RefCell;
     use std::fs;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     use std::path::Path;
+    use std::sync::Mutex;
 
     /// Alignment for buffer, length and offset: a page covers any sector size in use.
     pub const ALIGN: usize = 4096;
-    /// A thread's buffer above this size is freed after the write.
-    const KEEP: usize = 8 << 20;
-    /// A new buffer holds at least the largest block of the default chunking.
-    const MADE: usize = (4 << 20) + (128 << 10) + ALIGN;
+    /// A block is copied into an aligned buffer and written this much at a time.
+    const CHUNK: usize = 1 << 20;
+    /// Aligned buffers kept for the writes that follow: about as many as
+    /// holders write at once, so that each write finds one already in memory.
+    const KEPT: usize = 8;
 
-    thread_local! {
-        static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    }
+    static BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
     /// True for the answers of a filesystem that does not do direct I/O.
     pub fn refused(e: &std::io::Error) -> bool {
@@ -978,32 +977,31 @@ mod direct_io {
             .create_new(true)
             .custom_flags(libc::O_DIRECT)
             .open(path)?;
-        let padded = data.len().div_ceil(ALIGN) * ALIGN;
-        BUF.with_borrow_mut(|buf| {
-            if buf.capacity() < padded + ALIGN {
-                // Made large enough for the blocks that usually follow, so it
-                // is not regrown (and copied) block by block; only the part
-                // ever written takes memory.
-                *buf = Vec::with_capacity((padded + ALIGN).max(MADE));
+        let taken = BUFFERS.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut buf = taken.unwrap_or_else(|| vec![0; CHUNK + ALIGN]);
+        // The first ALIGN-aligned byte of the buffer: a Vec<u8> has no alignment to ask for.
+        let start = buf.as_ptr().align_offset(ALIGN);
+        let written = if start < ALIGN {
+            // Every piece but the last is a whole CHUNK, so each starts aligned
+            // in the file; the last is padded with zeros and cut off below.
+            data.chunks(CHUNK).try_for_each(|piece| {
+                let padded = piece.len().div_ceil(ALIGN) * ALIGN;
+                let aligned = &mut buf[start..start + padded];
+                aligned[..piece.len()].copy_from_slice(piece);
+                aligned[piece.len()..].fill(0);
+                file.write_all(aligned)
+            })
+        } else {
+            Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+        };
+        {
+            let mut kept = BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
+            if kept.len() < KEPT {
+                kept.push(buf);
             }
-            if buf.len() < padded + ALIGN {
-                buf.resize(padded + ALIGN, 0);
-            }
-            // The first ALIGN-aligned byte of the buffer: a Vec<u8> has no alignment to ask for.
-            let start = buf.as_ptr().align_offset(ALIGN);
-            if start >= ALIGN {
-                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-            }
-            let aligned = &mut buf[start..start + padded];
-            aligned[..data.len()].copy_from_slice(data);
-            aligned[data.len()..].fill(0);
-            let written = file.write_all(aligned);
-            if buf.len() > KEEP {
-                *buf = Vec::new();
-            }
-            written
-        })?;
-        if padded != data.len() {
+        }
+        written?;
+        if !data.len().is_multiple_of(ALIGN) {
             file.set_len(data.len() as u64)?;
         }
         Ok(file)
