@@ -5,8 +5,10 @@
 //!   refused on a mismatch, then against the room offered (`capacity`, in
 //!   bytes of `held` blocks) and refused with `Full` beyond it; the placing
 //!   peer is recorded in the [`Ledger`] before the block is stored durably
-//!   (new blocks that arrive together are recorded and stored together, in
-//!   one commit each, and each put is answered once its block is durable);
+//!   (each put writes and syncs its block to a temporary file as it comes;
+//!   puts that are ready together are then recorded and linked into the
+//!   volume together, one commit each, and each put is answered once its
+//!   block is durable);
 //! - `Get`, `Has` and `Challenge` concern only blocks some peer placed here:
 //!   a node's own blocks are never served through this interface;
 //! - a copy that fails its check on read is deleted (its placements stay), so
@@ -69,9 +71,10 @@ struct Inner {
     group_done: Condvar,
 }
 
-/// Puts of new blocks that arrive while others are being stored wait and are
-/// then stored together: one ledger commit and one store commit for all of
-/// them rather than one each, which is most of a put's cost on a disk.
+/// Puts of new blocks, staged, that are ready while others are being linked
+/// in wait and are then linked in together: one ledger commit and one store
+/// commit for all of them rather than one each, which would be most of a
+/// put's cost on a disk.
 #[derive(Default)]
 struct Group {
     /// Waiting to be taken by the next committer.
