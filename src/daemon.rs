@@ -352,8 +352,9 @@ impl Daemon {
     }
 }
 
-/// `mi_option_purge_delay` in mimalloc v2's `mimalloc.h` (libmimalloc-sys
-/// builds v2 unless its `v3` feature is on); libmimalloc-sys names no constant for it.
+/// `mi_option_purge_delay` in `mimalloc.h` (libmimalloc-sys builds mimalloc
+/// v3 unless its `v2` feature is on; the option has this number in both);
+/// libmimalloc-sys names no constant for it.
 pub(crate) const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Unlocks, mounts and serves until unmounted or told to stop by SIGTERM or SIGINT.

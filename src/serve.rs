@@ -38,7 +38,13 @@ pub fn serve(home: &Home, args: ServeArgs) -> Result<()> {
         // SAFETY: setting an option is allowed at any time.
         unsafe { libmimalloc_sys::mi_option_set(crate::daemon::MI_OPTION_PURGE_DELAY, 1000) };
     }
+    // One async worker: a holder's async side only receives and opens
+    // records (over a GB/s on one core) and runs the libp2p event loop; the
+    // hashing and the disk are on the blocking pool. A second worker only
+    // added context switches: on 2 cores shared with the owner and two other
+    // nodes, scripts/bench-net.sh replicated 0.2 s faster with one.
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
