@@ -82,7 +82,9 @@ impl Home {
         self.data_dir.join("held")
     }
 
-    /// Who placed which held block (docs/FORMATS.md, "Placement ledger").
+    /// Where a placement ledger of its own was kept before it moved into the
+    /// volume's index; one found there is moved in (docs/FORMATS.md,
+    /// "Placement ledger").
     pub fn placements_file(&self) -> PathBuf {
         self.data_dir.join("placements.redb")
     }

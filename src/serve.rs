@@ -1,8 +1,8 @@
 //! `fincrypt serve`: a storage node that holds other people's blocks.
 //!
-//! It needs no passphrase: it only ever sees ciphertext. Its held blocks live
-//! in `DATA/held/`, who placed each in `DATA/placements.redb`, and its node key
-//! (its PeerId) in `CONFIG/node.key`; with `--home DIR` all three are in DIR.
+//! It needs no passphrase: it only ever sees ciphertext. Its held blocks, and
+//! who placed each, live in `DATA/held/`, and its node key (its PeerId) in
+//! `CONFIG/node.key`; with `--home DIR` both are in DIR.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,9 +6,9 @@
 //!   bytes of `held` blocks) and refused with `Full` beyond it; the placing
 //!   peer is recorded in the [`Ledger`] before the block is stored durably
 //!   (each put writes and syncs its block to a temporary file as it comes;
-//!   puts that are ready together are then recorded and linked into the
-//!   volume together, one commit each, and each put is answered once its
-//!   block is durable);
+//!   puts that are ready together are then linked into the volume with their
+//!   placements in one commit, and each put is answered once its block is
+//!   durable);
 //! - `Get`, `Has` and `Challenge` concern only blocks some peer placed here:
 //!   a node's own blocks are never served through this interface;
 //! - a copy that fails its check on read is deleted (its placements stay), so
@@ -72,9 +72,9 @@ struct Inner {
 }
 
 /// Puts of new blocks, staged, that are ready while others are being linked
-/// in wait and are then linked in together: one ledger commit and one store
-/// commit for all of them rather than one each, which would be most of a
-/// put's cost on a disk.
+/// in wait and are then linked in together with their placements: one commit
+/// for all of them rather than one each, which would be most of a put's cost
+/// on a disk.
 #[derive(Default)]
 struct Group {
     /// Waiting to be taken by the next committer.
@@ -99,7 +99,7 @@ impl Holder {
         ledger_path: &Path,
         capacity: u64,
     ) -> Result<Holder, Error> {
-        let ledger = Ledger::open(ledger_path)?;
+        let ledger = Ledger::open(store.clone(), ledger_path)?;
         Ok(Holder {
             inner: Arc::new(Inner {
                 store,
@@ -300,25 +300,16 @@ impl Inner {
         }
     }
 
-    /// Records the placements, then links the blocks in durably, each in one commit.
+    /// Links the blocks in durably with their placements, in one commit.
     fn store_group(&self, puts: Vec<GroupPut>) -> Result<(), ErrorCode> {
         let placements: Vec<(Score, PeerId)> =
             puts.iter().map(|p| (*p.staged.score(), p.peer)).collect();
-        let added = self
-            .ledger
-            .add_many(&placements)
-            .map_err(|e| unavailable("record a placement", e))?;
         let staged = puts.into_iter().map(|p| p.staged).collect();
-        if let Err(e) = self.store.put_staged(staged, Class::Held, true) {
-            let undo: Vec<(Score, PeerId)> = placements
-                .into_iter()
-                .zip(added)
-                .filter_map(|(p, new)| new.then_some(p))
-                .collect();
-            let _ = self.ledger.remove(&undo);
-            return Err(unavailable("store a block", e));
-        }
-        Ok(())
+        self.store
+            .put_staged_with(staged, Class::Held, true, |txn| {
+                Ledger::add_in(txn, &placements).map(|_| ())
+            })
+            .map_err(|e| unavailable("store a block", e))
     }
 
     /// Reads a placed block; a copy that fails its check is deleted.

@@ -1,15 +1,18 @@
 //! The placement ledger: which peers placed each block a holder keeps for others.
 //!
-//! A redb file with a multimap table from score to the PeerIds (their
-//! multihash bytes) that placed it, and a `meta` table with the format
-//! version (docs/FORMATS.md, "Placement ledger"). Every change is a durable
-//! commit. The holder writes a placement here before it stores the block and
-//! removes it only after deleting the block, so after any crash every held
-//! block still has its placers and can be released.
+//! A multimap table from score to the PeerIds (their multihash bytes) that
+//! placed it, and a `placement_meta` table with the format version, kept in
+//! the holder's volume index beside the blocks' own tables (docs/FORMATS.md,
+//! "Placement ledger"). Every change is a durable commit. New blocks are
+//! linked into the volume in the same transaction that records their
+//! placements ([`Ledger::add_in`]); a placement is removed only after its
+//! block is deleted. So after any crash every held block still has its
+//! placers and can be released.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use fincrypt_blockstore::Score;
+use fincrypt_blockstore::{LocalStore, Score};
 use libp2p::PeerId;
 use redb::{
     Database, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
@@ -18,31 +21,24 @@ use redb::{
 
 use crate::Error;
 
-/// Bytes of ledger pages redb may cache.
-const LEDGER_CACHE: usize = 8 << 20;
 const PLACERS: MultimapTableDefinition<[u8; 32], &[u8]> = MultimapTableDefinition::new("placers");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const META: TableDefinition<&str, u64> = TableDefinition::new("placement_meta");
+/// The table of versions in a separate ledger file of version 1.
+const OLD_META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Version of the placement ledger's tables.
 pub const LEDGER_VERSION: u64 = 1;
 
 /// Who placed which held block; see the module documentation.
 pub struct Ledger {
-    db: Database,
+    store: Arc<LocalStore>,
 }
 
 impl Ledger {
-    /// Opens (or creates) the ledger file at `path`.
-    pub fn open(path: &Path) -> Result<Ledger, Error> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::Ledger(format!("{}: {e}", dir.display())))?;
-        }
-        // redb caches up to 1 GiB by default; a node's memory is bounded.
-        let db = redb::Builder::new()
-            .set_cache_size(LEDGER_CACHE)
-            .create(path)
-            .map_err(|e| Error::Ledger(format!("{}: {e}", path.display())))?;
-        let txn = db.begin_write()?;
+    /// Opens (or creates) the ledger in `store`'s index. The placements of a
+    /// ledger kept in a file of its own at `old_file` (as before version 1
+    /// moved into the index) are moved in, and the file removed.
+    pub fn open(store: Arc<LocalStore>, old_file: &Path) -> Result<Ledger, Error> {
+        let txn = store.index().begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
             let version = meta.get("version")?.map(|v| v.value());
@@ -57,15 +53,41 @@ impl Ledger {
                     )));
                 }
             }
-            txn.open_multimap_table(PLACERS)?;
+            let mut placers = txn.open_multimap_table(PLACERS)?;
+            if old_file.exists() {
+                let moved = move_in(old_file, &mut placers)?;
+                tracing::info!(moved, file = %old_file.display(), "moved the placement ledger into the volume's index");
+            }
         }
         txn.commit()?;
-        Ok(Ledger { db })
+        if old_file.exists() {
+            std::fs::remove_file(old_file)
+                .map_err(|e| Error::Ledger(format!("{}: {e}", old_file.display())))?;
+        }
+        Ok(Ledger { store })
+    }
+
+    fn db(&self) -> &Database {
+        self.store.index()
+    }
+
+    /// Records placements in `txn`, a write transaction of the volume's
+    /// index (the one that links their blocks in); for each, true if it had
+    /// not been recorded.
+    pub fn add_in(
+        txn: &redb::WriteTransaction,
+        placements: &[(Score, PeerId)],
+    ) -> Result<Vec<bool>, fincrypt_blockstore::Error> {
+        let mut table = txn.open_multimap_table(PLACERS)?;
+        placements
+            .iter()
+            .map(|(s, p)| Ok(!table.insert(s.0, p.to_bytes().as_slice())?))
+            .collect()
     }
 
     /// Records that `peer` placed `score`; true if it had not before.
     pub fn add(&self, score: &Score, peer: &PeerId) -> Result<bool, Error> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db().begin_write()?;
         let was = {
             let mut table = txn.open_multimap_table(PLACERS)?;
             table.insert(score.0, peer.to_bytes().as_slice())?
@@ -76,21 +98,15 @@ impl Ledger {
 
     /// Records several placements in one commit; for each, true if it had not been recorded.
     pub fn add_many(&self, placements: &[(Score, PeerId)]) -> Result<Vec<bool>, Error> {
-        let txn = self.db.begin_write()?;
-        let out = {
-            let mut table = txn.open_multimap_table(PLACERS)?;
-            placements
-                .iter()
-                .map(|(s, p)| Ok(!table.insert(s.0, p.to_bytes().as_slice())?))
-                .collect::<Result<Vec<bool>, Error>>()?
-        };
+        let txn = self.db().begin_write()?;
+        let out = Ledger::add_in(&txn, placements).map_err(|e| Error::Ledger(e.to_string()))?;
         txn.commit()?;
         Ok(out)
     }
 
     /// The peers that placed `score`.
     pub fn placers(&self, score: &Score) -> Result<Vec<PeerId>, Error> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let table = txn.open_multimap_table(PLACERS)?;
         let mut out = Vec::new();
         for v in table.get(score.0)? {
@@ -105,7 +121,7 @@ impl Ledger {
 
     /// For each score, whether any peer has placed it.
     pub fn placed(&self, scores: &[Score]) -> Result<Vec<bool>, Error> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let table = txn.open_multimap_table(PLACERS)?;
         scores
             .iter()
@@ -115,7 +131,7 @@ impl Ledger {
 
     /// Removes these placements in one commit; for each, true if it was recorded.
     pub fn remove(&self, placements: &[(Score, PeerId)]) -> Result<Vec<bool>, Error> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db().begin_write()?;
         let out = {
             let mut table = txn.open_multimap_table(PLACERS)?;
             placements
@@ -129,7 +145,7 @@ impl Ledger {
 
     /// Number of blocks with at least one placer.
     pub fn blocks(&self) -> Result<u64, Error> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let table = txn.open_multimap_table(PLACERS)?;
         let mut n = 0;
         for item in table.iter()? {
@@ -140,9 +156,40 @@ impl Ledger {
     }
 }
 
+/// Copies every placement of the ledger file at `path` into `placers`.
+fn move_in(
+    path: &Path,
+    placers: &mut redb::MultimapTable<'_, [u8; 32], &[u8]>,
+) -> Result<u64, Error> {
+    let old =
+        Database::open(path).map_err(|e| Error::Ledger(format!("{}: {e}", path.display())))?;
+    let txn = old.begin_read()?;
+    let version = txn.open_table(OLD_META)?.get("version")?.map(|v| v.value());
+    if version != Some(1) {
+        return Err(Error::Ledger(format!(
+            "{}: ledger version {version:?} is not supported",
+            path.display()
+        )));
+    }
+    let mut moved = 0;
+    for entry in txn.open_multimap_table(PLACERS)?.iter()? {
+        let (score, peers) = entry?;
+        for peer in peers {
+            placers.insert(score.value(), peer?.value())?;
+            moved += 1;
+        }
+    }
+    Ok(moved)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn volume(dir: &Path) -> Arc<LocalStore> {
+        let options = fincrypt_blockstore::StoreOptions::default();
+        Arc::new(LocalStore::open(&dir.join("held"), options).unwrap())
+    }
 
     #[test]
     fn placements_are_per_peer_and_survive_reopening() {
@@ -151,12 +198,12 @@ mod tests {
         let (a, b) = (PeerId::random(), PeerId::random());
         let s = Score([1; 32]);
         {
-            let ledger = Ledger::open(&path).unwrap();
+            let ledger = Ledger::open(volume(dir.path()), &path).unwrap();
             assert!(ledger.add(&s, &a).unwrap());
             assert!(!ledger.add(&s, &a).unwrap());
             assert!(ledger.add(&s, &b).unwrap());
         }
-        let ledger = Ledger::open(&path).unwrap();
+        let ledger = Ledger::open(volume(dir.path()), &path).unwrap();
         let mut placers = ledger.placers(&s).unwrap();
         placers.sort();
         let mut expected = vec![a, b];
@@ -178,5 +225,40 @@ mod tests {
         ledger.remove(&[(t, a), (t, b)]).unwrap();
         assert_eq!(ledger.placed(&[s]).unwrap(), vec![false]);
         assert_eq!(ledger.blocks().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_ledger_file_of_its_own_is_moved_into_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("placements.redb");
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let (s, t) = (Score([1; 32]), Score([2; 32]));
+        {
+            // The version 1 layout: a file with `placers` and `meta`.
+            let old = Database::create(&path).unwrap();
+            let txn = old.begin_write().unwrap();
+            {
+                txn.open_table(OLD_META)
+                    .unwrap()
+                    .insert("version", 1)
+                    .unwrap();
+                let mut placers = txn.open_multimap_table(PLACERS).unwrap();
+                for (score, peer) in [(s, a), (s, b), (t, b)] {
+                    placers.insert(score.0, peer.to_bytes().as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let ledger = Ledger::open(volume(dir.path()), &path).unwrap();
+        assert!(!path.exists(), "the old file is gone once moved");
+        let mut placers = ledger.placers(&s).unwrap();
+        placers.sort();
+        let mut expected = vec![a, b];
+        expected.sort();
+        assert_eq!(placers, expected);
+        assert_eq!(ledger.placers(&t).unwrap(), vec![b]);
+        drop(ledger);
+        let ledger = Ledger::open(volume(dir.path()), &path).unwrap();
+        assert_eq!(ledger.blocks().unwrap(), 2);
     }
 }

@@ -245,6 +245,13 @@ impl LocalStore {
         &self.dir
     }
 
+    /// The volume's index, for a user of the store to keep tables of its own
+    /// beside it (the store's own are `blocks` and `meta`), written in their
+    /// own transactions or with blocks through [`LocalStore::put_staged_with`].
+    pub fn index(&self) -> &Database {
+        &self.db
+    }
+
     /// Blocks and bytes per class.
     pub fn stats(&self) -> StoreStats {
         self.lock().0
@@ -686,9 +693,22 @@ impl LocalStore {
     /// the next durable commit or [`BlockStore::sync`].
     pub fn put_staged(
         &self,
+        staged: Vec<Staged>,
+        class: Class,
+        durable: bool,
+    ) -> Result<(), Error> {
+        self.put_staged_with(staged, class, durable, |_| Ok(()))
+    }
+
+    /// As [`LocalStore::put_staged`], and runs `also` in the same write
+    /// transaction of the index, so that what it records there (in tables of
+    /// its own, see [`LocalStore::index`]) commits with the blocks, or not at all.
+    pub fn put_staged_with(
+        &self,
         mut staged: Vec<Staged>,
         class: Class,
         durable: bool,
+        also: impl FnOnce(&redb::WriteTransaction) -> Result<(), Error>,
     ) -> Result<(), Error> {
         // The slow part, fsyncing data, happens outside the lock.
         if durable {
@@ -766,6 +786,7 @@ impl LocalStore {
                     .extend(dirs);
             }
         }
+        also(&txn)?;
         self.commit(txn, durable)?;
         for (c, size, sign) in changes {
             stats.0.add(c, size, sign);
