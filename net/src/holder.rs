@@ -96,11 +96,7 @@ impl Holder {
     /// A holder over `store`, offering `capacity` bytes. Its placement
     /// ledger lives in `store`'s index; one kept in a file of its own at
     /// `old_ledger` (the earlier layout) is moved in.
-    pub fn open(
-        store: Arc<LocalStore>,
-        old_ledger: &Path,
-        capacity: u64,
-    ) -> Result<Holder, Error> {
+    pub fn open(store: Arc<LocalStore>, old_ledger: &Path, capacity: u64) -> Result<Holder, Error> {
         let ledger = Ledger::open(store.clone(), old_ledger)?;
         Ok(Holder {
             inner: Arc::new(Inner {
