@@ -87,13 +87,7 @@ impl Ledger {
 
     /// Records that `peer` placed `score`; true if it had not before.
     pub fn add(&self, score: &Score, peer: &PeerId) -> Result<bool, Error> {
-        let txn = self.db().begin_write()?;
-        let was = {
-            let mut table = txn.open_multimap_table(PLACERS)?;
-            table.insert(score.0, peer.to_bytes().as_slice())?
-        };
-        txn.commit()?;
-        Ok(!was)
+        Ok(self.add_many(&[(*score, *peer)])?[0])
     }
 
     /// Records several placements in one commit; for each, true if it had not been recorded.

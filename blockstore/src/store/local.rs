@@ -589,9 +589,15 @@ impl Drop for LocalStore {
 /// their block as it arrives, and a group of them is committed in one go.
 pub struct Staged {
     score: Score,
-    /// The temporary file, its size, and the open file until it is synced;
     /// `None` for a block the store had when it was staged.
-    file: Option<(PathBuf, u64, Option<fs::File>)>,
+    file: Option<StagedFile>,
+}
+
+struct StagedFile {
+    tmp: PathBuf,
+    size: u64,
+    /// Open until synced; `None` once synced or when not to be synced.
+    open: Option<fs::File>,
 }
 
 impl Staged {
@@ -603,10 +609,10 @@ impl Staged {
     /// Makes the staged file's data durable (metadata included: it has to
     /// be found after a crash once linked in).
     pub fn sync(&mut self) -> Result<(), Error> {
-        if let Some((tmp, _, open)) = &mut self.file
-            && let Some(file) = open.take()
+        if let Some(staged) = &mut self.file
+            && let Some(file) = staged.open.take()
         {
-            file.sync_data().map_err(|e| Error::io(tmp, e))?;
+            file.sync_data().map_err(|e| Error::io(&staged.tmp, e))?;
         }
         Ok(())
     }
@@ -614,8 +620,8 @@ impl Staged {
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        if let Some((tmp, _, _)) = self.file.take() {
-            let _ = fs::remove_file(tmp);
+        if let Some(staged) = self.file.take() {
+            let _ = fs::remove_file(staged.tmp);
         }
     }
 }
@@ -643,7 +649,11 @@ impl LocalStore {
         let (tmp, file) = self.write_tmp(data, direct)?;
         Ok(Staged {
             score: *score,
-            file: Some((tmp, data.len() as u64, durable.then_some(file))),
+            file: Some(StagedFile {
+                tmp,
+                size: data.len() as u64,
+                open: durable.then_some(file),
+            }),
         })
     }
 
@@ -746,7 +756,7 @@ impl LocalStore {
                         table.insert(score.0, &encode_entry(&e)[..])?;
                     }
                     None => {
-                        let Some((tmp, size, _)) = &block.file else {
+                        let Some(StagedFile { tmp, size, .. }) = &block.file else {
                             // Gone since it was staged (a racing delete): nothing to link.
                             continue;
                         };
