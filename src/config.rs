@@ -147,6 +147,10 @@ pub struct Config {
     pub proof_blocks: usize,
     /// Consecutive failed proofs after which a holder is dropped and its blocks placed elsewhere.
     pub proof_failures: u32,
+    /// Seconds a holder may stay unreachable before its blocks are placed elsewhere.
+    pub holder_timeout: u64,
+    /// Seconds between online scrubs of the local volume (0: only on request).
+    pub scrub_interval: u64,
 }
 
 /// Accepts a list, or one string of addresses separated by commas or spaces
@@ -182,6 +186,8 @@ impl Default for Config {
             proof_interval: 300,
             proof_blocks: 16,
             proof_failures: 3,
+            holder_timeout: 30,
+            scrub_interval: 7 * 24 * 3600,
         }
     }
 }
@@ -203,6 +209,8 @@ impl Config {
                 "proof_interval",
                 "proof_blocks",
                 "proof_failures",
+                "holder_timeout",
+                "scrub_interval",
             ]))
             .extract()
             .with_context(|| format!("reading settings ({})", home.config_file().display()))
@@ -240,7 +248,14 @@ impl Config {
              # and consecutive failures after which a holder is dropped.\n\
              proof_interval = {}\n\
              proof_blocks = {}\n\
-             proof_failures = {}\n",
+             proof_failures = {}\n\
+             \n\
+             # Seconds a holder may stay unreachable before its blocks go elsewhere.\n\
+             holder_timeout = {}\n\
+             \n\
+             # Seconds between checks of every local block against its score\n\
+             # (a damaged one is fetched again from a holder); 0: only on request.\n\
+             scrub_interval = {}\n",
             d.cache_capacity,
             d.snapshot_interval,
             d.snapshot_keep,
@@ -249,7 +264,9 @@ impl Config {
             d.replicate_interval,
             d.proof_interval,
             d.proof_blocks,
-            d.proof_failures
+            d.proof_failures,
+            d.holder_timeout,
+            d.scrub_interval
         )
     }
 }

@@ -1,19 +1,23 @@
 //! The control socket between `fincryptctl` and a running daemon.
 //!
 //! One JSON request per connection, one JSON reply, each a single line
-//! (docs/FORMATS.md, "Control socket"). The socket lives in the data
+//! (docs/FORMATS.md, "Control socket"). Requests and answers are the typed
+//! [`Request`] and [`Answer`]; a reply of another version is refused, and a
+//! missing field is an error, never a default. The socket lives in the data
 //! directory and is private to the user who mounted.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+pub use fincrypt_engine::WorkerStatus;
 use serde::{Deserialize, Serialize};
 
 /// Version of the control protocol.
-pub const CONTROL_VERSION: u32 = 1;
+pub const CONTROL_VERSION: u32 = 2;
 
 /// What `fincryptctl` asks.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -28,18 +32,187 @@ pub enum Request {
     /// Take a snapshot now.
     SnapshotsCreate,
     /// Run replication passes until no own block is short of copies, or
-    /// `timeout_secs` pass; answers `{"under_replicated": N, ...}`.
+    /// `timeout_secs` pass.
     Replicate { timeout_secs: u64 },
     /// The owner's manifest the newest root names: who holds each own block.
     Manifest,
+    /// Every background worker and its state.
+    Workers,
+    /// Check every block of the local volume now; repair what a holder has.
+    Scrub,
 }
 
-/// The daemon's answer: a JSON object, or an error message.
+/// The daemon's answer to a [`Request`], one variant per kind of request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Answer {
+    Status(Box<Status>),
+    Synced(Synced),
+    Snapshots(Vec<SnapshotInfo>),
+    Replication(Replication),
+    Manifest(ManifestView),
+    Workers(Vec<WorkerStatus>),
+    Scrub(ScrubSummary),
+}
+
+/// Health and usage of a daemon, a mount's or a storage node's.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    /// `mount` or `serve`.
+    pub role: String,
+    /// Where the filesystem is mounted (a mount only).
+    pub mountpoint: Option<PathBuf>,
+    /// This node's PeerId, when it is on the network.
+    pub peer_id: Option<String>,
+    /// Its libp2p addresses, each with `/p2p/<PeerId>`.
+    pub listen_addrs: Vec<String>,
+    /// The TCP port bulk connections are accepted on, if offered.
+    pub bulk_port: Option<u16>,
+    /// Peers connected now.
+    pub peers: u64,
+    /// Own blocks and bytes in the local volume.
+    pub own_blocks: u64,
+    pub own_bytes: u64,
+    /// Blocks and bytes held for peers.
+    pub held_blocks: u64,
+    pub held_bytes: u64,
+    /// Room offered to peers (bytes).
+    pub capacity: u64,
+    /// Cached copies and their bytes.
+    pub cached_blocks: u64,
+    pub cached_bytes: u64,
+    /// Written but not yet chunked and sealed.
+    pub unsealed_bytes: u64,
+    /// Retained snapshots.
+    pub snapshots: u64,
+    /// Copies asked of data blocks where no directory says otherwise.
+    pub default_redundancy: u8,
+    /// Replication figures (all 0 without peers).
+    pub replication: ReplicationStatus,
+    /// Workers by state.
+    pub workers: WorkersSummary,
+}
+
+/// Replication's side of [`Status`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReplicationStatus {
+    /// Own blocks with fewer confirmed copies on peers than asked.
+    pub under_replicated: u64,
+    /// Own blocks with no readable copy anywhere.
+    pub lost: u64,
+    /// The lost blocks and the files that use them (at most 100).
+    pub lost_files: Vec<LostBlock>,
+    /// Passes finished.
+    pub passes: u64,
+    /// Why blocks are short of copies, in words (empty when none are).
+    pub note: String,
+    pub proofs_passed: u64,
+    pub proofs_failed: u64,
+    /// Holders dropped from every block (unreachable, or not answering proofs).
+    pub holders_dropped: u64,
+    /// Blocks taken from one holder after a failed proof or read there.
+    pub blocks_dropped: u64,
+    /// Blocks read from holders because the local copy was missing or damaged.
+    pub fetched_from_holders: u64,
+    /// Manifest entries found damaged (their blocks are placed again).
+    pub manifest_damaged_entries: u64,
+}
+
+/// A lost block and where it is used.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LostBlock {
+    pub score: String,
+    pub path: String,
+}
+
+/// How many workers are in each state.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WorkersSummary {
+    pub total: u64,
+    pub busy: u64,
+    pub failing: u64,
+}
+
+/// The answer to [`Request::Sync`] and [`Request::SnapshotsCreate`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Synced {
+    /// The new snapshot's name (its time).
+    pub time: String,
+    /// Blocks GC freed after it.
+    pub freed_blocks: u64,
+}
+
+/// One retained snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// Its root block's score.
+    pub root: String,
+}
+
+/// The answer to [`Request::Replicate`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Replication {
+    pub under_replicated: u64,
+    /// Own blocks the last pass looked at.
+    pub replicated_blocks: u64,
+    /// Confirmed copies of those on peers.
+    pub placed_copies: u64,
+    /// Own blocks by the redundancy they ask for.
+    pub blocks_by_redundancy: BTreeMap<u8, u64>,
+    pub note: String,
+}
+
+/// Who holds each own block, as the newest root's manifest says.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ManifestView {
+    /// The newest root's score and time.
+    pub root: String,
+    pub time: String,
+    /// None when that root names no manifest.
+    pub manifest: Option<ManifestBody>,
+}
+
+/// The manifest a root names.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ManifestBody {
+    pub version: u8,
+    /// Its size as a record.
+    pub bytes: u64,
+    /// Its own blocks, with the holders the working index knows of them now.
+    pub blocks: Vec<HeldBlock>,
+    /// Every own block it lists, with its holders.
+    pub entries: Vec<HeldBlock>,
+}
+
+/// A block and its holders.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HeldBlock {
+    pub score: String,
+    pub holders: Vec<String>,
+}
+
+/// What an online scrub found and did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ScrubSummary {
+    /// Blocks read and checked.
+    pub checked: u64,
+    /// Scores of blocks whose bytes did not match.
+    pub corrupt: Vec<String>,
+    /// Scores of indexed blocks whose file was gone.
+    pub missing: Vec<String>,
+    /// Files in the volume that no index entry names.
+    pub stray: Vec<String>,
+    /// Of the corrupt and missing, those written back from a holder.
+    pub repaired: Vec<String>,
+}
+
+/// The daemon's reply: an answer, or an error message.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Reply {
     pub version: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ok: Option<serde_json::Value>,
+    pub ok: Option<Answer>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -49,10 +222,15 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("fincrypt.sock")
 }
 
+/// True when a daemon answers on the socket of `data_dir`.
+pub fn daemon_running(data_dir: &Path) -> bool {
+    UnixStream::connect(socket_path(data_dir)).is_ok()
+}
+
 /// Serves requests on `path` with `handle` until the process ends; one thread per connection.
 pub fn serve<F>(path: &Path, handle: F) -> Result<()>
 where
-    F: Fn(Request) -> Result<serde_json::Value> + Send + Sync + 'static,
+    F: Fn(Request) -> Result<Answer> + Send + Sync + 'static,
 {
     if path.exists() {
         // Left by a daemon that died: nobody answers on it.
@@ -84,27 +262,20 @@ where
     Ok(())
 }
 
-fn answer(conn: UnixStream, handle: &dyn Fn(Request) -> Result<serde_json::Value>) -> Result<()> {
+fn answer(conn: UnixStream, handle: &dyn Fn(Request) -> Result<Answer>) -> Result<()> {
     let mut line = String::new();
     std::io::Read::take(BufReader::new(conn.try_clone()?), 64 * 1024).read_line(&mut line)?;
-    let reply = match serde_json::from_str::<Request>(&line) {
+    let (ok, error) = match serde_json::from_str::<Request>(&line) {
         Ok(req) => match handle(req) {
-            Ok(v) => Reply {
-                version: CONTROL_VERSION,
-                ok: Some(v),
-                error: None,
-            },
-            Err(e) => Reply {
-                version: CONTROL_VERSION,
-                ok: None,
-                error: Some(format!("{e:#}")),
-            },
+            Ok(v) => (Some(v), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
         },
-        Err(e) => Reply {
-            version: CONTROL_VERSION,
-            ok: None,
-            error: Some(format!("bad request: {e}")),
-        },
+        Err(e) => (None, Some(format!("bad request: {e}"))),
+    };
+    let reply = Reply {
+        version: CONTROL_VERSION,
+        ok,
+        error,
     };
     let mut conn = conn;
     serde_json::to_writer(&mut conn, &reply)?;
@@ -113,11 +284,7 @@ fn answer(conn: UnixStream, handle: &dyn Fn(Request) -> Result<serde_json::Value
 }
 
 /// Sends one request to the daemon of `data_dir` and returns its answer.
-pub fn call(
-    data_dir: &Path,
-    req: &Request,
-    timeout: Option<Duration>,
-) -> Result<serde_json::Value> {
+pub fn call(data_dir: &Path, req: &Request, timeout: Option<Duration>) -> Result<Answer> {
     let path = socket_path(data_dir);
     let mut conn = UnixStream::connect(&path).map_err(|e| {
         anyhow::anyhow!(
@@ -133,10 +300,29 @@ pub fn call(
     BufReader::new(conn)
         .read_line(&mut line)
         .context("reading the daemon's reply")?;
+    let version: serde_json::Value =
+        serde_json::from_str(&line).context("the daemon's reply is not JSON")?;
+    if version["version"].as_u64() != Some(u64::from(CONTROL_VERSION)) {
+        bail!(
+            "the daemon speaks control version {}, this program {CONTROL_VERSION}: run the same version of both",
+            version["version"]
+        );
+    }
     let reply: Reply = serde_json::from_str(&line).context("the daemon's reply is not valid")?;
     match (reply.ok, reply.error) {
         (Some(v), _) => Ok(v),
         (None, Some(e)) => bail!("{e}"),
         (None, None) => bail!("the daemon sent an empty reply"),
     }
+}
+
+/// Calls and expects one kind of answer (`pick` returns it, or None for another kind).
+pub fn call_for<T>(
+    data_dir: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+    pick: impl FnOnce(Answer) -> Option<T>,
+) -> Result<T> {
+    let answer = call(data_dir, req, timeout)?;
+    pick(answer).with_context(|| format!("the daemon answered {req:?} with another kind of answer"))
 }

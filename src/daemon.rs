@@ -1,24 +1,27 @@
 //! `fincrypt mount`: the daemon that serves the filesystem, its control
-//! socket and its background snapshots.
+//! socket, and its background workers (snapshots, GC, scrub, and, with peers,
+//! the durability engine's).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use fincrypt_blockstore::{BlockStore, FileRef, LocalStore, Score, TreeParams};
+use fincrypt_engine::{
+    Engine, EngineConfig, Manifest, ManifestRecord, ProofPolicy, Remote, Step, TieredStore,
+    WorkerState, Workers,
+};
 use fincrypt_fs::fuse::MountOptions;
 use fincrypt_fs::{Fossil, Meta, snapshot};
-use fincrypt_net::{Client, Holder, Multiaddr, Node, NodeConfig, PeerId};
-use serde_json::json;
+use fincrypt_net::{Client, Holder, Multiaddr, Node, NodeConfig};
+use futures::future::BoxFuture;
 
 use crate::config::{Config, Home};
-use crate::control::{self, Request};
-use crate::manifest::{Manifest, ManifestRecord};
-use crate::replicate::{self, ReplicationStats, Replicator};
+use crate::control::{self, Answer, Request};
 use crate::secrets;
-use crate::tiered::{Remote, TieredStore};
+use crate::wants::FsWants;
 
 /// What `fincrypt mount` was asked to do.
 pub struct MountArgs {
@@ -32,38 +35,40 @@ pub struct MountArgs {
 
 /// The mount's peer node, when it has one.
 struct Net {
-    runtime: tokio::runtime::Runtime,
     node: Mutex<Option<Node>>,
     client: Client,
     listen_addrs: Vec<Multiaddr>,
-    replicator: Replicator,
+    bulk_port: Option<u16>,
+    engine: Arc<Engine>,
 }
 
 /// How long a status waits for the node's list of peers.
 const PEERS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Parses configured multiaddrs, naming the setting of a bad one.
+fn parse_addrs(list: &[String], what: &str) -> Result<Vec<Multiaddr>> {
+    list.iter()
+        .map(|a| {
+            a.parse::<Multiaddr>()
+                .with_context(|| format!("{what} address {a:?} is not a multiaddr"))
+        })
+        .collect()
+}
+
 impl Net {
     /// Starts a node when `config` names addresses to listen on or join through.
-    fn start(home: &Home, config: &Config, volume: &Arc<LocalStore>) -> Result<Option<Net>> {
-        let parse = |list: &[String], what: &str| -> Result<Vec<Multiaddr>> {
-            list.iter()
-                .map(|a| {
-                    a.parse::<Multiaddr>()
-                        .with_context(|| format!("{what} address {a:?} is not a multiaddr"))
-                })
-                .collect()
-        };
-        let listen = parse(&config.listen, "listen")?;
-        let bootstrap = parse(&config.bootstrap, "bootstrap")?;
+    fn start(
+        runtime: &tokio::runtime::Runtime,
+        home: &Home,
+        config: &Config,
+        volume: &Arc<LocalStore>,
+        wants: Arc<FsWants>,
+    ) -> Result<Option<Net>> {
+        let listen = parse_addrs(&config.listen, "listen")?;
+        let bootstrap = parse_addrs(&config.bootstrap, "bootstrap")?;
         if listen.is_empty() && bootstrap.is_empty() {
             return Ok(None);
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("net")
-            .enable_all()
-            .build()
-            .context("starting the network runtime")?;
         let holder = if config.holder_capacity > 0 {
             let h = Holder::open(
                 volume.clone(),
@@ -89,37 +94,34 @@ impl Net {
             eprintln!("fincrypt: listening on {a}");
         }
         let manifest = Arc::new(Manifest::open(&home.manifest_file())?);
+        let proofs = ProofPolicy {
+            blocks: config.proof_blocks.max(1),
+            failures: config.proof_failures.max(1),
+            timeout: Duration::from_secs(30),
+        };
+        let engine = Engine::new(client.clone(), manifest, wants, volume.clone(), proofs);
         Ok(Some(Net {
-            runtime,
+            bulk_port: node.bulk_port(),
             node: Mutex::new(Some(node)),
-            client: client.clone(),
+            client,
             listen_addrs,
-            replicator: Replicator {
-                client,
-                manifest,
-                stats: Arc::new(ReplicationStats::default()),
-                running: tokio::sync::Mutex::new(()),
-                failures: Mutex::new(Default::default()),
-                banned: Mutex::new(Default::default()),
-                cursor: Default::default(),
-            },
+            engine,
         }))
     }
 
-    fn connected_peers(&self) -> usize {
-        let peers = self
-            .runtime
+    fn connected_peers(&self, runtime: &tokio::runtime::Handle) -> u64 {
+        let peers = runtime
             .block_on(async { tokio::time::timeout(PEERS_TIMEOUT, self.client.peers()).await });
         match peers {
-            Ok(Ok(list)) => list.iter().filter(|p| p.connected).count(),
+            Ok(Ok(list)) => list.iter().filter(|p| p.connected).count() as u64,
             _ => 0,
         }
     }
 
-    fn shutdown(&self) {
+    fn shutdown(&self, runtime: &tokio::runtime::Handle) {
         let node = self.node.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(node) = node {
-            self.runtime.block_on(node.shutdown());
+            runtime.block_on(node.shutdown());
         }
     }
 }
@@ -128,12 +130,16 @@ impl Net {
 struct Daemon {
     fs: Arc<Fossil>,
     volume: Arc<LocalStore>,
+    tiered: Arc<TieredStore>,
     config: Config,
     mountpoint: PathBuf,
-    /// Serialises snapshots, pruning and GC.
-    snapshots: Mutex<()>,
+    /// Serialises snapshots, pruning, GC and the engine's walks.
+    snapshots: Arc<Mutex<()>>,
     /// The peer node, if peers are configured.
     net: Option<Net>,
+    /// Every background job.
+    workers: Workers,
+    runtime: tokio::runtime::Handle,
 }
 
 impl Daemon {
@@ -143,38 +149,49 @@ impl Daemon {
         Ok(snapshot::gc(&self.fs, &self.volume)?)
     }
 
-    fn snapshot(&self) -> Result<serde_json::Value> {
+    fn snapshot(&self) -> Result<control::Synced> {
         let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         let manifest = match &self.net {
-            Some(net) => Some(self.write_manifest(&net.replicator.manifest)?),
+            Some(net) => Some(self.write_manifest(net.engine.manifest())?),
             None => None,
         };
         let snap = snapshot::create_with_manifest(&self.fs, manifest)?;
         snapshot::prune(&self.fs, self.config.snapshot_keep.max(1))?;
         let freed = snapshot::gc(&self.fs, &self.volume)?;
-        Ok(json!({ "time": fincrypt_fs::snapdir::name(snap.time), "freed_blocks": freed }))
+        if let Some(net) = &self.net {
+            // New metadata blocks (the root, directories, the manifest) want copies.
+            net.engine.wake_replication();
+        }
+        Ok(control::Synced {
+            time: fincrypt_fs::snapdir::name(snap.time),
+            freed_blocks: freed,
+        })
     }
 
     /// Stores the manifest as blocks for the next root (docs/FORMATS.md,
     /// "Owner's manifest"); unchanged, it is the same blocks as last time.
     fn write_manifest(&self, manifest: &Manifest) -> Result<FileRef> {
         let (keys, params) = self.fs.keys();
-        manifest.record()?.write(self.fs.store(), keys, params)
+        Ok(manifest.record()?.write(self.fs.store(), keys, params)?)
     }
 
     /// The manifest the newest root names, with the holders the working
     /// index knows now of the manifest's own blocks.
-    fn manifest_json(&self) -> Result<serde_json::Value> {
+    fn manifest_view(&self) -> Result<control::ManifestView> {
         let Some(snap) = self.fs.meta().snapshots()?.pop() else {
             bail!("no snapshot yet: run `fincryptctl sync` first");
         };
         let root = snapshot::root(&self.fs, &snap)?;
+        let (root_hex, time) = (
+            snap.root.score.to_hex(),
+            fincrypt_fs::snapdir::name(snap.time),
+        );
         let Some(file) = root.manifest else {
-            return Ok(json!({
-                "root": snap.root.score.to_hex(),
-                "time": fincrypt_fs::snapdir::name(snap.time),
-                "manifest": null,
-            }));
+            return Ok(control::ManifestView {
+                root: root_hex,
+                time,
+                manifest: None,
+            });
         };
         let record = ManifestRecord::read(self.fs.reader(), &file)?;
         let mut blocks = Vec::new();
@@ -182,173 +199,215 @@ impl Daemon {
             .reader()
             .visit_scores(&file, &mut |p| blocks.push(p.score))?;
         let now = match &self.net {
-            Some(net) => net.replicator.manifest.holders_of(blocks.iter().copied())?,
+            Some(net) => net.engine.manifest().holders_of(blocks.iter().copied())?,
             None => vec![Vec::new(); blocks.len()],
         };
-        let entry = |score: &Score, holders: &[PeerId]| {
-            json!({
-                "score": score.to_hex(),
-                "holders": holders.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
-            })
+        let entry = |score: &Score, holders: &[fincrypt_net::PeerId]| control::HeldBlock {
+            score: score.to_hex(),
+            holders: holders.iter().map(|p| p.to_string()).collect(),
         };
-        Ok(json!({
-            "root": snap.root.score.to_hex(),
-            "time": fincrypt_fs::snapdir::name(snap.time),
-            "manifest": {
-                "version": record.version,
-                "bytes": file.len(),
-                "blocks": blocks.iter().zip(&now).map(|(s, h)| entry(s, h)).collect::<Vec<_>>(),
-                "entries": record.holders()?.iter().map(|(s, h)| entry(s, h)).collect::<Vec<_>>(),
-            },
-        }))
-    }
-
-    /// One replication pass; returns the own blocks still short of copies.
-    fn replicate(&self) -> Result<u64> {
-        let Some(net) = &self.net else {
-            bail!(
-                "this mount has no peers: give --listen or --bootstrap (or set them in the config)"
-            );
-        };
-        let wanted = {
-            let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
-            replicate::wanted(&self.fs, self.config.redundancy)?
-        };
-        let local: Arc<dyn BlockStore> = self.volume.clone();
-        net.runtime.block_on(net.replicator.pass(wanted, local))
-    }
-
-    /// One round of storage proofs; when it drops a holder, a replication
-    /// pass follows at once to place its blocks elsewhere.
-    fn prove(&self) -> Result<()> {
-        let Some(net) = &self.net else { return Ok(()) };
-        let wanted = {
-            let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
-            replicate::wanted(&self.fs, self.config.redundancy)?
-        };
-        let policy = replicate::ProofPolicy {
-            blocks: self.config.proof_blocks.max(1),
-            failures: self.config.proof_failures.max(1),
-            timeout: Duration::from_secs(30),
-        };
-        let dropped = net
-            .runtime
-            .block_on(net.replicator.challenge_round(&wanted, policy))?;
-        if dropped > 0 {
-            self.replicate()?;
-        }
-        Ok(())
-    }
-
-    /// Replication passes until nothing is short of copies or `timeout` passes.
-    fn replicate_until(&self, timeout: Duration) -> Result<serde_json::Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let under = self.replicate()?;
-            if under == 0 || Instant::now() >= deadline {
-                return Ok(self.replication_json(under));
-            }
-            // Peers may still be connecting or identifying themselves: retry.
-            std::thread::sleep(Duration::from_millis(500).min(deadline - Instant::now()));
-        }
-    }
-
-    fn replication_json(&self, under: u64) -> serde_json::Value {
-        let (reason, tracked, copies, levels) = match &self.net {
-            Some(net) => {
-                let s = &net.replicator.stats;
-                (
-                    s.reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-                    s.tracked_blocks.load(Ordering::Relaxed),
-                    s.placed_copies.load(Ordering::Relaxed),
-                    s.by_redundancy
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .iter()
-                        .map(|(n, count)| (n.to_string(), json!(count)))
-                        .collect::<serde_json::Map<_, _>>(),
-                )
-            }
-            None => (String::new(), 0, 0, Default::default()),
-        };
-        json!({
-            "blocks_by_redundancy": levels,
-            "under_replicated": under,
-            "replicated_blocks": tracked,
-            "placed_copies": copies,
-            "replication_note": reason,
+        Ok(control::ManifestView {
+            root: root_hex,
+            time,
+            manifest: Some(control::ManifestBody {
+                version: record.version,
+                bytes: file.len(),
+                blocks: blocks.iter().zip(&now).map(|(s, h)| entry(s, h)).collect(),
+                entries: record.holders()?.iter().map(|(s, h)| entry(s, h)).collect(),
+            }),
         })
     }
 
-    fn handle(&self, req: Request) -> Result<serde_json::Value> {
-        match req {
+    fn engine(&self) -> Result<&Arc<Engine>> {
+        match &self.net {
+            Some(net) => Ok(&net.engine),
+            None => bail!(
+                "this mount has no peers: give --listen or --bootstrap (or set them in the config)"
+            ),
+        }
+    }
+
+    /// Replication passes until nothing is short of copies or `timeout` passes;
+    /// then a root is committed, so the newest root's manifest names the copies.
+    fn replicate_until(&self, timeout: Duration) -> Result<control::Replication> {
+        let engine = self.engine()?.clone();
+        let deadline = Instant::now() + timeout;
+        let under = loop {
+            let under = self.runtime.block_on(engine.pass())?;
+            if under == 0 || Instant::now() >= deadline {
+                break under;
+            }
+            // Peers may still be connecting or identifying themselves: retry.
+            std::thread::sleep(Duration::from_millis(500).min(deadline - Instant::now()));
+        };
+        if under == 0 {
+            self.snapshot()?;
+            // The new root's own blocks (root, manifest) want copies too.
+            let under = self.runtime.block_on(engine.pass())?;
+            return Ok(self.replication(&engine, under));
+        }
+        Ok(self.replication(&engine, under))
+    }
+
+    fn replication(&self, engine: &Engine, under: u64) -> control::Replication {
+        let s = engine.stats();
+        control::Replication {
+            under_replicated: under,
+            replicated_blocks: s.tracked_blocks.load(Ordering::Relaxed),
+            placed_copies: s.placed_copies.load(Ordering::Relaxed),
+            blocks_by_redundancy: s
+                .by_redundancy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            note: s.reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+
+    fn status(&self) -> Result<control::Status> {
+        let s = self.volume.stats();
+        let workers = self.workers.list();
+        let mut status = control::Status {
+            role: "mount".into(),
+            mountpoint: Some(self.mountpoint.clone()),
+            own_blocks: s.own_blocks,
+            own_bytes: s.own_bytes,
+            held_blocks: s.held_blocks,
+            held_bytes: s.held_bytes,
+            capacity: self.config.holder_capacity,
+            cached_blocks: s.cached_blocks,
+            cached_bytes: s.cached_bytes,
+            unsealed_bytes: self.fs.dirty_bytes() as u64,
+            snapshots: self.fs.meta().snapshots()?.len() as u64,
+            default_redundancy: self.config.redundancy,
+            workers: control::WorkersSummary {
+                total: workers.len() as u64,
+                busy: workers
+                    .iter()
+                    .filter(|w| w.state == WorkerState::Busy)
+                    .count() as u64,
+                failing: workers
+                    .iter()
+                    .filter(|w| w.state == WorkerState::Failing)
+                    .count() as u64,
+            },
+            ..Default::default()
+        };
+        status.replication.fetched_from_holders = self.tiered.fetched_from_holders();
+        match &self.net {
+            None => {
+                status.replication.note =
+                    "no peers configured: blocks are kept locally only".to_owned();
+            }
+            Some(net) => {
+                let st = net.engine.stats();
+                status.peer_id = Some(net.client.local_peer_id().to_string());
+                status.listen_addrs = net.listen_addrs.iter().map(|a| a.to_string()).collect();
+                status.bulk_port = net.bulk_port;
+                status.peers = net.connected_peers(&self.runtime);
+                let r = &mut status.replication;
+                r.under_replicated = st.under_replicated.load(Ordering::Relaxed);
+                r.lost = st.lost.load(Ordering::Relaxed);
+                if r.lost > 0 {
+                    r.lost_files = net
+                        .engine
+                        .lost()?
+                        .into_iter()
+                        .take(100)
+                        .map(|(score, path)| control::LostBlock {
+                            score: score.to_hex(),
+                            path,
+                        })
+                        .collect();
+                }
+                r.passes = st.passes.load(Ordering::Relaxed);
+                r.note = st.reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                r.proofs_passed = st.proofs_passed.load(Ordering::Relaxed);
+                r.proofs_failed = st.proofs_failed.load(Ordering::Relaxed);
+                r.holders_dropped = st.holders_dropped.load(Ordering::Relaxed);
+                r.blocks_dropped = st.blocks_dropped.load(Ordering::Relaxed);
+                r.manifest_damaged_entries = net.engine.manifest().corrupt_entries();
+            }
+        }
+        Ok(status)
+    }
+
+    /// Checks every local block now; a damaged or missing one is fetched
+    /// from a holder and written back where one has it.
+    fn scrub(&self) -> Result<control::ScrubSummary> {
+        let report = self.volume.scrub()?;
+        let mut repaired = Vec::new();
+        for score in report.corrupt.iter().chain(&report.missing) {
+            match self.tiered.repair(score) {
+                Ok(true) => repaired.push(score.to_hex()),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(%score, error = %e, "scrub could not repair a block"),
+            }
+        }
+        if let Some(net) = &self.net
+            && report.corrupt.len() + report.missing.len() > repaired.len()
+        {
+            net.engine.wake_replication();
+        }
+        Ok(control::ScrubSummary {
+            checked: report.checked,
+            corrupt: report.corrupt.iter().map(|s| s.to_hex()).collect(),
+            missing: report.missing.iter().map(|s| s.to_hex()).collect(),
+            stray: report
+                .orphans
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+            repaired,
+        })
+    }
+
+    fn handle(&self, req: Request) -> Result<Answer> {
+        Ok(match req {
             Request::Replicate { timeout_secs } => {
-                self.replicate_until(Duration::from_secs(timeout_secs))
+                Answer::Replication(self.replicate_until(Duration::from_secs(timeout_secs))?)
             }
-            Request::Status => {
-                let s = self.volume.stats();
-                let (listen, peers, under, passes, note, proofs) = match &self.net {
-                    Some(net) => {
-                        let st = &net.replicator.stats;
-                        (
-                            net.listen_addrs
-                                .iter()
-                                .map(|a| a.to_string())
-                                .collect::<Vec<_>>(),
-                            net.connected_peers(),
-                            st.under_replicated.load(Ordering::Relaxed),
-                            st.passes.load(Ordering::Relaxed),
-                            st.reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-                            [
-                                st.proofs_passed.load(Ordering::Relaxed),
-                                st.proofs_failed.load(Ordering::Relaxed),
-                                st.holders_dropped.load(Ordering::Relaxed),
-                            ],
-                        )
-                    }
-                    None => (
-                        Vec::new(),
-                        0,
-                        0,
-                        0,
-                        "no peers configured: blocks are kept locally only".to_owned(),
-                        [0; 3],
-                    ),
-                };
-                Ok(json!({
-                    "mountpoint": self.mountpoint,
-                    "own_blocks": s.own_blocks,
-                    "own_bytes": s.own_bytes,
-                    "held_blocks": s.held_blocks,
-                    "held_bytes": s.held_bytes,
-                    "cached_blocks": s.cached_blocks,
-                    "cached_bytes": s.cached_bytes,
-                    "unsealed_bytes": self.fs.dirty_bytes(),
-                    "snapshots": self.fs.meta().snapshots()?.len(),
-                    "listen_addrs": listen,
-                    "peers": peers,
-                    "under_replicated": under,
-                    "replication_passes": passes,
-                    "replication_note": note,
-                    "proofs_passed": proofs[0],
-                    "proofs_failed": proofs[1],
-                    "holders_dropped": proofs[2],
-                    "default_redundancy": self.config.redundancy,
-                }))
-            }
-            Request::Sync | Request::SnapshotsCreate => self.snapshot(),
-            Request::Manifest => self.manifest_json(),
-            Request::SnapshotsList => {
-                let list: Vec<_> = self
-                    .fs
+            Request::Status => Answer::Status(Box::new(self.status()?)),
+            Request::Sync | Request::SnapshotsCreate => Answer::Synced(self.snapshot()?),
+            Request::Manifest => Answer::Manifest(self.manifest_view()?),
+            Request::SnapshotsList => Answer::Snapshots(
+                self.fs
                     .meta()
                     .snapshots()?
                     .iter()
-                    .map(|s| json!({ "name": fincrypt_fs::snapdir::name(s.time), "root": s.root.score.to_hex() }))
-                    .collect();
-                Ok(json!(list))
-            }
-        }
+                    .map(|s| control::SnapshotInfo {
+                        name: fincrypt_fs::snapdir::name(s.time),
+                        root: s.root.score.to_hex(),
+                    })
+                    .collect(),
+            ),
+            Request::Workers => Answer::Workers(self.workers.list()),
+            Request::Scrub => Answer::Scrub(self.scrub()?),
+        })
+    }
+}
+
+/// A daemon job run on the blocking pool, as a worker.
+struct DaemonWorker {
+    name: &'static str,
+    daemon: Arc<Daemon>,
+    job: fn(&Daemon) -> Result<u64>,
+}
+
+impl fincrypt_engine::Worker for DaemonWorker {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn step(&mut self) -> BoxFuture<'_, Result<Step, String>> {
+        let (daemon, job) = (self.daemon.clone(), self.job);
+        Box::pin(async move {
+            let done = tokio::task::spawn_blocking(move || job(&daemon))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("{e:#}"))?;
+            Ok(Step::Idle { done })
+        })
     }
 }
 
@@ -403,41 +462,46 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         // under 256 MiB while one thread can wait on fsync.
         threads: 3,
     };
-    let net = Net::start(home, &config, &volume)?;
-    if let Some(net) = &net {
-        tiered.connect(Remote {
-            handle: net.runtime.handle().clone(),
-            client: net.client.clone(),
-            manifest: net.replicator.manifest.clone(),
-        });
-    }
+    // One runtime for the network and every background worker.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("workers")
+        .enable_all()
+        .build()
+        .context("starting the worker runtime")?;
+    let snapshots = Arc::new(Mutex::new(()));
+    let wants = Arc::new(FsWants {
+        fs: fs.clone(),
+        snapshots: snapshots.clone(),
+        default: config.redundancy,
+    });
+    let net = Net::start(&runtime, home, &config, &volume, wants)?;
     let mut session = fincrypt_fs::fuse::session(fs.clone(), &mountpoint, &opts)
         .with_context(|| format!("mounting on {}", mountpoint.display()))?;
     let daemon = Arc::new(Daemon {
         fs: fs.clone(),
         volume: volume.clone(),
+        tiered: tiered.clone(),
         config: config.clone(),
         mountpoint: mountpoint.clone(),
-        snapshots: Mutex::new(()),
+        snapshots,
         net,
+        workers: Workers::new(runtime.handle().clone()),
+        runtime: runtime.handle().clone(),
     });
+    start_workers(&daemon);
+    if let Some(net) = &daemon.net {
+        tiered.connect(Remote {
+            handle: runtime.handle().clone(),
+            client: net.client.clone(),
+            manifest: net.engine.manifest().clone(),
+            repair: net.engine.replication_handle(),
+        });
+    }
 
     let socket = control::socket_path(&home.data_dir);
     let d = daemon.clone();
     control::serve(&socket, move |req| d.handle(req))?;
-
-    let stop = Arc::new((Mutex::new(false), Condvar::new()));
-    spawn_snapshot_worker(daemon.clone(), stop.clone());
-    if daemon.net.is_some() {
-        let every = Duration::from_secs(daemon.config.replicate_interval.max(1));
-        spawn_worker("replication", every, daemon.clone(), stop.clone(), |d| {
-            d.replicate().map(|_| ())
-        });
-        if daemon.config.proof_interval > 0 {
-            let every = Duration::from_secs(daemon.config.proof_interval);
-            spawn_worker("proofs", every, daemon.clone(), stop.clone(), |d| d.prove());
-        }
-    }
 
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([
@@ -459,11 +523,10 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
 
     eprintln!("fincrypt: mounted on {}", mountpoint.display());
     let served = session.run();
-    *stop.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
-    stop.1.notify_all();
+    runtime.block_on(daemon.workers.shutdown());
     fs.sync_all().context("writing back at unmount")?;
     if let Some(net) = &daemon.net {
-        net.shutdown();
+        net.shutdown(runtime.handle());
     }
     volume.shutdown()?;
     let _ = std::fs::remove_file(&socket);
@@ -475,73 +538,60 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
 /// Seconds between GC runs when snapshots are not scheduled (they run GC themselves).
 const GC_INTERVAL: u64 = 300;
 
-/// Takes snapshots every `snapshot_interval` seconds (each prunes and runs GC),
-/// or, with snapshots off, runs GC every [`GC_INTERVAL`] seconds so deleted
-/// data is still freed.
-fn spawn_snapshot_worker(daemon: Arc<Daemon>, stop: Arc<(Mutex<bool>, Condvar)>) {
-    let snapshots = daemon.config.snapshot_interval;
-    let interval = if snapshots > 0 {
-        snapshots
-    } else {
-        GC_INTERVAL
+/// Starts every background worker of the mount: snapshots (each prunes and
+/// runs GC) or, with snapshots off, GC alone; scrub; and with peers the
+/// engine's replication, proofs, liveness and DHT upkeep.
+fn start_workers(daemon: &Arc<Daemon>) {
+    let c = &daemon.config;
+    let job = |name, job| DaemonWorker {
+        name,
+        daemon: daemon.clone(),
+        job,
     };
-    let _ = std::thread::Builder::new()
-        .name("snapshots".into())
-        .spawn(move || {
-            let (lock, cvar) = &*stop;
-            let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
-            loop {
-                let (guard, timeout) = cvar
-                    .wait_timeout(stopped, Duration::from_secs(interval))
-                    .unwrap_or_else(|p| p.into_inner());
-                stopped = guard;
-                if *stopped {
-                    return;
+    if c.snapshot_interval > 0 {
+        daemon.workers.spawn(
+            job("snapshots", |d| d.snapshot().map(|s| s.freed_blocks)),
+            Duration::from_secs(c.snapshot_interval),
+        );
+    } else {
+        daemon
+            .workers
+            .spawn(job("gc", Daemon::collect), Duration::from_secs(GC_INTERVAL));
+    }
+    if c.scrub_interval > 0 {
+        daemon.workers.spawn(
+            job("scrub", |d| {
+                let report = d.scrub()?;
+                if !report.corrupt.is_empty() || !report.missing.is_empty() {
+                    tracing::warn!(
+                        corrupt = report.corrupt.len(),
+                        missing = report.missing.len(),
+                        repaired = report.repaired.len(),
+                        "scrub found damaged blocks in the volume"
+                    );
                 }
-                if timeout.timed_out() {
-                    drop(stopped);
-                    let done = if snapshots > 0 {
-                        daemon.snapshot().map(|_| ())
-                    } else {
-                        daemon.collect().map(|_| ())
-                    };
-                    if let Err(e) = done {
-                        tracing::warn!(error = %e, "scheduled snapshot or GC failed");
-                    }
-                    stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
-                }
-            }
-        });
-}
-
-/// Runs `work` every `interval` until stopped; failures are logged.
-fn spawn_worker(
-    name: &'static str,
-    interval: Duration,
-    daemon: Arc<Daemon>,
-    stop: Arc<(Mutex<bool>, Condvar)>,
-    work: fn(&Daemon) -> Result<()>,
-) {
-    let _ = std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            let (lock, cvar) = &*stop;
-            let mut stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
-            loop {
-                let (guard, _) = cvar
-                    .wait_timeout(stopped, interval)
-                    .unwrap_or_else(|p| p.into_inner());
-                stopped = guard;
-                if *stopped {
-                    return;
-                }
-                drop(stopped);
-                if let Err(e) = work(&daemon) {
-                    tracing::warn!(worker = name, error = %e, "background work failed");
-                }
-                stopped = lock.lock().unwrap_or_else(|p| p.into_inner());
-            }
-        });
+                Ok(report.checked)
+            }),
+            Duration::from_secs(c.scrub_interval),
+        );
+    }
+    if let Some(net) = &daemon.net {
+        net.engine.start(
+            &daemon.workers,
+            EngineConfig {
+                replicate_interval: Duration::from_secs(c.replicate_interval.max(1)),
+                proof_interval: (c.proof_interval > 0)
+                    .then(|| Duration::from_secs(c.proof_interval)),
+                proofs: ProofPolicy {
+                    blocks: c.proof_blocks.max(1),
+                    failures: c.proof_failures.max(1),
+                    timeout: Duration::from_secs(30),
+                },
+                holder_timeout: Duration::from_secs(c.holder_timeout.max(1)),
+                dht_interval: Duration::from_secs(300),
+            },
+        );
+    }
 }
 
 fn lazy_unmount(mnt: &Path) {

@@ -3,11 +3,9 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
-pub mod manifest;
-pub mod replicate;
 pub mod secrets;
 pub mod serve;
-pub mod tiered;
+pub mod wants;
 
 // Large block buffers are allocated and freed all the time; mimalloc reuses
 // them where the system allocator maps and faults in fresh pages each time.

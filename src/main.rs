@@ -32,7 +32,8 @@ enum Command {
     Recover,
     /// Change the passphrase (old from FINCRYPT_PASSPHRASE, new from FINCRYPT_NEW_PASSPHRASE, or prompts).
     Passwd,
-    /// Re-read every block of the local volume and check it against its score.
+    /// Re-read every block of the local volume and check it against its score;
+    /// with the mount running, the mount does it and repairs from holders.
     Scrub,
     /// Mount the filesystem at MOUNTPOINT and serve it in the foreground until
     /// it is unmounted (fusermount3 -u) or the process gets SIGTERM or SIGINT.
@@ -87,6 +88,43 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Scrub by the running mount: it checks its volume and repairs what it can
+/// from holders. Exit 1 if anything stays damaged or missing.
+fn scrub_online(home: &Home) -> Result<ExitCode> {
+    use fincrypt::control::{self, Answer, Request};
+    let r = control::call_for(&home.data_dir, &Request::Scrub, None, |a| match a {
+        Answer::Scrub(r) => Some(r),
+        _ => None,
+    })?;
+    println!(
+        "checked {} blocks (by the running mount): {} corrupt, {} missing, {} stray files, {} repaired from holders",
+        r.checked,
+        r.corrupt.len(),
+        r.missing.len(),
+        r.stray.len(),
+        r.repaired.len()
+    );
+    for (what, list) in [("corrupt", &r.corrupt), ("missing", &r.missing)] {
+        for s in list {
+            let fixed = if r.repaired.contains(s) {
+                " (repaired)"
+            } else {
+                ""
+            };
+            println!("{what} {s}{fixed}");
+        }
+    }
+    for p in &r.stray {
+        println!("stray {p}");
+    }
+    let unrepaired = r.corrupt.len() + r.missing.len() - r.repaired.len();
+    Ok(if unrepaired > 0 || !r.stray.is_empty() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -171,6 +209,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Scrub => {
             anyhow::ensure!(home.is_initialised(), secrets::not_initialised(&home));
+            if fincrypt::control::daemon_running(&home.data_dir) {
+                return scrub_online(&home);
+            }
             let store = open_volume(&home)?;
             let report = store.scrub()?;
             println!(

@@ -10,11 +10,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use fincrypt_blockstore::{LocalStore, StoreOptions};
 use fincrypt_net::{Holder, Multiaddr, Node, NodeConfig};
-use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::Home;
-use crate::control::{self, Request};
+use crate::control::{self, Answer, Request};
 
 /// What `fincrypt serve` was asked to do.
 pub struct ServeArgs {
@@ -89,7 +88,8 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
         holder.clone(),
         tokio::runtime::Handle::current(),
     );
-    let answer = move |req: Request| -> Result<serde_json::Value> {
+    let bulk_port = node.bulk_port();
+    let answer = move |req: Request| -> Result<Answer> {
         match req {
             Request::Status => {
                 let peers = runtime
@@ -101,18 +101,19 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
                     .map_or(0, |list| list.iter().filter(|p| p.connected).count());
                 let s = h.stats();
                 let volume = h.store().stats();
-                Ok(json!({
-                    "role": "serve",
-                    "peer_id": peer.to_string(),
-                    "listen_addrs": listen,
-                    "peers": peers,
-                    "capacity": s.capacity,
-                    "held_blocks": s.held_blocks,
-                    "held_bytes": s.held_bytes,
-                    "cached_blocks": volume.cached_blocks,
-                    "own_blocks": 0,
-                    "own_bytes": 0,
-                }))
+                Ok(Answer::Status(Box::new(control::Status {
+                    role: "serve".into(),
+                    peer_id: Some(peer.to_string()),
+                    listen_addrs: listen.clone(),
+                    bulk_port,
+                    peers: peers as u64,
+                    capacity: s.capacity,
+                    held_blocks: s.held_blocks,
+                    held_bytes: s.held_bytes,
+                    cached_blocks: volume.cached_blocks,
+                    cached_bytes: volume.cached_bytes,
+                    ..Default::default()
+                })))
             }
             _ => bail!("this is a storage node (fincrypt serve): it has no filesystem"),
         }

@@ -77,9 +77,11 @@ fn status(home: &Path) -> serde_json::Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("status JSON {out:?}: {e}"))
 }
 
+/// A figure of `status --json`: at the top, or among the replication figures.
 fn number(v: &serde_json::Value, key: &str) -> u64 {
     v[key]
         .as_u64()
+        .or_else(|| v["replication"][key].as_u64())
         .unwrap_or_else(|| panic!("status has a number {key}: {v}"))
 }
 
@@ -423,7 +425,7 @@ fn copies_follow_a_subdirectory_setting_below_its_parent() {
 }
 
 #[test]
-fn a_holder_with_a_corrupted_volume_is_dropped_and_reads_stay_right() {
+fn a_holder_with_a_corrupted_volume_loses_its_blocks_and_reads_stay_right() {
     let env = [
         ("FINCRYPT_REPLICATE_INTERVAL", "2"),
         ("FINCRYPT_PROOF_INTERVAL", "1"),
@@ -450,17 +452,17 @@ fn a_holder_with_a_corrupted_volume_is_dropped_and_reads_stay_right() {
     }
     let others = &node_homes[1..];
     common::wait_until(
-        "the corrupting holder dropped and three good copies on the others",
+        "the corrupting holder's blocks taken from it and three good copies on the others",
         Duration::from_secs(60),
         || {
             let st = status(&home);
             let held: u64 = held_blocks(others);
-            // The dropped holder, still connected, is asked to let go of the rest.
+            // Each block that failed its proof there is released there.
             let dropped_keeps = number(&status(node_homes[0].path()), "held_blocks");
             held == 3 * own
                 && dropped_keeps == 0
                 && number(&st, "under_replicated") == 0
-                && number(&st, "holders_dropped") >= 1
+                && number(&st, "blocks_dropped") >= 1
         },
     );
 
@@ -630,6 +632,249 @@ fn the_newest_root_names_a_manifest_of_who_holds_each_block() {
     assert!(
         out.contains(&format!("{} own blocks", entries.len())),
         "{out}"
+    );
+    m.unmount();
+    drop(nodes);
+}
+
+/// The block files of a volume (`volume/blocks` or `held/blocks`), by score.
+fn block_files(dir: &Path) -> std::collections::BTreeMap<String, std::path::PathBuf> {
+    let mut files = Vec::new();
+    if dir.exists() {
+        files_under(dir, &mut files);
+    }
+    files
+        .into_iter()
+        .filter_map(|p| Some((p.file_name()?.to_str()?.to_owned(), p)))
+        .collect()
+}
+
+fn zero(path: &Path) {
+    let len = std::fs::metadata(path).unwrap().len() as usize;
+    std::fs::write(path, vec![0u8; len]).unwrap();
+}
+
+#[test]
+fn a_killed_holder_is_repaired_within_a_minute_with_the_default_config() {
+    let (node_homes, mut nodes, m) = network(&[]);
+    let home = m.home().to_path_buf();
+    let dir = m.path().join("precious");
+    std::fs::create_dir_all(&dir).unwrap();
+    set_redundancy(&home, &dir, 3);
+    write_files(&dir);
+    sync_replicated(&home);
+    let own = number(&status(&home), "own_blocks");
+
+    let mut dead = nodes.remove(0);
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    let survivors = &node_homes[1..];
+    common::wait_until(
+        "three copies of every own block on the survivors, with the default intervals",
+        Duration::from_secs(60),
+        || {
+            let st = status(&home);
+            held_blocks(survivors) == 3 * own && number(&st, "under_replicated") == 0
+        },
+    );
+    m.unmount();
+    drop(nodes);
+}
+
+#[test]
+fn one_block_failing_its_proof_on_one_holder_is_placed_again_and_that_holder_keeps_the_rest() {
+    let env = [
+        ("FINCRYPT_REPLICATE_INTERVAL", "2"),
+        ("FINCRYPT_PROOF_INTERVAL", "1"),
+    ];
+    let (node_homes, nodes, m) = network(&env);
+    let home = m.home().to_path_buf();
+    let dir = m.path().join("precious");
+    std::fs::create_dir_all(&dir).unwrap();
+    set_redundancy(&home, &dir, 3);
+    write_files(&dir);
+    sync_replicated(&home);
+    let own = number(&status(&home), "own_blocks");
+
+    let bad = node_homes[0].path();
+    let bad_id = status(bad)["peer_id"].as_str().unwrap().to_owned();
+    let held = block_files(&bad.join("held").join("blocks"));
+    let kept_before = held.len() as u64;
+    assert!(kept_before >= 2, "node 0 holds blocks");
+    let (score, path) = held.iter().next().unwrap();
+    zero(path);
+
+    common::wait_until(
+        "the damaged block taken from that holder and three good copies elsewhere",
+        Duration::from_secs(60),
+        || {
+            let st = status(&home);
+            number(&st, "blocks_dropped") >= 1
+                && number(&st, "under_replicated") == 0
+                && number(&status(bad), "held_blocks") == kept_before - 1
+                && held_blocks(&node_homes) == 3 * own
+        },
+    );
+    let st = status(&home);
+    assert_eq!(number(&st, "holders_dropped"), 0, "the holder stays: {st}");
+    // The next root's manifest names three holders of it, none the bad one.
+    ctl_ok(&home, &["sync"]);
+    let v: serde_json::Value =
+        serde_json::from_str(ctl_ok(&home, &["manifest", "--json"]).trim()).unwrap();
+    let entries = listed(&v["manifest"]["entries"]);
+    let (_, holders) = entries
+        .iter()
+        .find(|(s, _)| s == score)
+        .expect("the block is in the manifest");
+    assert_eq!(holders.len(), 3, "{holders:?}");
+    assert!(!holders.contains(&bad_id), "{holders:?}");
+    m.unmount();
+    drop(nodes);
+}
+
+#[test]
+fn a_block_with_every_copy_destroyed_is_reported_lost_with_its_file() {
+    let env = [
+        ("FINCRYPT_REPLICATE_INTERVAL", "2"),
+        ("FINCRYPT_PROOF_INTERVAL", "1"),
+    ];
+    let (node_homes, nodes, m) = network(&env);
+    let home = m.home().to_path_buf();
+    let volume = home.join("volume").join("blocks");
+    let before = block_files(&volume);
+    // One block of data: under the smallest chunk, over the inline size.
+    let file = m.path().join("doomed-file");
+    std::fs::write(&file, common::random_bytes(99, 100_000)).unwrap();
+    std::fs::File::open(&file).unwrap().sync_all().unwrap();
+    let new: Vec<String> = block_files(&volume)
+        .into_keys()
+        .filter(|s| !before.contains_key(s))
+        .collect();
+    assert_eq!(new.len(), 1, "one data block: {new:?}");
+    let score = &new[0];
+    sync_replicated(&home);
+
+    let mut destroyed = 0;
+    for h in &node_homes {
+        if let Some(p) = block_files(&h.path().join("held").join("blocks")).get(score) {
+            zero(p);
+            destroyed += 1;
+        }
+    }
+    assert!(destroyed >= 2, "the block had copies on peers");
+    std::fs::remove_file(&block_files(&volume)[score]).unwrap();
+
+    common::wait_until("the block reported lost", Duration::from_secs(60), || {
+        number(&status(&home), "lost") >= 1
+    });
+    let st = status(&home);
+    let lost = st["replication"]["lost_files"].to_string();
+    assert!(
+        lost.contains(score.as_str()) && lost.contains("doomed-file"),
+        "{st}"
+    );
+    let text = ctl_ok(&home, &["status"]);
+    assert!(text.contains("doomed-file"), "{text}");
+    m.unmount();
+    drop(nodes);
+}
+
+#[test]
+fn a_block_missing_locally_is_read_from_a_holder_and_kept() {
+    let env = [("FINCRYPT_REPLICATE_INTERVAL", "3600")];
+    let (_node_homes, nodes, m) = network(&env);
+    let home = m.home().to_path_buf();
+    let dir = m.path().join("precious");
+    std::fs::create_dir_all(&dir).unwrap();
+    set_redundancy(&home, &dir, 3);
+    let written = write_files(&dir);
+    sync_replicated(&home);
+    let names: Vec<_> = written
+        .iter()
+        .map(|(p, d)| (p.strip_prefix(m.path()).unwrap().to_path_buf(), d.clone()))
+        .collect();
+    let home_dir = m.unmount();
+    let volume = home_dir.path().join("volume").join("blocks");
+    let all = block_files(&volume);
+    for p in all.values() {
+        std::fs::remove_file(p).unwrap();
+    }
+
+    let m = Mount::start_with(home_dir, mount_opts(&nodes, &env));
+    for (name, data) in &names {
+        let got = std::fs::read(m.path().join(name)).unwrap();
+        assert!(got == *data, "{} reads back from holders", name.display());
+    }
+    let fetched = number(&status(m.home()), "fetched_from_holders");
+    assert!(fetched >= 4, "counted: {fetched}");
+    let home_dir = m.unmount();
+    let back = block_files(&home_dir.path().join("volume").join("blocks"));
+    assert!(
+        back.len() as u64 >= fetched,
+        "{} of {fetched} fetched blocks are in the volume again",
+        back.len()
+    );
+    // What came back is whole: an offline scrub finds those blocks good.
+    let out = common::run(
+        common::fincrypt(home_dir.path()).arg("scrub"),
+        Duration::from_secs(60),
+    );
+    let report = text(&out.stdout);
+    assert!(report.contains(" 0 corrupt"), "{report}");
+    drop(nodes);
+}
+
+#[test]
+fn scrub_while_mounted_repairs_a_corrupted_block_from_a_holder_and_workers_show() {
+    let env = [("FINCRYPT_REPLICATE_INTERVAL", "3600")];
+    let (_node_homes, nodes, m) = network(&env);
+    let home = m.home().to_path_buf();
+    let dir = m.path().join("precious");
+    std::fs::create_dir_all(&dir).unwrap();
+    set_redundancy(&home, &dir, 3);
+    write_files(&dir);
+    sync_replicated(&home);
+
+    let volume = home.join("volume").join("blocks");
+    let (score, path) = block_files(&volume).into_iter().next().unwrap();
+    zero(&path);
+    let out = common::run(
+        common::fincrypt(&home).arg("scrub"),
+        Duration::from_secs(120),
+    );
+    let report = text(&out.stdout);
+    assert!(out.status.success(), "{report}{}", text(&out.stderr));
+    assert!(report.contains("by the running mount"), "{report}");
+    assert!(
+        report.contains(&format!("corrupt {score} (repaired)")),
+        "{report}"
+    );
+    let again = common::run(
+        common::fincrypt(&home).arg("scrub"),
+        Duration::from_secs(120),
+    );
+    assert!(
+        text(&again.stdout).contains(" 0 corrupt, 0 missing"),
+        "{}",
+        text(&again.stdout)
+    );
+
+    let workers: serde_json::Value =
+        serde_json::from_str(ctl_ok(&home, &["workers", "--json"]).trim()).unwrap();
+    let names: Vec<&str> = workers
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["name"].as_str())
+        .collect();
+    // Tests run with scheduled snapshots off, so GC has a worker of its own.
+    for w in ["gc", "scrub", "replication", "proofs", "liveness", "dht"] {
+        assert!(names.contains(&w), "{w} in {names:?}");
+    }
+    let table = ctl_ok(&home, &["workers"]);
+    assert!(
+        table.contains("replication") && table.contains("last error"),
+        "{table}"
     );
     m.unmount();
     drop(nodes);

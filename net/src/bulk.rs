@@ -279,7 +279,8 @@ impl BulkServer {
         });
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(accept(listener, server.clone(), handler, stopped));
-        Ok((server, BulkStop { stop, task }))
+        let port = server.port;
+        Ok((server, BulkStop { stop, task, port }))
     }
 
     /// Opens a session for `peer` with its `key`: the answer to its `Request::Bulk`.
@@ -317,6 +318,8 @@ impl BulkServer {
 pub(crate) struct BulkStop {
     stop: tokio::sync::oneshot::Sender<()>,
     task: JoinHandle<()>,
+    /// The TCP port it listens on.
+    pub(crate) port: u16,
 }
 
 impl BulkStop {

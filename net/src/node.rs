@@ -305,6 +305,11 @@ impl Node {
         &self.listen_addrs
     }
 
+    /// The TCP port bulk connections are accepted on, if this node offers them.
+    pub fn bulk_port(&self) -> Option<u16> {
+        self.bulk.as_ref().map(|b| b.port)
+    }
+
     /// Stops the node: in-flight inbound requests are answered, then the swarm closes.
     pub async fn shutdown(self) {
         self.client.shutdown().await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use fincrypt::config::HomeArg;
-use fincrypt::control::{self, Request};
+use fincrypt::control::{self, Answer, Request, Status, WorkerStatus};
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +64,12 @@ enum Command {
     Snapshots {
         #[command(subcommand)]
         command: SnapshotCommand,
+    },
+    /// Every background worker: state, last run, work done, queue, last error.
+    Workers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -140,11 +146,20 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) -> Result<()> {
     Ok(())
 }
 
+fn status(data: &Path) -> Result<Status> {
+    control::call_for(data, &Request::Status, None, |a| match a {
+        Answer::Status(s) => Some(*s),
+        _ => None,
+    })
+}
+
 /// The mount point and default redundancy of the running daemon, and `path` made absolute inside it.
 fn inside_mount(data: &Path, path: &Path) -> Result<(PathBuf, u8, PathBuf)> {
-    let v = control::call(data, &Request::Status, None)?;
-    let mnt = PathBuf::from(v["mountpoint"].as_str().unwrap_or_default());
-    let default = v["default_redundancy"].as_u64().unwrap_or(2) as u8;
+    let v = status(data)?;
+    let Some(mnt) = v.mountpoint else {
+        bail!("the daemon for this home is a storage node: it has no mount");
+    };
+    let default = v.default_redundancy;
     let abs = path
         .canonicalize()
         .with_context(|| format!("{}", path.display()))?;
@@ -163,48 +178,44 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let data = &home.data_dir;
     match cli.command {
         Command::Status { json } => {
-            let v = control::call(data, &Request::Status, None)?;
+            let v = status(data)?;
             if json {
-                println!("{v}");
-            } else if let Some(map) = v.as_object() {
-                for (k, v) in map {
-                    println!("{:<16} {}", k.replace('_', " "), v);
-                }
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                print_status(&v);
             }
         }
         Command::Sync {
             replicated,
             timeout,
         } => {
-            let v = control::call(data, &Request::Sync, None)?;
-            println!(
-                "synced; root committed at {}",
-                v["time"].as_str().unwrap_or("?")
-            );
+            let v = control::call_for(data, &Request::Sync, None, |a| match a {
+                Answer::Synced(s) => Some(s),
+                _ => None,
+            })?;
+            println!("synced; root committed at {}", v.time);
             if replicated {
-                let v = control::call(
-                    data,
-                    &Request::Replicate {
-                        timeout_secs: timeout,
-                    },
-                    Some(Duration::from_secs(timeout + 120)),
-                )?;
-                let under = v["under_replicated"].as_u64().unwrap_or(u64::MAX);
-                if under > 0 {
+                let req = Request::Replicate {
+                    timeout_secs: timeout,
+                };
+                let wait = Some(Duration::from_secs(timeout + 120));
+                let v = control::call_for(data, &req, wait, |a| match a {
+                    Answer::Replication(r) => Some(r),
+                    _ => None,
+                })?;
+                if v.under_replicated > 0 {
                     eprintln!(
-                        "fincryptctl: {under} own blocks still have fewer holders than asked after {timeout} s ({})",
-                        v["replication_note"].as_str().unwrap_or("")
+                        "fincryptctl: {} own blocks still have fewer holders than asked after {timeout} s ({})",
+                        v.under_replicated, v.note
                     );
                     return Ok(ExitCode::from(2));
                 }
                 println!(
                     "replicated: {} blocks, {} copies on peers",
-                    v["replicated_blocks"], v["placed_copies"]
+                    v.replicated_blocks, v.placed_copies
                 );
-                if let Some(levels) = v["blocks_by_redundancy"].as_object() {
-                    for (n, count) in levels {
-                        println!("  {count} blocks at redundancy {n}");
-                    }
+                for (n, count) in &v.blocks_by_redundancy {
+                    println!("  {count} blocks at redundancy {n}");
                 }
             }
         }
@@ -239,9 +250,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Manifest { json } => {
-            let v = control::call(data, &Request::Manifest, None)?;
+            let v = control::call_for(data, &Request::Manifest, None, |a| match a {
+                Answer::Manifest(m) => Some(m),
+                _ => None,
+            })?;
             if json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&v)?);
             } else {
                 print_manifest(&v);
             }
@@ -249,46 +263,195 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Snapshots {
             command: SnapshotCommand::List,
         } => {
-            let v = control::call(data, &Request::SnapshotsList, None)?;
-            for s in v.as_array().into_iter().flatten() {
-                println!("{}", s["name"].as_str().unwrap_or("?"));
+            let list = control::call_for(data, &Request::SnapshotsList, None, |a| match a {
+                Answer::Snapshots(l) => Some(l),
+                _ => None,
+            })?;
+            if list.is_empty() {
+                println!(
+                    "no snapshots yet (one is taken every snapshot_interval seconds, or now with `fincryptctl snapshots create`)"
+                );
+            }
+            for s in &list {
+                println!("{}", s.name);
             }
         }
         Command::Snapshots {
             command: SnapshotCommand::Create,
         } => {
-            let v = control::call(data, &Request::SnapshotsCreate, None)?;
-            println!("{}", v["time"].as_str().unwrap_or("?"));
+            let v = control::call_for(data, &Request::SnapshotsCreate, None, |a| match a {
+                Answer::Synced(s) => Some(s),
+                _ => None,
+            })?;
+            println!("{}", v.time);
+        }
+        Command::Workers { json } => {
+            let list = control::call_for(data, &Request::Workers, None, |a| match a {
+                Answer::Workers(l) => Some(l),
+                _ => None,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else {
+                print_workers(&list);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Bytes as a person reads them: `0 B`, `1.5 KiB`, `2.0 GiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// `status` for a person: aligned labels, units, and only what applies.
+fn print_status(v: &Status) {
+    let row = |label: &str, value: String| println!("{label:<22} {value}");
+    row("role", v.role.clone());
+    if let Some(m) = &v.mountpoint {
+        row("mounted on", m.display().to_string());
+    }
+    if let Some(p) = &v.peer_id {
+        row("peer id", p.clone());
+    }
+    for a in &v.listen_addrs {
+        row("listening on", a.clone());
+    }
+    if let Some(port) = v.bulk_port {
+        row("bulk port", format!("tcp {port}"));
+    }
+    if v.role == "mount" {
+        row(
+            "own blocks",
+            format!("{} ({})", v.own_blocks, bytes(v.own_bytes)),
+        );
+        row("unsealed", bytes(v.unsealed_bytes));
+        row("snapshots", v.snapshots.to_string());
+        row("default redundancy", v.default_redundancy.to_string());
+    }
+    if v.capacity > 0 || v.held_blocks > 0 {
+        row(
+            "held for peers",
+            format!(
+                "{} blocks ({} of {})",
+                v.held_blocks,
+                bytes(v.held_bytes),
+                bytes(v.capacity)
+            ),
+        );
+    }
+    row(
+        "cached",
+        format!("{} blocks ({})", v.cached_blocks, bytes(v.cached_bytes)),
+    );
+    row("peers connected", v.peers.to_string());
+    if v.role == "mount" {
+        let r = &v.replication;
+        row("under-replicated", format!("{} blocks", r.under_replicated));
+        row("lost", format!("{} blocks", r.lost));
+        for l in &r.lost_files {
+            row("  lost block", format!("{} in {}", l.score, l.path));
+        }
+        row(
+            "proofs",
+            format!("{} passed, {} failed", r.proofs_passed, r.proofs_failed),
+        );
+        row(
+            "dropped",
+            format!(
+                "{} holders, {} blocks from one holder",
+                r.holders_dropped, r.blocks_dropped
+            ),
+        );
+        row(
+            "read from holders",
+            format!("{} blocks", r.fetched_from_holders),
+        );
+        row("replication passes", r.passes.to_string());
+        if r.manifest_damaged_entries > 0 {
+            row(
+                "damaged manifest",
+                format!("{} entries (placed again)", r.manifest_damaged_entries),
+            );
+        }
+        if !r.note.is_empty() {
+            row("note", r.note.clone());
+        }
+        let w = &v.workers;
+        row(
+            "workers",
+            format!(
+                "{} ({} busy, {} failing; see `fincryptctl workers`)",
+                w.total, w.busy, w.failing
+            ),
+        );
+    }
+}
+
+/// Seconds ago, from a Unix time.
+fn ago(t: Option<u64>) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match t {
+        Some(t) => format!("{} s ago", now.saturating_sub(t)),
+        None => "never".into(),
+    }
+}
+
+fn print_workers(list: &[WorkerStatus]) {
+    println!(
+        "{:<12} {:<8} {:>9} {:>12} {:>8} {:>7} {:>6}  last error",
+        "worker", "state", "every", "last run", "done", "queue", "errors"
+    );
+    for w in list {
+        let state = serde_json::to_value(w.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        println!(
+            "{:<12} {:<8} {:>7} s {:>12} {:>8} {:>7} {:>6}  {}",
+            w.name,
+            state,
+            w.interval_secs,
+            ago(w.last_run),
+            w.work_done,
+            w.queue.map_or("-".to_owned(), |q| q.to_string()),
+            w.errors,
+            w.last_error.as_deref().unwrap_or("-")
+        );
+    }
+}
+
 /// A person's summary of `Request::Manifest`'s answer: counts per holder.
-fn print_manifest(v: &serde_json::Value) {
-    let root = v["root"].as_str().unwrap_or("?");
-    let time = v["time"].as_str().unwrap_or("?");
-    println!("root {root} ({time})");
-    let m = &v["manifest"];
-    if m.is_null() {
+fn print_manifest(v: &control::ManifestView) {
+    println!("root {} ({})", v.root, v.time);
+    let Some(m) = &v.manifest else {
         println!("  names no manifest (a mount without peers, or an older root)");
         return;
-    }
-    let list = |key: &str| m[key].as_array().cloned().unwrap_or_default();
-    let (entries, blocks) = (list("entries"), list("blocks"));
+    };
     println!(
-        "  manifest version {}: {} own blocks, {} bytes in {} blocks of its own",
-        m["version"],
-        entries.len(),
-        m["bytes"],
-        blocks.len()
+        "  manifest version {}: {} own blocks, {} in {} blocks of its own",
+        m.version,
+        m.entries.len(),
+        bytes(m.bytes),
+        m.blocks.len()
     );
-    let mut per_peer: std::collections::BTreeMap<String, u64> = Default::default();
-    for e in &entries {
-        for h in e["holders"].as_array().into_iter().flatten() {
-            *per_peer
-                .entry(h.as_str().unwrap_or("?").to_owned())
-                .or_default() += 1;
+    let mut per_peer: std::collections::BTreeMap<&str, u64> = Default::default();
+    for e in &m.entries {
+        for h in &e.holders {
+            *per_peer.entry(h.as_str()).or_default() += 1;
         }
     }
     for (peer, n) in per_peer {

@@ -325,6 +325,32 @@ impl LocalStore {
         Ok(report)
     }
 
+    /// Writes `data` back as the block `score` after its file was lost or
+    /// damaged, keeping the class the index gives it (or storing it as
+    /// `class` if the index has no entry); the bytes are checked against the
+    /// score first, so a wrong copy never replaces anything. Durable on return.
+    pub fn restore(&self, score: &Score, data: &[u8], class: Class) -> Result<(), Error> {
+        check(score, data)?;
+        if self.entry(score)?.is_none() {
+            return self.put(*score, Bytes::copy_from_slice(data), class);
+        }
+        let (tmp, file) = self.write_tmp(data, false)?;
+        let dest = self.path_of(score);
+        let linked = file
+            .sync_all()
+            .and_then(|()| fs::rename(&tmp, &dest))
+            .and_then(|()| match dest.parent() {
+                Some(dir) => fs::File::open(dir).and_then(|d| d.sync_all()),
+                None => Ok(()),
+            });
+        if let Err(e) = linked {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io(&dest, e));
+        }
+        self.leaves.remove(score);
+        Ok(())
+    }
+
     /// Every score in the index.
     pub fn indexed(&self) -> Result<BTreeSet<Score>, Error> {
         let txn = self.db.begin_read()?;

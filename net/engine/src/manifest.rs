@@ -8,20 +8,25 @@
 //!   whoever can read the root can also find who holds every block, and each
 //!   root carries the version of the manifest of its time.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use fincrypt_blockstore::tree::write_all;
 use fincrypt_blockstore::{BlockStore, Class, FileRef, Keys, Score, TreeParams, TreeReader};
 use fincrypt_net::PeerId;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
+
 const HOLDERS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("holders");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Blocks a dropped holder may still keep: key PeerId bytes then the score.
 const DROPPED: TableDefinition<&[u8], u8> = TableDefinition::new("dropped");
+/// Each holder's proof history: key PeerId bytes, value a postcard [`HolderRecord`].
+const PROOFS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("proofs");
 /// Bytes of manifest pages redb may cache.
 const MANIFEST_CACHE: usize = 8 << 20;
 /// Version of the manifest's tables.
@@ -30,6 +35,9 @@ pub const MANIFEST_VERSION: u64 = 1;
 /// The owner's record of which peers confirmed holding each own block.
 pub struct Manifest {
     db: Database,
+    /// Entries found undecodable since open (each logged); their blocks
+    /// count as having no confirmed holder, so they are placed again.
+    corrupt: AtomicU64,
 }
 
 impl Manifest {
@@ -38,8 +46,7 @@ impl Manifest {
         // redb caches up to 1 GiB by default; the daemon's memory is bounded.
         let db = redb::Builder::new()
             .set_cache_size(MANIFEST_CACHE)
-            .create(path)
-            .with_context(|| format!("opening {}", path.display()))?;
+            .create(path)?;
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -49,16 +56,22 @@ impl Manifest {
                     meta.insert("version", MANIFEST_VERSION)?;
                 }
                 Some(MANIFEST_VERSION) => {}
-                Some(v) => anyhow::bail!(
-                    "manifest version {v} in {} is not supported (this program reads {MANIFEST_VERSION})",
-                    path.display()
-                ),
+                Some(v) => {
+                    return Err(Error::Format(format!(
+                        "manifest version {v} in {} is not supported (this program reads {MANIFEST_VERSION})",
+                        path.display()
+                    )));
+                }
             }
             txn.open_table(HOLDERS)?;
             txn.open_table(DROPPED)?;
+            txn.open_table(PROOFS)?;
         }
         txn.commit()?;
-        Ok(Manifest { db })
+        Ok(Manifest {
+            db,
+            corrupt: AtomicU64::new(0),
+        })
     }
 
     /// The confirmed holders of `score`.
@@ -66,7 +79,7 @@ impl Manifest {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(HOLDERS)?;
         Ok(match table.get(score.0)? {
-            Some(v) => decode_peers(v.value()),
+            Some(v) => self.decode_peers(score, v.value()),
             None => Vec::new(),
         })
     }
@@ -78,7 +91,7 @@ impl Manifest {
         let mut out = Vec::new();
         for s in scores {
             out.push(match table.get(s.0)? {
-                Some(v) => decode_peers(v.value()),
+                Some(v) => self.decode_peers(&s, v.value()),
                 None => Vec::new(),
             });
         }
@@ -110,7 +123,8 @@ impl Manifest {
         let mut out = Vec::new();
         for item in table.iter()? {
             let (k, v) = item?;
-            out.push((Score(k.value()), decode_peers(v.value())));
+            let score = Score(k.value());
+            out.push((score, self.decode_peers(&score, v.value())));
         }
         Ok(out)
     }
@@ -137,7 +151,7 @@ impl Manifest {
             let mut changed = Vec::new();
             for item in table.iter()? {
                 let (k, v) = item?;
-                let peers = decode_peers(v.value());
+                let peers = self.decode_peers(&Score(k.value()), v.value());
                 if peers.contains(peer) {
                     let rest: Vec<Vec<u8>> = peers
                         .iter()
@@ -194,17 +208,202 @@ impl Manifest {
         Ok(())
     }
 
+    /// Takes `peer` out of the holders of `scores` (a failed proof or read of
+    /// those blocks there) and remembers that it may still keep them, so it
+    /// is asked to release them; its other blocks stay. Returns how many of
+    /// `scores` it was a holder of.
+    pub fn drop_blocks(&self, peer: &PeerId, scores: &[Score]) -> Result<u64> {
+        let txn = self.db.begin_write()?;
+        let mut n = 0;
+        {
+            let mut table = txn.open_table(HOLDERS)?;
+            let mut dropped = txn.open_table(DROPPED)?;
+            for score in scores {
+                let peers = match table.get(score.0)? {
+                    Some(v) => self.decode_peers(score, v.value()),
+                    None => continue,
+                };
+                if !peers.contains(peer) {
+                    continue;
+                }
+                let rest: Vec<Vec<u8>> = peers
+                    .iter()
+                    .filter(|p| *p != peer)
+                    .map(|p| p.to_bytes())
+                    .collect();
+                table.insert(score.0, postcard::to_allocvec(&rest)?.as_slice())?;
+                let mut key = peer.to_bytes();
+                key.extend_from_slice(&score.0);
+                dropped.insert(key.as_slice(), 1)?;
+                n += 1;
+            }
+        }
+        txn.commit()?;
+        Ok(n)
+    }
+
+    /// Every peer named as a holder of some block.
+    pub fn holder_peers(&self) -> Result<HashSet<PeerId>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(HOLDERS)?;
+        let mut out = HashSet::new();
+        for item in table.iter()? {
+            let (k, v) = item?;
+            out.extend(self.decode_peers(&Score(k.value()), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Entries from `after` on (exclusive), at most `limit`, wrapping to the
+    /// start past the end: a cursor over the whole manifest in slices.
+    pub fn entries_after(
+        &self,
+        after: Option<Score>,
+        limit: usize,
+    ) -> Result<Vec<(Score, Vec<PeerId>)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(HOLDERS)?;
+        let mut out = Vec::new();
+        let tail = match after {
+            Some(a) => table.range((std::ops::Bound::Excluded(a.0), std::ops::Bound::Unbounded))?,
+            None => table.range::<[u8; 32]>(..)?,
+        };
+        // From the start again past the end, up to where this slice began.
+        let head = match after {
+            Some(a) => Some(table.range(..=a.0)?),
+            None => None,
+        };
+        for item in tail.chain(head.into_iter().flatten()) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            let score = Score(k.value());
+            if after == Some(score) {
+                break;
+            }
+            out.push((score, self.decode_peers(&score, v.value())));
+        }
+        Ok(out)
+    }
+
+    /// The proof history of `peer` (empty if it was never challenged).
+    pub fn holder_record(&self, peer: &PeerId) -> Result<HolderRecord> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PROOFS)?;
+        Ok(match table.get(peer.to_bytes().as_slice())? {
+            Some(v) => HolderRecord::decode(v.value()),
+            None => HolderRecord::default(),
+        })
+    }
+
+    /// Changes the proof histories of several holders in one commit.
+    pub fn update_records(
+        &self,
+        peers: &[PeerId],
+        mut change: impl FnMut(&PeerId, &mut HolderRecord),
+    ) -> Result<()> {
+        if peers.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(PROOFS)?;
+            for peer in peers {
+                let key = peer.to_bytes();
+                let mut record = match table.get(key.as_slice())? {
+                    Some(v) => HolderRecord::decode(v.value()),
+                    None => HolderRecord::default(),
+                };
+                change(peer, &mut record);
+                table.insert(key.as_slice(), postcard::to_allocvec(&record)?.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every holder's proof history.
+    pub fn holder_records(&self) -> Result<Vec<(PeerId, HolderRecord)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PROOFS)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (k, v) = item?;
+            match PeerId::from_bytes(k.value()) {
+                Ok(p) => out.push((p, HolderRecord::decode(v.value()))),
+                Err(e) => tracing::error!(error = %e, "a proof record names a malformed PeerId"),
+            }
+        }
+        Ok(out)
+    }
+
     /// The whole manifest as a record, to be stored as blocks.
     pub fn record(&self) -> Result<ManifestRecord> {
         Ok(ManifestRecord::new(&self.all()?))
     }
 }
 
-fn decode_peers(bytes: &[u8]) -> Vec<PeerId> {
-    let ids: Vec<Vec<u8>> = postcard::from_bytes(bytes).unwrap_or_default();
-    ids.iter()
-        .filter_map(|b| PeerId::from_bytes(b).ok())
-        .collect()
+impl Manifest {
+    /// The holders an entry names; a damaged entry is logged and counted,
+    /// and reads as no confirmed holder (so the block is placed again), never
+    /// as a wrong one.
+    fn decode_peers(&self, score: &Score, bytes: &[u8]) -> Vec<PeerId> {
+        let decoded = postcard::from_bytes::<Vec<Vec<u8>>>(bytes).map_err(|e| e.to_string());
+        let peers = decoded.and_then(|ids| {
+            ids.iter()
+                .map(|b| PeerId::from_bytes(b).map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        match peers {
+            Ok(p) => p,
+            Err(reason) => {
+                self.corrupt.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%score, %reason, "a manifest entry is damaged; the block will be placed again");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Manifest entries found damaged since it was opened.
+    pub fn corrupt_entries(&self) -> u64 {
+        self.corrupt.load(Ordering::Relaxed)
+    }
+}
+
+/// What the owner learnt of one holder from its proofs; kept across restarts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderRecord {
+    /// Proofs that checked out.
+    pub passed: u64,
+    /// Challenges failed: a wrong proof, "not held", or no answer.
+    pub failed: u64,
+    /// Failures since the last pass.
+    pub consecutive: u32,
+    /// Unix time of the last passed proof.
+    pub last_passed: Option<u64>,
+    /// Unix time of the last failure.
+    pub last_failed: Option<u64>,
+    /// Times it was dropped as a holder.
+    pub dropped: u32,
+    /// Unix time until which it gets no new placements (after a drop).
+    pub banned_until: Option<u64>,
+}
+
+impl HolderRecord {
+    /// A stored record; a damaged one is logged and starts afresh (it only
+    /// ever makes a holder look better than it was for one round).
+    fn decode(bytes: &[u8]) -> HolderRecord {
+        postcard::from_bytes(bytes).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "a holder's proof record is damaged; starting it afresh");
+            HolderRecord::default()
+        })
+    }
+
+    /// True while it gets no new placements.
+    pub fn banned(&self, now: u64) -> bool {
+        self.banned_until.is_some_and(|t| t > now)
+    }
 }
 
 /// Version of [`ManifestRecord`].
@@ -256,7 +455,10 @@ impl ManifestRecord {
         let peers = self
             .peers
             .iter()
-            .map(|b| PeerId::from_bytes(b).context("a manifest names a malformed PeerId"))
+            .map(|b| {
+                PeerId::from_bytes(b)
+                    .map_err(|e| Error::Format(format!("a manifest names a malformed PeerId: {e}")))
+            })
             .collect::<Result<Vec<_>>>()?;
         self.entries
             .iter()
@@ -264,8 +466,11 @@ impl ManifestRecord {
                 let holders = ids
                     .iter()
                     .map(|i| {
-                        peers.get(*i as usize).copied().with_context(|| {
-                            format!("a manifest entry names holder {i} of {}", peers.len())
+                        peers.get(*i as usize).copied().ok_or_else(|| {
+                            Error::Format(format!(
+                                "a manifest entry names holder {i} of {}",
+                                peers.len()
+                            ))
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
@@ -293,12 +498,12 @@ impl ManifestRecord {
         let bytes = reader.read_all(file)?;
         let version = bytes.first().copied();
         if version != Some(MANIFEST_RECORD_VERSION) {
-            bail!(
+            return Err(Error::Format(format!(
                 "manifest record version {version:?} is not supported (this program reads {MANIFEST_RECORD_VERSION})"
-            );
+            )));
         }
-        let record: ManifestRecord =
-            postcard::from_bytes(&bytes).context("decoding the manifest record")?;
+        let record: ManifestRecord = postcard::from_bytes(&bytes)
+            .map_err(|e| Error::Format(format!("decoding the manifest record: {e}")))?;
         // Indices are checked once here, so readers can trust them.
         record.holders()?;
         Ok(record)
@@ -333,6 +538,59 @@ mod tests {
         assert!(m.pending_releases().unwrap().is_empty());
         m.remove([s].into_iter()).unwrap();
         assert!(m.holders(&s).unwrap().is_empty());
+    }
+
+    #[test]
+    fn proof_histories_and_per_block_drops_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manifest.redb");
+        let (p, q) = (PeerId::random(), PeerId::random());
+        let (s, t) = (Score([5; 32]), Score([6; 32]));
+        {
+            let m = Manifest::open(&path).unwrap();
+            m.set_many(&[(s, vec![p, q]), (t, vec![p, q])]).unwrap();
+            assert_eq!(m.drop_blocks(&p, &[s]).unwrap(), 1);
+            m.update_records(&[p], |_, r| {
+                r.passed += 2;
+                r.failed += 1;
+                r.banned_until = Some(u64::MAX);
+            })
+            .unwrap();
+        }
+        let m = Manifest::open(&path).unwrap();
+        assert_eq!(m.holders(&s).unwrap(), vec![q], "only that block left p");
+        assert_eq!(
+            m.holders(&t).unwrap(),
+            vec![p, q],
+            "p keeps the block it proves"
+        );
+        assert_eq!(m.pending_releases().unwrap()[&p], vec![s]);
+        let r = m.holder_record(&p).unwrap();
+        assert_eq!((r.passed, r.failed), (2, 1));
+        assert!(r.banned(0));
+        assert_eq!(m.holder_record(&q).unwrap(), HolderRecord::default());
+    }
+
+    #[test]
+    fn a_cursor_over_the_manifest_visits_every_entry_once_per_lap() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manifest::open(&dir.path().join("manifest.redb")).unwrap();
+        let e = entries(10);
+        m.set_many(&e).unwrap();
+        let mut seen = Vec::new();
+        let mut after = None;
+        for _ in 0..4 {
+            let slice = m.entries_after(after, 3).unwrap();
+            assert!(!slice.is_empty());
+            after = slice.last().map(|(s, _)| *s);
+            seen.extend(slice.into_iter().map(|(s, _)| s));
+        }
+        // Four slices of three over ten entries: the first two come round again.
+        let mut first_lap = seen[..10].to_vec();
+        first_lap.sort();
+        first_lap.dedup();
+        assert_eq!(first_lap.len(), 10, "{seen:?}");
+        assert_eq!(seen[10..], seen[..2]);
     }
 
     /// Entries over `n` blocks, each held by three of eight peers.

@@ -1,27 +1,25 @@
 //! Placement of own blocks on peers, recorded in the owner's manifest.
 //!
-//! A pass walks what the live tree and every retained snapshot reference
-//! (as GC does) and asks, per block, for a number of copies on peers:
-//! a data block its file's effective redundancy (the nearest
-//! `user.fincrypt.redundancy` on the way down from the root, else the
-//! config's default), every other block (pointer blocks, directory
-//! streams, roots, the manifest's own blocks) the highest redundancy in use
-//! and at least [`META_REDUNDANCY`]. A block short of copies is put on the connected
-//! peers that serve blocks and have room, closest first by XOR distance
-//! between the score and the SHA-256 of the peer's id; each peer that
-//! stores it is recorded in the manifest ([`Manifest`], docs/FORMATS.md).
+//! A pass takes what the owner's blocks want ([`Wanted`], from
+//! [`crate::Wants`]): a data block its file's effective redundancy, every
+//! other block the highest in use and at least [`META_REDUNDANCY`]. A block
+//! short of copies is put on the peers that serve blocks and have room,
+//! closest first by XOR distance between the score and the SHA-256 of the
+//! peer's id; each peer that stores it is recorded in the manifest
+//! ([`Manifest`], docs/FORMATS.md). A block with no confirmed holder whose
+//! local copy is also gone or damaged is *lost*: counted and named.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::Result;
 use bytes::Bytes;
-use fincrypt_blockstore::{BlockStore, FileRef, Pointer, Score};
-use fincrypt_fs::meta::{Kind, ROOT_INO};
-use fincrypt_fs::{Fossil, snapshot};
+use fincrypt_blockstore::{BlockStore, Score};
 use fincrypt_net::{Client, Error as NetError, ErrorCode, PeerId};
 use sha2::{Digest, Sha256};
+
+use crate::error::Result;
+use crate::unix_now;
 
 pub use crate::manifest::Manifest;
 
@@ -30,114 +28,6 @@ pub const META_REDUNDANCY: u8 = 3;
 
 /// Copies asked of each own block: score -> redundancy.
 pub type Wanted = BTreeMap<Score, u8>;
-
-/// Works out the redundancy every referenced own block asks for.
-pub fn wanted(fs: &Fossil, default: u8) -> Result<Wanted> {
-    let default = default.max(1);
-    let mut data: HashMap<Score, u8> = HashMap::new();
-    let mut meta: HashSet<Score> = HashSet::new();
-    let mut highest = default;
-    let reader = fs.reader();
-    let add_file = |f: &FileRef,
-                    n: u8,
-                    is_dir: bool,
-                    data: &mut HashMap<Score, u8>,
-                    meta: &mut HashSet<Score>|
-     -> Result<()> {
-        reader.visit_scores(f, &mut |p: &Pointer| {
-            if p.depth == 0 && !is_dir {
-                let e = data.entry(p.score).or_insert(n);
-                *e = (*e).max(n);
-            } else {
-                meta.insert(p.score);
-            }
-        })?;
-        Ok(())
-    };
-
-    // Trees already walked, with the redundancy asked of them then: walking
-    // one again at no higher redundancy adds nothing, and the live tree and
-    // the retained snapshots share most of their trees.
-    let mut walked: HashMap<(Score, bool), u8> = HashMap::new();
-    fn fresh(walked: &mut HashMap<(Score, bool), u8>, f: &FileRef, n: u8, is_dir: bool) -> bool {
-        let FileRef::Tree(p) = f else { return true };
-        let seen = walked.entry((p.score, is_dir)).or_insert(0);
-        if *seen >= n {
-            return false;
-        }
-        *seen = n;
-        true
-    }
-
-    // The live tree, carrying each directory's effective redundancy down.
-    let view = fs.meta().view()?;
-    let root = view.inode(ROOT_INO)?;
-    let root_n = root.redundancy.unwrap_or(default);
-    highest = highest.max(root_n);
-    let mut dirs = vec![(ROOT_INO, root_n)];
-    let mut seen_dirs = HashSet::new();
-    while let Some((dir, n)) = dirs.pop() {
-        if !seen_dirs.insert(dir) {
-            continue;
-        }
-        for d in view.entries(dir)? {
-            let inode = view.inode(d.ino)?;
-            let m = inode.redundancy.unwrap_or(n);
-            highest = highest.max(m);
-            if inode.kind == Kind::Dir {
-                dirs.push((d.ino, m));
-            } else if fresh(&mut walked, &inode.content, m, false) {
-                add_file(&inode.content, m, false, &mut data, &mut meta)?;
-            }
-        }
-    }
-    // Files no name leads to (unlinked while open) still have blocks.
-    for content in view.contents()? {
-        reader.visit_scores(&content, &mut |p: &Pointer| {
-            if p.depth == 0 {
-                data.entry(p.score).or_insert(default);
-            } else {
-                meta.insert(p.score);
-            }
-        })?;
-    }
-    drop(view);
-
-    // Retained snapshots, with the settings they recorded.
-    for snap in fs.meta().snapshots()? {
-        meta.insert(snap.root.score);
-        let r = snapshot::root(fs, &snap)?;
-        // The manifest's blocks are metadata, like the root that names them.
-        if let Some(m) = &r.manifest {
-            add_file(m, default, true, &mut data, &mut meta)?;
-        }
-        let n = r.tree.redundancy.unwrap_or(default);
-        let mut dirs = vec![(r.tree, n)];
-        while let Some((d, n)) = dirs.pop() {
-            if !fresh(&mut walked, &d.content, n, true) {
-                // Listed before at this redundancy or higher: all below it too.
-                continue;
-            }
-            add_file(&d.content, n, true, &mut data, &mut meta)?;
-            for e in snapshot::read_dir(fs, &d)? {
-                let m = e.redundancy.unwrap_or(n);
-                highest = highest.max(m);
-                if e.kind == Kind::Dir {
-                    dirs.push((e, m));
-                } else if fresh(&mut walked, &e.content, m, false) {
-                    add_file(&e.content, m, false, &mut data, &mut meta)?;
-                }
-            }
-        }
-    }
-
-    let meta_n = highest.max(META_REDUNDANCY);
-    let mut out: Wanted = data.into_iter().collect();
-    for s in meta {
-        out.insert(s, meta_n);
-    }
-    Ok(out)
-}
 
 /// The XOR distance between a score and a peer (its id hashed to 32 bytes).
 pub fn distance(score: &Score, peer: &PeerId) -> [u8; 32] {
@@ -170,21 +60,16 @@ pub struct ReplicationStats {
     pub holders_dropped: AtomicU64,
     /// Own blocks the last pass looked at, by the redundancy they ask for.
     pub by_redundancy: Mutex<BTreeMap<u8, u64>>,
+    /// Own blocks with no confirmed holder and no good local copy: lost.
+    pub lost: AtomicU64,
+    /// Those blocks' scores.
+    pub lost_blocks: Mutex<Vec<Score>>,
+    /// Blocks that failed a proof or a read on one holder and were taken
+    /// from that holder only, to be placed again.
+    pub blocks_dropped: AtomicU64,
+    /// Holders dropped because they stayed unreachable past the holder timeout.
+    pub holders_unreachable: AtomicU64,
 }
-
-/// How challenges are run.
-#[derive(Clone, Copy, Debug)]
-pub struct ProofPolicy {
-    /// Blocks challenged per round (every holder of each).
-    pub blocks: usize,
-    /// Consecutive failures after which a holder is dropped.
-    pub failures: u32,
-    /// How long one challenge may take.
-    pub timeout: std::time::Duration,
-}
-
-/// How long a dropped holder gets no new placements.
-const BANNED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What a pass needs.
 pub struct Replicator {
@@ -192,19 +77,23 @@ pub struct Replicator {
     pub manifest: Arc<Manifest>,
     pub stats: Arc<ReplicationStats>,
     /// One pass at a time.
-    pub running: tokio::sync::Mutex<()>,
-    /// Consecutive failed proofs per holder.
-    pub failures: Mutex<HashMap<PeerId, u32>>,
-    /// Holders dropped lately, kept out of placement until the instant.
-    pub banned: Mutex<HashMap<PeerId, std::time::Instant>>,
-    /// Where the next challenge round starts in the list of blocks.
-    pub cursor: std::sync::atomic::AtomicUsize,
+    running: tokio::sync::Mutex<()>,
 }
 
 /// Puts of blocks to peers in flight at once.
 const PARALLEL_BLOCKS: usize = 8;
 
 impl Replicator {
+    /// A replicator placing through `client` and recording in `manifest`.
+    pub fn new(client: Client, manifest: Arc<Manifest>) -> Replicator {
+        Replicator {
+            client,
+            manifest,
+            stats: Arc::new(ReplicationStats::default()),
+            running: tokio::sync::Mutex::new(()),
+        }
+    }
+
     /// Places every block of `wanted` short of copies; returns how many are still short.
     ///
     /// `local` reads a block's bytes from the owner's volume.
@@ -221,13 +110,15 @@ impl Replicator {
             .map(|p| p.peer_id)
             .collect();
         let peers: Vec<PeerId> = {
-            let now = std::time::Instant::now();
-            let mut banned = self.banned.lock().unwrap_or_else(|p| p.into_inner());
-            banned.retain(|_, until| *until > now);
-            peers
+            let now = unix_now();
+            let banned: HashSet<PeerId> = self
+                .manifest
+                .holder_records()?
                 .into_iter()
-                .filter(|p| !banned.contains_key(p))
-                .collect()
+                .filter(|(_, r)| r.banned(now))
+                .map(|(p, _)| p)
+                .collect();
+            peers.into_iter().filter(|p| !banned.contains(p)).collect()
         };
         // Room each candidate reports, counted down as this pass fills it.
         let mut room: HashMap<PeerId, u64> = HashMap::new();
@@ -260,13 +151,26 @@ impl Replicator {
             }
         }
         self.release_surplus(surplus).await?;
+        // A holder that lost a block (a failed proof or read, or it was
+        // dropped) is no candidate for that block in this pass, even if it
+        // lets go of its copy below: the block goes to another peer.
+        let pending: Arc<HashSet<(PeerId, Score)>> = Arc::new(
+            self.manifest
+                .pending_releases()?
+                .into_iter()
+                .flat_map(|(p, scores)| scores.into_iter().map(move |s| (p, s)))
+                .collect(),
+        );
+        self.release_dropped().await?;
         let results = futures::stream::iter(short.into_iter().map(|(score, n, holders)| {
             let room = room.clone();
             let local = local.clone();
+            let pending = pending.clone();
             async move {
                 let before = holders.len();
-                let holders = self.place(score, n, holders, &room, &local).await;
-                (score, n, before, holders)
+                let (holders, readable) =
+                    self.place(score, n, holders, &room, &local, &pending).await;
+                (score, n, before, holders, readable)
             }
         }))
         .buffer_unordered(PARALLEL_BLOCKS)
@@ -274,10 +178,14 @@ impl Replicator {
         .await;
         let mut under = 0u64;
         let mut changed = Vec::new();
-        for (score, n, before, holders) in results {
+        let mut lost = Vec::new();
+        for (score, n, before, holders, readable) in results {
             placed_total += (holders.len().min(n as usize) - before.min(n as usize)) as u64;
             if holders.len() < n as usize {
                 under += 1;
+            }
+            if holders.is_empty() && !readable {
+                lost.push(score);
             }
             if holders.len() != before {
                 changed.push((score, holders));
@@ -285,7 +193,6 @@ impl Replicator {
         }
         self.manifest.set_many(&changed)?;
         self.release_freed(&wanted, &local).await?;
-        self.release_dropped().await?;
         let reason = if under == 0 {
             String::new()
         } else {
@@ -301,6 +208,18 @@ impl Replicator {
             )
         };
         *self.stats.reason.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+        self.stats.lost.store(lost.len() as u64, Ordering::Relaxed);
+        if !lost.is_empty() {
+            tracing::error!(
+                blocks = lost.len(),
+                "own blocks have no readable copy anywhere"
+            );
+        }
+        *self
+            .stats
+            .lost_blocks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = lost;
         self.stats.under_replicated.store(under, Ordering::Relaxed);
         self.stats.tracked_blocks.store(tracked, Ordering::Relaxed);
         self.stats
@@ -403,8 +322,17 @@ impl Replicator {
         let mut per_peer: HashMap<PeerId, Vec<Score>> = HashMap::new();
         let mut entries: HashMap<Score, Vec<PeerId>> = HashMap::new();
         for (score, holders) in self.manifest.all()? {
-            if wanted.contains_key(&score) || local.has(&score).unwrap_or(true) {
+            if wanted.contains_key(&score) {
                 continue;
+            }
+            match local.has(&score) {
+                Ok(false) => {}
+                Ok(true) => continue,
+                Err(e) => {
+                    // Not known to be freed: kept on its holders, and said.
+                    tracing::warn!(%score, error = %e, "cannot tell whether a block was freed; its copies stay");
+                    continue;
+                }
             }
             for p in &holders {
                 per_peer.entry(*p).or_default().push(score);
@@ -421,67 +349,9 @@ impl Replicator {
         Ok(())
     }
 
-    /// Challenges every confirmed holder of the next `policy.blocks` blocks of
-    /// `wanted`; drops a holder (from every block it holds) after
-    /// `policy.failures` consecutive failures. Returns the holders dropped.
-    pub async fn challenge_round(&self, wanted: &Wanted, policy: ProofPolicy) -> Result<usize> {
-        use futures::StreamExt;
-        if wanted.is_empty() {
-            return Ok(0);
-        }
-        let start = self.cursor.fetch_add(policy.blocks, Ordering::Relaxed) % wanted.len();
-        let mut asks = Vec::new();
-        for score in wanted
-            .keys()
-            .cycle()
-            .skip(start)
-            .take(policy.blocks.min(wanted.len()))
-        {
-            for peer in self.manifest.holders(score)? {
-                asks.push((*score, peer));
-            }
-        }
-        let results = futures::stream::iter(asks.into_iter().map(|(score, peer)| async move {
-            let answer =
-                tokio::time::timeout(policy.timeout, self.client.challenge(peer, score)).await;
-            (peer, matches!(answer, Ok(Ok(true))))
-        }))
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await;
-        let mut doomed = Vec::new();
-        {
-            let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-            for (peer, ok) in results {
-                if ok {
-                    self.stats.proofs_passed.fetch_add(1, Ordering::Relaxed);
-                    failures.remove(&peer);
-                } else {
-                    self.stats.proofs_failed.fetch_add(1, Ordering::Relaxed);
-                    let n = failures.entry(peer).or_insert(0);
-                    *n += 1;
-                    if *n >= policy.failures && !doomed.contains(&peer) {
-                        doomed.push(peer);
-                    }
-                }
-            }
-            for peer in &doomed {
-                failures.remove(peer);
-            }
-        }
-        for peer in &doomed {
-            let blocks = self.manifest.drop_peer(peer)?;
-            tracing::warn!(%peer, blocks, "dropping a holder after failed storage proofs");
-            self.banned
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(*peer, std::time::Instant::now() + BANNED_FOR);
-            self.stats.holders_dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(doomed.len())
-    }
-
-    /// Puts `score` on the closest peers with room until it has `n` holders.
+    /// Puts `score` on the closest peers with room until it has `n` holders;
+    /// returns its holders and whether the local copy was readable (as far
+    /// as placing it showed).
     async fn place(
         &self,
         score: Score,
@@ -489,14 +359,15 @@ impl Replicator {
         mut holders: Vec<PeerId>,
         room: &Mutex<HashMap<PeerId, u64>>,
         local: &Arc<dyn BlockStore>,
-    ) -> Vec<PeerId> {
+        pending: &HashSet<(PeerId, Score)>,
+    ) -> (Vec<PeerId>, bool) {
         // Not checked against the score here: each holder checks it (and
         // refuses a damaged copy), so hashing it here too would only cost.
         let data: Bytes = match local.get_to_open(&score) {
             Ok(d) => d,
             Err(e) => {
                 tracing::debug!(%score, error = %e, "no local copy to place");
-                return holders;
+                return (holders, false);
             }
         };
         let len = data.len() as u64;
@@ -504,7 +375,9 @@ impl Replicator {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(p, free)| **free >= len && !holders.contains(p))
+            .filter(|(p, free)| {
+                **free >= len && !holders.contains(p) && !pending.contains(&(**p, score))
+            })
             .map(|(p, _)| *p)
             .collect();
         candidates.sort_by_key(|p| distance(&score, p));
@@ -538,7 +411,7 @@ impl Replicator {
                         ..
                     }) => {
                         tracing::warn!(%score, "the local copy of a block does not match its score; not placed");
-                        return holders;
+                        return (holders, false);
                     }
                     Err(e) => {
                         tracing::debug!(%peer, %score, error = %e, "a put to a peer failed");
@@ -546,83 +419,13 @@ impl Replicator {
                 }
             }
         }
-        holders
+        (holders, true)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fincrypt_blockstore::{LocalStore, MasterSecret, StoreOptions, TreeParams};
-    use fincrypt_fs::fossil::REDUNDANCY_XATTR;
-    use fincrypt_fs::{Caller, Meta};
-
-    /// The copies asked of a file's data blocks follow the highest setting
-    /// over the live tree and every retained snapshot, also when the walk
-    /// skips trees it has seen (snapshots share them).
-    #[test]
-    fn wanted_takes_the_highest_redundancy_over_live_tree_and_snapshots() {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = MasterSecret::generate().keys();
-        let store: Arc<dyn BlockStore> = Arc::new(
-            LocalStore::open(&dir.path().join("volume"), StoreOptions::default()).unwrap(),
-        );
-        let meta = Meta::open(&dir.path().join("meta.redb"), &keys, 0, 0).unwrap();
-        let fs = Fossil::new(meta, store, keys, TreeParams::default(), dir.path().into()).unwrap();
-        let who = Caller { uid: 0, gid: 0 };
-        let a = fs
-            .mknod(ROOT_INO, b"a", Kind::Dir, 0o755, 0, None, who)
-            .unwrap()
-            .ino;
-        let b = fs
-            .mknod(ROOT_INO, b"b", Kind::Dir, 0o755, 0, None, who)
-            .unwrap()
-            .ino;
-        let write = |parent: u64, name: &[u8], seed: u8| {
-            let ino = fs.create(parent, name, 0o644, who).unwrap().ino;
-            let data: Vec<u8> = (0..300_000u32)
-                .map(|i| (i * 31 + seed as u32) as u8 ^ seed)
-                .collect();
-            fs.write(ino, 0, &data).unwrap();
-            fs.release(ino).unwrap();
-            let inode = fs.meta().inode(ino).unwrap();
-            let mut scores = Vec::new();
-            fs.reader()
-                .visit_scores(&inode.content, &mut |p| {
-                    if p.depth == 0 {
-                        scores.push(p.score);
-                    }
-                })
-                .unwrap();
-            assert!(!scores.is_empty());
-            scores
-        };
-        let f = write(a, b"f", 1);
-        let g = write(b, b"g", 2);
-        let set = |ino: u64, n: &str| {
-            fs.setxattr(ino, REDUNDANCY_XATTR, n.as_bytes(), false, false)
-                .unwrap()
-        };
-        let asked = |scores: &[Score]| -> Vec<u8> {
-            let w = wanted(&fs, 2).unwrap();
-            scores.iter().map(|s| w[s]).collect()
-        };
-
-        set(a, "2");
-        snapshot::create(&fs).unwrap();
-        set(a, "4");
-        assert!(
-            asked(&f).iter().all(|n| *n == 4),
-            "the live setting, higher than the snapshot's"
-        );
-        snapshot::create(&fs).unwrap();
-        set(a, "1");
-        assert!(
-            asked(&f).iter().all(|n| *n == 4),
-            "the newer snapshot's setting, higher than live"
-        );
-        assert!(asked(&g).iter().all(|n| *n == 2), "the default, everywhere");
-    }
 
     #[test]
     fn placement_order_is_deterministic_and_depends_on_the_score() {

@@ -4,9 +4,12 @@
 //! bytes do not match its score) asks the block's confirmed holders from the
 //! manifest, one after another. The network client checks every fetched block
 //! against its score, so a lying or damaged holder yields an error, never a
-//! wrong byte; a good copy is kept in the volume as a cached block.
+//! wrong byte; such a holder loses that block in the manifest (it is placed
+//! again). A good copy is written back to the volume as the own block it is,
+//! so the next read is local and scrub sees it.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -15,6 +18,7 @@ use fincrypt_blockstore::{BlockStore, Class, Error, LocalStore, Score};
 use fincrypt_net::Client;
 
 use crate::manifest::Manifest;
+use crate::worker::WorkerHandle;
 
 /// How long one holder may take to send a block.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -24,12 +28,16 @@ pub struct Remote {
     pub handle: tokio::runtime::Handle,
     pub client: Client,
     pub manifest: Arc<Manifest>,
+    /// Woken when a holder gave a bad copy, so the block is placed again soon.
+    pub repair: Option<WorkerHandle>,
 }
 
 /// The local volume with peers behind it.
 pub struct TieredStore {
     local: Arc<LocalStore>,
     remote: OnceLock<Remote>,
+    fetched: AtomicU64,
+    restore_failures: AtomicU64,
 }
 
 impl TieredStore {
@@ -38,6 +46,33 @@ impl TieredStore {
         TieredStore {
             local,
             remote: OnceLock::new(),
+            fetched: AtomicU64::new(0),
+            restore_failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Blocks read from holders because the local copy was missing or damaged.
+    pub fn fetched_from_holders(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+
+    /// Fetched blocks that could not be written back locally.
+    pub fn restore_failures(&self) -> u64 {
+        self.restore_failures.load(Ordering::Relaxed)
+    }
+
+    /// The local volume under it.
+    pub fn local(&self) -> &Arc<LocalStore> {
+        &self.local
+    }
+
+    /// Fetches `score` from a holder and writes it back locally (scrub found
+    /// its local copy missing or damaged). False if no holder gave a good copy.
+    pub fn repair(&self, score: &Score) -> Result<bool, Error> {
+        match self.fetch(score, Error::NotFound(*score)) {
+            Ok(_) => Ok(true),
+            Err(Error::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
@@ -69,15 +104,26 @@ impl TieredStore {
             match got {
                 Ok(Ok(data)) => {
                     tracing::info!(%score, %peer, "read a block from a holder");
-                    if matches!(local_error, Error::Corrupt { .. }) {
-                        let _ = self.local.delete(score);
-                    }
-                    if let Err(e) = self.local.put(*score, data.clone(), Class::Cached) {
-                        tracing::warn!(%score, error = %e, "cannot cache a fetched block");
+                    self.fetched.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = self.local.restore(score, &data, Class::Own) {
+                        self.restore_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%score, error = %e, "cannot write a fetched block back to the volume");
                     }
                     return Ok(data);
                 }
                 Ok(Err(e)) => {
+                    if matches!(e, fincrypt_net::Error::Corrupt { .. }) {
+                        match remote.manifest.drop_blocks(&peer, &[*score]) {
+                            Ok(_) => {
+                                if let Some(r) = &remote.repair {
+                                    r.wake();
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(%score, error = %e, "cannot update the manifest")
+                            }
+                        }
+                    }
                     tracing::warn!(%score, %peer, error = %e, "a holder did not give a block")
                 }
                 Err(_) => tracing::warn!(%score, %peer, "a holder timed out sending a block"),
