@@ -243,14 +243,24 @@ impl KeyFile {
 }
 
 /// Replaces `path` with `data` so that a crash leaves either the old or the new file.
+///
+/// The file is private to its owner (0600) from its creation: it holds keys.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    // A temp file left by a crash may have any mode: start afresh.
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
     f.write_all(data).map_err(|e| Error::io(&tmp, e))?;
     f.sync_all().map_err(|e| Error::io(&tmp, e))?;
     drop(f);
@@ -270,6 +280,19 @@ fn decode_fixed<const N: usize>(s: &str, what: &str) -> Result<[u8; N], Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_files_are_written_private_also_over_a_public_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.toml");
+        fs::write(&path, b"old").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        write_atomic(&path, b"new").unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+    }
 
     #[test]
     fn phrase_round_trips_and_has_24_words() {
