@@ -325,7 +325,11 @@ pub(crate) struct BulkStop {
 impl BulkStop {
     pub(crate) async fn stop(self) {
         let _ = self.stop.send(());
-        if let Err(e) = self.task.await {
+        // Cancelled is a stop too: the handler wrapping it aborts the
+        // listener when it is dropped first (a node that failed to start).
+        if let Err(e) = self.task.await
+            && !e.is_cancelled()
+        {
             tracing::error!(error = %e, "the bulk listener failed");
         }
     }
