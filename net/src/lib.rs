@@ -30,6 +30,7 @@
 pub mod bulk;
 mod client;
 pub mod codec;
+mod dht;
 mod error;
 mod event_loop;
 pub mod holder;
@@ -39,6 +40,7 @@ mod node;
 pub mod proto;
 
 pub use client::{Client, Space};
+pub use dht::distance;
 pub use error::Error;
 pub use event_loop::{EventLoop, PeerInfo};
 pub use holder::{Holder, HolderStats};
