@@ -52,7 +52,12 @@ mod tests {
         let peer = peers(1)[0];
         let a = digest(&SHA256, &score.0);
         let b = digest(&SHA256, &peer.to_bytes());
-        let expected: Vec<u8> = a.as_ref().iter().zip(b.as_ref()).map(|(x, y)| x ^ y).collect();
+        let expected: Vec<u8> = a
+            .as_ref()
+            .iter()
+            .zip(b.as_ref())
+            .map(|(x, y)| x ^ y)
+            .collect();
         assert_eq!(distance(&score, &peer).to_vec(), expected);
     }
 

@@ -7,13 +7,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use fincrypt_blockstore::Score;
 use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
 use libp2p::kad::QueryId;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
-use fincrypt_blockstore::Score;
 use libp2p::{Multiaddr, PeerId, Swarm, identify, kad};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -211,7 +211,11 @@ impl EventLoop {
             },
             Command::Dial { addr, reply } => self.dial(addr, reply),
             Command::AddAddress { peer, addr } => {
-                self.swarm.behaviour_mut().inner.kademlia.add_address(&peer, addr);
+                self.swarm
+                    .behaviour_mut()
+                    .inner
+                    .kademlia
+                    .add_address(&peer, addr);
             }
             Command::Request {
                 peer,
@@ -232,16 +236,18 @@ impl EventLoop {
             Command::Peers { reply } => {
                 let _ = reply.send(Ok(self.peers()));
             }
-            Command::Bootstrap { reply } => match self.swarm.behaviour_mut().inner.kademlia.bootstrap() {
-                Ok(id) => {
-                    self.bootstraps.insert(id, reply);
+            Command::Bootstrap { reply } => {
+                match self.swarm.behaviour_mut().inner.kademlia.bootstrap() {
+                    Ok(id) => {
+                        self.bootstraps.insert(id, reply);
+                    }
+                    Err(_) => {
+                        let _ = reply.send(Err(Error::Bootstrap(
+                            "no known peers to bootstrap from".into(),
+                        )));
+                    }
                 }
-                Err(_) => {
-                    let _ = reply.send(Err(Error::Bootstrap(
-                        "no known peers to bootstrap from".into(),
-                    )));
-                }
-            },
+            }
             Command::ClosestPeers { score, reply } => self.closest_peers(score, reply),
             Command::RemoteIp { peer, reply } => {
                 let ip = self.remote.get(&peer).and_then(|addr| {

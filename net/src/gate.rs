@@ -134,10 +134,7 @@ struct Held {
     since: Instant,
 }
 
-type Out<B> = ToSwarm<
-    GateEvent<<B as NetworkBehaviour>::ToSwarm>,
-    GateIn<THandlerInEvent<B>>,
->;
+type Out<B> = ToSwarm<GateEvent<<B as NetworkBehaviour>::ToSwarm>, GateIn<THandlerInEvent<B>>>;
 
 /// Wraps a behaviour so that its connections stay within a limit (see the module docs).
 pub(crate) struct Gate<B: NetworkBehaviour> {
@@ -289,12 +286,13 @@ impl<B: NetworkBehaviour> Gate<B> {
     fn on_dial_failure(&mut self, failure: &DialFailure) {
         self.dialling.remove(&failure.connection_id);
         if self.asked.remove(&failure.connection_id) {
-            self.out.push_back(ToSwarm::GenerateEvent(GateEvent::DialFailed {
-                connection_id: failure.connection_id,
-                peer: failure.peer_id,
-                reason: failure.error.to_string(),
-                connected: matches!(failure.error, DialError::DialPeerConditionFalse(_)),
-            }));
+            self.out
+                .push_back(ToSwarm::GenerateEvent(GateEvent::DialFailed {
+                    connection_id: failure.connection_id,
+                    peer: failure.peer_id,
+                    reason: failure.error.to_string(),
+                    connected: matches!(failure.error, DialError::DialPeerConditionFalse(_)),
+                }));
         }
     }
 }
@@ -532,8 +530,9 @@ impl<H: ConnectionHandler> ConnectionHandler for GateHandler<H> {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>>
-    {
+    ) -> Poll<
+        ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>,
+    > {
         if let Poll::Ready(event) = self.inner.poll(cx) {
             self.touch();
             return Poll::Ready(event);
@@ -577,7 +576,8 @@ impl<H: ConnectionHandler> ConnectionHandler for GateHandler<H> {
     ) {
         if matches!(
             event,
-            ConnectionEvent::FullyNegotiatedInbound(_) | ConnectionEvent::FullyNegotiatedOutbound(_)
+            ConnectionEvent::FullyNegotiatedInbound(_)
+                | ConnectionEvent::FullyNegotiatedOutbound(_)
         ) {
             self.touch();
         }
