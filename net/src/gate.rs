@@ -8,7 +8,7 @@
 //! had to ask and returns a wrong closest set, with no error. A request-response
 //! put to such a peer fails with `DialFailure`.
 //!
-//! What the gate does instead, wrapped around the whole [`crate::node`]
+//! What the gate does instead, wrapped around the node's whole
 //! behaviour so that it sees every dial (Kademlia's, request-response's and the
 //! client's):
 //!
@@ -25,7 +25,7 @@
 //!
 //! Closing one connection gracefully needs its idle timeout to be shortened,
 //! which libp2p offers only through the handler's keep-alive: the swarm runs
-//! with a zero idle timeout and [`GateHandler`] keeps each connection alive for
+//! with a zero idle timeout and the gate's connection handler keeps each connection alive for
 //! the node's `idle_timeout` after its last activity, or until it is released.
 
 use std::collections::{HashMap, HashSet, VecDeque};

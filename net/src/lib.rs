@@ -42,7 +42,7 @@ pub mod ledger;
 mod node;
 pub mod proto;
 
-pub use client::{Client, Space};
+pub use client::{Client, PROBE_TIMEOUT, Space};
 pub use dht::distance;
 pub use error::Error;
 pub use event_loop::{EventLoop, PeerEvent, PeerInfo};
