@@ -25,8 +25,14 @@
 //!
 //! Closing one connection gracefully needs its idle timeout to be shortened,
 //! which libp2p offers only through the handler's keep-alive: the swarm runs
-//! with a zero idle timeout and the gate's connection handler keeps each connection alive for
-//! the node's `idle_timeout` after its last activity, or until it is released.
+//! with a zero idle timeout and the gate's connection handler keeps each
+//! connection alive for the node's `idle_timeout` after its last activity, or
+//! until it is released.
+//!
+//! Not chosen: bounding Kademlia's parallelism does not bound connections
+//! (peers that answered keep theirs until they idle out), and a short idle
+//! timeout alone only makes a denial less likely: concurrent lookups and puts
+//! still run into the limit.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
