@@ -104,6 +104,14 @@ pub struct ReplicationStatus {
     pub lost_files: Vec<LostBlock>,
     /// Passes finished.
     pub passes: u64,
+    /// Passes skipped: nothing changed since one that left nothing to do.
+    pub passes_skipped: u64,
+    /// Releases of blocks no longer wanted not yet delivered to their holders.
+    pub releases_pending: u64,
+    /// Blocks the wanted walks of passes visited, in all (unchanged while passes are skipped).
+    pub blocks_walked: u64,
+    /// Manifest rows passes read, in all (unchanged while passes are skipped).
+    pub manifest_rows_scanned: u64,
     /// Why blocks are short of copies, in words (empty when none are).
     pub note: String,
     pub proofs_passed: u64,

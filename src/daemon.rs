@@ -321,6 +321,10 @@ impl Daemon {
                         .collect();
                 }
                 r.passes = st.passes.load(Ordering::Relaxed);
+                r.passes_skipped = st.passes_skipped.load(Ordering::Relaxed);
+                r.releases_pending = st.releases_pending.load(Ordering::Relaxed);
+                r.blocks_walked = st.blocks_walked.load(Ordering::Relaxed);
+                r.manifest_rows_scanned = st.rows_scanned.load(Ordering::Relaxed);
                 r.note = st.reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 r.proofs_passed = st.proofs_passed.load(Ordering::Relaxed);
                 r.proofs_failed = st.proofs_failed.load(Ordering::Relaxed);
@@ -474,6 +478,7 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         fs: fs.clone(),
         snapshots: snapshots.clone(),
         default: config.redundancy,
+        volume: volume.clone(),
     });
     let net = Net::start(&runtime, home, &config, &volume, wants)?;
     let mut session = fincrypt_fs::fuse::session(fs.clone(), &mountpoint, &opts)

@@ -23,12 +23,22 @@ pub struct FsWants {
     pub snapshots: Arc<Mutex<()>>,
     /// Copies of data blocks where no directory says otherwise.
     pub default: u8,
+    /// The local volume: GC changes what is wanted without a metadata write.
+    pub volume: Arc<fincrypt_blockstore::LocalStore>,
 }
 
 impl fincrypt_engine::Wants for FsWants {
     fn wanted(&self) -> Result<Wanted> {
         let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         wanted(&self.fs, self.default).map_err(walk_error)
+    }
+
+    fn generation(&self) -> Option<u64> {
+        // Metadata writes (files sealed, names, xattrs, snapshots) and the
+        // volume's own blocks (GC) are all that change the wanted set.
+        let s = self.volume.stats();
+        let m = self.fs.meta().generation();
+        Some(m.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ s.own_blocks ^ s.own_bytes.rotate_left(32))
     }
 
     fn paths_of(&self, scores: &[Score]) -> Result<Vec<(Score, String)>> {

@@ -887,3 +887,68 @@ fn scrub_while_mounted_repairs_a_corrupted_block_from_a_holder_and_workers_show(
     m.unmount();
     drop(nodes);
 }
+
+/// The replication figures that show what passes did, from `status --json`.
+fn pass_work(home: &Path) -> (u64, u64, u64, u64) {
+    let st = status(home);
+    (
+        number(&st, "passes"),
+        number(&st, "passes_skipped"),
+        number(&st, "blocks_walked"),
+        number(&st, "manifest_rows_scanned"),
+    )
+}
+
+#[test]
+fn an_idle_mount_walks_and_scans_nothing_until_something_changes() {
+    let env = [("FINCRYPT_REPLICATE_INTERVAL", "1")];
+    let (node_homes, nodes, m) = network(&env);
+    let home = m.home().to_path_buf();
+    let dir = m.path().join("precious");
+    std::fs::create_dir_all(&dir).unwrap();
+    set_redundancy(&home, &dir, 3);
+    write_files(&dir);
+    sync_replicated(&home);
+
+    // Settled: passes are being skipped.
+    let mut settled = pass_work(&home);
+    common::wait_until(
+        "replication passes skipped on an idle mount",
+        Duration::from_secs(60),
+        || {
+            settled = pass_work(&home);
+            settled.1 >= 2
+        },
+    );
+    let mut idle = settled;
+    common::wait_until("three more passes skipped", Duration::from_secs(60), || {
+        idle = pass_work(&home);
+        idle.1 >= settled.1 + 3
+    });
+    assert_eq!(
+        (idle.0, idle.2, idle.3),
+        (settled.0, settled.2, settled.3),
+        "idle passes ran, walked or scanned (passes, blocks walked, rows scanned): {idle:?} after {settled:?}"
+    );
+
+    // A write is a change: the next pass runs and places the new blocks.
+    let own_before = number(&status(&home), "own_blocks");
+    std::fs::write(dir.join("later"), common::random_bytes(99, 700_000)).unwrap();
+    common::wait_until(
+        "a pass after a write, with its blocks placed",
+        Duration::from_secs(60),
+        || {
+            let now = pass_work(&home);
+            let st = status(&home);
+            let own = number(&st, "own_blocks");
+            now.0 > idle.0
+                && now.2 > idle.2
+                && now.3 > idle.3
+                && own > own_before
+                && number(&st, "under_replicated") == 0
+                && held_blocks(&node_homes) == 3 * own
+        },
+    );
+    m.unmount();
+    drop(nodes);
+}

@@ -159,6 +159,8 @@ pub struct Meta {
     db: Database,
     cipher: Aes256GcmSiv,
     name_key: [u8; 32],
+    /// Write transactions committed since open: changes when anything does.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Meta {
@@ -175,6 +177,7 @@ impl Meta {
             db,
             cipher,
             name_key,
+            generation: std::sync::atomic::AtomicU64::new(0),
         };
         let mut txn = meta.write()?;
         // Read transactions cannot open a table that was never created.
@@ -208,6 +211,12 @@ impl Meta {
             txn: self.db.begin_write()?,
             meta: self,
         })
+    }
+
+    /// Write transactions committed since open: equal values mean nothing
+    /// changed in between (the durability engine skips work on it).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A consistent read-only view of the whole metadata at this moment.
@@ -528,6 +537,9 @@ impl WriteTxn<'_> {
             .set_durability(level)
             .map_err(|e| FsError::Meta(e.to_string()))?;
         self.txn.commit()?;
+        self.meta
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 }

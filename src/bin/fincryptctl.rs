@@ -378,7 +378,13 @@ fn print_status(v: &Status) {
             "read from holders",
             format!("{} blocks", r.fetched_from_holders),
         );
-        row("replication passes", r.passes.to_string());
+        row(
+            "replication passes",
+            format!(
+                "{} ({} skipped: nothing changed)",
+                r.passes, r.passes_skipped
+            ),
+        );
         if r.manifest_damaged_entries > 0 {
             row(
                 "damaged manifest",

@@ -40,6 +40,22 @@ pub trait Wants: Send + Sync + 'static {
     /// Where each of `scores` is used, as paths a person recognises (for
     /// naming lost blocks); scores used nowhere are left out.
     fn paths_of(&self, scores: &[Score]) -> Result<Vec<(Score, String)>>;
+    /// A value that changes whenever what [`Wants::wanted`] returns may have
+    /// changed; `None` if the owner's side cannot tell (every pass walks).
+    fn generation(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// How often a pass runs even when nothing seems to have changed: the
+/// safety net under the generation counters.
+pub const FULL_PASS_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// What the last clean pass saw; equal again means a pass has nothing to do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    wants: u64,
+    losses: u64,
 }
 
 /// Intervals and limits of the engine's workers.
@@ -73,6 +89,8 @@ pub struct Engine {
     wants: Arc<dyn Wants>,
     local: Arc<dyn BlockStore>,
     replication: Mutex<Option<WorkerHandle>>,
+    /// Set after a pass that left nothing to do, with when it ran.
+    clean: Mutex<Option<(Seen, std::time::Instant)>>,
 }
 
 impl Engine {
@@ -90,6 +108,7 @@ impl Engine {
             wants,
             local,
             replication: Mutex::new(None),
+            clean: Mutex::new(None),
         })
     }
 
@@ -105,11 +124,54 @@ impl Engine {
 
     /// One replication pass; returns the own blocks still short of copies.
     pub async fn pass(&self) -> Result<u64> {
+        let seen = self.wants.generation().map(|wants| Seen {
+            wants,
+            losses: self.manifest().losses(),
+        });
         let wants = self.wants.clone();
         let wanted = tokio::task::spawn_blocking(move || wants.wanted())
             .await
             .map_err(|e| Error::Wants(e.to_string()))??;
-        self.replicator.pass(wanted, self.local.clone()).await
+        let under = self.replicator.pass(wanted, self.local.clone()).await?;
+        let s = self.stats();
+        let pending: usize = self
+            .manifest()
+            .pending_releases()?
+            .values()
+            .map(Vec::len)
+            .sum();
+        s.releases_pending
+            .store(pending as u64, std::sync::atomic::Ordering::Relaxed);
+        // Releases left undelivered do not keep passes running: a holder that
+        // is gone would keep them so forever. They are asked again by the
+        // next pass that runs (after any change, and at least daily).
+        let clean = under == 0 && s.lost.load(std::sync::atomic::Ordering::Relaxed) == 0;
+        *self.clean.lock().unwrap_or_else(|p| p.into_inner()) = seen
+            .filter(|_| clean)
+            .map(|s| (s, std::time::Instant::now()));
+        Ok(under)
+    }
+
+    /// A pass unless the last one left nothing to do and nothing changed
+    /// since (no write to the filesystem, no holder lost blocks), within
+    /// [`FULL_PASS_EVERY`]. Returns whether a pass ran.
+    pub async fn pass_if_needed(&self) -> Result<bool> {
+        let now = self.wants.generation().map(|wants| Seen {
+            wants,
+            losses: self.manifest().losses(),
+        });
+        let last = *self.clean.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(now), Some((seen, at))) = (now, last)
+            && now == seen
+            && at.elapsed() < FULL_PASS_EVERY
+        {
+            self.stats()
+                .passes_skipped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(false);
+        }
+        self.pass().await?;
+        Ok(true)
     }
 
     /// Has the replication worker run a pass soon.
@@ -214,7 +276,7 @@ impl Worker for EngineWorker {
                         .stats()
                         .placed_copies
                         .load(std::sync::atomic::Ordering::Relaxed);
-                    e.pass().await.map_err(|e| format!("{e}"))?;
+                    e.pass_if_needed().await.map_err(|e| format!("{e}"))?;
                     let after = e
                         .stats()
                         .placed_copies

@@ -38,6 +38,9 @@ pub struct Manifest {
     /// Entries found undecodable since open (each logged); their blocks
     /// count as having no confirmed holder, so they are placed again.
     corrupt: AtomicU64,
+    /// Bumped whenever a holder loses blocks (a drop), so a replication
+    /// pass that saw nothing change since can be skipped.
+    losses: AtomicU64,
 }
 
 impl Manifest {
@@ -71,6 +74,7 @@ impl Manifest {
         Ok(Manifest {
             db,
             corrupt: AtomicU64::new(0),
+            losses: AtomicU64::new(0),
         })
     }
 
@@ -171,6 +175,7 @@ impl Manifest {
             }
         }
         txn.commit()?;
+        self.losses.fetch_add(1, Ordering::Release);
         Ok(n)
     }
 
@@ -239,6 +244,7 @@ impl Manifest {
             }
         }
         txn.commit()?;
+        self.losses.fetch_add(1, Ordering::Release);
         Ok(n)
     }
 
@@ -363,6 +369,12 @@ impl Manifest {
                 Vec::new()
             }
         }
+    }
+
+    /// Changes each time a holder loses blocks ([`Manifest::drop_peer`],
+    /// [`Manifest::drop_blocks`]).
+    pub fn losses(&self) -> u64 {
+        self.losses.load(Ordering::Acquire)
     }
 
     /// Manifest entries found damaged since it was opened.

@@ -69,6 +69,14 @@ pub struct ReplicationStats {
     pub blocks_dropped: AtomicU64,
     /// Holders dropped because they stayed unreachable past the holder timeout.
     pub holders_unreachable: AtomicU64,
+    /// Passes skipped because nothing had changed since a pass that left nothing to do.
+    pub passes_skipped: AtomicU64,
+    /// Releases not yet delivered after the last pass (asked again by the next).
+    pub releases_pending: AtomicU64,
+    /// Blocks the wanted walks of passes visited, in all.
+    pub blocks_walked: AtomicU64,
+    /// Manifest rows passes read, in all.
+    pub rows_scanned: AtomicU64,
 }
 
 /// What a pass needs.
@@ -82,6 +90,9 @@ pub struct Replicator {
 
 /// Puts of blocks to peers in flight at once.
 const PARALLEL_BLOCKS: usize = 8;
+
+/// Peers asked for their room at once at the start of a pass.
+const PARALLEL_ASKS: usize = 16;
 
 impl Replicator {
     /// A replicator placing through `client` and recording in `manifest`.
@@ -121,12 +132,25 @@ impl Replicator {
             peers.into_iter().filter(|p| !banned.contains(p)).collect()
         };
         // Room each candidate reports, counted down as this pass fills it.
-        let mut room: HashMap<PeerId, u64> = HashMap::new();
-        for p in &peers {
-            if let Ok(space) = self.client.space(*p).await {
-                room.insert(*p, space.free());
-            }
-        }
+        let client = &self.client;
+        let asks: Vec<_> = peers
+            .iter()
+            .copied()
+            .map(|p| async move {
+                match client.space(p).await {
+                    Ok(space) => Some((p, space.free())),
+                    Err(e) => {
+                        tracing::debug!(peer = %p, error = %e, "no room report; not a candidate this pass");
+                        None
+                    }
+                }
+            })
+            .collect();
+        let room: HashMap<PeerId, u64> = futures::stream::iter(asks)
+            .buffer_unordered(PARALLEL_ASKS)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
         let room = Arc::new(Mutex::new(room));
         let tracked = wanted.len() as u64;
         let mut levels = BTreeMap::new();
@@ -141,7 +165,13 @@ impl Replicator {
         let mut short = Vec::new();
         let mut surplus = Vec::new();
         let mut placed_total = 0u64;
+        self.stats
+            .blocks_walked
+            .fetch_add(tracked, Ordering::Relaxed);
         let known = self.manifest.holders_of(wanted.keys().copied())?;
+        self.stats
+            .rows_scanned
+            .fetch_add(tracked, Ordering::Relaxed);
         for ((score, n), holders) in wanted.iter().zip(known) {
             placed_total += holders.len().min(*n as usize) as u64;
             if holders.len() < *n as usize {
@@ -321,7 +351,11 @@ impl Replicator {
     async fn release_freed(&self, wanted: &Wanted, local: &Arc<dyn BlockStore>) -> Result<()> {
         let mut per_peer: HashMap<PeerId, Vec<Score>> = HashMap::new();
         let mut entries: HashMap<Score, Vec<PeerId>> = HashMap::new();
-        for (score, holders) in self.manifest.all()? {
+        let all = self.manifest.all()?;
+        self.stats
+            .rows_scanned
+            .fetch_add(all.len() as u64, Ordering::Relaxed);
+        for (score, holders) in all {
             if wanted.contains_key(&score) {
                 continue;
             }
