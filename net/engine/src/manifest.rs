@@ -21,7 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// Confirmed holders of each block: postcard `Vec<u32>`, indices into [`PEERS`].
 const HOLDERS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("holders");
+/// Every peer ever named as a holder: its index, then its PeerId bytes.
+const PEERS: TableDefinition<u32, &[u8]> = TableDefinition::new("peers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Blocks a dropped holder may still keep: key PeerId bytes then the score.
 const DROPPED: TableDefinition<&[u8], u8> = TableDefinition::new("dropped");
@@ -30,7 +33,17 @@ const PROOFS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("proofs");
 /// Bytes of manifest pages redb may cache.
 const MANIFEST_CACHE: usize = 8 << 20;
 /// Version of the manifest's tables.
-pub const MANIFEST_VERSION: u64 = 1;
+pub const MANIFEST_VERSION: u64 = 2;
+
+/// Peers named in `holders`, both ways; loaded at open, grown as new
+/// holders are recorded (each index is written in the same commit as the
+/// first entry that uses it).
+#[derive(Default)]
+struct PeerTable {
+    ids: HashMap<u32, PeerId>,
+    index: HashMap<PeerId, u32>,
+    next: u32,
+}
 
 /// The owner's record of which peers confirmed holding each own block.
 pub struct Manifest {
@@ -41,6 +54,7 @@ pub struct Manifest {
     /// Bumped whenever a holder loses blocks (a drop), so a replication
     /// pass that saw nothing change since can be skipped.
     losses: AtomicU64,
+    peers: std::sync::Mutex<PeerTable>,
 }
 
 impl Manifest {
@@ -59,6 +73,12 @@ impl Manifest {
                     meta.insert("version", MANIFEST_VERSION)?;
                 }
                 Some(MANIFEST_VERSION) => {}
+                Some(1) => {
+                    drop(meta);
+                    upgrade_from_1(&txn)?;
+                    txn.open_table(META)?.insert("version", MANIFEST_VERSION)?;
+                    tracing::info!(path = %path.display(), "manifest upgraded to version {MANIFEST_VERSION}");
+                }
                 Some(v) => {
                     return Err(Error::Format(format!(
                         "manifest version {v} in {} is not supported (this program reads {MANIFEST_VERSION})",
@@ -67,15 +87,74 @@ impl Manifest {
                 }
             }
             txn.open_table(HOLDERS)?;
+            txn.open_table(PEERS)?;
             txn.open_table(DROPPED)?;
             txn.open_table(PROOFS)?;
         }
         txn.commit()?;
+        // redb's copy-on-write pages leave the file up to about twice its
+        // live size; compacting once per open keeps it near that size.
+        let mut db = db;
+        if let Err(e) = db.compact() {
+            tracing::warn!(path = %path.display(), error = %e, "the manifest could not be compacted");
+        }
+        let mut peers = PeerTable::default();
+        {
+            let txn = db.begin_read()?;
+            for item in txn.open_table(PEERS)?.iter()? {
+                let (k, v) = item?;
+                let i = k.value();
+                peers.next = peers.next.max(i.saturating_add(1));
+                match PeerId::from_bytes(v.value()) {
+                    Ok(p) => {
+                        peers.ids.insert(i, p);
+                        peers.index.insert(p, i);
+                    }
+                    // Entries naming it read as damaged (and are placed again).
+                    Err(e) => {
+                        tracing::error!(index = i, error = %e, "the manifest's peer table names a malformed PeerId")
+                    }
+                }
+            }
+        }
         Ok(Manifest {
             db,
             corrupt: AtomicU64::new(0),
             losses: AtomicU64::new(0),
+            peers: std::sync::Mutex::new(peers),
         })
+    }
+
+    /// `peers` as a `holders` value, writing the index of any peer new to
+    /// the table in `txn` (so it is durable with the entry that uses it).
+    fn encode_peers(&self, txn: &redb::WriteTransaction, peers: &[PeerId]) -> Result<Vec<u8>> {
+        let mut table = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ids = Vec::with_capacity(peers.len());
+        let mut fresh = Vec::new();
+        for p in peers {
+            let i = match table.index.get(p) {
+                Some(i) => *i,
+                None => {
+                    let i = table.next;
+                    table.next = i
+                        .checked_add(1)
+                        .ok_or_else(|| Error::Format("the manifest's peer table is full".into()))?;
+                    table.index.insert(*p, i);
+                    table.ids.insert(i, *p);
+                    fresh.push((i, *p));
+                    i
+                }
+            };
+            ids.push(i);
+        }
+        drop(table);
+        if !fresh.is_empty() {
+            let mut t = txn.open_table(PEERS)?;
+            for (i, p) in fresh {
+                t.insert(i, p.to_bytes().as_slice())?;
+            }
+        }
+        Ok(postcard::to_allocvec(&ids)?)
     }
 
     /// The confirmed holders of `score`.
@@ -109,10 +188,10 @@ impl Manifest {
         }
         let txn = self.db.begin_write()?;
         {
+            // encode_peers opens only the `peers` table: both may be open at once.
             let mut table = txn.open_table(HOLDERS)?;
             for (score, peers) in entries {
-                let ids: Vec<Vec<u8>> = peers.iter().map(|p| p.to_bytes()).collect();
-                let bytes = postcard::to_allocvec(&ids)?;
+                let bytes = self.encode_peers(&txn, peers)?;
                 table.insert(score.0, bytes.as_slice())?;
             }
         }
@@ -157,16 +236,13 @@ impl Manifest {
                 let (k, v) = item?;
                 let peers = self.decode_peers(&Score(k.value()), v.value());
                 if peers.contains(peer) {
-                    let rest: Vec<Vec<u8>> = peers
-                        .iter()
-                        .filter(|p| *p != peer)
-                        .map(|p| p.to_bytes())
-                        .collect();
-                    changed.push((k.value(), postcard::to_allocvec(&rest)?));
+                    let rest: Vec<PeerId> = peers.into_iter().filter(|p| p != peer).collect();
+                    changed.push((k.value(), rest));
                 }
             }
             let mut dropped = txn.open_table(DROPPED)?;
-            for (k, v) in changed {
+            for (k, rest) in changed {
+                let v = self.encode_peers(&txn, &rest)?;
                 table.insert(k, v.as_slice())?;
                 let mut key = peer.to_bytes();
                 key.extend_from_slice(&k);
@@ -231,12 +307,10 @@ impl Manifest {
                 if !peers.contains(peer) {
                     continue;
                 }
-                let rest: Vec<Vec<u8>> = peers
-                    .iter()
-                    .filter(|p| *p != peer)
-                    .map(|p| p.to_bytes())
-                    .collect();
-                table.insert(score.0, postcard::to_allocvec(&rest)?.as_slice())?;
+                // Fewer holders than before: no peer new to the table.
+                let rest: Vec<PeerId> = peers.into_iter().filter(|p| p != peer).collect();
+                let v = self.encode_peers(&txn, &rest)?;
+                table.insert(score.0, v.as_slice())?;
                 let mut key = peer.to_bytes();
                 key.extend_from_slice(&score.0);
                 dropped.insert(key.as_slice(), 1)?;
@@ -355,10 +429,17 @@ impl Manifest {
     /// and reads as no confirmed holder (so the block is placed again), never
     /// as a wrong one.
     fn decode_peers(&self, score: &Score, bytes: &[u8]) -> Vec<PeerId> {
-        let decoded = postcard::from_bytes::<Vec<Vec<u8>>>(bytes).map_err(|e| e.to_string());
+        let decoded = postcard::from_bytes::<Vec<u32>>(bytes).map_err(|e| e.to_string());
         let peers = decoded.and_then(|ids| {
+            let table = self.peers.lock().unwrap_or_else(|p| p.into_inner());
             ids.iter()
-                .map(|b| PeerId::from_bytes(b).map_err(|e| e.to_string()))
+                .map(|i| {
+                    table
+                        .ids
+                        .get(i)
+                        .copied()
+                        .ok_or_else(|| format!("peer index {i} is not in the peer table"))
+                })
                 .collect::<Result<Vec<_>, _>>()
         });
         match peers {
@@ -381,6 +462,50 @@ impl Manifest {
     pub fn corrupt_entries(&self) -> u64 {
         self.corrupt.load(Ordering::Relaxed)
     }
+}
+
+/// Rewrites a version 1 `holders` table (PeerId bytes in every entry) with
+/// indices into a new `peers` table, in the caller's transaction. An entry
+/// that does not decode is left out: its block has no confirmed holder and
+/// is placed again, as a damaged entry always is.
+fn upgrade_from_1(txn: &redb::WriteTransaction) -> Result<()> {
+    let mut entries = Vec::new();
+    {
+        let table = txn.open_table(HOLDERS)?;
+        for item in table.iter()? {
+            let (k, v) = item?;
+            let ids = postcard::from_bytes::<Vec<Vec<u8>>>(v.value())
+                .map_err(|e| e.to_string())
+                .and_then(|ids| {
+                    ids.iter()
+                        .map(|b| PeerId::from_bytes(b).map_err(|e| e.to_string()))
+                        .collect::<Result<Vec<_>, _>>()
+                });
+            match ids {
+                Ok(ids) => entries.push((k.value(), ids)),
+                Err(reason) => {
+                    tracing::error!(score = %Score(k.value()), %reason, "a version 1 manifest entry is damaged; the block will be placed again")
+                }
+            }
+        }
+    }
+    let mut index: HashMap<PeerId, u32> = HashMap::new();
+    let mut peers = txn.open_table(PEERS)?;
+    let mut holders = txn.open_table(HOLDERS)?;
+    holders.retain(|_, _| false)?;
+    for (score, ids) in entries {
+        let mut v = Vec::with_capacity(ids.len());
+        for p in ids {
+            let next = index.len() as u32;
+            let i = *index.entry(p).or_insert_with(|| next);
+            if i == next {
+                peers.insert(i, p.to_bytes().as_slice())?;
+            }
+            v.push(i);
+        }
+        holders.insert(score, postcard::to_allocvec(&v)?.as_slice())?;
+    }
+    Ok(())
 }
 
 /// What the owner learnt of one holder from its proofs; kept across restarts.
@@ -550,6 +675,95 @@ mod tests {
         assert!(m.pending_releases().unwrap().is_empty());
         m.remove([s].into_iter()).unwrap();
         assert!(m.holders(&s).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_version_1_manifest_is_upgraded_with_every_entry_and_holders_cost_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manifest.redb");
+        let peers: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
+        let e: Vec<(Score, Vec<PeerId>)> = (0..200u32)
+            .map(|i| {
+                let mut s = [0u8; 32];
+                s[..4].copy_from_slice(&i.to_be_bytes());
+                let k = i as usize;
+                (
+                    Score(s),
+                    vec![peers[k % 5], peers[(k + 1) % 5], peers[(k + 3) % 5]],
+                )
+            })
+            .collect();
+        {
+            // Written as version 1 wrote it: PeerId bytes in every entry.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                txn.open_table(META).unwrap().insert("version", 1).unwrap();
+                let mut t = txn.open_table(HOLDERS).unwrap();
+                for (s, p) in &e {
+                    let ids: Vec<Vec<u8>> = p.iter().map(|p| p.to_bytes()).collect();
+                    t.insert(s.0, postcard::to_allocvec(&ids).unwrap().as_slice())
+                        .unwrap();
+                }
+                t.insert([0xff; 32], &[9u8, 9, 9][..]).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        {
+            let m = Manifest::open(&path).unwrap();
+            assert_eq!(
+                m.all().unwrap(),
+                e,
+                "the damaged entry is left out, the rest kept"
+            );
+            let txn = m.db.begin_read().unwrap();
+            let version = txn
+                .open_table(META)
+                .unwrap()
+                .get("version")
+                .unwrap()
+                .unwrap()
+                .value();
+            assert_eq!(version, MANIFEST_VERSION);
+            let holders = txn.open_table(HOLDERS).unwrap();
+            let v = holders.get(e[0].0.0).unwrap().unwrap();
+            assert!(
+                v.value().len() <= 4,
+                "three holders as indices: {:?}",
+                v.value()
+            );
+        }
+        let m = Manifest::open(&path).unwrap();
+        assert_eq!(m.all().unwrap(), e, "and again after reopening");
+        let extra = (Score([0xee; 32]), vec![PeerId::random(), peers[0]]);
+        m.set_many(std::slice::from_ref(&extra)).unwrap();
+        drop(m);
+        let m = Manifest::open(&path).unwrap();
+        assert_eq!(
+            m.holders(&extra.0).unwrap(),
+            extra.1,
+            "a new peer's index is kept"
+        );
+        assert_eq!(m.corrupt_entries(), 0);
+    }
+
+    #[test]
+    fn an_entry_naming_an_unknown_peer_index_reads_as_no_holder_and_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manifest::open(&dir.path().join("manifest.redb")).unwrap();
+        let s = Score([7; 32]);
+        m.set_many(&[(s, vec![PeerId::random()])]).unwrap();
+        let txn = m.db.begin_write().unwrap();
+        txn.open_table(HOLDERS)
+            .unwrap()
+            .insert(
+                s.0,
+                postcard::to_allocvec(&vec![0u32, 77]).unwrap().as_slice(),
+            )
+            .unwrap();
+        txn.commit().unwrap();
+        assert!(m.holders(&s).unwrap().is_empty());
+        assert_eq!(m.corrupt_entries(), 1);
     }
 
     #[test]
