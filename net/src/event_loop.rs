@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use fincrypt_blockstore::Score;
 use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
 use libp2p::kad::QueryId;
@@ -14,11 +15,13 @@ use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, kad};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::Error;
 use crate::codec::{self, InboundRequest};
+use crate::dht;
+use crate::gate::{Gate, GateEvent};
 use crate::node::{Behaviour, BehaviourEvent, Handler, KAD_PROTOCOL, split_p2p};
 use crate::proto::{ErrorCode, Request, Response};
 
@@ -55,6 +58,10 @@ pub(crate) enum Command {
     Bootstrap {
         reply: Reply<()>,
     },
+    ClosestPeers {
+        score: Score,
+        reply: Reply<Vec<PeerId>>,
+    },
     /// The IP address a connection to `peer` reaches it at.
     RemoteIp {
         peer: PeerId,
@@ -80,9 +87,22 @@ pub struct PeerInfo {
     pub agent: Option<String>,
 }
 
+/// A change in this node's connections to another, from [`crate::Client::peer_events`].
+///
+/// These are connection facts, not verdicts: a live peer is `Disconnected`
+/// when its connection goes idle or is freed for another; confirm with
+/// [`crate::Client::probe`] before treating it as gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// The first connection to the peer opened.
+    Connected(PeerId),
+    /// The last connection to the peer closed.
+    Disconnected(PeerId),
+}
+
 /// Owns the swarm; run it with [`EventLoop::run`] on a tokio runtime.
 pub struct EventLoop {
-    swarm: Swarm<Behaviour>,
+    swarm: Swarm<Gate<Behaviour>>,
     commands: mpsc::Receiver<Command>,
     handler: Option<Arc<dyn Handler>>,
     max_inbound: usize,
@@ -91,6 +111,8 @@ pub struct EventLoop {
     listens: HashMap<ListenerId, (Multiaddr, Reply<Multiaddr>)>,
     dials: HashMap<ConnectionId, (Multiaddr, Reply<PeerId>)>,
     bootstraps: HashMap<QueryId, Reply<()>>,
+    lookups: HashMap<QueryId, Reply<Vec<PeerId>>>,
+    events: broadcast::Sender<PeerEvent>,
     identified: HashMap<PeerId, identify::Info>,
     /// The remote address of one open connection per connected peer.
     remote: HashMap<PeerId, Multiaddr>,
@@ -98,10 +120,11 @@ pub struct EventLoop {
 
 impl EventLoop {
     pub(crate) fn new(
-        swarm: Swarm<Behaviour>,
+        swarm: Swarm<Gate<Behaviour>>,
         commands: mpsc::Receiver<Command>,
         handler: Option<Arc<dyn Handler>>,
         max_inbound: usize,
+        events: broadcast::Sender<PeerEvent>,
     ) -> EventLoop {
         EventLoop {
             swarm,
@@ -113,6 +136,8 @@ impl EventLoop {
             listens: HashMap::new(),
             dials: HashMap::new(),
             bootstraps: HashMap::new(),
+            lookups: HashMap::new(),
+            events,
             identified: HashMap::new(),
             remote: HashMap::new(),
         }
@@ -158,6 +183,7 @@ impl EventLoop {
                 if self
                     .swarm
                     .behaviour_mut()
+                    .inner
                     .blocks
                     .send_response(channel, response)
                     .is_err()
@@ -185,7 +211,11 @@ impl EventLoop {
             },
             Command::Dial { addr, reply } => self.dial(addr, reply),
             Command::AddAddress { peer, addr } => {
-                self.swarm.behaviour_mut().kademlia.add_address(&peer, addr);
+                self.swarm
+                    .behaviour_mut()
+                    .inner
+                    .kademlia
+                    .add_address(&peer, addr);
             }
             Command::Request {
                 peer,
@@ -195,6 +225,7 @@ impl EventLoop {
                 let id = self
                     .swarm
                     .behaviour_mut()
+                    .inner
                     .blocks
                     .send_request(&peer, Ok(request));
                 self.requests.insert(id, (peer, reply));
@@ -205,16 +236,19 @@ impl EventLoop {
             Command::Peers { reply } => {
                 let _ = reply.send(Ok(self.peers()));
             }
-            Command::Bootstrap { reply } => match self.swarm.behaviour_mut().kademlia.bootstrap() {
-                Ok(id) => {
-                    self.bootstraps.insert(id, reply);
+            Command::Bootstrap { reply } => {
+                match self.swarm.behaviour_mut().inner.kademlia.bootstrap() {
+                    Ok(id) => {
+                        self.bootstraps.insert(id, reply);
+                    }
+                    Err(_) => {
+                        let _ = reply.send(Err(Error::Bootstrap(
+                            "no known peers to bootstrap from".into(),
+                        )));
+                    }
                 }
-                Err(_) => {
-                    let _ = reply.send(Err(Error::Bootstrap(
-                        "no known peers to bootstrap from".into(),
-                    )));
-                }
-            },
+            }
+            Command::ClosestPeers { score, reply } => self.closest_peers(score, reply),
             Command::RemoteIp { peer, reply } => {
                 let ip = self.remote.get(&peer).and_then(|addr| {
                     addr.iter().find_map(|p| match p {
@@ -238,6 +272,7 @@ impl EventLoop {
             Some((peer, transport)) => {
                 self.swarm
                     .behaviour_mut()
+                    .inner
                     .kademlia
                     .add_address(&peer, transport.clone());
                 if self.swarm.is_connected(&peer) {
@@ -248,23 +283,46 @@ impl EventLoop {
             }
             None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
         };
-        let id = opts.connection_id();
-        match self.swarm.dial(opts) {
-            Ok(()) => {
-                self.dials.insert(id, (addr, reply));
-            }
-            Err(e) => {
-                let _ = reply.send(Err(Error::Dial {
-                    addr,
-                    reason: e.to_string(),
-                }));
-            }
+        // Through the gate, so a dial at the connection limit waits for room;
+        // its outcome comes back as a swarm or gate event.
+        self.dials.insert(opts.connection_id(), (addr, reply));
+        self.swarm.behaviour_mut().dial(opts);
+    }
+
+    /// Starts a Kademlia lookup of the peers closest to `score` (see [`dht`]).
+    fn closest_peers(&mut self, score: Score, reply: Reply<Vec<PeerId>>) {
+        let kademlia = &mut self.swarm.behaviour_mut().inner.kademlia;
+        if kademlia.kbuckets().next().is_none() {
+            let _ = reply.send(Err(Error::Lookup("no known peers to ask".into())));
+            return;
         }
+        let id = kademlia.get_closest_peers(dht::key(&score));
+        self.lookups.insert(id, reply);
+    }
+
+    /// Keeps the addresses a lookup learned, for the requests that follow it.
+    ///
+    /// Kademlia forgets them with the query and keeps in its routing table
+    /// only peers with room in their bucket; the swarm's peer addresses reach
+    /// request-response, which dials from them when a put follows.
+    fn learn(&mut self, found: Vec<kad::PeerInfo>) -> Vec<PeerId> {
+        let local = *self.swarm.local_peer_id();
+        let mut peers = Vec::with_capacity(found.len());
+        for info in found {
+            if info.peer_id == local {
+                continue;
+            }
+            for addr in info.addrs {
+                self.swarm.add_peer_address(info.peer_id, addr);
+            }
+            peers.push(info.peer_id);
+        }
+        peers
     }
 
     fn peers(&mut self) -> Vec<PeerInfo> {
         let mut known: BTreeMap<PeerId, Vec<Multiaddr>> = BTreeMap::new();
-        for bucket in self.swarm.behaviour_mut().kademlia.kbuckets() {
+        for bucket in self.swarm.behaviour_mut().inner.kademlia.kbuckets() {
             for entry in bucket.iter() {
                 known
                     .entry(*entry.node.key.preimage())
@@ -298,17 +356,38 @@ impl EventLoop {
     fn in_routing_table(&mut self, peer: &PeerId) -> bool {
         self.swarm
             .behaviour_mut()
+            .inner
             .kademlia
             .kbucket(*peer)
             .is_some_and(|bucket| bucket.iter().any(|e| e.node.key.preimage() == peer))
     }
 
-    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+    fn on_behaviour(&mut self, event: GateEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::Behaviour(BehaviourEvent::Blocks(event)) => self.on_blocks(event),
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(event)) => self.on_identify(event),
-            SwarmEvent::Behaviour(BehaviourEvent::Kademlia(event)) => self.on_kademlia(event),
-            SwarmEvent::Behaviour(BehaviourEvent::Limits(never)) => match never {},
+            GateEvent::Inner(BehaviourEvent::Blocks(event)) => self.on_blocks(event),
+            GateEvent::Inner(BehaviourEvent::Identify(event)) => self.on_identify(event),
+            GateEvent::Inner(BehaviourEvent::Kademlia(event)) => self.on_kademlia(event),
+            GateEvent::Inner(BehaviourEvent::Limits(never)) => match never {},
+            GateEvent::DialFailed {
+                connection_id,
+                peer,
+                reason,
+                connected,
+            } => {
+                if let Some((addr, reply)) = self.dials.remove(&connection_id) {
+                    let result = match peer {
+                        Some(peer) if connected => Ok(peer),
+                        _ => Err(Error::Dial { addr, reason }),
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<GateEvent<BehaviourEvent>>) {
+        match event {
+            SwarmEvent::Behaviour(event) => self.on_behaviour(event),
             SwarmEvent::NewListenAddr {
                 listener_id,
                 address,
@@ -338,9 +417,14 @@ impl EventLoop {
                 peer_id,
                 connection_id,
                 endpoint,
+                num_established,
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, "connected");
+                if num_established.get() == 1 {
+                    // No subscriber is not an error.
+                    let _ = self.events.send(PeerEvent::Connected(peer_id));
+                }
                 self.remote
                     .insert(peer_id, endpoint.get_remote_address().clone());
                 if let Some((_, reply)) = self.dials.remove(&connection_id) {
@@ -376,6 +460,7 @@ impl EventLoop {
                 // Forget what a peer said of itself once it is neither
                 // connected nor in the routing table, so the map stays small.
                 if num_established == 0 {
+                    let _ = self.events.send(PeerEvent::Disconnected(peer_id));
                     self.remote.remove(&peer_id);
                     if !self.in_routing_table(&peer_id) {
                         self.identified.remove(&peer_id);
@@ -391,6 +476,7 @@ impl EventLoop {
         let _ = self
             .swarm
             .behaviour_mut()
+            .inner
             .blocks
             .send_response(channel, response);
     }
@@ -456,6 +542,7 @@ impl EventLoop {
                 for addr in &info.listen_addrs {
                     self.swarm
                         .behaviour_mut()
+                        .inner
                         .kademlia
                         .add_address(&peer_id, addr.clone());
                 }
@@ -481,6 +568,23 @@ impl EventLoop {
                             .map_err(|e| Error::Bootstrap(e.to_string())),
                     );
                 }
+            }
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetClosestPeers(result),
+                ..
+            } => {
+                // A closest-peers query reports once, when it ends.
+                let Some(reply) = self.lookups.remove(&id) else {
+                    return;
+                };
+                let result = match result {
+                    Ok(ok) => Ok(self.learn(ok.peers)),
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => Err(Error::Lookup(
+                        format!("timed out with {} peers found", peers.len()),
+                    )),
+                };
+                let _ = reply.send(result);
             }
             kad::Event::RoutingUpdated {
                 peer, is_new_peer, ..
