@@ -144,8 +144,12 @@ impl Client {
     ///
     /// The order is that of [`crate::distance`]. Only peers that answered the
     /// lookup are returned, and their addresses are kept, so a
-    /// [`Client::put`] to one right after can dial it. Fails with
-    /// [`Error::Lookup`] when no peer is known or the lookup timed out.
+    /// [`Client::put`] to one right after can dial it. A peer this node could
+    /// not ask for a reason of its own (the connection limit, a connection
+    /// closing under the request) is asked again in a fresh query rather than
+    /// left out. Fails with [`Error::Lookup`] when no peer is known, the
+    /// lookup timed out, or such peers could still not be asked after a few
+    /// queries: never a closest set with a gap.
     pub async fn closest_peers(&self, score: Score) -> Result<Vec<PeerId>, Error> {
         self.ask(|reply| Command::ClosestPeers { score, reply })
             .await

@@ -8,6 +8,8 @@
 //! big-endian number. [`distance`] computes exactly that, with kad's own key
 //! type, so sorting by it gives the order of [`crate::Client::closest_peers`].
 
+use std::collections::HashSet;
+
 use fincrypt_blockstore::Score;
 use libp2p::PeerId;
 use libp2p::kad::KBucketKey;
@@ -31,6 +33,32 @@ pub fn distance(score: &Score, peer: &PeerId) -> [u8; 32] {
         *d = a ^ b;
     }
     d
+}
+
+/// The `k` of `answered` closest to `score`, closest first, and the peers of
+/// `unasked` (not answered) that could be closer than the farthest of them:
+/// while there are any, the `k` closest are not known.
+///
+/// With fewer than `k` answered, every unasked peer could belong.
+pub(crate) fn settle(
+    score: &Score,
+    answered: &HashSet<PeerId>,
+    unasked: impl IntoIterator<Item = PeerId>,
+    k: usize,
+) -> (Vec<PeerId>, HashSet<PeerId>) {
+    let mut closest: Vec<PeerId> = answered.iter().copied().collect();
+    closest.sort_by_key(|p| distance(score, p));
+    closest.truncate(k);
+    let farthest = match closest.last() {
+        Some(p) if closest.len() == k => Some(distance(score, p)),
+        _ => None,
+    };
+    let doubtful = unasked
+        .into_iter()
+        .filter(|p| !answered.contains(p))
+        .filter(|p| farthest.is_none_or(|f| distance(score, p) < f))
+        .collect();
+    (closest, doubtful)
 }
 
 #[cfg(test)]
@@ -59,6 +87,35 @@ mod tests {
             .map(|(x, y)| x ^ y)
             .collect();
         assert_eq!(distance(&score, &peer).to_vec(), expected);
+    }
+
+    #[test]
+    fn settle_keeps_the_k_closest_and_doubts_only_closer_unasked_peers() {
+        let score = Score([3; 32]);
+        let mut all = peers(12);
+        all.sort_by_key(|p| distance(&score, p));
+        // Answered: all but the 2nd and the 11th closest.
+        let answered: HashSet<PeerId> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 1 && *i != 10)
+            .map(|(_, p)| *p)
+            .collect();
+        let unasked = [all[1], all[10], all[0]];
+        let (closest, doubtful) = settle(&score, &answered, unasked, 5);
+        let expected = vec![all[0], all[2], all[3], all[4], all[5]];
+        assert_eq!(closest, expected);
+        // all[10] is farther than the 5th answered; all[0] answered after all.
+        assert_eq!(doubtful, HashSet::from([all[1]]));
+
+        // Fewer than k answered: any unasked peer could belong.
+        let few: HashSet<PeerId> = all[..2].iter().copied().collect();
+        let (closest, doubtful) = settle(&score, &few, [all[11]], 5);
+        assert_eq!(closest, all[..2].to_vec());
+        assert_eq!(doubtful, HashSet::from([all[11]]));
+
+        let (_, none) = settle(&score, &answered, [], 5);
+        assert!(none.is_empty());
     }
 
     proptest! {

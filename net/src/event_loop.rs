@@ -4,7 +4,7 @@
 //! answer; swarm events complete them or go to the [`Handler`]. Inbound
 //! requests run as tasks beside the loop, so a slow disk never stalls it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use fincrypt_blockstore::Score;
@@ -29,6 +29,32 @@ type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 /// How long a shutdown waits for inbound requests already being handled.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Kademlia queries one closest-peers lookup may run before it gives up on
+/// peers it could not ask (see [`Lookup`]).
+const LOOKUP_ATTEMPTS: u32 = 5;
+
+/// A closest-peers lookup: one Kademlia query at a time, run again while a
+/// peer that may belong in the result could not be asked.
+///
+/// Kademlia (libp2p-kad 0.49) marks a peer failed in every running query when
+/// its last connection closes or a dial to it is denied, and leaves it out of
+/// the result without telling which peers it left out. Under a connection
+/// limit both happen through no fault of the peer's: the gate frees a
+/// connection just as a query sends a request on it, or holds a dial past its
+/// wait. Such a peer is *interrupted*; if it could be closer than the result's
+/// farthest, the result may be wrong, and the lookup runs again, keeping what
+/// answered before. A peer that is really gone fails its dial in the next
+/// query and is not interrupted again.
+struct Lookup {
+    score: Score,
+    reply: Reply<Vec<PeerId>>,
+    attempts: u32,
+    /// Peers that answered, in any of its queries.
+    answered: HashSet<PeerId>,
+    /// Peers interrupted while the current query ran.
+    interrupted: HashSet<PeerId>,
+}
 
 /// What a [`crate::Client`] asks of the event loop.
 pub(crate) enum Command {
@@ -111,7 +137,7 @@ pub struct EventLoop {
     listens: HashMap<ListenerId, (Multiaddr, Reply<Multiaddr>)>,
     dials: HashMap<ConnectionId, (Multiaddr, Reply<PeerId>)>,
     bootstraps: HashMap<QueryId, Reply<()>>,
-    lookups: HashMap<QueryId, Reply<Vec<PeerId>>>,
+    lookups: HashMap<QueryId, Lookup>,
     events: broadcast::Sender<PeerEvent>,
     identified: HashMap<PeerId, identify::Info>,
     /// The remote address of one open connection per connected peer.
@@ -296,8 +322,64 @@ impl EventLoop {
             let _ = reply.send(Err(Error::Lookup("no known peers to ask".into())));
             return;
         }
-        let id = kademlia.get_closest_peers(dht::key(&score));
-        self.lookups.insert(id, reply);
+        self.query(Lookup {
+            score,
+            reply,
+            attempts: 0,
+            answered: HashSet::new(),
+            interrupted: HashSet::new(),
+        });
+    }
+
+    /// Runs one more Kademlia query for `lookup`.
+    fn query(&mut self, mut lookup: Lookup) {
+        lookup.attempts += 1;
+        lookup.interrupted.clear();
+        let kademlia = &mut self.swarm.behaviour_mut().inner.kademlia;
+        let id = kademlia.get_closest_peers(dht::key(&lookup.score));
+        self.lookups.insert(id, lookup);
+    }
+
+    /// Kademlia may have counted `peer` as failed without asking it: see [`Lookup`].
+    fn interrupted(&mut self, peer: PeerId) {
+        for lookup in self.lookups.values_mut() {
+            lookup.interrupted.insert(peer);
+        }
+    }
+
+    /// A query of `lookup` ended with `found`: answers it, or runs it again
+    /// when an interrupted peer may belong among the closest.
+    fn on_lookup(&mut self, mut lookup: Lookup, found: Vec<kad::PeerInfo>) {
+        let found = self.learn(found);
+        lookup.answered.extend(found);
+        // Dials held back by the gate now were not asked either.
+        let local = *self.swarm.local_peer_id();
+        let unasked = lookup
+            .interrupted
+            .iter()
+            .copied()
+            .chain(self.swarm.behaviour().held_peers())
+            .filter(|p| *p != local);
+        let (closest, doubtful) =
+            dht::settle(&lookup.score, &lookup.answered, unasked, kad::K_VALUE.get());
+        if doubtful.is_empty() {
+            let _ = lookup.reply.send(Ok(closest));
+        } else if lookup.attempts < LOOKUP_ATTEMPTS {
+            tracing::debug!(
+                score = %lookup.score,
+                attempt = lookup.attempts,
+                doubtful = doubtful.len(),
+                "peers that may be among the closest were not asked; looking up again"
+            );
+            self.query(lookup);
+        } else {
+            let _ = lookup.reply.send(Err(Error::Lookup(format!(
+                "{} peers that may be among the closest could not be asked in {} queries \
+                 (connection limit or connections closing)",
+                doubtful.len(),
+                lookup.attempts
+            ))));
+        }
     }
 
     /// Keeps the addresses a lookup learned, for the requests that follow it.
@@ -382,6 +464,7 @@ impl EventLoop {
                     let _ = reply.send(result);
                 }
             }
+            GateEvent::DialDenied { peer } => self.interrupted(peer),
         }
     }
 
@@ -460,6 +543,7 @@ impl EventLoop {
                 // Forget what a peer said of itself once it is neither
                 // connected nor in the routing table, so the map stays small.
                 if num_established == 0 {
+                    self.interrupted(peer_id);
                     let _ = self.events.send(PeerEvent::Disconnected(peer_id));
                     self.remote.remove(&peer_id);
                     if !self.in_routing_table(&peer_id) {
@@ -575,16 +659,18 @@ impl EventLoop {
                 ..
             } => {
                 // A closest-peers query reports once, when it ends.
-                let Some(reply) = self.lookups.remove(&id) else {
+                let Some(lookup) = self.lookups.remove(&id) else {
                     return;
                 };
-                let result = match result {
-                    Ok(ok) => Ok(self.learn(ok.peers)),
-                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => Err(Error::Lookup(
-                        format!("timed out with {} peers found", peers.len()),
-                    )),
-                };
-                let _ = reply.send(result);
+                match result {
+                    Ok(ok) => self.on_lookup(lookup, ok.peers),
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => {
+                        let _ = lookup.reply.send(Err(Error::Lookup(format!(
+                            "timed out with {} peers found",
+                            peers.len()
+                        ))));
+                    }
+                }
             }
             kad::Event::RoutingUpdated {
                 peer, is_new_peer, ..

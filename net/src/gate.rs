@@ -119,6 +119,12 @@ pub(crate) enum GateEvent<E> {
         /// The peer was connected or being dialled meanwhile: the dial was not needed.
         connected: bool,
     },
+    /// A dial to `peer`, whoever asked for it, was denied by this node's own
+    /// limits (the gate's or `connection_limits`'), not by the peer: Kademlia
+    /// counts it as the peer's failure all the same.
+    DialDenied {
+        peer: PeerId,
+    },
 }
 
 /// A message to a [`GateHandler`].
@@ -289,8 +295,17 @@ impl<B: NetworkBehaviour> Gate<B> {
         }
     }
 
+    /// The peers of the dials held back now, waiting for a connection to close.
+    pub(crate) fn held_peers(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.held.iter().filter_map(|h| h.opts.get_peer_id())
+    }
+
     fn on_dial_failure(&mut self, failure: &DialFailure) {
         self.dialling.remove(&failure.connection_id);
+        if let (Some(peer), DialError::Denied { .. }) = (failure.peer_id, failure.error) {
+            self.out
+                .push_back(ToSwarm::GenerateEvent(GateEvent::DialDenied { peer }));
+        }
         if self.asked.remove(&failure.connection_id) {
             self.out
                 .push_back(ToSwarm::GenerateEvent(GateEvent::DialFailed {
