@@ -13,7 +13,7 @@ use libp2p::core::transport::ListenerId;
 use libp2p::kad::QueryId;
 use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
+use libp2p::swarm::{ConnectionError, ConnectionId, DialError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, kad};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -33,6 +33,15 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Kademlia queries one closest-peers lookup may run before it gives up on
 /// peers it could not ask (see [`Lookup`]).
 const LOOKUP_ATTEMPTS: u32 = 5;
+
+/// A request sent to a peer, kept until its answer.
+struct Outbound {
+    peer: PeerId,
+    /// Kept to send it again once if its connection closes before it goes out.
+    request: Request,
+    reply: Reply<Response>,
+    resent: bool,
+}
 
 /// A closest-peers lookup: one Kademlia query at a time, run again while a
 /// peer that may belong in the result could not be asked.
@@ -133,7 +142,10 @@ pub struct EventLoop {
     handler: Option<Arc<dyn Handler>>,
     max_inbound: usize,
     inbound: JoinSet<(PeerId, ResponseChannel<Response>, Response)>,
-    requests: HashMap<OutboundRequestId, (PeerId, Reply<Response>)>,
+    requests: HashMap<OutboundRequestId, Outbound>,
+    /// Connections that closed idle while a request to their peer was
+    /// pending: a request failing with such a connection never went out.
+    closed_idle: HashSet<ConnectionId>,
     listens: HashMap<ListenerId, (Multiaddr, Reply<Multiaddr>)>,
     dials: HashMap<ConnectionId, (Multiaddr, Reply<PeerId>)>,
     bootstraps: HashMap<QueryId, Reply<()>>,
@@ -159,6 +171,7 @@ impl EventLoop {
             max_inbound,
             inbound: JoinSet::new(),
             requests: HashMap::new(),
+            closed_idle: HashSet::new(),
             listens: HashMap::new(),
             dials: HashMap::new(),
             bootstraps: HashMap::new(),
@@ -247,15 +260,12 @@ impl EventLoop {
                 peer,
                 request,
                 reply,
-            } => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .inner
-                    .blocks
-                    .send_request(&peer, Ok(request));
-                self.requests.insert(id, (peer, reply));
-            }
+            } => self.send(Outbound {
+                peer,
+                request,
+                reply,
+                resent: false,
+            }),
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(Ok(self.swarm.listeners().cloned().collect()));
             }
@@ -291,6 +301,16 @@ impl EventLoop {
             // `run` stops on it before it gets here.
             Command::Shutdown { .. } => {}
         }
+    }
+
+    fn send(&mut self, outbound: Outbound) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .inner
+            .blocks
+            .send_request(&outbound.peer, Ok(outbound.request.clone()));
+        self.requests.insert(id, outbound);
     }
 
     fn dial(&mut self, addr: Multiaddr, reply: Reply<PeerId>) {
@@ -535,11 +555,18 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 cause,
                 num_established,
                 ..
             } => {
                 tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
+                // Idle means no stream was open on it, so no request on it had gone out.
+                if matches!(cause, Some(ConnectionError::KeepAliveTimeout))
+                    && self.requests.values().any(|o| o.peer == peer_id)
+                {
+                    self.closed_idle.insert(connection_id);
+                }
                 // Forget what a peer said of itself once it is neither
                 // connected nor in the routing table, so the map stays small.
                 if num_established == 0 {
@@ -566,6 +593,13 @@ impl EventLoop {
     }
 
     fn on_blocks(&mut self, event: request_response::Event<InboundRequest, Response>) {
+        self.on_blocks_event(event);
+        if self.requests.is_empty() {
+            self.closed_idle.clear();
+        }
+    }
+
+    fn on_blocks_event(&mut self, event: request_response::Event<InboundRequest, Response>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
@@ -575,19 +609,32 @@ impl EventLoop {
                     request_id,
                     response,
                 } => {
-                    if let Some((_, reply)) = self.requests.remove(&request_id) {
-                        let _ = reply.send(Ok(response));
+                    if let Some(outbound) = self.requests.remove(&request_id) {
+                        let _ = outbound.reply.send(Ok(response));
                     }
                 }
             },
             request_response::Event::OutboundFailure {
                 peer,
+                connection_id,
                 request_id,
                 error,
-                ..
             } => {
-                if let Some((_, reply)) = self.requests.remove(&request_id) {
-                    let _ = reply.send(Err(outbound_error(peer, error)));
+                let Some(outbound) = self.requests.remove(&request_id) else {
+                    return;
+                };
+                // The gate freed the connection just as the request was handed
+                // to it: it was never sent, so sending it again is safe.
+                let unsent = matches!(error, request_response::OutboundFailure::ConnectionClosed)
+                    && self.closed_idle.contains(&connection_id);
+                if unsent && !outbound.resent {
+                    tracing::debug!(%peer, "a request met its connection closing; sending it again");
+                    self.send(Outbound {
+                        resent: true,
+                        ..outbound
+                    });
+                } else {
+                    let _ = outbound.reply.send(Err(outbound_error(peer, error)));
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
