@@ -14,11 +14,12 @@ use bytes::Bytes;
 use fincrypt_blockstore::{Score, score};
 use libp2p::{Multiaddr, PeerId};
 use rand::RngCore;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::Error;
 use crate::bulk::{BulkConn, BulkPool, Pooled};
-use crate::event_loop::{Command, PeerInfo};
+use crate::event_loop::{Command, PeerEvent, PeerInfo};
+use crate::gate::{ConnectionStats, Counters};
 use crate::proto::{Bitmap, BulkKey, NONCE_LEN, Request, Response};
 
 /// A cloneable handle to a running node; a closed node answers [`Error::Shutdown`].
@@ -29,7 +30,13 @@ pub struct Client {
     /// Bulk connections for puts and gets; `None` when the node uses libp2p only.
     bulk: Option<Arc<BulkPool>>,
     request_timeout: Duration,
+    events: broadcast::Sender<PeerEvent>,
+    connections: Arc<Counters>,
 }
+
+/// The longest a [`Client::probe`] waits for its answer: a peer slower than
+/// this is as good as gone for repair's purposes.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Room a holder offers, as it reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,13 +60,31 @@ impl Client {
         peer_id: PeerId,
         bulk: bool,
         request_timeout: Duration,
+        events: broadcast::Sender<PeerEvent>,
+        connections: Arc<Counters>,
     ) -> Client {
         Client {
             sender,
             peer_id,
             bulk: bulk.then(Arc::default),
             request_timeout,
+            events,
+            connections,
         }
+    }
+
+    /// This node's libp2p connections: now, at most since start, and the limit.
+    pub fn connection_stats(&self) -> ConnectionStats {
+        self.connections.snapshot()
+    }
+
+    /// Connection events from now on: `Connected` when the first connection to
+    /// a peer opens, `Disconnected` when the last one closes.
+    ///
+    /// A subscriber more than 1024 events behind gets `Lagged` and misses
+    /// those; a closed node ends the stream (`Closed`).
+    pub fn peer_events(&self) -> broadcast::Receiver<PeerEvent> {
+        self.events.subscribe()
     }
 
     /// Requests answered over bulk connections so far (see [`crate::bulk`]).
@@ -112,6 +137,22 @@ impl Client {
     /// Runs a Kademlia bootstrap (a lookup of our own id) and waits for it to end.
     pub async fn bootstrap(&self) -> Result<(), Error> {
         self.ask(|reply| Command::Bootstrap { reply }).await
+    }
+
+    /// The peers closest to `score` in the whole network, closest first, by a
+    /// Kademlia lookup (up to 20 peers; never this node).
+    ///
+    /// The order is that of [`crate::distance`]. Only peers that answered the
+    /// lookup are returned, and their addresses are kept, so a
+    /// [`Client::put`] to one right after can dial it. A peer this node could
+    /// not ask for a reason of its own (the connection limit, a connection
+    /// closing under the request) is asked again in a fresh query rather than
+    /// left out. Fails with [`Error::Lookup`] when no peer is known, the
+    /// lookup timed out, or such peers could still not be asked after a few
+    /// queries: never a closest set with a gap.
+    pub async fn closest_peers(&self, score: Score) -> Result<Vec<PeerId>, Error> {
+        self.ask(|reply| Command::ClosestPeers { score, reply })
+            .await
     }
 
     /// Peers this node is connected to or knows through Kademlia.
@@ -309,6 +350,23 @@ impl Client {
         match answer {
             Response::Released { released } => bitmap_of(peer, released, scores.len()),
             other => Err(unexpected(peer, &other)),
+        }
+    }
+
+    /// Whether `peer` answers, and how fast: the round trip of an empty `Has`.
+    ///
+    /// Any answer counts, a refusal too; dialling is included when no
+    /// connection is open. Waits at most [`PROBE_TIMEOUT`] (or the request
+    /// timeout, if shorter) before [`Error::Timeout`]. Only nodes that serve
+    /// blocks can be probed: others fail with [`Error::Protocol`].
+    pub async fn probe(&self, peer: PeerId) -> Result<Duration, Error> {
+        let start = tokio::time::Instant::now();
+        let request = Request::Has { scores: Vec::new() };
+        let wait = self.request_timeout.min(PROBE_TIMEOUT);
+        match tokio::time::timeout(wait, self.libp2p_call(peer, request)).await {
+            Ok(Ok(_)) => Ok(start.elapsed()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Timeout { peer }),
         }
     }
 

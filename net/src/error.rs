@@ -45,6 +45,9 @@ pub enum Error {
     /// A Kademlia bootstrap could not start or did not complete.
     #[error("bootstrap: {0}")]
     Bootstrap(String),
+    /// A DHT lookup could not start or did not complete.
+    #[error("DHT lookup: {0}")]
+    Lookup(String),
     /// Setting up the transports failed.
     #[error("cannot set up the network: {0}")]
     Transport(String),

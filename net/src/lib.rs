@@ -3,7 +3,9 @@
 //! A [`Node`] runs a libp2p swarm (TCP and QUIC, Noise, Yamux, Identify,
 //! Kademlia, and the block protocol of [`proto`]) on tokio. The rest of the
 //! program talks to it through a cloneable [`Client`]: `put`, `get`, `has`,
-//! `challenge`, `release` on a given peer, plus dialling and discovery. A node
+//! `challenge`, `release` on a given peer, plus dialling and discovery,
+//! placement lookups ([`Client::closest_peers`], ordered by [`distance`]) and
+//! liveness ([`Client::peer_events`], [`Client::probe`]). A node
 //! that keeps blocks for others runs a [`Holder`] as its [`Handler`].
 //!
 //! Trust: a holder checks every block it receives against its score; a client
@@ -30,17 +32,21 @@
 pub mod bulk;
 mod client;
 pub mod codec;
+mod dht;
 mod error;
 mod event_loop;
+pub mod gate;
 pub mod holder;
 pub mod identity;
 pub mod ledger;
 mod node;
 pub mod proto;
 
-pub use client::{Client, Space};
+pub use client::{Client, PROBE_TIMEOUT, Space};
+pub use dht::distance;
 pub use error::Error;
-pub use event_loop::{EventLoop, PeerInfo};
+pub use event_loop::{EventLoop, PeerEvent, PeerInfo};
+pub use gate::ConnectionStats;
 pub use holder::{Holder, HolderStats};
 pub use node::{Handler, Node, NodeConfig, new};
 pub use proto::{ErrorCode, Request, Response};

@@ -20,7 +20,8 @@ use tokio::sync::mpsc;
 use crate::bulk::{BulkStop, WithBulk};
 use crate::client::Client;
 use crate::codec::{self, Codec, InboundRequest};
-use crate::event_loop::EventLoop;
+use crate::event_loop::{EventLoop, PeerEvent};
+use crate::gate::{Counters, Gate};
 use crate::proto::Response;
 use crate::{Error, identity};
 
@@ -46,11 +47,17 @@ pub struct NodeConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// How long a request may take before it fails with [`Error::Timeout`].
     pub request_timeout: Duration,
-    /// How long a connection with no open stream is kept.
+    /// How long a connection is kept after its last use (a connection freed
+    /// for another under `max_connections` closes sooner).
     pub idle_timeout: Duration,
     /// Inbound requests handled at once; more are answered `Unavailable`.
     pub max_inbound: usize,
-    /// Connections kept open at once, in all.
+    /// libp2p connections open at once, in all (dialling ones included).
+    ///
+    /// At the limit a new dial waits for the least recently used connection
+    /// to finish what it is doing and close, rather than failing, so DHT
+    /// lookups and puts stay correct under a small limit; an inbound
+    /// connection is refused. See [`crate::gate`].
     pub max_connections: u32,
     /// Move blocks over bulk connections (AES-256-GCM over TCP, keyed over
     /// libp2p; see [`crate::bulk`]) when the peer offers one, and offer one
@@ -93,6 +100,9 @@ pub(crate) struct Behaviour {
     pub(crate) identify: identify::Behaviour,
 }
 
+/// Peer events a slow subscriber may fall behind by before it misses some.
+const PEER_EVENTS: usize = 1024;
+
 /// Builds the swarm: the client handle and the event loop to run (see [`EventLoop::run`]).
 ///
 /// With a `handler` the node answers block requests and advertises the
@@ -110,11 +120,14 @@ pub fn new(
     let rr_config = request_response::Config::default()
         .with_request_timeout(config.request_timeout)
         .with_max_concurrent_streams(STREAMS_PER_CONNECTION);
+    // The gate keeps the total within `max_connections` without denying
+    // dials; this stays as a backstop and for the other limits.
     let limits = connection_limits::ConnectionLimits::default()
-        .with_max_established(Some(config.max_connections))
+        .with_max_established(Some(config.max_connections.max(1)))
         .with_max_pending_incoming(Some(64))
         .with_max_established_per_peer(Some(4));
     let transport = |e: &dyn std::fmt::Display| Error::Transport(e.to_string());
+    let counters = Arc::new(Counters::default());
     let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
         .with_tcp(
@@ -138,7 +151,7 @@ pub fn new(
             // Without AutoNAT nothing would confirm an external address, and
             // a node in client mode answers no queries: every node serves.
             kademlia.set_mode(Some(kad::Mode::Server));
-            Behaviour {
+            let behaviour = Behaviour {
                 limits: connection_limits::Behaviour::new(limits),
                 blocks: request_response::Behaviour::with_codec(
                     Codec,
@@ -150,15 +163,30 @@ pub fn new(
                     identify::Config::new(IDENTIFY_PROTOCOL.to_string(), key.public())
                         .with_agent_version(format!("fincrypt/{}", env!("CARGO_PKG_VERSION"))),
                 ),
-            }
+            };
+            Gate::new(
+                behaviour,
+                config.max_connections as usize,
+                config.idle_timeout,
+                counters.clone(),
+            )
         })
         .map_err(|e| transport(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
+        // Zero: the gate's handler decides how long an idle connection stays.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::ZERO))
         .build();
     let (sender, receiver) = mpsc::channel(64);
+    let (events, _) = tokio::sync::broadcast::channel::<PeerEvent>(PEER_EVENTS);
     Ok((
-        Client::new(sender, peer_id, config.bulk, config.request_timeout),
-        EventLoop::new(swarm, receiver, handler, config.max_inbound),
+        Client::new(
+            sender,
+            peer_id,
+            config.bulk,
+            config.request_timeout,
+            events.clone(),
+            counters,
+        ),
+        EventLoop::new(swarm, receiver, handler, config.max_inbound, events),
     ))
 }
 
