@@ -23,6 +23,12 @@
 //!   through and refused, so its owner sees a failure instead of waiting
 //!   forever.
 //!
+//! A connection closes on its own task, so a request handed to it just as it
+//! closes is lost, and Kademlia counts the close as the peer's failure. The
+//! gate cannot prevent that; it reports every dial denied by a limit, and the
+//! event loop asks such peers again in a lookup and sends such a request
+//! again (see `event_loop.rs`).
+//!
 //! Closing one connection gracefully needs its idle timeout to be shortened,
 //! which libp2p offers only through the handler's keep-alive: the swarm runs
 //! with a zero idle timeout and the gate's connection handler keeps each
