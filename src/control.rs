@@ -112,6 +112,8 @@ pub struct ReplicationStatus {
     pub blocks_walked: u64,
     /// Manifest rows passes read, in all (unchanged while passes are skipped).
     pub manifest_rows_scanned: u64,
+    /// Closest-peer lookups passes made through the DHT, in all.
+    pub dht_lookups: u64,
     /// Why blocks are short of copies, in words (empty when none are).
     pub note: String,
     pub proofs_passed: u64,

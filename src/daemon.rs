@@ -325,6 +325,7 @@ impl Daemon {
                 r.releases_pending = st.releases_pending.load(Ordering::Relaxed);
                 r.blocks_walked = st.blocks_walked.load(Ordering::Relaxed);
                 r.manifest_rows_scanned = st.rows_scanned.load(Ordering::Relaxed);
+                r.dht_lookups = st.lookups.load(Ordering::Relaxed);
                 r.note = st.reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 r.proofs_passed = st.proofs_passed.load(Ordering::Relaxed);
                 r.proofs_failed = st.proofs_failed.load(Ordering::Relaxed);

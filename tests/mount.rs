@@ -984,7 +984,7 @@ fn deleted_data_is_freed_once_no_kept_snapshot_uses_it() {
     let home = init_home();
     common::set_config(home.path(), "snapshot_keep", "1");
     let m = Mount::start(home);
-    let (blocks0, bytes0) = own_usage(m.home());
+    let (_, bytes0) = own_usage(m.home());
     fs::write(
         m.path().join("doomed.bin"),
         random_bytes(9, 6 * MIB as usize),

@@ -498,7 +498,11 @@ fn with_no_holders_sync_replicated_fails_with_a_count_and_a_reason() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(err.contains("fewer holders than asked"), "{err}");
-    assert!(err.contains("0 peers serve blocks"), "{err}");
+    assert!(
+        err.contains("0 of the closest peers found serve blocks"),
+        "{err}"
+    );
+    assert!(err.contains("a DHT lookup failed"), "{err}");
     let st = status(&home);
     assert!(number(&st, "under_replicated") >= 1, "{st}");
     m.unmount();

@@ -13,6 +13,7 @@
 
 pub mod error;
 pub mod liveness;
+pub mod lookup;
 pub mod manifest;
 pub mod placement;
 pub mod proofs;

@@ -2,8 +2,9 @@
 //!
 //! Proofs run every few minutes and are for honesty; liveness is for repair
 //! within a minute. Each check looks at every holder the manifest names: one
-//! with an open connection is alive; one without is probed (a `space`
-//! request, which dials it) at most every [`PROBE_EVERY`]. A holder
+//! with an open connection is alive; one without is probed
+//! ([`fincrypt_net::Client::probe`]: an empty `has`, which dials it) at most
+//! every [`PROBE_EVERY`]. A holder
 //! unreachable for longer than the holder timeout is dropped from every
 //! block it holds, so the next replication pass places those copies
 //! elsewhere; it is asked to release them if it comes back.
@@ -88,7 +89,7 @@ impl Liveness {
         }
         let answers = futures::future::join_all(probes.into_iter().map(|peer| async move {
             let ok = matches!(
-                tokio::time::timeout(PROBE_TIMEOUT, r.client.space(peer)).await,
+                tokio::time::timeout(PROBE_TIMEOUT, r.client.probe(peer)).await,
                 Ok(Ok(_))
             );
             (peer, ok)

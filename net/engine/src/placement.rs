@@ -3,9 +3,9 @@
 //! A pass takes what the owner's blocks want ([`Wanted`], from
 //! [`crate::Wants`]): a data block its file's effective redundancy, every
 //! other block the highest in use and at least [`META_REDUNDANCY`]. A block
-//! short of copies is put on the peers that serve blocks and have room,
-//! closest first by XOR distance between the score and the SHA-256 of the
-//! peer's id; each peer that stores it is recorded in the manifest
+//! short of copies is put on the peers closest to it in the whole network
+//! (Kademlia's XOR distance, found by DHT lookups: [`crate::lookup`]) that
+//! serve blocks and have room; each peer that stores it is recorded in the manifest
 //! ([`Manifest`], docs/FORMATS.md). A block with no confirmed holder whose
 //! local copy is also gone or damaged is *lost*: counted and named.
 
@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use fincrypt_blockstore::{BlockStore, Score};
 use fincrypt_net::{Client, Error as NetError, ErrorCode, PeerId};
-use sha2::{Digest, Sha256};
 
 use crate::error::Result;
+use crate::lookup::Lookups;
 use crate::unix_now;
 
 pub use crate::manifest::Manifest;
@@ -29,15 +29,9 @@ pub const META_REDUNDANCY: u8 = 3;
 /// Copies asked of each own block: score -> redundancy.
 pub type Wanted = BTreeMap<Score, u8>;
 
-/// The XOR distance between a score and a peer (its id hashed to 32 bytes).
-pub fn distance(score: &Score, peer: &PeerId) -> [u8; 32] {
-    let h = Sha256::digest(peer.to_bytes());
-    let mut d = [0u8; 32];
-    for (i, b) in d.iter_mut().enumerate() {
-        *b = score.0[i] ^ h[i];
-    }
-    d
-}
+/// The XOR distance Kademlia puts between a block and a peer: placement
+/// orders peers by it, closest first.
+pub use fincrypt_net::distance;
 
 /// Figures of replication, for `status`.
 #[derive(Default)]
@@ -77,6 +71,8 @@ pub struct ReplicationStats {
     pub blocks_walked: AtomicU64,
     /// Manifest rows passes read, in all.
     pub rows_scanned: AtomicU64,
+    /// Closest-peer lookups passes made, in all (one serves many blocks).
+    pub lookups: AtomicU64,
 }
 
 /// What a pass needs.
@@ -111,47 +107,21 @@ impl Replicator {
     pub async fn pass(&self, wanted: Wanted, local: Arc<dyn BlockStore>) -> Result<u64> {
         use futures::StreamExt;
         let _one = self.running.lock().await;
-        let me = self.client.local_peer_id();
-        let peers: Vec<PeerId> = self
-            .client
-            .peers()
-            .await?
-            .into_iter()
-            .filter(|p| p.connected && p.serves_blocks == Some(true) && p.peer_id != me)
-            .map(|p| p.peer_id)
-            .collect();
-        let peers: Vec<PeerId> = {
-            let now = unix_now();
-            let banned: HashSet<PeerId> = self
-                .manifest
-                .holder_records()?
-                .into_iter()
-                .filter(|(_, r)| r.banned(now))
-                .map(|(p, _)| p)
-                .collect();
-            peers.into_iter().filter(|p| !banned.contains(p)).collect()
+        let round = Round {
+            me: self.client.local_peer_id(),
+            banned: {
+                let now = unix_now();
+                self.manifest
+                    .holder_records()?
+                    .into_iter()
+                    .filter(|(_, r)| r.banned(now))
+                    .map(|(p, _)| p)
+                    .collect()
+            },
+            lookups: Mutex::new(Lookups::default()),
+            room: Mutex::new(HashMap::new()),
+            lookup_error: Mutex::new(None),
         };
-        // Room each candidate reports, counted down as this pass fills it.
-        let client = &self.client;
-        let asks: Vec<_> = peers
-            .iter()
-            .copied()
-            .map(|p| async move {
-                match client.space(p).await {
-                    Ok(space) => Some((p, space.free())),
-                    Err(e) => {
-                        tracing::debug!(peer = %p, error = %e, "no room report; not a candidate this pass");
-                        None
-                    }
-                }
-            })
-            .collect();
-        let room: HashMap<PeerId, u64> = futures::stream::iter(asks)
-            .buffer_unordered(PARALLEL_ASKS)
-            .filter_map(std::future::ready)
-            .collect()
-            .await;
-        let room = Arc::new(Mutex::new(room));
         let tracked = wanted.len() as u64;
         let mut levels = BTreeMap::new();
         for n in wanted.values() {
@@ -192,14 +162,14 @@ impl Replicator {
                 .collect(),
         );
         self.release_dropped().await?;
+        let round = &round;
         let results = futures::stream::iter(short.into_iter().map(|(score, n, holders)| {
-            let room = room.clone();
             let local = local.clone();
             let pending = pending.clone();
             async move {
                 let before = holders.len();
                 let (holders, readable) =
-                    self.place(score, n, holders, &room, &local, &pending).await;
+                    self.place(score, n, holders, round, &local, &pending).await;
                 (score, n, before, holders, readable)
             }
         }))
@@ -226,16 +196,21 @@ impl Replicator {
         let reason = if under == 0 {
             String::new()
         } else {
-            let free = room
+            let room = round.room.lock().unwrap_or_else(|p| p.into_inner());
+            let serving = room.values().filter(|f| f.is_some()).count();
+            let free = room.values().filter(|f| f.is_some_and(|f| f > 0)).count();
+            let mut note = format!(
+                "{under} blocks short of copies: {serving} of the closest peers found serve blocks, {free} of them with room"
+            );
+            if let Some(e) = round
+                .lookup_error
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .filter(|f| **f > 0)
-                .count();
-            format!(
-                "{under} blocks short of copies: {} peers serve blocks, {free} of them with room",
-                peers.len()
-            )
+                .as_ref()
+            {
+                note.push_str(&format!("; a DHT lookup failed: {e}"));
+            }
+            note
         };
         *self.stats.reason.lock().unwrap_or_else(|p| p.into_inner()) = reason;
         self.stats.lost.store(lost.len() as u64, Ordering::Relaxed);
@@ -383,15 +358,16 @@ impl Replicator {
         Ok(())
     }
 
-    /// Puts `score` on the closest peers with room until it has `n` holders;
-    /// returns its holders and whether the local copy was readable (as far
-    /// as placing it showed).
+    /// Puts `score` on the peers closest to it in the network (by DHT
+    /// lookup, see [`crate::lookup`]) that have room, until it has `n`
+    /// holders; returns its holders and whether the local copy was readable
+    /// (as far as placing it showed).
     async fn place(
         &self,
         score: Score,
         n: u8,
         mut holders: Vec<PeerId>,
-        room: &Mutex<HashMap<PeerId, u64>>,
+        round: &Round,
         local: &Arc<dyn BlockStore>,
         pending: &HashSet<(PeerId, Score)>,
     ) -> (Vec<PeerId>, bool) {
@@ -405,41 +381,82 @@ impl Replicator {
             }
         };
         let len = data.len() as u64;
-        let mut candidates: Vec<PeerId> = room
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(p, free)| {
-                **free >= len && !holders.contains(p) && !pending.contains(&(**p, score))
-            })
-            .map(|(p, _)| *p)
-            .collect();
-        candidates.sort_by_key(|p| distance(&score, p));
-        let mut next = candidates.into_iter();
+        let mut own_lookup = false;
+        let mut look_up = false;
+        let mut tried: HashSet<PeerId> = HashSet::new();
         while holders.len() < n as usize {
-            let batch: Vec<PeerId> = next.by_ref().take(n as usize - holders.len()).collect();
+            let need = n as usize - holders.len();
+            let usable = |p: &PeerId| {
+                *p != round.me
+                    && !holders.contains(p)
+                    && !tried.contains(p)
+                    && !pending.contains(&(*p, score))
+                    && !round.banned.contains(p)
+                    && round.room_for(p).is_none_or(|free| free >= len)
+            };
+            let known = if look_up {
+                None
+            } else {
+                round
+                    .lookups
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .closest(&score, need, usable)
+            };
+            let order = match known {
+                Some(order) => order,
+                None if !own_lookup => {
+                    own_lookup = true;
+                    self.stats.lookups.fetch_add(1, Ordering::Relaxed);
+                    match self.client.closest_peers(score).await {
+                        Ok(found) => {
+                            let mut lookups =
+                                round.lookups.lock().unwrap_or_else(|p| p.into_inner());
+                            lookups.insert(&score, &found, LOOKUP_ANSWER);
+                            lookups.closest(&score, 0, |_| true).unwrap_or_default()
+                        }
+                        Err(e) => {
+                            tracing::debug!(%score, error = %e, "a closest-peers lookup failed");
+                            *round.lookup_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                // Its own lookup found no more peers that could take it.
+                None => break,
+            };
+            let candidates: Vec<PeerId> = order.into_iter().filter(|p| usable(p)).collect();
+            round.ask_room(&self.client, &candidates).await;
+            let batch: Vec<PeerId> = candidates
+                .into_iter()
+                .filter(|p| round.room_for(p).is_some_and(|free| free >= len))
+                .take(need)
+                .collect();
             if batch.is_empty() {
-                break;
+                if own_lookup {
+                    break;
+                }
+                // The peers earlier lookups vouch for have no room: look
+                // this block up itself.
+                look_up = true;
+                continue;
             }
+            tried.extend(batch.iter().copied());
             let puts = batch.iter().map(|p| {
                 let data = data.clone();
                 async move { (*p, self.client.put(*p, score, data).await) }
             });
             for (peer, result) in futures::future::join_all(puts).await {
-                let mut room = room.lock().unwrap_or_else(|p| p.into_inner());
                 match result {
                     Ok(()) => {
                         holders.push(peer);
-                        if let Some(f) = room.get_mut(&peer) {
-                            *f = f.saturating_sub(len);
-                        }
+                        round.took(&peer, len);
                     }
                     Err(NetError::Refused {
                         code: ErrorCode::Full { free },
                         ..
-                    }) => {
-                        room.insert(peer, free.min(len.saturating_sub(1)));
-                    }
+                    }) => round.set_room(&peer, free.min(len.saturating_sub(1))),
                     Err(NetError::Refused {
                         code: ErrorCode::ScoreMismatch,
                         ..
@@ -454,6 +471,85 @@ impl Replicator {
             }
         }
         (holders, true)
+    }
+}
+
+/// Peers a full Kademlia answer holds (libp2p-kad's `K_VALUE`).
+const LOOKUP_ANSWER: usize = 20;
+
+/// What one pass learns of the network as it goes.
+struct Round {
+    me: PeerId,
+    /// Holders that get no new placements for now.
+    banned: HashSet<PeerId>,
+    lookups: Mutex<Lookups>,
+    /// Room each asked peer reported, counted down as this pass fills it;
+    /// `None`: it gave none (it serves no blocks, or did not answer).
+    room: Mutex<HashMap<PeerId, Option<u64>>>,
+    /// The last lookup that failed, for `status`.
+    lookup_error: Mutex<Option<String>>,
+}
+
+impl Round {
+    /// What is known of `peer`'s room: `None` when not asked yet,
+    /// `Some(0)` when it gave none.
+    fn room_for(&self, peer: &PeerId) -> Option<u64> {
+        self.room
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .map(|r| r.unwrap_or(0))
+    }
+
+    fn set_room(&self, peer: &PeerId, free: u64) {
+        self.room
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*peer, Some(free));
+    }
+
+    fn took(&self, peer: &PeerId, len: u64) {
+        if let Some(Some(f)) = self
+            .room
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(peer)
+        {
+            *f = f.saturating_sub(len);
+        }
+    }
+
+    /// Asks each of `peers` not asked yet in this pass for its room, at once.
+    async fn ask_room(&self, client: &Client, peers: &[PeerId]) {
+        use futures::StreamExt;
+        let new: Vec<PeerId> = {
+            let room = self.room.lock().unwrap_or_else(|p| p.into_inner());
+            peers
+                .iter()
+                .filter(|p| !room.contains_key(p))
+                .copied()
+                .collect()
+        };
+        let asks: Vec<_> = new
+            .into_iter()
+            .map(|p| async move {
+                match client.space(p).await {
+                    Ok(space) => (p, Some(space.free())),
+                    Err(e) => {
+                        tracing::debug!(peer = %p, error = %e, "no room report; not a candidate this pass");
+                        (p, None)
+                    }
+                }
+            })
+            .collect();
+        let answers: Vec<(PeerId, Option<u64>)> = futures::stream::iter(asks)
+            .buffer_unordered(PARALLEL_ASKS)
+            .collect()
+            .await;
+        let mut room = self.room.lock().unwrap_or_else(|p| p.into_inner());
+        for (p, free) in answers {
+            room.entry(p).or_insert(free);
+        }
     }
 }
 
