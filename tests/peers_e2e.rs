@@ -2,75 +2,12 @@
 //! nodes and a mount bootstrapped to them place the mount's own blocks at a
 //! directory's redundancy, and the nodes only ever see ciphertext.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
 
-use common::{Mount, StartOptions, ctl, ctl_ok, init_home, text};
-
-const START_LIMIT: Duration = Duration::from_secs(60);
-
-/// A `fincrypt serve` process, killed and reaped when dropped.
-struct Served {
-    child: Child,
-    addr: String,
-    _lines: Receiver<String>,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Starts `fincrypt --home HOME serve ARGS` and waits for its "listening on" line.
-/// The child is reaped by `Served`'s drop.
-#[allow(clippy::zombie_processes)]
-fn serve(home: &Path, args: &[&str]) -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fincrypt"))
-        .arg("--home")
-        .arg(home)
-        .arg("serve")
-        .args(args)
-        .env_remove("FINCRYPT_PASSPHRASE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, lines) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[serve] {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + START_LIMIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = match lines.recv_timeout(left) {
-            Ok(line) => line,
-            Err(e) => panic!("serve did not come up: {e}"),
-        };
-        if let Some(addr) = line.strip_prefix("fincrypt serve: listening on ") {
-            return Served {
-                child,
-                addr: addr.to_owned(),
-                _lines: lines,
-            };
-        }
-    }
-}
+use common::{Mount, Served, StartOptions, ctl, ctl_ok, init_home, serve, text};
 
 fn status(home: &Path) -> serde_json::Value {
     let out = ctl_ok(home, &["status", "--json"]);

@@ -8,7 +8,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -699,5 +699,69 @@ pub fn refused_mount(home: &Path, passphrase: Option<&str>) -> Output {
         status,
         stdout,
         stderr,
+    }
+}
+
+/// How long a `fincrypt serve` may take to listen.
+pub const START_LIMIT: Duration = Duration::from_secs(60);
+
+/// A `fincrypt serve` process, killed and reaped when dropped.
+pub struct Served {
+    pub child: Child,
+    pub addr: String,
+    _lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Starts `fincrypt --home HOME serve ARGS` and waits for its "listening on" line.
+/// The child is reaped by `Served`'s drop.
+#[allow(clippy::zombie_processes)]
+pub fn serve(home: &Path, args: &[&str]) -> Served {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fincrypt"))
+        .arg("--home")
+        .arg(home)
+        .arg("serve")
+        .args(args)
+        .env_remove("FINCRYPT_PASSPHRASE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            eprintln!("[serve] {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + START_LIMIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match lines.recv_timeout(left) {
+            Ok(line) => line,
+            Err(e) => panic!("serve did not come up: {e}"),
+        };
+        if let Some(addr) = line.strip_prefix("fincrypt serve: listening on ") {
+            return Served {
+                child,
+                addr: addr.to_owned(),
+                _lines: lines,
+            };
+        }
     }
 }

@@ -1,0 +1,112 @@
+//! An idle mount with 100,000 files does no replication work: once a pass
+//! has left nothing to do, later passes walk no block and read no manifest
+//! row until something changes. A test binary of its own, so that its
+//! 100,000 creates do not share the machine with the timing-bound tests of
+//! tests/peers_e2e.rs.
+
+use std::path::Path;
+use std::time::Duration;
+
+mod common;
+
+use common::{Mount, StartOptions, ctl, ctl_ok, init_home, serve, text};
+
+const FILES: usize = 100_000;
+const PER_DIR: usize = 1_000;
+
+fn status(home: &Path) -> serde_json::Value {
+    let out = ctl_ok(home, &["status", "--json"]);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("status JSON {out:?}: {e}"))
+}
+
+fn figure(v: &serde_json::Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .or_else(|| v["replication"][key].as_u64())
+        .unwrap_or_else(|| panic!("status has a number {key}: {v}"))
+}
+
+/// Passes run, passes skipped, blocks walked, manifest rows scanned.
+fn pass_work(home: &Path) -> [u64; 4] {
+    let st = status(home);
+    [
+        "passes",
+        "passes_skipped",
+        "blocks_walked",
+        "manifest_rows_scanned",
+    ]
+    .map(|k| figure(&st, k))
+}
+
+#[test]
+fn an_idle_mount_with_100000_files_walks_and_scans_nothing() {
+    let node_homes: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<_> = node_homes
+        .iter()
+        .map(|h| {
+            serve(
+                h.path(),
+                &["--listen", "/ip4/127.0.0.1/tcp/0", "--capacity", "1GiB"],
+            )
+        })
+        .collect();
+    let mut args = vec!["--listen".to_owned(), "/ip4/127.0.0.1/tcp/0".to_owned()];
+    for n in &nodes {
+        args.push("--bootstrap".into());
+        args.push(n.addr.clone());
+    }
+    let m = Mount::start_with(
+        init_home(),
+        StartOptions {
+            args,
+            env: vec![("FINCRYPT_REPLICATE_INTERVAL".into(), "1".into())],
+            ..StartOptions::default()
+        },
+    );
+    let home = m.home().to_path_buf();
+    let tree = m.path().join("tree");
+    for d in 0..FILES / PER_DIR {
+        let dir = tree.join(format!("d{d:03}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..PER_DIR {
+            let i = d * PER_DIR + f;
+            std::fs::write(
+                dir.join(format!("f{f:04}")),
+                format!("file {i} of the idle test\n"),
+            )
+            .unwrap();
+        }
+    }
+    let out = ctl(&home, &["sync", "--replicated", "--timeout", "900"]);
+    assert!(
+        out.status.success(),
+        "sync --replicated: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+
+    let mut settled = pass_work(&home);
+    common::wait_until(
+        "replication passes skipped on the idle mount",
+        Duration::from_secs(300),
+        || {
+            settled = pass_work(&home);
+            settled[1] >= 2
+        },
+    );
+    assert!(settled[2] > 0, "passes walked the tree before: {settled:?}");
+    let mut idle = settled;
+    common::wait_until("five more passes skipped", Duration::from_secs(120), || {
+        idle = pass_work(&home);
+        idle[1] >= settled[1] + 5
+    });
+    assert_eq!(
+        [idle[0], idle[2], idle[3]],
+        [settled[0], settled[2], settled[3]],
+        "idle passes ran, walked or scanned (passes, skipped, walked, scanned): {idle:?} after {settled:?}"
+    );
+    let entries = std::fs::read_dir(tree.join("d042")).unwrap().count();
+    assert_eq!(entries, PER_DIR);
+    m.unmount();
+    drop(nodes);
+}
