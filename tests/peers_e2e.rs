@@ -7,20 +7,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{Mount, Served, StartOptions, ctl, ctl_ok, init_home, serve, text};
-
-fn status(home: &Path) -> serde_json::Value {
-    let out = ctl_ok(home, &["status", "--json"]);
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("status JSON {out:?}: {e}"))
-}
-
-/// A figure of `status --json`: at the top, or among the replication figures.
-fn number(v: &serde_json::Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .or_else(|| v["replication"][key].as_u64())
-        .unwrap_or_else(|| panic!("status has a number {key}: {v}"))
-}
+use common::{Mount, Served, StartOptions, ctl, ctl_ok, init_home, number, serve, status, text};
 
 /// Blocks the nodes under `homes` hold for others, in all.
 fn held_blocks(homes: &[tempfile::TempDir]) -> u64 {
@@ -119,18 +106,31 @@ fn set_redundancy(home: &Path, dir: &Path, n: u8) {
     );
 }
 
-#[test]
-fn a_killed_holder_is_dropped_and_its_copies_are_made_again() {
-    let (node_homes, mut nodes, m) = network(&[
-        ("FINCRYPT_REPLICATE_INTERVAL", "2"),
-        ("FINCRYPT_PROOF_INTERVAL", "1"),
-    ]);
+/// MNT/precious at redundancy 3 with [`write_files`] in it, replicated:
+/// the home, the directory and what was written.
+fn replicated_precious(
+    m: &Mount,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    Vec<(std::path::PathBuf, Vec<u8>)>,
+) {
     let home = m.home().to_path_buf();
     let dir = m.path().join("precious");
     std::fs::create_dir_all(&dir).unwrap();
     set_redundancy(&home, &dir, 3);
     let written = write_files(&dir);
     sync_replicated(&home);
+    (home, dir, written)
+}
+
+#[test]
+fn a_killed_holder_is_dropped_and_its_copies_are_made_again() {
+    let (node_homes, mut nodes, m) = network(&[
+        ("FINCRYPT_REPLICATE_INTERVAL", "2"),
+        ("FINCRYPT_PROOF_INTERVAL", "1"),
+    ]);
+    let (home, _, written) = replicated_precious(&m);
     let own = number(&status(&home), "own_blocks");
 
     let mut dead = nodes.remove(0);
@@ -262,12 +262,7 @@ fn four_nodes_hold_three_copies_of_every_own_block_and_no_plaintext() {
 fn reads_come_from_holders_when_the_local_copies_are_damaged() {
     let env = [("FINCRYPT_REPLICATE_INTERVAL", "3600")];
     let (_node_homes, nodes, m) = network(&env);
-    let home = m.home().to_path_buf();
-    let dir = m.path().join("precious");
-    std::fs::create_dir_all(&dir).unwrap();
-    set_redundancy(&home, &dir, 3);
-    let written = write_files(&dir);
-    sync_replicated(&home);
+    let (_, _, written) = replicated_precious(&m);
     let names: Vec<_> = written
         .iter()
         .map(|(p, d)| (p.strip_prefix(m.path()).unwrap().to_path_buf(), d.clone()))
@@ -368,12 +363,7 @@ fn a_holder_with_a_corrupted_volume_loses_its_blocks_and_reads_stay_right() {
         ("FINCRYPT_PROOF_INTERVAL", "1"),
     ];
     let (node_homes, nodes, m) = network(&env);
-    let home = m.home().to_path_buf();
-    let dir = m.path().join("precious");
-    std::fs::create_dir_all(&dir).unwrap();
-    set_redundancy(&home, &dir, 3);
-    let written = write_files(&dir);
-    sync_replicated(&home);
+    let (home, _, written) = replicated_precious(&m);
     let own = number(&status(&home), "own_blocks");
 
     // Node 0's held block files now hold zeros.
@@ -598,12 +588,7 @@ fn zero(path: &Path) {
 #[test]
 fn a_killed_holder_is_repaired_within_a_minute_with_the_default_config() {
     let (node_homes, mut nodes, m) = network(&[]);
-    let home = m.home().to_path_buf();
-    let dir = m.path().join("precious");
-    std::fs::create_dir_all(&dir).unwrap();
-    set_redundancy(&home, &dir, 3);
-    write_files(&dir);
-    sync_replicated(&home);
+    let (home, _, _) = replicated_precious(&m);
     let own = number(&status(&home), "own_blocks");
 
     let mut dead = nodes.remove(0);
@@ -629,12 +614,7 @@ fn one_block_failing_its_proof_on_one_holder_is_placed_again_and_that_holder_kee
         ("FINCRYPT_PROOF_INTERVAL", "1"),
     ];
     let (node_homes, nodes, m) = network(&env);
-    let home = m.home().to_path_buf();
-    let dir = m.path().join("precious");
-    std::fs::create_dir_all(&dir).unwrap();
-    set_redundancy(&home, &dir, 3);
-    write_files(&dir);
-    sync_replicated(&home);
+    let (home, _, _) = replicated_precious(&m);
     let own = number(&status(&home), "own_blocks");
 
     let bad = node_homes[0].path();
@@ -724,12 +704,7 @@ fn a_block_with_every_copy_destroyed_is_reported_lost_with_its_file() {
 fn a_block_missing_locally_is_read_from_a_holder_and_kept() {
     let env = [("FINCRYPT_REPLICATE_INTERVAL", "3600")];
     let (_node_homes, nodes, m) = network(&env);
-    let home = m.home().to_path_buf();
-    let dir = m.path().join("precious");
-    std::fs::create_dir_all(&dir).unwrap();
-    set_redundancy(&home, &dir, 3);
-    let written = write_files(&dir);
-    sync_replicated(&home);
+    let (_, _, written) = replicated_precious(&m);
     let names: Vec<_> = written
         .iter()
         .map(|(p, d)| (p.strip_prefix(m.path()).unwrap().to_path_buf(), d.clone()))
@@ -777,12 +752,7 @@ fn a_block_missing_locally_is_read_from_a_holder_and_kept() {
 fn scrub_while_mounted_repairs_a_corrupted_block_from_a_holder_and_workers_show() {
     let env = [("FINCRYPT_REPLICATE_INTERVAL", "3600")];
     let (_node_homes, nodes, m) = network(&env);
-    let home = m.home().to_path_buf();
-    let dir = m.path().join("precious");
-    std::fs::create_dir_all(&dir).unwrap();
-    set_redundancy(&home, &dir, 3);
-    write_files(&dir);
-    sync_replicated(&home);
+    let (home, _, _) = replicated_precious(&m);
 
     let volume = home.join("volume").join("blocks");
     let (score, path) = block_files(&volume).into_iter().next().unwrap();
@@ -844,12 +814,7 @@ fn pass_work(home: &Path) -> (u64, u64, u64, u64) {
 fn an_idle_mount_walks_and_scans_nothing_until_something_changes() {
     let env = [("FINCRYPT_REPLICATE_INTERVAL", "1")];
     let (node_homes, nodes, m) = network(&env);
-    let home = m.home().to_path_buf();
-    let dir = m.path().join("precious");
-    std::fs::create_dir_all(&dir).unwrap();
-    set_redundancy(&home, &dir, 3);
-    write_files(&dir);
-    sync_replicated(&home);
+    let (home, dir, _) = replicated_precious(&m);
 
     // Settled: passes are being skipped.
     let mut settled = pass_work(&home);

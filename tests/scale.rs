@@ -9,22 +9,10 @@ use std::time::Duration;
 
 mod common;
 
-use common::{Mount, StartOptions, ctl, ctl_ok, init_home, serve, text};
+use common::{Mount, StartOptions, ctl, init_home, number, serve, status, text};
 
 const FILES: usize = 100_000;
 const PER_DIR: usize = 1_000;
-
-fn status(home: &Path) -> serde_json::Value {
-    let out = ctl_ok(home, &["status", "--json"]);
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("status JSON {out:?}: {e}"))
-}
-
-fn figure(v: &serde_json::Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .or_else(|| v["replication"][key].as_u64())
-        .unwrap_or_else(|| panic!("status has a number {key}: {v}"))
-}
 
 /// Passes run, passes skipped, blocks walked, manifest rows scanned.
 fn pass_work(home: &Path) -> [u64; 4] {
@@ -35,7 +23,7 @@ fn pass_work(home: &Path) -> [u64; 4] {
         "blocks_walked",
         "manifest_rows_scanned",
     ]
-    .map(|k| figure(&st, k))
+    .map(|k| number(&st, k))
 }
 
 #[test]

@@ -765,3 +765,17 @@ pub fn serve(home: &Path, args: &[&str]) -> Served {
         }
     }
 }
+
+/// `fincryptctl status --json` of the daemon of `home`.
+pub fn status(home: &Path) -> serde_json::Value {
+    let out = ctl_ok(home, &["status", "--json"]);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("status JSON {out:?}: {e}"))
+}
+
+/// A figure of `status --json`: at the top, or among the replication figures.
+pub fn number(v: &serde_json::Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .or_else(|| v["replication"][key].as_u64())
+        .unwrap_or_else(|| panic!("status has a number {key}: {v}"))
+}
