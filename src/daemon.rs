@@ -233,7 +233,27 @@ impl Daemon {
         let engine = self.engine()?.clone();
         let deadline = Instant::now() + timeout;
         let under = loop {
-            let under = self.runtime.block_on(engine.pass())?;
+            // The deadline bounds a pass too: one stuck on an unresponsive
+            // peer ends with the rest of its blocks counted short. What it
+            // placed before is on its holders; the next pass records it.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let pass = self
+                .runtime
+                .block_on(async { tokio::time::timeout(left, engine.pass()).await });
+            let under = match pass {
+                Ok(under) => under?,
+                Err(_) => {
+                    // Unfinished, so not all placed: at least one block, or
+                    // what the last finished pass left short.
+                    let s = engine.stats();
+                    let mut note = s.reason.lock().unwrap_or_else(|p| p.into_inner());
+                    let before = std::mem::take(&mut *note);
+                    *note = format!("a pass was still running at the timeout. {before}")
+                        .trim_end()
+                        .to_owned();
+                    s.under_replicated.load(Ordering::Relaxed).max(1)
+                }
+            };
             if under == 0 || Instant::now() >= deadline {
                 break under;
             }

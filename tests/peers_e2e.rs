@@ -3,6 +3,7 @@
 //! directory's redundancy, and the nodes only ever see ciphertext.
 
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 mod common;
@@ -855,6 +856,37 @@ fn an_idle_mount_walks_and_scans_nothing_until_something_changes() {
                 && held_blocks(&node_homes) == 3 * own
         },
     );
+    m.unmount();
+    drop(nodes);
+}
+
+#[test]
+fn sync_replicated_keeps_its_timeout_while_a_holder_hangs() {
+    let env = [("FINCRYPT_REPLICATE_INTERVAL", "3600")];
+    let (_node_homes, nodes, m) = network(&env);
+    let home = m.home().to_path_buf();
+    // One holder stops answering but keeps its connections open.
+    let hung = nodes[0].child.id().to_string();
+    let stopped = Command::new("kill")
+        .args(["-STOP", &hung])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    std::fs::write(m.path().join("f"), common::random_bytes(3, 2_000_000)).unwrap();
+    let out = common::run(
+        common::fincryptctl(&home).args(["sync", "--replicated", "--timeout", "5"]),
+        Duration::from_secs(40),
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{}{err}", text(&out.stdout));
+    assert!(err.contains("fewer holders than asked"), "{err}");
+    // Without the deadline on the pass itself, it waited out the hung
+    // holder's lookups and put timeouts and then reported success.
+    assert!(
+        err.contains("a pass was still running at the timeout"),
+        "{err}"
+    );
+    let _ = Command::new("kill").args(["-CONT", &hung]).status();
     m.unmount();
     drop(nodes);
 }
