@@ -8,7 +8,9 @@ use std::time::Duration;
 
 mod common;
 
-use common::{Mount, Served, StartOptions, ctl, ctl_ok, init_home, number, serve, status, text};
+use common::{
+    Mount, Served, StartOptions, ctl, ctl_ok, init_home, mount_opts, number, status, text,
+};
 
 /// Blocks the nodes under `homes` hold for others, in all.
 fn held_blocks(homes: &[tempfile::TempDir]) -> u64 {
@@ -30,37 +32,9 @@ fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-/// Mount options that bootstrap to `nodes`, with `env` for the mount.
-fn mount_opts(nodes: &[Served], env: &[(&str, &str)]) -> StartOptions {
-    let mut args = vec!["--listen".to_owned(), "/ip4/127.0.0.1/tcp/0".to_owned()];
-    for n in nodes {
-        args.push("--bootstrap".into());
-        args.push(n.addr.clone());
-    }
-    StartOptions {
-        args,
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        ..StartOptions::default()
-    }
-}
-
 /// Four serve nodes and a mount bootstrapped to them, with `env` for the mount.
 fn network(env: &[(&str, &str)]) -> (Vec<tempfile::TempDir>, Vec<Served>, Mount) {
-    let node_homes: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes: Vec<Served> = node_homes
-        .iter()
-        .map(|h| {
-            serve(
-                h.path(),
-                &["--listen", "/ip4/127.0.0.1/tcp/0", "--capacity", "1GiB"],
-            )
-        })
-        .collect();
-    let m = Mount::start_with(init_home(), mount_opts(&nodes, env));
-    (node_homes, nodes, m)
+    common::network(4, env)
 }
 
 const MARKER: &[u8] = b"PEERS-E2E-PLAINTEXT-MARKER-5b1d";

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{Mount, StartOptions, ctl, init_home, number, serve, status, text};
+use common::{ctl, number, status, text};
 
 const FILES: usize = 100_000;
 const PER_DIR: usize = 1_000;
@@ -28,29 +28,7 @@ fn pass_work(home: &Path) -> [u64; 4] {
 
 #[test]
 fn an_idle_mount_with_100000_files_walks_and_scans_nothing() {
-    let node_homes: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes: Vec<_> = node_homes
-        .iter()
-        .map(|h| {
-            serve(
-                h.path(),
-                &["--listen", "/ip4/127.0.0.1/tcp/0", "--capacity", "1GiB"],
-            )
-        })
-        .collect();
-    let mut args = vec!["--listen".to_owned(), "/ip4/127.0.0.1/tcp/0".to_owned()];
-    for n in &nodes {
-        args.push("--bootstrap".into());
-        args.push(n.addr.clone());
-    }
-    let m = Mount::start_with(
-        init_home(),
-        StartOptions {
-            args,
-            env: vec![("FINCRYPT_REPLICATE_INTERVAL".into(), "1".into())],
-            ..StartOptions::default()
-        },
-    );
+    let (_node_homes, nodes, m) = common::network(3, &[("FINCRYPT_REPLICATE_INTERVAL", "1")]);
     let home = m.home().to_path_buf();
     let tree = m.path().join("tree");
     for d in 0..FILES / PER_DIR {

@@ -779,3 +779,36 @@ pub fn number(v: &serde_json::Value, key: &str) -> u64 {
         .or_else(|| v["replication"][key].as_u64())
         .unwrap_or_else(|| panic!("status has a number {key}: {v}"))
 }
+
+/// Mount options that bootstrap to `nodes`, with `env` for the mount.
+pub fn mount_opts(nodes: &[Served], env: &[(&str, &str)]) -> StartOptions {
+    let mut args = vec!["--listen".to_owned(), "/ip4/127.0.0.1/tcp/0".to_owned()];
+    for n in nodes {
+        args.push("--bootstrap".into());
+        args.push(n.addr.clone());
+    }
+    StartOptions {
+        args,
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..StartOptions::default()
+    }
+}
+
+/// `nodes` serve nodes (1 GiB each) and a mount bootstrapped to them, with `env` for the mount.
+pub fn network(nodes: usize, env: &[(&str, &str)]) -> (Vec<TempDir>, Vec<Served>, Mount) {
+    let node_homes: Vec<TempDir> = (0..nodes).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Served> = node_homes
+        .iter()
+        .map(|h| {
+            serve(
+                h.path(),
+                &["--listen", "/ip4/127.0.0.1/tcp/0", "--capacity", "1GiB"],
+            )
+        })
+        .collect();
+    let m = Mount::start_with(init_home(), mount_opts(&nodes, env));
+    (node_homes, nodes, m)
+}
