@@ -125,10 +125,7 @@ impl Engine {
 
     /// One replication pass; returns the own blocks still short of copies.
     pub async fn pass(&self) -> Result<u64> {
-        let seen = self.wants.generation().map(|wants| Seen {
-            wants,
-            losses: self.manifest().losses(),
-        });
+        let seen = self.seen();
         let wants = self.wants.clone();
         let wanted = tokio::task::spawn_blocking(move || wants.wanted())
             .await
@@ -153,14 +150,19 @@ impl Engine {
         Ok(under)
     }
 
+    /// What a pass would depend on now, if the owner's side can tell.
+    fn seen(&self) -> Option<Seen> {
+        self.wants.generation().map(|wants| Seen {
+            wants,
+            losses: self.manifest().losses(),
+        })
+    }
+
     /// A pass unless the last one left nothing to do and nothing changed
     /// since (no write to the filesystem, no holder lost blocks), within
     /// [`FULL_PASS_EVERY`]. Returns whether a pass ran.
     pub async fn pass_if_needed(&self) -> Result<bool> {
-        let now = self.wants.generation().map(|wants| Seen {
-            wants,
-            losses: self.manifest().losses(),
-        });
+        let now = self.seen();
         let last = *self.clean.lock().unwrap_or_else(|p| p.into_inner());
         if let (Some(now), Some((seen, at))) = (now, last)
             && now == seen
