@@ -104,13 +104,19 @@ pub struct ReplicationStatus {
     pub lost_files: Vec<LostBlock>,
     /// Passes finished.
     pub passes: u64,
-    /// Passes skipped: nothing changed since one that left nothing to do.
+    /// Steps that found the change feed and the queue empty, so read nothing else.
     pub passes_skipped: u64,
-    /// Releases of blocks no longer wanted not yet delivered to their holders.
+    /// Full walks of the live tree and every snapshot (daily, or when only a walk can tell).
+    pub full_walks: u64,
+    /// Blocks queued for copies (still short, or not yet worked).
+    pub queued: u64,
+    /// Blocks queued for release on their holders (GC freed them).
+    pub queued_releases: u64,
+    /// Releases dropped holders have not taken yet (asked again when they are back).
     pub releases_pending: u64,
-    /// Blocks the wanted walks of passes visited, in all (unchanged while passes are skipped).
+    /// Blocks walks and the change feed visited, in all (unchanged while steps are skipped).
     pub blocks_walked: u64,
-    /// Manifest rows passes read, in all (unchanged while passes are skipped).
+    /// Manifest and queue rows passes read, in all (unchanged while steps are skipped).
     pub manifest_rows_scanned: u64,
     /// Closest-peer lookups passes made through the DHT, in all.
     pub dht_lookups: u64,

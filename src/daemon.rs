@@ -146,7 +146,17 @@ impl Daemon {
     /// Frees blocks that neither live files nor retained snapshots use.
     fn collect(&self) -> Result<u64> {
         let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(snapshot::gc(&self.fs, &self.volume)?)
+        let freed = snapshot::gc(&self.fs, &self.volume)?;
+        self.freed(&freed)?;
+        Ok(freed.len() as u64)
+    }
+
+    /// Blocks GC freed locally are released on their holders too.
+    fn freed(&self, scores: &[fincrypt_blockstore::Score]) -> Result<()> {
+        if let Some(net) = &self.net {
+            net.engine.released(scores)?;
+        }
+        Ok(())
     }
 
     fn snapshot(&self) -> Result<control::Synced> {
@@ -158,6 +168,8 @@ impl Daemon {
         let snap = snapshot::create_with_manifest(&self.fs, manifest)?;
         snapshot::prune(&self.fs, self.config.snapshot_keep.max(1))?;
         let freed = snapshot::gc(&self.fs, &self.volume)?;
+        self.freed(&freed)?;
+        let freed = freed.len() as u64;
         if let Some(net) = &self.net {
             // New metadata blocks (the root, directories, the manifest) want copies.
             net.engine.wake_replication();
@@ -343,6 +355,8 @@ impl Daemon {
                 r.passes = st.passes.load(Ordering::Relaxed);
                 r.passes_skipped = st.passes_skipped.load(Ordering::Relaxed);
                 r.releases_pending = st.releases_pending.load(Ordering::Relaxed);
+                (r.queued, r.queued_releases) = net.engine.manifest().queue_len()?;
+                r.full_walks = st.full_walks.load(Ordering::Relaxed);
                 r.blocks_walked = st.blocks_walked.load(Ordering::Relaxed);
                 r.manifest_rows_scanned = st.rows_scanned.load(Ordering::Relaxed);
                 r.dht_lookups = st.lookups.load(Ordering::Relaxed);
@@ -495,12 +509,11 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         .build()
         .context("starting the worker runtime")?;
     let snapshots = Arc::new(Mutex::new(()));
-    let wants = Arc::new(FsWants {
-        fs: fs.clone(),
-        snapshots: snapshots.clone(),
-        default: config.redundancy,
-        volume: volume.clone(),
-    });
+    let wants = Arc::new(FsWants::new(
+        fs.clone(),
+        snapshots.clone(),
+        config.redundancy,
+    ));
     let net = Net::start(&runtime, home, &config, &volume, wants)?;
     let mut session = fincrypt_fs::fuse::session(fs.clone(), &mountpoint, &opts)
         .with_context(|| format!("mounting on {}", mountpoint.display()))?;

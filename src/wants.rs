@@ -1,20 +1,28 @@
 //! The filesystem as the durability engine sees it: what each own block
-//! wants ([`fincrypt_engine::Wants`]), worked out by walking the live tree
-//! and every retained snapshot, as GC does.
+//! wants ([`fincrypt_engine::Wants`]). A full walk goes over the live tree
+//! and every retained snapshot; between walks, what changed comes from the
+//! metadata's change feed (inodes written or newly named) and from
+//! snapshots taken since, whose trees are walked only where the engine does
+//! not track them yet.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use fincrypt_blockstore::{FileRef, Pointer, Score};
-use fincrypt_engine::{META_REDUNDANCY, Wanted};
-use fincrypt_fs::meta::{Kind, ROOT_INO};
-use fincrypt_fs::{Fossil, snapshot};
+use fincrypt_engine::{Changes, META_REDUNDANCY, Wanted};
+use fincrypt_fs::Fossil;
+use fincrypt_fs::meta::{Kind, ROOT_INO, Time, View};
+use fincrypt_fs::walk::{Item, Live, Walk, walk};
+use serde::{Deserialize, Serialize};
 
 type Result<T> = std::result::Result<T, fincrypt_engine::Error>;
 
-fn walk_error(e: anyhow::Error) -> fincrypt_engine::Error {
-    fincrypt_engine::Error::Wants(format!("{e:#}"))
+fn walk_error(e: impl Into<anyhow::Error>) -> fincrypt_engine::Error {
+    fincrypt_engine::Error::Wants(format!("{:#}", e.into()))
 }
+
+/// Changed inodes taken per [`fincrypt_engine::Wants::changes`].
+const CHANGES_AT_ONCE: usize = 20_000;
 
 /// The mount's filesystem, adapted for the engine.
 pub struct FsWants {
@@ -23,27 +31,269 @@ pub struct FsWants {
     pub snapshots: Arc<Mutex<()>>,
     /// Copies of data blocks where no directory says otherwise.
     pub default: u8,
-    /// The local volume: GC changes what is wanted without a metadata write.
-    pub volume: Arc<fincrypt_blockstore::LocalStore>,
+    /// Changes handed out and not yet [taken](fincrypt_engine::Wants::taken).
+    pub handed: Mutex<Vec<(u64, u64)>>,
+}
+
+/// Where the change feed was left (kept by the engine, opaque to it).
+#[derive(Serialize, Deserialize)]
+struct Cursor {
+    /// The newest snapshot already handed out.
+    snapshot: Option<Time>,
+    /// The metadata's redundancy-change counter then: any change means a walk.
+    redundancy_changes: u64,
+    /// The default redundancy then.
+    default: u8,
+    /// The highest redundancy in use at the last walk (metadata blocks ask for it).
+    highest: u8,
+}
+
+impl FsWants {
+    /// The adapter over `fs`, walking under the daemon's `snapshots` lock.
+    pub fn new(fs: Arc<Fossil>, snapshots: Arc<Mutex<()>>, default: u8) -> FsWants {
+        FsWants {
+            fs,
+            snapshots,
+            default: default.max(1),
+            handed: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn hand_out(&self, changed: Vec<(u64, u64)>) {
+        *self.handed.lock().unwrap_or_else(|p| p.into_inner()) = changed;
+    }
 }
 
 impl fincrypt_engine::Wants for FsWants {
-    fn wanted(&self) -> Result<Wanted> {
+    fn wanted(&self) -> Result<(Wanted, Vec<u8>)> {
         let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
-        wanted(&self.fs, self.default).map_err(walk_error)
+        let meta = self.fs.meta();
+        // Read before the walk: the walk sees at least these changes.
+        let changed = meta.changed(usize::MAX).map_err(walk_error)?;
+        let redundancy_changes = meta.redundancy_changes().map_err(walk_error)?;
+        let newest = meta.snapshots().map_err(walk_error)?.last().map(|s| s.time);
+        let (wanted, highest) = wanted(&self.fs, self.default).map_err(walk_error)?;
+        self.hand_out(changed);
+        let cursor = Cursor {
+            snapshot: newest,
+            redundancy_changes,
+            default: self.default,
+            highest,
+        };
+        Ok((wanted, postcard::to_allocvec(&cursor).map_err(walk_error)?))
     }
 
-    fn generation(&self) -> Option<u64> {
-        // Metadata writes (files sealed, names, xattrs, snapshots) and the
-        // volume's own blocks (GC) are all that change the wanted set.
-        let s = self.volume.stats();
-        let m = self.fs.meta().generation();
-        Some(m.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ s.own_blocks ^ s.own_bytes.rotate_left(32))
+    fn changes(&self, cursor: &[u8], known: &dyn Fn(&Score) -> bool) -> Result<Option<Changes>> {
+        let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(mut c) = postcard::from_bytes::<Cursor>(cursor) else {
+            return Ok(None);
+        };
+        let meta = self.fs.meta();
+        if c.default != self.default
+            || meta.redundancy_changes().map_err(walk_error)? != c.redundancy_changes
+        {
+            // A setting changed: only a walk knows what now wants fewer copies.
+            return Ok(None);
+        }
+        let changed = meta.changed(CHANGES_AT_ONCE).map_err(walk_error)?;
+        let more = changed.len() == CHANGES_AT_ONCE;
+        let mut feed = Feed::new(&self.fs, c.highest);
+        let view = meta.view().map_err(walk_error)?;
+        let mut memo = HashMap::new();
+        for (ino, _) in &changed {
+            let inode = match view.inode(*ino) {
+                Ok(i) => i,
+                // Deleted since: nothing of it is wanted.
+                Err(fincrypt_fs::FsError::Errno(libc::ENOENT)) => continue,
+                Err(e) => return Err(walk_error(e)),
+            };
+            let n = effective(&view, *ino, self.default, &mut memo).map_err(walk_error)?;
+            if n > c.highest {
+                return Ok(None);
+            }
+            if inode.kind == Kind::Dir {
+                feed.live_subtree(*ino, n).map_err(walk_error)?;
+            } else {
+                feed.file(&inode.content, n, false).map_err(walk_error)?;
+            }
+        }
+        drop(view);
+        c.snapshot = feed
+            .snapshots(c.snapshot, self.default, known)
+            .map_err(walk_error)?;
+        self.hand_out(changed);
+        let Feed { blocks, walked, .. } = feed;
+        Ok(Some(Changes {
+            blocks: blocks.into_iter().collect(),
+            walked,
+            cursor: postcard::to_allocvec(&c).map_err(walk_error)?,
+            more,
+        }))
+    }
+
+    fn taken(&self) -> Result<()> {
+        let handed = std::mem::take(&mut *self.handed.lock().unwrap_or_else(|p| p.into_inner()));
+        self.fs.meta().take_changed(&handed).map_err(walk_error)
     }
 
     fn paths_of(&self, scores: &[Score]) -> Result<Vec<(Score, String)>> {
         let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         paths_of(&self.fs, scores).map_err(walk_error)
+    }
+}
+
+/// The redundancy `ino` asks for: its own setting, else the highest of the
+/// directories that name it (the default at the root and for an inode no
+/// name leads to).
+fn effective(
+    view: &View<'_>,
+    ino: u64,
+    default: u8,
+    memo: &mut HashMap<u64, u8>,
+) -> anyhow::Result<u8> {
+    if let Some(n) = memo.get(&ino) {
+        return Ok(*n);
+    }
+    let n = match view.inode(ino)?.redundancy {
+        Some(n) => n,
+        None if ino == ROOT_INO => default,
+        None => {
+            let mut n = None;
+            for p in view.parents(ino)? {
+                let m = effective(view, p, default, memo)?;
+                n = Some(n.map_or(m, |k: u8| k.max(m)));
+            }
+            n.unwrap_or(default)
+        }
+    };
+    memo.insert(ino, n);
+    Ok(n)
+}
+
+/// Blocks found changed, with the copies each asks for.
+struct Feed<'a> {
+    fs: &'a Fossil,
+    meta_n: u8,
+    blocks: HashMap<Score, u8>,
+    walked: u64,
+}
+
+impl Feed<'_> {
+    fn new(fs: &Fossil, highest: u8) -> Feed<'_> {
+        Feed {
+            fs,
+            meta_n: highest.max(META_REDUNDANCY),
+            blocks: HashMap::new(),
+            walked: 0,
+        }
+    }
+
+    fn want(&mut self, score: Score, n: u8) {
+        let e = self.blocks.entry(score).or_insert(n);
+        *e = (*e).max(n);
+    }
+
+    /// A file's (or directory stream's) blocks: data at `n`, the rest as metadata.
+    fn file(
+        &mut self,
+        f: &FileRef,
+        n: u8,
+        is_dir: bool,
+    ) -> std::result::Result<(), fincrypt_fs::FsError> {
+        let meta_n = self.meta_n;
+        let mut found = Vec::new();
+        self.fs.reader().visit_scores(f, &mut |p: &Pointer| {
+            found.push((p.score, if p.depth == 0 && !is_dir { n } else { meta_n }));
+        })?;
+        self.walked += found.len() as u64;
+        for (s, n) in found {
+            self.want(s, n);
+        }
+        Ok(())
+    }
+
+    /// Every file below live directory `dir`, which asks for `n`.
+    fn live_subtree(&mut self, dir: u64, n: u8) -> anyhow::Result<()> {
+        let opts = Walk {
+            default: n,
+            live: Live::Below {
+                ino: dir,
+                redundancy: n,
+            },
+            snapshots_after: Some(Time {
+                secs: i64::MAX,
+                nanos: 0,
+            }),
+            paths: false,
+        };
+        let fs = self.fs;
+        walk(fs, &opts, &mut |item| {
+            if let Item::File {
+                content,
+                redundancy,
+                ..
+            } = item
+            {
+                self.file(content, redundancy, false)?;
+            }
+            Ok(true)
+        })?;
+        Ok(())
+    }
+
+    /// Snapshots taken after `after`: each one's root and manifest, and the
+    /// parts of its tree the engine does not track yet (a tree it tracks was
+    /// taken with everything below it, since a tree's blocks are named by
+    /// content). Returns the newest snapshot walked.
+    fn snapshots(
+        &mut self,
+        after: Option<Time>,
+        default: u8,
+        known: &dyn Fn(&Score) -> bool,
+    ) -> anyhow::Result<Option<Time>> {
+        let opts = Walk {
+            default,
+            live: Live::None,
+            snapshots_after: after,
+            paths: false,
+        };
+        let tracked = |f: &FileRef| matches!(f, FileRef::Tree(p) if known(&p.score));
+        let fs = self.fs;
+        let walked = walk(fs, &opts, &mut |item| {
+            Ok(match item {
+                Item::Root { snap, root } => {
+                    self.want(snap.root.score, self.meta_n);
+                    self.walked += 1;
+                    if let Some(m) = &root.manifest {
+                        self.file(m, default, true)?;
+                    }
+                    true
+                }
+                Item::Dir {
+                    content,
+                    redundancy,
+                    ..
+                } => {
+                    if tracked(content) {
+                        false
+                    } else {
+                        self.file(content, redundancy, true)?;
+                        true
+                    }
+                }
+                Item::File {
+                    content,
+                    redundancy,
+                    ..
+                } => {
+                    if !tracked(content) {
+                        self.file(content, redundancy, false)?;
+                    }
+                    true
+                }
+            })
+        })?;
+        Ok(walked.newest.or(after))
     }
 }
 
@@ -53,164 +303,72 @@ pub fn paths_of(fs: &Fossil, scores: &[Score]) -> anyhow::Result<Vec<(Score, Str
     let wanted: HashSet<Score> = scores.iter().copied().collect();
     let mut found: HashMap<Score, String> = HashMap::new();
     let reader = fs.reader();
-    let note =
-        |f: &FileRef, path: &str, found: &mut HashMap<Score, String>| -> anyhow::Result<()> {
-            reader.visit_scores(f, &mut |p: &Pointer| {
-                if wanted.contains(&p.score) {
-                    found.entry(p.score).or_insert_with(|| path.to_owned());
+    let mut opts = Walk::all(1);
+    opts.paths = true;
+    walk(fs, &opts, &mut |item| {
+        let (content, path) = match item {
+            Item::Root { snap, .. } => {
+                if wanted.contains(&snap.root.score) {
+                    let name = format!("/.snapshots/{}", fincrypt_fs::snapdir::name(snap.time));
+                    found.entry(snap.root.score).or_insert(name);
                 }
-            })?;
-            Ok(())
+                return Ok(true);
+            }
+            Item::Dir { content, path, .. } | Item::File { content, path, .. } => (content, path),
         };
-    let view = fs.meta().view()?;
-    let mut dirs = vec![(ROOT_INO, String::new())];
-    let mut seen = HashSet::new();
-    while let Some((dir, path)) = dirs.pop() {
-        if !seen.insert(dir) {
-            continue;
-        }
-        for d in view.entries(dir)? {
-            let inode = view.inode(d.ino)?;
-            let p = format!("{path}/{}", String::from_utf8_lossy(&d.name));
-            if inode.kind == Kind::Dir {
-                dirs.push((d.ino, p));
-            } else {
-                note(&inode.content, &p, &mut found)?;
+        reader.visit_scores(content, &mut |p: &Pointer| {
+            if wanted.contains(&p.score) {
+                found.entry(p.score).or_insert_with(|| path.to_owned());
             }
-        }
-    }
-    drop(view);
-    for snap in fs.meta().snapshots()? {
-        let name = format!("/.snapshots/{}", fincrypt_fs::snapdir::name(snap.time));
-        if wanted.contains(&snap.root.score) {
-            found.entry(snap.root.score).or_insert_with(|| name.clone());
-        }
-        let r = snapshot::root(fs, &snap)?;
-        let mut dirs = vec![(r.tree, name)];
-        while let Some((d, path)) = dirs.pop() {
-            note(&d.content, &path, &mut found)?;
-            for e in snapshot::read_dir(fs, &d)? {
-                let p = format!("{path}/{}", String::from_utf8_lossy(&e.name));
-                if e.kind == Kind::Dir {
-                    dirs.push((e, p));
-                } else {
-                    note(&e.content, &p, &mut found)?;
-                }
-            }
-        }
-    }
+        })?;
+        Ok(true)
+    })?;
     Ok(scores
         .iter()
         .filter_map(|s| found.get(s).map(|p| (*s, p.clone())))
         .collect())
 }
 
-/// Works out the redundancy every referenced own block asks for.
-pub fn wanted(fs: &Fossil, default: u8) -> anyhow::Result<Wanted> {
-    let default = default.max(1);
+/// Works out the redundancy every referenced own block asks for, and the
+/// highest redundancy in use: data blocks their file's, every other block
+/// the highest and at least [`META_REDUNDANCY`].
+pub fn wanted(fs: &Fossil, default: u8) -> anyhow::Result<(Wanted, u8)> {
     let mut data: HashMap<Score, u8> = HashMap::new();
     let mut meta: HashSet<Score> = HashSet::new();
-    let mut highest = default;
     let reader = fs.reader();
-    let add_file = |f: &FileRef,
-                    n: u8,
-                    is_dir: bool,
-                    data: &mut HashMap<Score, u8>,
-                    meta: &mut HashSet<Score>|
-     -> anyhow::Result<()> {
-        reader.visit_scores(f, &mut |p: &Pointer| {
-            if p.depth == 0 && !is_dir {
+    let walked = walk(fs, &Walk::all(default), &mut |item| {
+        let (content, n, is_data) = match item {
+            Item::Root { snap, root } => {
+                meta.insert(snap.root.score);
+                // The manifest's blocks are metadata, like the root that names them.
+                match &root.manifest {
+                    Some(m) => (m, 0, false),
+                    None => return Ok(true),
+                }
+            }
+            Item::Dir { content, .. } => (content, 0, false),
+            Item::File {
+                content,
+                redundancy,
+                ..
+            } => (content, redundancy, true),
+        };
+        reader.visit_scores(content, &mut |p: &Pointer| {
+            if p.depth == 0 && is_data {
                 let e = data.entry(p.score).or_insert(n);
                 *e = (*e).max(n);
             } else {
                 meta.insert(p.score);
             }
         })?;
-        Ok(())
-    };
-
-    // Trees already walked, with the redundancy asked of them then: walking
-    // one again at no higher redundancy adds nothing, and the live tree and
-    // the retained snapshots share most of their trees.
-    let mut walked: HashMap<(Score, bool), u8> = HashMap::new();
-    fn fresh(walked: &mut HashMap<(Score, bool), u8>, f: &FileRef, n: u8, is_dir: bool) -> bool {
-        let FileRef::Tree(p) = f else { return true };
-        let seen = walked.entry((p.score, is_dir)).or_insert(0);
-        if *seen >= n {
-            return false;
-        }
-        *seen = n;
-        true
-    }
-
-    // The live tree, carrying each directory's effective redundancy down.
-    let view = fs.meta().view()?;
-    let root = view.inode(ROOT_INO)?;
-    let root_n = root.redundancy.unwrap_or(default);
-    highest = highest.max(root_n);
-    let mut dirs = vec![(ROOT_INO, root_n)];
-    let mut seen_dirs = HashSet::new();
-    while let Some((dir, n)) = dirs.pop() {
-        if !seen_dirs.insert(dir) {
-            continue;
-        }
-        for d in view.entries(dir)? {
-            let inode = view.inode(d.ino)?;
-            let m = inode.redundancy.unwrap_or(n);
-            highest = highest.max(m);
-            if inode.kind == Kind::Dir {
-                dirs.push((d.ino, m));
-            } else if fresh(&mut walked, &inode.content, m, false) {
-                add_file(&inode.content, m, false, &mut data, &mut meta)?;
-            }
-        }
-    }
-    // Files no name leads to (unlinked while open) still have blocks.
-    for content in view.contents()? {
-        reader.visit_scores(&content, &mut |p: &Pointer| {
-            if p.depth == 0 {
-                data.entry(p.score).or_insert(default);
-            } else {
-                meta.insert(p.score);
-            }
-        })?;
-    }
-    drop(view);
-
-    // Retained snapshots, with the settings they recorded.
-    for snap in fs.meta().snapshots()? {
-        meta.insert(snap.root.score);
-        let r = snapshot::root(fs, &snap)?;
-        // The manifest's blocks are metadata, like the root that names them.
-        if let Some(m) = &r.manifest {
-            add_file(m, default, true, &mut data, &mut meta)?;
-        }
-        let n = r.tree.redundancy.unwrap_or(default);
-        let mut dirs = vec![(r.tree, n)];
-        while let Some((d, n)) = dirs.pop() {
-            if !fresh(&mut walked, &d.content, n, true) {
-                // Listed before at this redundancy or higher: all below it too.
-                continue;
-            }
-            add_file(&d.content, n, true, &mut data, &mut meta)?;
-            for e in snapshot::read_dir(fs, &d)? {
-                let m = e.redundancy.unwrap_or(n);
-                highest = highest.max(m);
-                if e.kind == Kind::Dir {
-                    dirs.push((e, m));
-                } else if fresh(&mut walked, &e.content, m, false) {
-                    add_file(&e.content, m, false, &mut data, &mut meta)?;
-                }
-            }
-        }
-    }
-
-    let meta_n = highest.max(META_REDUNDANCY);
+        Ok(true)
+    })?;
+    let meta_n = walked.highest.max(META_REDUNDANCY);
     let mut out: Wanted = data.into_iter().collect();
     for s in meta {
         out.insert(s, meta_n);
     }
-    Ok(out)
+    Ok((out, walked.highest))
 }
 
 #[cfg(test)]
@@ -218,20 +376,137 @@ mod tests {
     use super::*;
     use fincrypt_blockstore::{BlockStore, LocalStore, MasterSecret, StoreOptions, TreeParams};
     use fincrypt_fs::fossil::REDUNDANCY_XATTR;
+    use fincrypt_fs::snapshot;
     use fincrypt_fs::{Caller, Meta};
 
     /// The copies asked of a file's data blocks follow the highest setting
     /// over the live tree and every retained snapshot, also when the walk
     /// skips trees it has seen (snapshots share them).
+    fn new_fs(dir: &std::path::Path) -> Fossil {
+        let keys = MasterSecret::generate().keys();
+        let store: Arc<dyn BlockStore> =
+            Arc::new(LocalStore::open(&dir.join("volume"), StoreOptions::default()).unwrap());
+        let meta = Meta::open(&dir.join("meta.redb"), &keys, 0, 0).unwrap();
+        Fossil::new(meta, store, keys, TreeParams::default(), dir.into()).unwrap()
+    }
+
+    /// A file of `len` bytes from `seed` at `parent/name`; returns its inode
+    /// and its data blocks.
+    fn write_file(fs: &Fossil, parent: u64, name: &[u8], seed: u8) -> (u64, Vec<Score>) {
+        let who = Caller { uid: 0, gid: 0 };
+        let ino = fs.create(parent, name, 0o644, who).unwrap().ino;
+        let data: Vec<u8> = (0..300_000u32)
+            .map(|i| (i * 31 + seed as u32) as u8 ^ seed)
+            .collect();
+        fs.write(ino, 0, &data).unwrap();
+        fs.release(ino).unwrap();
+        let inode = fs.meta().inode(ino).unwrap();
+        let mut scores = Vec::new();
+        fs.reader()
+            .visit_scores(&inode.content, &mut |p| {
+                if p.depth == 0 {
+                    scores.push(p.score);
+                }
+            })
+            .unwrap();
+        assert!(!scores.is_empty());
+        (ino, scores)
+    }
+
+    /// Between walks the change feed hands out exactly what changed, with
+    /// the copies it asks for, and nothing when nothing did; a lowered or
+    /// raised setting asks for a walk.
+    #[test]
+    fn the_change_feed_hands_out_new_blocks_with_their_redundancy() {
+        use fincrypt_engine::Wants;
+        let dir = tempfile::tempdir().unwrap();
+        let fs = Arc::new(new_fs(dir.path()));
+        let who = Caller { uid: 0, gid: 0 };
+        let mk = |name: &[u8]| {
+            fs.mknod(ROOT_INO, name, Kind::Dir, 0o755, 0, None, who)
+                .unwrap()
+                .ino
+        };
+        let (a, b) = (mk(b"a"), mk(b"b"));
+        fs.setxattr(a, REDUNDANCY_XATTR, b"4", false, false)
+            .unwrap();
+        write_file(&fs, a, b"old", 9);
+        let w = FsWants::new(fs.clone(), Arc::new(Mutex::new(())), 2);
+        let (full, cursor) = w.wanted().unwrap();
+        w.taken().unwrap();
+        let none = |_: &Score| false;
+        let c = w.changes(&cursor, &none).unwrap().expect("no walk needed");
+        assert!(c.blocks.is_empty(), "nothing changed: {:?}", c.blocks);
+        assert_eq!(c.walked, 0);
+
+        // A new file in b: its data at the default, its other blocks as metadata.
+        let (g, g_data) = write_file(&fs, b, b"g", 1);
+        let c = w.changes(&c.cursor, &none).unwrap().unwrap();
+        w.taken().unwrap();
+        let got: HashMap<Score, u8> = c.blocks.iter().copied().collect();
+        for s in &g_data {
+            assert_eq!(got.get(s), Some(&2), "a data block of g");
+        }
+        assert!(got.values().all(|n| *n == 2 || *n == 4), "{got:?}");
+        assert!(
+            got.keys()
+                .all(|s| !full.contains_key(s) || full[s] >= got[s])
+        );
+        let c = w.changes(&c.cursor, &none).unwrap().unwrap();
+        assert!(
+            c.blocks.is_empty(),
+            "taken changes are not handed out again"
+        );
+
+        // A second name in a (redundancy 4): g's data now asks for 4.
+        fs.link(g, a, b"g2").unwrap();
+        let c = w.changes(&c.cursor, &none).unwrap().unwrap();
+        w.taken().unwrap();
+        let got: HashMap<Score, u8> = c.blocks.iter().copied().collect();
+        for s in &g_data {
+            assert_eq!(got.get(s), Some(&4), "g linked under a");
+        }
+
+        // A snapshot: its root and the directory streams not tracked yet.
+        let snap = snapshot::create(&fs).unwrap();
+        let c = w.changes(&c.cursor, &none).unwrap().unwrap();
+        w.taken().unwrap();
+        assert!(
+            c.blocks.iter().any(|(s, _)| *s == snap.root.score),
+            "the snapshot's root"
+        );
+        let all_known = |_: &Score| true;
+        snapshot::create(&fs).unwrap();
+        let c2 = w.changes(&c.cursor, &all_known).unwrap().unwrap();
+        assert_eq!(
+            c2.blocks.len(),
+            1,
+            "a tracked tree is not walked again: {:?}",
+            c2.blocks
+        );
+
+        // A setting changed: only a walk can say what wants fewer copies.
+        fs.setxattr(a, REDUNDANCY_XATTR, b"3", false, false)
+            .unwrap();
+        assert!(w.changes(&c2.cursor, &none).unwrap().is_none());
+        let (full, cursor) = w.wanted().unwrap();
+        w.taken().unwrap();
+        for s in &g_data {
+            assert_eq!(full[s], 4, "the retained snapshots still ask for 4");
+        }
+        assert!(
+            w.changes(&cursor, &none)
+                .unwrap()
+                .unwrap()
+                .blocks
+                .is_empty()
+        );
+    }
+
     #[test]
     fn wanted_takes_the_highest_redundancy_over_live_tree_and_snapshots() {
         let dir = tempfile::tempdir().unwrap();
-        let keys = MasterSecret::generate().keys();
-        let store: Arc<dyn BlockStore> = Arc::new(
-            LocalStore::open(&dir.path().join("volume"), StoreOptions::default()).unwrap(),
-        );
-        let meta = Meta::open(&dir.path().join("meta.redb"), &keys, 0, 0).unwrap();
-        let fs = Fossil::new(meta, store, keys, TreeParams::default(), dir.path().into()).unwrap();
+        let fs = new_fs(dir.path());
         let who = Caller { uid: 0, gid: 0 };
         let a = fs
             .mknod(ROOT_INO, b"a", Kind::Dir, 0o755, 0, None, who)
@@ -241,33 +516,14 @@ mod tests {
             .mknod(ROOT_INO, b"b", Kind::Dir, 0o755, 0, None, who)
             .unwrap()
             .ino;
-        let write = |parent: u64, name: &[u8], seed: u8| {
-            let ino = fs.create(parent, name, 0o644, who).unwrap().ino;
-            let data: Vec<u8> = (0..300_000u32)
-                .map(|i| (i * 31 + seed as u32) as u8 ^ seed)
-                .collect();
-            fs.write(ino, 0, &data).unwrap();
-            fs.release(ino).unwrap();
-            let inode = fs.meta().inode(ino).unwrap();
-            let mut scores = Vec::new();
-            fs.reader()
-                .visit_scores(&inode.content, &mut |p| {
-                    if p.depth == 0 {
-                        scores.push(p.score);
-                    }
-                })
-                .unwrap();
-            assert!(!scores.is_empty());
-            scores
-        };
-        let f = write(a, b"f", 1);
-        let g = write(b, b"g", 2);
+        let f = write_file(&fs, a, b"f", 1).1;
+        let g = write_file(&fs, b, b"g", 2).1;
         let set = |ino: u64, n: &str| {
             fs.setxattr(ino, REDUNDANCY_XATTR, n.as_bytes(), false, false)
                 .unwrap()
         };
         let asked = |scores: &[Score]| -> Vec<u8> {
-            let w = wanted(&fs, 2).unwrap();
+            let (w, _) = wanted(&fs, 2).unwrap();
             scores.iter().map(|s| w[s]).collect()
         };
 

@@ -1163,3 +1163,105 @@ fn a_file_raised_by_truncate_reads_its_hole_to_the_end() {
     assert!(got.iter().all(|b| *b == 0), "the hole reads as zeros");
     m.unmount();
 }
+
+/// The `snapshots` worker's row in `fincryptctl workers --json`.
+fn snapshots_worker(home: &Path) -> serde_json::Value {
+    let list: serde_json::Value =
+        serde_json::from_str(ctl_ok(home, &["workers", "--json"]).trim()).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "snapshots")
+        .cloned()
+        .expect("a snapshots worker")
+}
+
+/// Makes a directory immutable (not even root may add to it) until dropped.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(dir: &Path) -> Immutable {
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "chattr +i {}", dir.display());
+        Immutable(dir.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_worker_that_fails_shows_its_error_and_recovers_when_the_cause_goes() {
+    let home = init_home();
+    common::set_config(home.path(), "snapshot_interval", "1");
+    let volume_tmp = home.path().join("volume").join("tmp");
+    let m = Mount::start(home);
+    wait_until("a scheduled snapshot", Duration::from_secs(30), || {
+        snapshots_worker(m.home())["steps"].as_u64() > Some(0)
+    });
+
+    // New blocks are staged in the volume's tmp directory: while nothing can
+    // be added there, every snapshot (a new root block) fails.
+    let blocked = Immutable::set(&volume_tmp);
+    let mut failing = serde_json::Value::Null;
+    wait_until(
+        "the snapshots worker failing with its error",
+        Duration::from_secs(30),
+        || {
+            failing = snapshots_worker(m.home());
+            failing["state"] == "failing" && failing["last_error"].is_string()
+        },
+    );
+    let error = failing["last_error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains("tmp") && error.to_lowercase().contains("not permitted"),
+        "the error says what failed and where: {error}"
+    );
+    let table = ctl_ok(m.home(), &["workers"]);
+    assert!(
+        table.lines().any(|l| l.starts_with("snapshots")
+            && l.contains("failing")
+            && l.contains("not permitted")),
+        "{table}"
+    );
+    let summary = common::status(m.home());
+    assert!(
+        summary["workers"]["failing"].as_u64() >= Some(1),
+        "{summary}"
+    );
+
+    // The cause goes: the worker's next retry succeeds and the error clears.
+    let errors = failing["errors"].as_u64().unwrap();
+    drop(blocked);
+    let mut recovered = serde_json::Value::Null;
+    wait_until(
+        "the snapshots worker recovering",
+        Duration::from_secs(60),
+        || {
+            recovered = snapshots_worker(m.home());
+            recovered["state"] != "failing" && recovered["last_error"].is_null()
+        },
+    );
+    assert!(recovered["errors"].as_u64() >= Some(errors), "{recovered}");
+    let summary = common::status(m.home());
+    assert_eq!(summary["workers"]["failing"].as_u64(), Some(0), "{summary}");
+    // And what it does works again: a new snapshot is listed.
+    let before = snapshot_names(m.home()).len();
+    wait_until(
+        "a new snapshot after recovery",
+        Duration::from_secs(30),
+        || snapshot_names(m.home()).len() > before,
+    );
+    m.unmount();
+}

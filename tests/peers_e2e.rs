@@ -812,8 +812,10 @@ fn an_idle_mount_walks_and_scans_nothing_until_something_changes() {
         "idle passes ran, walked or scanned (passes, blocks walked, rows scanned): {idle:?} after {settled:?}"
     );
 
-    // A write is a change: the next pass runs and places the new blocks.
+    // A write is a change: the next step takes it from the change feed and
+    // places the new blocks, without a full walk.
     let own_before = number(&status(&home), "own_blocks");
+    let walks = number(&status(&home), "full_walks");
     std::fs::write(dir.join("later"), common::random_bytes(99, 700_000)).unwrap();
     common::wait_until(
         "a pass after a write, with its blocks placed",
@@ -830,6 +832,7 @@ fn an_idle_mount_walks_and_scans_nothing_until_something_changes() {
                 && held_blocks(&node_homes) == 3 * own
         },
     );
+    assert_eq!(number(&status(&home), "full_walks"), walks, "no full walk");
     m.unmount();
     drop(nodes);
 }

@@ -73,6 +73,33 @@ fn an_idle_mount_with_100000_files_walks_and_scans_nothing() {
     );
     let entries = std::fs::read_dir(tree.join("d042")).unwrap().count();
     assert_eq!(entries, PER_DIR);
+
+    // One new file: the next step takes its blocks from the change feed and
+    // places them, reading only those, with no walk of the 100,000 others.
+    let walks = number(&status(&home), "full_walks");
+    std::fs::write(
+        tree.join("d042").join("new"),
+        common::random_bytes(5, 700_000),
+    )
+    .unwrap();
+    let mut after = idle;
+    common::wait_until(
+        "the new file's blocks placed from the queue",
+        Duration::from_secs(120),
+        || {
+            after = pass_work(&home);
+            let st = status(&home);
+            after[0] > idle[0]
+                && after[2] > idle[2]
+                && number(&st, "under_replicated") == 0
+                && number(&st, "queued") == 0
+        },
+    );
+    assert_eq!(number(&status(&home), "full_walks"), walks, "no full walk");
+    assert!(
+        after[2] - idle[2] < 200 && after[3] - idle[3] < 200,
+        "only the new file's blocks were walked and read: {after:?} after {idle:?}"
+    );
     m.unmount();
     drop(nodes);
 }

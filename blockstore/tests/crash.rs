@@ -71,10 +71,10 @@ fn kill_9_during_puts_loses_no_acknowledged_block() {
         let (tx, rx) = mpsc::channel();
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(s) = Score::from_hex(line.trim()) {
-                    if tx.send(s).is_err() {
-                        break;
-                    }
+                if let Ok(s) = Score::from_hex(line.trim())
+                    && tx.send(s).is_err()
+                {
+                    break;
                 }
             }
         });

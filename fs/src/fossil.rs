@@ -245,15 +245,14 @@ impl Fossil {
 
     fn attr(&self, ino: u64, inode: &Inode) -> Attr {
         let (mut size, mut mtime, mut ctime) = (inode.size, inode.mtime, inode.ctime);
-        if inode.kind == Kind::File {
-            if let Some(st) = lock(&self.files).get(&ino).cloned() {
-                if let Some(d) = &lock(&st).dirty {
-                    size = d.size;
-                    if d.mtime > mtime {
-                        mtime = d.mtime;
-                        ctime = ctime.max(d.mtime);
-                    }
-                }
+        if inode.kind == Kind::File
+            && let Some(st) = lock(&self.files).get(&ino).cloned()
+            && let Some(d) = &lock(&st).dirty
+        {
+            size = d.size;
+            if d.mtime > mtime {
+                mtime = d.mtime;
+                ctime = ctime.max(d.mtime);
             }
         }
         Attr {
@@ -491,10 +490,10 @@ impl Fossil {
     }
 
     fn forget_state(&self, ino: u64) {
-        if let Some(st) = lock(&self.files).remove(&ino) {
-            if let Some(d) = lock(&st).dirty.take() {
-                self.dirty_total.fetch_sub(d.held(), Ordering::Relaxed);
-            }
+        if let Some(st) = lock(&self.files).remove(&ino)
+            && let Some(d) = lock(&st).dirty.take()
+        {
+            self.dirty_total.fetch_sub(d.held(), Ordering::Relaxed);
         }
     }
 
@@ -1072,7 +1071,12 @@ impl Fossil {
                 .ok()
                 .and_then(|s| s.trim().parse::<u8>().ok());
             match n {
-                Some(n) if n >= 1 => inode.redundancy = Some(n),
+                Some(n) if n >= 1 => {
+                    if inode.redundancy != Some(n) {
+                        txn.note_redundancy_change()?;
+                    }
+                    inode.redundancy = Some(n)
+                }
                 _ => return errno(libc::EINVAL),
             }
         } else {
@@ -1141,7 +1145,11 @@ impl Fossil {
         let mut txn = self.meta.write()?;
         let mut inode = txn.inode(ino)?;
         let removed = if name == REDUNDANCY_XATTR {
-            inode.redundancy.take().is_some()
+            let had = inode.redundancy.take().is_some();
+            if had {
+                txn.note_redundancy_change()?;
+            }
+            had
         } else {
             inode.xattrs.remove(name).is_some()
         };

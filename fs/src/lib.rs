@@ -10,6 +10,7 @@ pub mod fuse;
 pub mod meta;
 pub mod snapdir;
 pub mod snapshot;
+pub mod walk;
 
 pub use error::FsError;
 pub use fossil::{Attr, Caller, Fossil, SetAttr, SetTime};

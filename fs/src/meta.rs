@@ -26,6 +26,11 @@ const DIRENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("dirent
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const ORPHANS: TableDefinition<u64, ()> = TableDefinition::new("orphans");
 const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
+/// Each (inode, directory) pair a name links, with how many names do.
+const PARENTS: TableDefinition<(u64, u64), u32> = TableDefinition::new("parents");
+/// Inodes changed since a consumer last took them, with the stamp of the
+/// change (a counter, so a later change never reuses a stamp).
+const CHANGED: TableDefinition<u64, u64> = TableDefinition::new("changed");
 
 /// Version of the metadata database (docs/FORMATS.md, "Filesystem metadata").
 pub const META_VERSION: u64 = 1;
@@ -185,6 +190,8 @@ impl Meta {
         txn.txn.open_table(DIRENTS)?;
         txn.txn.open_table(ORPHANS)?;
         txn.txn.open_table(SNAPSHOTS)?;
+        txn.txn.open_table(PARENTS)?;
+        txn.txn.open_table(CHANGED)?;
         let version = txn.counter("version")?;
         match version {
             0 => {
@@ -201,8 +208,58 @@ impl Meta {
                 )));
             }
         }
+        if txn.counter("parents")? == 0 {
+            // Written before the parents table existed (or new): index every name once.
+            txn.index_parents()?;
+            txn.set_counter("parents", 1)?;
+        }
         txn.commit(true)?;
         Ok(meta)
+    }
+
+    /// The directories that hold a name of `ino` (none for the root and for
+    /// an inode unlinked while open).
+    pub fn parents(&self, ino: u64) -> Result<Vec<u64>, FsError> {
+        let txn = self.db.begin_read()?;
+        parents_in(&txn.open_table(PARENTS)?, ino)
+    }
+
+    /// Up to `limit` inodes changed (content, attributes or a new name)
+    /// since they were last [taken](Meta::take_changed), with their stamps.
+    pub fn changed(&self, limit: usize) -> Result<Vec<(u64, u64)>, FsError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CHANGED)?;
+        let mut out = Vec::new();
+        for item in t.iter()?.take(limit) {
+            let (k, v) = item?;
+            out.push((k.value(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Forgets the changes in `seen` that are still as they were read (an
+    /// inode changed again since keeps its newer stamp).
+    pub fn take_changed(&self, seen: &[(u64, u64)]) -> Result<(), FsError> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let txn = self.write()?;
+        {
+            let mut t = txn.txn.open_table(CHANGED)?;
+            for (ino, stamp) in seen {
+                if t.get(*ino)?.map(|v| v.value()) == Some(*stamp) {
+                    t.remove(*ino)?;
+                }
+            }
+        }
+        txn.commit(false)
+    }
+
+    /// A counter that moves whenever a redundancy setting changes.
+    pub fn redundancy_changes(&self) -> Result<u64, FsError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(COUNTERS)?;
+        Ok(t.get("redundancy_changes")?.map(|v| v.value()).unwrap_or(0))
     }
 
     /// A write transaction; one at a time, in the order asked.
@@ -210,6 +267,7 @@ impl Meta {
         Ok(WriteTxn {
             txn: self.db.begin_write()?,
             meta: self,
+            stamp: None,
         })
     }
 
@@ -394,19 +452,28 @@ impl View<'_> {
         Ok(out)
     }
 
-    /// Every inode's content reference (for GC).
-    pub fn contents(&self) -> Result<Vec<FileRef>, FsError> {
+    /// The directories that hold a name of `ino`.
+    pub fn parents(&self, ino: u64) -> Result<Vec<u64>, FsError> {
+        parents_in(&self.txn.open_table(PARENTS)?, ino)
+    }
+
+    /// Every inode's number, in order.
+    pub fn inode_numbers(&self) -> Result<Vec<u64>, FsError> {
         let t = self.txn.open_table(INODES)?;
         let mut out = Vec::new();
         for item in t.iter()? {
-            let (k, v) = item?;
-            let inode: Inode = self
-                .meta
-                .open_value(b"i", &k.value().to_le_bytes(), v.value())?;
-            out.push(inode.content);
+            out.push(item?.0.value());
         }
         Ok(out)
     }
+}
+
+fn parents_in(t: &impl ReadableTable<(u64, u64), u32>, ino: u64) -> Result<Vec<u64>, FsError> {
+    let mut out = Vec::new();
+    for item in t.range((ino, 0)..=(ino, u64::MAX))? {
+        out.push(item?.0.value().1);
+    }
+    Ok(out)
 }
 
 fn key_bytes(parent: u64, cookie: u64) -> [u8; 16] {
@@ -420,6 +487,8 @@ fn key_bytes(parent: u64, cookie: u64) -> [u8; 16] {
 pub struct WriteTxn<'a> {
     txn: redb::WriteTransaction,
     meta: &'a Meta,
+    /// The stamp of this transaction's changes, once one is made.
+    stamp: Option<u64>,
 }
 
 impl WriteTxn<'_> {
@@ -436,12 +505,68 @@ impl WriteTxn<'_> {
     pub fn put_inode(&mut self, ino: u64, inode: &Inode) -> Result<(), FsError> {
         let sealed = self.meta.seal_value(b"i", &ino.to_le_bytes(), inode)?;
         self.txn.open_table(INODES)?.insert(ino, &sealed[..])?;
-        Ok(())
+        self.mark_changed(ino)
     }
 
     /// Deletes an inode record.
     pub fn remove_inode(&mut self, ino: u64) -> Result<(), FsError> {
         self.txn.open_table(INODES)?.remove(ino)?;
+        self.txn.open_table(CHANGED)?.remove(ino)?;
+        Ok(())
+    }
+
+    /// Notes that `ino` changed in this transaction.
+    fn mark_changed(&mut self, ino: u64) -> Result<(), FsError> {
+        let stamp = match self.stamp {
+            Some(s) => s,
+            None => {
+                let s = self.counter("change_stamp")? + 1;
+                self.set_counter("change_stamp", s)?;
+                self.stamp = Some(s);
+                s
+            }
+        };
+        self.txn.open_table(CHANGED)?.insert(ino, stamp)?;
+        Ok(())
+    }
+
+    /// Notes that a redundancy setting changed (see [`Meta::redundancy_changes`]).
+    pub fn note_redundancy_change(&mut self) -> Result<(), FsError> {
+        let n = self.counter("redundancy_changes")?;
+        self.set_counter("redundancy_changes", n + 1)
+    }
+
+    /// Adds one to the names `parent` holds for `ino` (`by` 1) or takes one away (`by` -1).
+    fn link_parent(&mut self, ino: u64, parent: u64, by: i64) -> Result<(), FsError> {
+        let mut t = self.txn.open_table(PARENTS)?;
+        let now = t.get((ino, parent))?.map(|v| v.value()).unwrap_or(0);
+        let next = (now as i64 + by).max(0) as u32;
+        if next == 0 {
+            t.remove((ino, parent))?;
+        } else {
+            t.insert((ino, parent), next)?;
+        }
+        Ok(())
+    }
+
+    /// Fills the parents table from every directory entry.
+    fn index_parents(&mut self) -> Result<(), FsError> {
+        let mut links: BTreeMap<(u64, u64), u32> = BTreeMap::new();
+        {
+            let t = self.txn.open_table(DIRENTS)?;
+            for item in t.iter()? {
+                let (k, v) = item?;
+                let (parent, cookie) = k.value();
+                let d: Dirent =
+                    self.meta
+                        .open_value(b"d", &key_bytes(parent, cookie), v.value())?;
+                *links.entry((d.ino, parent)).or_insert(0) += 1;
+            }
+        }
+        let mut t = self.txn.open_table(PARENTS)?;
+        for (k, n) in links {
+            t.insert(k, n)?;
+        }
         Ok(())
     }
 
@@ -455,6 +580,7 @@ impl WriteTxn<'_> {
     pub fn put_dirent(&mut self, parent: u64, d: &Dirent) -> Result<(), FsError> {
         let cookie = self.meta.cookie(parent, &d.name);
         let mut t = self.txn.open_table(DIRENTS)?;
+        let mut replaced = None;
         if let Some(v) = t.get((parent, cookie))? {
             let old: Dirent = self
                 .meta
@@ -463,16 +589,35 @@ impl WriteTxn<'_> {
                 // Two names with one 62-bit cookie: astronomically rare; refuse rather than lose one.
                 return errno(libc::EEXIST);
             }
+            replaced = Some(old.ino);
         }
         let sealed = self.meta.seal_value(b"d", &key_bytes(parent, cookie), d)?;
         t.insert((parent, cookie), &sealed[..])?;
-        Ok(())
+        drop(t);
+        if replaced != Some(d.ino) {
+            if let Some(old) = replaced {
+                self.link_parent(old, parent, -1)?;
+            }
+            self.link_parent(d.ino, parent, 1)?;
+        }
+        // A new name may put the inode under a different redundancy.
+        self.mark_changed(d.ino)
     }
 
     /// Removes the entry `name` from `parent`.
     pub fn remove_dirent(&mut self, parent: u64, name: &[u8]) -> Result<(), FsError> {
         let cookie = self.meta.cookie(parent, name);
-        self.txn.open_table(DIRENTS)?.remove((parent, cookie))?;
+        let old = self
+            .txn
+            .open_table(DIRENTS)?
+            .remove((parent, cookie))?
+            .map(|v| {
+                self.meta
+                    .open_value::<Dirent>(b"d", &key_bytes(parent, cookie), v.value())
+            });
+        if let Some(old) = old {
+            self.link_parent(old?.ino, parent, -1)?;
+        }
         Ok(())
     }
 
@@ -541,5 +686,98 @@ impl WriteTxn<'_> {
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fincrypt_blockstore::MasterSecret;
+
+    fn dirent(name: &[u8], ino: u64) -> Dirent {
+        Dirent {
+            name: name.to_vec(),
+            ino,
+            kind: Kind::File,
+        }
+    }
+
+    /// Names keep the parents table right (a second name, a replaced name,
+    /// a removed one), a metadata file from before the table gets it built
+    /// at open, and taken changes go while newer ones stay.
+    #[test]
+    fn parents_follow_names_and_changes_are_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let keys = MasterSecret::generate().keys();
+        let meta = Meta::open(&path, &keys, 0, 0).unwrap();
+        let mut txn = meta.write().unwrap();
+        let (d, f, g) = (
+            txn.alloc_ino().unwrap(),
+            txn.alloc_ino().unwrap(),
+            txn.alloc_ino().unwrap(),
+        );
+        txn.put_dirent(
+            ROOT_INO,
+            &Dirent {
+                name: b"d".to_vec(),
+                ino: d,
+                kind: Kind::Dir,
+            },
+        )
+        .unwrap();
+        txn.put_dirent(ROOT_INO, &dirent(b"f", f)).unwrap();
+        txn.put_dirent(d, &dirent(b"f1", f)).unwrap();
+        txn.put_dirent(d, &dirent(b"f2", f)).unwrap();
+        txn.commit(true).unwrap();
+        assert_eq!(meta.parents(f).unwrap(), vec![ROOT_INO, d]);
+        let mut txn = meta.write().unwrap();
+        txn.remove_dirent(d, b"f1").unwrap();
+        txn.commit(true).unwrap();
+        assert_eq!(
+            meta.parents(f).unwrap(),
+            vec![ROOT_INO, d],
+            "f2 still links f under d"
+        );
+        let mut txn = meta.write().unwrap();
+        txn.put_dirent(d, &dirent(b"f2", g)).unwrap();
+        txn.commit(true).unwrap();
+        assert_eq!(meta.parents(f).unwrap(), vec![ROOT_INO]);
+        assert_eq!(meta.parents(g).unwrap(), vec![d]);
+
+        let changed = meta.changed(100).unwrap();
+        let inos: Vec<u64> = changed.iter().map(|(i, _)| *i).collect();
+        assert!(
+            inos.contains(&d) && inos.contains(&f) && inos.contains(&g),
+            "{inos:?}"
+        );
+        // g changes again after the read: taking what was read leaves it.
+        let mut txn = meta.write().unwrap();
+        txn.put_inode(g, &Inode::new(Kind::File, 0o644, 0, 0))
+            .unwrap();
+        txn.commit(true).unwrap();
+        meta.take_changed(&changed).unwrap();
+        assert_eq!(
+            meta.changed(100)
+                .unwrap()
+                .iter()
+                .map(|(i, _)| *i)
+                .collect::<Vec<_>>(),
+            vec![g]
+        );
+
+        // A file written before the parents table: built at open.
+        let mut txn = meta.write().unwrap();
+        txn.txn
+            .open_table(PARENTS)
+            .unwrap()
+            .retain(|_, _| false)
+            .unwrap();
+        txn.set_counter("parents", 0).unwrap();
+        txn.commit(true).unwrap();
+        drop(meta);
+        let meta = Meta::open(&path, &keys, 0, 0).unwrap();
+        assert_eq!(meta.parents(g).unwrap(), vec![d]);
+        assert_eq!(meta.parents(d).unwrap(), vec![ROOT_INO]);
     }
 }

@@ -258,46 +258,28 @@ pub fn prune(fs: &Fossil, keep: usize) -> Result<usize, FsError> {
     Ok(excess)
 }
 
-/// Frees own blocks that neither live files nor retained snapshots reference.
-pub fn gc(fs: &Fossil, volume: &LocalStore) -> Result<u64, FsError> {
+/// Frees own blocks that neither live files nor retained snapshots
+/// reference; returns the blocks freed.
+pub fn gc(fs: &Fossil, volume: &LocalStore) -> Result<Vec<Score>, FsError> {
     let mark = fs.with_sealing_paused(|| volume.mark());
     let mut live: HashSet<Score> = HashSet::new();
     let reader = fs.reader();
-    // Snapshots share most of their trees: a subtree already marked is not
-    // walked again, so GC costs what the snapshots do not share.
-    let add_tree = |f: &FileRef, live: &mut HashSet<Score>| -> Result<(), FsError> {
-        Ok(reader.add_new_scores(f, live)?)
-    };
-    // Directory streams already listed (kept apart from `live`: a file could
-    // hold the very bytes of a directory stream, and then the same blocks).
-    let mut dirs_seen: HashSet<Score> = HashSet::new();
-    for content in fs.meta().view()?.contents()? {
-        add_tree(&content, &mut live)?;
-    }
-    for snap in fs.meta().snapshots()? {
-        live.insert(snap.root.score);
-        let r = root(fs, &snap)?;
-        if let Some(m) = &r.manifest {
-            add_tree(m, &mut live)?;
-        }
-        let mut dirs = vec![r.tree];
-        while let Some(d) = dirs.pop() {
-            if let FileRef::Tree(p) = &d.content
-                && !dirs_seen.insert(p.score)
-            {
-                // The same directory, and so all below it, was listed before.
-                continue;
-            }
-            add_tree(&d.content, &mut live)?;
-            for e in read_dir(fs, &d)? {
-                if e.kind == Kind::Dir {
-                    dirs.push(e);
-                } else {
-                    add_tree(&e.content, &mut live)?;
+    // A subtree already marked is not walked again (the walk also skips
+    // trees it handed out), so GC costs what the snapshots do not share.
+    crate::walk::walk(fs, &crate::walk::Walk::all(1), &mut |item| {
+        match item {
+            crate::walk::Item::Root { snap, root } => {
+                live.insert(snap.root.score);
+                if let Some(m) = &root.manifest {
+                    reader.add_new_scores(m, &mut live)?;
                 }
             }
+            crate::walk::Item::Dir { content, .. } | crate::walk::Item::File { content, .. } => {
+                reader.add_new_scores(content, &mut live)?
+            }
         }
-    }
+        Ok(true)
+    })?;
     Ok(volume.sweep(&live, mark)?)
 }
 

@@ -381,8 +381,15 @@ fn print_status(v: &Status) {
         row(
             "replication passes",
             format!(
-                "{} ({} skipped: nothing changed)",
-                r.passes, r.passes_skipped
+                "{} ({} skipped: nothing changed; {} full walks)",
+                r.passes, r.passes_skipped, r.full_walks
+            ),
+        );
+        row(
+            "queued",
+            format!(
+                "{} blocks for copies, {} for release",
+                r.queued, r.queued_releases
             ),
         );
         if r.manifest_damaged_entries > 0 {

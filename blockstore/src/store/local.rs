@@ -267,12 +267,12 @@ impl LocalStore {
         self.seq.load(Ordering::SeqCst)
     }
 
-    /// Removes `own` blocks put before `mark` that are not in `live`; returns how many went.
+    /// Removes `own` blocks put before `mark` that are not in `live`; returns the ones that went.
     ///
     /// The caller computes `live` by walking every retained root after taking
     /// the mark. A block put (or put again) after the mark is kept even if it
     /// is not in `live`, so a sweep never races a writer that reuses a block.
-    pub fn sweep(&self, live: &HashSet<Score>, mark: u64) -> Result<u64, Error> {
+    pub fn sweep(&self, live: &HashSet<Score>, mark: u64) -> Result<Vec<Score>, Error> {
         let mut stats = self.lock();
         let txn = self.db.begin_write()?;
         self.in_use(&txn)?;
@@ -298,7 +298,7 @@ impl LocalStore {
         for score in &gone {
             self.remove_file(score)?;
         }
-        Ok(gone.len() as u64)
+        Ok(gone)
     }
 
     /// Re-reads every block and checks it against its score; also finds missing and stray files.
@@ -954,11 +954,11 @@ impl BlockStore for LocalStore {
         self.in_use(&txn)?;
         let removed = {
             let mut table = txn.open_table(BLOCKS)?;
-            let old = table
+
+            table
                 .remove(score.0)?
                 .map(|v| decode_entry(v.value()))
-                .transpose()?;
-            old
+                .transpose()?
         };
         self.commit(txn, true)?;
         match removed {

@@ -35,29 +35,54 @@ pub use tiered::{Remote, TieredStore};
 pub use worker::{Step, Worker, WorkerHandle, WorkerState, WorkerStatus, Workers};
 
 /// What the owner's blocks want, as the owner's side knows it.
+///
+/// The engine walks everything ([`Wants::wanted`]) only as a safety net,
+/// once a day or when only a walk can tell; between walks it asks for what
+/// changed ([`Wants::changes`]) and queues that work.
 pub trait Wants: Send + Sync + 'static {
-    /// Every block the owner keeps, with the copies each asks for.
-    fn wanted(&self) -> Result<Wanted>;
+    /// Every block the owner keeps, with the copies each asks for, and the
+    /// cursor [`Wants::changes`] continues from.
+    fn wanted(&self) -> Result<(Wanted, Vec<u8>)>;
+    /// What changed since `cursor` (from [`Wants::wanted`] or an earlier
+    /// `changes`): blocks wanted anew or at more copies. `None` when only a
+    /// full walk can tell (a redundancy lowered, a cursor it cannot read).
+    /// `known` says whether the engine already tracks a block, so a tree it
+    /// tracks need not be walked again.
+    fn changes(&self, cursor: &[u8], known: &dyn Fn(&Score) -> bool) -> Result<Option<Changes>> {
+        let _ = (cursor, known);
+        Ok(None)
+    }
+    /// The engine has kept what the last [`Wants::wanted`] or
+    /// [`Wants::changes`] returned: those changes may be forgotten.
+    fn taken(&self) -> Result<()> {
+        Ok(())
+    }
     /// Where each of `scores` is used, as paths a person recognises (for
     /// naming lost blocks); scores used nowhere are left out.
     fn paths_of(&self, scores: &[Score]) -> Result<Vec<(Score, String)>>;
-    /// A value that changes whenever what [`Wants::wanted`] returns may have
-    /// changed; `None` if the owner's side cannot tell (every pass walks).
-    fn generation(&self) -> Option<u64> {
-        None
-    }
 }
 
-/// How often a pass runs even when nothing seems to have changed: the
-/// safety net under the generation counters.
+/// What changed on the owner's side since a cursor.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Blocks wanted anew or at more copies, with the copies each asks for.
+    pub blocks: Vec<(Score, u8)>,
+    /// Blocks visited to find them.
+    pub walked: u64,
+    /// Where the next [`Wants::changes`] starts.
+    pub cursor: Vec<u8>,
+    /// More changes wait beyond these.
+    pub more: bool,
+}
+
+/// How often a full walk runs even when no change asks for one: the safety
+/// net under the queue.
 pub const FULL_PASS_EVERY: Duration = Duration::from_secs(24 * 3600);
 
-/// What the last clean pass saw; equal again means a pass has nothing to do.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Seen {
-    wants: u64,
-    losses: u64,
-}
+/// Where the owner's side left off, kept in the manifest.
+const CURSOR: &str = "wants_cursor";
+/// Unix time of the last full walk, kept in the manifest.
+const WALKED_AT: &str = "walked_at";
 
 /// Intervals and limits of the engine's workers.
 #[derive(Clone, Copy, Debug)]
@@ -90,8 +115,8 @@ pub struct Engine {
     wants: Arc<dyn Wants>,
     local: Arc<dyn BlockStore>,
     replication: Mutex<Option<WorkerHandle>>,
-    /// Set after a pass that left nothing to do, with when it ran.
-    clean: Mutex<Option<(Seen, std::time::Instant)>>,
+    /// One step or pass at a time: each hands out and takes the owner's changes.
+    stepping: tokio::sync::Mutex<()>,
 }
 
 impl Engine {
@@ -109,7 +134,7 @@ impl Engine {
             wants,
             local,
             replication: Mutex::new(None),
-            clean: Mutex::new(None),
+            stepping: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -123,58 +148,116 @@ impl Engine {
         &self.replicator.stats
     }
 
-    /// One replication pass; returns the own blocks still short of copies.
+    /// A full pass: walks everything the owner keeps, places what is short
+    /// and releases what is no longer wanted. Returns the blocks still short.
     pub async fn pass(&self) -> Result<u64> {
-        let seen = self.seen();
+        let _one = self.stepping.lock().await;
+        self.full_pass().await
+    }
+
+    async fn full_pass(&self) -> Result<u64> {
         let wants = self.wants.clone();
-        let wanted = tokio::task::spawn_blocking(move || wants.wanted())
+        let losses = self.manifest().losses();
+        // Releases stay queued: a holder that did not answer is asked again.
+        let mut before = self.manifest().queued_after(None, usize::MAX)?;
+        before.retain(|(_, n)| *n > 0);
+        let (wanted, cursor) = tokio::task::spawn_blocking(move || wants.wanted())
             .await
             .map_err(|e| Error::Wants(e.to_string()))??;
-        let under = self.replicator.pass(wanted, self.local.clone()).await?;
-        let s = self.stats();
+        let short = self.replicator.pass(wanted, self.local.clone()).await?;
+        let m = self.manifest();
+        // The walk did all the queue asked, unless a holder lost blocks
+        // meanwhile: then their queued work stays.
+        if m.losses() == losses {
+            m.dequeue(&before)?;
+        }
+        let now = unix_now().to_le_bytes();
+        m.enqueue_with_state(&short, &[(CURSOR, &cursor), (WALKED_AT, &now)])?;
+        self.wants.taken()?;
+        self.note_pending()?;
+        Ok(short.len() as u64)
+    }
+
+    fn note_pending(&self) -> Result<()> {
         let pending: usize = self
             .manifest()
             .pending_releases()?
             .values()
             .map(Vec::len)
             .sum();
-        s.releases_pending
+        self.stats()
+            .releases_pending
             .store(pending as u64, std::sync::atomic::Ordering::Relaxed);
-        // Releases left undelivered do not keep passes running: a holder that
-        // is gone would keep them so forever. They are asked again by the
-        // next pass that runs (after any change, and at least daily).
-        let clean = under == 0 && s.lost.load(std::sync::atomic::Ordering::Relaxed) == 0;
-        *self.clean.lock().unwrap_or_else(|p| p.into_inner()) = seen
-            .filter(|_| clean)
-            .map(|s| (s, std::time::Instant::now()));
-        Ok(under)
+        Ok(())
     }
 
-    /// What a pass would depend on now, if the owner's side can tell.
-    fn seen(&self) -> Option<Seen> {
-        self.wants.generation().map(|wants| Seen {
-            wants,
-            losses: self.manifest().losses(),
-        })
+    /// Whether a full walk is due: none yet, or the last one is a day old.
+    fn walk_due(&self) -> Result<Option<Vec<u8>>> {
+        let m = self.manifest();
+        let walked = m
+            .state(WALKED_AT)?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(u64::from_le_bytes);
+        let due = walked.is_none_or(|t| unix_now().saturating_sub(t) >= FULL_PASS_EVERY.as_secs());
+        Ok(if due { None } else { m.state(CURSOR)? })
     }
 
-    /// A pass unless the last one left nothing to do and nothing changed
-    /// since (no write to the filesystem, no holder lost blocks), within
-    /// [`FULL_PASS_EVERY`]. Returns whether a pass ran.
-    pub async fn pass_if_needed(&self) -> Result<bool> {
-        let now = self.seen();
-        let last = *self.clean.lock().unwrap_or_else(|p| p.into_inner());
-        if let (Some(now), Some((seen, at))) = (now, last)
-            && now == seen
-            && at.elapsed() < FULL_PASS_EVERY
-        {
-            self.stats()
-                .passes_skipped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// One step of replication: takes the owner's changes into the queue and
+    /// works through it, or walks everything when only that can tell (see
+    /// [`Wants`]). Nothing is read beyond the change feed and the queue when
+    /// both are empty. Returns whether more changes wait.
+    pub async fn step(&self) -> Result<bool> {
+        let _one = self.stepping.lock().await;
+        let Some(cursor) = self.walk_due()? else {
+            self.full_pass().await?;
             return Ok(false);
+        };
+        let wants = self.wants.clone();
+        let manifest = self.manifest().clone();
+        let changes = tokio::task::spawn_blocking(move || {
+            let known = |s: &Score| manifest.knows(s).unwrap_or(false);
+            wants.changes(&cursor, &known)
+        })
+        .await
+        .map_err(|e| Error::Wants(e.to_string()))??;
+        let Some(changes) = changes else {
+            self.full_pass().await?;
+            return Ok(false);
+        };
+        let s = self.stats();
+        s.blocks_walked
+            .fetch_add(changes.walked, std::sync::atomic::Ordering::Relaxed);
+        let m = self.manifest();
+        m.enqueue_with_state(&changes.blocks, &[(CURSOR, &changes.cursor)])?;
+        self.wants.taken()?;
+        // Releases a dropped holder never took do not keep passes running
+        // (a holder that is gone would keep them so forever): they are asked
+        // again by the next pass that has work, and by the daily walk.
+        if changes.blocks.is_empty() && m.queued_after(None, 1)?.is_empty() {
+            s.passes_skipped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(changes.more);
         }
-        self.pass().await?;
-        Ok(true)
+        self.replicator.work(self.local.clone()).await?;
+        self.note_pending()?;
+        Ok(changes.more)
+    }
+
+    /// Queues the release of blocks GC freed locally (those with holders).
+    pub fn released(&self, scores: &[Score]) -> Result<()> {
+        let m = self.manifest();
+        let held: Vec<(Score, u8)> = m
+            .holders_of(scores.iter().copied())?
+            .into_iter()
+            .zip(scores)
+            .filter(|(h, _)| !h.is_empty())
+            .map(|(_, s)| (*s, 0))
+            .collect();
+        m.enqueue(&held)?;
+        if !held.is_empty() {
+            self.wake_replication();
+        }
+        Ok(())
     }
 
     /// Has the replication worker run a pass soon.
@@ -279,12 +362,16 @@ impl Worker for EngineWorker {
                         .stats()
                         .placed_copies
                         .load(std::sync::atomic::Ordering::Relaxed);
-                    e.pass_if_needed().await.map_err(|e| format!("{e}"))?;
+                    let more = e.step().await.map_err(|e| format!("{e}"))?;
                     let after = e
                         .stats()
                         .placed_copies
                         .load(std::sync::atomic::Ordering::Relaxed);
-                    after.saturating_sub(before)
+                    let done = after.saturating_sub(before);
+                    if more {
+                        return Ok(Step::Busy { done });
+                    }
+                    done
                 }
                 Job::Prove => {
                     let report = e

@@ -30,6 +30,12 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DROPPED: TableDefinition<&[u8], u8> = TableDefinition::new("dropped");
 /// Each holder's proof history: key PeerId bytes, value a postcard [`HolderRecord`].
 const PROOFS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("proofs");
+/// Blocks waiting for the replication worker: score -> copies wanted, 0 to
+/// release it from its holders (GC freed it). Fed by the owner's changes,
+/// GC and holder losses; an entry goes once its work is done.
+const QUEUE: TableDefinition<[u8; 32], u8> = TableDefinition::new("queue");
+/// Where the replication worker is: values it keeps across restarts.
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 /// Bytes of manifest pages redb may cache.
 const MANIFEST_CACHE: usize = 8 << 20;
 /// Version of the manifest's tables.
@@ -90,6 +96,8 @@ impl Manifest {
             txn.open_table(PEERS)?;
             txn.open_table(DROPPED)?;
             txn.open_table(PROOFS)?;
+            txn.open_table(QUEUE)?;
+            txn.open_table(STATE)?;
         }
         txn.commit()?;
         // redb's copy-on-write pages leave the file up to about twice its
@@ -241,9 +249,11 @@ impl Manifest {
                 }
             }
             let mut dropped = txn.open_table(DROPPED)?;
+            let mut queue = txn.open_table(QUEUE)?;
             for (k, rest) in changed {
                 let v = self.encode_peers(&txn, &rest)?;
                 table.insert(k, v.as_slice())?;
+                want_again(&mut queue, k, rest.len() + 1)?;
                 let mut key = peer.to_bytes();
                 key.extend_from_slice(&k);
                 dropped.insert(key.as_slice(), 1)?;
@@ -299,6 +309,7 @@ impl Manifest {
         {
             let mut table = txn.open_table(HOLDERS)?;
             let mut dropped = txn.open_table(DROPPED)?;
+            let mut queue = txn.open_table(QUEUE)?;
             for score in scores {
                 let peers = match table.get(score.0)? {
                     Some(v) => self.decode_peers(score, v.value()),
@@ -311,6 +322,7 @@ impl Manifest {
                 let rest: Vec<PeerId> = peers.into_iter().filter(|p| p != peer).collect();
                 let v = self.encode_peers(&txn, &rest)?;
                 table.insert(score.0, v.as_slice())?;
+                want_again(&mut queue, score.0, rest.len() + 1)?;
                 let mut key = peer.to_bytes();
                 key.extend_from_slice(&score.0);
                 dropped.insert(key.as_slice(), 1)?;
@@ -452,6 +464,117 @@ impl Manifest {
         }
     }
 
+    /// Queues work: each block with the copies it wants, or 0 to release it.
+    /// A block queued twice keeps the most copies asked; a release replaces
+    /// a want (the block is gone locally), and a want replaces a release.
+    pub fn enqueue(&self, items: &[(Score, u8)]) -> Result<()> {
+        self.enqueue_with_state(items, &[])
+    }
+
+    /// Queues work and keeps `state` values in one commit, so what a cursor
+    /// says was taken is never lost to a crash.
+    pub fn enqueue_with_state(&self, items: &[(Score, u8)], state: &[(&str, &[u8])]) -> Result<()> {
+        if items.is_empty() && state.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut queue = txn.open_table(QUEUE)?;
+            for (score, n) in items {
+                let now = queue.get(score.0)?.map(|v| v.value());
+                let next = match now {
+                    Some(old) if old > 0 && *n > 0 => old.max(*n),
+                    _ => *n,
+                };
+                if now != Some(next) {
+                    queue.insert(score.0, next)?;
+                }
+            }
+            let mut t = txn.open_table(STATE)?;
+            for (k, v) in state {
+                t.insert(*k, *v)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Up to `limit` queued blocks after `after` (exclusive), in score order.
+    pub fn queued_after(&self, after: Option<Score>, limit: usize) -> Result<Vec<(Score, u8)>> {
+        let txn = self.db.begin_read()?;
+        let queue = txn.open_table(QUEUE)?;
+        let range = match after {
+            Some(a) => queue.range((std::ops::Bound::Excluded(a.0), std::ops::Bound::Unbounded))?,
+            None => queue.range::<[u8; 32]>(..)?,
+        };
+        let mut out = Vec::new();
+        for item in range.take(limit) {
+            let (k, v) = item?;
+            out.push((Score(k.value()), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Takes finished work off the queue: each block only if it still asks
+    /// what it asked when read (`items`), so work queued meanwhile stays.
+    pub fn dequeue(&self, items: &[(Score, u8)]) -> Result<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut queue = txn.open_table(QUEUE)?;
+            for (score, n) in items {
+                if queue.get(score.0)?.map(|v| v.value()) == Some(*n) {
+                    queue.remove(score.0)?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Blocks queued: (wanting copies, to release).
+    pub fn queue_len(&self) -> Result<(u64, u64)> {
+        let txn = self.db.begin_read()?;
+        let queue = txn.open_table(QUEUE)?;
+        let (mut wants, mut releases) = (0, 0);
+        for item in queue.iter()? {
+            if item?.1.value() == 0 {
+                releases += 1;
+            } else {
+                wants += 1;
+            }
+        }
+        Ok((wants, releases))
+    }
+
+    /// Whether `score` has a confirmed holder or is queued.
+    pub fn knows(&self, score: &Score) -> Result<bool> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(HOLDERS)?.get(score.0)?.is_some()
+            || txn.open_table(QUEUE)?.get(score.0)?.is_some())
+    }
+
+    /// Empties the queue (a full pass has just done all its work).
+    pub fn clear_queue(&self) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(QUEUE)?.retain(|_, _| false)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// A value the replication worker kept, if any.
+    pub fn state(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(STATE)?.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Keeps values for the replication worker, in one commit.
+    pub fn set_state(&self, values: &[(&str, &[u8])]) -> Result<()> {
+        self.enqueue_with_state(&[], values)
+    }
+
     /// Changes each time a holder loses blocks ([`Manifest::drop_peer`],
     /// [`Manifest::drop_blocks`]).
     pub fn losses(&self) -> u64 {
@@ -462,6 +585,21 @@ impl Manifest {
     pub fn corrupt_entries(&self) -> u64 {
         self.corrupt.load(Ordering::Relaxed)
     }
+}
+
+/// Queues a block that lost a holder to get back to the copies it had,
+/// unless it is queued for more already or for release.
+fn want_again(
+    queue: &mut redb::Table<'_, [u8; 32], u8>,
+    score: [u8; 32],
+    had: usize,
+) -> Result<()> {
+    let had = had.min(u8::MAX as usize) as u8;
+    let now = queue.get(score)?.map(|v| v.value());
+    if !matches!(now, Some(n) if n == 0 || n >= had) {
+        queue.insert(score, had)?;
+    }
+    Ok(())
 }
 
 /// Rewrites a version 1 `holders` table (PeerId bytes in every entry) with

@@ -63,8 +63,10 @@ pub struct ReplicationStats {
     pub blocks_dropped: AtomicU64,
     /// Holders dropped because they stayed unreachable past the holder timeout.
     pub holders_unreachable: AtomicU64,
-    /// Passes skipped because nothing had changed since a pass that left nothing to do.
+    /// Steps that found the change feed and the queue empty.
     pub passes_skipped: AtomicU64,
+    /// Full passes (walks of everything the owner keeps).
+    pub full_walks: AtomicU64,
     /// Releases not yet delivered after the last pass (asked again by the next).
     pub releases_pending: AtomicU64,
     /// Blocks the wanted walks of passes visited, in all.
@@ -87,6 +89,22 @@ pub struct Replicator {
 /// Puts of blocks to peers in flight at once.
 const PARALLEL_BLOCKS: usize = 8;
 
+/// Queue entries read and worked through at a time.
+const QUEUE_BATCH: usize = 4096;
+
+/// What [`Replicator::place_all`] left.
+#[derive(Default)]
+struct Placed {
+    /// Copies made.
+    copies: u64,
+    /// Blocks that reached their copies.
+    done: Vec<(Score, u8)>,
+    /// Blocks still short.
+    short: Vec<(Score, u8)>,
+    /// Blocks with no holder and no readable local copy.
+    lost: Vec<Score>,
+}
+
 /// Peers asked for their room at once at the start of a pass.
 const PARALLEL_ASKS: usize = 16;
 
@@ -101,68 +119,46 @@ impl Replicator {
         }
     }
 
-    /// Places every block of `wanted` short of copies; returns how many are still short.
-    ///
-    /// `local` reads a block's bytes from the owner's volume.
-    pub async fn pass(&self, wanted: Wanted, local: Arc<dyn BlockStore>) -> Result<u64> {
-        use futures::StreamExt;
-        let _one = self.running.lock().await;
-        let round = Round {
+    /// What this pass knows of peers at its start.
+    fn round(&self) -> Result<Round> {
+        let now = unix_now();
+        Ok(Round {
             me: self.client.local_peer_id(),
-            banned: {
-                let now = unix_now();
-                self.manifest
-                    .holder_records()?
-                    .into_iter()
-                    .filter(|(_, r)| r.banned(now))
-                    .map(|(p, _)| p)
-                    .collect()
-            },
+            banned: self
+                .manifest
+                .holder_records()?
+                .into_iter()
+                .filter(|(_, r)| r.banned(now))
+                .map(|(p, _)| p)
+                .collect(),
             lookups: Mutex::new(Lookups::default()),
             room: Mutex::new(HashMap::new()),
             lookup_error: Mutex::new(None),
-        };
-        let tracked = wanted.len() as u64;
-        let mut levels = BTreeMap::new();
-        for n in wanted.values() {
-            *levels.entry(*n).or_insert(0u64) += 1;
-        }
-        *self
-            .stats
-            .by_redundancy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = levels;
-        let mut short = Vec::new();
-        let mut surplus = Vec::new();
-        let mut placed_total = 0u64;
-        self.stats
-            .blocks_walked
-            .fetch_add(tracked, Ordering::Relaxed);
-        let known = self.manifest.holders_of(wanted.keys().copied())?;
-        self.stats
-            .rows_scanned
-            .fetch_add(tracked, Ordering::Relaxed);
-        for ((score, n), holders) in wanted.iter().zip(known) {
-            placed_total += holders.len().min(*n as usize) as u64;
-            if holders.len() < *n as usize {
-                short.push((*score, *n, holders));
-            } else if holders.len() > *n as usize {
-                surplus.push((*score, *n, holders));
-            }
-        }
-        self.release_surplus(surplus).await?;
-        // A holder that lost a block (a failed proof or read, or it was
-        // dropped) is no candidate for that block in this pass, even if it
-        // lets go of its copy below: the block goes to another peer.
-        let pending: Arc<HashSet<(PeerId, Score)>> = Arc::new(
+        })
+    }
+
+    /// Blocks a dropped holder may still keep: no candidate for them in this
+    /// pass, even if it lets go of its copy meanwhile (they go elsewhere).
+    fn pending(&self) -> Result<Arc<HashSet<(PeerId, Score)>>> {
+        Ok(Arc::new(
             self.manifest
                 .pending_releases()?
                 .into_iter()
                 .flat_map(|(p, scores)| scores.into_iter().map(move |s| (p, s)))
                 .collect(),
-        );
-        self.release_dropped().await?;
-        let round = &round;
+        ))
+    }
+
+    /// Places each block of `short` (score, copies wanted, holders now),
+    /// records the holders that changed, and reports what it left.
+    async fn place_all(
+        &self,
+        short: Vec<(Score, u8, Vec<PeerId>)>,
+        round: &Round,
+        local: &Arc<dyn BlockStore>,
+        pending: &Arc<HashSet<(PeerId, Score)>>,
+    ) -> Result<Placed> {
+        use futures::StreamExt;
         let results = futures::stream::iter(short.into_iter().map(|(score, n, holders)| {
             let local = local.clone();
             let pending = pending.clone();
@@ -176,23 +172,28 @@ impl Replicator {
         .buffer_unordered(PARALLEL_BLOCKS)
         .collect::<Vec<_>>()
         .await;
-        let mut under = 0u64;
+        let mut out = Placed::default();
         let mut changed = Vec::new();
-        let mut lost = Vec::new();
         for (score, n, before, holders, readable) in results {
-            placed_total += (holders.len().min(n as usize) - before.min(n as usize)) as u64;
+            out.copies += (holders.len().min(n as usize) - before.min(n as usize)) as u64;
             if holders.len() < n as usize {
-                under += 1;
+                out.short.push((score, n));
+            } else {
+                out.done.push((score, n));
             }
             if holders.is_empty() && !readable {
-                lost.push(score);
+                out.lost.push(score);
             }
             if holders.len() != before {
                 changed.push((score, holders));
             }
         }
         self.manifest.set_many(&changed)?;
-        self.release_freed(&wanted, &local).await?;
+        Ok(out)
+    }
+
+    /// Says why `under` blocks are short, and records what was lost.
+    fn report(&self, under: u64, lost: Vec<Score>, round: &Round) {
         let reason = if under == 0 {
             String::new()
         } else {
@@ -226,12 +227,150 @@ impl Replicator {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = lost;
         self.stats.under_replicated.store(under, Ordering::Relaxed);
+        self.stats.passes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A full pass: places every block of `wanted` short of copies, releases
+    /// what nobody wants any more; returns the blocks still short, with the
+    /// copies they want.
+    ///
+    /// `local` reads a block's bytes from the owner's volume.
+    pub async fn pass(
+        &self,
+        wanted: Wanted,
+        local: Arc<dyn BlockStore>,
+    ) -> Result<Vec<(Score, u8)>> {
+        let _one = self.running.lock().await;
+        self.stats.full_walks.fetch_add(1, Ordering::Relaxed);
+        let round = self.round()?;
+        let tracked = wanted.len() as u64;
+        let mut levels = BTreeMap::new();
+        for n in wanted.values() {
+            *levels.entry(*n).or_insert(0u64) += 1;
+        }
+        *self
+            .stats
+            .by_redundancy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = levels;
+        let mut short = Vec::new();
+        let mut surplus = Vec::new();
+        let mut placed_total = 0u64;
+        self.stats
+            .blocks_walked
+            .fetch_add(tracked, Ordering::Relaxed);
+        let known = self.manifest.holders_of(wanted.keys().copied())?;
+        self.stats
+            .rows_scanned
+            .fetch_add(tracked, Ordering::Relaxed);
+        for ((score, n), holders) in wanted.iter().zip(known) {
+            placed_total += holders.len().min(*n as usize) as u64;
+            if holders.len() < *n as usize {
+                short.push((*score, *n, holders));
+            } else if holders.len() > *n as usize {
+                surplus.push((*score, *n, holders));
+            }
+        }
+        self.release_surplus(surplus).await?;
+        let pending = self.pending()?;
+        self.release_dropped().await?;
+        let placed = self.place_all(short, &round, &local, &pending).await?;
+        placed_total += placed.copies;
+        self.release_freed(&wanted, &local).await?;
+        self.report(placed.short.len() as u64, placed.lost, &round);
         self.stats.tracked_blocks.store(tracked, Ordering::Relaxed);
         self.stats
             .placed_copies
             .store(placed_total, Ordering::Relaxed);
-        self.stats.passes.fetch_add(1, Ordering::Relaxed);
+        Ok(placed.short)
+    }
+
+    /// An incremental pass: does the work the queue holds (blocks wanting
+    /// copies, blocks to release) and takes what is done off it; returns how
+    /// many blocks are still short of copies.
+    pub async fn work(&self, local: Arc<dyn BlockStore>) -> Result<u64> {
+        let _one = self.running.lock().await;
+        let round = self.round()?;
+        let pending = self.pending()?;
+        self.release_dropped().await?;
+        let (mut under, mut lost) = (0u64, Vec::new());
+        let mut after = None;
+        loop {
+            let batch = self.manifest.queued_after(after, QUEUE_BATCH)?;
+            let Some((last, _)) = batch.last() else { break };
+            after = Some(*last);
+            self.stats
+                .rows_scanned
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            let (wants, releases): (Vec<_>, Vec<_>) = batch.into_iter().partition(|(_, n)| *n > 0);
+            let mut done = Vec::new();
+            let known = self.manifest.holders_of(wants.iter().map(|(s, _)| *s))?;
+            let mut short = Vec::new();
+            for ((score, n), holders) in wants.into_iter().zip(known) {
+                if holders.len() >= n as usize {
+                    done.push((score, n));
+                } else {
+                    short.push((score, n, holders));
+                }
+            }
+            let placed = self.place_all(short, &round, &local, &pending).await?;
+            self.stats
+                .placed_copies
+                .fetch_add(placed.copies, Ordering::Relaxed);
+            under += placed.short.len() as u64;
+            lost.extend(placed.lost);
+            done.extend(placed.done);
+            done.extend(self.release_queued(&releases, &local).await?);
+            self.manifest.dequeue(&done)?;
+        }
+        self.report(under, lost, &round);
         Ok(under)
+    }
+
+    /// Releases queued blocks (freed by GC) on their holders; returns those
+    /// done with: every holder let go, or the block is wanted locally again.
+    async fn release_queued(
+        &self,
+        releases: &[(Score, u8)],
+        local: &Arc<dyn BlockStore>,
+    ) -> Result<Vec<(Score, u8)>> {
+        let mut done = Vec::new();
+        let mut per_peer: HashMap<PeerId, Vec<Score>> = HashMap::new();
+        let mut entries: HashMap<Score, Vec<PeerId>> = HashMap::new();
+        let holders = self.manifest.holders_of(releases.iter().map(|(s, _)| *s))?;
+        for ((score, n), holders) in releases.iter().zip(holders) {
+            match local.has(score) {
+                // Put again since GC freed it: in use, and its want is queued.
+                Ok(true) => done.push((*score, *n)),
+                Ok(false) if holders.is_empty() => done.push((*score, *n)),
+                Ok(false) => {
+                    for p in &holders {
+                        per_peer.entry(*p).or_default().push(*score);
+                    }
+                    entries.insert(*score, holders);
+                }
+                Err(e) => {
+                    tracing::warn!(%score, error = %e, "cannot tell whether a block was freed; its copies stay");
+                }
+            }
+        }
+        if entries.is_empty() {
+            return Ok(done);
+        }
+        let released: u64 = per_peer.values().map(|v| v.len() as u64).sum();
+        self.release_on(per_peer, &mut entries).await;
+        let (gone, kept): (Vec<_>, Vec<_>) = entries.into_iter().partition(|(_, h)| h.is_empty());
+        let still: u64 = kept.iter().map(|(_, h)| h.len() as u64).sum();
+        let _ = self
+            .stats
+            .placed_copies
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                Some(c.saturating_sub(released.saturating_sub(still)))
+            });
+        self.manifest.set_many(&kept)?;
+        self.manifest.remove(gone.iter().map(|(s, _)| *s))?;
+        done.extend(gone.iter().map(|(s, _)| (*s, 0)));
+        Ok(done)
     }
 
     /// Blocks with more holders than asked (their redundancy went down): the
