@@ -6,15 +6,17 @@
 //!
 //! Nothing here sleeps to synchronise: conditions are polled until a deadline.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use fincrypt_blockstore::{BlockStore, Class, LocalStore, Score, StoreOptions};
+use common::{Peer, block, holder};
+use fincrypt_blockstore::{BlockStore, Class, LocalStore, StoreOptions};
 use fincrypt_engine::{Manifest, Replicator};
-use fincrypt_net::{Holder, Keypair, Multiaddr, Node, NodeConfig, PeerId, distance};
+use fincrypt_net::{Keypair, Multiaddr, Node, NodeConfig, PeerId, distance};
 use futures::future::join_all;
 
 const HOLDERS: usize = 60;
@@ -41,56 +43,6 @@ where
     tokio::time::timeout(deadline, poll)
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
-
-struct Peer {
-    node: Node,
-    holder: Holder,
-    _dir: tempfile::TempDir,
-}
-
-impl Peer {
-    fn addr(&self) -> Multiaddr {
-        format!(
-            "{}/p2p/{}",
-            self.node.listen_addrs()[0],
-            self.node.peer_id()
-        )
-        .parse()
-        .unwrap()
-    }
-}
-
-async fn holder(bootstrap: Option<Multiaddr>) -> Peer {
-    let dir = tempfile::tempdir().unwrap();
-    let store =
-        Arc::new(LocalStore::open(&dir.path().join("held"), StoreOptions::default()).unwrap());
-    let holder = Holder::open(store, &dir.path().join("placements.redb"), 1 << 30).unwrap();
-    let mut config = NodeConfig::new(Keypair::generate_ed25519());
-    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-    config.bootstrap = bootstrap.into_iter().collect();
-    let node = Node::start(config, Some(Arc::new(holder.clone())))
-        .await
-        .unwrap();
-    Peer {
-        node,
-        holder,
-        _dir: dir,
-    }
-}
-
-/// A block of pseudo-random bytes from `seed`, and its score.
-fn block(seed: u64) -> (Score, Bytes) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let data: Vec<u8> = (0..3000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    (Score::of(&data), Bytes::from(data))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,15 +5,18 @@
 //!
 //! Nothing here sleeps to synchronise: conditions are polled until a deadline.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::{Peer, block, holder};
 use fincrypt_blockstore::{BlockStore, Class, LocalStore, Score, StoreOptions};
 use fincrypt_engine::{Changes, Engine, Manifest, ProofPolicy, Wanted, Wants};
-use fincrypt_net::{Holder, Keypair, Multiaddr, Node, NodeConfig};
+use fincrypt_net::{Keypair, Node, NodeConfig};
 
 const REDUNDANCY: u8 = 3;
 
@@ -73,50 +76,6 @@ impl Wants for TestWants {
     }
 }
 
-struct Peer {
-    node: Node,
-    holder: Holder,
-    _dir: tempfile::TempDir,
-}
-
-fn addr(node: &Node) -> Multiaddr {
-    format!("{}/p2p/{}", node.listen_addrs()[0], node.peer_id())
-        .parse()
-        .unwrap()
-}
-
-async fn holder(bootstrap: Option<Multiaddr>) -> Peer {
-    let dir = tempfile::tempdir().unwrap();
-    let store =
-        Arc::new(LocalStore::open(&dir.path().join("held"), StoreOptions::default()).unwrap());
-    let holder = Holder::open(store, &dir.path().join("placements.redb"), 1 << 30).unwrap();
-    let mut config = NodeConfig::new(Keypair::generate_ed25519());
-    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-    config.bootstrap = bootstrap.into_iter().collect();
-    let node = Node::start(config, Some(Arc::new(holder.clone())))
-        .await
-        .unwrap();
-    Peer {
-        node,
-        holder,
-        _dir: dir,
-    }
-}
-
-/// A block of pseudo-random bytes from `seed`, and its score.
-fn block(seed: u64) -> (Score, Bytes) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let data: Vec<u8> = (0..2000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    (Score::of(&data), Bytes::from(data))
-}
-
 /// Steps the engine until `done` holds, at most 40 times.
 async fn step_until(engine: &Engine, what: &str, done: impl Fn() -> bool) {
     for _ in 0..40 {
@@ -143,7 +102,7 @@ fn held_by(peers: &[Peer], score: &Score) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_places_repairs_and_releases_without_walking() {
     let first = holder(None).await;
-    let boot = addr(&first.node);
+    let boot = first.addr();
     let mut peers = vec![first];
     for _ in 0..4 {
         peers.push(holder(Some(boot.clone())).await);
