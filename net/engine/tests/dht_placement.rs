@@ -6,6 +6,7 @@
 //!
 //! Nothing here sleeps to synchronise: conditions are polled until a deadline.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,8 +53,13 @@ async fn a_pass_places_every_block_on_its_three_closest_of_sixty_under_a_limit_o
     let mut peers: Vec<Peer> = Vec::with_capacity(HOLDERS);
     while peers.len() < HOLDERS {
         let level = (peers.len() + 1).min(HOLDERS - peers.len());
-        let parents: Vec<Option<Multiaddr>> = (peers.len()..peers.len() + level)
-            .map(|i| (i > 0).then(|| peers[(i - 1) / 2].addr()))
+        let parents: Vec<Vec<Multiaddr>> = (peers.len()..peers.len() + level)
+            .map(|i| {
+                (i > 0)
+                    .then(|| peers[(i - 1) / 2].addr())
+                    .into_iter()
+                    .collect()
+            })
             .collect();
         peers.extend(join_all(parents.into_iter().map(holder)).await);
     }
@@ -96,7 +102,7 @@ async fn a_pass_places_every_block_on_its_three_closest_of_sixty_under_a_limit_o
         Arc::new(LocalStore::open(&dir.path().join("volume"), StoreOptions::default()).unwrap());
     let mut wanted = BTreeMap::new();
     for seed in 0..BLOCKS {
-        let (score, data) = block(seed);
+        let (score, data) = block(seed, 3000);
         local.put(score, data, Class::Own).unwrap();
         wanted.insert(score, REDUNDANCY);
     }
@@ -145,10 +151,10 @@ async fn a_pass_places_every_block_on_its_three_closest_of_sixty_under_a_limit_o
 
     owner.shutdown().await;
     join_all(peers.into_iter().map(|p| async move {
-        let Peer { node, holder, _dir } = p;
+        let Peer { node, holder, dir } = p;
         node.shutdown().await;
         // Closing a volume is a durable commit: off the async threads.
-        let _ = tokio::task::spawn_blocking(move || drop((holder, _dir))).await;
+        let _ = tokio::task::spawn_blocking(move || drop((holder, dir))).await;
     }))
     .await;
 }

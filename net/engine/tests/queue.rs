@@ -5,6 +5,7 @@
 //!
 //! Nothing here sleeps to synchronise: conditions are polled until a deadline.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;
@@ -101,11 +102,11 @@ fn held_by(peers: &[Peer], score: &Score) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_places_repairs_and_releases_without_walking() {
-    let first = holder(None).await;
+    let first = holder(Vec::new()).await;
     let boot = first.addr();
     let mut peers = vec![first];
     for _ in 0..4 {
-        peers.push(holder(Some(boot.clone())).await);
+        peers.push(holder(vec![boot.clone()]).await);
     }
     let dir = tempfile::tempdir().unwrap();
     let local =
@@ -135,7 +136,7 @@ async fn the_queue_places_repairs_and_releases_without_walking() {
     assert_eq!(engine.stats().passes.load(Ordering::Relaxed), 1);
 
     // New blocks come from the change feed and are placed from the queue.
-    let blocks: Vec<(Score, Bytes)> = (0..12).map(block).collect();
+    let blocks: Vec<(Score, Bytes)> = (0..12).map(|i| block(i, 2000)).collect();
     for (s, b) in &blocks {
         local.put(*s, b.clone(), Class::Own).unwrap();
     }
