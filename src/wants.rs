@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use fincrypt_blockstore::{FileRef, Pointer, Score};
 use fincrypt_engine::{Changes, META_REDUNDANCY, Wanted};
 use fincrypt_fs::Fossil;
-use fincrypt_fs::meta::{Kind, ROOT_INO, Time, View};
+use fincrypt_fs::meta::{Kind, Time};
 use fincrypt_fs::walk::{Item, Live, Walk, walk};
 use serde::{Deserialize, Serialize};
 
@@ -107,7 +107,8 @@ impl fincrypt_engine::Wants for FsWants {
                 Err(fincrypt_fs::FsError::Errno(libc::ENOENT)) => continue,
                 Err(e) => return Err(walk_error(e)),
             };
-            let n = effective(&view, *ino, self.default, &mut memo).map_err(walk_error)?;
+            let n = fincrypt_fs::walk::effective_redundancy(&view, *ino, self.default, &mut memo)
+                .map_err(walk_error)?;
             if n > c.highest {
                 return Ok(None);
             }
@@ -140,34 +141,6 @@ impl fincrypt_engine::Wants for FsWants {
         let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         paths_of(&self.fs, scores).map_err(walk_error)
     }
-}
-
-/// The redundancy `ino` asks for: its own setting, else the highest of the
-/// directories that name it (the default at the root and for an inode no
-/// name leads to).
-fn effective(
-    view: &View<'_>,
-    ino: u64,
-    default: u8,
-    memo: &mut HashMap<u64, u8>,
-) -> anyhow::Result<u8> {
-    if let Some(n) = memo.get(&ino) {
-        return Ok(*n);
-    }
-    let n = match view.inode(ino)?.redundancy {
-        Some(n) => n,
-        None if ino == ROOT_INO => default,
-        None => {
-            let mut n = None;
-            for p in view.parents(ino)? {
-                let m = effective(view, p, default, memo)?;
-                n = Some(n.map_or(m, |k: u8| k.max(m)));
-            }
-            n.unwrap_or(default)
-        }
-    };
-    memo.insert(ino, n);
-    Ok(n)
 }
 
 /// Blocks found changed, with the copies each asks for.
@@ -376,6 +349,7 @@ mod tests {
     use super::*;
     use fincrypt_blockstore::{BlockStore, LocalStore, MasterSecret, StoreOptions, TreeParams};
     use fincrypt_fs::fossil::REDUNDANCY_XATTR;
+    use fincrypt_fs::meta::ROOT_INO;
     use fincrypt_fs::snapshot;
     use fincrypt_fs::{Caller, Meta};
 

@@ -16,8 +16,37 @@ use fincrypt_blockstore::{FileRef, Score};
 
 use crate::error::FsError;
 use crate::fossil::Fossil;
-use crate::meta::{Kind, ROOT_INO, SnapshotRecord, Time};
+use crate::meta::{Kind, ROOT_INO, SnapshotRecord, Time, View};
 use crate::snapshot::{self, RootRecord, SnapEntry};
+
+/// The redundancy live inode `ino` asks for: its own setting, else the
+/// highest of the directories that name it (the default at the root and for
+/// an inode no name leads to). `memo` keeps what was worked out, for the
+/// next inode of the same view.
+pub fn effective_redundancy(
+    view: &View<'_>,
+    ino: u64,
+    default: u8,
+    memo: &mut HashMap<u64, u8>,
+) -> Result<u8, FsError> {
+    if let Some(n) = memo.get(&ino) {
+        return Ok(*n);
+    }
+    let n = match view.inode(ino)?.redundancy {
+        Some(n) => n,
+        None if ino == ROOT_INO => default,
+        None => {
+            let mut n = None;
+            for p in view.parents(ino)? {
+                let m = effective_redundancy(view, p, default, memo)?;
+                n = Some(n.map_or(m, |k: u8| k.max(m)));
+            }
+            n.unwrap_or(default)
+        }
+    };
+    memo.insert(ino, n);
+    Ok(n)
+}
 
 /// What the walk hands the visitor.
 pub enum Item<'a> {
