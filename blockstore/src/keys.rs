@@ -47,13 +47,24 @@ impl MasterSecret {
 
     /// Parses a recovery phrase; words are case-insensitive and separated by any white space.
     pub fn from_phrase(phrase: &str) -> Result<MasterSecret, Error> {
-        let normalized = phrase
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-            .to_lowercase();
-        let m = bip39::Mnemonic::parse_normalized(&normalized)
-            .map_err(|e| Error::Phrase(e.to_string()))?;
+        let words: Vec<String> = phrase.split_whitespace().map(str::to_lowercase).collect();
+        if words.len() != 24 {
+            return Err(Error::Phrase(format!(
+                "a recovery phrase is 24 words; this one has {}",
+                words.len()
+            )));
+        }
+        let m = bip39::Mnemonic::parse_normalized(&words.join(" ")).map_err(|e| {
+            Error::Phrase(match e {
+                bip39::Error::UnknownWord(i) => format!(
+                    "word {} ({:?}) is not in the BIP39 English word list",
+                    i + 1,
+                    words.get(i).map_or("", String::as_str)
+                ),
+                bip39::Error::InvalidChecksum => "the 24 words are valid but their checksum is not: a word is wrong, or two are swapped".into(),
+                other => other.to_string(),
+            })
+        })?;
         let (entropy, len) = m.to_entropy_array();
         if len != 32 {
             return Err(Error::Phrase(format!(
@@ -103,6 +114,14 @@ pub struct Keys {
     pub signing: [u8; 32],
     /// Seeds the chunker's gear table so chunk boundaries do not fingerprint content.
     pub chunker_seed: u64,
+}
+
+impl Keys {
+    /// The key that seals the root pointer inside the owner's published
+    /// root records (docs/FORMATS.md, "Root record").
+    pub fn root_record_key(&self) -> [u8; 32] {
+        blake3::derive_key("fincrypt root record pointer v1", &self.metadata)
+    }
 }
 
 impl std::fmt::Debug for Keys {

@@ -379,6 +379,47 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Offers `peer` the owner's root record; `Ok` once the peer keeps it
+    /// (or already kept the very same). A peer keeping a newer one answers
+    /// [`crate::ErrorCode::Stale`].
+    pub async fn put_root(&self, peer: PeerId, record: Bytes) -> Result<(), Error> {
+        match self.request(peer, Request::PutRoot { record }).await? {
+            Response::Stored => Ok(()),
+            other => Err(unexpected(peer, &other)),
+        }
+    }
+
+    /// The root record `peer` keeps for `owner`, checked: a record that does
+    /// not verify, or names another owner, is [`Error::Protocol`].
+    pub async fn get_root(
+        &self,
+        peer: PeerId,
+        owner: [u8; 32],
+    ) -> Result<Option<crate::root::SignedRoot>, Error> {
+        match self.request(peer, Request::GetRoot { owner }).await? {
+            Response::Root { record: None } => Ok(None),
+            Response::Root {
+                record: Some(bytes),
+            } => match crate::root::SignedRoot::decode(&bytes) {
+                Ok(r) if r.owner == owner => Ok(Some(r)),
+                Ok(_) => Err(Error::Protocol {
+                    peer,
+                    reason: "a root record of another owner".into(),
+                }),
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "a peer sent an invalid root record");
+                    Err(Error::Protocol {
+                        peer,
+                        reason: format!("invalid root record: {e}"),
+                    })
+                }
+            },
+            other => Err(unexpected(peer, &other)),
+        }
+    }
+}
+
 fn bitmap_of(peer: PeerId, map: Bitmap, expected: usize) -> Result<Vec<bool>, Error> {
     if map.len() != expected {
         return Err(Error::Protocol {
@@ -398,6 +439,7 @@ fn unexpected(peer: PeerId, response: &Response) -> Error {
         Response::Released { .. } => "Released",
         Response::Space { .. } => "Space",
         Response::Bulk { .. } => "Bulk",
+        Response::Root { .. } => "Root",
         Response::Error(_) => "Error",
     };
     Error::Protocol {

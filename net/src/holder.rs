@@ -50,6 +50,8 @@ pub struct HolderStats {
     pub held_blocks: u64,
     /// Bytes of blocks held for peers.
     pub held_bytes: u64,
+    /// Owners whose root record this node keeps.
+    pub root_records: u64,
 }
 
 /// Serves other peers' blocks from a local volume; cheap to clone.
@@ -124,6 +126,10 @@ impl Holder {
             capacity: self.inner.capacity,
             held_blocks: s.held_blocks,
             held_bytes: s.held_bytes,
+            root_records: self.inner.ledger.root_records().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot count the root records kept");
+                0
+            }),
         }
     }
 
@@ -189,6 +195,14 @@ impl Inner {
             Request::Bulk { .. } => Err(ErrorCode::bad_request(
                 "this node offers no bulk connections",
             )),
+            Request::PutRoot { record } => self.put_root(&record),
+            Request::GetRoot { owner } => self
+                .ledger
+                .root(&owner)
+                .map(|r| Response::Root {
+                    record: r.map(Bytes::from),
+                })
+                .map_err(|e| unavailable("read a root slot", e)),
             Request::Space => {
                 let used = self.store.stats().held_bytes;
                 Ok(Response::Space {
@@ -399,6 +413,20 @@ impl Inner {
         Ok(Bitmap::from_bools(released))
     }
 
+    /// Keeps a valid root record newer than the one in its owner's slot.
+    fn put_root(&self, bytes: &[u8]) -> Result<Response, ErrorCode> {
+        let record = crate::root::SignedRoot::decode(bytes).map_err(ErrorCode::bad_request)?;
+        match self
+            .ledger
+            .offer_root(&record, bytes)
+            .map_err(|e| unavailable("write a root slot", e))?
+        {
+            crate::ledger::RootOffer::Kept => Ok(Response::Stored),
+            crate::ledger::RootOffer::Stale(sequence) => Err(ErrorCode::Stale { sequence }),
+            crate::ledger::RootOffer::Full => Err(ErrorCode::Full { free: 0 }),
+        }
+    }
+
     /// Deletes a block no peer needs any more, unless it is also this node's own or cached copy.
     fn delete_held(&self, score: &Score) -> Result<(), ErrorCode> {
         let class = self
@@ -430,6 +458,91 @@ mod tests {
     fn block(n: u8, len: usize) -> (Score, Bytes) {
         let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ n).collect();
         (Score::of(&data), Bytes::from(data))
+    }
+
+    #[test]
+    fn a_root_slot_keeps_the_highest_valid_record_and_refuses_rollback_and_forgery() {
+        use crate::root::{Owner, SignedRoot};
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let store = Arc::new(
+                LocalStore::open(&dir.path().join("held"), StoreOptions::default()).unwrap(),
+            );
+            Holder::open(store, &dir.path().join("placements.redb"), 1 << 20).unwrap()
+        };
+        let h = open();
+        let owner = Owner::from_seed(&[5; 32]);
+        let key = [1u8; 32];
+        let rec =
+            |seq: u64| Bytes::from(owner.sign(seq, 0, &key, b"root").unwrap().encode().unwrap());
+        let p = PeerId::random();
+        let get = |h: &Holder| match h.answer_blocking(
+            p,
+            Request::GetRoot {
+                owner: owner.public(),
+            },
+        ) {
+            Response::Root { record } => record.map(|r| SignedRoot::decode(&r).unwrap().sequence),
+            other => panic!("GetRoot answered {other:?}"),
+        };
+        assert_eq!(get(&h), None);
+        let two = rec(2);
+        assert_eq!(
+            h.answer_blocking(
+                p,
+                Request::PutRoot {
+                    record: two.clone()
+                }
+            ),
+            Response::Stored
+        );
+        // The same record again is fine; another of an equal or lower sequence is
+        // refused with the kept sequence.
+        assert_eq!(
+            h.answer_blocking(p, Request::PutRoot { record: two }),
+            Response::Stored
+        );
+        assert_eq!(
+            h.answer_blocking(p, Request::PutRoot { record: rec(2) }),
+            Response::Error(ErrorCode::Stale { sequence: 2 })
+        );
+        assert_eq!(
+            h.answer_blocking(p, Request::PutRoot { record: rec(1) }),
+            Response::Error(ErrorCode::Stale { sequence: 2 })
+        );
+        // Signed by another key but naming this owner: refused, slot unchanged.
+        let mut forged = Owner::from_seed(&[6; 32])
+            .sign(9, 0, &key, b"evil")
+            .unwrap();
+        forged.owner = owner.public();
+        let forged = Bytes::from(forged.encode().unwrap());
+        assert!(matches!(
+            h.answer_blocking(p, Request::PutRoot { record: forged }),
+            Response::Error(ErrorCode::BadRequest(_))
+        ));
+        assert!(matches!(
+            h.answer_blocking(
+                p,
+                Request::PutRoot {
+                    record: Bytes::from_static(b"\x01garbage")
+                }
+            ),
+            Response::Error(ErrorCode::BadRequest(_))
+        ));
+        assert_eq!(get(&h), Some(2));
+        assert_eq!(
+            h.answer_blocking(p, Request::PutRoot { record: rec(3) }),
+            Response::Stored
+        );
+        assert_eq!(h.stats().root_records, 1);
+        drop(h);
+        // Kept across a restart, and still refusing the old one.
+        let h = open();
+        assert_eq!(get(&h), Some(3));
+        assert_eq!(
+            h.answer_blocking(p, Request::PutRoot { record: rec(2) }),
+            Response::Error(ErrorCode::Stale { sequence: 3 })
+        );
     }
 
     #[test]

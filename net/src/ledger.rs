@@ -16,13 +16,29 @@ use fincrypt_blockstore::{LocalStore, Score};
 use libp2p::PeerId;
 use redb::{
     Database, MultimapTableDefinition, ReadableDatabase, ReadableMultimapTable, ReadableTable,
-    TableDefinition,
+    ReadableTableMetadata, TableDefinition,
 };
 
 use crate::Error;
+use crate::root::SignedRoot;
+
+/// What became of a root record offered to a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RootOffer {
+    /// It is the one kept now.
+    Kept,
+    /// The slot keeps one with this sequence, not lower.
+    Stale(u64),
+    /// No slot is left for a new owner.
+    Full,
+}
 
 const PLACERS: MultimapTableDefinition<[u8; 32], &[u8]> = MultimapTableDefinition::new("placers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("placement_meta");
+/// Root slots: owner public key -> the newest valid root record it sent.
+const ROOTS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("root_slots");
+/// The most owners a node keeps a root slot for; a new owner beyond it is refused.
+pub const MAX_ROOT_SLOTS: u64 = 100_000;
 /// The table of versions in a separate ledger file of version 1.
 const OLD_META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Version of the placement ledger's tables.
@@ -53,6 +69,7 @@ impl Ledger {
                     )));
                 }
             }
+            txn.open_table(ROOTS)?;
             let mut placers = txn.open_multimap_table(PLACERS)?;
             if old_file.exists() {
                 let moved = move_in(old_file, &mut placers)?;
@@ -135,6 +152,52 @@ impl Ledger {
         };
         txn.commit()?;
         Ok(out)
+    }
+
+    /// Keeps `record` (already verified) as its owner's root unless the slot
+    /// holds one of the same or a higher sequence: then that one's sequence.
+    /// Check and write are one write transaction, so two offers racing
+    /// cannot leave the lower one in place.
+    pub fn offer_root(&self, record: &SignedRoot, bytes: &[u8]) -> Result<RootOffer, Error> {
+        let txn = self.db().begin_write()?;
+        let outcome = {
+            let mut table = txn.open_table(ROOTS)?;
+            let kept = table.get(record.owner)?.map(|v| v.value().to_vec());
+            match kept.map(|k| SignedRoot::decode(&k).map(|r| (r, k))) {
+                Some(Ok((k, _))) if k.sequence == record.sequence && k == *record => {
+                    RootOffer::Kept
+                }
+                Some(Ok((k, _))) if !crate::root::supersedes(record, &k) => {
+                    RootOffer::Stale(k.sequence)
+                }
+                kept => {
+                    if kept.is_none() && table.len()? >= MAX_ROOT_SLOTS {
+                        RootOffer::Full
+                    } else {
+                        if let Some(Err(e)) = kept {
+                            tracing::warn!(error = %e, "a kept root record no longer verifies; replacing it");
+                        }
+                        table.insert(record.owner, bytes)?;
+                        RootOffer::Kept
+                    }
+                }
+            }
+        };
+        txn.commit()?;
+        Ok(outcome)
+    }
+
+    /// The root record kept for `owner`, as it was sent.
+    pub fn root(&self, owner: &[u8; 32]) -> Result<Option<Vec<u8>>, Error> {
+        let txn = self.db().begin_read()?;
+        let table = txn.open_table(ROOTS)?;
+        Ok(table.get(*owner)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Number of owners whose root record is kept.
+    pub fn root_records(&self) -> Result<u64, Error> {
+        let txn = self.db().begin_read()?;
+        Ok(txn.open_table(ROOTS)?.len()?)
     }
 
     /// Number of blocks with at least one placer.

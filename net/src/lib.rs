@@ -41,6 +41,7 @@ pub mod identity;
 pub mod ledger;
 mod node;
 pub mod proto;
+pub mod root;
 
 pub use client::{Client, PROBE_TIMEOUT, Space};
 pub use dht::distance;

@@ -62,6 +62,12 @@ pub enum Request {
     /// Open a bulk connection for me, keyed with `key` (see [`crate::bulk`]);
     /// sent only over the libp2p connection, which authenticates and hides it.
     Bulk { key: BulkKey },
+    // New variants go last: postcard names a variant by its index.
+    /// Keep this owner's root record (a [`crate::root::SignedRoot`]) if it is
+    /// valid and newer than the one kept; see docs/FORMATS.md, "Root slots".
+    PutRoot { record: Bytes },
+    /// Send me the root record you keep for the owner with this public key.
+    GetRoot { owner: [u8; 32] },
 }
 
 /// The AES-256-GCM key of one bulk connection, chosen at random by the peer
@@ -99,6 +105,8 @@ pub enum Response {
     /// For `Bulk`: connect over TCP to `port` at the address this libp2p
     /// connection reaches, and send `session` first.
     Bulk { port: u16, session: [u8; 16] },
+    /// For `GetRoot`: the record kept for that owner, if any.
+    Root { record: Option<Bytes> },
 }
 
 /// Why a holder refused or could not serve a request.
@@ -122,6 +130,10 @@ pub enum ErrorCode {
     /// The holder failed on its side (for example a disk error); it may succeed later.
     #[error("the holder could not serve the request now")]
     Unavailable,
+    /// For `PutRoot`: the holder keeps a record of this owner whose sequence
+    /// is `sequence`, not lower than the one offered.
+    #[error("the holder keeps a newer root record (sequence {sequence})")]
+    Stale { sequence: u64 },
 }
 
 impl ErrorCode {
@@ -259,6 +271,13 @@ impl Request {
                     scores.len()
                 ))
             }
+            Request::PutRoot { record } if record.len() > crate::root::MAX_ROOT_RECORD_LEN => {
+                Err(format!(
+                    "a root record of {} bytes exceeds the limit of {} bytes",
+                    record.len(),
+                    crate::root::MAX_ROOT_RECORD_LEN
+                ))
+            }
             _ => Ok(()),
         }
     }
@@ -279,6 +298,9 @@ impl Response {
             }
             Response::Proof { proof } if proof.segment.len() > MAX_BLOCK_LEN => {
                 Err("proof segment exceeds the block limit".into())
+            }
+            Response::Root { record: Some(r) } if r.len() > crate::root::MAX_ROOT_RECORD_LEN => {
+                Err("root record exceeds its limit".into())
             }
             _ => Ok(()),
         }
