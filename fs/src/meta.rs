@@ -635,6 +635,13 @@ impl WriteTxn<'_> {
         Ok(n)
     }
 
+    /// Inode numbers from `n` on are free (a namespace rebuilt from a
+    /// snapshot used those below it).
+    pub fn set_next_ino(&mut self, n: u64) -> Result<(), FsError> {
+        let now = self.counter("next_ino")?;
+        self.set_counter("next_ino", now.max(n))
+    }
+
     /// Records an inode unlinked while open, to delete at release or next mount.
     pub fn add_orphan(&mut self, ino: u64) -> Result<(), FsError> {
         self.txn.open_table(ORPHANS)?.insert(ino, ())?;

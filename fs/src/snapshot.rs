@@ -6,21 +6,23 @@
 //! manifest of who holds what (an opaque file tree to this crate). Formats
 //! are in docs/FORMATS.md ("Snapshots").
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use fincrypt_blockstore::block::{self, BlockKind};
 use fincrypt_blockstore::tree::write_all;
-use fincrypt_blockstore::{Class, FileRef, LocalStore, Pointer, Score};
+use fincrypt_blockstore::{BlockStore, Class, FileRef, LocalStore, Pointer, Score, TreeReader};
 use serde::{Deserialize, Serialize};
 
 use crate::error::FsError;
 use crate::fossil::Fossil;
-use crate::meta::{Inode, Kind, ROOT_INO, SnapshotRecord, Time};
+use crate::meta::{Inode, Kind, Meta, ROOT_INO, SnapshotRecord, Time};
 
-/// Version of root records; version 1 roots (no manifest) are still read.
-pub const SNAPSHOT_VERSION: u8 = 2;
-/// Version of directory streams (unchanged since roots were version 1).
-pub const DIR_STREAM_VERSION: u8 = 1;
+/// Version of root records; versions 1 (no manifest) and 2 (no list of
+/// retained snapshots, entries without inode numbers) are still read.
+pub const SNAPSHOT_VERSION: u8 = 3;
+/// Version of directory streams; version 1 (entries without inode numbers
+/// and creation times) is still read.
+pub const DIR_STREAM_VERSION: u8 = 2;
 
 /// One name in a snapshot directory, with everything `stat` shows.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -40,12 +42,67 @@ pub struct SnapEntry {
     pub target: Vec<u8>,
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
     pub redundancy: Option<u8>,
+    /// The inode number in the live filesystem when the snapshot was taken:
+    /// entries with the same number are hard links of one file. 0 in
+    /// entries written before version 2 of directory streams.
+    pub ino: u64,
+    pub crtime: Time,
+}
+
+/// A [`SnapEntry`] as version 1 directory streams (and version 1 and 2
+/// roots) wrote it.
+#[derive(Deserialize)]
+struct SnapEntryV1 {
+    name: Vec<u8>,
+    kind: Kind,
+    perm: u16,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    atime: Time,
+    mtime: Time,
+    ctime: Time,
+    rdev: u32,
+    content: FileRef,
+    target: Vec<u8>,
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    redundancy: Option<u8>,
+}
+
+impl From<SnapEntryV1> for SnapEntry {
+    fn from(e: SnapEntryV1) -> SnapEntry {
+        SnapEntry {
+            name: e.name,
+            kind: e.kind,
+            perm: e.perm,
+            uid: e.uid,
+            gid: e.gid,
+            size: e.size,
+            atime: e.atime,
+            mtime: e.mtime,
+            ctime: e.ctime,
+            rdev: e.rdev,
+            content: e.content,
+            target: e.target,
+            xattrs: e.xattrs,
+            redundancy: e.redundancy,
+            ino: 0,
+            crtime: e.ctime,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
 struct DirStream {
     version: u8,
     entries: Vec<SnapEntry>,
+}
+
+#[derive(Deserialize)]
+struct DirStreamV1 {
+    #[allow(dead_code)]
+    version: u8,
+    entries: Vec<SnapEntryV1>,
 }
 
 /// The root block of a snapshot.
@@ -59,6 +116,10 @@ pub struct RootRecord {
     /// The owner's manifest as of this snapshot (written by the mount: who
     /// holds each own block); `None` in version 1 roots and without peers.
     pub manifest: Option<FileRef>,
+    /// The snapshots retained when this root was written, oldest first
+    /// (this root not among them): what a machine recovered from this root
+    /// lists in `.snapshots/`. Empty in roots before version 3.
+    pub snapshots: Vec<SnapshotRecord>,
 }
 
 /// A root record as version 1 wrote it.
@@ -66,8 +127,18 @@ pub struct RootRecord {
 struct RootRecordV1 {
     version: u8,
     time: Time,
-    tree: SnapEntry,
+    tree: SnapEntryV1,
     previous: Option<Pointer>,
+}
+
+/// A root record as version 2 wrote it.
+#[derive(Deserialize)]
+struct RootRecordV2 {
+    version: u8,
+    time: Time,
+    tree: SnapEntryV1,
+    previous: Option<Pointer>,
+    manifest: Option<FileRef>,
 }
 
 impl RootRecord {
@@ -80,9 +151,21 @@ impl RootRecord {
                 Ok(RootRecord {
                     version: r.version,
                     time: r.time,
-                    tree: r.tree,
+                    tree: r.tree.into(),
                     previous: r.previous,
                     manifest: None,
+                    snapshots: Vec::new(),
+                })
+            }
+            Some(2) => {
+                let r: RootRecordV2 = postcard::from_bytes(plain)?;
+                Ok(RootRecord {
+                    version: r.version,
+                    time: r.time,
+                    tree: r.tree.into(),
+                    previous: r.previous,
+                    manifest: r.manifest,
+                    snapshots: Vec::new(),
                 })
             }
             Some(SNAPSHOT_VERSION) => Ok(postcard::from_bytes(plain)?),
@@ -93,7 +176,7 @@ impl RootRecord {
     }
 }
 
-fn entry(name: Vec<u8>, inode: &Inode, content: FileRef) -> SnapEntry {
+fn entry(name: Vec<u8>, ino: u64, inode: &Inode, content: FileRef) -> SnapEntry {
     SnapEntry {
         name,
         kind: inode.kind,
@@ -113,6 +196,8 @@ fn entry(name: Vec<u8>, inode: &Inode, content: FileRef) -> SnapEntry {
         },
         xattrs: inode.xattrs.clone(),
         redundancy: inode.redundancy,
+        ino,
+        crtime: inode.crtime,
     }
 }
 
@@ -135,6 +220,7 @@ pub fn create_with_manifest(
     // Post-order without recursion: a directory is written after its children.
     struct Frame {
         name: Vec<u8>,
+        ino: u64,
         inode: Inode,
         pending: Vec<(Vec<u8>, u64)>,
         done: Vec<SnapEntry>,
@@ -150,6 +236,7 @@ pub fn create_with_manifest(
     };
     let mut stack = vec![Frame {
         name: Vec::new(),
+        ino: ROOT_INO,
         pending: children(ROOT_INO)?,
         inode: root,
         done: Vec::new(),
@@ -164,13 +251,14 @@ pub fn create_with_manifest(
                 let pending = children(ino)?;
                 stack.push(Frame {
                     name,
+                    ino,
                     inode,
                     pending,
                     done: Vec::new(),
                 });
             } else {
                 let content = inode.content.clone();
-                top.done.push(entry(name, &inode, content));
+                top.done.push(entry(name, ino, &inode, content));
             }
             continue;
         }
@@ -182,13 +270,14 @@ pub fn create_with_manifest(
             entries: frame.done,
         })?;
         let content = write_all(store, keys, params, Class::Own, &stream)?;
-        let e = entry(frame.name, &frame.inode, content);
+        let e = entry(frame.name, frame.ino, &frame.inode, content);
         match stack.last_mut() {
             Some(parent) => parent.done.push(e),
             None => break e,
         }
     };
-    let last = fs.meta().snapshots()?.pop();
+    let mut retained = fs.meta().snapshots()?;
+    let last = retained.last().cloned();
     let manifest = match (manifest, &last) {
         (Some(m), _) => Some(m),
         // An unreadable previous root only costs the carried-over manifest.
@@ -203,6 +292,7 @@ pub fn create_with_manifest(
         tree,
         previous,
         manifest,
+        snapshots: std::mem::take(&mut retained),
     };
     let bytes = postcard::to_allocvec(&record)?;
     let sealed = block::seal(&keys.content, BlockKind::Root, &bytes)?;
@@ -232,15 +322,167 @@ pub fn root(fs: &Fossil, snap: &SnapshotRecord) -> Result<RootRecord, FsError> {
 
 /// The entries of a snapshot directory.
 pub fn read_dir(fs: &Fossil, dir: &SnapEntry) -> Result<Vec<SnapEntry>, FsError> {
-    let bytes = fs.reader().read_all(&dir.content)?;
-    let s: DirStream = postcard::from_bytes(&bytes)?;
-    if s.version != DIR_STREAM_VERSION {
-        return Err(FsError::Meta(format!(
-            "directory stream version {} is not supported",
-            s.version
-        )));
+    read_dir_with(fs.reader(), dir)
+}
+
+/// The entries of a snapshot directory, read through `reader`.
+pub fn read_dir_with<S: BlockStore>(
+    reader: &TreeReader<S>,
+    dir: &SnapEntry,
+) -> Result<Vec<SnapEntry>, FsError> {
+    decode_dir(&reader.read_all(&dir.content)?)
+}
+
+/// Decodes a directory stream of any version this program reads.
+fn decode_dir(bytes: &[u8]) -> Result<Vec<SnapEntry>, FsError> {
+    match bytes.first().copied() {
+        Some(1) => {
+            let s: DirStreamV1 = postcard::from_bytes(bytes)?;
+            Ok(s.entries.into_iter().map(SnapEntry::from).collect())
+        }
+        Some(DIR_STREAM_VERSION) => Ok(postcard::from_bytes::<DirStream>(bytes)?.entries),
+        v => Err(FsError::Meta(format!(
+            "directory stream version {v:?} is not supported"
+        ))),
     }
-    Ok(s.entries)
+}
+
+/// What [`restore`] rebuilt, so far or in all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    pub dirs: u64,
+    /// Files, counted once however many names they have.
+    pub files: u64,
+    pub symlinks: u64,
+    /// FIFOs, sockets and devices.
+    pub others: u64,
+    /// Names beyond a file's first.
+    pub hard_links: u64,
+    /// Bytes of the files' contents.
+    pub bytes: u64,
+    /// Snapshots listed in `.snapshots/`.
+    pub snapshots: u64,
+}
+
+fn inode_of(e: &SnapEntry, nlink: u32, target: Vec<u8>) -> Inode {
+    Inode {
+        kind: e.kind,
+        perm: e.perm,
+        uid: e.uid,
+        gid: e.gid,
+        nlink,
+        size: e.size,
+        atime: e.atime,
+        mtime: e.mtime,
+        ctime: e.ctime,
+        crtime: e.crtime,
+        rdev: e.rdev,
+        content: e.content.clone(),
+        target,
+        xattrs: e.xattrs.clone(),
+        redundancy: e.redundancy,
+    }
+}
+
+/// Rebuilds the live namespace of a new, empty `meta` (only its root
+/// directory) from the tree of root `snap` (decoded as `root`), reading
+/// directory streams through `reader`, and lists `snap` and the snapshots
+/// it retained in `.snapshots/`. Entries that share an inode number become
+/// hard links of one inode; inode numbers are given afresh. Work is one
+/// commit per directory, the last one durable; `progress` sees the counts
+/// after each directory.
+pub fn restore<S: BlockStore>(
+    meta: &Meta,
+    reader: &TreeReader<S>,
+    snap: &SnapshotRecord,
+    root: &RootRecord,
+    progress: &mut dyn FnMut(&Restored),
+) -> Result<Restored, FsError> {
+    if !meta.view()?.entries(ROOT_INO)?.is_empty() {
+        return Err(FsError::Meta(
+            "the filesystem to restore into is not empty".into(),
+        ));
+    }
+    let mut done = Restored::default();
+    // Snapshot inode number -> the number given here (files with several names).
+    let mut linked: HashMap<u64, (u64, u32)> = HashMap::new();
+    let mut next = ROOT_INO + 1;
+    let root_target = meta.inode(ROOT_INO)?.target;
+    // Directories still to list: their number here, entry and parent's number.
+    let mut dirs: Vec<(u64, SnapEntry, u64)> = vec![(ROOT_INO, root.tree.clone(), ROOT_INO)];
+    while let Some((ino, dir, parent)) = dirs.pop() {
+        let entries = read_dir_with(reader, &dir)?;
+        let mut txn = meta.write()?;
+        let subdirs = entries.iter().filter(|e| e.kind == Kind::Dir).count() as u32;
+        let target = if ino == ROOT_INO {
+            root_target.clone()
+        } else {
+            parent.to_le_bytes().to_vec()
+        };
+        txn.put_inode(ino, &inode_of(&dir, 2 + subdirs, target))?;
+        for e in entries {
+            let known = (e.kind != Kind::Dir && e.ino != 0)
+                .then(|| linked.get_mut(&e.ino))
+                .flatten();
+            let child = match known {
+                Some((child, names)) => {
+                    *names += 1;
+                    done.hard_links += 1;
+                    *child
+                }
+                None => {
+                    let child = next;
+                    next += 1;
+                    match e.kind {
+                        Kind::Dir => {}
+                        Kind::File => {
+                            done.files += 1;
+                            done.bytes += e.size;
+                        }
+                        Kind::Symlink => done.symlinks += 1,
+                        _ => done.others += 1,
+                    }
+                    if e.kind != Kind::Dir {
+                        if e.ino != 0 {
+                            linked.insert(e.ino, (child, 1));
+                        }
+                        txn.put_inode(child, &inode_of(&e, 1, e.target.clone()))?;
+                    }
+                    child
+                }
+            };
+            txn.put_dirent(
+                ino,
+                &crate::meta::Dirent {
+                    name: e.name.clone(),
+                    ino: child,
+                    kind: e.kind,
+                },
+            )?;
+            if e.kind == Kind::Dir {
+                dirs.push((child, e, ino));
+            }
+        }
+        txn.set_next_ino(next)?;
+        txn.commit(false)?;
+        done.dirs += 1;
+        progress(&done);
+    }
+    let mut txn = meta.write()?;
+    for (child, names) in linked.values() {
+        if *names > 1 {
+            let mut inode = txn.inode(*child)?;
+            inode.nlink = *names;
+            txn.put_inode(*child, &inode)?;
+        }
+    }
+    for s in root.snapshots.iter().chain(std::iter::once(snap)) {
+        txn.put_snapshot(key_of(s.time), s)?;
+        done.snapshots += 1;
+    }
+    txn.commit(true)?;
+    progress(&done);
+    Ok(done)
 }
 
 /// Drops all but the newest `keep` snapshots; returns how many went.
@@ -304,6 +546,46 @@ mod tests {
             target: Vec::new(),
             xattrs: BTreeMap::new(),
             redundancy: Some(3),
+            ino: 1,
+            crtime: Time { secs: 1, nanos: 2 },
+        }
+    }
+
+    /// An entry as version 1 directory streams and version 1 and 2 roots wrote it.
+    #[derive(Serialize)]
+    struct EntryV1 {
+        name: Vec<u8>,
+        kind: Kind,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+        size: u64,
+        atime: Time,
+        mtime: Time,
+        ctime: Time,
+        rdev: u32,
+        content: FileRef,
+        target: Vec<u8>,
+        xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+        redundancy: Option<u8>,
+    }
+
+    fn v1_of(e: &SnapEntry) -> EntryV1 {
+        EntryV1 {
+            name: e.name.clone(),
+            kind: e.kind,
+            perm: e.perm,
+            uid: e.uid,
+            gid: e.gid,
+            size: e.size,
+            atime: e.atime,
+            mtime: e.mtime,
+            ctime: e.ctime,
+            rdev: e.rdev,
+            content: e.content.clone(),
+            target: e.target.clone(),
+            xattrs: e.xattrs.clone(),
+            redundancy: e.redundancy,
         }
     }
 
@@ -312,41 +594,110 @@ mod tests {
     struct WrittenByV1 {
         version: u8,
         time: Time,
-        tree: SnapEntry,
+        tree: EntryV1,
         previous: Option<Pointer>,
     }
 
-    #[test]
-    fn version_1_roots_still_read_and_version_2_roots_keep_their_manifest() {
-        let old = WrittenByV1 {
-            version: 1,
-            time: Time::now(),
-            tree: dir_entry(),
-            previous: None,
-        };
-        let r = RootRecord::decode(&postcard::to_allocvec(&old).unwrap()).unwrap();
-        assert_eq!((r.version, r.manifest, r.tree), (1, None, old.tree));
+    /// Version 2's layout: a manifest, no retained list, entries without inode numbers.
+    #[derive(Serialize)]
+    struct WrittenByV2 {
+        version: u8,
+        time: Time,
+        tree: EntryV1,
+        previous: Option<Pointer>,
+        manifest: Option<FileRef>,
+    }
 
-        let manifest = FileRef::Tree(Pointer {
-            score: Score([9; 32]),
+    fn pointer(n: u8) -> Pointer {
+        Pointer {
+            score: Score([n; 32]),
             key: [7; 32],
             len: 5000,
             size: 40,
             depth: 1,
-        });
+        }
+    }
+
+    #[test]
+    fn roots_of_every_version_read_and_version_3_keeps_inodes_and_the_retained_list() {
+        // What an entry of an older version reads as: no inode number, crtime = ctime.
+        let mut tree = dir_entry();
+        tree.ino = 0;
+        tree.crtime = tree.ctime;
+        let old = WrittenByV1 {
+            version: 1,
+            time: Time::now(),
+            tree: v1_of(&tree),
+            previous: None,
+        };
+        let r = RootRecord::decode(&postcard::to_allocvec(&old).unwrap()).unwrap();
+        assert_eq!((r.version, r.manifest, &r.tree), (1, None, &tree));
+        assert!(r.snapshots.is_empty());
+
+        let manifest = FileRef::Tree(pointer(9));
+        let v2 = WrittenByV2 {
+            version: 2,
+            time: Time::now(),
+            tree: v1_of(&tree),
+            previous: Some(pointer(3)),
+            manifest: Some(manifest.clone()),
+        };
+        let r = RootRecord::decode(&postcard::to_allocvec(&v2).unwrap()).unwrap();
+        assert_eq!(
+            (r.version, &r.manifest, &r.tree),
+            (2, &Some(manifest.clone()), &tree)
+        );
+
+        let mut linked = dir_entry();
+        linked.ino = 42;
         let new = RootRecord {
             version: SNAPSHOT_VERSION,
             time: Time::now(),
-            tree: dir_entry(),
+            tree: linked.clone(),
             previous: None,
             manifest: Some(manifest.clone()),
+            snapshots: vec![SnapshotRecord {
+                time: Time { secs: 5, nanos: 6 },
+                root: pointer(4),
+            }],
         };
         let r = RootRecord::decode(&postcard::to_allocvec(&new).unwrap()).unwrap();
-        assert_eq!(r.manifest, Some(manifest));
-        assert_eq!(r.version, 2);
+        assert_eq!((r.version, r.manifest, r.tree), (3, Some(manifest), linked));
+        assert_eq!(r.snapshots.len(), 1);
+        assert_eq!(r.snapshots[0].root.score, Score([4; 32]));
 
         let mut future = postcard::to_allocvec(&new).unwrap();
-        future[0] = 3;
+        future[0] = 4;
         assert!(RootRecord::decode(&future).is_err());
+    }
+
+    #[test]
+    fn version_1_directory_streams_still_read() {
+        #[derive(Serialize)]
+        struct StreamV1 {
+            version: u8,
+            entries: Vec<EntryV1>,
+        }
+        let mut e = dir_entry();
+        e.name = b"a".to_vec();
+        let bytes = postcard::to_allocvec(&StreamV1 {
+            version: 1,
+            entries: vec![v1_of(&e)],
+        })
+        .unwrap();
+        let got = decode_dir(&bytes).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].ino, &got[0].name, got[0].crtime),
+            (0, &e.name, e.ctime)
+        );
+        let v2 = postcard::to_allocvec(&DirStream {
+            version: DIR_STREAM_VERSION,
+            entries: vec![e.clone()],
+        })
+        .unwrap();
+        assert_eq!(decode_dir(&v2).unwrap(), vec![e]);
+        assert!(decode_dir(&[9, 0]).is_err());
+        assert!(decode_dir(&[]).is_err());
     }
 }
