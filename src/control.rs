@@ -87,6 +87,13 @@ pub struct Status {
     pub snapshots: u64,
     /// Copies asked of data blocks where no directory says otherwise.
     pub default_redundancy: u8,
+    /// Owners whose root record this storage node keeps (a storage node only).
+    pub root_records: u64,
+    /// The highest root record sequence this mount published (0: none yet).
+    pub root_sequence: u64,
+    /// The snapshot the last root record published from here names, by its
+    /// name in `.snapshots/` (none published since the mount started).
+    pub root_published: Option<String>,
     /// Replication figures (all 0 without peers).
     pub replication: ReplicationStatus,
     /// Workers by state.
@@ -130,6 +137,8 @@ pub struct ReplicationStatus {
     pub blocks_dropped: u64,
     /// Blocks read from holders because the local copy was missing or damaged.
     pub fetched_from_holders: u64,
+    /// Copies put on peers since the mount started.
+    pub copies_put: u64,
     /// Manifest entries found damaged (their blocks are placed again).
     pub manifest_damaged_entries: u64,
 }

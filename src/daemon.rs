@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use fincrypt_blockstore::{BlockStore, FileRef, LocalStore, Score, TreeParams};
 use fincrypt_engine::{
-    Engine, EngineConfig, Manifest, ManifestRecord, ProofPolicy, Remote, Step, TieredStore,
-    WorkerState, Workers,
+    Engine, EngineConfig, Manifest, ManifestRecord, ProofPolicy, Publisher, Remote, Step,
+    TieredStore, WorkerState, Workers,
 };
 use fincrypt_fs::fuse::MountOptions;
 use fincrypt_fs::{Fossil, Meta, snapshot};
@@ -40,6 +40,8 @@ struct Net {
     listen_addrs: Vec<Multiaddr>,
     bulk_port: Option<u16>,
     engine: Arc<Engine>,
+    /// Publishes the owner's root records.
+    publisher: Publisher,
 }
 
 /// How long a status waits for the node's list of peers.
@@ -61,6 +63,7 @@ impl Net {
         runtime: &tokio::runtime::Runtime,
         home: &Home,
         config: &Config,
+        keys: &fincrypt_blockstore::Keys,
         volume: &Arc<LocalStore>,
         wants: Arc<FsWants>,
     ) -> Result<Option<Net>> {
@@ -99,8 +102,15 @@ impl Net {
             failures: config.proof_failures.max(1),
             timeout: Duration::from_secs(30),
         };
+        let publisher = Publisher::new(
+            &keys.signing,
+            keys.root_record_key(),
+            client.clone(),
+            manifest.clone(),
+        );
         let engine = Engine::new(client.clone(), manifest, wants, volume.clone(), proofs);
         Ok(Some(Net {
+            publisher,
             bulk_port: node.bulk_port(),
             node: Mutex::new(Some(node)),
             client,
@@ -140,6 +150,8 @@ struct Daemon {
     /// Every background job.
     workers: Workers,
     runtime: tokio::runtime::Handle,
+    /// The root the last root record published from here names.
+    published: Mutex<Option<fincrypt_fs::meta::SnapshotRecord>>,
 }
 
 impl Daemon {
@@ -165,8 +177,11 @@ impl Daemon {
             Some(net) => Some(self.write_manifest(net.engine.manifest())?),
             None => None,
         };
+        // Pruned first, so the new root lists only the snapshots that stay.
+        let keep = self.config.snapshot_keep.max(1);
+        snapshot::prune(&self.fs, keep - 1)?;
         let snap = snapshot::create_with_manifest(&self.fs, manifest)?;
-        snapshot::prune(&self.fs, self.config.snapshot_keep.max(1))?;
+        snapshot::prune(&self.fs, keep)?;
         let freed = snapshot::gc(&self.fs, &self.volume)?;
         self.freed(&freed)?;
         let freed = freed.len() as u64;
@@ -276,9 +291,53 @@ impl Daemon {
             self.snapshot()?;
             // The new root's own blocks (root, manifest) want copies too.
             let under = self.runtime.block_on(engine.pass())?;
+            if under == 0 {
+                self.publish(true)?;
+            }
             return Ok(self.replication(&engine, under));
         }
         Ok(self.replication(&engine, under))
+    }
+
+    /// Publishes a root record naming the newest snapshot, unless one
+    /// already does. Unless `now`, only once the snapshot's blocks are
+    /// placed (its root block has holders and the queue is empty): a record
+    /// naming blocks no peer has yet would not recover. 1 if it published.
+    fn publish(&self, now: bool) -> Result<u64> {
+        let Some(net) = &self.net else {
+            return Ok(0);
+        };
+        let Some(snap) = self.fs.meta().snapshots()?.pop() else {
+            return Ok(0);
+        };
+        let last = self
+            .published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if last.is_some_and(|l| l.root.score == snap.root.score) {
+            return Ok(0);
+        }
+        if !now {
+            let manifest = net.engine.manifest();
+            if manifest.holders(&snap.root.score)?.is_empty() || manifest.queue_len()?.0 > 0 {
+                return Ok(0);
+            }
+        }
+        let pointer = postcard::to_allocvec(&snap.root)?;
+        let published = self.runtime.block_on(net.publisher.publish(&pointer))?;
+        tracing::info!(
+            sequence = published.sequence,
+            kept = published.kept,
+            snapshot = %fincrypt_fs::snapdir::name(snap.time),
+            "published the root record"
+        );
+        *self.published.lock().unwrap_or_else(|p| p.into_inner()) = Some(snap);
+        Ok(1)
+    }
+
+    fn publish_when_placed(&self) -> Result<u64> {
+        self.publish(false)
     }
 
     fn replication(&self, engine: &Engine, under: u64) -> control::Replication {
@@ -337,8 +396,16 @@ impl Daemon {
                 status.listen_addrs = net.listen_addrs.iter().map(|a| a.to_string()).collect();
                 status.bulk_port = net.bulk_port;
                 status.peers = net.connected_peers(&self.runtime);
+                status.root_sequence = net.publisher.sequence()?;
+                status.root_published = self
+                    .published
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .map(|s| fincrypt_fs::snapdir::name(s.time));
                 let r = &mut status.replication;
                 r.under_replicated = st.under_replicated.load(Ordering::Relaxed);
+                r.copies_put = st.copies_put.load(Ordering::Relaxed);
                 r.lost = st.lost.load(Ordering::Relaxed);
                 if r.lost > 0 {
                     r.lost_files = net
@@ -483,6 +550,7 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
     std::fs::create_dir_all(&fs_dir).with_context(|| format!("creating {}", fs_dir.display()))?;
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let keys_for_net = keys.clone();
     let meta = Meta::open(&fs_dir.join("meta.redb"), &keys, uid, gid)
         .context("opening the filesystem metadata")?;
     let tiered = Arc::new(TieredStore::new(volume.clone()));
@@ -514,7 +582,7 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         snapshots.clone(),
         config.redundancy,
     ));
-    let net = Net::start(&runtime, home, &config, &volume, wants)?;
+    let net = Net::start(&runtime, home, &config, &keys_for_net, &volume, wants)?;
     let mut session = fincrypt_fs::fuse::session(fs.clone(), &mountpoint, &opts)
         .with_context(|| format!("mounting on {}", mountpoint.display()))?;
     let daemon = Arc::new(Daemon {
@@ -527,6 +595,7 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         net,
         workers: Workers::new(runtime.handle().clone()),
         runtime: runtime.handle().clone(),
+        published: Mutex::new(None),
     });
     start_workers(&daemon);
     if let Some(net) = &daemon.net {
@@ -574,6 +643,9 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
     Ok(())
 }
 
+/// How often the publish worker looks for a placed snapshot to publish.
+const PUBLISH_CHECK: Duration = Duration::from_secs(5);
+
 /// Seconds between GC runs when snapshots are not scheduled (they run GC themselves).
 const GC_INTERVAL: u64 = 300;
 
@@ -613,6 +685,11 @@ fn start_workers(daemon: &Arc<Daemon>) {
             }),
             Duration::from_secs(c.scrub_interval),
         );
+    }
+    if daemon.net.is_some() {
+        daemon
+            .workers
+            .spawn(job("publish", Daemon::publish_when_placed), PUBLISH_CHECK);
     }
     if let Some(net) = &daemon.net {
         net.engine.start(

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod recover;
 pub mod secrets;
 pub mod serve;
 pub mod wants;

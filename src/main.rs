@@ -27,9 +27,21 @@ enum Command {
     /// Create a new identity: a master secret, shown once as a recovery phrase,
     /// kept on disk wrapped by a passphrase (FINCRYPT_PASSPHRASE or a prompt).
     Init,
-    /// Recreate this machine's key file from a recovery phrase
-    /// (FINCRYPT_RECOVERY_PHRASE or standard input).
-    Recover,
+    /// Bring an identity back on an empty home from its recovery phrase
+    /// (FINCRYPT_RECOVERY_PHRASE or standard input, 24 words over any number
+    /// of lines): the key file and, with peers to ask (--bootstrap or the
+    /// config), the filesystem, its snapshots and the manifest of who holds
+    /// what. The new passphrase comes from FINCRYPT_PASSPHRASE or a prompt.
+    Recover {
+        /// A peer to find the owner's newest root through (repeatable);
+        /// replaces `bootstrap` from the config.
+        #[arg(long, value_name = "MULTIADDR")]
+        bootstrap: Vec<fincrypt_net::Multiaddr>,
+        /// Also fetch every data block into the local volume now (otherwise
+        /// file data comes from holders when first read).
+        #[arg(long)]
+        all: bool,
+    },
     /// Change the passphrase (old from FINCRYPT_PASSPHRASE, new from FINCRYPT_NEW_PASSPHRASE, or prompts).
     Passwd,
     /// Re-read every block of the local volume and check it against its score;
@@ -183,22 +195,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             open_volume(&home)?.close()?;
             eprintln!(
                 "Initialised {}.\n\nYour recovery phrase is below. It is shown only this once. Write it down and keep it\n\
-                 somewhere safe: with it, and nothing else, `fincrypt recover` brings everything back on a\n\
-                 new machine. Anyone who has it can read your files.\n",
+                 somewhere safe: on a new machine, `fincrypt recover --bootstrap <a node's address>` brings\n\
+                 back with it your key and every snapshot your mount published to its peers (a mount with\n\
+                 no peers keeps its files on this machine only: the phrase then restores the key alone).\n\
+                 Anyone who has it can read your files.\n",
                 home.config_dir.display()
             );
             println!("{phrase}");
         }
-        Command::Recover => {
+        Command::Recover { bootstrap, all } => {
             let phrase = secrets::recovery_phrase()?;
+            // Checked before the passphrase is asked for.
+            fincrypt_blockstore::MasterSecret::from_phrase(&phrase)?;
             let pass = secrets::passphrase(
                 secrets::PASSPHRASE_VAR,
                 "New passphrase for this machine: ",
                 true,
             )?;
-            secrets::recover(&home, &phrase, &pass)?;
+            fincrypt::recover::recover(
+                &home,
+                &phrase,
+                &pass,
+                fincrypt::recover::RecoverArgs { bootstrap, all },
+            )?;
             open_volume(&home)?.close()?;
-            eprintln!("Recovered the key into {}.", home.key_file().display());
         }
         Command::Passwd => {
             let old = secrets::passphrase(secrets::PASSPHRASE_VAR, "Current passphrase: ", false)?;

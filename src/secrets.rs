@@ -113,24 +113,63 @@ pub fn passphrase(var: &str, prompt: &str, confirm: bool) -> Result<String> {
     Ok(p)
 }
 
-/// The recovery phrase from [`PHRASE_VAR`] or one line of standard input.
+/// Words in a recovery phrase.
+const PHRASE_WORDS: usize = 24;
+
+/// The recovery phrase from [`PHRASE_VAR`] or standard input, read line by
+/// line until it holds 24 words (or input ends): one line, one word per
+/// line, or anything between.
 pub fn recovery_phrase() -> Result<String> {
     if let Ok(p) = std::env::var(PHRASE_VAR) {
         return Ok(p);
     }
     if std::io::stdin().is_terminal() {
-        eprintln!("Type the 24 words of your recovery phrase, then Enter:");
+        eprintln!("Type the 24 words of your recovery phrase (on one line or several):");
     }
-    let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .context("reading the recovery phrase")?;
-    Ok(line)
+    read_phrase(&mut std::io::stdin().lock())
+}
+
+fn read_phrase(input: &mut impl BufRead) -> Result<String> {
+    let mut phrase = String::new();
+    while phrase.split_whitespace().count() < PHRASE_WORDS {
+        let mut line = String::new();
+        let n = input
+            .read_line(&mut line)
+            .context("reading the recovery phrase")?;
+        if n == 0 {
+            break;
+        }
+        phrase.push(' ');
+        phrase.push_str(&line);
+    }
+    Ok(phrase)
 }
 
 fn restrict(path: &std::path::Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting permissions of {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_phrase_is_read_over_as_many_lines_as_it_takes_and_no_further() {
+        let words: Vec<String> = (0..24).map(|i| format!("w{i}")).collect();
+        let one_per_line = format!("{}\nafter\n", words.join("\n"));
+        let got = read_phrase(&mut one_per_line.as_bytes()).unwrap();
+        assert_eq!(got.split_whitespace().collect::<Vec<_>>(), words);
+        let two_lines = format!(
+            "{}\n{}\nafter\n",
+            words[..10].join(" "),
+            words[10..].join("  ")
+        );
+        let got = read_phrase(&mut two_lines.as_bytes()).unwrap();
+        assert_eq!(got.split_whitespace().count(), 24);
+        // Input that ends early gives what there was (the parser then says how many).
+        let got = read_phrase(&mut "a b c".as_bytes()).unwrap();
+        assert_eq!(got.split_whitespace().count(), 3);
+    }
 }

@@ -110,6 +110,7 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
                     capacity: s.capacity,
                     held_blocks: s.held_blocks,
                     held_bytes: s.held_bytes,
+                    root_records: s.root_records,
                     cached_blocks: volume.cached_blocks,
                     cached_bytes: volume.cached_bytes,
                     ..Default::default()

@@ -27,6 +27,9 @@ pub enum Error {
     /// The owner's side could not say what its blocks want (a walk of the filesystem failed).
     #[error("working out the copies blocks want: {0}")]
     Wants(String),
+    /// Peers could not be reached for what was asked (no peer, or none kept it).
+    #[error("{0}")]
+    Network(String),
     /// The engine was shut down.
     #[error("the engine is shutting down")]
     Shutdown,

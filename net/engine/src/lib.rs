@@ -17,6 +17,7 @@ pub mod lookup;
 pub mod manifest;
 pub mod placement;
 pub mod proofs;
+pub mod roots;
 pub mod tiered;
 pub mod worker;
 
@@ -31,6 +32,7 @@ pub use error::{Error, Result};
 pub use manifest::{HolderRecord, Manifest, ManifestRecord};
 pub use placement::{META_REDUNDANCY, ReplicationStats, Replicator, Wanted, distance};
 pub use proofs::{ProofOutcome, ProofPolicy, ProofResult, Prover};
+pub use roots::{Found, Published, Publisher};
 pub use tiered::{Remote, TieredStore};
 pub use worker::{Step, Worker, WorkerHandle, WorkerState, WorkerStatus, Workers};
 

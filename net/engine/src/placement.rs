@@ -42,6 +42,8 @@ pub struct ReplicationStats {
     pub tracked_blocks: AtomicU64,
     /// Confirmed copies of those on peers, in all.
     pub placed_copies: AtomicU64,
+    /// Copies put on peers (each a `Put` a holder confirmed), since start.
+    pub copies_put: AtomicU64,
     /// Passes finished.
     pub passes: AtomicU64,
     /// Why blocks are short of copies, in words (empty when none are).
@@ -276,6 +278,9 @@ impl Replicator {
         self.release_dropped().await?;
         let placed = self.place_all(short, &round, &local, &pending).await?;
         placed_total += placed.copies;
+        self.stats
+            .copies_put
+            .fetch_add(placed.copies, Ordering::Relaxed);
         self.release_freed(&wanted, &local).await?;
         self.report(placed.short.len() as u64, placed.lost, &round);
         self.stats.tracked_blocks.store(tracked, Ordering::Relaxed);
@@ -316,6 +321,9 @@ impl Replicator {
             let placed = self.place_all(short, &round, &local, &pending).await?;
             self.stats
                 .placed_copies
+                .fetch_add(placed.copies, Ordering::Relaxed);
+            self.stats
+                .copies_put
                 .fetch_add(placed.copies, Ordering::Relaxed);
             under += placed.short.len() as u64;
             lost.extend(placed.lost);

@@ -2,7 +2,9 @@
 //!
 //! A read that the local volume cannot answer (the block is missing, or its
 //! bytes do not match its score) asks the block's confirmed holders from the
-//! manifest, one after another. The network client checks every fetched block
+//! manifest, one after another, then the peers nearest its score (where
+//! placement puts blocks: how a recovered machine reads blocks its manifest
+//! does not list yet). The network client checks every fetched block
 //! against its score, so a lying or damaged holder yields an error, never a
 //! wrong byte; such a holder loses that block in the manifest (it is placed
 //! again). A good copy is written back to the volume as the own block it is,
@@ -15,13 +17,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fincrypt_blockstore::{BlockStore, Class, Error, LocalStore, Score};
-use fincrypt_net::Client;
+use fincrypt_net::{Client, PeerId};
 
 use crate::manifest::Manifest;
 use crate::worker::WorkerHandle;
 
 /// How long one holder may take to send a block.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Peers nearest a block asked for it when no confirmed holder gave it.
+const NEAREST_ASKED: usize = 8;
 
 /// Where blocks come from when the volume lacks them.
 pub struct Remote {
@@ -97,39 +101,80 @@ impl TieredStore {
                 return Err(local_error);
             }
         };
-        for peer in holders {
-            let got = remote.handle.block_on(async {
-                tokio::time::timeout(FETCH_TIMEOUT, remote.client.get(peer, *score)).await
-            });
-            match got {
-                Ok(Ok(data)) => {
-                    tracing::info!(%score, %peer, "read a block from a holder");
-                    self.fetched.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = self.local.restore(score, &data, Class::Own) {
-                        self.restore_failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%score, error = %e, "cannot write a fetched block back to the volume");
-                    }
-                    return Ok(data);
-                }
-                Ok(Err(e)) => {
-                    if matches!(e, fincrypt_net::Error::Corrupt { .. }) {
-                        match remote.manifest.drop_blocks(&peer, &[*score]) {
-                            Ok(_) => {
-                                if let Some(r) = &remote.repair {
-                                    r.wake();
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(%score, error = %e, "cannot update the manifest")
-                            }
-                        }
-                    }
-                    tracing::warn!(%score, %peer, error = %e, "a holder did not give a block")
-                }
-                Err(_) => tracing::warn!(%score, %peer, "a holder timed out sending a block"),
+        for peer in &holders {
+            if let Some(data) = self.fetch_from(remote, score, *peer, true) {
+                return Ok(data);
             }
         }
+        // Not from the holders the manifest names (a block placed after the
+        // manifest a recovered machine started from, or a stale entry): the
+        // peers nearest its score, where placement puts every block.
+        let nearest = remote.handle.block_on(async {
+            tokio::time::timeout(FETCH_TIMEOUT, remote.client.closest_peers(*score)).await
+        });
+        match nearest {
+            Ok(Ok(peers)) => {
+                let others = peers.into_iter().filter(|p| !holders.contains(p));
+                for peer in others.take(NEAREST_ASKED) {
+                    if let Some(data) = self.fetch_from(remote, score, peer, false) {
+                        return Ok(data);
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%score, error = %e, "no lookup of the peers nearest a block")
+            }
+            Err(_) => tracing::debug!(%score, "the lookup of the peers nearest a block timed out"),
+        }
         Err(local_error)
+    }
+
+    /// A verified copy of `score` from `peer`, written back locally; `None`
+    /// if it has none. A wrong copy from a confirmed holder (`holder`) takes
+    /// that block from it in the manifest.
+    fn fetch_from(
+        &self,
+        remote: &Remote,
+        score: &Score,
+        peer: PeerId,
+        holder: bool,
+    ) -> Option<Bytes> {
+        let got = remote.handle.block_on(async {
+            tokio::time::timeout(FETCH_TIMEOUT, remote.client.get(peer, *score)).await
+        });
+        match got {
+            Ok(Ok(data)) => {
+                tracing::info!(%score, %peer, "read a block from a holder");
+                self.fetched.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = self.local.restore(score, &data, Class::Own) {
+                    self.restore_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%score, error = %e, "cannot write a fetched block back to the volume");
+                }
+                Some(data)
+            }
+            Ok(Err(e)) => {
+                if holder && matches!(e, fincrypt_net::Error::Corrupt { .. }) {
+                    match remote.manifest.drop_blocks(&peer, &[*score]) {
+                        Ok(_) => {
+                            if let Some(r) = &remote.repair {
+                                r.wake();
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(%score, error = %e, "cannot update the manifest")
+                        }
+                    }
+                }
+                if holder || !e.is_unknown_block() {
+                    tracing::warn!(%score, %peer, error = %e, "a holder did not give a block");
+                }
+                None
+            }
+            Err(_) => {
+                tracing::warn!(%score, %peer, "a holder timed out sending a block");
+                None
+            }
+        }
     }
 
     /// A range read locally, or, if the block is missing or damaged here,

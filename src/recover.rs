@@ -1,0 +1,499 @@
+//! `fincrypt recover`: from the recovery phrase alone, the key file, the
+//! filesystem metadata, the retained snapshots and the manifest of who
+//! holds what, found on the network (docs/ARCHITECTURE.md, "Recovery").
+//!
+//! Order matters for a retry: everything is fetched and checked before
+//! anything is written under the home, metadata and manifest are built in
+//! files that a new attempt removes first, and the key file, whose presence
+//! makes a home "initialised", is written last.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use fincrypt_blockstore::block::{self, BlockKind};
+use fincrypt_blockstore::{
+    BlockStore, FileRef, Keys, MasterSecret, Pointer, Score, TreeParams, TreeReader,
+};
+use fincrypt_engine::{Manifest, ManifestRecord, Remote, TieredStore};
+use fincrypt_fs::meta::SnapshotRecord;
+use fincrypt_fs::snapshot::{self, Restored, RootRecord};
+use fincrypt_fs::{Fossil, Meta};
+use fincrypt_net::root::Owner;
+use fincrypt_net::{Client, Multiaddr, Node, NodeConfig, PeerId};
+
+use crate::config::{Config, Home};
+
+/// What `fincrypt recover` was asked to do.
+pub struct RecoverArgs {
+    /// Peers to find the owner's root through; the config's when empty.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Also fetch every data block into the local volume.
+    pub all: bool,
+}
+
+/// How long recovery waits for a first peer to answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a recovery found and rebuilt, for its report.
+#[derive(Debug)]
+pub struct Recovered {
+    pub sequence: u64,
+    pub published: u64,
+    pub root_time: String,
+    pub restored: Restored,
+    pub holders: usize,
+    pub manifest_entries: usize,
+    pub peers_asked: usize,
+    pub fetched_blocks: u64,
+    pub fetched_bytes: u64,
+    pub missing: u64,
+}
+
+/// Recovers `home` (empty) from `phrase`; the new key file is wrapped by `passphrase`.
+pub fn recover(home: &Home, phrase: &str, passphrase: &str, args: RecoverArgs) -> Result<()> {
+    let secret = MasterSecret::from_phrase(phrase)?;
+    if home.is_initialised() {
+        bail!(
+            "{} already holds a Fincrypt key ({}); refusing to overwrite it",
+            home.config_dir.display(),
+            home.key_file().display()
+        );
+    }
+    let config = Config::load(home)?;
+    let bootstrap = if args.bootstrap.is_empty() {
+        config
+            .bootstrap
+            .iter()
+            .map(|a| {
+                a.parse::<Multiaddr>()
+                    .with_context(|| format!("bootstrap address {a:?}"))
+            })
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        args.bootstrap.clone()
+    };
+    if bootstrap.is_empty() {
+        crate::secrets::recover(home, phrase, passphrase)?;
+        eprintln!(
+            "Recovered the key into {}.\n\
+             Your files are NOT restored: no peer to find them on was given. They live on the\n\
+             peers that held your blocks; run `fincrypt recover --bootstrap /ip4/.../p2p/<PeerId>`\n\
+             on an empty home to bring them back.",
+            home.key_file().display()
+        );
+        return Ok(());
+    }
+    let keys = secret.keys();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("recover")
+        .enable_all()
+        .build()
+        .context("starting the network runtime")?;
+    for dir in [&home.config_dir, &home.data_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        restrict(dir, 0o700)?;
+    }
+    let node = runtime.block_on(Node::start(
+        NodeConfig::with_key_file(&home.node_key_file())?,
+        None,
+    ))?;
+    let client = node.client();
+    let result = run(
+        home, &config, &keys, &runtime, &client, &bootstrap, args.all,
+    );
+    runtime.block_on(node.shutdown());
+    let recovered = result?;
+    // Last: with the key file in place the home counts as initialised.
+    crate::secrets::recover(home, phrase, passphrase)?;
+    report(home, &recovered, args.all);
+    Ok(())
+}
+
+fn report(home: &Home, r: &Recovered, all: bool) {
+    let d = &r.restored;
+    println!(
+        "Recovered {} from the root of {} (record sequence {}, published at Unix time {}), found among {} peers.",
+        home.data_dir.display(),
+        r.root_time,
+        r.sequence,
+        r.published,
+        r.peers_asked
+    );
+    println!(
+        "files {}  directories {}  symlinks {}  hard links {}  bytes {}  snapshots {}",
+        d.files, d.dirs, d.symlinks, d.hard_links, d.bytes, d.snapshots
+    );
+    println!(
+        "manifest entries {}  holders reached {}  blocks fetched {} ({} bytes)",
+        r.manifest_entries, r.holders, r.fetched_blocks, r.fetched_bytes
+    );
+    if all {
+        println!("every data block is in the local volume");
+    } else {
+        println!("file data is read from holders when first used, and kept locally");
+    }
+}
+
+/// Dials each bootstrap address; the peers that answered.
+fn connect(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    addrs: &[Multiaddr],
+) -> Result<Vec<PeerId>> {
+    let dials = runtime.block_on(futures::future::join_all(addrs.iter().map(|a| {
+        let client = client.clone();
+        let a = a.clone();
+        async move {
+            match tokio::time::timeout(CONNECT_TIMEOUT, client.dial(a.clone())).await {
+                Ok(r) => r.map_err(|e| format!("{a}: {e}")),
+                Err(_) => Err(format!(
+                    "{a}: no answer within {}s",
+                    CONNECT_TIMEOUT.as_secs()
+                )),
+            }
+        }
+    })));
+    let mut peers = Vec::new();
+    let mut errors = Vec::new();
+    for d in dials {
+        match d {
+            Ok(p) => peers.push(p),
+            Err(e) => errors.push(e),
+        }
+    }
+    if peers.is_empty() {
+        bail!(
+            "no peer reachable: {} (nothing was written; check the addresses and run recover again)",
+            errors.join("; ")
+        );
+    }
+    // Fill the routing table, so lookups reach beyond the bootstrap peers.
+    if let Err(e) = runtime.block_on(client.bootstrap()) {
+        tracing::debug!(error = %e, "DHT bootstrap failed; asking the bootstrap peers only");
+    }
+    Ok(peers)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    home: &Home,
+    config: &Config,
+    keys: &Keys,
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    bootstrap: &[Multiaddr],
+    all: bool,
+) -> Result<Recovered> {
+    let progress = Progress::new();
+    progress.say("connecting to peers");
+    let peers = connect(runtime, client, bootstrap)?;
+    let owner = Owner::from_seed(&keys.signing).public();
+    progress.say("looking for the newest root record");
+    let mut known: Vec<PeerId> = peers.clone();
+    if let Ok(list) = runtime.block_on(client.peers()) {
+        known.extend(
+            list.into_iter()
+                .filter(|p| p.serves_blocks != Some(false))
+                .map(|p| p.peer_id)
+                .filter(|p| !peers.contains(p)),
+        );
+    }
+    let found = runtime.block_on(fincrypt_engine::roots::find_newest(client, owner, &known));
+    let Some(record) = found.newest else {
+        bail!(
+            "no root found for this phrase among {} peers ({} answered{}): either nothing was \
+             published with this phrase, or the peers that keep its root are not reachable from here",
+            found.asked,
+            found.answered,
+            if found.invalid > 0 {
+                format!(", {} sent invalid records", found.invalid)
+            } else {
+                String::new()
+            }
+        );
+    };
+    let plain = record
+        .open(&keys.root_record_key())
+        .context("the newest root record does not open with this phrase's key")?;
+    let pointer: Pointer =
+        postcard::from_bytes(&plain).context("the root record's pointer does not decode")?;
+
+    // Start from clean files: an interrupted recovery may have left some.
+    let fs_dir = home.data_dir.join("fs");
+    for f in [fs_dir.join("meta.redb"), home.manifest_file()] {
+        match std::fs::remove_file(&f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", f.display())),
+        }
+    }
+    std::fs::create_dir_all(&fs_dir).with_context(|| format!("creating {}", fs_dir.display()))?;
+    let volume = Arc::new(home.open_volume(config)?);
+    let manifest = Arc::new(Manifest::open(&home.manifest_file())?);
+    let tiered = Arc::new(TieredStore::new(volume.clone()));
+    tiered.connect(Remote {
+        handle: runtime.handle().clone(),
+        client: client.clone(),
+        manifest: manifest.clone(),
+        repair: None,
+    });
+    let store: Arc<dyn BlockStore> = tiered.clone();
+    let reader = TreeReader::new(store.clone(), 16 << 20);
+
+    progress.say("fetching the root");
+    let data = fetch(&tiered, &pointer.score).context("fetching the root block")?;
+    let plain = block::open(&pointer, BlockKind::Root, &data).context("opening the root block")?;
+    let root = RootRecord::decode(&plain).context("decoding the root block")?;
+    let snap = SnapshotRecord {
+        time: root.time,
+        root: pointer,
+    };
+
+    let mut entries = 0;
+    if let Some(file) = &root.manifest {
+        progress.say("fetching the manifest");
+        let record = ManifestRecord::read(&reader, file).context("reading the manifest")?;
+        let holders = record.holders()?;
+        entries = holders.len();
+        for chunk in holders.chunks(4096) {
+            manifest.set_many(chunk)?;
+        }
+    }
+    fincrypt_engine::roots::set_sequence(&manifest, record.sequence)?;
+
+    progress.say("rebuilding the filesystem metadata");
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let meta = Meta::open(&fs_dir.join("meta.redb"), keys, uid, gid)
+        .context("creating the filesystem metadata")?;
+    let restored = snapshot::restore(&meta, &reader, &snap, &root, &mut |r| {
+        progress.set(format!(
+            "rebuilding the filesystem metadata: {} directories, {} files",
+            r.dirs, r.files
+        ))
+    })
+    .map_err(|e| missing_hint(e.into()))?;
+
+    let fs = Fossil::new(
+        meta,
+        store.clone(),
+        keys.clone(),
+        TreeParams::default(),
+        home.volume_dir(),
+    )?;
+    progress.say("asking holders which blocks they keep");
+    census(
+        runtime,
+        client,
+        &manifest,
+        &fs,
+        &snap,
+        root.manifest.as_ref(),
+        &known,
+    )?;
+    let mut missing = 0;
+    if all {
+        missing = fetch_all(&fs, &tiered, &progress)?;
+    }
+    fs.sync_all()?;
+    drop(fs);
+    progress.finish();
+    let holders = manifest.holder_peers()?.len();
+    let fetched_blocks = tiered.fetched_from_holders();
+    let fetched_bytes = volume.stats().own_bytes;
+    volume.shutdown()?;
+    if missing > 0 {
+        bail!(
+            "{missing} data blocks could not be fetched from any holder; the metadata is rebuilt, \
+             but run recover again (on an empty home) once more holders are online"
+        );
+    }
+    Ok(Recovered {
+        sequence: record.sequence,
+        published: record.time,
+        root_time: fincrypt_fs::snapdir::name(root.time),
+        restored,
+        holders,
+        manifest_entries: entries,
+        peers_asked: found.asked,
+        fetched_blocks,
+        fetched_bytes,
+        missing,
+    })
+}
+
+/// A block through the tiered store (holders from the manifest, then the
+/// peers nearest its score).
+fn fetch(tiered: &TieredStore, score: &Score) -> Result<bytes::Bytes> {
+    tiered.get(score).map_err(|e| {
+        anyhow::anyhow!(
+            "block {score} is on no peer reached ({e}); nothing usable was kept, run recover again once its holders are online"
+        )
+    })
+}
+
+fn missing_hint(e: anyhow::Error) -> anyhow::Error {
+    e.context("a metadata block could not be fetched from any peer reached; nothing usable was kept, run recover again once more holders are online")
+}
+
+/// Records who holds the blocks of the recovered tree that the manifest
+/// record could not list (the root, the record's own blocks, directories,
+/// and data placed after the record was written): `Has` of every peer
+/// known, in batches of scores, so the mount does not put them again.
+fn census(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    manifest: &Manifest,
+    fs: &Fossil,
+    snap: &SnapshotRecord,
+    record: Option<&FileRef>,
+    peers: &[PeerId],
+) -> Result<()> {
+    let reader = fs.reader();
+    let mut scores = vec![snap.root.score];
+    let mut seen = std::collections::HashSet::new();
+    if let Some(file) = record {
+        reader.visit_scores(file, &mut |p| scores.push(p.score))?;
+    }
+    fincrypt_fs::walk::walk(fs, &fincrypt_fs::walk::Walk::all(1), &mut |item| {
+        match item {
+            fincrypt_fs::walk::Item::Root { snap: s, root } => {
+                if s.root.score != snap.root.score && seen.insert(s.root.score) {
+                    scores.push(s.root.score);
+                }
+                if let Some(m) = root.manifest.as_ref().filter(|m| Some(*m) != record) {
+                    reader.visit_scores(m, &mut |p| {
+                        if seen.insert(p.score) {
+                            scores.push(p.score)
+                        }
+                    })?;
+                }
+            }
+            fincrypt_fs::walk::Item::Dir { content, .. }
+            | fincrypt_fs::walk::Item::File { content, .. } => {
+                reader.visit_scores(content, &mut |p| {
+                    if seen.insert(p.score) {
+                        scores.push(p.score)
+                    }
+                })?;
+            }
+        }
+        Ok(true)
+    })?;
+    let known = manifest.holders_of(scores.iter().copied())?;
+    let unlisted: Vec<Score> = scores
+        .iter()
+        .zip(known)
+        .filter(|(_, h)| h.is_empty())
+        .map(|(s, _)| *s)
+        .collect();
+    if unlisted.is_empty() {
+        return Ok(());
+    }
+    let mut holders: std::collections::HashMap<Score, Vec<PeerId>> = Default::default();
+    for chunk in unlisted.chunks(fincrypt_net::proto::MAX_SCORES) {
+        let answers =
+            runtime.block_on(futures::future::join_all(peers.iter().map(|&peer| {
+                let client = client.clone();
+                async move {
+                    tokio::time::timeout(Duration::from_secs(30), client.has(peer, chunk)).await
+                }
+            })));
+        for (peer, answer) in peers.iter().zip(answers) {
+            match answer {
+                Ok(Ok(flags)) => {
+                    for (s, held) in chunk.iter().zip(flags) {
+                        if held {
+                            holders.entry(*s).or_default().push(*peer);
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "a peer did not say what it holds")
+                }
+                Err(_) => tracing::debug!(%peer, "a peer did not say what it holds in time"),
+            }
+        }
+    }
+    let entries: Vec<(Score, Vec<PeerId>)> = holders.into_iter().collect();
+    for chunk in entries.chunks(4096) {
+        manifest.set_many(chunk)?;
+    }
+    Ok(())
+}
+
+/// Fetches every block of live files and retained snapshots into the
+/// volume; the number that no peer gave.
+fn fetch_all(fs: &Fossil, tiered: &TieredStore, progress: &Progress) -> Result<u64> {
+    let mut scores: Vec<Score> = Vec::new();
+    let reader = fs.reader();
+    let mut seen = std::collections::HashSet::new();
+    fincrypt_fs::walk::walk(fs, &fincrypt_fs::walk::Walk::all(1), &mut |item| {
+        let content: &FileRef = match item {
+            fincrypt_fs::walk::Item::Root { .. } => return Ok(true),
+            fincrypt_fs::walk::Item::Dir { content, .. } => content,
+            fincrypt_fs::walk::Item::File { content, .. } => content,
+        };
+        // Pointer blocks are read as the walk goes (that fetches them); the
+        // data blocks under them are listed here.
+        reader.visit_scores(content, &mut |p| {
+            if seen.insert(p.score) {
+                scores.push(p.score)
+            }
+        })?;
+        Ok(true)
+    })?;
+    let mut missing = 0;
+    let total = scores.len();
+    for (i, s) in scores.iter().enumerate() {
+        if !tiered.local().has(s)? && tiered.get(s).is_err() {
+            missing += 1;
+            tracing::warn!(score = %s, "no peer gave this block");
+        }
+        if i % 64 == 0 || i + 1 == total {
+            progress.set(format!("fetching data: {} of {total} blocks", i + 1));
+        }
+    }
+    Ok(missing)
+}
+
+/// A spinner with a message at a terminal; nothing otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.enable_steady_tick(Duration::from_millis(120));
+            b
+        });
+        Progress { bar }
+    }
+
+    fn say(&self, what: &str) {
+        self.set(what.to_owned());
+    }
+
+    fn set(&self, what: String) {
+        if let Some(b) = &self.bar {
+            b.set_message(what);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn restrict(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting permissions of {}", path.display()))
+}
