@@ -128,6 +128,10 @@ Mounted on $DIR/mnt (log $owner.log). Try:
   $BIN/fincryptctl --home $owner status
   $BIN/fincryptctl --home $DIR/node1 status
   $BIN/fincryptctl --home $owner manifest
-Ctrl-C stops everything.
+Ctrl-C stops everything. If the mount stops (unmounted, or killed to play a
+lost machine), the nodes keep running until Ctrl-C: README.md, "If your
+machine is lost", shows how to bring the files back from them.
 INFO
-wait "${pids[-1]}"
+wait "${pids[-1]}" || true
+echo "the mount has stopped; the nodes keep running until Ctrl-C" >&2
+wait

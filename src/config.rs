@@ -151,6 +151,10 @@ pub struct Config {
     pub holder_timeout: u64,
     /// Seconds between online scrubs of the local volume (0: only on request).
     pub scrub_interval: u64,
+    /// With peers: seconds after changes settle within which a root is
+    /// written and published, so a lost machine loses at most about that
+    /// much (0: publish only snapshots).
+    pub publish_interval: u64,
 }
 
 /// Accepts a list, or one string of addresses separated by commas or spaces
@@ -188,6 +192,7 @@ impl Default for Config {
             proof_failures: 3,
             holder_timeout: 30,
             scrub_interval: 7 * 24 * 3600,
+            publish_interval: 30,
         }
     }
 }
@@ -211,6 +216,7 @@ impl Config {
                 "proof_failures",
                 "holder_timeout",
                 "scrub_interval",
+                "publish_interval",
             ]))
             .extract()
             .with_context(|| format!("reading settings ({})", home.config_file().display()))
@@ -255,7 +261,12 @@ impl Config {
              \n\
              # Seconds between checks of every local block against its score\n\
              # (a damaged one is fetched again from a holder); 0: only on request.\n\
-             scrub_interval = {}\n",
+             scrub_interval = {}\n\
+             \n\
+             # With peers: seconds after changes settle within which the tree is\n\
+             # published to them, so a lost machine loses at most about that much\n\
+             # (0: only snapshots are published).\n\
+             publish_interval = {}\n",
             d.cache_capacity,
             d.snapshot_interval,
             d.snapshot_keep,
@@ -266,7 +277,8 @@ impl Config {
             d.proof_blocks,
             d.proof_failures,
             d.holder_timeout,
-            d.scrub_interval
+            d.scrub_interval,
+            d.publish_interval
         )
     }
 }

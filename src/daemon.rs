@@ -152,6 +152,19 @@ struct Daemon {
     runtime: tokio::runtime::Handle,
     /// The root the last root record published from here names.
     published: Mutex<Option<fincrypt_fs::meta::SnapshotRecord>>,
+    /// When the tree last changed without a root written since.
+    heads: Mutex<HeadState>,
+}
+
+/// What the publish worker knows of changes since the last root.
+#[derive(Default)]
+struct HeadState {
+    /// The metadata's tree generation right after the newest root was
+    /// written (at start: as the mount found it).
+    root_generation: Option<u64>,
+    /// The generation the last look saw, and since when it differs from `root_generation`.
+    seen: u64,
+    changed_since: Option<Instant>,
 }
 
 impl Daemon {
@@ -181,6 +194,7 @@ impl Daemon {
         let keep = self.config.snapshot_keep.max(1);
         snapshot::prune(&self.fs, keep - 1)?;
         let snap = snapshot::create_with_manifest(&self.fs, manifest)?;
+        self.root_written();
         snapshot::prune(&self.fs, keep)?;
         let freed = snapshot::gc(&self.fs, &self.volume)?;
         self.freed(&freed)?;
@@ -300,14 +314,15 @@ impl Daemon {
     }
 
     /// Publishes a root record naming the newest snapshot, unless one
-    /// already does. Unless `now`, only once the snapshot's blocks are
-    /// placed (its root block has holders and the queue is empty): a record
+    /// already does. Unless `now`, only once the root's blocks are on peers
+    /// (its root block has holders, and no queued block has none; blocks
+    /// still short of their full copies do not hold it back): a record
     /// naming blocks no peer has yet would not recover. 1 if it published.
     fn publish(&self, now: bool) -> Result<u64> {
         let Some(net) = &self.net else {
             return Ok(0);
         };
-        let Some(snap) = self.fs.meta().snapshots()?.pop() else {
+        let Some(snap) = self.fs.meta().roots()?.pop() else {
             return Ok(0);
         };
         let last = self
@@ -320,7 +335,10 @@ impl Daemon {
         }
         if !now {
             let manifest = net.engine.manifest();
-            if manifest.holders(&snap.root.score)?.is_empty() || manifest.queue_len()?.0 > 0 {
+            let root_held = !manifest.holders(&snap.root.score)?.is_empty();
+            let unheld = manifest.queued_without_holder()?;
+            if !root_held || unheld {
+                tracing::debug!(root_held, unheld, "the newest root is not on peers yet");
                 return Ok(0);
             }
         }
@@ -332,12 +350,61 @@ impl Daemon {
             snapshot = %fincrypt_fs::snapdir::name(snap.time),
             "published the root record"
         );
+        // Older heads are not needed to recover any more; GC frees what only they used.
+        {
+            let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+            snapshot::drop_heads_before(&self.fs, &snap)?;
+        }
         *self.published.lock().unwrap_or_else(|p| p.into_inner()) = Some(snap);
         Ok(1)
     }
 
+    /// The tree as it is now has a root.
+    fn root_written(&self) {
+        let mut h = self.heads.lock().unwrap_or_else(|p| p.into_inner());
+        h.root_generation = Some(self.fs.meta().tree_generation());
+        h.changed_since = None;
+    }
+
+    /// The publish worker: writes a head root once changes since the newest
+    /// root have settled (no change since the last look) or have waited
+    /// `publish_interval`, then publishes the newest root once it is placed.
     fn publish_when_placed(&self) -> Result<u64> {
+        let interval = Duration::from_secs(self.config.publish_interval);
+        if self.net.is_some() && !interval.is_zero() {
+            let now = self.fs.meta().tree_generation();
+            let write = {
+                let mut h = self.heads.lock().unwrap_or_else(|p| p.into_inner());
+                match h.root_generation {
+                    Some(g) if g == now => false,
+                    _ => {
+                        let since = *h.changed_since.get_or_insert_with(Instant::now);
+                        let settled = h.seen == now;
+                        h.seen = now;
+                        settled || since.elapsed() >= interval
+                    }
+                }
+            };
+            if write {
+                self.write_head()?;
+            }
+        }
         self.publish(false)
+    }
+
+    /// Writes a head root of the tree as it is, with the manifest.
+    fn write_head(&self) -> Result<()> {
+        let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(net) = &self.net else {
+            return Ok(());
+        };
+        let manifest = self.write_manifest(net.engine.manifest())?;
+        let head = snapshot::create_head(&self.fs, Some(manifest))?;
+        self.root_written();
+        tracing::debug!(head = %fincrypt_fs::snapdir::name(head.time), "wrote a root to publish");
+        // Its new blocks (directories, the root, the manifest) want copies.
+        net.engine.wake_replication();
+        Ok(())
     }
 
     fn replication(&self, engine: &Engine, under: u64) -> control::Replication {
@@ -596,6 +663,12 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         workers: Workers::new(runtime.handle().clone()),
         runtime: runtime.handle().clone(),
         published: Mutex::new(None),
+        // The newest root is taken to cover the tree as it is at start (a
+        // change made before a crash shows at the next change).
+        heads: Mutex::new(HeadState {
+            root_generation: Some(fs.meta().tree_generation()),
+            ..HeadState::default()
+        }),
     });
     start_workers(&daemon);
     if let Some(net) = &daemon.net {
@@ -643,7 +716,8 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
     Ok(())
 }
 
-/// How often the publish worker looks for a placed snapshot to publish.
+/// How often the publish worker looks for changes to write a root for, and
+/// for a placed root to publish (at most `publish_interval`).
 const PUBLISH_CHECK: Duration = Duration::from_secs(5);
 
 /// Seconds between GC runs when snapshots are not scheduled (they run GC themselves).
@@ -687,9 +761,10 @@ fn start_workers(daemon: &Arc<Daemon>) {
         );
     }
     if daemon.net.is_some() {
-        daemon
-            .workers
-            .spawn(job("publish", Daemon::publish_when_placed), PUBLISH_CHECK);
+        daemon.workers.spawn(
+            job("publish", Daemon::publish_when_placed),
+            PUBLISH_CHECK.min(Duration::from_secs(c.publish_interval.max(1))),
+        );
     }
     if let Some(net) = &daemon.net {
         net.engine.start(

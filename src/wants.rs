@@ -71,7 +71,7 @@ impl fincrypt_engine::Wants for FsWants {
         // Read before the walk: the walk sees at least these changes.
         let changed = meta.changed(usize::MAX).map_err(walk_error)?;
         let redundancy_changes = meta.redundancy_changes().map_err(walk_error)?;
-        let newest = meta.snapshots().map_err(walk_error)?.last().map(|s| s.time);
+        let newest = meta.roots().map_err(walk_error)?.last().map(|s| s.time);
         let (wanted, highest) = wanted(&self.fs, self.default).map_err(walk_error)?;
         self.hand_out(changed);
         let cursor = Cursor {

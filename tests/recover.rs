@@ -464,3 +464,81 @@ fn a_phrase_written_one_word_per_line_on_standard_input_is_read() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(home.path().join("key.toml").exists());
 }
+
+#[test]
+fn a_write_published_within_publish_interval_survives_a_machine_killed_before_any_snapshot() {
+    let (_homes, nodes) = nodes(3);
+    let (home, phrase) = owner_home();
+    set_config(home.path(), "publish_interval", "2");
+    let m = Mount::start_with(home, mount_opts(&nodes, &[]));
+    std::fs::create_dir_all(m.path().join("docs")).unwrap();
+    std::fs::write(m.path().join("docs/early"), b"before any snapshot").unwrap();
+    wait_until("a first root published", Duration::from_secs(120), || {
+        number(&status(m.home()), "root_sequence") >= 1
+    });
+    let first = number(&status(m.home()), "root_sequence");
+    let late = random_bytes(5, 300_000);
+    std::fs::write(m.path().join("docs/late"), &late).unwrap();
+    std::fs::remove_file(m.path().join("docs/early")).unwrap();
+    wait_until(
+        "the later changes published",
+        Duration::from_secs(120),
+        || number(&status(m.home()), "root_sequence") > first,
+    );
+    // Published roots between snapshots are not snapshots.
+    assert!(snapshot_names(m.path()).is_empty());
+    let before = tree(m.path());
+    // The machine dies: no unmount, no snapshot, no sync.
+    let home = m.kill9();
+    drop(home);
+
+    let new = tempfile::Builder::new()
+        .prefix("fincrypt-recovered-")
+        .tempdir()
+        .unwrap();
+    let out = recover(new.path(), &phrase, &["--bootstrap", &nodes[2].addr]);
+    assert!(
+        out.status.success(),
+        "recover: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    set_config(new.path(), "snapshot_interval", "0");
+    let m = Mount::start_with(new, mount_opts(&nodes, &[]));
+    assert_eq!(tree(m.path()), before, "the tree as last published");
+    assert!(!m.path().join("docs/early").exists());
+    assert_eq!(std::fs::read(m.path().join("docs/late")).unwrap(), late);
+    assert!(snapshot_names(m.path()).is_empty());
+    m.unmount();
+}
+
+#[test]
+fn a_recovery_killed_midway_leaves_no_key_and_a_second_one_completes() {
+    let (_homes, nodes) = nodes(3);
+    let (phrase, before) = lose_a_machine(&nodes, 64 << 20);
+    let new = tempfile::Builder::new().prefix("fincrypt-recovered-").tempdir().unwrap();
+    let mut child = fincrypt(new.path())
+        .args(["recover", "--all", "--bootstrap", &nodes[0].addr])
+        .env("FINCRYPT_RECOVERY_PHRASE", &phrase)
+        .env("FINCRYPT_PASSPHRASE", PASSPHRASE)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed once the metadata is being rebuilt, while data is still to come.
+    let meta = new.path().join("fs/meta.redb");
+    wait_until("recovery to start writing metadata", Duration::from_secs(120), || {
+        meta.exists() || child.try_wait().unwrap().is_some()
+    });
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "recovery was killed before it ended");
+    assert!(!new.path().join("key.toml").exists(), "an interrupted recovery writes no key");
+
+    let out = recover(new.path(), &phrase, &["--bootstrap", &nodes[1].addr]);
+    assert!(out.status.success(), "the second recover: {}{}", text(&out.stdout), text(&out.stderr));
+    set_config(new.path(), "snapshot_interval", "0");
+    let m = Mount::start_with(new, mount_opts(&nodes, &[]));
+    check_recovered(m.path(), &before);
+    m.unmount();
+}

@@ -26,6 +26,9 @@ const DIRENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("dirent
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const ORPHANS: TableDefinition<u64, ()> = TableDefinition::new("orphans");
 const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
+/// Roots written to be published between snapshots ("heads"), by time key
+/// like `snapshots`; not listed in `.snapshots/`.
+const HEADS: TableDefinition<u64, &[u8]> = TableDefinition::new("heads");
 /// Each (inode, directory) pair a name links, with how many names do.
 const PARENTS: TableDefinition<(u64, u64), u32> = TableDefinition::new("parents");
 /// Inodes changed since a consumer last took them, with the stamp of the
@@ -166,6 +169,9 @@ pub struct Meta {
     name_key: [u8; 32],
     /// Write transactions committed since open: changes when anything does.
     generation: std::sync::atomic::AtomicU64,
+    /// Commits that changed an inode or a name (not snapshots, heads or
+    /// the engine's bookkeeping).
+    tree_generation: std::sync::atomic::AtomicU64,
 }
 
 impl Meta {
@@ -183,6 +189,7 @@ impl Meta {
             cipher,
             name_key,
             generation: std::sync::atomic::AtomicU64::new(0),
+            tree_generation: std::sync::atomic::AtomicU64::new(0),
         };
         let mut txn = meta.write()?;
         // Read transactions cannot open a table that was never created.
@@ -190,6 +197,7 @@ impl Meta {
         txn.txn.open_table(DIRENTS)?;
         txn.txn.open_table(ORPHANS)?;
         txn.txn.open_table(SNAPSHOTS)?;
+        txn.txn.open_table(HEADS)?;
         txn.txn.open_table(PARENTS)?;
         txn.txn.open_table(CHANGED)?;
         let version = txn.counter("version")?;
@@ -268,6 +276,7 @@ impl Meta {
             txn: self.db.begin_write()?,
             meta: self,
             stamp: None,
+            touched: false,
         })
     }
 
@@ -275,6 +284,14 @@ impl Meta {
     /// changed in between (the durability engine skips work on it).
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Commits since open that changed an inode or a name: equal values
+    /// mean the tree is as it was (roots, heads and the engine's
+    /// bookkeeping do not count).
+    pub fn tree_generation(&self) -> u64 {
+        self.tree_generation
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A consistent read-only view of the whole metadata at this moment.
@@ -339,12 +356,34 @@ impl Meta {
 
     /// Retained snapshots, oldest first.
     pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>, FsError> {
+        self.records(SNAPSHOTS, b"s")
+    }
+
+    /// Roots written between snapshots to be published, oldest first (kept
+    /// until a newer root is published).
+    pub fn heads(&self) -> Result<Vec<SnapshotRecord>, FsError> {
+        self.records(HEADS, b"h")
+    }
+
+    /// Every root kept: the retained snapshots and the heads, oldest first.
+    pub fn roots(&self) -> Result<Vec<SnapshotRecord>, FsError> {
+        let mut all = self.snapshots()?;
+        all.extend(self.heads()?);
+        all.sort_by_key(|r| r.time);
+        Ok(all)
+    }
+
+    fn records(
+        &self,
+        table: TableDefinition<u64, &[u8]>,
+        tag: &[u8],
+    ) -> Result<Vec<SnapshotRecord>, FsError> {
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(SNAPSHOTS)?;
+        let t = txn.open_table(table)?;
         let mut out = Vec::new();
         for item in t.iter()? {
             let (k, v) = item?;
-            out.push(self.open_value(b"s", &k.value().to_le_bytes(), v.value())?);
+            out.push(self.open_value(tag, &k.value().to_le_bytes(), v.value())?);
         }
         Ok(out)
     }
@@ -489,6 +528,8 @@ pub struct WriteTxn<'a> {
     meta: &'a Meta,
     /// The stamp of this transaction's changes, once one is made.
     stamp: Option<u64>,
+    /// An inode or a name was written or removed.
+    touched: bool,
 }
 
 impl WriteTxn<'_> {
@@ -503,6 +544,7 @@ impl WriteTxn<'_> {
 
     /// Writes an inode.
     pub fn put_inode(&mut self, ino: u64, inode: &Inode) -> Result<(), FsError> {
+        self.touched = true;
         let sealed = self.meta.seal_value(b"i", &ino.to_le_bytes(), inode)?;
         self.txn.open_table(INODES)?.insert(ino, &sealed[..])?;
         self.mark_changed(ino)
@@ -510,6 +552,7 @@ impl WriteTxn<'_> {
 
     /// Deletes an inode record.
     pub fn remove_inode(&mut self, ino: u64) -> Result<(), FsError> {
+        self.touched = true;
         self.txn.open_table(INODES)?.remove(ino)?;
         self.txn.open_table(CHANGED)?.remove(ino)?;
         Ok(())
@@ -578,6 +621,7 @@ impl WriteTxn<'_> {
 
     /// Adds or replaces the entry `d.name` in `parent`.
     pub fn put_dirent(&mut self, parent: u64, d: &Dirent) -> Result<(), FsError> {
+        self.touched = true;
         let cookie = self.meta.cookie(parent, &d.name);
         let mut t = self.txn.open_table(DIRENTS)?;
         let mut replaced = None;
@@ -606,6 +650,7 @@ impl WriteTxn<'_> {
 
     /// Removes the entry `name` from `parent`.
     pub fn remove_dirent(&mut self, parent: u64, name: &[u8]) -> Result<(), FsError> {
+        self.touched = true;
         let cookie = self.meta.cookie(parent, name);
         let old = self
             .txn
@@ -661,6 +706,39 @@ impl WriteTxn<'_> {
         Ok(())
     }
 
+    /// Records a head root under its time key.
+    pub fn put_head(&mut self, key: u64, s: &SnapshotRecord) -> Result<(), FsError> {
+        let sealed = self.meta.seal_value(b"h", &key.to_le_bytes(), s)?;
+        self.txn.open_table(HEADS)?.insert(key, &sealed[..])?;
+        Ok(())
+    }
+
+    /// Drops the head roots with a time key above `key`; how many went.
+    pub fn remove_heads_after(&mut self, key: u64) -> Result<u64, FsError> {
+        let mut t = self.txn.open_table(HEADS)?;
+        let newer: Vec<u64> = t
+            .range(key.saturating_add(1)..)?
+            .map(|item| item.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
+        for k in &newer {
+            t.remove(*k)?;
+        }
+        Ok(newer.len() as u64)
+    }
+
+    /// Drops the head roots with a time key below `key`; how many went.
+    pub fn remove_heads_before(&mut self, key: u64) -> Result<u64, FsError> {
+        let mut t = self.txn.open_table(HEADS)?;
+        let old: Vec<u64> = t
+            .range(..key)?
+            .map(|item| item.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
+        for k in &old {
+            t.remove(*k)?;
+        }
+        Ok(old.len() as u64)
+    }
+
     /// Drops a snapshot record.
     pub fn remove_snapshot(&mut self, key: u64) -> Result<(), FsError> {
         self.txn.open_table(SNAPSHOTS)?.remove(key)?;
@@ -692,6 +770,11 @@ impl WriteTxn<'_> {
         self.meta
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::Release);
+        if self.touched {
+            self.meta
+                .tree_generation
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
         Ok(())
     }
 }

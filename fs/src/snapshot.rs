@@ -120,6 +120,10 @@ pub struct RootRecord {
     /// (this root not among them): what a machine recovered from this root
     /// lists in `.snapshots/`. Empty in roots before version 3.
     pub snapshots: Vec<SnapshotRecord>,
+    /// True for a snapshot (listed in `.snapshots/`), false for a head: a
+    /// root written only to be published between snapshots. True in roots
+    /// before version 3.
+    pub snapshot: bool,
 }
 
 /// A root record as version 1 wrote it.
@@ -155,6 +159,7 @@ impl RootRecord {
                     previous: r.previous,
                     manifest: None,
                     snapshots: Vec::new(),
+                    snapshot: true,
                 })
             }
             Some(2) => {
@@ -166,6 +171,7 @@ impl RootRecord {
                     previous: r.previous,
                     manifest: r.manifest,
                     snapshots: Vec::new(),
+                    snapshot: true,
                 })
             }
             Some(SNAPSHOT_VERSION) => Ok(postcard::from_bytes(plain)?),
@@ -212,6 +218,31 @@ pub fn create(fs: &Fossil) -> Result<SnapshotRecord, FsError> {
 pub fn create_with_manifest(
     fs: &Fossil,
     manifest: Option<FileRef>,
+) -> Result<SnapshotRecord, FsError> {
+    write_root(fs, manifest, true)
+}
+
+/// Seals all writes and writes the tree under a *head*: a root to publish
+/// between snapshots, kept (for GC and replication) but not listed in
+/// `.snapshots/`, until [`drop_heads_before`] a newer published root. Heads
+/// written since the oldest kept one go (they were never published).
+pub fn create_head(fs: &Fossil, manifest: Option<FileRef>) -> Result<SnapshotRecord, FsError> {
+    write_root(fs, manifest, false)
+}
+
+/// Forgets the heads older than `root` (once `root` is published, they are
+/// not needed to recover); GC then frees what only they used.
+pub fn drop_heads_before(fs: &Fossil, root: &SnapshotRecord) -> Result<u64, FsError> {
+    let mut txn = fs.meta().write()?;
+    let n = txn.remove_heads_before(key_of(root.time))?;
+    fs.commit_durably(txn)?;
+    Ok(n)
+}
+
+fn write_root(
+    fs: &Fossil,
+    manifest: Option<FileRef>,
+    as_snapshot: bool,
 ) -> Result<SnapshotRecord, FsError> {
     fs.sync_all()?;
     let (keys, params) = fs.keys();
@@ -277,7 +308,7 @@ pub fn create_with_manifest(
         }
     };
     let mut retained = fs.meta().snapshots()?;
-    let last = retained.last().cloned();
+    let last = fs.meta().roots()?.pop();
     let manifest = match (manifest, &last) {
         (Some(m), _) => Some(m),
         // An unreadable previous root only costs the carried-over manifest.
@@ -293,6 +324,7 @@ pub fn create_with_manifest(
         previous,
         manifest,
         snapshots: std::mem::take(&mut retained),
+        snapshot: as_snapshot,
     };
     let bytes = postcard::to_allocvec(&record)?;
     let sealed = block::seal(&keys.content, BlockKind::Root, &bytes)?;
@@ -301,8 +333,20 @@ pub fn create_with_manifest(
         time,
         root: sealed.pointer,
     };
+    let oldest_head = fs.meta().heads()?.first().map(|h| key_of(h.time));
     let mut txn = fs.meta().write()?;
-    txn.put_snapshot(key_of(time), &snap)?;
+    if as_snapshot {
+        txn.put_snapshot(key_of(time), &snap)?;
+    } else {
+        // Heads newer than the oldest were never published (publishing one
+        // drops those before it) and this one supersedes them: so at most
+        // the last published head and the newest stay, however long
+        // publishing fails.
+        if let Some(k) = oldest_head {
+            txn.remove_heads_after(k)?;
+        }
+        txn.put_head(key_of(time), &snap)?;
+    }
     fs.commit_durably(txn)?;
     Ok(snap)
 }
@@ -386,8 +430,8 @@ fn inode_of(e: &SnapEntry, nlink: u32, target: Vec<u8>) -> Inode {
 
 /// Rebuilds the live namespace of a new, empty `meta` (only its root
 /// directory) from the tree of root `snap` (decoded as `root`), reading
-/// directory streams through `reader`, and lists `snap` and the snapshots
-/// it retained in `.snapshots/`. Entries that share an inode number become
+/// directory streams through `reader`, and lists the snapshots it retained
+/// (and `snap` itself, if it is a snapshot; else it is kept as a head). Entries that share an inode number become
 /// hard links of one inode; inode numbers are given afresh. Work is one
 /// commit per directory, the last one durable; `progress` sees the counts
 /// after each directory.
@@ -476,9 +520,15 @@ pub fn restore<S: BlockStore>(
             txn.put_inode(*child, &inode)?;
         }
     }
-    for s in root.snapshots.iter().chain(std::iter::once(snap)) {
+    for s in &root.snapshots {
         txn.put_snapshot(key_of(s.time), s)?;
         done.snapshots += 1;
+    }
+    if root.snapshot {
+        txn.put_snapshot(key_of(snap.time), snap)?;
+        done.snapshots += 1;
+    } else {
+        txn.put_head(key_of(snap.time), snap)?;
     }
     txn.commit(true)?;
     progress(&done);
@@ -632,7 +682,7 @@ mod tests {
         };
         let r = RootRecord::decode(&postcard::to_allocvec(&old).unwrap()).unwrap();
         assert_eq!((r.version, r.manifest, &r.tree), (1, None, &tree));
-        assert!(r.snapshots.is_empty());
+        assert!(r.snapshots.is_empty() && r.snapshot);
 
         let manifest = FileRef::Tree(pointer(9));
         let v2 = WrittenByV2 {
@@ -660,11 +710,13 @@ mod tests {
                 time: Time { secs: 5, nanos: 6 },
                 root: pointer(4),
             }],
+            snapshot: false,
         };
         let r = RootRecord::decode(&postcard::to_allocvec(&new).unwrap()).unwrap();
         assert_eq!((r.version, r.manifest, r.tree), (3, Some(manifest), linked));
         assert_eq!(r.snapshots.len(), 1);
         assert_eq!(r.snapshots[0].root.score, Score([4; 32]));
+        assert!(!r.snapshot);
 
         let mut future = postcard::to_allocvec(&new).unwrap();
         future[0] = 4;

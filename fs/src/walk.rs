@@ -202,7 +202,8 @@ pub fn walk(
         }
     }
 
-    for snap in fs.meta().snapshots()? {
+    let heads: Vec<Time> = fs.meta().heads()?.iter().map(|h| h.time).collect();
+    for snap in fs.meta().roots()? {
         if opts.snapshots_after.is_some_and(|t| snap.time <= t) {
             continue;
         }
@@ -212,7 +213,12 @@ pub fn walk(
             snap: &snap,
             root: &r,
         })?;
-        let name = if opts.paths {
+        let name = if opts.paths && heads.contains(&snap.time) {
+            format!(
+                "(the root published at {})",
+                crate::snapdir::name(snap.time)
+            )
+        } else if opts.paths {
             format!("/.snapshots/{}", crate::snapdir::name(snap.time))
         } else {
             String::new()

@@ -549,6 +549,22 @@ impl Manifest {
         Ok((wants, releases))
     }
 
+    /// Whether some block queued for copies has no confirmed holder at all
+    /// (stops at the first): while one has, what it belongs to cannot be
+    /// recovered from peers yet.
+    pub fn queued_without_holder(&self) -> Result<bool> {
+        let txn = self.db.begin_read()?;
+        let queue = txn.open_table(QUEUE)?;
+        let holders = txn.open_table(HOLDERS)?;
+        for item in queue.iter()? {
+            let (k, v) = item?;
+            if v.value() > 0 && holders.get(k.value())?.is_none_or(|h| h.value().is_empty()) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Whether `score` has a confirmed holder or is queued.
     pub fn knows(&self, score: &Score) -> Result<bool> {
         let txn = self.db.begin_read()?;
