@@ -356,6 +356,22 @@ fn print_status(v: &Status) {
         format!("{} blocks ({})", v.cached_blocks, bytes(v.cached_bytes)),
     );
     row("peers connected", v.peers.to_string());
+    if v.role == "serve" {
+        row("root records kept", format!("{} owners", v.root_records));
+    }
+    if v.role == "mount" && v.peer_id.is_some() {
+        row(
+            "root published",
+            match &v.root_published {
+                Some(name) => format!("{name} (sequence {})", v.root_sequence),
+                None if v.root_sequence > 0 => format!(
+                    "none since start (last sequence {})",
+                    v.root_sequence
+                ),
+                None => "none yet: a new machine could not recover this one".into(),
+            },
+        );
+    }
     if v.role == "mount" {
         let r = &v.replication;
         row("under-replicated", format!("{} blocks", r.under_replicated));
