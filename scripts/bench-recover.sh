@@ -123,9 +123,11 @@ recover_into() {  # HOME [--all]: seconds, then bytes in its volume
   local home=$1; shift
   local t0 t1
   t0=$(now)
-  FINCRYPT_RECOVERY_PHRASE=$PHRASE "$FC" --home "$home" recover --bootstrap "${ADDRS[0]}" "$@" \
+  FINCRYPT_LOG=warn,fincrypt::recover=info FINCRYPT_RECOVERY_PHRASE=$PHRASE "$FC" --home "$home" recover --bootstrap "${ADDRS[0]}" "$@" \
     >"$home.out" 2>"$home.err" || die "recover $* failed: $(cat "$home.err")"
   t1=$(now)
+  # Where the time went, step by step, for the log.
+  sed -n 's/.*recovery step done step=\(.*\) ms=\([0-9]*\).*/  \1: \2 ms/p' "$home.err" >&2
   echo "$(elapsed "$t0" "$t1") $(bytes_in "$home/volume")"
 }
 

@@ -269,6 +269,7 @@ fn run(
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let meta = Meta::open(&fs_dir.join("meta.redb"), keys, uid, gid)
         .context("creating the filesystem metadata")?;
+    prefetch_dirs(&reader, &root.tree).map_err(missing_hint)?;
     let restored = snapshot::restore(&meta, &reader, &snap, &root, &mut |r| {
         progress.set(format!(
             "rebuilding the filesystem metadata: {} directories, {} files",
@@ -296,6 +297,7 @@ fn run(
     )?;
     let mut missing = 0;
     if all {
+        progress.say("fetching every data block");
         missing = fetch_all(&fs, &tiered, &progress)?;
     }
     fs.sync_all()?;
@@ -337,6 +339,47 @@ fn fetch(tiered: &TieredStore, score: &Score) -> Result<bytes::Bytes> {
 
 fn missing_hint(e: anyhow::Error) -> anyhow::Error {
     e.context("a metadata block could not be fetched from any peer reached; nothing usable was kept, run recover again once more holders are online")
+}
+
+/// Fetches the tree's directory streams into the volume, a level at a time
+/// and several at once, so rebuilding the metadata reads them locally rather
+/// than waiting on one round trip per directory.
+fn prefetch_dirs(
+    reader: &TreeReader<Arc<dyn BlockStore>>,
+    tree: &snapshot::SnapEntry,
+) -> Result<()> {
+    let mut level = vec![tree.clone()];
+    while !level.is_empty() {
+        let next = std::sync::Mutex::new(Vec::new());
+        let failed = std::sync::Mutex::new(None);
+        let at = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..FETCH_THREADS.min(level.len()) {
+                scope.spawn(|| {
+                    loop {
+                        let i = at.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(d) = level.get(i) else { break };
+                        match snapshot::read_dir_with(reader, d) {
+                            Ok(entries) => next.lock().unwrap_or_else(|p| p.into_inner()).extend(
+                                entries
+                                    .into_iter()
+                                    .filter(|e| e.kind == fincrypt_fs::meta::Kind::Dir),
+                            ),
+                            Err(e) => {
+                                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(anyhow::Error::from(e).context("fetching a directory"));
+        }
+        level = next.into_inner().unwrap_or_else(|p| p.into_inner());
+    }
+    Ok(())
 }
 
 /// Records who holds the blocks of the recovered tree that the manifest
@@ -446,23 +489,53 @@ fn fetch_all(fs: &Fossil, tiered: &TieredStore, progress: &Progress) -> Result<u
         })?;
         Ok(true)
     })?;
-    let mut missing = 0;
     let total = scores.len();
-    for (i, s) in scores.iter().enumerate() {
-        if !tiered.local().has(s)? && tiered.get(s).is_err() {
-            missing += 1;
-            tracing::warn!(score = %s, "no peer gave this block");
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let missing = std::sync::atomic::AtomicU64::new(0);
+    let failed: std::sync::Mutex<Option<anyhow::Error>> = std::sync::Mutex::new(None);
+    // Several blocks in flight: one at a time, a round trip and a durable
+    // write each, the network and the disk would mostly wait.
+    std::thread::scope(|scope| {
+        for _ in 0..FETCH_THREADS {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(s) = scores.get(i) else { break };
+                    match tiered.local().has(s) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            if tiered.get(s).is_err() {
+                                missing.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                tracing::warn!(score = %s, "no peer gave this block");
+                            }
+                        }
+                        Err(e) => {
+                            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.into());
+                            break;
+                        }
+                    }
+                    if i % 64 == 0 || i + 1 == total {
+                        progress.set(format!("fetching data: {} of {total} blocks", i + 1));
+                    }
+                }
+            });
         }
-        if i % 64 == 0 || i + 1 == total {
-            progress.set(format!("fetching data: {} of {total} blocks", i + 1));
-        }
+    });
+    if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e.context("reading the local volume"));
     }
-    Ok(missing)
+    Ok(missing.into_inner())
 }
+
+/// Blocks `--all` fetches at once.
+const FETCH_THREADS: usize = 8;
 
 /// A spinner with a message at a terminal; nothing otherwise.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
+    /// When recovery started and the step before this one ended, for the log.
+    start: std::time::Instant,
+    step: std::sync::Mutex<(String, std::time::Instant)>,
 }
 
 impl Progress {
@@ -472,11 +545,32 @@ impl Progress {
             b.enable_steady_tick(Duration::from_millis(120));
             b
         });
-        Progress { bar }
+        let now = std::time::Instant::now();
+        Progress {
+            bar,
+            start: now,
+            step: std::sync::Mutex::new((String::new(), now)),
+        }
     }
 
+    /// A new step; the one before is logged with how long it took.
     fn say(&self, what: &str) {
+        self.done_with_step();
+        *self.step.lock().unwrap_or_else(|p| p.into_inner()) =
+            (what.to_owned(), std::time::Instant::now());
         self.set(what.to_owned());
+    }
+
+    fn done_with_step(&self) {
+        let (name, since) = self.step.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !name.is_empty() {
+            tracing::info!(
+                step = %name,
+                ms = since.elapsed().as_millis() as u64,
+                total_ms = self.start.elapsed().as_millis() as u64,
+                "recovery step done"
+            );
+        }
     }
 
     fn set(&self, what: String) {
@@ -486,6 +580,7 @@ impl Progress {
     }
 
     fn finish(&self) {
+        self.done_with_step();
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }

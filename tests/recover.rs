@@ -516,7 +516,10 @@ fn a_write_published_within_publish_interval_survives_a_machine_killed_before_an
 fn a_recovery_killed_midway_leaves_no_key_and_a_second_one_completes() {
     let (_homes, nodes) = nodes(3);
     let (phrase, before) = lose_a_machine(&nodes, 64 << 20);
-    let new = tempfile::Builder::new().prefix("fincrypt-recovered-").tempdir().unwrap();
+    let new = tempfile::Builder::new()
+        .prefix("fincrypt-recovered-")
+        .tempdir()
+        .unwrap();
     let mut child = fincrypt(new.path())
         .args(["recover", "--all", "--bootstrap", &nodes[0].addr])
         .env("FINCRYPT_RECOVERY_PHRASE", &phrase)
@@ -527,16 +530,26 @@ fn a_recovery_killed_midway_leaves_no_key_and_a_second_one_completes() {
         .unwrap();
     // Killed once the metadata is being rebuilt, while data is still to come.
     let meta = new.path().join("fs/meta.redb");
-    wait_until("recovery to start writing metadata", Duration::from_secs(120), || {
-        meta.exists() || child.try_wait().unwrap().is_some()
-    });
+    wait_until(
+        "recovery to start writing metadata",
+        Duration::from_secs(120),
+        || meta.exists() || child.try_wait().unwrap().is_some(),
+    );
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert!(!status.success(), "recovery was killed before it ended");
-    assert!(!new.path().join("key.toml").exists(), "an interrupted recovery writes no key");
+    assert!(
+        !new.path().join("key.toml").exists(),
+        "an interrupted recovery writes no key"
+    );
 
     let out = recover(new.path(), &phrase, &["--bootstrap", &nodes[1].addr]);
-    assert!(out.status.success(), "the second recover: {}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the second recover: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     set_config(new.path(), "snapshot_interval", "0");
     let m = Mount::start_with(new, mount_opts(&nodes, &[]));
     check_recovered(m.path(), &before);

@@ -364,10 +364,9 @@ fn print_status(v: &Status) {
             "root published",
             match &v.root_published {
                 Some(name) => format!("{name} (sequence {})", v.root_sequence),
-                None if v.root_sequence > 0 => format!(
-                    "none since start (last sequence {})",
-                    v.root_sequence
-                ),
+                None if v.root_sequence > 0 => {
+                    format!("none since start (last sequence {})", v.root_sequence)
+                }
                 None => "none yet: a new machine could not recover this one".into(),
             },
         );
