@@ -514,7 +514,7 @@ fn fetch_all(fs: &Fossil, tiered: &TieredStore, progress: &Progress) -> Result<u
                             break;
                         }
                     }
-                    if i % 64 == 0 || i + 1 == total {
+                    if i.is_multiple_of(64) || i + 1 == total {
                         progress.set(format!("fetching data: {} of {total} blocks", i + 1));
                     }
                 }
