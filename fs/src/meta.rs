@@ -277,6 +277,7 @@ impl Meta {
             meta: self,
             stamp: None,
             touched: false,
+            unfed: false,
         })
     }
 
@@ -530,6 +531,8 @@ pub struct WriteTxn<'a> {
     stamp: Option<u64>,
     /// An inode or a name was written or removed.
     touched: bool,
+    /// Changes here are not put in the change feed ([`WriteTxn::without_change_feed`]).
+    unfed: bool,
 }
 
 impl WriteTxn<'_> {
@@ -560,6 +563,9 @@ impl WriteTxn<'_> {
 
     /// Notes that `ino` changed in this transaction.
     fn mark_changed(&mut self, ino: u64) -> Result<(), FsError> {
+        if self.unfed {
+            return Ok(());
+        }
         let stamp = match self.stamp {
             Some(s) => s,
             None => {
@@ -678,6 +684,12 @@ impl WriteTxn<'_> {
         let n = self.counter("next_ino")?;
         self.set_counter("next_ino", n + 1)?;
         Ok(n)
+    }
+
+    /// Keeps this transaction's changes out of the `changed` table: for a
+    /// namespace rebuilt whole, which the durability engine walks in full.
+    pub fn without_change_feed(&mut self) {
+        self.unfed = true;
     }
 
     /// Inode numbers from `n` on are free (a namespace rebuilt from a

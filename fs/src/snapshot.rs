@@ -391,6 +391,9 @@ fn decode_dir(bytes: &[u8]) -> Result<Vec<SnapEntry>, FsError> {
     }
 }
 
+/// Entries [`restore`] writes per commit.
+const RESTORE_ROWS_PER_COMMIT: usize = 8192;
+
 /// What [`restore`] rebuilt, so far or in all.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Restored {
@@ -432,9 +435,10 @@ fn inode_of(e: &SnapEntry, nlink: u32, target: Vec<u8>) -> Inode {
 /// directory) from the tree of root `snap` (decoded as `root`), reading
 /// directory streams through `reader`, and lists the snapshots it retained
 /// (and `snap` itself, if it is a snapshot; else it is kept as a head). Entries that share an inode number become
-/// hard links of one inode; inode numbers are given afresh. Work is one
-/// commit per directory, the last one durable; `progress` sees the counts
-/// after each directory.
+/// hard links of one inode; inode numbers are given afresh. Rows go in
+/// commits of some thousands, the last one durable, and not into the change
+/// feed (the engine of a recovered home walks everything first); `progress`
+/// sees the counts after each commit.
 pub fn restore<S: BlockStore>(
     meta: &Meta,
     reader: &TreeReader<S>,
@@ -454,9 +458,18 @@ pub fn restore<S: BlockStore>(
     let root_target = meta.inode(ROOT_INO)?.target;
     // Directories still to list: their number here, entry and parent's number.
     let mut dirs: Vec<(u64, SnapEntry, u64)> = vec![(ROOT_INO, root.tree.clone(), ROOT_INO)];
+    // A recovered home walks everything once anyway (its engine has never
+    // walked), so the rows go in large commits and not into the change feed.
+    let fresh_txn = || -> Result<crate::meta::WriteTxn<'_>, FsError> {
+        let mut txn = meta.write()?;
+        txn.without_change_feed();
+        Ok(txn)
+    };
+    let mut txn = fresh_txn()?;
+    let mut rows = 0usize;
     while let Some((ino, dir, parent)) = dirs.pop() {
         let entries = read_dir_with(reader, &dir)?;
-        let mut txn = meta.write()?;
+        rows += entries.len() + 1;
         let subdirs = entries.iter().filter(|e| e.kind == Kind::Dir).count() as u32;
         let target = if ino == ROOT_INO {
             root_target.clone()
@@ -507,12 +520,16 @@ pub fn restore<S: BlockStore>(
                 dirs.push((child, e, ino));
             }
         }
-        txn.set_next_ino(next)?;
-        txn.commit(false)?;
         done.dirs += 1;
-        progress(&done);
+        if rows >= RESTORE_ROWS_PER_COMMIT {
+            txn.set_next_ino(next)?;
+            txn.commit(false)?;
+            txn = fresh_txn()?;
+            rows = 0;
+            progress(&done);
+        }
     }
-    let mut txn = meta.write()?;
+    txn.set_next_ino(next)?;
     for (child, names) in linked.values() {
         if *names > 1 {
             let mut inode = txn.inode(*child)?;
