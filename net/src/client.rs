@@ -390,6 +390,23 @@ impl Client {
         }
     }
 
+    /// Tells `peer` that this node is a device of `owner` (`signature` from
+    /// [`crate::root::Owner::bind`] over this node's PeerId).
+    pub async fn bind(
+        &self,
+        peer: PeerId,
+        owner: [u8; 32],
+        signature: Vec<u8>,
+    ) -> Result<(), Error> {
+        match self
+            .request(peer, Request::Bind { owner, signature })
+            .await?
+        {
+            Response::Stored => Ok(()),
+            other => Err(unexpected(peer, &other)),
+        }
+    }
+
     /// The root record `peer` keeps for `owner`, checked: a record that does
     /// not verify, or names another owner, is [`Error::Protocol`].
     pub async fn get_root(

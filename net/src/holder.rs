@@ -196,6 +196,19 @@ impl Inner {
                 "this node offers no bulk connections",
             )),
             Request::PutRoot { record } => self.put_root(&record),
+            Request::Bind { owner, signature } => {
+                if !crate::root::verify_binding(&owner, &peer, &signature) {
+                    Err(ErrorCode::bad_request(
+                        "the binding does not verify for this peer",
+                    ))
+                } else {
+                    match self.ledger.bind(&peer, &owner) {
+                        Ok(true) => Ok(Response::Stored),
+                        Ok(false) => Err(ErrorCode::Full { free: 0 }),
+                        Err(e) => Err(unavailable("record a device", e)),
+                    }
+                }
+            }
             Request::GetRoot { owner } => self
                 .ledger
                 .root(&owner)
@@ -374,7 +387,16 @@ impl Inner {
         Ok(Bitmap::from_bools(held))
     }
 
+    /// The owner `peer` is a bound device of; none if unknown or unreadable.
+    fn owner_of(&self, peer: &PeerId) -> Option<[u8; 32]> {
+        self.ledger.owner_of(peer).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the devices table");
+            None
+        })
+    }
+
     fn release(&self, peer: PeerId, scores: &[Score]) -> Result<Bitmap, ErrorCode> {
+        let owner = self.owner_of(&peer);
         let mut released = vec![false; scores.len()];
         let mut by_stripe: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, s) in scores.iter().enumerate() {
@@ -392,16 +414,23 @@ impl Inner {
                     .ledger
                     .placers(&score)
                     .map_err(|e| unavailable("read the ledger", e))?;
-                if !placers.contains(&peer) || removals.contains(&(score, peer)) {
+                // The requester's own placement, and those of other devices
+                // of the same owner (a recovered machine has a new PeerId).
+                let mine: Vec<PeerId> = placers
+                    .iter()
+                    .copied()
+                    .filter(|p| *p == peer || owner.is_some() && self.owner_of(p) == owner)
+                    .collect();
+                if mine.is_empty() || removals.iter().any(|(s, _)| *s == score) {
                     continue;
                 }
-                // The last placer's release frees the block, before its
-                // placement goes: a crash in between leaves a placement
+                // The last placers' release frees the block, before their
+                // placements go: a crash in between leaves a placement
                 // without a block, which a release again clears.
-                if placers.len() == 1 {
+                if placers.len() == mine.len() {
                     self.delete_held(&score)?;
                 }
-                removals.push((score, peer));
+                removals.extend(mine.into_iter().map(|p| (score, p)));
                 released[i] = true;
             }
             if !removals.is_empty() {
@@ -543,6 +572,68 @@ mod tests {
             h.answer_blocking(p, Request::PutRoot { record: rec(2) }),
             Response::Error(ErrorCode::Stale { sequence: 3 })
         );
+    }
+
+    #[test]
+    fn a_bound_device_releases_what_another_device_of_its_owner_placed() {
+        use crate::root::Owner;
+        let (_d, h) = holder(1 << 20);
+        let owner = Owner::from_seed(&[3; 32]);
+        let (lost, recovered, stranger) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let (s, data) = block(7, 5000);
+        let (t, other) = block(8, 5000);
+        for (score, data) in [(s, data), (t, other.clone())] {
+            assert_eq!(
+                h.answer_blocking(lost, Request::Put { score, data }),
+                Response::Stored
+            );
+        }
+        // Another peer's placement of t stays whatever the owner's devices do.
+        assert_eq!(
+            h.answer_blocking(
+                stranger,
+                Request::Put {
+                    score: t,
+                    data: other
+                }
+            ),
+            Response::Stored
+        );
+        let bind = |p: PeerId, sig: Vec<u8>| {
+            h.answer_blocking(
+                p,
+                Request::Bind {
+                    owner: owner.public(),
+                    signature: sig,
+                },
+            )
+        };
+        // Unbound, or bound with a signature over another PeerId: releases are ignored.
+        let release =
+            |p: PeerId| match h.answer_blocking(p, Request::Release { scores: vec![s, t] }) {
+                Response::Released { released } => released.to_bools(),
+                other => panic!("{other:?}"),
+            };
+        assert_eq!(release(recovered), vec![false, false]);
+        assert!(matches!(
+            bind(recovered, owner.bind(&stranger)),
+            Response::Error(ErrorCode::BadRequest(_))
+        ));
+        assert_eq!(release(recovered), vec![false, false]);
+        // The lost machine was bound before it was lost; the recovered one now is.
+        assert_eq!(bind(lost, owner.bind(&lost)), Response::Stored);
+        assert_eq!(bind(recovered, owner.bind(&recovered)), Response::Stored);
+        assert_eq!(release(recovered), vec![true, true]);
+        // s is gone; t stays for the stranger.
+        assert!(matches!(
+            h.answer_blocking(stranger, Request::Get { score: s }),
+            Response::Error(ErrorCode::UnknownBlock)
+        ));
+        assert!(matches!(
+            h.answer_blocking(stranger, Request::Get { score: t }),
+            Response::Block { .. }
+        ));
+        assert_eq!(h.placers(&t).unwrap(), vec![stranger]);
     }
 
     #[test]

@@ -37,6 +37,10 @@ const PLACERS: MultimapTableDefinition<[u8; 32], &[u8]> = MultimapTableDefinitio
 const META: TableDefinition<&str, u64> = TableDefinition::new("placement_meta");
 /// Root slots: owner public key -> the newest valid root record it sent.
 const ROOTS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("root_slots");
+/// Devices: PeerId bytes -> the owner key that signed it is one of its devices.
+const DEVICES: TableDefinition<&[u8], [u8; 32]> = TableDefinition::new("devices");
+/// The most devices a node remembers; a new one beyond it is refused.
+pub const MAX_DEVICES: u64 = 1_000_000;
 /// The most owners a node keeps a root slot for; a new owner beyond it is refused.
 pub const MAX_ROOT_SLOTS: u64 = 100_000;
 /// The table of versions in a separate ledger file of version 1.
@@ -70,6 +74,7 @@ impl Ledger {
                 }
             }
             txn.open_table(ROOTS)?;
+            txn.open_table(DEVICES)?;
             let mut placers = txn.open_multimap_table(PLACERS)?;
             if old_file.exists() {
                 let moved = move_in(old_file, &mut placers)?;
@@ -185,6 +190,31 @@ impl Ledger {
         };
         txn.commit()?;
         Ok(outcome)
+    }
+
+    /// Records that `peer` is a device of `owner` (the signature already
+    /// checked); false if the table is full.
+    pub fn bind(&self, peer: &PeerId, owner: &[u8; 32]) -> Result<bool, Error> {
+        let txn = self.db().begin_write()?;
+        let ok = {
+            let mut t = txn.open_table(DEVICES)?;
+            let key = peer.to_bytes();
+            if t.get(key.as_slice())?.is_none() && t.len()? >= MAX_DEVICES {
+                false
+            } else {
+                t.insert(key.as_slice(), *owner)?;
+                true
+            }
+        };
+        txn.commit()?;
+        Ok(ok)
+    }
+
+    /// The owner `peer` is bound to, if any.
+    pub fn owner_of(&self, peer: &PeerId) -> Result<Option<[u8; 32]>, Error> {
+        let txn = self.db().begin_read()?;
+        let t = txn.open_table(DEVICES)?;
+        Ok(t.get(peer.to_bytes().as_slice())?.map(|v| v.value()))
     }
 
     /// The root record kept for `owner`, as it was sent.

@@ -68,6 +68,9 @@ pub enum Request {
     PutRoot { record: Bytes },
     /// Send me the root record you keep for the owner with this public key.
     GetRoot { owner: [u8; 32] },
+    /// I am a device of this owner (its signature of my PeerId): my
+    /// releases also count for what its other devices placed.
+    Bind { owner: [u8; 32], signature: Vec<u8> },
 }
 
 /// The AES-256-GCM key of one bulk connection, chosen at random by the peer
@@ -270,6 +273,9 @@ impl Request {
                     "{} scores exceed the limit of {MAX_SCORES} per request",
                     scores.len()
                 ))
+            }
+            Request::Bind { signature, .. } if signature.len() > 64 => {
+                Err("a binding signature is 64 bytes".into())
             }
             Request::PutRoot { record } if record.len() > crate::root::MAX_ROOT_RECORD_LEN => {
                 Err(format!(

@@ -24,6 +24,8 @@ pub const MAX_ROOT_RECORD_LEN: usize = 4096;
 const SIGNING_DOMAIN: &[u8] = b"fincrypt root record v1\0";
 /// The sealed part's associated data, before the owner key and sequence.
 const SEALING_DOMAIN: &[u8] = b"fincrypt root pointer v1\0";
+/// What a device binding's signature covers, before the PeerId's bytes.
+const DEVICE_DOMAIN: &[u8] = b"fincrypt device of owner v1\0";
 const SIGNATURE_LEN: usize = 64;
 const TAG_LEN: usize = 16;
 
@@ -94,6 +96,27 @@ impl Owner {
         }
         Ok(record)
     }
+}
+
+impl Owner {
+    /// The owner's signature that node `peer` is one of its devices: a
+    /// holder that has it lets `peer` release what the owner's other devices
+    /// placed (a recovered machine has a new PeerId).
+    pub fn bind(&self, peer: &libp2p::PeerId) -> Vec<u8> {
+        let mut msg = DEVICE_DOMAIN.to_vec();
+        msg.extend_from_slice(&peer.to_bytes());
+        self.keypair.sign(&msg)
+    }
+}
+
+/// Whether `signature` is `owner`'s binding of `peer` ([`Owner::bind`]).
+pub fn verify_binding(owner: &[u8; 32], peer: &libp2p::PeerId, signature: &[u8]) -> bool {
+    let Ok(key) = ed25519::PublicKey::try_from_bytes(owner) else {
+        return false;
+    };
+    let mut msg = DEVICE_DOMAIN.to_vec();
+    msg.extend_from_slice(&peer.to_bytes());
+    signature.len() == SIGNATURE_LEN && key.verify(&msg, signature)
 }
 
 /// The DHT key of the owner with public key `owner`.
@@ -283,6 +306,17 @@ mod tests {
             SignedRoot::decode(&vec![1u8; MAX_ROOT_RECORD_LEN + 1]),
             Err(RootError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn a_device_binding_verifies_only_for_its_owner_and_peer() {
+        let o = owner(4);
+        let (p, q) = (libp2p::PeerId::random(), libp2p::PeerId::random());
+        let sig = o.bind(&p);
+        assert!(verify_binding(&o.public(), &p, &sig));
+        assert!(!verify_binding(&o.public(), &q, &sig));
+        assert!(!verify_binding(&owner(5).public(), &p, &sig));
+        assert!(!verify_binding(&o.public(), &p, &sig[..63]));
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! the phrase finds it through any node, and every peer that holds the
 //! owner's blocks (its root slot). Peers keep only the highest valid
 //! sequence per owner, so finding the newest is asking several and taking
-//! the highest that verifies.
+//! the highest that verifies. With each record goes a device binding (the
+//! owner's signature of this node's PeerId), so a holder lets this machine
+//! release what another device of the owner placed.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -97,9 +99,25 @@ impl Publisher {
                 .sign(sequence, crate::unix_now(), &self.seal_key, pointer)
                 .map_err(|e| Error::Format(e.to_string()))?;
             let bytes = Bytes::from(record.encode().map_err(|e| Error::Format(e.to_string()))?);
+            let binding = self.owner.bind(&self.client.local_peer_id());
+            let owner = self.owner.public();
             let answers = futures::future::join_all(targets.iter().map(|&peer| {
-                let (client, bytes) = (self.client.clone(), bytes.clone());
+                let (client, bytes, binding) =
+                    (self.client.clone(), bytes.clone(), binding.clone());
                 async move {
+                    // This machine is the owner's device: its releases count
+                    // for what a machine it was recovered from placed.
+                    match tokio::time::timeout(ROOT_TIMEOUT, client.bind(peer, owner, binding))
+                        .await
+                    {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "a peer did not record this device")
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "a peer did not record this device in time")
+                        }
+                    }
                     match tokio::time::timeout(ROOT_TIMEOUT, client.put_root(peer, bytes)).await {
                         Ok(r) => r,
                         Err(_) => Err(fincrypt_net::Error::Timeout { peer }),

@@ -105,6 +105,29 @@ async fn the_newest_record_wins_everywhere_and_no_peer_rolls_it_back() {
     // The publisher learns of the higher sequence from a Stale answer and goes above it.
     let four = within(publisher.publish(b"fourth root")).await.unwrap();
     assert!(four.sequence > 3, "{four:?}");
+    // A block the first device placed is released by a second device of the
+    // same owner (a machine recovered from the phrase has a new PeerId), once
+    // both published (each publication binds its node to the owner).
+    let (score, data) = common::block(77, 4000);
+    within(node.client().put(ids[0], score, data))
+        .await
+        .unwrap();
+    let second = owner_node(&peers).await;
+    let dir2 = tempfile::tempdir().unwrap();
+    let manifest2 = Arc::new(Manifest::open(&dir2.path().join("manifest.redb")).unwrap());
+    roots::set_sequence(&manifest2, four.sequence).unwrap();
+    let publisher2 = Publisher::new(&SEED, SEAL, second.client(), manifest2);
+    let five = within(publisher2.publish(b"fifth root")).await.unwrap();
+    assert!(five.sequence > four.sequence);
+    let released = within(second.client().release(ids[0], &[score]))
+        .await
+        .unwrap();
+    assert_eq!(
+        released,
+        vec![true],
+        "the second device released the first one's block"
+    );
+    assert!(within(second.client().get(ids[0], score)).await.is_err());
     // An owner with no record anywhere: found nothing, every peer answered.
     let none = within(roots::find_newest(&node.client(), [1; 32], &ids)).await;
     assert!(none.newest.is_none());
