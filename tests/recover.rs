@@ -415,6 +415,20 @@ fn recover_refuses_bad_phrases_unknown_owners_and_unreachable_peers_and_writes_n
         !home.path().join("key.toml").exists(),
         "no key written after a failed recovery"
     );
+    // The same through the config's bootstrap (here its FINCRYPT_ variable).
+    let out = run(
+        fincrypt(home.path())
+            .arg("recover")
+            .env("FINCRYPT_BOOTSTRAP", &nodes[0].addr)
+            .env("FINCRYPT_RECOVERY_PHRASE", &good)
+            .env("FINCRYPT_PASSPHRASE", PASSPHRASE),
+        Duration::from_secs(120),
+    );
+    assert!(
+        text(&out.stderr).contains("no root found for this phrase among 1 peers"),
+        "{}",
+        text(&out.stderr)
+    );
     // Nobody listening there.
     let out = recover(home.path(), &good, &["--bootstrap", "/ip4/127.0.0.1/tcp/9"]);
     assert!(!out.status.success());
