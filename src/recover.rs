@@ -351,32 +351,15 @@ fn prefetch_dirs(
     let mut level = vec![tree.clone()];
     while !level.is_empty() {
         let next = std::sync::Mutex::new(Vec::new());
-        let failed = std::sync::Mutex::new(None);
-        let at = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|scope| {
-            for _ in 0..FETCH_THREADS.min(level.len()) {
-                scope.spawn(|| {
-                    loop {
-                        let i = at.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(d) = level.get(i) else { break };
-                        match snapshot::read_dir_with(reader, d) {
-                            Ok(entries) => next.lock().unwrap_or_else(|p| p.into_inner()).extend(
-                                entries
-                                    .into_iter()
-                                    .filter(|e| e.kind == fincrypt_fs::meta::Kind::Dir),
-                            ),
-                            Err(e) => {
-                                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                                break;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(anyhow::Error::from(e).context("fetching a directory"));
-        }
+        in_parallel(&level, |_, d| {
+            let entries = snapshot::read_dir_with(reader, d).context("fetching a directory")?;
+            next.lock().unwrap_or_else(|p| p.into_inner()).extend(
+                entries
+                    .into_iter()
+                    .filter(|e| e.kind == fincrypt_fs::meta::Kind::Dir),
+            );
+            Ok(())
+        })?;
         level = next.into_inner().unwrap_or_else(|p| p.into_inner());
     }
     Ok(())
@@ -395,37 +378,17 @@ fn census(
     record: Option<&FileRef>,
     peers: &[PeerId],
 ) -> Result<()> {
-    let reader = fs.reader();
     let mut scores = vec![snap.root.score];
-    let mut seen = std::collections::HashSet::new();
     if let Some(file) = record {
-        reader.visit_scores(file, &mut |p| scores.push(p.score))?;
+        fs.reader()
+            .visit_scores(file, &mut |p| scores.push(p.score))?;
     }
-    fincrypt_fs::walk::walk(fs, &fincrypt_fs::walk::Walk::all(1), &mut |item| {
-        match item {
-            fincrypt_fs::walk::Item::Root { snap: s, root } => {
-                if s.root.score != snap.root.score && seen.insert(s.root.score) {
-                    scores.push(s.root.score);
-                }
-                if let Some(m) = root.manifest.as_ref().filter(|m| Some(*m) != record) {
-                    reader.visit_scores(m, &mut |p| {
-                        if seen.insert(p.score) {
-                            scores.push(p.score)
-                        }
-                    })?;
-                }
-            }
-            fincrypt_fs::walk::Item::Dir { content, .. }
-            | fincrypt_fs::walk::Item::File { content, .. } => {
-                reader.visit_scores(content, &mut |p| {
-                    if seen.insert(p.score) {
-                        scores.push(p.score)
-                    }
-                })?;
-            }
+    let mut seen: std::collections::HashSet<Score> = scores.iter().copied().collect();
+    for s in tree_blocks(fs, true)? {
+        if seen.insert(s) {
+            scores.push(s);
         }
-        Ok(true)
-    })?;
+    }
     let known = manifest.holders_of(scores.iter().copied())?;
     let unlisted: Vec<Score> = scores
         .iter()
@@ -471,60 +434,81 @@ fn census(
 /// Fetches every block of live files and retained snapshots into the
 /// volume; the number that no peer gave.
 fn fetch_all(fs: &Fossil, tiered: &TieredStore, progress: &Progress) -> Result<u64> {
-    let mut scores: Vec<Score> = Vec::new();
-    let reader = fs.reader();
-    let mut seen = std::collections::HashSet::new();
-    fincrypt_fs::walk::walk(fs, &fincrypt_fs::walk::Walk::all(1), &mut |item| {
-        let content: &FileRef = match item {
-            fincrypt_fs::walk::Item::Root { .. } => return Ok(true),
-            fincrypt_fs::walk::Item::Dir { content, .. } => content,
-            fincrypt_fs::walk::Item::File { content, .. } => content,
-        };
-        // Pointer blocks are read as the walk goes (that fetches them); the
-        // data blocks under them are listed here.
-        reader.visit_scores(content, &mut |p| {
-            if seen.insert(p.score) {
-                scores.push(p.score)
-            }
-        })?;
-        Ok(true)
-    })?;
+    let scores = tree_blocks(fs, false)?;
     let total = scores.len();
-    let next = std::sync::atomic::AtomicUsize::new(0);
     let missing = std::sync::atomic::AtomicU64::new(0);
-    let failed: std::sync::Mutex<Option<anyhow::Error>> = std::sync::Mutex::new(None);
     // Several blocks in flight: one at a time, a round trip and a durable
     // write each, the network and the disk would mostly wait.
+    in_parallel(&scores, |i, s| {
+        if !tiered.local().has(s).context("reading the local volume")? && tiered.get(s).is_err() {
+            missing.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(score = %s, "no peer gave this block");
+        }
+        if i.is_multiple_of(64) || i + 1 == total {
+            progress.set(format!("fetching data: {} of {total} blocks", i + 1));
+        }
+        Ok(())
+    })?;
+    Ok(missing.into_inner())
+}
+
+/// Every block under the live tree and the retained roots' trees, once
+/// each (reading pointer blocks and directories as it goes, which fetches
+/// them); with `roots`, each root block and manifest record too.
+fn tree_blocks(fs: &Fossil, roots: bool) -> Result<Vec<Score>> {
+    let reader = fs.reader();
+    let mut scores = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut add = |s: Score| {
+        if seen.insert(s) {
+            scores.push(s)
+        }
+    };
+    fincrypt_fs::walk::walk(fs, &fincrypt_fs::walk::Walk::all(1), &mut |item| {
+        match item {
+            fincrypt_fs::walk::Item::Root { snap, root } => {
+                if roots {
+                    add(snap.root.score);
+                    if let Some(m) = &root.manifest {
+                        reader.visit_scores(m, &mut |p| add(p.score))?;
+                    }
+                }
+            }
+            fincrypt_fs::walk::Item::Dir { content, .. }
+            | fincrypt_fs::walk::Item::File { content, .. } => {
+                reader.visit_scores(content, &mut |p| add(p.score))?
+            }
+        }
+        Ok(true)
+    })?;
+    Ok(scores)
+}
+
+/// Runs `f` on every item, [`FETCH_THREADS`] at a time; the first error.
+fn in_parallel<T: Sync>(items: &[T], f: impl Fn(usize, &T) -> Result<()> + Sync) -> Result<()> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed: std::sync::Mutex<Option<anyhow::Error>> = std::sync::Mutex::new(None);
     std::thread::scope(|scope| {
-        for _ in 0..FETCH_THREADS {
+        for _ in 0..FETCH_THREADS.min(items.len()) {
             scope.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(s) = scores.get(i) else { break };
-                    match tiered.local().has(s) {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            if tiered.get(s).is_err() {
-                                missing.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                tracing::warn!(score = %s, "no peer gave this block");
-                            }
-                        }
-                        Err(e) => {
-                            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.into());
-                            break;
-                        }
-                    }
-                    if i.is_multiple_of(64) || i + 1 == total {
-                        progress.set(format!("fetching data: {} of {total} blocks", i + 1));
+                    let Some(item) = items.get(i) else { break };
+                    if let Err(e) = f(i, item) {
+                        failed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                        break;
                     }
                 }
             });
         }
     });
-    if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e.context("reading the local volume"));
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    Ok(missing.into_inner())
 }
 
 /// Blocks `--all` fetches at once.

@@ -4,10 +4,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::{
     Mount, Rng, assert_same_bytes, contains, ctl, ctl_ok, disk_state, init_home, init_home_in,
-    random_bytes, refused_mount, regular_files, text, wait_until,
+    random_bytes, refused_mount, regular_files, set_xattr, text, wait_until,
 };
 
 const KIB: u64 = 1 << 10;
@@ -602,28 +600,6 @@ fn a_wrong_passphrase_is_refused_and_touches_nothing() {
         &random_bytes(3, 200_000),
     );
     m.unmount();
-}
-
-fn set_xattr(path: &Path, name: &str, value: &[u8]) {
-    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
-    let n = CString::new(name).unwrap();
-    // SAFETY: valid C strings and a buffer of the stated length.
-    let r = unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "setxattr {name} on {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
 }
 
 #[test]

@@ -13,22 +13,12 @@ use std::time::Duration;
 
 use common::{
     COMMAND_DEADLINE, DiskEntry, Mount, PASSPHRASE, Served, ctl, ctl_ok, disk_state, fincrypt,
-    mount_opts, number, random_bytes, run, serve, set_config, status, text, wait_until,
+    mount_opts, number, random_bytes, run, set_config, set_xattr, status, text, wait_until,
 };
 
 /// Serve nodes with 1 GiB each.
 fn nodes(n: usize) -> (Vec<tempfile::TempDir>, Vec<Served>) {
-    let homes: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes = homes
-        .iter()
-        .map(|h| {
-            serve(
-                h.path(),
-                &["--listen", "/ip4/127.0.0.1/tcp/0", "--capacity", "1GiB"],
-            )
-        })
-        .collect();
-    (homes, nodes)
+    common::serve_nodes(n)
 }
 
 /// A new owner home with redundancy 3 and no scheduled snapshots; its phrase.
@@ -49,28 +39,6 @@ fn owner_home() -> (tempfile::TempDir, String) {
     set_config(home.path(), "snapshot_interval", "0");
     set_config(home.path(), "redundancy", "3");
     (home, phrase)
-}
-
-fn set_xattr(path: &Path, name: &str, value: &[u8]) {
-    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
-    let n = CString::new(name).unwrap();
-    // SAFETY: valid C strings and a buffer of the stated length.
-    let r = unsafe {
-        libc::lsetxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    assert_eq!(
-        r,
-        0,
-        "setxattr on {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
 }
 
 /// Every user xattr of `path` (not following a symlink), by name.

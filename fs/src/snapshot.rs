@@ -52,6 +52,7 @@ pub struct SnapEntry {
 /// A [`SnapEntry`] as version 1 directory streams (and version 1 and 2
 /// roots) wrote it.
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct SnapEntryV1 {
     name: Vec<u8>,
     kind: Kind,
@@ -618,27 +619,8 @@ mod tests {
         }
     }
 
-    /// An entry as version 1 directory streams and version 1 and 2 roots wrote it.
-    #[derive(Serialize)]
-    struct EntryV1 {
-        name: Vec<u8>,
-        kind: Kind,
-        perm: u16,
-        uid: u32,
-        gid: u32,
-        size: u64,
-        atime: Time,
-        mtime: Time,
-        ctime: Time,
-        rdev: u32,
-        content: FileRef,
-        target: Vec<u8>,
-        xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
-        redundancy: Option<u8>,
-    }
-
-    fn v1_of(e: &SnapEntry) -> EntryV1 {
-        EntryV1 {
+    fn v1_of(e: &SnapEntry) -> SnapEntryV1 {
+        SnapEntryV1 {
             name: e.name.clone(),
             kind: e.kind,
             perm: e.perm,
@@ -661,7 +643,7 @@ mod tests {
     struct WrittenByV1 {
         version: u8,
         time: Time,
-        tree: EntryV1,
+        tree: SnapEntryV1,
         previous: Option<Pointer>,
     }
 
@@ -670,7 +652,7 @@ mod tests {
     struct WrittenByV2 {
         version: u8,
         time: Time,
-        tree: EntryV1,
+        tree: SnapEntryV1,
         previous: Option<Pointer>,
         manifest: Option<FileRef>,
     }
@@ -745,7 +727,7 @@ mod tests {
         #[derive(Serialize)]
         struct StreamV1 {
             version: u8,
-            entries: Vec<EntryV1>,
+            entries: Vec<SnapEntryV1>,
         }
         let mut e = dir_entry();
         e.name = b"a".to_vec();

@@ -419,6 +419,15 @@ async fn a_restarted_node_keeps_its_peer_id_and_its_blocks() {
     drop(holder);
     // The old address no longer answers.
     assert!(within(oc.get(first_id, score)).await.is_err());
+    // A request answered on the blocking pool when the node stopped keeps
+    // the volume open until it ends (the runtime cannot abort it): wait
+    // until the volume can be opened again.
+    eventually("the volume to be released", || async {
+        LocalStore::open(&dir.path().join("held"), StoreOptions::default())
+            .ok()
+            .map(drop)
+    })
+    .await;
 
     let (node, holder) = start_in(dir.path(), 1 << 30, tcp(), vec![]).await;
     assert_eq!(node.peer_id(), first_id);

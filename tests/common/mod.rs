@@ -630,6 +630,31 @@ pub fn regular_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Sets the extended attribute `name` of `path` (of a symlink itself, not
+/// its target).
+pub fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    use std::os::unix::ffi::OsStrExt;
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C strings and a buffer of the stated length.
+    let r = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setxattr {name} on {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
 /// True if `needle` occurs in `hay`.
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
@@ -797,10 +822,10 @@ pub fn mount_opts(nodes: &[Served], env: &[(&str, &str)]) -> StartOptions {
     }
 }
 
-/// `nodes` serve nodes (1 GiB each) and a mount bootstrapped to them, with `env` for the mount.
-pub fn network(nodes: usize, env: &[(&str, &str)]) -> (Vec<TempDir>, Vec<Served>, Mount) {
-    let node_homes: Vec<TempDir> = (0..nodes).map(|_| tempfile::tempdir().unwrap()).collect();
-    let nodes: Vec<Served> = node_homes
+/// `n` serve nodes on 127.0.0.1, 1 GiB each, and their homes.
+pub fn serve_nodes(n: usize) -> (Vec<TempDir>, Vec<Served>) {
+    let homes: Vec<TempDir> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes = homes
         .iter()
         .map(|h| {
             serve(
@@ -809,6 +834,12 @@ pub fn network(nodes: usize, env: &[(&str, &str)]) -> (Vec<TempDir>, Vec<Served>
             )
         })
         .collect();
+    (homes, nodes)
+}
+
+/// `nodes` serve nodes (1 GiB each) and a mount bootstrapped to them, with `env` for the mount.
+pub fn network(nodes: usize, env: &[(&str, &str)]) -> (Vec<TempDir>, Vec<Served>, Mount) {
+    let (node_homes, nodes) = serve_nodes(nodes);
     let m = Mount::start_with(init_home(), mount_opts(&nodes, env));
     (node_homes, nodes, m)
 }
