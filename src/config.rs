@@ -4,14 +4,37 @@
 //! configuration lives in `$XDG_CONFIG_HOME/fincrypt` (`~/.config/fincrypt`)
 //! and data in `$XDG_DATA_HOME/fincrypt` (`~/.local/share/fincrypt`).
 //! Settings come from `config.toml`, then `FINCRYPT_*` environment variables
-//! (a `.env` file in the working directory may set them), later ones winning.
+//! (a `.env` file in the working directory, and only there, may set them),
+//! later ones winning.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+
+/// The `.env` read at start, if any.
+static ENV_FILE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+
+/// Loads `.env` from the working directory, never from a parent (both
+/// `fincrypt` and `fincryptctl` call this first, so they act on the same
+/// home); variables already set win. The file read, if one was.
+pub fn load_dotenv() -> Result<Option<PathBuf>> {
+    let path = PathBuf::from(".env");
+    let read = match dotenvy::from_path(&path) {
+        Ok(()) => Some(std::path::absolute(&path).unwrap_or(path)),
+        Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).context("reading .env in the working directory"),
+    };
+    let _ = ENV_FILE.set(read.clone());
+    Ok(read)
+}
+
+/// The `.env` that [`load_dotenv`] read, if any.
+pub fn env_file() -> Option<PathBuf> {
+    ENV_FILE.get().cloned().flatten()
+}
 
 /// The `--home` option both commands take.
 #[derive(clap::Args, Clone, Debug)]
@@ -112,10 +135,81 @@ impl Home {
         })
     }
 
+    /// Takes the home for this process (`what` says for what, e.g. "mount
+    /// on /mnt"), before anything else under it is opened; refused, with
+    /// the PID and use of the holder, while another process has it. The
+    /// lock goes with the returned value (or the process).
+    pub fn lock(&self, what: &str) -> Result<HomeLock> {
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        create_private_dir(&self.data_dir)?;
+        if self.config_dir != self.data_dir {
+            create_private_dir(&self.config_dir)?;
+        }
+        let path = self.data_dir.join("lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                bail!(
+                    "this home ({}) is in use by {}: stop that first, or use another --home",
+                    self.data_dir.display(),
+                    if holder.is_empty() {
+                        "another process".to_owned()
+                    } else {
+                        holder.to_owned()
+                    }
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "PID {} ({what})", std::process::id())?;
+        file.flush()?;
+        Ok(HomeLock { _file: file })
+    }
+
     /// True once `fincrypt init` (or `recover`) has run here.
     pub fn is_initialised(&self) -> bool {
         self.key_file().exists()
     }
+}
+
+/// A home taken by [`Home::lock`]; dropping it lets others in.
+#[derive(Debug)]
+pub struct HomeLock {
+    _file: std::fs::File,
+}
+
+/// Creates `dir` and its missing parents as 0700 (whatever the umask), and
+/// makes an existing one 0700 if it is looser: a home holds keys, metadata
+/// and the ledger of who placed what, none of it for other local users.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// Settings from `config.toml` and `FINCRYPT_*` variables.
@@ -155,6 +249,58 @@ pub struct Config {
     /// written and published, so a lost machine loses at most about that
     /// much (0: publish only snapshots).
     pub publish_interval: u64,
+}
+
+/// Refuses a `config.toml` with a setting Fincrypt does not know (a
+/// misspelt key would otherwise be ignored), naming the nearest known one.
+fn check_keys(file: &Path, keys: &[String]) -> Result<()> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+    };
+    let table: toml::Table = toml::from_str(&text)
+        .with_context(|| format!("{} is not valid TOML", file.display()))?;
+    for key in table.keys() {
+        if keys.iter().any(|k| k == key) {
+            continue;
+        }
+        let nearest = keys
+            .iter()
+            .map(|k| (strsim::damerau_levenshtein(k, key), k))
+            .min()
+            .filter(|(d, _)| *d <= 3)
+            .map(|(_, k)| format!(" (did you mean `{k}`?)"))
+            .unwrap_or_default();
+        bail!(
+            "{}: unknown setting `{key}`{nearest}; the settings are: {}",
+            file.display(),
+            keys.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A settings error that names the key as the user writes it (in the file,
+/// or as its `FINCRYPT_` variable), not by figment's profile path.
+fn explain(e: figment::Error, file: &Path) -> anyhow::Error {
+    let lines: Vec<String> = e
+        .into_iter()
+        .map(|e| {
+            let key = e.path.last().cloned().unwrap_or_default();
+            let from_env = e
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.to_lowercase().contains("environment"));
+            let place = if from_env {
+                format!("FINCRYPT_{}", key.to_uppercase())
+            } else {
+                format!("`{key}` in {}", file.display())
+            };
+            format!("{place}: {}", e.kind)
+        })
+        .collect();
+    anyhow::anyhow!("bad setting: {}", lines.join("; "))
 }
 
 /// Accepts a list, or one string of addresses separated by commas or spaces
@@ -200,26 +346,23 @@ impl Default for Config {
 impl Config {
     /// Loads the settings of `home`; a missing file means defaults.
     pub fn load(home: &Home) -> Result<Config> {
+        let file = home.config_file();
+        let keys = Config::keys();
+        check_keys(&file, &keys)?;
+        let names: Vec<&str> = keys.iter().map(String::as_str).collect();
         Figment::from(Serialized::defaults(Config::default()))
-            .merge(Toml::file(home.config_file()))
-            .merge(Env::prefixed("FINCRYPT_").only(&[
-                "cache_capacity",
-                "snapshot_interval",
-                "snapshot_keep",
-                "listen",
-                "bootstrap",
-                "redundancy",
-                "holder_capacity",
-                "replicate_interval",
-                "proof_interval",
-                "proof_blocks",
-                "proof_failures",
-                "holder_timeout",
-                "scrub_interval",
-                "publish_interval",
-            ]))
+            .merge(Toml::file(&file))
+            .merge(Env::prefixed("FINCRYPT_").only(&names))
             .extract()
-            .with_context(|| format!("reading settings ({})", home.config_file().display()))
+            .map_err(|e| explain(e, &file))
+    }
+
+    /// The names of every setting, as `config.toml` spells them.
+    pub fn keys() -> Vec<String> {
+        match toml::Table::try_from(Config::default()) {
+            Ok(t) => t.keys().cloned().collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// The commented file `init` writes, so a user can see what may be set.

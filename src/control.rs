@@ -68,6 +68,9 @@ pub struct Status {
     pub listen_addrs: Vec<String>,
     /// The TCP port bulk connections are accepted on, if offered.
     pub bulk_port: Option<u16>,
+    /// The bootstrap addresses given, and whether each was reached.
+    #[serde(default)]
+    pub bootstrap: Vec<fincrypt_net::BootstrapPeer>,
     /// Peers connected now.
     pub peers: u64,
     /// Own blocks and bytes in the local volume.
@@ -78,6 +81,10 @@ pub struct Status {
     pub held_bytes: u64,
     /// Room offered to peers (bytes).
     pub capacity: u64,
+    /// Of it, what the disk has room for now (a storage node's; less than
+    /// `capacity` when its disk is nearly full).
+    #[serde(default)]
+    pub offered: Option<u64>,
     /// Cached copies and their bytes.
     pub cached_blocks: u64,
     pub cached_bytes: u64,
@@ -98,6 +105,11 @@ pub struct Status {
     pub replication: ReplicationStatus,
     /// Workers by state.
     pub workers: WorkersSummary,
+    /// The `config.toml` the daemon read (none: it runs on defaults).
+    pub config_file: Option<PathBuf>,
+    /// The `.env` the daemon read at start (none: there was none in its
+    /// working directory).
+    pub env_file: Option<PathBuf>,
 }
 
 /// Replication's side of [`Status`].
@@ -220,6 +232,10 @@ pub struct HeldBlock {
 /// What an online scrub found and did.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ScrubSummary {
+    /// Which daemon checked: `mount` (its own volume) or `storage node`
+    /// (the volume it holds for peers).
+    #[serde(default)]
+    pub by: String,
     /// Blocks read and checked.
     pub checked: u64,
     /// Scores of blocks whose bytes did not match.
@@ -311,12 +327,23 @@ fn answer(conn: UnixStream, handle: &dyn Fn(Request) -> Result<Answer>) -> Resul
 /// Sends one request to the daemon of `data_dir` and returns its answer.
 pub fn call(data_dir: &Path, req: &Request, timeout: Option<Duration>) -> Result<Answer> {
     let path = socket_path(data_dir);
-    let mut conn = UnixStream::connect(&path).map_err(|e| {
-        anyhow::anyhow!(
+    let mut conn = UnixStream::connect(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+            "the daemon of {} is not yours to talk to ({}: permission denied): run this as the \
+             user that started it",
+            data_dir.display(),
+            path.display()
+        ),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
             "no Fincrypt daemon is running for {} ({}: {e}); start one with `fincrypt mount`",
             data_dir.display(),
             path.display()
-        )
+        ),
+        _ => anyhow::anyhow!(
+            "cannot reach the daemon of {} ({}: {e})",
+            data_dir.display(),
+            path.display()
+        ),
     })?;
     conn.set_read_timeout(timeout)?;
     serde_json::to_writer(&mut conn, req)?;

@@ -27,6 +27,8 @@ use crate::wants::FsWants;
 pub struct MountArgs {
     pub mountpoint: PathBuf,
     pub allow_other: bool,
+    /// Mount read-only.
+    pub read_only: bool,
     /// Peer addresses to listen on; they replace the config's when given.
     pub listen: Vec<Multiaddr>,
     /// Peers to join through; they replace the config's when given.
@@ -39,6 +41,8 @@ struct Net {
     client: Client,
     listen_addrs: Vec<Multiaddr>,
     bulk_port: Option<u16>,
+    /// What became of the bootstrap addresses.
+    bootstraps: fincrypt_net::BootstrapPeers,
     engine: Arc<Engine>,
     /// Publishes the owner's root records.
     publisher: Publisher,
@@ -112,6 +116,7 @@ impl Net {
         Ok(Some(Net {
             publisher,
             bulk_port: node.bulk_port(),
+            bootstraps: node.bootstrap_peers(),
             node: Mutex::new(Some(node)),
             client,
             listen_addrs,
@@ -143,6 +148,8 @@ struct Daemon {
     tiered: Arc<TieredStore>,
     config: Config,
     mountpoint: PathBuf,
+    /// The `config.toml` read at start, if there was one.
+    config_file: Option<PathBuf>,
     /// Serialises snapshots, pruning, GC and the engine's walks.
     snapshots: Arc<Mutex<()>>,
     /// The peer node, if peers are configured.
@@ -428,6 +435,8 @@ impl Daemon {
         let mut status = control::Status {
             role: "mount".into(),
             mountpoint: Some(self.mountpoint.clone()),
+            config_file: self.config_file.clone(),
+            env_file: crate::config::env_file(),
             own_blocks: s.own_blocks,
             own_bytes: s.own_bytes,
             held_blocks: s.held_blocks,
@@ -462,6 +471,7 @@ impl Daemon {
                 status.peer_id = Some(net.client.local_peer_id().to_string());
                 status.listen_addrs = net.listen_addrs.iter().map(|a| a.to_string()).collect();
                 status.bulk_port = net.bulk_port;
+                status.bootstrap = net.bootstraps.list();
                 status.peers = net.connected_peers(&self.runtime);
                 status.root_sequence = net.publisher.sequence()?;
                 status.root_published = self
@@ -523,6 +533,7 @@ impl Daemon {
             net.engine.wake_replication();
         }
         Ok(control::ScrubSummary {
+            by: "mount".into(),
             checked: report.checked,
             corrupt: report.corrupt.iter().map(|s| s.to_hex()).collect(),
             missing: report.missing.iter().map(|s| s.to_hex()).collect(),
@@ -589,6 +600,42 @@ impl fincrypt_engine::Worker for DaemonWorker {
 /// libmimalloc-sys names no constant for it.
 pub(crate) const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// The directory to mount on, made absolute, once it is fit for it: a
+/// directory, not a mount that lost its daemon, and empty unless
+/// `nonempty` (a mount hides what is there until it is unmounted).
+pub fn check_mountpoint(path: &Path, nonempty: bool) -> Result<PathBuf> {
+    let shown = path.display();
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+            "{shown} is a FUSE mount whose daemon is gone (killed or crashed): unmount it with \
+             `fusermount3 -u {shown}`, then mount again"
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("mount point {shown} does not exist: create an empty directory first")
+        }
+        Err(e) => return Err(e).with_context(|| format!("mount point {shown}")),
+    };
+    if !meta.is_dir() {
+        bail!("mount point {shown} is not a directory: mount on an empty directory");
+    }
+    let absolute = path
+        .canonicalize()
+        .with_context(|| format!("mount point {shown}"))?;
+    if !nonempty {
+        let entries = std::fs::read_dir(&absolute)
+            .with_context(|| format!("reading mount point {shown}"))?
+            .count();
+        if entries > 0 {
+            bail!(
+                "mount point {shown} is not empty ({entries} entries): mount on an empty \
+                 directory, or pass --nonempty to hide its files while it is mounted"
+            );
+        }
+    }
+    Ok(absolute)
+}
+
 /// Unlocks, mounts and serves until unmounted or told to stop by SIGTERM or SIGINT.
 pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
     // The daemon frees megabyte buffers on many threads; returning them to the
@@ -632,6 +679,8 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
 
     let opts = MountOptions {
         allow_other: args.allow_other,
+        read_only: args.read_only,
+        source: home.data_dir.to_string_lossy().into_owned(),
         // Each FUSE thread holds a 16 MiB request buffer; three keep the daemon well
         // under 256 MiB while one thread can wait on fsync.
         threads: 3,
@@ -658,6 +707,7 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         tiered: tiered.clone(),
         config: config.clone(),
         mountpoint: mountpoint.clone(),
+        config_file: home.config_file().exists().then(|| home.config_file()),
         snapshots,
         net,
         workers: Workers::new(runtime.handle().clone()),

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fincrypt::config::{Config, Home, HomeArg};
 use fincrypt::secrets;
@@ -52,6 +52,13 @@ enum Command {
     Mount {
         /// An empty directory to mount on.
         mountpoint: PathBuf,
+        /// Mount even if the directory is not empty (its files are hidden
+        /// while mounted, and back after unmount).
+        #[arg(long)]
+        nonempty: bool,
+        /// Mount read-only: nothing in the tree can be changed through it.
+        #[arg(long)]
+        read_only: bool,
         /// Let other users in (FUSE allow_other; the kernel checks permissions).
         #[arg(long)]
         allow_other: bool,
@@ -75,19 +82,32 @@ enum Command {
         /// /ip4/192.0.2.7/tcp/4001/p2p/12D3KooW...
         #[arg(long, value_name = "MULTIADDR")]
         bootstrap: Vec<fincrypt_net::Multiaddr>,
-        /// Room offered to peers, e.g. 2GiB or 500MB.
-        #[arg(long, value_name = "SIZE", value_parser = fincrypt::serve::parse_size)]
+        /// Room offered to peers, e.g. 2GiB or 500MB (at least 1MiB; less is
+        /// offered while the disk has less room, beyond a reserve).
+        #[arg(long, value_name = "SIZE", allow_hyphen_values = true,
+              value_parser = fincrypt::serve::parse_capacity)]
         capacity: u64,
     },
 }
 
 fn main() -> ExitCode {
-    let _ = dotenvy::dotenv();
+    // Everything this process creates (homes, keys, volumes, indexes,
+    // sockets) is for its user alone, whatever umask it was started with.
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(0o077) };
+    if let Err(e) = fincrypt::config::load_dotenv() {
+        eprintln!("fincrypt: {e:#}");
+        return ExitCode::FAILURE;
+    }
     // fuser warns when it finds the mount already gone after fusermount3 -u: not news.
+    // Kademlia warns that it cannot refresh its routing table while it knows
+    // no peer, which is how every first node starts (and it tries again
+    // itself); its only other warning concerns DHT records, which Fincrypt
+    // does not keep. What is wrong with the network shows in `status`.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FINCRYPT_LOG")
-                .unwrap_or_else(|_| "warn,fuser=error".into()),
+                .unwrap_or_else(|_| "warn,fuser=error,libp2p_kad::behaviour=error".into()),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
@@ -110,13 +130,18 @@ fn scrub_online(home: &Home) -> Result<ExitCode> {
         Answer::Scrub(r) => Some(r),
         _ => None,
     })?;
+    let repaired = if r.by == "mount" {
+        format!(", {} repaired from holders", r.repaired.len())
+    } else {
+        String::new()
+    };
     println!(
-        "checked {} blocks (by the running mount): {} corrupt, {} missing, {} stray files, {} repaired from holders",
+        "checked {} blocks (by the running {}): {} corrupt, {} missing, {} stray files{repaired}",
         r.checked,
+        r.by,
         r.corrupt.len(),
         r.missing.len(),
         r.stray.len(),
-        r.repaired.len()
     );
     for (what, list) in [("corrupt", &r.corrupt), ("missing", &r.missing)] {
         for s in list {
@@ -144,13 +169,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Mount {
             mountpoint,
+            nonempty,
+            read_only,
             allow_other,
             listen,
             bootstrap,
         } => {
+            let mountpoint = fincrypt::daemon::check_mountpoint(&mountpoint, nonempty)?;
+            // A bad setting is refused before anything under the home is touched.
+            fincrypt::config::Config::load(&home)?;
+            let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
+            if !home.is_initialised() && !interactive {
+                anyhow::bail!(secrets::not_initialised(&home));
+            }
+            let _lock = home.lock(&format!("mount on {}", mountpoint.display()))?;
             let pass = if home.is_initialised() {
                 secrets::passphrase(secrets::PASSPHRASE_VAR, "Passphrase: ", false)?
-            } else if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            } else if interactive {
                 eprintln!(
                     "No Fincrypt identity yet in {}: creating one.",
                     home.config_dir.display()
@@ -169,6 +204,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 fincrypt::daemon::MountArgs {
                     mountpoint,
                     allow_other,
+                    read_only,
                     listen,
                     bootstrap,
                 },
@@ -180,6 +216,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bootstrap,
             capacity,
         } => {
+            let _lock = home.lock("serve")?;
             fincrypt::serve::serve(
                 &home,
                 fincrypt::serve::ServeArgs {
@@ -190,6 +227,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             )?;
         }
         Command::Init => {
+            let _lock = home.lock("init")?;
             let pass = secrets::passphrase(secrets::PASSPHRASE_VAR, "New passphrase: ", true)?;
             let phrase = secrets::init(&home, &pass)?;
             open_volume(&home)?.close()?;
@@ -212,6 +250,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "New passphrase for this machine: ",
                 true,
             )?;
+            let _lock = home.lock("recover")?;
             fincrypt::recover::recover(
                 &home,
                 &phrase,
@@ -228,14 +267,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("Passphrase changed.");
         }
         Command::Scrub => {
-            anyhow::ensure!(home.is_initialised(), secrets::not_initialised(&home));
+            // A storage node's home has no identity, only the volume it
+            // holds for peers: that is what is checked there (it needs no
+            // key, a block is checked against its score).
+            let storage_node = !home.is_initialised() && home.held_dir().exists();
+            anyhow::ensure!(
+                home.is_initialised() || storage_node,
+                secrets::not_initialised(&home)
+            );
             if fincrypt::control::daemon_running(&home.data_dir) {
                 return scrub_online(&home);
             }
-            let store = open_volume(&home)?;
+            let _lock = home.lock("scrub")?;
+            let (store, what) = if storage_node {
+                let store = LocalStore::open(
+                    &home.held_dir(),
+                    fincrypt_blockstore::StoreOptions::default(),
+                )
+                .with_context(|| {
+                    format!("opening the held volume in {}", home.held_dir().display())
+                })?;
+                (store, " held for peers")
+            } else {
+                (open_volume(&home)?, "")
+            };
             let report = store.scrub()?;
             println!(
-                "checked {} blocks: {} corrupt, {} missing, {} stray files",
+                "checked {} blocks{what}: {} corrupt, {} missing, {} stray files",
                 report.checked,
                 report.corrupt.len(),
                 report.missing.len(),

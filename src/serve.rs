@@ -89,6 +89,7 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
         tokio::runtime::Handle::current(),
     );
     let bulk_port = node.bulk_port();
+    let bootstraps = node.bootstrap_peers();
     let answer = move |req: Request| -> Result<Answer> {
         match req {
             Request::Status => {
@@ -103,11 +104,14 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
                 let volume = h.store().stats();
                 Ok(Answer::Status(Box::new(control::Status {
                     role: "serve".into(),
+                    env_file: crate::config::env_file(),
                     peer_id: Some(peer.to_string()),
                     listen_addrs: listen.clone(),
                     bulk_port,
+                    bootstrap: bootstraps.list(),
                     peers: peers as u64,
                     capacity: s.capacity,
+                    offered: Some(s.offered),
                     held_blocks: s.held_blocks,
                     held_bytes: s.held_bytes,
                     root_records: s.root_records,
@@ -115,6 +119,17 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
                     cached_bytes: volume.cached_bytes,
                     ..Default::default()
                 })))
+            }
+            Request::Scrub => {
+                let r = h.store().scrub()?;
+                Ok(Answer::Scrub(control::ScrubSummary {
+                    by: "storage node".into(),
+                    checked: r.checked,
+                    corrupt: r.corrupt.iter().map(|s| s.to_hex()).collect(),
+                    missing: r.missing.iter().map(|s| s.to_hex()).collect(),
+                    stray: r.orphans.iter().map(|p| p.display().to_string()).collect(),
+                    repaired: Vec::new(),
+                }))
             }
             _ => bail!("this is a storage node (fincrypt serve): it has no filesystem"),
         }
@@ -145,6 +160,26 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
         store.close()?;
     }
     Ok(())
+}
+
+/// The smallest `--capacity` a storage node takes: room for one block of
+/// a megabyte (a smaller one could hold almost nothing).
+pub const MIN_CAPACITY: u64 = 1 << 20;
+
+/// Parses `--capacity`: a size (see [`parse_size`]) of at least
+/// [`MIN_CAPACITY`]. The node offers less while its disk has less room.
+pub fn parse_capacity(s: &str) -> Result<u64, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!("{s:?}: a capacity cannot be negative"));
+    }
+    let bytes = parse_size(s)?;
+    if bytes < MIN_CAPACITY {
+        return Err(format!(
+            "{s:?} is {bytes} bytes: a storage node needs room for at least 1MiB of blocks \
+             (to hold nothing for peers, do not run `fincrypt serve`)"
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Parses a size such as `2GiB`, `500MB`, `1.5G` or `4096` (bytes).
@@ -203,7 +238,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_capacity, parse_size};
 
     #[test]
     fn sizes_parse_in_decimal_and_binary_units() {
@@ -215,6 +250,10 @@ mod tests {
         assert_eq!(parse_size("1.5G"), Ok(1_500_000_000));
         assert_eq!(parse_size("0.5KiB"), Ok(512));
         assert_eq!(parse_size("1TiB"), Ok(1 << 40));
+        assert_eq!(parse_capacity("1MiB"), Ok(1 << 20));
+        for bad in ["0", "1", "1KiB", "-1", " -5GiB"] {
+            assert!(parse_capacity(bad).is_err(), "{bad}");
+        }
         assert_eq!(parse_size("0"), Ok(0));
     }
 

@@ -28,6 +28,13 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// FUSE worker threads.
     pub threads: usize,
+    /// What `mount`, `df` and `findmnt` show as the source (the home's
+    /// path, so two mounts can be told apart); `fincrypt` when empty or
+    /// when it holds a comma, a space or a backslash, which mount options
+    /// cannot carry.
+    pub source: String,
+    /// Mount read-only: the kernel refuses every change with EROFS.
+    pub read_only: bool,
 }
 
 /// The kernel-facing side of a [`Fossil`].
@@ -49,11 +56,20 @@ pub fn session(
     opts: &MountOptions,
 ) -> std::io::Result<fuser::Session<FuseFs>> {
     let mut config = Config::default();
+    let plain = |c: char| c == ',' || c == '\\' || c.is_whitespace();
+    let source = if opts.source.is_empty() || opts.source.contains(plain) {
+        "fincrypt".to_owned()
+    } else {
+        opts.source.clone()
+    };
     config.mount_options = vec![
-        MountOption::FSName("fincrypt".into()),
+        MountOption::FSName(source),
         MountOption::Subtype("fincrypt".into()),
         MountOption::DefaultPermissions,
     ];
+    if opts.read_only {
+        config.mount_options.push(MountOption::RO);
+    }
     config.acl = if opts.allow_other {
         SessionACL::All
     } else {

@@ -3,7 +3,8 @@
 //! Rules, in the order a request meets them:
 //! - a `Put` is checked against its score (recomputed from the bytes) and
 //!   refused on a mismatch, then against the room offered (`capacity`, in
-//!   bytes of `held` blocks) and refused with `Full` beyond it; the placing
+//!   bytes of `held` blocks, or less when the disk has less room beyond a
+//!   reserve, see [`disk_reserve`]) and refused with `Full` beyond it; the placing
 //!   peer is recorded in the [`Ledger`] before the block is stored durably
 //!   (each put writes and syncs its block to a temporary file as it comes;
 //!   puts that are ready together are then linked into the volume with their
@@ -44,14 +45,25 @@ const STRIPES: usize = 16;
 /// What a holder keeps for others, for `status`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct HolderStats {
-    /// Bytes offered to peers.
+    /// Bytes offered to peers (the `--capacity` given).
     pub capacity: u64,
+    /// Bytes offered now: the capacity, or less when the disk has less
+    /// room (see [`disk_reserve`]).
+    pub offered: u64,
     /// Blocks held for peers.
     pub held_blocks: u64,
     /// Bytes of blocks held for peers.
     pub held_bytes: u64,
     /// Owners whose root record this node keeps.
     pub root_records: u64,
+}
+
+/// Bytes of a disk of `total` bytes that held blocks leave free: the
+/// volume's index, its temporary files and the rest of the system need
+/// room too, and a disk that fills fails every write on it. A fiftieth of
+/// the disk, at least 16 MiB and at most 1 GiB.
+pub fn disk_reserve(total: u64) -> u64 {
+    (total / 50).clamp(16 << 20, 1 << 30)
 }
 
 /// Serves other peers' blocks from a local volume; cheap to clone.
@@ -65,6 +77,9 @@ struct Inner {
     store: Arc<LocalStore>,
     ledger: Ledger,
     capacity: u64,
+    /// True while new blocks are refused because the disk, not the
+    /// capacity, is short: the condition is logged when it changes.
+    disk_short: std::sync::atomic::AtomicBool,
     /// Bytes of puts admitted but not yet counted in the store's statistics.
     reserved: Mutex<u64>,
     stripes: Vec<Mutex<()>>,
@@ -105,6 +120,7 @@ impl Holder {
                 store,
                 ledger,
                 capacity,
+                disk_short: std::sync::atomic::AtomicBool::new(false),
                 reserved: Mutex::new(0),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 group: Mutex::new(Group::default()),
@@ -122,8 +138,10 @@ impl Holder {
     /// Room offered, and what is held in it.
     pub fn stats(&self) -> HolderStats {
         let s = self.inner.store.stats();
+        let reserved = *self.inner.reserved.lock().unwrap_or_else(|p| p.into_inner());
         HolderStats {
             capacity: self.inner.capacity,
+            offered: self.inner.room(s.held_bytes.saturating_add(reserved)),
             held_blocks: s.held_blocks,
             held_bytes: s.held_bytes,
             root_records: self.inner.ledger.root_records().unwrap_or_else(|e| {
@@ -219,7 +237,7 @@ impl Inner {
             Request::Space => {
                 let used = self.store.stats().held_bytes;
                 Ok(Response::Space {
-                    capacity: self.capacity,
+                    capacity: self.room(used),
                     used,
                 })
             }
@@ -267,14 +285,48 @@ impl Inner {
         result
     }
 
-    /// Admits `len` more bytes if they fit in the capacity.
+    /// The bytes of held blocks this node can take in all, with `used`
+    /// taken already: the capacity, or what the disk still has room for
+    /// (beyond its reserve) if that is less. A disk that cannot be asked
+    /// leaves the capacity (the write itself will then tell).
+    fn room(&self, used: u64) -> u64 {
+        match self.store.disk_space() {
+            Ok(disk) => {
+                let spare = disk.available.saturating_sub(disk_reserve(disk.total));
+                self.capacity.min(used.saturating_add(spare))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot ask the held volume's disk for its room");
+                self.capacity
+            }
+        }
+    }
+
+    /// Admits `len` more bytes if they fit in the capacity and on the disk.
     fn reserve(&self, len: u64) -> Result<(), ErrorCode> {
+        use std::sync::atomic::Ordering;
         let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         let used = self.store.stats().held_bytes.saturating_add(*reserved);
-        if used.saturating_add(len) > self.capacity {
+        let room = self.room(used);
+        if used.saturating_add(len) > room {
+            if room < self.capacity
+                && used.saturating_add(len) <= self.capacity
+                && !self.disk_short.swap(true, Ordering::Relaxed)
+            {
+                let disk = self.store.disk_space().ok();
+                tracing::warn!(
+                    available = disk.map(|d| d.available),
+                    reserve = disk.map(|d| disk_reserve(d.total)),
+                    "the disk of the held volume is nearly full: new blocks are refused \
+                     (peers are told the node is full) until there is room again"
+                );
+            }
             return Err(ErrorCode::Full {
-                free: self.capacity.saturating_sub(used),
+                free: room.saturating_sub(used),
             });
+        }
+        if self.disk_short.swap(false, Ordering::Relaxed) {
+            tracing::info!("the disk of the held volume has room again: new blocks are taken");
         }
         *reserved += len;
         Ok(())

@@ -256,9 +256,100 @@ async fn with_bulk(
 pub struct Node {
     client: Client,
     listen_addrs: Vec<Multiaddr>,
+    /// What became of each bootstrap address, for `status`.
+    bootstraps: BootstrapPeers,
     task: tokio::task::JoinHandle<()>,
     /// The bulk listener, stopped after the event loop.
     bulk: Option<BulkStop>,
+}
+
+/// A bootstrap address and what became of it (see [`Node::bootstrap_peers`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BootstrapPeer {
+    /// The address, as given.
+    pub addr: String,
+    /// True once a connection to it was made.
+    pub reached: bool,
+    /// Unix seconds of the first failed dial, while it has not been reached.
+    pub unreachable_since: Option<u64>,
+    /// Why the last dial failed, while it has not been reached.
+    pub last_error: Option<String>,
+    /// Dials so far.
+    pub attempts: u32,
+}
+
+/// The bootstrap addresses of a node and what became of them; cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct BootstrapPeers(Arc<std::sync::Mutex<Vec<BootstrapPeer>>>);
+
+impl BootstrapPeers {
+    /// Each address given at start: reached yet, or since when it could not be.
+    pub fn list(&self) -> Vec<BootstrapPeer> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The longest wait between two dials of a bootstrap peer not reached yet.
+const BOOTSTRAP_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Dials bootstrap address `i` until it answers (waiting 1 s, 2 s, 4 s… up
+/// to a minute between tries), or the node shuts down. The first failure is
+/// a warning; the retries are not, their state is in `status`.
+async fn dial_bootstrap(
+    client: Client,
+    addr: Multiaddr,
+    states: BootstrapPeers,
+    i: usize,
+) {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        let result = client.dial(addr.clone()).await;
+        let first_failure = {
+            let mut states = states.0.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(state) = states.get_mut(i) else {
+                return;
+            };
+            state.attempts += 1;
+            match &result {
+                Ok(_) => {
+                    state.reached = true;
+                    state.unreachable_since = None;
+                    state.last_error = None;
+                    false
+                }
+                Err(Error::Shutdown) => return,
+                Err(e) => {
+                    state.last_error = Some(e.to_string());
+                    let first = state.unreachable_since.is_none();
+                    if first {
+                        state.unreachable_since = Some(
+                            std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_secs()),
+                        );
+                    }
+                    first
+                }
+            }
+        };
+        match result {
+            Ok(peer) => {
+                tracing::info!(%peer, %addr, "connected to a bootstrap peer");
+                // A lookup through it fills the routing table now rather
+                // than at the next refresh.
+                let _ = client.bootstrap().await;
+                return;
+            }
+            Err(e) if first_failure => tracing::warn!(
+                %addr,
+                error = %e,
+                "cannot reach a bootstrap peer; retrying in the background (see `fincryptctl status`)"
+            ),
+            Err(e) => tracing::debug!(%addr, error = %e, "bootstrap peer still unreachable"),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(BOOTSTRAP_RETRY_MAX);
+    }
 }
 
 impl Node {
@@ -281,6 +372,19 @@ impl Node {
         let mut node = Node {
             client,
             listen_addrs: Vec::new(),
+            bootstraps: BootstrapPeers(Arc::new(std::sync::Mutex::new(
+                config
+                    .bootstrap
+                    .iter()
+                    .map(|addr| BootstrapPeer {
+                        addr: addr.to_string(),
+                        reached: false,
+                        unreachable_since: None,
+                        last_error: None,
+                        attempts: 0,
+                    })
+                    .collect(),
+            ))),
             task,
             bulk,
         };
@@ -300,22 +404,26 @@ impl Node {
                 }
             }
         }
-        for addr in &config.bootstrap {
+        for (i, addr) in config.bootstrap.iter().enumerate() {
             // Known before start returns, so a request to a bootstrap peer
             // made right after finds its address even before the dial is done.
             if let Some((peer, transport)) = split_p2p(addr) {
                 let _ = node.client.add_address(peer, transport).await;
             }
-            let client = node.client.clone();
-            let addr = addr.clone();
-            tokio::spawn(async move {
-                match client.dial(addr.clone()).await {
-                    Ok(peer) => tracing::info!(%peer, %addr, "connected to a bootstrap peer"),
-                    Err(e) => tracing::warn!(%addr, error = %e, "cannot reach a bootstrap peer"),
-                }
-            });
+            tokio::spawn(dial_bootstrap(
+                node.client.clone(),
+                addr.clone(),
+                node.bootstraps.clone(),
+                i,
+            ));
         }
         Ok(node)
+    }
+
+    /// What became of each bootstrap address given at start; the handle
+    /// stays current.
+    pub fn bootstrap_peers(&self) -> BootstrapPeers {
+        self.bootstraps.clone()
     }
 
     /// This node's PeerId.

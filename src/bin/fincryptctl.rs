@@ -94,6 +94,14 @@ enum SnapshotCommand {
 }
 
 fn main() -> ExitCode {
+    // Everything this process creates (homes, keys, volumes, indexes,
+    // sockets) is for its user alone, whatever umask it was started with.
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(0o077) };
+    if let Err(e) = fincrypt::config::load_dotenv() {
+        eprintln!("fincryptctl: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -350,12 +358,57 @@ fn print_status(v: &Status) {
                 bytes(v.capacity)
             ),
         );
+        if let Some(offered) = v.offered.filter(|o| *o < v.capacity) {
+            row(
+                "room on disk",
+                format!(
+                    "{} more ({} in all): the disk is nearly full, peers are offered less",
+                    bytes(offered.saturating_sub(v.held_bytes)),
+                    bytes(offered)
+                ),
+            );
+        }
     }
     row(
         "cached",
         format!("{} blocks ({})", v.cached_blocks, bytes(v.cached_bytes)),
     );
+    if v.role == "mount" {
+        row(
+            "config",
+            v.config_file
+                .as_ref()
+                .map_or("none (defaults)".into(), |p| p.display().to_string()),
+        );
+    }
+    row(
+        ".env",
+        v.env_file
+            .as_ref()
+            .map_or("none".into(), |p| p.display().to_string()),
+    );
     row("peers connected", v.peers.to_string());
+    for b in &v.bootstrap {
+        let state = if b.reached {
+            "reached".to_owned()
+        } else {
+            let since = b.unreachable_since.map_or("not yet tried".to_owned(), |t| {
+                let ago = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+                    .saturating_sub(t);
+                format!("unreachable for {ago} s")
+            });
+            format!(
+                "{since} ({} tries, still trying){}",
+                b.attempts,
+                b.last_error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(": {e}"))
+            )
+        };
+        row("bootstrap", format!("{} {state}", b.addr));
+    }
     if v.role == "serve" {
         row("root records kept", format!("{} owners", v.root_records));
     }

@@ -109,6 +109,15 @@ impl Entry {
 }
 
 /// A block volume on the local disk.
+/// Space on the disk under a volume (see [`LocalStore::disk_space`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskSpace {
+    /// Bytes a new file may still take.
+    pub available: u64,
+    /// Size of the disk.
+    pub total: u64,
+}
+
 pub struct LocalStore {
     dir: PathBuf,
     db: Database,
@@ -243,6 +252,24 @@ impl LocalStore {
     /// The volume's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Free and total bytes of the disk the volume is on, as an unprivileged
+    /// writer sees them (`statvfs`: blocks available to non-root users).
+    pub fn disk_space(&self) -> std::io::Result<DiskSpace> {
+        let path = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: all-zero is a valid statvfs.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `path` is a valid C string and `st` a valid out-pointer.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let unit = st.f_frsize as u64;
+        Ok(DiskSpace {
+            available: (st.f_bavail as u64).saturating_mul(unit),
+            total: (st.f_blocks as u64).saturating_mul(unit),
+        })
     }
 
     /// The volume's index, for a user of the store to keep tables of its own
