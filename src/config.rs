@@ -259,8 +259,8 @@ fn check_keys(file: &Path, keys: &[String]) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
     };
-    let table: toml::Table = toml::from_str(&text)
-        .with_context(|| format!("{} is not valid TOML", file.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", file.display()))?;
     for key in table.keys() {
         if keys.iter().any(|k| k == key) {
             continue;

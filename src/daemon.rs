@@ -605,33 +605,37 @@ pub(crate) const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// `nonempty` (a mount hides what is there until it is unmounted).
 pub fn check_mountpoint(path: &Path, nonempty: bool) -> Result<PathBuf> {
     let shown = path.display();
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
-            "{shown} is a FUSE mount whose daemon is gone (killed or crashed): unmount it with \
-             `fusermount3 -u {shown}`, then mount again"
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("mount point {shown} does not exist: create an empty directory first")
+    // A FUSE mount whose daemon died answers ENOTCONN, to stat or to readdir
+    // depending on what the kernel still has cached: every step says so.
+    let failed = |e: std::io::Error, step: &str| -> anyhow::Error {
+        if e.raw_os_error() == Some(libc::ENOTCONN) {
+            anyhow::anyhow!(
+                "{shown} is a FUSE mount whose daemon is gone (killed or crashed): unmount it \
+                 with `fusermount3 -u {shown}`, then mount again"
+            )
+        } else if e.kind() == std::io::ErrorKind::NotFound {
+            anyhow::anyhow!("mount point {shown} does not exist: create an empty directory first")
+        } else {
+            anyhow::Error::new(e).context(format!("{step} mount point {shown}"))
         }
-        Err(e) => return Err(e).with_context(|| format!("mount point {shown}")),
     };
+    let meta = std::fs::metadata(path).map_err(|e| failed(e, "checking"))?;
     if !meta.is_dir() {
         bail!("mount point {shown} is not a directory: mount on an empty directory");
     }
-    let absolute = path
-        .canonicalize()
-        .with_context(|| format!("mount point {shown}"))?;
+    let absolute = path.canonicalize().map_err(|e| failed(e, "resolving"))?;
+    let mut entries = std::fs::read_dir(&absolute).map_err(|e| failed(e, "reading"))?;
     if !nonempty {
-        let entries = std::fs::read_dir(&absolute)
-            .with_context(|| format!("reading mount point {shown}"))?
-            .count();
-        if entries > 0 {
+        let count = entries.try_fold(0usize, |n, e| e.map(|_| n + 1));
+        let count = count.map_err(|e| failed(e, "reading"))?;
+        if count > 0 {
             bail!(
-                "mount point {shown} is not empty ({entries} entries): mount on an empty \
+                "mount point {shown} is not empty ({count} entries): mount on an empty \
                  directory, or pass --nonempty to hide its files while it is mounted"
             );
         }
+    } else if let Some(Err(e)) = entries.next() {
+        return Err(failed(e, "reading"));
     }
     Ok(absolute)
 }

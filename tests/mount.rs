@@ -583,6 +583,11 @@ fn a_wrong_passphrase_is_refused_and_touches_nothing() {
         "no file appeared or went"
     );
     for (p, b) in &before {
+        // The lock file names whichever process last held the home: it is
+        // rewritten by every start, refused or not, and holds no data.
+        if p.as_os_str() == "lock" {
+            continue;
+        }
         assert!(
             &after[p] == b,
             "{p:?} changed: {:?} -> {:?}",

@@ -383,6 +383,7 @@ impl EventLoop {
         let (closest, doubtful) =
             dht::settle(&lookup.score, &lookup.answered, unasked, kad::K_VALUE.get());
         if doubtful.is_empty() {
+            tracing::debug!(score = %lookup.score, found = closest.len(), "closest peers found");
             let _ = lookup.reply.send(Ok(closest));
         } else if lookup.attempts < LOOKUP_ATTEMPTS {
             tracing::debug!(

@@ -66,6 +66,9 @@ pub fn disk_reserve(total: u64) -> u64 {
     (total / 50).clamp(16 << 20, 1 << 30)
 }
 
+/// Room left on a short disk that ends its warning (see [`Inner::reserve`]).
+const DISK_ROOM_AGAIN: u64 = 16 << 20;
+
 /// Serves other peers' blocks from a local volume; cheap to clone.
 #[derive(Clone)]
 pub struct Holder {
@@ -138,7 +141,11 @@ impl Holder {
     /// Room offered, and what is held in it.
     pub fn stats(&self) -> HolderStats {
         let s = self.inner.store.stats();
-        let reserved = *self.inner.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        let reserved = *self
+            .inner
+            .reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         HolderStats {
             capacity: self.inner.capacity,
             offered: self.inner.room(s.held_bytes.saturating_add(reserved)),
@@ -325,7 +332,11 @@ impl Inner {
                 free: room.saturating_sub(used),
             });
         }
-        if self.disk_short.swap(false, Ordering::Relaxed) {
+        // Room again only with some to spare: a small block that fits just
+        // after a refusal would otherwise flip the warning back and forth.
+        if room.saturating_sub(used.saturating_add(len)) >= DISK_ROOM_AGAIN
+            && self.disk_short.swap(false, Ordering::Relaxed)
+        {
             tracing::info!("the disk of the held volume has room again: new blocks are taken");
         }
         *reserved += len;

@@ -295,12 +295,7 @@ const BOOTSTRAP_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Dials bootstrap address `i` until it answers (waiting 1 s, 2 s, 4 s… up
 /// to a minute between tries), or the node shuts down. The first failure is
 /// a warning; the retries are not, their state is in `status`.
-async fn dial_bootstrap(
-    client: Client,
-    addr: Multiaddr,
-    states: BootstrapPeers,
-    i: usize,
-) {
+async fn dial_bootstrap(client: Client, addr: Multiaddr, states: BootstrapPeers, i: usize) {
     let mut wait = Duration::from_secs(1);
     loop {
         let result = client.dial(addr.clone()).await;

@@ -269,6 +269,20 @@ pub struct StartOptions {
     pub passphrase: String,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// The umask the daemon starts with (the test's own when `None`).
+    pub umask: Option<u32>,
+}
+
+/// Makes `cmd` start with umask `mask`.
+pub fn with_umask(cmd: &mut Command, mask: u32) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask(2) is async-signal-safe and cannot fail.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::umask(mask as libc::mode_t);
+            Ok(())
+        })
+    }
 }
 
 impl Default for StartOptions {
@@ -277,6 +291,7 @@ impl Default for StartOptions {
             passphrase: PASSPHRASE.into(),
             args: Vec::new(),
             env: Vec::new(),
+            umask: None,
         }
     }
 }
@@ -307,6 +322,11 @@ impl Mount {
             .prefix("fincrypt-mnt-")
             .tempdir()
             .unwrap();
+        Mount::start_on(home, mnt, opts)
+    }
+
+    /// Mounts `home` on `mnt` (which may hold files, with `--nonempty`).
+    pub fn start_on(home: TempDir, mnt: TempDir, opts: StartOptions) -> Mount {
         let mnt_path = mnt.path().canonicalize().unwrap();
         assert!(!is_mounted(&mnt_path));
         let mut cmd = fincrypt(home.path());
@@ -319,6 +339,9 @@ impl Mount {
             .stderr(Stdio::piped());
         for (k, v) in &opts.env {
             cmd.env(k, v);
+        }
+        if let Some(mask) = opts.umask {
+            with_umask(&mut cmd, mask);
         }
         let mut child = cmd.spawn().expect("spawning fincrypt mount");
         let (stderr, _) = drain(child.stderr.take().unwrap());
@@ -388,7 +411,13 @@ impl Mount {
 
     /// Unmounts with `fusermount3 -u`, waits for the daemon to exit 0 and
     /// hands back the home.
-    pub fn unmount(mut self) -> TempDir {
+    pub fn unmount(self) -> TempDir {
+        self.unmount_keeping_mount_point().0
+    }
+
+    /// As [`Mount::unmount`], and hands back the mount point too, to look at
+    /// what the mount covered.
+    pub fn unmount_keeping_mount_point(mut self) -> (TempDir, TempDir) {
         let deadline = Instant::now() + MOUNT_DEADLINE;
         loop {
             if fusermount_u(&self.mnt_path, false) {
@@ -418,7 +447,7 @@ impl Mount {
         );
         assert!(!is_mounted(&self.mnt_path), "still mounted after unmount");
         self.done = true;
-        self.home.take().unwrap()
+        (self.home.take().unwrap(), self.mnt.take().unwrap())
     }
 
     /// Sends SIGTERM and waits for the daemon to unmount and exit 0.
@@ -442,6 +471,20 @@ impl Mount {
         self.home.take().unwrap()
     }
 
+    /// SIGKILLs the daemon and leaves its dead mount in place (every access
+    /// to it fails with ENOTCONN): hands back the home and the mount point.
+    pub fn kill9_stale(mut self) -> (TempDir, StaleMount) {
+        self.child.kill().expect("SIGKILL");
+        let status = wait_child(&mut self.child, COMMAND_DEADLINE).expect("a killed daemon exits");
+        assert!(!status.success());
+        self.done = true;
+        let stale = StaleMount {
+            mnt: self.mnt.take(),
+            path: self.mnt_path.clone(),
+        };
+        (self.home.take().unwrap(), stale)
+    }
+
     /// SIGKILLs the daemon, detaches the dead mount lazily and hands back the home.
     pub fn kill9(mut self) -> TempDir {
         self.child.kill().expect("SIGKILL");
@@ -457,6 +500,39 @@ impl Mount {
         });
         self.done = true;
         self.home.take().unwrap()
+    }
+}
+
+/// The mount point of a killed daemon, its dead mount still there until
+/// [`StaleMount::unmount`] (or the drop, which detaches it lazily).
+pub struct StaleMount {
+    mnt: Option<TempDir>,
+    pub path: PathBuf,
+}
+
+impl StaleMount {
+    /// `fusermount3 -u` as a user would run it; hands back the mount point.
+    pub fn unmount(mut self) -> TempDir {
+        assert!(
+            fusermount_u(&self.path, false),
+            "fusermount3 -u {} failed",
+            self.path.display()
+        );
+        assert!(!is_mounted(&self.path));
+        self.mnt.take().unwrap()
+    }
+}
+
+impl Drop for StaleMount {
+    fn drop(&mut self) {
+        if is_mounted(&self.path) {
+            fusermount_u(&self.path, true);
+        }
+        if is_mounted(&self.path)
+            && let Some(m) = self.mnt.take()
+        {
+            std::mem::forget(m);
+        }
     }
 }
 
@@ -669,9 +745,29 @@ pub fn refused_mount(home: &Path, passphrase: Option<&str>) -> Output {
         .tempdir()
         .unwrap();
     let mnt_path = mnt.path().canonicalize().unwrap();
+    let out = refused_mount_at(home, &mnt_path, &[], passphrase);
+    let left: Vec<_> = std::fs::read_dir(&mnt_path).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "a refused mount wrote into the mount point"
+    );
+    out
+}
+
+/// Runs `fincrypt mount MNT ARGS` on `home` (`mnt` may be anything: a file,
+/// a dead mount), expecting it to give up: returns its output once it has
+/// exited. Panics (after cleaning up) if it mounts or keeps running.
+pub fn refused_mount_at(
+    home: &Path,
+    mnt_path: &Path,
+    args: &[&str],
+    passphrase: Option<&str>,
+) -> Output {
+    let was_mounted = is_mounted(mnt_path);
     let mut cmd = fincrypt(home);
     cmd.arg("mount")
-        .arg(&mnt_path)
+        .arg(mnt_path)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -686,15 +782,13 @@ pub fn refused_mount(home: &Path, passphrase: Option<&str>) -> Output {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        let mounted = is_mounted(&mnt_path);
+        let mounted = !was_mounted && is_mounted(mnt_path);
         if mounted || Instant::now() >= deadline {
-            fusermount_u(&mnt_path, true);
+            if mounted {
+                fusermount_u(mnt_path, true);
+            }
             let _ = child.kill();
             let _ = child.wait();
-            let still = is_mounted(&mnt_path);
-            if still {
-                std::mem::forget(mnt);
-            }
             panic!(
                 "fincrypt mount was expected to refuse, but {}; stderr: {}",
                 if mounted {
@@ -709,14 +803,10 @@ pub fn refused_mount(home: &Path, passphrase: Option<&str>) -> Output {
     };
     let _ = out_t.join();
     let _ = err_t.join();
-    assert!(
-        !is_mounted(&mnt_path),
-        "a refused mount left a mount behind"
-    );
-    let left: Vec<_> = std::fs::read_dir(&mnt_path).unwrap().collect();
-    assert!(
-        left.is_empty(),
-        "a refused mount wrote into the mount point"
+    assert_eq!(
+        is_mounted(mnt_path),
+        was_mounted,
+        "a refused mount changed what is mounted"
     );
     let stdout = std::mem::take(&mut *out.lock().unwrap());
     let stderr = std::mem::take(&mut *err.lock().unwrap());
@@ -734,7 +824,49 @@ pub const START_LIMIT: Duration = Duration::from_secs(60);
 pub struct Served {
     pub child: Child,
     pub addr: String,
-    _lines: std::sync::mpsc::Receiver<String>,
+    /// Standard error lines read while it started.
+    started: Vec<String>,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Served {
+    /// Waits up to `deadline` for a line of its standard error that `wanted`
+    /// accepts, and returns it (the lines read stay for [`Served::stop`]).
+    pub fn wait_for_line(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        wanted: impl Fn(&str) -> bool,
+    ) -> String {
+        let end = Instant::now() + deadline;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.started.push(line.clone());
+                    if wanted(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no {what} from the node within {deadline:?}"),
+            }
+        }
+    }
+
+    /// Stops it with SIGTERM; its exit status and every line it wrote to
+    /// standard error.
+    pub fn stop(mut self) -> (ExitStatus, Vec<String>) {
+        // SAFETY: kill(2) on our own child's pid.
+        let r = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(r, 0, "kill -TERM");
+        let status = wait_child(&mut self.child, UNMOUNT_DEADLINE).expect("serve stops on SIGTERM");
+        let mut lines = std::mem::take(&mut self.started);
+        // The reader thread ends at EOF, once the process is gone.
+        while let Ok(line) = self.lines.recv_timeout(COMMAND_DEADLINE) {
+            lines.push(line);
+        }
+        (status, lines)
+    }
 }
 
 impl Drop for Served {
@@ -748,19 +880,25 @@ impl Drop for Served {
 
 /// Starts `fincrypt --home HOME serve ARGS` and waits for its "listening on" line.
 /// The child is reaped by `Served`'s drop.
-#[allow(clippy::zombie_processes)]
 pub fn serve(home: &Path, args: &[&str]) -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fincrypt"))
-        .arg("--home")
+    serve_with(home, args, |_| {})
+}
+
+/// Like [`serve`], with `adjust` applied to the command first (an umask,
+/// the environment).
+#[allow(clippy::zombie_processes)]
+pub fn serve_with(home: &Path, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Served {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fincrypt"));
+    cmd.arg("--home")
         .arg(home)
         .arg("serve")
         .args(args)
         .env_remove("FINCRYPT_PASSPHRASE")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    adjust(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -775,17 +913,20 @@ pub fn serve(home: &Path, args: &[&str]) -> Served {
         }
     });
     let deadline = Instant::now() + START_LIMIT;
+    let mut started = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = match lines.recv_timeout(left) {
             Ok(line) => line,
             Err(e) => panic!("serve did not come up: {e}"),
         };
+        started.push(line.clone());
         if let Some(addr) = line.strip_prefix("fincrypt serve: listening on ") {
             return Served {
                 child,
                 addr: addr.to_owned(),
-                _lines: lines,
+                started,
+                lines,
             };
         }
     }

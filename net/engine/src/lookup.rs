@@ -84,6 +84,18 @@ impl Lookups {
         self.found.len()
     }
 
+    /// Distinct peers the recorded lookups found, in all.
+    pub fn peers_seen(&self) -> usize {
+        let mut seen: Vec<PeerId> = self
+            .found
+            .iter()
+            .flat_map(|f| f.peers.iter().map(|(p, _)| *p))
+            .collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen.len()
+    }
+
     /// True before the first lookup.
     pub fn is_empty(&self) -> bool {
         self.found.is_empty()

@@ -202,8 +202,18 @@ impl Replicator {
             let room = round.room.lock().unwrap_or_else(|p| p.into_inner());
             let serving = room.values().filter(|f| f.is_some()).count();
             let free = room.values().filter(|f| f.is_some_and(|f| f > 0)).count();
+            let seen = round
+                .lookups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .peers_seen();
+            // A block takes one copy per peer: with fewer peers than copies
+            // asked (metadata asks for at least META_REDUNDANCY), no pass
+            // can do more.
             let mut note = format!(
-                "{under} blocks short of copies: {serving} of the closest peers found serve blocks, {free} of them with room"
+                "{under} blocks short of copies, {seen} peers found in all (one copy each, \
+                 metadata asks for {META_REDUNDANCY}): {serving} of the closest peers found \
+                 serve blocks, {free} of them with room"
             );
             if let Some(e) = round
                 .lookup_error
@@ -573,6 +583,7 @@ impl Replicator {
                 // Its own lookup found no more peers that could take it.
                 None => break,
             };
+            let order_len = order.len();
             let candidates: Vec<PeerId> = order.into_iter().filter(|p| usable(p)).collect();
             round.ask_room(&self.client, &candidates).await;
             let batch: Vec<PeerId> = candidates
@@ -582,6 +593,12 @@ impl Replicator {
                 .collect();
             if batch.is_empty() {
                 if own_lookup {
+                    tracing::debug!(
+                        %score,
+                        found = order_len,
+                        banned = round.banned.len(),
+                        "no peer the lookup found can take the block this pass"
+                    );
                     break;
                 }
                 // The peers earlier lookups vouch for have no room: look

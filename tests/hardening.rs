@@ -1,0 +1,716 @@
+//! The bad day: wrong settings, wrong mount points, a home in use, a dead
+//! mount, a stranger at the control socket, a loose umask, a full disk.
+//! Each refusal must name the problem, exit non-zero and change nothing.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// The paths under `dir`, for "nothing was added or removed" checks while a
+/// daemon that may rewrite its own files is running.
+fn paths(dir: &Path) -> BTreeSet<PathBuf> {
+    disk_state(dir).into_keys().collect()
+}
+
+/// A command with no `--home`, no `FINCRYPT_*` from the test's environment,
+/// `HOME` at `user_home` and no XDG overrides: what a user's shell runs.
+fn bare(program: &str, user_home: &Path, cwd: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("FINCRYPT_") || k.starts_with("XDG_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.env("HOME", user_home)
+        .current_dir(cwd)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// The source (device) field of the mount at `path` in mountinfo, and its
+/// mount options.
+fn mount_source_and_options(path: &Path) -> (String, String) {
+    let want = path.to_str().unwrap();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(want))
+        .last()
+        .unwrap_or_else(|| panic!("{want} in mountinfo"));
+    let fields: Vec<&str> = line.split(' ').collect();
+    let dash = fields.iter().position(|f| *f == "-").unwrap();
+    (fields[dash + 2].to_owned(), fields[5].to_owned())
+}
+
+#[test]
+fn a_misspelt_or_mistyped_setting_is_refused_by_its_name_and_nothing_changes() {
+    let home = init_home();
+    let original = std::fs::read_to_string(home.path().join("config.toml")).unwrap();
+
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!("{original}redundnacy = 5\n"),
+    )
+    .unwrap();
+    let before = disk_state(home.path());
+    let out = refused_mount(home.path(), Some(PASSPHRASE));
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("unknown setting `redundnacy`") && err.contains("did you mean `redundancy`"),
+        "{err}"
+    );
+    assert_eq!(
+        disk_state(home.path()),
+        before,
+        "a refused mount changed the home"
+    );
+    // fincryptctl reads the same settings the same way.
+    let ctl_out = ctl(home.path(), &["redundancy", "get", "/"]);
+    assert!(!ctl_out.status.success());
+
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!("{original}redundancy = \"lots\"\n"),
+    )
+    .unwrap();
+    let out = refused_mount(home.path(), Some(PASSPHRASE));
+    let err = text(&out.stderr);
+    assert!(err.contains("`redundancy` in "), "{err}");
+    assert!(
+        !err.contains("default."),
+        "named by figment's profile: {err}"
+    );
+
+    std::fs::write(home.path().join("config.toml"), &original).unwrap();
+    let mut cmd = fincrypt(home.path());
+    cmd.arg("mount")
+        .arg(home.path().join("nowhere"))
+        .env("FINCRYPT_REDUNDANCY", "many");
+    let mnt = tempfile::tempdir().unwrap();
+    let out = run(
+        fincrypt(home.path())
+            .arg("mount")
+            .arg(mnt.path())
+            .env("FINCRYPT_PASSPHRASE", PASSPHRASE)
+            .env("FINCRYPT_REDUNDANCY", "many")
+            .stdin(Stdio::null()),
+        COMMAND_DEADLINE,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("FINCRYPT_REDUNDANCY"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!is_mounted(mnt.path()));
+}
+
+#[test]
+fn both_commands_read_the_working_directorys_env_and_no_parents() {
+    let m = Mount::start(init_home());
+    let user_home = tempfile::tempdir().unwrap();
+    let project = tempfile::tempdir().unwrap();
+    let project_dir = project.path().canonicalize().unwrap();
+    std::fs::write(
+        project_dir.join(".env"),
+        format!("FINCRYPT_HOME={}\n", m.home().display()),
+    )
+    .unwrap();
+    std::fs::create_dir(project_dir.join("sub")).unwrap();
+
+    let ctl_bin = env!("CARGO_BIN_EXE_fincryptctl");
+    let out = run(
+        bare(ctl_bin, user_home.path(), &project_dir).args(["status", "--json"]),
+        COMMAND_DEADLINE,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // It reached the daemon of the home the .env names.
+    assert_eq!(
+        v["config_file"].as_str().map(PathBuf::from),
+        Some(m.home().join("config.toml"))
+    );
+    // The daemon itself was started with no .env.
+    let own = status(m.home());
+    assert!(own["env_file"].is_null(), "{own}");
+
+    // From a subdirectory the parent's .env is not read: the default home has no daemon.
+    let out = run(
+        bare(ctl_bin, user_home.path(), &project_dir.join("sub")).args(["status"]),
+        COMMAND_DEADLINE,
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("no Fincrypt daemon is running"), "{err}");
+    assert!(
+        err.contains(&user_home.path().display().to_string()),
+        "names the default home: {err}"
+    );
+
+    // fincrypt follows the same rule.
+    let fin = env!("CARGO_BIN_EXE_fincrypt");
+    let out = run(
+        bare(fin, user_home.path(), &project_dir).arg("scrub"),
+        COMMAND_DEADLINE,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("by the running mount"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(
+        bare(fin, user_home.path(), &project_dir.join("sub")).arg("scrub"),
+        COMMAND_DEADLINE,
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(&user_home.path().display().to_string()),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A .env that cannot be read is an error, not ignored.
+    std::fs::write(project_dir.join("sub/.env"), "this is not an assignment\n").unwrap();
+    let out = run(
+        bare(ctl_bin, user_home.path(), &project_dir.join("sub")).arg("status"),
+        COMMAND_DEADLINE,
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains(".env"), "{}", text(&out.stderr));
+    m.unmount();
+}
+
+#[test]
+fn a_file_a_missing_path_or_a_non_empty_directory_is_refused_as_a_mount_point() {
+    let home = init_home();
+    let before = disk_state(home.path());
+
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let out = refused_mount_at(home.path(), file.path(), &[], Some(PASSPHRASE));
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("is not a directory"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let gone = tempfile::tempdir().unwrap().path().join("gone");
+    let out = refused_mount_at(home.path(), &gone, &[], Some(PASSPHRASE));
+    assert!(
+        text(&out.stderr).contains("does not exist"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let full = tempfile::tempdir().unwrap();
+    std::fs::write(full.path().join("keep.txt"), b"mine").unwrap();
+    let out = refused_mount_at(home.path(), full.path(), &[], Some(PASSPHRASE));
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("is not empty") && err.contains("--nonempty"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(full.path().join("keep.txt")).unwrap(),
+        b"mine"
+    );
+    assert_eq!(disk_state(home.path()), before, "refusals changed the home");
+
+    // With --nonempty it mounts over the file, which is back afterwards.
+    let m = Mount::start_on(
+        home,
+        full,
+        StartOptions {
+            args: vec!["--nonempty".into()],
+            ..StartOptions::default()
+        },
+    );
+    assert_eq!(std::fs::read_dir(m.path()).unwrap().count(), 0);
+    let (_home, mnt) = m.unmount_keeping_mount_point();
+    assert_eq!(std::fs::read(mnt.path().join("keep.txt")).unwrap(), b"mine");
+}
+
+#[test]
+fn a_home_in_use_is_refused_with_the_pid_and_use_of_its_holder() {
+    let m = Mount::start(init_home());
+    let before = paths(m.home());
+    let out = refused_mount(m.home(), Some(PASSPHRASE));
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    let want = format!(
+        "is in use by PID {} (mount on {})",
+        m.pid(),
+        m.path().display()
+    );
+    assert!(err.contains(&want), "wanted {want:?} in: {err}");
+    assert!(!err.contains("Database"), "{err}");
+
+    let out = run(
+        fincrypt(m.home())
+            .args([
+                "serve",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--capacity",
+                "1GiB",
+            ])
+            .stdin(Stdio::null()),
+        COMMAND_DEADLINE,
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains(&want), "{}", text(&out.stderr));
+    assert!(!m.home().join("held").exists());
+    assert!(!m.home().join("node.key").exists());
+    assert_eq!(paths(m.home()), before, "refusals added or removed files");
+    m.unmount();
+}
+
+#[test]
+fn a_dead_mount_is_named_with_the_command_that_clears_it() {
+    let m = Mount::start(init_home());
+    let (home, stale) = m.kill9_stale();
+    let out = refused_mount_at(home.path(), &stale.path, &[], Some(PASSPHRASE));
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    let want = format!("fusermount3 -u {}", stale.path.display());
+    assert!(err.contains(&want), "wanted {want:?} in: {err}");
+    // Once the user ran it, the home mounts again on the same place.
+    let mnt = stale.unmount();
+    let m = Mount::start_on(home, mnt, StartOptions::default());
+    m.unmount();
+}
+
+#[test]
+fn another_user_at_the_control_socket_is_told_permission_denied() {
+    let m = Mount::start(init_home());
+    let out = run(
+        Command::new(env!("CARGO_BIN_EXE_fincryptctl"))
+            .arg("--home")
+            .arg(m.home())
+            .arg("status")
+            .current_dir("/")
+            .uid(65534)
+            .gid(65534)
+            .stdin(Stdio::null()),
+        COMMAND_DEADLINE,
+    );
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(!err.contains("no Fincrypt daemon is running"), "{err}");
+    m.unmount();
+}
+
+use std::os::unix::process::CommandExt;
+
+/// Every file under `dir` is 0600 (sockets too) and every directory 0700.
+fn assert_private(dir: &Path) {
+    let top = std::fs::metadata(dir).unwrap().mode() & 0o7777;
+    assert_eq!(top, 0o700, "{} is {top:o}", dir.display());
+    let mut stack = vec![dir.to_path_buf()];
+    let mut seen = 0;
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let mode = m.permissions().mode() & 0o7777;
+            if m.is_dir() {
+                assert_eq!(mode, 0o700, "{} is {mode:o}", p.display());
+                stack.push(p);
+            } else {
+                assert_eq!(mode, 0o600, "{} is {mode:o}", p.display());
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen > 3, "{} holds almost nothing", dir.display());
+}
+
+#[test]
+fn under_umask_000_every_file_is_private() {
+    let root = tempfile::tempdir().unwrap();
+    let owner = root.path().join("owner");
+    let node_home = root.path().join("node");
+
+    let out = run(
+        with_umask(
+            Command::new(env!("CARGO_BIN_EXE_fincrypt"))
+                .arg("--home")
+                .arg(&owner)
+                .arg("init")
+                .env("FINCRYPT_PASSPHRASE", PASSPHRASE)
+                .stdin(Stdio::null()),
+            0,
+        ),
+        COMMAND_DEADLINE,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    set_config(&owner, "snapshot_interval", "0");
+    set_config(&owner, "redundancy", "1");
+
+    let node = serve_with(
+        &node_home,
+        &["--listen", "/ip4/127.0.0.1/tcp/0", "--capacity", "1GiB"],
+        |c| {
+            with_umask(c, 0);
+        },
+    );
+    // The owner's home as a TempDir for Mount: moved into one of its own.
+    let owner_dir = tempfile::tempdir().unwrap();
+    std::fs::remove_dir(owner_dir.path()).unwrap();
+    std::fs::rename(&owner, owner_dir.path()).unwrap();
+    let mut opts = mount_opts(std::slice::from_ref(&node), &[]);
+    opts.umask = Some(0);
+    let m = Mount::start_with(owner_dir, opts);
+    std::fs::write(m.path().join("f"), random_bytes(7, 300_000)).unwrap();
+    let out = ctl(m.home(), &["sync"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // One node cannot hold the three copies metadata asks for, so not
+    // `sync --replicated`: the file's blocks reaching it is enough here.
+    wait_until("blocks on the node", Duration::from_secs(120), || {
+        number(&status(&node_home), "held_blocks") > 0
+    });
+    // While running (the control sockets are there) and after.
+    assert_private(m.home());
+    assert_private(&node_home);
+    let home = m.unmount();
+    let (code, _) = node.stop();
+    assert!(code.success());
+    assert_private(home.path());
+    assert_private(&node_home);
+}
+
+#[test]
+fn the_mount_is_listed_as_fuse_from_its_home() {
+    let m = Mount::start(init_home());
+    // Root mounts by mount(2) itself, which only knows the type "fuse";
+    // other users mount through fusermount3, which adds the subtype.
+    let fstype = mounted_fstype(m.path()).unwrap();
+    assert!(
+        fstype == "fuse" || fstype == "fuse.fincrypt",
+        "a FUSE mount: {fstype}"
+    );
+    let (source, options) = mount_source_and_options(m.path());
+    assert_eq!(source, m.home().canonicalize().unwrap().to_str().unwrap());
+    assert!(options.split(',').any(|o| o == "rw"), "{options}");
+    m.unmount();
+}
+
+#[test]
+fn a_read_only_mount_reads_and_refuses_every_change() {
+    let m = Mount::start(init_home());
+    let data = random_bytes(3, 100_000);
+    std::fs::write(m.path().join("kept"), &data).unwrap();
+    std::fs::create_dir(m.path().join("dir")).unwrap();
+    let home = m.unmount();
+
+    let m = Mount::start_with(
+        home,
+        StartOptions {
+            args: vec!["--read-only".into()],
+            ..StartOptions::default()
+        },
+    );
+    let (_, options) = mount_source_and_options(m.path());
+    assert!(options.split(',').any(|o| o == "ro"), "{options}");
+    assert_same_bytes(
+        "kept",
+        &std::fs::read(m.path().join("kept")).unwrap(),
+        &data,
+    );
+    let erofs = |r: std::io::Result<()>, what: &str| {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+    };
+    erofs(std::fs::write(m.path().join("new"), b"x"), "create");
+    erofs(
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(m.path().join("kept"))
+            .map(drop),
+        "open for writing",
+    );
+    erofs(std::fs::create_dir(m.path().join("d2")), "mkdir");
+    erofs(std::fs::remove_file(m.path().join("kept")), "unlink");
+    erofs(
+        std::fs::rename(m.path().join("dir"), m.path().join("dir2")),
+        "rename",
+    );
+    let home = m.unmount();
+    let m = Mount::start(home);
+    assert_same_bytes(
+        "kept",
+        &std::fs::read(m.path().join("kept")).unwrap(),
+        &data,
+    );
+    assert!(!m.path().join("new").exists());
+    m.unmount();
+}
+
+/// Log lines at `level` (WARN, ERROR) among `lines`.
+fn at_level<'a>(lines: impl IntoIterator<Item = &'a String>, level: &str) -> Vec<&'a String> {
+    lines
+        .into_iter()
+        .filter(|l| l.split_whitespace().nth(1) == Some(level) || l.contains(&format!(" {level} ")))
+        .collect()
+}
+
+#[test]
+fn a_first_node_and_a_clean_stop_log_no_warning_or_error() {
+    let home = tempfile::tempdir().unwrap();
+    let node = serve_with(
+        home.path(),
+        &["--listen", "/ip4/127.0.0.1/tcp/0", "--capacity", "1GiB"],
+        |c| {
+            c.env_remove("FINCRYPT_LOG");
+        },
+    );
+    // Long enough for Kademlia's first refresh (half a second after
+    // listening) to have happened: status answers once the node runs.
+    wait_until("a status answer", Duration::from_secs(30), || {
+        ctl(home.path(), &["status"]).status.success()
+    });
+    let mnt_home = init_home();
+    let mut opts = mount_opts(&[], &[]);
+    opts.env.clear();
+    let m = Mount::start_with(mnt_home, opts);
+    let (code, lines) = node.stop();
+    assert!(code.success());
+    assert!(at_level(&lines, "WARN").is_empty(), "{lines:#?}");
+    assert!(at_level(&lines, "ERROR").is_empty(), "{lines:#?}");
+    let err = m.stderr();
+    let mount_lines: Vec<String> = err.lines().map(str::to_owned).collect();
+    m.unmount();
+    assert!(at_level(&mount_lines, "WARN").is_empty(), "{err}");
+}
+
+#[test]
+fn an_unreachable_bootstrap_peer_is_retried_and_shown_in_status() {
+    // A port nothing listens on: bound, then closed.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("/ip4/127.0.0.1/tcp/{port}");
+    let m = Mount::start_with(
+        init_home(),
+        StartOptions {
+            args: vec![
+                "--listen".into(),
+                "/ip4/127.0.0.1/tcp/0".into(),
+                "--bootstrap".into(),
+                addr.clone(),
+            ],
+            ..StartOptions::default()
+        },
+    );
+    wait_until(
+        "two dials of the bootstrap peer",
+        Duration::from_secs(60),
+        || {
+            let v = status(m.home());
+            v["bootstrap"][0]["attempts"].as_u64().unwrap_or(0) >= 2
+        },
+    );
+    let v = status(m.home());
+    let b = &v["bootstrap"][0];
+    assert_eq!(b["addr"].as_str(), Some(addr.as_str()));
+    assert_eq!(b["reached"].as_bool(), Some(false));
+    assert!(b["unreachable_since"].as_u64().is_some(), "{b}");
+    assert!(
+        b["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{b}"
+    );
+    let text_status = ctl_ok(m.home(), &["status"]);
+    assert!(
+        text_status.contains(&addr) && text_status.contains("unreachable for"),
+        "{text_status}"
+    );
+    // Only the first failure is a warning.
+    let warns = m
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("cannot reach a bootstrap peer"))
+        .count();
+    assert_eq!(warns, 1, "{}", m.stderr());
+
+    // A node that comes up there later is reached by the retries.
+    let node_home = tempfile::tempdir().unwrap();
+    let node = serve(node_home.path(), &["--listen", &addr, "--capacity", "1GiB"]);
+    wait_until(
+        "the bootstrap peer reached",
+        Duration::from_secs(120),
+        || status(m.home())["bootstrap"][0]["reached"].as_bool() == Some(true),
+    );
+    assert!(number(&status(m.home()), "peers") >= 1);
+    m.unmount();
+    drop(node);
+}
+
+#[test]
+fn a_capacity_below_a_block_or_negative_is_refused_with_a_reason() {
+    for (arg, want) in [
+        ("0", "at least 1MiB"),
+        ("1", "at least 1MiB"),
+        ("-1", "cannot be negative"),
+        ("lots", "unknown unit"),
+    ] {
+        let home = tempfile::tempdir().unwrap();
+        let out = run(
+            fincrypt(home.path())
+                .args([
+                    "serve",
+                    "--listen",
+                    "/ip4/127.0.0.1/tcp/0",
+                    "--capacity",
+                    arg,
+                ])
+                .stdin(Stdio::null()),
+            COMMAND_DEADLINE,
+        );
+        assert!(!out.status.success(), "--capacity {arg} was taken");
+        assert!(
+            text(&out.stderr).contains(want),
+            "{arg}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(std::fs::read_dir(home.path()).unwrap().count(), 0);
+    }
+}
+
+#[test]
+fn a_storage_nodes_held_volume_is_scrubbed_offline_and_online() {
+    let (node_homes, nodes, m) = network(1, &[]);
+    set_config(m.home(), "redundancy", "1");
+    std::fs::write(m.path().join("f"), random_bytes(11, 2_000_000)).unwrap();
+    let out = ctl(m.home(), &["sync"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_until("blocks on the node", Duration::from_secs(120), || {
+        number(&status(node_homes[0].path()), "held_blocks") > 0
+    });
+    let node_home = node_homes[0].path();
+    let out = run(fincrypt(node_home).arg("scrub"), COMMAND_DEADLINE);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("by the running storage node"),
+        "{}",
+        text(&out.stdout)
+    );
+    let home = m.unmount();
+    drop(home);
+    let mut nodes = nodes;
+    let (code, _) = nodes.pop().unwrap().stop();
+    assert!(code.success());
+
+    // Offline, and with one held block damaged.
+    let files = regular_files(&node_home.join("held"));
+    let victim = files
+        .iter()
+        .find(|p| {
+            !p.to_string_lossy().contains("redb") && std::fs::metadata(p).unwrap().len() > 1000
+        })
+        .expect("a block file in the held volume");
+    let mut bytes = std::fs::read(victim).unwrap();
+    bytes[500] ^= 0x55;
+    std::fs::write(victim, &bytes).unwrap();
+    let out = run(fincrypt(node_home).arg("scrub"), COMMAND_DEADLINE);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("held for peers: 1 corrupt"), "{stdout}");
+}
+
+/// `statvfs` of `path`: bytes available to its user.
+fn available(path: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a statvfs to fill.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_bavail as u64 * st.f_frsize as u64
+}
+
+/// A tmpfs of `size` on a temporary directory, unmounted on drop.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn new(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size},mode=0700"))
+            .arg("tmpfs")
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a tmpfs of {size}");
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_storage_node_on_a_small_disk_offers_and_takes_only_what_the_disk_holds() {
+    const MIB: u64 = 1 << 20;
+    let disk = SmallDisk::new("64m");
+    let node_home = disk.0.path().join("node");
+    let mut node = serve(
+        &node_home,
+        &["--listen", "/ip4/127.0.0.1/tcp/0", "--capacity", "1GiB"],
+    );
+    let v = status(&node_home);
+    assert_eq!(number(&v, "capacity"), 1 << 30);
+    let offered = number(&v, "offered");
+    // 64 MiB less its reserve (16 MiB, the least) and what the node wrote.
+    assert!(
+        offered <= 48 * MIB && offered > 32 * MIB,
+        "offered {offered} of a 64 MiB disk"
+    );
+    let text_status = ctl_ok(&node_home, &["status"]);
+    assert!(text_status.contains("room on disk"), "{text_status}");
+
+    // An owner with more to place than the disk can take.
+    let m = Mount::start_with(init_home(), mount_opts(std::slice::from_ref(&node), &[]));
+    std::fs::write(m.path().join("big"), random_bytes(13, 80 * MIB as usize)).unwrap();
+    let out = ctl(m.home(), &["sync"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    node.wait_for_line("disk warning", Duration::from_secs(240), |l| {
+        l.contains("WARN") && l.contains("nearly full")
+    });
+    let held = number(&status(&node_home), "held_bytes");
+    assert!(held <= offered, "held {held} of {offered} offered");
+    assert!(
+        available(disk.0.path()) >= 8 * MIB,
+        "the node left room on its disk: {} bytes",
+        available(disk.0.path())
+    );
+    // The mount still works, and says why it is short.
+    assert_eq!(
+        std::fs::read(m.path().join("big")).unwrap().len(),
+        80 * MIB as usize
+    );
+    assert!(number(&status(m.home()), "under_replicated") > 0);
+    m.unmount();
+    let (code, lines) = node.stop();
+    assert!(code.success());
+    let warnings = lines.iter().filter(|l| l.contains("nearly full")).count();
+    assert_eq!(
+        warnings, 1,
+        "one warning while the disk stays short: {lines:#?}"
+    );
+}
