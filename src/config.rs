@@ -233,6 +233,9 @@ pub struct Config {
     pub redundancy: u8,
     /// Bytes of the local volume the mount offers peers for their blocks (0: none).
     pub holder_capacity: u64,
+    /// PeerIds that alone may place blocks in that room (none: any peer).
+    #[serde(deserialize_with = "one_or_many")]
+    pub accept_from: Vec<String>,
     /// Seconds between replication passes (placing own blocks on peers).
     pub replicate_interval: u64,
     /// Seconds between rounds of storage proofs asked of holders (0: none).
@@ -332,6 +335,7 @@ impl Default for Config {
             bootstrap: Vec::new(),
             redundancy: 2,
             holder_capacity: 0,
+            accept_from: Vec::new(),
             replicate_interval: 30,
             proof_interval: 300,
             proof_blocks: 16,
@@ -387,7 +391,9 @@ impl Config {
              # user.fincrypt.redundancy says otherwise (fincryptctl redundancy set).\n\
              redundancy = {}\n\
              \n\
-             # Bytes of the local volume offered to peers for their blocks (0: none).\n\
+             # Bytes of the local volume offered to peers for their blocks (0: none),\n\
+             # and the peers that alone may place there (none: any), e.g.\n\
+             # accept_from = [\"12D3KooW...\"]\n\
              holder_capacity = {}\n\
              \n\
              # Seconds between passes that place own blocks on peers.\n\

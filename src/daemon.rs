@@ -82,6 +82,10 @@ impl Net {
                 &home.placements_file(),
                 config.holder_capacity,
             )?;
+            h.accept_from(crate::serve::parse_peers(
+                &config.accept_from,
+                "accept_from",
+            )?);
             Some(Arc::new(h) as Arc<dyn fincrypt_net::Handler>)
         } else {
             None

@@ -87,6 +87,10 @@ enum Command {
         #[arg(long, value_name = "SIZE", allow_hyphen_values = true,
               value_parser = fincrypt::serve::parse_capacity)]
         capacity: u64,
+        /// The only peer that may place blocks here (repeatable; without
+        /// it, any peer may). To others the node is full.
+        #[arg(long, value_name = "PEERID")]
+        accept_from: Vec<fincrypt_net::PeerId>,
     },
 }
 
@@ -215,6 +219,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             listen,
             bootstrap,
             capacity,
+            accept_from,
         } => {
             let _lock = home.lock("serve")?;
             fincrypt::serve::serve(
@@ -223,6 +228,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     listen,
                     bootstrap,
                     capacity,
+                    accept_from,
                 },
             )?;
         }

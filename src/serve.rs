@@ -23,6 +23,24 @@ pub struct ServeArgs {
     pub bootstrap: Vec<Multiaddr>,
     /// Bytes of held blocks this node accepts.
     pub capacity: u64,
+    /// The only peers that may place blocks here (empty: any peer).
+    pub accept_from: Vec<fincrypt_net::PeerId>,
+}
+
+/// Parses the PeerIds of setting `what`; `None` when there are none (any
+/// peer is accepted).
+pub fn parse_peers(ids: &[String], what: &str) -> Result<Option<Vec<fincrypt_net::PeerId>>> {
+    if ids.is_empty() {
+        return Ok(None);
+    }
+    ids.iter()
+        .map(|id| {
+            id.trim()
+                .parse()
+                .map_err(|e| anyhow::anyhow!("`{what}`: {id:?} is not a PeerId ({e})"))
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
 
 /// Runs a holder node in the foreground until SIGTERM or SIGINT.
@@ -63,6 +81,9 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
         .with_context(|| format!("opening the held volume in {}", home.held_dir().display()))?;
     let store = Arc::new(store);
     let holder = Holder::open(store.clone(), &home.placements_file(), args.capacity)?;
+    if !args.accept_from.is_empty() {
+        holder.accept_from(Some(args.accept_from.clone()));
+    }
     let mut config = NodeConfig::with_key_file(&home.node_key_file())?;
     config.listen = args.listen;
     config.bootstrap = args.bootstrap;

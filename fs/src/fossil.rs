@@ -1184,6 +1184,20 @@ impl Fossil {
             st.dirty = Some(Dirty::new(inode.content, inode.size));
         }
         let d = st.dirty.as_mut().ok_or(FsError::Errno(libc::EIO))?;
+        // A plain allocation promises room for the bytes it adds: programs
+        // call it to learn the space is there. Blocks are written only when
+        // data is, so nothing is reserved, but an allocation the disk cannot
+        // hold now fails as it would on any filesystem.
+        if mode & (PUNCH | ZERO) == 0 {
+            let adds = end.saturating_sub(d.size);
+            if adds > 0 {
+                let disk = self.statfs()?;
+                let free = (disk.f_bavail as u64).saturating_mul(disk.f_frsize as u64);
+                if adds > free {
+                    return errno(libc::ENOSPC);
+                }
+            }
+        }
         let before = d.held();
         if mode & (PUNCH | ZERO) != 0 {
             d.zero(offset, len);

@@ -80,6 +80,9 @@ struct Inner {
     store: Arc<LocalStore>,
     ledger: Ledger,
     capacity: u64,
+    /// The only peers that may place blocks, root records and device
+    /// bindings here; `None`: any peer.
+    accept_from: std::sync::RwLock<Option<std::collections::HashSet<PeerId>>>,
     /// True while new blocks are refused because the disk, not the
     /// capacity, is short: the condition is logged when it changes.
     disk_short: std::sync::atomic::AtomicBool,
@@ -123,6 +126,7 @@ impl Holder {
                 store,
                 ledger,
                 capacity,
+                accept_from: std::sync::RwLock::new(None),
                 disk_short: std::sync::atomic::AtomicBool::new(false),
                 reserved: Mutex::new(0),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -131,6 +135,19 @@ impl Holder {
             }),
             permits: Arc::new(Semaphore::new(MAX_CONCURRENT)),
         })
+    }
+
+    /// Takes new blocks, root records and device bindings only from
+    /// `peers` (any peer when `None`). To the others the node is full: it
+    /// answers `Space` with no room and a put with `Full`, so they place
+    /// elsewhere. What they placed before stays theirs to read, prove and
+    /// release.
+    pub fn accept_from(&self, peers: Option<Vec<PeerId>>) {
+        *self
+            .inner
+            .accept_from
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = peers.map(|p| p.into_iter().collect());
     }
 
     /// The volume the held blocks live in.
@@ -206,7 +223,32 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> ErrorCode {
 }
 
 impl Inner {
+    /// Whether `peer` may place here (see [`Holder::accept_from`]).
+    fn accepts(&self, peer: &PeerId) -> bool {
+        self.accept_from
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(|peers| peers.contains(peer))
+    }
+
     fn answer(&self, peer: PeerId, request: Request) -> Response {
+        if !self.accepts(&peer) {
+            match &request {
+                Request::Put { .. } | Request::PutRoot { .. } | Request::Bind { .. } => {
+                    tracing::debug!(%peer, "a placement from a peer not in accept_from refused");
+                    return Response::Error(ErrorCode::Full { free: 0 });
+                }
+                Request::Space => {
+                    let used = self.store.stats().held_bytes;
+                    return Response::Space {
+                        capacity: used,
+                        used,
+                    };
+                }
+                _ => {}
+            }
+        }
         let result = match request {
             Request::Put { score, data } => self.put(peer, score, data).map(|()| Response::Stored),
             Request::Get { score } => self.get(&score).map(|data| Response::Block { data }),
@@ -803,6 +845,46 @@ mod tests {
                 used: 10_000
             }
         );
+    }
+
+    #[test]
+    fn only_accepted_peers_place_and_the_others_see_no_room() {
+        let (_d, h) = holder(1 << 20);
+        let (friend, stranger) = (PeerId::random(), PeerId::random());
+        h.accept_from(Some(vec![friend]));
+        let (score, data) = block(1, 5000);
+        assert_eq!(
+            h.answer_blocking(
+                stranger,
+                Request::Put {
+                    score,
+                    data: data.clone()
+                }
+            ),
+            Response::Error(ErrorCode::Full { free: 0 })
+        );
+        assert_eq!(
+            h.answer_blocking(stranger, Request::Space),
+            Response::Space {
+                capacity: 0,
+                used: 0
+            }
+        );
+        assert_eq!(
+            h.answer_blocking(friend, Request::Put { score, data }),
+            Response::Stored
+        );
+        // What the friend placed, the stranger still cannot read as its own
+        // placement, but may ask about: reads concern any placed block.
+        assert!(matches!(
+            h.answer_blocking(stranger, Request::Get { score }),
+            Response::Block { .. }
+        ));
+        h.accept_from(None);
+        assert!(matches!(
+            h.answer_blocking(stranger, Request::Space),
+            Response::Space { capacity, .. } if capacity == 1 << 20
+        ));
     }
 
     #[test]
