@@ -31,6 +31,12 @@ pub enum Request {
     SnapshotsList,
     /// Take a snapshot now.
     SnapshotsCreate,
+    /// Delete the snapshots named (all must exist) and those older than
+    /// `older_than_secs`.
+    SnapshotsDelete {
+        names: Vec<String>,
+        older_than_secs: Option<u64>,
+    },
     /// Run replication passes until no own block is short of copies, or
     /// `timeout_secs` pass.
     Replicate { timeout_secs: u64 },
@@ -53,6 +59,16 @@ pub enum Answer {
     Manifest(ManifestView),
     Workers(Vec<WorkerStatus>),
     Scrub(ScrubSummary),
+    Deleted(Deleted),
+}
+
+/// The answer to [`Request::SnapshotsDelete`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Deleted {
+    /// The snapshots deleted, oldest first.
+    pub snapshots: Vec<String>,
+    /// Blocks GC freed after it.
+    pub freed_blocks: u64,
 }
 
 /// Health and usage of a daemon, a mount's or a storage node's.
@@ -94,6 +110,11 @@ pub struct Status {
     pub snapshots: u64,
     /// Copies asked of data blocks where no directory says otherwise.
     pub default_redundancy: u8,
+    /// From the last full walk (mounts with peers): the highest redundancy
+    /// asked, in all and of the live tree alone. Where the first is more,
+    /// retained snapshots keep asking for it (metadata takes the highest).
+    #[serde(default)]
+    pub redundancy_highest: Option<(u8, u8)>,
     /// Owners whose root record this storage node keeps (a storage node only).
     pub root_records: u64,
     /// The highest root record sequence this mount published (0: none yet).

@@ -46,6 +46,8 @@ struct Net {
     engine: Arc<Engine>,
     /// Publishes the owner's root records.
     publisher: Publisher,
+    /// What blocks want, as the engine asks it.
+    wants: Arc<FsWants>,
 }
 
 /// How long a status waits for the node's list of peers.
@@ -116,7 +118,13 @@ impl Net {
             client.clone(),
             manifest.clone(),
         );
-        let engine = Engine::new(client.clone(), manifest, wants, volume.clone(), proofs);
+        let engine = Engine::new(
+            client.clone(),
+            manifest,
+            wants.clone(),
+            volume.clone(),
+            proofs,
+        );
         Ok(Some(Net {
             publisher,
             bulk_port: node.bulk_port(),
@@ -125,6 +133,7 @@ impl Net {
             client,
             listen_addrs,
             engine,
+            wants,
         }))
     }
 
@@ -216,6 +225,53 @@ impl Daemon {
         }
         Ok(control::Synced {
             time: fincrypt_fs::snapdir::name(snap.time),
+            freed_blocks: freed,
+        })
+    }
+
+    /// Deletes the snapshots `names` (refusing all if one is not there) and
+    /// those older than `older_than`; a new root that lists the rest is
+    /// written before GC frees what only they used.
+    fn delete_snapshots(
+        &self,
+        names: &[String],
+        older_than: Option<Duration>,
+    ) -> Result<control::Deleted> {
+        use fincrypt_fs::snapdir::name;
+        let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        let snaps = self.fs.meta().snapshots()?;
+        for n in names {
+            if !snaps.iter().any(|s| name(s.time) == *n) {
+                bail!("there is no snapshot {n} (see `fincryptctl snapshots list`): none deleted");
+            }
+        }
+        let cutoff = older_than.map(|age| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            now.saturating_sub(age).as_secs() as i64
+        });
+        let doomed: Vec<_> = snaps
+            .iter()
+            .filter(|s| names.contains(&name(s.time)) || cutoff.is_some_and(|c| s.time.secs < c))
+            .collect();
+        snapshot::delete(&self.fs, &doomed.iter().map(|s| s.time).collect::<Vec<_>>())?;
+        let mut freed = 0;
+        if !doomed.is_empty() {
+            if let Some(net) = &self.net {
+                let manifest = self.write_manifest(net.engine.manifest())?;
+                snapshot::create_head(&self.fs, Some(manifest))?;
+                self.root_written();
+            }
+            let gone = snapshot::gc(&self.fs, &self.volume)?;
+            self.freed(&gone)?;
+            freed = gone.len() as u64;
+            if let Some(net) = &self.net {
+                net.engine.wake_replication();
+            }
+        }
+        Ok(control::Deleted {
+            snapshots: doomed.iter().map(|s| name(s.time)).collect(),
             freed_blocks: freed,
         })
     }
@@ -451,6 +507,10 @@ impl Daemon {
             unsealed_bytes: self.fs.dirty_bytes() as u64,
             snapshots: self.fs.meta().snapshots()?.len() as u64,
             default_redundancy: self.config.redundancy,
+            redundancy_highest: self
+                .net
+                .as_ref()
+                .and_then(|n| *n.wants.highest.lock().unwrap_or_else(|p| p.into_inner())),
             workers: control::WorkersSummary {
                 total: workers.len() as u64,
                 busy: workers
@@ -571,6 +631,12 @@ impl Daemon {
             ),
             Request::Workers => Answer::Workers(self.workers.list()),
             Request::Scrub => Answer::Scrub(self.scrub()?),
+            Request::SnapshotsDelete {
+                names,
+                older_than_secs,
+            } => Answer::Deleted(
+                self.delete_snapshots(&names, older_than_secs.map(Duration::from_secs))?,
+            ),
         })
     }
 }

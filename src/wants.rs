@@ -33,6 +33,8 @@ pub struct FsWants {
     pub default: u8,
     /// Changes handed out and not yet [taken](fincrypt_engine::Wants::taken).
     pub handed: Mutex<Vec<(u64, u64)>>,
+    /// The last walk's highest redundancy asked, in all and of the live tree.
+    pub highest: Mutex<Option<(u8, u8)>>,
 }
 
 /// Where the change feed was left (kept by the engine, opaque to it).
@@ -56,6 +58,7 @@ impl FsWants {
             snapshots,
             default: default.max(1),
             handed: Mutex::new(Vec::new()),
+            highest: Mutex::new(None),
         }
     }
 
@@ -72,7 +75,10 @@ impl fincrypt_engine::Wants for FsWants {
         let changed = meta.changed(usize::MAX).map_err(walk_error)?;
         let redundancy_changes = meta.redundancy_changes().map_err(walk_error)?;
         let newest = meta.roots().map_err(walk_error)?.last().map(|s| s.time);
-        let (wanted, highest) = wanted(&self.fs, self.default).map_err(walk_error)?;
+        let (wanted, walked) = wanted(&self.fs, self.default).map_err(walk_error)?;
+        let highest = walked.highest;
+        *self.highest.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((walked.highest, walked.highest_live));
         self.hand_out(changed);
         let cursor = Cursor {
             snapshot: newest,
@@ -305,7 +311,7 @@ pub fn paths_of(fs: &Fossil, scores: &[Score]) -> anyhow::Result<Vec<(Score, Str
 /// Works out the redundancy every referenced own block asks for, and the
 /// highest redundancy in use: data blocks their file's, every other block
 /// the highest and at least [`META_REDUNDANCY`].
-pub fn wanted(fs: &Fossil, default: u8) -> anyhow::Result<(Wanted, u8)> {
+pub fn wanted(fs: &Fossil, default: u8) -> anyhow::Result<(Wanted, fincrypt_fs::walk::Walked)> {
     let mut data: HashMap<Score, u8> = HashMap::new();
     let mut meta: HashSet<Score> = HashSet::new();
     let reader = fs.reader();
@@ -341,7 +347,7 @@ pub fn wanted(fs: &Fossil, default: u8) -> anyhow::Result<(Wanted, u8)> {
     for s in meta {
         out.insert(s, meta_n);
     }
-    Ok((out, walked.highest))
+    Ok((out, walked))
 }
 
 #[cfg(test)]

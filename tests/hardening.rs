@@ -828,3 +828,99 @@ fn a_node_with_accept_from_takes_blocks_only_from_those_peers() {
     );
     m.unmount();
 }
+
+#[test]
+fn a_snapshot_deleted_by_name_or_age_goes_and_frees_what_only_it_kept() {
+    let m = Mount::start(init_home());
+    std::fs::write(m.path().join("old"), random_bytes(19, 3_000_000)).unwrap();
+    let first = ctl_ok(m.home(), &["snapshots", "create"]).trim().to_owned();
+    std::fs::remove_file(m.path().join("old")).unwrap();
+    std::fs::write(m.path().join("new"), b"kept").unwrap();
+    let second = ctl_ok(m.home(), &["snapshots", "create"]).trim().to_owned();
+    let listed = |m: &Mount| ctl_ok(m.home(), &["snapshots", "list"]);
+    assert!(listed(&m).contains(&first) && listed(&m).contains(&second));
+
+    // A name that is not there: refused, and nothing goes.
+    let out = ctl(
+        m.home(),
+        &["snapshots", "delete", &first, "2001-01-01T00:00:00.000Z"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no snapshot 2001-01-01"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(listed(&m).contains(&first));
+    let out = ctl(m.home(), &["snapshots", "delete"]);
+    assert!(!out.status.success(), "nothing named, no age");
+
+    let before = number(&status(m.home()), "own_blocks");
+    let out = ctl_ok(m.home(), &["snapshots", "delete", &first]);
+    assert!(out.contains(&format!("deleted {first}")), "{out}");
+    let after = number(&status(m.home()), "own_blocks");
+    assert!(
+        after < before,
+        "the deleted file's blocks are freed: {before} -> {after}"
+    );
+    assert!(!listed(&m).contains(&first));
+    assert!(!m.path().join(".snapshots").join(&first).exists());
+    assert_eq!(
+        std::fs::read(m.path().join(".snapshots").join(&second).join("new")).unwrap(),
+        b"kept"
+    );
+
+    // By age: none is a day old; every one is older than zero seconds.
+    let out = ctl_ok(m.home(), &["snapshots", "delete", "--older-than", "1d"]);
+    assert!(out.contains("none deleted"), "{out}");
+    let out = ctl(
+        m.home(),
+        &["snapshots", "delete", "--older-than", "3 fortnights"],
+    );
+    assert!(!out.status.success());
+    wait_until(
+        "the second snapshot to be older than a second",
+        Duration::from_secs(10),
+        || {
+            let out = ctl_ok(m.home(), &["snapshots", "delete", "--older-than", "1s"]);
+            out.contains(&format!("deleted {second}"))
+        },
+    );
+    assert!(listed(&m).contains("no snapshots yet"));
+    assert_eq!(std::fs::read(m.path().join("new")).unwrap(), b"kept");
+    m.unmount();
+}
+
+#[test]
+fn status_says_when_retained_snapshots_keep_a_lowered_redundancy() {
+    let (_homes, _nodes, m) = network(
+        1,
+        &[
+            ("FINCRYPT_REPLICATE_INTERVAL", "1"),
+            ("FINCRYPT_PUBLISH_INTERVAL", "0"),
+        ],
+    );
+    let dir = m.path().join("photos");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("p"), random_bytes(23, 200_000)).unwrap();
+    let d = dir.to_str().unwrap();
+    ctl_ok(m.home(), &["redundancy", "set", d, "4"]);
+    let snap = ctl_ok(m.home(), &["snapshots", "create"]).trim().to_owned();
+    ctl_ok(m.home(), &["redundancy", "set", d, "1"]);
+    let highest = |m: &Mount| status(m.home())["redundancy_highest"].clone();
+    wait_until(
+        "a walk that sees the snapshot ask for 4",
+        Duration::from_secs(60),
+        || highest(&m) == serde_json::json!([4, 2]),
+    );
+    let text_status = ctl_ok(m.home(), &["status"]);
+    assert!(
+        text_status.contains("retained snapshots keep asking for 4"),
+        "{text_status}"
+    );
+    ctl_ok(m.home(), &["snapshots", "delete", &snap]);
+    wait_until("a walk without it", Duration::from_secs(60), || {
+        highest(&m) == serde_json::json!([2, 2])
+    });
+    m.unmount();
+}

@@ -553,6 +553,22 @@ pub fn restore<S: BlockStore>(
     Ok(done)
 }
 
+/// Drops the snapshots taken at `times`, in one commit that also counts as a
+/// redundancy change: what they asked for is looked at again by a walk, so
+/// a redundancy lowered since takes effect. Returns how many went.
+pub fn delete(fs: &Fossil, times: &[Time]) -> Result<usize, FsError> {
+    if times.is_empty() {
+        return Ok(0);
+    }
+    let mut txn = fs.meta().write()?;
+    for t in times {
+        txn.remove_snapshot(key_of(*t))?;
+    }
+    txn.note_redundancy_change()?;
+    fs.commit_durably(txn)?;
+    Ok(times.len())
+}
+
 /// Drops all but the newest `keep` snapshots; returns how many went.
 pub fn prune(fs: &Fossil, keep: usize) -> Result<usize, FsError> {
     let snaps = fs.meta().snapshots()?;

@@ -111,6 +111,9 @@ impl Walk {
 pub struct Walked {
     /// The highest redundancy any file or directory asked for.
     pub highest: u8,
+    /// The same of the live tree alone: where `highest` is more, retained
+    /// snapshots (or published roots) keep asking for it.
+    pub highest_live: u8,
     /// The newest snapshot walked.
     pub newest: Option<Time>,
 }
@@ -125,6 +128,7 @@ pub fn walk(
     let default = opts.default.max(1);
     let mut out = Walked {
         highest: default,
+        highest_live: default,
         newest: None,
     };
     // Trees handed out, with the redundancy asked of them then.
@@ -202,6 +206,7 @@ pub fn walk(
         }
     }
 
+    out.highest_live = out.highest;
     let heads: Vec<Time> = fs.meta().heads()?.iter().map(|h| h.time).collect();
     for snap in fs.meta().roots()? {
         if opts.snapshots_after.is_some_and(|t| snap.time <= t) {

@@ -91,6 +91,35 @@ enum SnapshotCommand {
     List,
     /// Take a snapshot now.
     Create,
+    /// Delete snapshots by name (as `list` shows them), or all older than
+    /// an age; GC then frees what only they kept, and blocks they asked more
+    /// copies of are asked fewer.
+    Delete {
+        /// Snapshot names, e.g. 2026-12-04T10:15:00.123Z.
+        names: Vec<String>,
+        /// Every snapshot older than this, e.g. 30d, 12h, 90m.
+        #[arg(long, value_name = "AGE", value_parser = parse_age)]
+        older_than: Option<u64>,
+    },
+}
+
+/// Parses an age such as `30d`, `12h`, `90m`, `45s` (or plain seconds).
+fn parse_age(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: an age is a number and a unit, e.g. 30d, 12h, 90m"))?;
+    let unit = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (s, m, h, d or w)")),
+    };
+    n.checked_mul(unit)
+        .ok_or_else(|| format!("{s:?}: too long an age"))
 }
 
 fn main() -> ExitCode {
@@ -293,6 +322,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             println!("{}", v.time);
         }
+        Command::Snapshots {
+            command: SnapshotCommand::Delete { names, older_than },
+        } => {
+            if names.is_empty() && older_than.is_none() {
+                bail!("name the snapshots to delete, or give --older-than AGE");
+            }
+            let request = Request::SnapshotsDelete {
+                names,
+                older_than_secs: older_than,
+            };
+            let v = control::call_for(data, &request, None, |a| match a {
+                Answer::Deleted(d) => Some(d),
+                _ => None,
+            })?;
+            if v.snapshots.is_empty() {
+                println!("no snapshot is that old: none deleted");
+            }
+            for s in &v.snapshots {
+                println!("deleted {s}");
+            }
+            if !v.snapshots.is_empty() {
+                println!("{} blocks freed", v.freed_blocks);
+            }
+        }
         Command::Workers { json } => {
             let list = control::call_for(data, &Request::Workers, None, |a| match a {
                 Answer::Workers(l) => Some(l),
@@ -347,6 +400,17 @@ fn print_status(v: &Status) {
         row("unsealed", bytes(v.unsealed_bytes));
         row("snapshots", v.snapshots.to_string());
         row("default redundancy", v.default_redundancy.to_string());
+        if let Some((all, live)) = v.redundancy_highest {
+            let why = if all > live {
+                format!(
+                    " (the live tree asks for {live}: retained snapshots keep asking for \
+                     {all}; `fincryptctl snapshots delete` those from before it was lowered)"
+                )
+            } else {
+                String::new()
+            };
+            row("highest redundancy", format!("{all}{why}"));
+        }
     }
     if v.capacity > 0 || v.held_blocks > 0 {
         row(
