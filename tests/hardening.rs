@@ -924,3 +924,83 @@ fn status_says_when_retained_snapshots_keep_a_lowered_redundancy() {
     });
     m.unmount();
 }
+
+/// Whether some process holds `home`'s lock.
+fn home_in_use(home: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(home.join("lock")) else {
+        return false;
+    };
+    // SAFETY: flock(2) on an open descriptor; released when `f` closes.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+}
+
+#[test]
+fn the_mount_helper_mounts_as_mount_8_calls_it_and_returns_once_up() {
+    let helper = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/mount.fuse.fincrypt");
+    let home = init_home();
+    let mnt = tempfile::tempdir().unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let passfile = secrets.path().join("pass");
+    let helper_run = |opts: &str| {
+        run(
+            Command::new(helper)
+                .arg(home.path())
+                .arg(mnt.path())
+                .args(["-o", opts])
+                .env("FINCRYPT_BIN", env!("CARGO_BIN_EXE_fincrypt"))
+                .env_remove("FINCRYPT_PASSPHRASE")
+                .stdin(Stdio::null()),
+            COMMAND_DEADLINE,
+        )
+    };
+    let opts = format!("passfile={},ro,nofail,_netdev", passfile.display());
+
+    // A passfile others can read is refused before anything starts.
+    std::fs::write(&passfile, format!("{PASSPHRASE}\n")).unwrap();
+    std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = helper_run(&opts);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("chmod 600"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!is_mounted(mnt.path()));
+
+    // A wrong passphrase: the daemon's own message, and no mount.
+    std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&passfile, "not the passphrase\n").unwrap();
+    let out = helper_run(&opts);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("passphrase"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!is_mounted(mnt.path()));
+
+    // The right one: mounted read-only when the helper returns.
+    std::fs::write(&passfile, format!("{PASSPHRASE}\n")).unwrap();
+    let out = helper_run(&opts);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(is_mounted(mnt.path()), "mounted once the helper returned");
+    let (_, options) = mount_source_and_options(mnt.path());
+    assert!(options.split(',').any(|o| o == "ro"), "{options}");
+    let err = std::fs::write(mnt.path().join("f"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    assert!(home_in_use(home.path()));
+    assert!(
+        std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(mnt.path())
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_until("the daemon to exit", Duration::from_secs(30), || {
+        !home_in_use(home.path())
+    });
+    let bad = helper_run("passfile=/nonexistent,bogus");
+    assert!(!bad.status.success());
+}
