@@ -1004,3 +1004,76 @@ fn the_mount_helper_mounts_as_mount_8_calls_it_and_returns_once_up() {
     let bad = helper_run("passfile=/nonexistent,bogus");
     assert!(!bad.status.success());
 }
+
+/// Sets `/dev/fuse` to 0666 while alive (as a desktop system has it), then
+/// back: this machine keeps it root's alone.
+struct FuseOpenToAll(u32);
+
+impl FuseOpenToAll {
+    fn new() -> FuseOpenToAll {
+        let mode = std::fs::metadata("/dev/fuse").unwrap().permissions().mode() & 0o777;
+        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(mode | 0o666))
+            .unwrap();
+        FuseOpenToAll(mode)
+    }
+}
+
+impl Drop for FuseOpenToAll {
+    fn drop(&mut self) {
+        let _ = std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(self.0));
+    }
+}
+
+#[test]
+fn a_users_mount_through_fusermount3_is_listed_as_fuse_fincrypt_from_its_home() {
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A copy the user can run, wherever the build is.
+    let bin = dir.join("fincrypt");
+    std::fs::copy(env!("CARGO_BIN_EXE_fincrypt"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (home, mnt) = (dir.join("home"), dir.join("mnt"));
+    for d in [&home, &mnt] {
+        std::fs::create_dir(d).unwrap();
+        std::os::unix::fs::chown(d, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let _fuse = FuseOpenToAll::new();
+    let as_user = |args: &[&str]| {
+        let mut c = Command::new(&bin);
+        c.arg("--home")
+            .arg(&home)
+            .args(args)
+            .env("HOME", dir)
+            .env("FINCRYPT_PASSPHRASE", PASSPHRASE)
+            .current_dir(dir)
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .stdin(Stdio::null());
+        c
+    };
+    let out = run(&mut as_user(&["init"]), COMMAND_DEADLINE);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut daemon = as_user(&["mount", mnt.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the user's mount", Duration::from_secs(60), || {
+        mounted_fstype(&mnt).is_some()
+    });
+    assert_eq!(mounted_fstype(&mnt).as_deref(), Some("fuse.fincrypt"));
+    let (source, _) = mount_source_and_options(&mnt);
+    assert_eq!(source, home.to_str().unwrap());
+    assert!(
+        Command::new("fusermount3")
+            .arg("-u")
+            .arg(&mnt)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = wait_child(&mut daemon, Duration::from_secs(30)).expect("the daemon exits");
+    assert!(status.success());
+}
