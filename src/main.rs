@@ -315,6 +315,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("stray {}", p.display());
             }
             if !report.is_clean() {
+                if !storage_node && !(report.corrupt.is_empty() && report.missing.is_empty()) {
+                    eprintln!(
+                        "fincrypt: to repair them from their holders, mount this home with its \
+                         peers and run `fincrypt scrub` again (while mounted, a damaged block is \
+                         also fetched from a holder when it is read)"
+                    );
+                }
                 return Ok(ExitCode::from(1));
             }
         }

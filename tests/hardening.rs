@@ -1077,3 +1077,30 @@ fn a_users_mount_through_fusermount3_is_listed_as_fuse_fincrypt_from_its_home() 
     let status = wait_child(&mut daemon, Duration::from_secs(30)).expect("the daemon exits");
     assert!(status.success());
 }
+
+#[test]
+fn an_offline_scrub_of_a_damaged_owner_volume_says_how_to_repair_it() {
+    let m = Mount::start(init_home());
+    std::fs::write(m.path().join("f"), random_bytes(29, 1_000_000)).unwrap();
+    let home = m.unmount();
+    let blocks = regular_files(&home.path().join("volume").join("blocks"));
+    let victim = blocks
+        .iter()
+        .find(|p| std::fs::metadata(p).unwrap().len() > 1000)
+        .expect("a block file");
+    let mut bytes = std::fs::read(victim).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::write(victim, &bytes).unwrap();
+    let out = run(fincrypt(home.path()).arg("scrub"), COMMAND_DEADLINE);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("1 corrupt"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("mount this home with its peers"),
+        "{}",
+        text(&out.stderr)
+    );
+}
