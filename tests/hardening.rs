@@ -61,12 +61,8 @@ fn a_misspelt_or_mistyped_setting_is_refused_by_its_name_and_nothing_changes() {
     .unwrap();
     let before = disk_state(home.path());
     let out = refused_mount(home.path(), Some(PASSPHRASE));
-    let err = text(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("unknown setting `redundnacy`") && err.contains("did you mean `redundancy`"),
-        "{err}"
-    );
+    assert_refused(&out, "unknown setting `redundnacy`");
+    assert_refused(&out, "did you mean `redundancy`");
     assert_eq!(
         disk_state(home.path()),
         before,
@@ -90,10 +86,6 @@ fn a_misspelt_or_mistyped_setting_is_refused_by_its_name_and_nothing_changes() {
     );
 
     std::fs::write(home.path().join("config.toml"), &original).unwrap();
-    let mut cmd = fincrypt(home.path());
-    cmd.arg("mount")
-        .arg(home.path().join("nowhere"))
-        .env("FINCRYPT_REDUNDANCY", "many");
     let mnt = tempfile::tempdir().unwrap();
     let out = run(
         fincrypt(home.path())
@@ -104,12 +96,7 @@ fn a_misspelt_or_mistyped_setting_is_refused_by_its_name_and_nothing_changes() {
             .stdin(Stdio::null()),
         COMMAND_DEADLINE,
     );
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("FINCRYPT_REDUNDANCY"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_refused(&out, "FINCRYPT_REDUNDANCY");
     assert!(!is_mounted(mnt.path()));
 }
 
@@ -171,12 +158,7 @@ fn both_commands_read_the_working_directorys_env_and_no_parents() {
         bare(fin, user_home.path(), &project_dir.join("sub")).arg("scrub"),
         COMMAND_DEADLINE,
     );
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains(&user_home.path().display().to_string()),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_refused(&out, &user_home.path().display().to_string());
 
     // A .env that cannot be read is an error, not ignored.
     std::fs::write(project_dir.join("sub/.env"), "this is not an assignment\n").unwrap();
@@ -196,30 +178,17 @@ fn a_file_a_missing_path_or_a_non_empty_directory_is_refused_as_a_mount_point() 
 
     let file = tempfile::NamedTempFile::new().unwrap();
     let out = refused_mount_at(home.path(), file.path(), &[], Some(PASSPHRASE));
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("is not a directory"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_refused(&out, "is not a directory");
 
     let gone = tempfile::tempdir().unwrap().path().join("gone");
     let out = refused_mount_at(home.path(), &gone, &[], Some(PASSPHRASE));
-    assert!(
-        text(&out.stderr).contains("does not exist"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_refused(&out, "does not exist");
 
     let full = tempfile::tempdir().unwrap();
     std::fs::write(full.path().join("keep.txt"), b"mine").unwrap();
     let out = refused_mount_at(home.path(), full.path(), &[], Some(PASSPHRASE));
-    let err = text(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("is not empty") && err.contains("--nonempty"),
-        "{err}"
-    );
+    assert_refused(&out, "is not empty");
+    assert_refused(&out, "--nonempty");
     assert_eq!(
         std::fs::read(full.path().join("keep.txt")).unwrap(),
         b"mine"
@@ -820,12 +789,7 @@ fn a_node_with_accept_from_takes_blocks_only_from_those_peers() {
             .args(["--accept-from", "not-a-peer"]),
         COMMAND_DEADLINE,
     );
-    assert!(!bad.status.success());
-    assert!(
-        text(&bad.stderr).contains("accept-from"),
-        "{}",
-        text(&bad.stderr)
-    );
+    assert_refused(&bad, "accept-from");
     m.unmount();
 }
 
@@ -845,12 +809,7 @@ fn a_snapshot_deleted_by_name_or_age_goes_and_frees_what_only_it_kept() {
         m.home(),
         &["snapshots", "delete", &first, "2001-01-01T00:00:00.000Z"],
     );
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("no snapshot 2001-01-01"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_refused(&out, "no snapshot 2001-01-01");
     assert!(listed(&m).contains(&first));
     let out = ctl(m.home(), &["snapshots", "delete"]);
     assert!(!out.status.success(), "nothing named, no age");
@@ -960,24 +919,14 @@ fn the_mount_helper_mounts_as_mount_8_calls_it_and_returns_once_up() {
     std::fs::write(&passfile, format!("{PASSPHRASE}\n")).unwrap();
     std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o644)).unwrap();
     let out = helper_run(&opts);
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("chmod 600"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_refused(&out, "chmod 600");
     assert!(!is_mounted(mnt.path()));
 
     // A wrong passphrase: the daemon's own message, and no mount.
     std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::write(&passfile, "not the passphrase\n").unwrap();
     let out = helper_run(&opts);
-    assert!(!out.status.success());
-    assert!(
-        text(&out.stderr).contains("passphrase"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_refused(&out, "passphrase");
     assert!(!is_mounted(mnt.path()));
 
     // The right one: mounted read-only when the helper returns.
@@ -1103,4 +1052,10 @@ fn an_offline_scrub_of_a_damaged_owner_volume_says_how_to_repair_it() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// `out` failed, and its standard error says `wanted`.
+fn assert_refused(out: &std::process::Output, wanted: &str) {
+    assert!(!out.status.success(), "{wanted:?} refused");
+    assert!(text(&out.stderr).contains(wanted), "{}", text(&out.stderr));
 }
