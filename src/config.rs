@@ -357,8 +357,14 @@ impl Config {
         Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::file(&file))
             .merge(Env::prefixed("FINCRYPT_").only(&names))
-            .extract()
+            .extract::<Config>()
             .map_err(|e| explain(e, &file))
+            .and_then(|c| {
+                // Checked here, before anything starts, not when the node does.
+                crate::serve::parse_peers(&c.accept_from, "accept_from")
+                    .with_context(|| format!("in {} or FINCRYPT_ACCEPT_FROM", file.display()))?;
+                Ok(c)
+            })
     }
 
     /// The names of every setting, as `config.toml` spells them.

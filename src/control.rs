@@ -69,6 +69,10 @@ pub struct Deleted {
     pub snapshots: Vec<String>,
     /// Blocks GC freed after it.
     pub freed_blocks: u64,
+    /// The deleted snapshot whose blocks stay until a newer root is
+    /// published, because the root the network holds names it.
+    #[serde(default)]
+    pub kept_for_network: Option<String>,
 }
 
 /// Health and usage of a daemon, a mount's or a storage node's.

@@ -172,6 +172,9 @@ struct Daemon {
     runtime: tokio::runtime::Handle,
     /// The root the last root record published from here names.
     published: Mutex<Option<fincrypt_fs::meta::SnapshotRecord>>,
+    /// True while a deleted snapshot is kept as a head until a newer root
+    /// is published (see [`Daemon::delete_snapshots`]).
+    deleted_heads: std::sync::atomic::AtomicBool,
     /// When the tree last changed without a root written since.
     heads: Mutex<HeadState>,
 }
@@ -254,8 +257,30 @@ impl Daemon {
         let doomed: Vec<_> = snaps
             .iter()
             .filter(|s| names.contains(&name(s.time)) || cutoff.is_some_and(|c| s.time.secs < c))
+            .cloned()
             .collect();
-        snapshot::delete(&self.fs, &doomed.iter().map(|s| s.time).collect::<Vec<_>>())?;
+        // The root the network holds (the last published from here, or
+        // after a restart the newest) is what a new machine recovers from:
+        // deleted, it leaves `.snapshots/` but stays a head, its blocks
+        // kept, until a newer root is published.
+        let held_by_network = match &self.net {
+            Some(_) => self
+                .published
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|s| s.time)
+                .or(self.fs.meta().roots()?.last().map(|s| s.time)),
+            None => None,
+        };
+        let kept = doomed
+            .iter()
+            .find(|s| Some(s.time) == held_by_network)
+            .map(|s| name(s.time));
+        snapshot::delete(&self.fs, &doomed, held_by_network)?;
+        if kept.is_some() {
+            self.deleted_heads.store(true, Ordering::Relaxed);
+        }
         let mut freed = 0;
         if !doomed.is_empty() {
             if let Some(net) = &self.net {
@@ -273,6 +298,7 @@ impl Daemon {
         Ok(control::Deleted {
             snapshots: doomed.iter().map(|s| name(s.time)).collect(),
             freed_blocks: freed,
+            kept_for_network: kept,
         })
     }
 
@@ -420,7 +446,10 @@ impl Daemon {
         // Older heads are not needed to recover any more; GC frees what only they used.
         {
             let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
-            snapshot::drop_heads_before(&self.fs, &snap)?;
+            // A deleted snapshot kept as a head for the network's sake may
+            // have asked for more copies than what stays.
+            let rewalk = self.deleted_heads.swap(false, Ordering::Relaxed);
+            snapshot::drop_heads_before(&self.fs, &snap, rewalk)?;
         }
         *self.published.lock().unwrap_or_else(|p| p.into_inner()) = Some(snap);
         Ok(1)
@@ -787,6 +816,7 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         workers: Workers::new(runtime.handle().clone()),
         runtime: runtime.handle().clone(),
         published: Mutex::new(None),
+        deleted_heads: std::sync::atomic::AtomicBool::new(false),
         // The newest root is taken to cover the tree as it is at start (a
         // change made before a crash shows at the next change).
         heads: Mutex::new(HeadState {

@@ -84,6 +84,14 @@ fn a_misspelt_or_mistyped_setting_is_refused_by_its_name_and_nothing_changes() {
         !err.contains("default."),
         "named by figment's profile: {err}"
     );
+    // A PeerId that is none is refused at start too, not when the node starts.
+    std::fs::write(
+        home.path().join("config.toml"),
+        format!("{original}accept_from = [\"nope\"]\n"),
+    )
+    .unwrap();
+    let out = refused_mount(home.path(), Some(PASSPHRASE));
+    assert_refused(&out, "`accept_from`: \"nope\" is not a PeerId");
 
     std::fs::write(home.path().join("config.toml"), &original).unwrap();
     let mnt = tempfile::tempdir().unwrap();
@@ -837,6 +845,10 @@ fn a_snapshot_deleted_by_name_or_age_goes_and_frees_what_only_it_kept() {
         &["snapshots", "delete", "--older-than", "3 fortnights"],
     );
     assert!(!out.status.success());
+    // A bare number would be seconds, and delete almost everything.
+    let out = ctl(m.home(), &["snapshots", "delete", "--older-than", "30"]);
+    assert_refused(&out, "give a unit");
+    assert!(listed(&m).contains(&second));
     wait_until(
         "the second snapshot to be older than a second",
         Duration::from_secs(10),
@@ -1058,4 +1070,72 @@ fn an_offline_scrub_of_a_damaged_owner_volume_says_how_to_repair_it() {
 fn assert_refused(out: &std::process::Output, wanted: &str) {
     assert!(!out.status.success(), "{wanted:?} refused");
     assert!(text(&out.stderr).contains(wanted), "{}", text(&out.stderr));
+}
+
+#[test]
+fn the_mount_helper_runs_the_daemon_as_the_user_it_names_on_any_mount_point() {
+    const NOBODY: u32 = 65534;
+    let helper = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/mount.fuse.fincrypt");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("fincrypt");
+    std::fs::copy(env!("CARGO_BIN_EXE_fincrypt"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A space in the mount point: mountinfo writes it as \040.
+    let (home, mnt) = (dir.join("home"), dir.join("my files"));
+    for d in [&home, &mnt] {
+        std::fs::create_dir(d).unwrap();
+        std::os::unix::fs::chown(d, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let _fuse = FuseOpenToAll::new();
+    let out = run(
+        Command::new(&bin)
+            .arg("--home")
+            .arg(&home)
+            .arg("init")
+            .env("FINCRYPT_PASSPHRASE", PASSPHRASE)
+            .current_dir(dir)
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .stdin(Stdio::null()),
+        COMMAND_DEADLINE,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let passfile = dir.join("pass");
+    std::fs::write(&passfile, PASSPHRASE).unwrap();
+    std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = run(
+        Command::new(helper)
+            .arg(&home)
+            .arg(&mnt)
+            .arg("-o")
+            .arg(format!(
+                "setuid={NOBODY},passfile={},user=me,defaults",
+                passfile.display()
+            ))
+            .env("FINCRYPT_BIN", &bin)
+            .env_remove("FINCRYPT_PASSPHRASE")
+            .stdin(Stdio::null()),
+        COMMAND_DEADLINE,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Through fusermount3, as the user: the subtype shows.
+    assert_eq!(mounted_fstype(&mnt).as_deref(), Some("fuse.fincrypt"));
+    assert_eq!(
+        std::fs::metadata(home.join("lock")).unwrap().uid(),
+        NOBODY,
+        "the home stays the user's"
+    );
+    assert!(
+        Command::new("fusermount3")
+            .arg("-u")
+            .arg(&mnt)
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_until("the daemon to exit", Duration::from_secs(30), || {
+        !home_in_use(&home)
+    });
 }

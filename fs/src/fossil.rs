@@ -1188,7 +1188,8 @@ impl Fossil {
         // call it to learn the space is there. Blocks are written only when
         // data is, so nothing is reserved, but an allocation the disk cannot
         // hold now fails as it would on any filesystem.
-        if mode & (PUNCH | ZERO) == 0 {
+        // Zeroing a range past the end allocates it too.
+        if mode & PUNCH == 0 {
             let adds = end.saturating_sub(d.size);
             if adds > 0 {
                 let disk = self.statfs()?;

@@ -232,10 +232,15 @@ pub fn create_head(fs: &Fossil, manifest: Option<FileRef>) -> Result<SnapshotRec
 }
 
 /// Forgets the heads older than `root` (once `root` is published, they are
-/// not needed to recover); GC then frees what only they used.
-pub fn drop_heads_before(fs: &Fossil, root: &SnapshotRecord) -> Result<u64, FsError> {
+/// not needed to recover); GC then frees what only they used. With
+/// `rewalk`, and if any went, what blocks want is worked out again by a walk
+/// (they may have asked for more copies than what stays).
+pub fn drop_heads_before(fs: &Fossil, root: &SnapshotRecord, rewalk: bool) -> Result<u64, FsError> {
     let mut txn = fs.meta().write()?;
     let n = txn.remove_heads_before(key_of(root.time))?;
+    if rewalk && n > 0 {
+        txn.note_redundancy_change()?;
+    }
     fs.commit_durably(txn)?;
     Ok(n)
 }
@@ -553,20 +558,30 @@ pub fn restore<S: BlockStore>(
     Ok(done)
 }
 
-/// Drops the snapshots taken at `times`, in one commit that also counts as a
-/// redundancy change: what they asked for is looked at again by a walk, so
-/// a redundancy lowered since takes effect. Returns how many went.
-pub fn delete(fs: &Fossil, times: &[Time]) -> Result<usize, FsError> {
-    if times.is_empty() {
+/// Drops the snapshots `doomed` from `.snapshots/`, in one commit that also
+/// counts as a redundancy change: what they asked for is looked at again by
+/// a walk, so a redundancy lowered since takes effect. The one taken at
+/// `keep_as_head`, if among them, stays a head: the root the network holds
+/// names it, so its blocks stay until a newer root is published. Returns
+/// how many went.
+pub fn delete(
+    fs: &Fossil,
+    doomed: &[SnapshotRecord],
+    keep_as_head: Option<Time>,
+) -> Result<usize, FsError> {
+    if doomed.is_empty() {
         return Ok(0);
     }
     let mut txn = fs.meta().write()?;
-    for t in times {
-        txn.remove_snapshot(key_of(*t))?;
+    for s in doomed {
+        txn.remove_snapshot(key_of(s.time))?;
+        if keep_as_head == Some(s.time) {
+            txn.put_head(key_of(s.time), s)?;
+        }
     }
     txn.note_redundancy_change()?;
     fs.commit_durably(txn)?;
-    Ok(times.len())
+    Ok(doomed.len())
 }
 
 /// Drops all but the newest `keep` snapshots; returns how many went.

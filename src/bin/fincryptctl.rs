@@ -103,7 +103,8 @@ enum SnapshotCommand {
     },
 }
 
-/// Parses an age such as `30d`, `12h`, `90m`, `45s` (or plain seconds).
+/// Parses an age such as `30d`, `12h`, `90m`, `45s`; a bare number is
+/// refused (`30` would mean 30 seconds, deleting almost everything).
 fn parse_age(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
@@ -111,7 +112,12 @@ fn parse_age(s: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("{s:?}: an age is a number and a unit, e.g. 30d, 12h, 90m"))?;
     let unit = match unit {
-        "" | "s" => 1,
+        "" => {
+            return Err(format!(
+                "{s:?}: give a unit, e.g. {s}d for days (s, m, h, d or w)"
+            ));
+        }
+        "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
@@ -344,6 +350,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if !v.snapshots.is_empty() {
                 println!("{} blocks freed", v.freed_blocks);
+            }
+            if let Some(s) = &v.kept_for_network {
+                println!(
+                    "{s} is what the root the network holds names: its blocks stay until a \
+                     newer root is published"
+                );
             }
         }
         Command::Workers { json } => {
