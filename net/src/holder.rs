@@ -376,7 +376,8 @@ impl Inner {
         }
         // Room again only with some to spare: a small block that fits just
         // after a refusal would otherwise flip the warning back and forth.
-        if room.saturating_sub(used.saturating_add(len)) >= DISK_ROOM_AGAIN
+        if (room >= self.capacity
+            || room.saturating_sub(used.saturating_add(len)) >= DISK_ROOM_AGAIN)
             && self.disk_short.swap(false, Ordering::Relaxed)
         {
             tracing::info!("the disk of the held volume has room again: new blocks are taken");
