@@ -1139,3 +1139,64 @@ fn the_mount_helper_runs_the_daemon_as_the_user_it_names_on_any_mount_point() {
         !home_in_use(&home)
     });
 }
+
+#[test]
+fn a_mounts_holder_room_takes_blocks_only_from_its_accept_from() {
+    let listen = || StartOptions {
+        args: vec!["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()],
+        ..StartOptions::default()
+    };
+    // The friend's PeerId, from a first start (its node key is kept).
+    let m = Mount::start_with(init_home(), listen());
+    let friend_peer = status(m.home())["peer_id"].as_str().unwrap().to_owned();
+    let friend_home = m.unmount();
+
+    let host_home = init_home();
+    set_config(host_home.path(), "holder_capacity", "104857600");
+    set_config(
+        host_home.path(),
+        "accept_from",
+        &format!("[\"{friend_peer}\"]"),
+    );
+    let host = Mount::start_with(host_home, listen());
+    let host_addr = status(host.home())["listen_addrs"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let via_host = || StartOptions {
+        args: vec![
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--bootstrap".into(),
+            host_addr.clone(),
+        ],
+        ..StartOptions::default()
+    };
+    let stranger = Mount::start_with(init_home(), via_host());
+    std::fs::write(stranger.path().join("s"), random_bytes(31, 300_000)).unwrap();
+    assert!(ctl(stranger.home(), &["sync"]).status.success());
+    wait_until(
+        "the host to answer the stranger with no room",
+        Duration::from_secs(120),
+        || {
+            status(stranger.home())["replication"]["note"]
+                .as_str()
+                .is_some_and(|n| {
+                    n.contains("1 of the closest peers found serve blocks, 0 of them with room")
+                })
+        },
+    );
+    assert_eq!(number(&status(host.home()), "held_blocks"), 0);
+
+    let friend = Mount::start_with(friend_home, via_host());
+    std::fs::write(friend.path().join("f"), random_bytes(37, 300_000)).unwrap();
+    assert!(ctl(friend.home(), &["sync"]).status.success());
+    wait_until(
+        "the friend's blocks on the host",
+        Duration::from_secs(120),
+        || number(&status(host.home()), "held_blocks") > 0,
+    );
+    friend.unmount();
+    stranger.unmount();
+    host.unmount();
+}
