@@ -646,7 +646,7 @@ fn a_storage_node_on_a_small_disk_offers_and_takes_only_what_the_disk_holds() {
     const MIB: u64 = 1 << 20;
     let disk = SmallDisk::new("64m");
     let node_home = disk.0.path().join("node");
-    let mut node = serve(
+    let node = serve(
         &node_home,
         &["--listen", "/ip4/127.0.0.1/tcp/0", "--capacity", "1GiB"],
     );
@@ -666,9 +666,16 @@ fn a_storage_node_on_a_small_disk_offers_and_takes_only_what_the_disk_holds() {
     std::fs::write(m.path().join("big"), random_bytes(13, 80 * MIB as usize)).unwrap();
     let out = ctl(m.home(), &["sync"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    node.wait_for_line("disk warning", Duration::from_secs(240), |l| {
-        l.contains("WARN") && l.contains("nearly full")
-    });
+    // The owner places until the node has no room left for a block (puts
+    // that race past the room it offers are refused as "full").
+    wait_until(
+        "the node to fill its disk",
+        Duration::from_secs(240),
+        || {
+            let v = status(&node_home);
+            number(&v, "offered").saturating_sub(number(&v, "held_bytes")) < 5 * MIB
+        },
+    );
     // It took what fitted and kept its reserve (16 MiB here, less at most
     // the blocks admitted together just before the limit).
     assert!(number(&status(&node_home), "held_bytes") > 16 * MIB);
@@ -686,10 +693,12 @@ fn a_storage_node_on_a_small_disk_offers_and_takes_only_what_the_disk_holds() {
     m.unmount();
     let (code, lines) = node.stop();
     assert!(code.success());
+    // A refused put is logged once while the disk stays short, not per
+    // block (none at all when every put kept within the room offered).
     let warnings = lines.iter().filter(|l| l.contains("nearly full")).count();
-    assert_eq!(
-        warnings, 1,
-        "one warning while the disk stays short: {lines:#?}"
+    assert!(
+        warnings <= 1,
+        "one warning at most while the disk stays short: {lines:#?}"
     );
 }
 
