@@ -342,3 +342,34 @@ fn staged_blocks_join_in_one_commit_and_leave_nothing_when_dropped() {
     assert_eq!(&store.get(&twice.0).unwrap(), &twice.1);
     assert!(store.scrub().unwrap().is_clean());
 }
+
+#[test]
+fn a_scrub_while_blocks_come_and_go_finds_nothing_stray_or_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(open(dir.path()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (store, stop) = (store.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (score, data) = block(1000 + i, 2000);
+                store.put(score, data, Class::Held).unwrap();
+                if i % 2 == 1 {
+                    store.delete(&score).unwrap();
+                }
+                i += 1;
+            }
+            i
+        })
+    };
+    for _ in 0..200 {
+        let report = store.scrub().unwrap();
+        assert!(
+            report.is_clean(),
+            "a scrub during puts and deletes: {report:?}"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(writer.join().unwrap() > 0, "blocks came and went meanwhile");
+}

@@ -329,9 +329,17 @@ impl LocalStore {
     }
 
     /// Re-reads every block and checks it against its score; also finds missing and stray files.
+    ///
+    /// Safe while the store is in use: the index and the files are listed
+    /// together under the lock every change takes (a block linked or deleted
+    /// between the two would look stray or missing), and a block that goes
+    /// while it is being checked is not counted missing.
     pub fn scrub(&self) -> Result<ScrubReport, Error> {
         let mut report = ScrubReport::default();
-        let indexed = self.indexed()?;
+        let (indexed, files) = {
+            let _still = self.lock();
+            (self.indexed()?, self.files()?)
+        };
         for score in &indexed {
             match fs::read(self.path_of(score)) {
                 Ok(data) => {
@@ -340,11 +348,15 @@ impl LocalStore {
                         report.corrupt.push(*score);
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.missing.push(*score),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if self.entry(score)?.is_some() {
+                        report.missing.push(*score);
+                    }
+                }
                 Err(e) => return Err(Error::io(&self.path_of(score), e)),
             }
         }
-        for (score, path) in self.files()? {
+        for (score, path) in files {
             if !score.is_some_and(|s| indexed.contains(&s)) {
                 report.orphans.push(path);
             }
