@@ -361,10 +361,27 @@ impl Config {
             .map_err(|e| explain(e, &file))
             .and_then(|c| {
                 // Checked here, before anything starts, not when the node does.
-                crate::serve::parse_peers(&c.accept_from, "accept_from")
+                c.accept_from_peers()
                     .with_context(|| format!("in {} or FINCRYPT_ACCEPT_FROM", file.display()))?;
                 Ok(c)
             })
+    }
+
+    /// The PeerIds of `accept_from`; `None` when there are none (any peer
+    /// may place).
+    pub fn accept_from_peers(&self) -> Result<Option<Vec<fincrypt_net::PeerId>>> {
+        if self.accept_from.is_empty() {
+            return Ok(None);
+        }
+        self.accept_from
+            .iter()
+            .map(|id| {
+                id.trim()
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("`accept_from`: {id:?} is not a PeerId ({e})"))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 
     /// The names of every setting, as `config.toml` spells them.

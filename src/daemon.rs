@@ -84,10 +84,7 @@ impl Net {
                 &home.placements_file(),
                 config.holder_capacity,
             )?;
-            h.accept_from(crate::serve::parse_peers(
-                &config.accept_from,
-                "accept_from",
-            )?);
+            h.accept_from(config.accept_from_peers()?);
             Some(Arc::new(h) as Arc<dyn fincrypt_net::Handler>)
         } else {
             None
@@ -194,6 +191,11 @@ impl Daemon {
     /// Frees blocks that neither live files nor retained snapshots use.
     fn collect(&self) -> Result<u64> {
         let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        self.collect_locked()
+    }
+
+    /// [`Daemon::collect`], under the snapshot lock already taken.
+    fn collect_locked(&self) -> Result<u64> {
         let freed = snapshot::gc(&self.fs, &self.volume)?;
         self.freed(&freed)?;
         Ok(freed.len() as u64)
@@ -219,9 +221,7 @@ impl Daemon {
         let snap = snapshot::create_with_manifest(&self.fs, manifest)?;
         self.root_written();
         snapshot::prune(&self.fs, keep)?;
-        let freed = snapshot::gc(&self.fs, &self.volume)?;
-        self.freed(&freed)?;
-        let freed = freed.len() as u64;
+        let freed = self.collect_locked()?;
         if let Some(net) = &self.net {
             // New metadata blocks (the root, directories, the manifest) want copies.
             net.engine.wake_replication();
@@ -248,12 +248,8 @@ impl Daemon {
                 bail!("there is no snapshot {n} (see `fincryptctl snapshots list`): none deleted");
             }
         }
-        let cutoff = older_than.map(|age| {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            now.saturating_sub(age).as_secs() as i64
-        });
+        let now = fincrypt_fs::meta::Time::now().secs;
+        let cutoff = older_than.map(|age| now.saturating_sub(age.as_secs() as i64));
         let doomed: Vec<_> = snaps
             .iter()
             .filter(|s| names.contains(&name(s.time)) || cutoff.is_some_and(|c| s.time.secs < c))
@@ -283,17 +279,8 @@ impl Daemon {
         }
         let mut freed = 0;
         if !doomed.is_empty() {
-            if let Some(net) = &self.net {
-                let manifest = self.write_manifest(net.engine.manifest())?;
-                snapshot::create_head(&self.fs, Some(manifest))?;
-                self.root_written();
-            }
-            let gone = snapshot::gc(&self.fs, &self.volume)?;
-            self.freed(&gone)?;
-            freed = gone.len() as u64;
-            if let Some(net) = &self.net {
-                net.engine.wake_replication();
-            }
+            self.write_head_locked()?;
+            freed = self.collect_locked()?;
         }
         Ok(control::Deleted {
             snapshots: doomed.iter().map(|s| name(s.time)).collect(),
@@ -491,6 +478,11 @@ impl Daemon {
     /// Writes a head root of the tree as it is, with the manifest.
     fn write_head(&self) -> Result<()> {
         let _one = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_head_locked()
+    }
+
+    /// [`Daemon::write_head`], under the snapshot lock already taken.
+    fn write_head_locked(&self) -> Result<()> {
         let Some(net) = &self.net else {
             return Ok(());
         };

@@ -27,22 +27,6 @@ pub struct ServeArgs {
     pub accept_from: Vec<fincrypt_net::PeerId>,
 }
 
-/// Parses the PeerIds of setting `what`; `None` when there are none (any
-/// peer is accepted).
-pub fn parse_peers(ids: &[String], what: &str) -> Result<Option<Vec<fincrypt_net::PeerId>>> {
-    if ids.is_empty() {
-        return Ok(None);
-    }
-    ids.iter()
-        .map(|id| {
-            id.trim()
-                .parse()
-                .map_err(|e| anyhow::anyhow!("`{what}`: {id:?} is not a PeerId ({e})"))
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
-}
-
 /// Runs a holder node in the foreground until SIGTERM or SIGINT.
 pub fn serve(home: &Home, args: ServeArgs) -> Result<()> {
     // Every put brings a block-sized buffer that is freed once stored. With
@@ -82,7 +66,7 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
     let store = Arc::new(store);
     let holder = Holder::open(store.clone(), &home.placements_file(), args.capacity)?;
     if !args.accept_from.is_empty() {
-        holder.accept_from(Some(args.accept_from.clone()));
+        holder.accept_from(Some(args.accept_from));
     }
     let mut config = NodeConfig::with_key_file(&home.node_key_file())?;
     config.listen = args.listen;

@@ -233,21 +233,13 @@ impl Inner {
     }
 
     fn answer(&self, peer: PeerId, request: Request) -> Response {
-        if !self.accepts(&peer) {
-            match &request {
-                Request::Put { .. } | Request::PutRoot { .. } | Request::Bind { .. } => {
-                    tracing::debug!(%peer, "a placement from a peer not in accept_from refused");
-                    return Response::Error(ErrorCode::Full { free: 0 });
-                }
-                Request::Space => {
-                    let used = self.store.stats().held_bytes;
-                    return Response::Space {
-                        capacity: used,
-                        used,
-                    };
-                }
-                _ => {}
-            }
+        let places = matches!(
+            request,
+            Request::Put { .. } | Request::PutRoot { .. } | Request::Bind { .. }
+        );
+        if places && !self.accepts(&peer) {
+            tracing::debug!(%peer, "a placement from a peer not in accept_from refused");
+            return Response::Error(ErrorCode::Full { free: 0 });
         }
         let result = match request {
             Request::Put { score, data } => self.put(peer, score, data).map(|()| Response::Stored),
@@ -285,10 +277,13 @@ impl Inner {
                 .map_err(|e| unavailable("read a root slot", e)),
             Request::Space => {
                 let used = self.store.stats().held_bytes;
-                Ok(Response::Space {
-                    capacity: self.room(used),
-                    used,
-                })
+                // A peer that may not place here sees no room.
+                let capacity = if self.accepts(&peer) {
+                    self.room(used)
+                } else {
+                    used
+                };
+                Ok(Response::Space { capacity, used })
             }
         };
         result.unwrap_or_else(Response::Error)

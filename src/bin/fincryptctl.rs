@@ -92,8 +92,8 @@ enum SnapshotCommand {
     /// Take a snapshot now.
     Create,
     /// Delete snapshots by name (as `list` shows them), or all older than
-    /// an age; GC then frees what only they kept, and blocks they asked more
-    /// copies of are asked fewer.
+    /// an age; GC then frees what only they kept, and copies only they asked
+    /// for (a redundancy lowered since) are asked no more.
     Delete {
         /// Snapshot names, e.g. 2026-12-04T10:15:00.123Z.
         names: Vec<String>,
@@ -344,11 +344,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             if v.snapshots.is_empty() {
                 println!("no snapshot is that old: none deleted");
-            }
-            for s in &v.snapshots {
-                println!("deleted {s}");
-            }
-            if !v.snapshots.is_empty() {
+            } else {
+                for s in &v.snapshots {
+                    println!("deleted {s}");
+                }
                 println!("{} blocks freed", v.freed_blocks);
             }
             if let Some(s) = &v.kept_for_network {
