@@ -732,16 +732,7 @@ fn an_allocation_larger_than_the_disk_fails_with_enospc() {
 
 #[test]
 fn a_node_with_accept_from_takes_blocks_only_from_those_peers() {
-    // The owner's PeerId, from a first start (its node key is kept).
-    let m = Mount::start_with(
-        init_home(),
-        StartOptions {
-            args: vec!["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()],
-            ..StartOptions::default()
-        },
-    );
-    let owner = status(m.home())["peer_id"].as_str().unwrap().to_owned();
-    let home = m.unmount();
+    let (home, owner) = home_with_peer_id();
 
     let peer_of = |s: &Served| s.addr.rsplit('/').next().unwrap().to_owned();
     let (friend_home, stranger_home) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -778,19 +769,12 @@ fn a_node_with_accept_from_takes_blocks_only_from_those_peers() {
         || number(&status(friend_home.path()), "held_blocks") > 0,
     );
     // Both nodes were asked (redundancy 2 wants both); the other said no room.
-    wait_until(
-        "a pass that found the other node full",
-        Duration::from_secs(120),
-        || {
-            status(m.home())["replication"]["note"]
-                .as_str()
-                .is_some_and(|n| {
-                    n.contains("2 of the closest peers found serve blocks, 1 of them with room")
-                        || n.contains(
-                            "1 of the closest peers found serve blocks, 0 of them with room",
-                        )
-                })
-        },
+    wait_for_note(
+        m.home(),
+        &[
+            "2 of the closest peers found serve blocks, 1 of them with room",
+            "1 of the closest peers found serve blocks, 0 of them with room",
+        ],
     );
     assert_eq!(number(&status(stranger_home.path()), "held_blocks"), 0);
 
@@ -917,14 +901,13 @@ fn home_in_use(home: &Path) -> bool {
 
 #[test]
 fn the_mount_helper_mounts_as_mount_8_calls_it_and_returns_once_up() {
-    let helper = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/mount.fuse.fincrypt");
     let home = init_home();
     let mnt = tempfile::tempdir().unwrap();
     let secrets = tempfile::tempdir().unwrap();
     let passfile = secrets.path().join("pass");
     let helper_run = |opts: &str| {
         run(
-            Command::new(helper)
+            Command::new(MOUNT_HELPER)
                 .arg(home.path())
                 .arg(mnt.path())
                 .args(["-o", opts])
@@ -934,7 +917,20 @@ fn the_mount_helper_mounts_as_mount_8_calls_it_and_returns_once_up() {
             COMMAND_DEADLINE,
         )
     };
-    let opts = format!("passfile={},ro,nofail,_netdev", passfile.display());
+    // A peer that is not there, to see the option reach the mount.
+    let nowhere = format!(
+        "/ip4/127.0.0.1/tcp/9/p2p/{}",
+        fincrypt_net::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+    );
+    let opts = format!(
+        "passfile={},ro,nonempty,allow_other,listen=/ip4/127.0.0.1/tcp/0,bootstrap={nowhere},\
+         nofail,_netdev",
+        passfile.display()
+    );
+    // Over a file, which nonempty allows.
+    std::fs::write(mnt.path().join("under"), b"hidden").unwrap();
 
     // A passfile others can read is refused before anything starts.
     std::fs::write(&passfile, format!("{PASSPHRASE}\n")).unwrap();
@@ -960,14 +956,21 @@ fn the_mount_helper_mounts_as_mount_8_calls_it_and_returns_once_up() {
     let err = std::fs::write(mnt.path().join("f"), b"x").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
     assert!(home_in_use(home.path()));
+    // The other options reached the daemon as its flags.
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == mnt.path().to_str())
+        .unwrap();
+    assert!(line.contains("allow_other"), "{line}");
+    let v = status(home.path());
     assert!(
-        std::process::Command::new("fusermount3")
-            .arg("-u")
-            .arg(mnt.path())
-            .status()
-            .unwrap()
-            .success()
+        !v["listen_addrs"].as_array().unwrap().is_empty(),
+        "listening: {v}"
     );
+    assert_eq!(v["bootstrap"][0]["addr"].as_str(), Some(nowhere.as_str()));
+    assert!(fusermount_ok(mnt.path()));
+    assert_eq!(std::fs::read(mnt.path().join("under")).unwrap(), b"hidden");
     wait_until("the daemon to exit", Duration::from_secs(30), || {
         !home_in_use(home.path())
     });
@@ -975,75 +978,132 @@ fn the_mount_helper_mounts_as_mount_8_calls_it_and_returns_once_up() {
     assert!(!bad.status.success());
 }
 
-/// Sets `/dev/fuse` to 0666 while alive (as a desktop system has it), then
-/// back: this machine keeps it root's alone.
-struct FuseOpenToAll(u32);
+/// Sets `/dev/fuse` to 0666 (as a desktop system has it) while any of these
+/// lives, then back: this machine keeps it root's alone. Counted, so tests
+/// running side by side do not close it under each other.
+struct FuseOpenToAll;
+
+/// Guards alive, and the mode `/dev/fuse` had before the first.
+static FUSE_OPEN: std::sync::Mutex<(usize, u32)> = std::sync::Mutex::new((0, 0));
 
 impl FuseOpenToAll {
     fn new() -> FuseOpenToAll {
-        let mode = std::fs::metadata("/dev/fuse").unwrap().permissions().mode() & 0o777;
-        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(mode | 0o666))
-            .unwrap();
-        FuseOpenToAll(mode)
+        let mut open = FUSE_OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        if open.0 == 0 {
+            let mode = std::fs::metadata("/dev/fuse").unwrap().permissions().mode() & 0o777;
+            std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(mode | 0o666))
+                .unwrap();
+            open.1 = mode;
+        }
+        open.0 += 1;
+        FuseOpenToAll
     }
 }
 
 impl Drop for FuseOpenToAll {
     fn drop(&mut self) {
-        let _ = std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(self.0));
+        let mut open = FUSE_OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        open.0 -= 1;
+        if open.0 == 0 {
+            let _ = std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(open.1));
+        }
     }
+}
+
+/// An initialised home of an unprivileged user, a mount point of theirs
+/// (named `mnt_name`) and a copy of `fincrypt` they can run, with
+/// `/dev/fuse` open to them while it lives.
+struct UserHome {
+    _dir: tempfile::TempDir,
+    _fuse: FuseOpenToAll,
+    dir: PathBuf,
+    bin: PathBuf,
+    home: PathBuf,
+    mnt: PathBuf,
+}
+
+impl UserHome {
+    const NOBODY: u32 = 65534;
+
+    fn new(mnt_name: &str) -> UserHome {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A copy the user can run, wherever the build is.
+        let bin = dir.join("fincrypt");
+        std::fs::copy(env!("CARGO_BIN_EXE_fincrypt"), &bin).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (home, mnt) = (dir.join("home"), dir.join(mnt_name));
+        for d in [&home, &mnt] {
+            std::fs::create_dir(d).unwrap();
+            std::os::unix::fs::chown(d, Some(Self::NOBODY), Some(Self::NOBODY)).unwrap();
+        }
+        let u = UserHome {
+            _dir: tmp,
+            _fuse: FuseOpenToAll::new(),
+            dir,
+            bin,
+            home,
+            mnt,
+        };
+        let out = run(&mut u.fincrypt(&["init"]), COMMAND_DEADLINE);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        u
+    }
+
+    /// `fincrypt --home HOME ARGS`, run as the user.
+    fn fincrypt(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("--home")
+            .arg(&self.home)
+            .args(args)
+            .env("HOME", &self.dir)
+            .env("FINCRYPT_PASSPHRASE", PASSPHRASE)
+            .current_dir(&self.dir)
+            .uid(Self::NOBODY)
+            .gid(Self::NOBODY)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Unmounts with `fusermount3 -u` and waits for the daemon to let go of the home.
+    fn unmount(&self) {
+        assert!(
+            fusermount_ok(&self.mnt),
+            "fusermount3 -u {}",
+            self.mnt.display()
+        );
+        wait_until("the daemon to exit", Duration::from_secs(30), || {
+            !home_in_use(&self.home)
+        });
+    }
+}
+
+/// `fusermount3 -u PATH` succeeded.
+fn fusermount_ok(path: &Path) -> bool {
+    Command::new("fusermount3")
+        .arg("-u")
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 #[test]
 fn a_users_mount_through_fusermount3_is_listed_as_fuse_fincrypt_from_its_home() {
-    const NOBODY: u32 = 65534;
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    // A copy the user can run, wherever the build is.
-    let bin = dir.join("fincrypt");
-    std::fs::copy(env!("CARGO_BIN_EXE_fincrypt"), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let (home, mnt) = (dir.join("home"), dir.join("mnt"));
-    for d in [&home, &mnt] {
-        std::fs::create_dir(d).unwrap();
-        std::os::unix::fs::chown(d, Some(NOBODY), Some(NOBODY)).unwrap();
-    }
-    let _fuse = FuseOpenToAll::new();
-    let as_user = |args: &[&str]| {
-        let mut c = Command::new(&bin);
-        c.arg("--home")
-            .arg(&home)
-            .args(args)
-            .env("HOME", dir)
-            .env("FINCRYPT_PASSPHRASE", PASSPHRASE)
-            .current_dir(dir)
-            .uid(NOBODY)
-            .gid(NOBODY)
-            .stdin(Stdio::null());
-        c
-    };
-    let out = run(&mut as_user(&["init"]), COMMAND_DEADLINE);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let mut daemon = as_user(&["mount", mnt.to_str().unwrap()])
+    let u = UserHome::new("mnt");
+    let mut daemon = u
+        .fincrypt(&["mount", u.mnt.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     wait_until("the user's mount", Duration::from_secs(60), || {
-        mounted_fstype(&mnt).is_some()
+        mounted_fstype(&u.mnt).is_some()
     });
-    assert_eq!(mounted_fstype(&mnt).as_deref(), Some("fuse.fincrypt"));
-    let (source, _) = mount_source_and_options(&mnt);
-    assert_eq!(source, home.to_str().unwrap());
-    assert!(
-        Command::new("fusermount3")
-            .arg("-u")
-            .arg(&mnt)
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert_eq!(mounted_fstype(&u.mnt).as_deref(), Some("fuse.fincrypt"));
+    let (source, _) = mount_source_and_options(&u.mnt);
+    assert_eq!(source, u.home.to_str().unwrap());
+    u.unmount();
     let status = wait_child(&mut daemon, Duration::from_secs(30)).expect("the daemon exits");
     assert!(status.success());
 }
@@ -1075,6 +1135,9 @@ fn an_offline_scrub_of_a_damaged_owner_volume_says_how_to_repair_it() {
     );
 }
 
+/// The mount helper fstab and systemd units call.
+const MOUNT_HELPER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/mount.fuse.fincrypt");
+
 /// `out` failed, and its standard error says `wanted`.
 fn assert_refused(out: &std::process::Output, wanted: &str) {
     assert!(!out.status.success(), "{wanted:?} refused");
@@ -1083,70 +1146,35 @@ fn assert_refused(out: &std::process::Output, wanted: &str) {
 
 #[test]
 fn the_mount_helper_runs_the_daemon_as_the_user_it_names_on_any_mount_point() {
-    const NOBODY: u32 = 65534;
-    let helper = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/mount.fuse.fincrypt");
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path();
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = dir.join("fincrypt");
-    std::fs::copy(env!("CARGO_BIN_EXE_fincrypt"), &bin).unwrap();
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     // A space in the mount point: mountinfo writes it as \040.
-    let (home, mnt) = (dir.join("home"), dir.join("my files"));
-    for d in [&home, &mnt] {
-        std::fs::create_dir(d).unwrap();
-        std::os::unix::fs::chown(d, Some(NOBODY), Some(NOBODY)).unwrap();
-    }
-    let _fuse = FuseOpenToAll::new();
-    let out = run(
-        Command::new(&bin)
-            .arg("--home")
-            .arg(&home)
-            .arg("init")
-            .env("FINCRYPT_PASSPHRASE", PASSPHRASE)
-            .current_dir(dir)
-            .uid(NOBODY)
-            .gid(NOBODY)
-            .stdin(Stdio::null()),
-        COMMAND_DEADLINE,
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let passfile = dir.join("pass");
+    let u = UserHome::new("my files");
+    let passfile = u.dir.join("pass");
     std::fs::write(&passfile, PASSPHRASE).unwrap();
     std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600)).unwrap();
     let out = run(
-        Command::new(helper)
-            .arg(&home)
-            .arg(&mnt)
+        Command::new(MOUNT_HELPER)
+            .arg(&u.home)
+            .arg(&u.mnt)
             .arg("-o")
             .arg(format!(
-                "setuid={NOBODY},passfile={},user=me,defaults",
+                "setuid={},passfile={},user=me,defaults",
+                UserHome::NOBODY,
                 passfile.display()
             ))
-            .env("FINCRYPT_BIN", &bin)
+            .env("FINCRYPT_BIN", &u.bin)
             .env_remove("FINCRYPT_PASSPHRASE")
             .stdin(Stdio::null()),
         COMMAND_DEADLINE,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     // Through fusermount3, as the user: the subtype shows.
-    assert_eq!(mounted_fstype(&mnt).as_deref(), Some("fuse.fincrypt"));
+    assert_eq!(mounted_fstype(&u.mnt).as_deref(), Some("fuse.fincrypt"));
     assert_eq!(
-        std::fs::metadata(home.join("lock")).unwrap().uid(),
-        NOBODY,
+        std::fs::metadata(u.home.join("lock")).unwrap().uid(),
+        UserHome::NOBODY,
         "the home stays the user's"
     );
-    assert!(
-        Command::new("fusermount3")
-            .arg("-u")
-            .arg(&mnt)
-            .status()
-            .unwrap()
-            .success()
-    );
-    wait_until("the daemon to exit", Duration::from_secs(30), || {
-        !home_in_use(&home)
-    });
+    u.unmount();
 }
 
 #[test]
@@ -1155,10 +1183,7 @@ fn a_mounts_holder_room_takes_blocks_only_from_its_accept_from() {
         args: vec!["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()],
         ..StartOptions::default()
     };
-    // The friend's PeerId, from a first start (its node key is kept).
-    let m = Mount::start_with(init_home(), listen());
-    let friend_peer = status(m.home())["peer_id"].as_str().unwrap().to_owned();
-    let friend_home = m.unmount();
+    let (friend_home, friend_peer) = home_with_peer_id();
 
     let host_home = init_home();
     set_config(host_home.path(), "holder_capacity", "104857600");
@@ -1184,16 +1209,10 @@ fn a_mounts_holder_room_takes_blocks_only_from_its_accept_from() {
     let stranger = Mount::start_with(init_home(), via_host());
     std::fs::write(stranger.path().join("s"), random_bytes(31, 300_000)).unwrap();
     assert!(ctl(stranger.home(), &["sync"]).status.success());
-    wait_until(
-        "the host to answer the stranger with no room",
-        Duration::from_secs(120),
-        || {
-            status(stranger.home())["replication"]["note"]
-                .as_str()
-                .is_some_and(|n| {
-                    n.contains("1 of the closest peers found serve blocks, 0 of them with room")
-                })
-        },
+    // The host answered it with no room.
+    wait_for_note(
+        stranger.home(),
+        &["1 of the closest peers found serve blocks, 0 of them with room"],
     );
     assert_eq!(number(&status(host.home()), "held_blocks"), 0);
 
@@ -1208,4 +1227,31 @@ fn a_mounts_holder_room_takes_blocks_only_from_its_accept_from() {
     friend.unmount();
     stranger.unmount();
     host.unmount();
+}
+
+/// A new home whose node key exists, and its PeerId: from a first start
+/// that listens (the key is kept).
+fn home_with_peer_id() -> (tempfile::TempDir, String) {
+    let m = Mount::start_with(
+        init_home(),
+        StartOptions {
+            args: vec!["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()],
+            ..StartOptions::default()
+        },
+    );
+    let peer = status(m.home())["peer_id"].as_str().unwrap().to_owned();
+    (m.unmount(), peer)
+}
+
+/// Waits until the mount's replication note says one of `any`.
+fn wait_for_note(home: &Path, any: &[&str]) {
+    wait_until(
+        &format!("a replication note saying {any:?}"),
+        Duration::from_secs(120),
+        || {
+            status(home)["replication"]["note"]
+                .as_str()
+                .is_some_and(|n| any.iter().any(|a| n.contains(a)))
+        },
+    );
 }
