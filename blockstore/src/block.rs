@@ -76,6 +76,26 @@ pub struct Pointer {
     pub depth: u8,
 }
 
+impl Pointer {
+    /// A hole: `len` bytes of zeros that no block holds (file tree layout 2,
+    /// docs/FORMATS.md). Its score, key and size are zero; it sits where a
+    /// data block would (depth 0).
+    pub fn hole(len: u64) -> Pointer {
+        Pointer {
+            score: Score([0; 32]),
+            key: [0; 32],
+            len,
+            size: 0,
+            depth: 0,
+        }
+    }
+
+    /// True for a [`Pointer::hole`]. No block has size 0, so no real pointer is one.
+    pub fn is_hole(&self) -> bool {
+        self.size == 0
+    }
+}
+
 impl std::fmt::Debug for Pointer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

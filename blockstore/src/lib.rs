@@ -21,7 +21,7 @@ pub use score::{Proof, Score};
 pub use store::local::{LocalStore, ScrubReport, Staged, StoreOptions, StoreStats};
 pub use store::mem::MemStore;
 pub use store::{BlockStore, Class};
-pub use tree::{FileRef, Resume, TreeParams, TreeReader, TreeWriter};
+pub use tree::{FileRef, HOLE_MIN, Resume, Run, TreeParams, TreeReader, TreeWriter};
 
 /// Result with the block store's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

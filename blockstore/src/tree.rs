@@ -50,22 +50,64 @@ impl TreeParams {
     }
 }
 
+/// The shortest hole a writer keeps as a hole; shorter runs of zeros are data.
+pub const HOLE_MIN: u64 = 4096;
+
 /// How a file's content is reached: inline bytes, or the root of a block tree.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FileRef {
     /// The whole content, kept by the parent.
     Inline(Vec<u8>),
-    /// The root pointer of a tree of blocks.
+    /// The root pointer of a tree of blocks without holes (layout 1).
     Tree(Pointer),
+    /// The root pointer of a tree that holds holes (layout 2), and the bytes
+    /// those holes cover.
+    Sparse {
+        /// The tree's root.
+        root: Pointer,
+        /// Bytes of the file that are holes rather than stored data.
+        holes: u64,
+    },
 }
 
 impl FileRef {
+    /// The reference to the tree under `root` with `holes` bytes of holes.
+    fn from_root(root: Pointer, holes: u64) -> FileRef {
+        if holes == 0 {
+            // A tree without holes keeps the first layout, readable by any reader.
+            FileRef::Tree(root)
+        } else {
+            FileRef::Sparse { root, holes }
+        }
+    }
+
     /// The file's length in bytes.
     pub fn len(&self) -> u64 {
         match self {
             FileRef::Inline(b) => b.len() as u64,
-            FileRef::Tree(p) => p.len,
+            FileRef::Tree(p) | FileRef::Sparse { root: p, .. } => p.len,
         }
+    }
+
+    /// The root of the file's tree, unless the file is inline.
+    pub fn root(&self) -> Option<&Pointer> {
+        match self {
+            FileRef::Inline(_) => None,
+            FileRef::Tree(p) | FileRef::Sparse { root: p, .. } => Some(p),
+        }
+    }
+
+    /// Bytes of the file that are holes.
+    pub fn holes(&self) -> u64 {
+        match self {
+            FileRef::Sparse { holes, .. } => *holes,
+            _ => 0,
+        }
+    }
+
+    /// Bytes of the file that are stored as data (inline or in blocks).
+    pub fn data_len(&self) -> u64 {
+        self.len().saturating_sub(self.holes())
     }
 
     /// True for a zero-length file.
@@ -98,8 +140,20 @@ pub struct TreeWriter<'a> {
     /// `levels[i]`: pointers of depth i not yet gathered into a parent block.
     levels: Vec<Vec<Pointer>>,
     pending: Vec<(Score, Bytes)>,
+    /// The file is a tree, not inline: a block was stored or a hole written.
     stored_any: bool,
     durable: bool,
+    /// Bytes of holes in the file so far.
+    holes: u64,
+}
+
+/// A stretch of a file that is all data or all hole: see [`TreeReader::run_at`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// The bytes are a hole (zeros that no block holds).
+    pub hole: bool,
+    /// Where the stretch ends (exclusive); at most the file's length.
+    pub end: u64,
 }
 
 impl<'a> TreeWriter<'a> {
@@ -120,6 +174,7 @@ impl<'a> TreeWriter<'a> {
             pending: Vec::new(),
             stored_any: false,
             durable: true,
+            holes: 0,
         }
     }
 
@@ -155,8 +210,20 @@ impl<'a> TreeWriter<'a> {
         };
         let mut w = TreeWriter::new(store, keys, params, class);
         let mut end = 0u64;
-        if let FileRef::Tree(root) = base {
+        if let Some(root) = base.root() {
             w.keep(reader, root, true, &mut end, from)?;
+            if base.holes() > 0 {
+                // Count the holes kept on the shorter side of `end`: the kept
+                // pointer blocks are not opened otherwise.
+                w.holes = if end <= base.len() / 2 {
+                    reader.holes_in(base, 0, end)?
+                } else {
+                    let dropped = reader.holes_in(base, end, base.len())?;
+                    base.holes().checked_sub(dropped).ok_or_else(|| {
+                        Error::Format("a file's tree holds more holes than it records".into())
+                    })?
+                };
+            }
         }
         Ok((w, end))
     }
@@ -176,6 +243,18 @@ impl<'a> TreeWriter<'a> {
         end: &mut u64,
         from: u64,
     ) -> Result<bool, Error> {
+        if p.is_hole() {
+            // No chunker looks at a hole, so one that ends by the first
+            // changed byte is kept. One that reaches past it is written again
+            // by the caller, whole where it stays a hole, as a fresh writer would.
+            if *end + p.len > from {
+                return Ok(false);
+            }
+            self.add(0, *p)?;
+            self.stored_any = true;
+            *end += p.len;
+            return Ok(true);
+        }
         // FastCDC decides a cut at offset e by hashing byte e too (the first
         // byte of the next chunk), so a chunk is kept only if it ends
         // strictly before the first changed byte.
@@ -236,6 +315,38 @@ impl<'a> TreeWriter<'a> {
         Ok(())
     }
 
+    /// Appends `len` zero bytes as a hole: no block holds them, so this costs
+    /// the same whatever `len` is. The bytes written before it end their last
+    /// chunk here, as at the end of a file. A hole shorter than
+    /// [`HOLE_MIN`] is written as zeros: a pointer and a cut cost more.
+    pub fn write_hole(&mut self, len: u64) -> Result<(), Error> {
+        if len == 0 {
+            return Ok(());
+        }
+        let overflow = || Error::Format("file length overflows".into());
+        if self.buf.is_empty()
+            && let Some(last) = self
+                .levels
+                .first_mut()
+                .and_then(|l| l.last_mut())
+                .filter(|p| p.is_hole())
+        {
+            // Straight after a hole: one hole, however short this part.
+            last.len = last.len.checked_add(len).ok_or_else(overflow)?;
+            self.holes = self.holes.checked_add(len).ok_or_else(overflow)?;
+            return Ok(());
+        }
+        if len < HOLE_MIN {
+            return self.write(&[0u8; HOLE_MIN as usize][..len as usize]);
+        }
+        if !self.buf.is_empty() {
+            self.flush_chunks(true)?;
+        }
+        self.holes = self.holes.checked_add(len).ok_or_else(overflow)?;
+        self.stored_any = true;
+        self.add(0, Pointer::hole(len))
+    }
+
     /// Stores every chunk that ends at a content-defined cut and returns the
     /// tree of those alone and `true`: the bytes after the last cut are
     /// dropped, for the caller to write again over that tree, resumed at
@@ -275,7 +386,11 @@ impl<'a> TreeWriter<'a> {
             level += 1;
         };
         self.put_pending()?;
-        Ok(FileRef::Tree(root))
+        if root.is_hole() {
+            // Nothing but a hole: no content at all, as past the end of any file.
+            return Ok(FileRef::Inline(Vec::new()));
+        }
+        Ok(FileRef::from_root(root, self.holes))
     }
 
     /// Cuts the buffer into chunks and stores them; keeps the last, possibly
@@ -397,7 +512,10 @@ impl<'a> TreeWriter<'a> {
         let encoded = postcard::to_allocvec(entries).map_err(|e| Error::Format(e.to_string()))?;
         let s = block::seal(&self.keys.content, BlockKind::Pointers, &encoded)?;
         let mut pointer = s.pointer;
-        pointer.len = entries.iter().map(|p| p.len).sum();
+        pointer.len = entries
+            .iter()
+            .try_fold(0u64, |sum, p| sum.checked_add(p.len))
+            .ok_or_else(|| Error::Format("file length overflows".into()))?;
         pointer.depth = level as u8 + 1;
         self.pending.push((pointer.score, s.data));
         self.add(level + 1, pointer)
@@ -510,12 +628,14 @@ impl<S: BlockStore> TreeReader<S> {
             return Ok(0);
         }
         let n = (len - offset).min(buf.len() as u64) as usize;
-        match file {
-            FileRef::Inline(data) => {
-                let start = offset as usize;
-                buf[..n].copy_from_slice(&data[start..start + n]);
+        match file.root() {
+            None => {
+                if let FileRef::Inline(data) = file {
+                    let start = offset as usize;
+                    buf[..n].copy_from_slice(&data[start..start + n]);
+                }
             }
-            FileRef::Tree(root) => self.read_node(root, offset, &mut buf[..n], whole)?,
+            Some(root) => self.read_node(root, offset, &mut buf[..n], whole)?,
         }
         Ok(n)
     }
@@ -524,7 +644,7 @@ impl<S: BlockStore> TreeReader<S> {
     /// A range inside one data block is a view of the cached block, not a copy.
     pub fn read_bytes(&self, file: &FileRef, offset: u64, len: usize) -> Result<Bytes, Error> {
         let n = file.len().saturating_sub(offset).min(len as u64) as usize;
-        if let FileRef::Tree(root) = file
+        if let Some(root) = file.root()
             && n > 0
             && let Some(b) = self.view(root, offset, n)?
         {
@@ -539,6 +659,9 @@ impl<S: BlockStore> TreeReader<S> {
     fn view(&self, p: &Pointer, offset: u64, n: usize) -> Result<Option<Bytes>, Error> {
         let (mut p, mut at) = (*p, offset);
         loop {
+            if p.is_hole() {
+                return Ok(None);
+            }
             let node = self.node(&p)?;
             match &*node {
                 Node::Data(d) => {
@@ -571,12 +694,88 @@ impl<S: BlockStore> TreeReader<S> {
         Ok(out)
     }
 
-    /// Calls `f` with every block score of the tree (pointer blocks and data blocks).
+    /// Calls `f` with every block of the tree (pointer blocks and data
+    /// blocks); holes have no block and are skipped.
     pub fn visit_scores(&self, file: &FileRef, f: &mut dyn FnMut(&Pointer)) -> Result<(), Error> {
-        if let FileRef::Tree(root) = file {
+        if let Some(root) = file.root() {
             self.visit(root, f)?;
         }
         Ok(())
+    }
+
+    /// Whether the bytes at `offset` are data or a hole, and where that
+    /// stretch ends: the end of the data block or hole holding `offset`
+    /// (of the file, for one without holes). `None` at or past the end.
+    pub fn run_at(&self, file: &FileRef, offset: u64) -> Result<Option<Run>, Error> {
+        let len = file.len();
+        if offset >= len {
+            return Ok(None);
+        }
+        let Some(root) = file.root().filter(|_| file.holes() > 0) else {
+            return Ok(Some(Run {
+                hole: false,
+                end: len,
+            }));
+        };
+        let (mut p, mut start) = (*root, 0u64);
+        loop {
+            if p.is_hole() || p.depth == 0 {
+                return Ok(Some(Run {
+                    hole: p.is_hole(),
+                    end: start + p.len,
+                }));
+            }
+            let node = self.node(&p)?;
+            let Node::Pointers(children) = &*node else {
+                return Err(Error::Format(format!(
+                    "pointer block {} holds data",
+                    p.score
+                )));
+            };
+            let at = offset - start;
+            let i = children
+                .partition_point(|(s, _)| *s <= at)
+                .saturating_sub(1);
+            let Some((s, c)) = children.get(i) else {
+                return Err(Error::Corrupt {
+                    score: p.score,
+                    reason: "tree shorter than its length".into(),
+                });
+            };
+            start += s;
+            p = *c;
+        }
+    }
+
+    /// Bytes of holes in `[lo, hi)` of `file`, opening only the pointer
+    /// blocks over that range.
+    pub fn holes_in(&self, file: &FileRef, lo: u64, hi: u64) -> Result<u64, Error> {
+        match file.root() {
+            Some(root) if file.holes() > 0 => self.holes_under(root, 0, lo, hi),
+            _ => Ok(0),
+        }
+    }
+
+    fn holes_under(&self, p: &Pointer, start: u64, lo: u64, hi: u64) -> Result<u64, Error> {
+        let end = start + p.len;
+        if end <= lo || start >= hi || (p.depth == 0 && !p.is_hole()) {
+            return Ok(0);
+        }
+        if p.is_hole() {
+            return Ok(end.min(hi) - start.max(lo));
+        }
+        let node = self.node(p)?;
+        let Node::Pointers(children) = &*node else {
+            return Err(Error::Format(format!(
+                "pointer block {} holds data",
+                p.score
+            )));
+        };
+        let mut sum = 0;
+        for (s, c) in children {
+            sum += self.holes_under(c, start + s, lo, hi)?;
+        }
+        Ok(sum)
     }
 
     /// Adds the score of every block of `file` to `seen`, without opening a
@@ -584,13 +783,16 @@ impl<S: BlockStore> TreeReader<S> {
     /// many trees that share most blocks (snapshots) so costs what they do
     /// not share.
     pub fn add_new_scores(&self, file: &FileRef, seen: &mut HashSet<Score>) -> Result<(), Error> {
-        if let FileRef::Tree(root) = file {
+        if let Some(root) = file.root() {
             self.add_new(root, seen)?;
         }
         Ok(())
     }
 
     fn add_new(&self, p: &Pointer, seen: &mut HashSet<Score>) -> Result<(), Error> {
+        if p.is_hole() {
+            return Ok(());
+        }
         if seen.insert(p.score) && p.depth > 0 {
             let node = self.node(p)?;
             if let Node::Pointers(children) = &*node {
@@ -603,6 +805,9 @@ impl<S: BlockStore> TreeReader<S> {
     }
 
     fn visit(&self, p: &Pointer, f: &mut dyn FnMut(&Pointer)) -> Result<(), Error> {
+        if p.is_hole() {
+            return Ok(());
+        }
         f(p);
         if p.depth > 0 {
             let node = self.node(p)?;
@@ -623,6 +828,10 @@ impl<S: BlockStore> TreeReader<S> {
         out: &mut [u8],
         whole: Whole,
     ) -> Result<(), Error> {
+        if p.is_hole() {
+            out.fill(0);
+            return Ok(());
+        }
         if p.depth == 0 && whole == Whole::Segments && self.cache.get(&p.score).is_none() {
             let range = offset as usize..offset as usize + out.len();
             // Opening authenticates the bytes; only a failure pays for the
@@ -679,7 +888,7 @@ impl<S: BlockStore + Clone + Send + Sync + 'static> TreeReader<S> {
     /// Starts decoding, on the rayon pool, up to `count` data blocks that
     /// follow the one holding `offset`, so a sequential reader finds them ready.
     pub fn prefetch(&self, file: &FileRef, offset: u64, count: usize) {
-        let FileRef::Tree(root) = file else { return };
+        let Some(root) = file.root() else { return };
         let (mut p, mut at) = (*root, offset);
         while p.depth > 0 {
             let Ok(node) = self.node(&p) else { return };
@@ -690,7 +899,12 @@ impl<S: BlockStore + Clone + Send + Sync + 'static> TreeReader<S> {
                 .partition_point(|(start, _)| *start <= at)
                 .saturating_sub(1);
             if p.depth == 1 {
-                for (_, c) in children.iter().skip(i + 1).take(count) {
+                for (_, c) in children
+                    .iter()
+                    .skip(i + 1)
+                    .filter(|(_, c)| !c.is_hole())
+                    .take(count)
+                {
                     if self.cache.get(&c.score).is_none() {
                         let (store, cache, c) = (self.store.clone(), self.cache.clone(), *c);
                         rayon::spawn(move || {
@@ -720,6 +934,9 @@ impl<S: BlockStore + Clone + Send + Sync + 'static> TreeReader<S> {
 
 /// Fetches, verifies and decodes one block of a tree.
 fn load<S: BlockStore>(store: &S, p: &Pointer) -> Result<Node, Error> {
+    if p.is_hole() {
+        return Err(Error::Format("a hole has no block to load".into()));
+    }
     // Opening authenticates the bytes; only a failure pays for the score check,
     // which then names a damaged block as such.
     store
@@ -749,7 +966,9 @@ fn decode(p: &Pointer, data: &[u8]) -> Result<Node, Error> {
         let mut children = Vec::with_capacity(entries.len());
         for c in entries {
             // A child must sit exactly one level lower: this also bounds recursion.
-            if c.depth + 1 != p.depth || c.len == 0 {
+            // A hole stands where a data block would, and is exactly a hole.
+            let bad_hole = c.is_hole() && c != Pointer::hole(c.len);
+            if c.depth + 1 != p.depth || c.len == 0 || bad_hole {
                 return Err(Error::Format(format!(
                     "pointer block {} is malformed",
                     p.score

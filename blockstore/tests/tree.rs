@@ -446,3 +446,264 @@ fn adding_new_scores_skips_subtrees_already_seen() {
     let mut fresh = HashSet::new();
     assert!(reader.add_new_scores(&file, &mut fresh).is_err());
 }
+
+/// A file as a writer is fed it: bytes, or a hole of some length.
+#[derive(Clone, Debug)]
+enum Piece {
+    Data(Vec<u8>),
+    Hole(u64),
+}
+
+/// Feeds the pieces of `file` from byte `from` on.
+fn feed(w: &mut TreeWriter<'_>, file: &[Piece], from: u64) {
+    let mut at = 0u64;
+    for p in file {
+        let len = match p {
+            Piece::Data(d) => d.len() as u64,
+            Piece::Hole(n) => *n,
+        };
+        if at + len > from {
+            let skip = from.saturating_sub(at);
+            match p {
+                Piece::Data(d) => w.write(&d[skip as usize..]).unwrap(),
+                Piece::Hole(n) => w.write_hole(n - skip).unwrap(),
+            }
+        }
+        at += len;
+    }
+}
+
+/// What `file` holds in `[offset, offset + n)`: the data, zeros in holes.
+fn model_range(file: &[Piece], offset: u64, n: usize) -> Vec<u8> {
+    let mut out = vec![0u8; n];
+    let mut at = 0u64;
+    for p in file {
+        match p {
+            Piece::Data(d) => {
+                let (lo, hi) = (at.max(offset), (at + d.len() as u64).min(offset + n as u64));
+                if lo < hi {
+                    out[(lo - offset) as usize..(hi - offset) as usize]
+                        .copy_from_slice(&d[(lo - at) as usize..(hi - at) as usize]);
+                }
+                at += d.len() as u64;
+            }
+            Piece::Hole(h) => at += h,
+        }
+    }
+    out
+}
+
+#[test]
+fn holes_cost_nothing_whatever_their_size_and_read_as_zeros() {
+    let store = MemStore::new();
+    let keys = common::keys();
+    let reader = TreeReader::new(&store, 1 << 20);
+    const TIB: u64 = 1 << 40;
+    // Five holes among data, in a tree several levels deep (fanout 4),
+    // the last file byte at 2^63 - 2 as in xfstests' generic/525.
+    let file = vec![
+        Piece::Data(common::bytes(1, 5000, 0)),
+        Piece::Hole(16 * TIB),
+        Piece::Data(common::bytes(2, 3000, 0)),
+        Piece::Hole(7_000),
+        Piece::Data(common::bytes(3, 9000, 0)),
+        Piece::Hole(5 * TIB),
+        Piece::Data(vec![7]),
+        Piece::Hole((1 << 63) - 2 - (21 * TIB + 5000 + 3000 + 7000 + 9000 + 1)),
+        Piece::Data(vec![9]),
+    ];
+    let len: u64 = (1 << 63) - 1;
+    let holes = 21 * TIB + 7000 + ((1 << 63) - 2 - (21 * TIB + 5000 + 3000 + 7000 + 9000 + 1));
+    let mut w = TreeWriter::new(&store, &keys, SMALL, Class::Own);
+    feed(&mut w, &file, 0);
+    let f = w.finish().unwrap();
+    assert_eq!(f.len(), len);
+    assert_eq!(f.holes(), holes);
+    assert_eq!(f.data_len(), 5000 + 3000 + 9000 + 2);
+    assert!(matches!(f, FileRef::Sparse { .. }));
+    // The holes hold no block: the store holds what the data needs.
+    let stored: usize = store.len();
+    let data_only = {
+        let other = MemStore::new();
+        let mut w = TreeWriter::new(&other, &keys, SMALL, Class::Own);
+        for p in &file {
+            if let Piece::Data(d) = p {
+                w.write(d).unwrap();
+            }
+        }
+        w.finish().unwrap();
+        other.len()
+    };
+    assert!(
+        stored <= data_only + 12,
+        "{stored} blocks for {data_only} of data"
+    );
+
+    // Reads across every edge: data, zeros in holes, and the end.
+    let edges = [
+        0,
+        4990,
+        5000,
+        16 * TIB + 4990,
+        16 * TIB + 5000 + 2990,
+        16 * TIB + 5000 + 3000 + 6990,
+        len - 5,
+    ];
+    for at in edges {
+        let mut buf = vec![0xaau8; 40];
+        let n = reader.read_at_random(&f, at, &mut buf).unwrap();
+        assert_eq!(&buf[..n], &model_range(&file, at, n)[..], "at {at}");
+        let n2 = reader.read_at(&f, at, &mut buf).unwrap();
+        assert_eq!(&buf[..n2], &model_range(&file, at, n2)[..], "at {at}");
+    }
+    assert_eq!(reader.read_bytes(&f, len - 1, 10).unwrap().as_ref(), &[9]);
+
+    // Runs: where data and holes begin and end.
+    let run = |at| reader.run_at(&f, at).unwrap().unwrap();
+    assert_eq!((run(0).hole, run(10).hole), (false, false));
+    assert_eq!(
+        run(5000),
+        fincrypt_blockstore::Run {
+            hole: true,
+            end: 16 * TIB + 5000
+        }
+    );
+    assert!(!run(16 * TIB + 5000).hole);
+    assert!(run(16 * TIB + 8000).hole);
+    assert!(run(len - 2).hole);
+    assert_eq!(
+        run(len - 1),
+        fincrypt_blockstore::Run {
+            hole: false,
+            end: len
+        }
+    );
+    assert_eq!(reader.run_at(&f, len).unwrap(), None);
+    assert_eq!(reader.holes_in(&f, 0, len).unwrap(), holes);
+    assert_eq!(reader.holes_in(&f, 4000, 6000).unwrap(), 1000);
+
+    // Every block the tree names is a real block; no hole is visited.
+    let mut visited = 0;
+    reader
+        .visit_scores(&f, &mut |p| {
+            assert!(!p.is_hole());
+            assert!(store.has(&p.score).unwrap());
+            visited += 1;
+        })
+        .unwrap();
+    assert_eq!(visited, stored);
+
+    // An edit inside a hole, and one after it, resumed over the tree: the
+    // same tree as a fresh write of the new content, and the holes before
+    // the edit are kept, not read.
+    for (edit_at, byte) in [(4 * TIB, 3u8), (16 * TIB + 5000 + 1000, 4), (len - 1, 5)] {
+        let mut new = Vec::new();
+        let mut at = 0u64;
+        for p in &file {
+            let plen = match p {
+                Piece::Data(d) => d.len() as u64,
+                Piece::Hole(n) => *n,
+            };
+            if (at..at + plen).contains(&edit_at) {
+                match p {
+                    Piece::Data(d) => {
+                        let mut d = d.clone();
+                        d[(edit_at - at) as usize] = byte;
+                        new.push(Piece::Data(d));
+                    }
+                    Piece::Hole(n) => {
+                        let before = edit_at - at;
+                        new.push(Piece::Hole(before));
+                        new.push(Piece::Data(vec![byte]));
+                        new.push(Piece::Hole(n - before - 1));
+                    }
+                }
+            } else {
+                new.push(p.clone());
+            }
+            at += plen;
+        }
+        let fresh = {
+            let mut w = TreeWriter::new(&store, &keys, SMALL, Class::Own);
+            feed(&mut w, &new, 0);
+            w.finish().unwrap()
+        };
+        let (mut w, from) = TreeWriter::resume(
+            &store,
+            &keys,
+            SMALL,
+            Class::Own,
+            &f,
+            &reader,
+            Resume::Change(edit_at),
+        )
+        .unwrap();
+        assert!(from <= edit_at);
+        if edit_at > 16 * TIB {
+            assert!(from > 16 * TIB, "the first hole is kept: resumed at {from}");
+        }
+        feed(&mut w, &new, from);
+        assert_eq!(w.finish().unwrap(), fresh, "edit at {edit_at}");
+    }
+}
+
+#[test]
+fn short_holes_are_data_and_a_file_of_only_a_hole_holds_nothing() {
+    let store = MemStore::new();
+    let keys = common::keys();
+    let reader = TreeReader::new(&store, 1 << 20);
+    let mut w = TreeWriter::new(&store, &keys, SMALL, Class::Own);
+    w.write(&[1; 100]).unwrap();
+    w.write_hole(fincrypt_blockstore::HOLE_MIN - 1).unwrap();
+    w.write(&[2; 100]).unwrap();
+    let f = w.finish().unwrap();
+    assert!(
+        matches!(f, FileRef::Tree(_)),
+        "a short hole is stored as zeros"
+    );
+    assert_eq!(f.holes(), 0);
+    let mut want = vec![1u8; 100];
+    want.resize(100 + fincrypt_blockstore::HOLE_MIN as usize - 1, 0);
+    want.extend_from_slice(&[2; 100]);
+    assert_eq!(reader.read_all(&f).unwrap(), want);
+
+    let mut w = TreeWriter::new(&store, &keys, SMALL, Class::Own);
+    w.write_hole(1 << 50).unwrap();
+    assert_eq!(w.finish().unwrap(), FileRef::Inline(Vec::new()));
+}
+
+#[test]
+fn a_sparse_reference_is_a_new_variant_and_the_first_layout_still_reads() {
+    let store = MemStore::new();
+    let keys = common::keys();
+    let reader = TreeReader::new(&store, 1 << 20);
+    // A file without holes keeps the first layout, byte for byte.
+    let plain = write_all(
+        &store,
+        &keys,
+        SMALL,
+        Class::Own,
+        &common::bytes(5, 20_000, 0),
+    )
+    .unwrap();
+    let FileRef::Tree(root) = &plain else {
+        panic!("20,000 bytes are a tree")
+    };
+    let encoded = postcard::to_allocvec(&plain).unwrap();
+    assert_eq!(encoded[0], 1);
+    assert_eq!(postcard::from_bytes::<FileRef>(&encoded).unwrap(), plain);
+    assert_eq!(
+        reader.read_all(&FileRef::Tree(*root)).unwrap().len(),
+        20_000
+    );
+    // A sparse one is variant 2: the root, then the bytes of holes.
+    let mut w = TreeWriter::new(&store, &keys, SMALL, Class::Own);
+    w.write(&[1; 10_000]).unwrap();
+    w.write_hole(1 << 30).unwrap();
+    w.write(&[1; 10]).unwrap();
+    let sparse = w.finish().unwrap();
+    let encoded = postcard::to_allocvec(&sparse).unwrap();
+    assert_eq!(encoded[0], 2);
+    assert_eq!(postcard::from_bytes::<FileRef>(&encoded).unwrap(), sparse);
+    assert_eq!(sparse.holes(), 1 << 30);
+}
