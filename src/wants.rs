@@ -236,7 +236,7 @@ impl Feed<'_> {
             snapshots_after: after,
             paths: false,
         };
-        let tracked = |f: &FileRef| matches!(f, FileRef::Tree(p) if known(&p.score));
+        let tracked = |f: &FileRef| f.root().is_some_and(|p| known(&p.score));
         let fs = self.fs;
         let walked = walk(fs, &opts, &mut |item| {
             Ok(match item {

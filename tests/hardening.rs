@@ -1255,3 +1255,141 @@ fn wait_for_note(home: &Path, any: &[&str]) {
         },
     );
 }
+
+/// Bytes the filesystem under `dir` has allocated for everything below it.
+fn allocated(dir: &Path) -> u64 {
+    let mut sum = 0;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let Ok(md) = e.path().symlink_metadata() else {
+                continue;
+            };
+            sum += md.blocks() * 512;
+            if md.is_dir() {
+                todo.push(e.path());
+            }
+        }
+    }
+    sum
+}
+
+/// lseek(2) with SEEK_DATA or SEEK_HOLE: the offset, or the errno.
+fn seek(f: &std::fs::File, offset: u64, whence: i32) -> Result<u64, i32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on an open descriptor.
+    let at = unsafe { libc::lseek(f.as_raw_fd(), offset as i64, whence) };
+    if at < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    Ok(at as u64)
+}
+
+#[test]
+fn holes_cost_nothing_whatever_their_size_and_seek_finds_them() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    const TIB: u64 = 1 << 40;
+    let last = (1u64 << 63) - 2;
+    let m = Mount::start(init_home());
+    let path = m.path().join("sparse");
+    let before = allocated(m.home());
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    // A byte at 16 TiB (generic/308) and one at 2^63 - 2 (generic/525),
+    // each made durable. Before holes were holes, the first took hours.
+    f.write_all_at(b"x", 16 * TIB).unwrap();
+    f.sync_all().unwrap();
+    f.write_all_at(b"y", last).unwrap();
+    f.sync_all().unwrap();
+    let grown = allocated(m.home()).saturating_sub(before);
+    assert!(
+        grown < 1 << 20,
+        "the home grew by {grown} bytes for two bytes of data"
+    );
+    let md = f.metadata().unwrap();
+    assert_eq!(md.len(), last + 1);
+    assert!(
+        md.blocks() <= 16,
+        "{} blocks for two bytes of data",
+        md.blocks()
+    );
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 16 * TIB).unwrap();
+    assert_eq!(&b, b"x");
+    f.read_exact_at(&mut b, last).unwrap();
+    assert_eq!(&b, b"y");
+    let mut zeros = vec![0xffu8; 64 << 10];
+    f.read_exact_at(&mut zeros, 3 * TIB).unwrap();
+    assert!(zeros.iter().all(|b| *b == 0), "a hole reads as zeros");
+
+    // SEEK_DATA and SEEK_HOLE report the holes; the end is a hole, past it ENXIO.
+    assert_eq!(seek(&f, 0, libc::SEEK_DATA), Ok(16 * TIB));
+    assert_eq!(seek(&f, 0, libc::SEEK_HOLE), Ok(0));
+    assert_eq!(seek(&f, 16 * TIB, libc::SEEK_HOLE), Ok(16 * TIB + 1));
+    assert_eq!(seek(&f, 16 * TIB + 1, libc::SEEK_DATA), Ok(last));
+    assert_eq!(seek(&f, last, libc::SEEK_HOLE), Ok(last + 1));
+    assert_eq!(seek(&f, last + 1, libc::SEEK_DATA), Err(libc::ENXIO));
+    assert_eq!(seek(&f, last + 1, libc::SEEK_HOLE), Err(libc::ENXIO));
+    drop(f);
+
+    // xfstests' sparse case: 50 KB written at 1.6 MB counts 50 KB, not 1.6 MB,
+    // before and after it is sealed.
+    let small = m.path().join("small");
+    let f = std::fs::File::create(&small).unwrap();
+    f.write_all_at(&random_bytes(3, 50_000), 1_600_000).unwrap();
+    for when in ["written", "fsynced"] {
+        let used = f.metadata().unwrap().blocks() * 512;
+        assert!(
+            (50_000..100_000).contains(&used),
+            "{used} bytes used once {when}"
+        );
+        f.sync_all().unwrap();
+    }
+    assert_eq!(seek(&f, 0, libc::SEEK_DATA), Ok(1_600_000));
+    drop(f);
+
+    // A punched hole: its bytes read as zeros and stop counting, whatever
+    // its size, and the data around it stays.
+    let data = random_bytes(4, 8 << 20);
+    let punched = m.path().join("punched");
+    std::fs::write(&punched, &data).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&punched)
+        .unwrap();
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate(2) on an open descriptor.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, 1 << 20, 4 << 20) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    f.sync_all().unwrap();
+    let mut want = data.clone();
+    want[1 << 20..5 << 20].fill(0);
+    assert!(
+        std::fs::read(&punched).unwrap() == want,
+        "the punched file reads back"
+    );
+    let used = f.metadata().unwrap().blocks() * 512;
+    assert!(used <= 4 << 20, "{used} bytes used by 4 MiB of data");
+    assert_eq!(seek(&f, 0, libc::SEEK_HOLE), Ok(1 << 20));
+    assert_eq!(seek(&f, 1 << 20, libc::SEEK_DATA), Ok(5 << 20));
+    drop(f);
+
+    // All of it holds after a remount: the holes are in the file tree.
+    let m = Mount::start(m.unmount());
+    let f = std::fs::File::open(m.path().join("sparse")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), last + 1);
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, last).unwrap();
+    assert_eq!(&b, b"y");
+    assert_eq!(seek(&f, 0, libc::SEEK_DATA), Ok(16 * TIB));
+    assert!(std::fs::read(m.path().join("punched")).unwrap() == want);
+    drop(f);
+    m.unmount();
+}

@@ -89,6 +89,10 @@ pub struct Dirty {
     /// Written ranges: start offset -> bytes; never overlapping (and adjacent
     /// only where a sealed piece's tail was laid back under newer writes).
     extents: BTreeMap<u64, Vec<u8>>,
+    /// Ranges zeroed (punched) since `base`: start -> end. They read as
+    /// zeros and are sealed as holes, so a zeroed range costs nothing
+    /// however long it is. Never overlapping each other or the extents.
+    zeros: BTreeMap<u64, u64>,
     /// Smallest offset whose content may differ from `base`.
     pub first_change: u64,
     /// Committed bytes still visible: a truncation hides what lies past it for good.
@@ -108,6 +112,7 @@ impl Dirty {
             base_at_cut: false,
             size,
             extents: BTreeMap::new(),
+            zeros: BTreeMap::new(),
             first_change: u64::MAX,
             base_valid,
             initial_size: size,
@@ -123,6 +128,7 @@ impl Dirty {
             base_at_cut: false,
             size,
             extents: BTreeMap::new(),
+            zeros: BTreeMap::new(),
             first_change: u64::MAX,
             base_valid: size,
             initial_size: size,
@@ -157,18 +163,11 @@ impl Dirty {
             let mut gaps = Vec::new();
             let mut at = sealed.len();
             while at < hi {
-                if let Some((s, v)) = self.extents.range(..=at).next_back() {
-                    let e = s + v.len() as u64;
-                    if e > at {
-                        at = e;
-                        continue;
-                    }
+                if let Some(e) = self.covered_until(at) {
+                    at = e;
+                    continue;
                 }
-                let next = self
-                    .extents
-                    .range(at..)
-                    .next()
-                    .map_or(hi, |(s, _)| (*s).min(hi));
+                let next = self.next_covered(at).unwrap_or(hi).min(hi);
                 let mut gap = vec![0u8; (next - at) as usize];
                 job.read(reader, at, &mut gap)?;
                 gaps.push((at, gap));
@@ -200,6 +199,9 @@ impl Dirty {
         if self.size != under.size {
             under.truncate(self.size);
         }
+        for (s, e) in &self.zeros {
+            under.zero(*s, e - s);
+        }
         for (s, v) in &self.extents {
             under.write(*s, v);
         }
@@ -215,7 +217,10 @@ impl Dirty {
 
     /// True when nothing differs from `base`.
     pub fn is_clean(&self) -> bool {
-        self.first_change == u64::MAX && self.size == self.initial_size && self.extents.is_empty()
+        self.first_change == u64::MAX
+            && self.size == self.initial_size
+            && self.extents.is_empty()
+            && self.zeros.is_empty()
     }
 
     /// Records a write of `data` at `offset`.
@@ -224,6 +229,7 @@ impl Dirty {
             return;
         }
         let end = offset + data.len() as u64;
+        cut_ranges(&mut self.zeros, offset, end);
         self.size = self.size.max(end);
         self.first_change = self.first_change.min(offset);
         self.mtime = Time::now();
@@ -299,6 +305,7 @@ impl Dirty {
                     v.truncate((size - s) as usize);
                 }
             }
+            cut_ranges(&mut self.zeros, size, u64::MAX);
         }
         self.first_change = self.first_change.min(size.min(self.size));
         self.base_valid = self.base_valid.min(size);
@@ -306,15 +313,65 @@ impl Dirty {
         self.mtime = Time::now();
     }
 
-    /// Replaces `[offset, offset+len)` with zeros (a punched hole), within the current size.
+    /// Replaces `[offset, offset+len)` with zeros (a punched hole), within
+    /// the current size. It costs the same whatever `len` is: the range is
+    /// recorded, not filled, and sealed as a hole.
     pub fn zero(&mut self, offset: u64, len: u64) {
-        let end = (offset + len).min(self.size);
-        let mut at = offset;
-        while at < end {
-            let n = (end - at).min(STEP as u64) as usize;
-            self.write(at, &vec![0u8; n]);
-            at += n as u64;
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return;
         }
+        // Written bytes in the range are gone; a part outside it stays.
+        let hit = overlapping(&self.extents, offset, end, |s, v| s + v.len() as u64);
+        for (s, _) in hit {
+            let Some(mut v) = self.extents.remove(&s) else {
+                continue;
+            };
+            if s + v.len() as u64 > end {
+                self.extents.insert(end, v[(end - s) as usize..].to_vec());
+            }
+            if s < offset {
+                v.truncate((offset - s) as usize);
+                self.extents.insert(s, v);
+            }
+        }
+        // One range for this and every zeroed range it overlaps or touches.
+        let (mut lo, mut hi) = (offset, end);
+        for (s, e) in overlapping(&self.zeros, offset.saturating_sub(1), end + 1, |_, e| *e) {
+            self.zeros.remove(&s);
+            (lo, hi) = (lo.min(s), hi.max(e));
+        }
+        self.zeros.insert(lo, hi);
+        self.first_change = self.first_change.min(offset);
+        self.mtime = Time::now();
+    }
+
+    /// The end of the extent or zeroed range that holds `at`, if one does.
+    fn covered_until(&self, at: u64) -> Option<u64> {
+        let written = self
+            .extents
+            .range(..=at)
+            .next_back()
+            .map(|(s, v)| s + v.len() as u64);
+        let zeroed = self.zeros.range(..=at).next_back().map(|(_, e)| *e);
+        written.into_iter().chain(zeroed).find(|e| *e > at)
+    }
+
+    /// Where the first extent or zeroed range after `at` starts.
+    fn next_covered(&self, at: u64) -> Option<u64> {
+        let written = self.extents.range(at + 1..).next().map(|(s, _)| *s);
+        let zeroed = self.zeros.range(at + 1..).next().map(|(s, _)| *s);
+        written.into_iter().chain(zeroed).min()
+    }
+
+    /// Bytes of the file kept as data rather than holes: what it occupies
+    /// (an estimate while writes are pending, exact once sealed).
+    pub fn stored_bytes(&self) -> u64 {
+        let under = match &self.base {
+            Base::Sealed(f) => f.data_len(),
+            Base::Sealing(job) => job.dirty.stored_bytes(),
+        };
+        (under.min(self.base_valid) + self.held() as u64).min(self.size)
     }
 
     /// Reads `buf.len()` bytes at `offset` (the caller has clipped to `size`).
@@ -338,6 +395,9 @@ impl Dirty {
             buf[n..].fill(0);
         } else {
             buf.fill(0);
+        }
+        for (s, e) in overlapping(&self.zeros, offset, end, |_, e| *e) {
+            buf[(s.max(offset) - offset) as usize..(e.min(end) - offset) as usize].fill(0);
         }
         for (s, v) in self.extents.range(..end) {
             let e = s + v.len() as u64;
@@ -424,7 +484,29 @@ impl Dirty {
                 at += run.len() as u64;
                 continue;
             }
-            let n = ((data_end - at) as usize).min(STEP);
+            // Zeroed, or never written: a hole, whatever its length.
+            if let Some(e) = self.covered_until(at) {
+                let e = e.min(data_end);
+                w.write_hole(e - at)?;
+                at = e;
+                continue;
+            }
+            let next = self.next_covered(at).unwrap_or(data_end).min(data_end);
+            if at >= self.base_valid {
+                w.write_hole(next - at)?;
+                at = next;
+                continue;
+            }
+            // Committed bytes: a hole in the base stays a hole, data is copied.
+            let lim = next.min(self.base_valid);
+            let run = reader.run_at(base, at)?;
+            let stop = run.map_or(lim, |r| r.end.min(lim));
+            if run.is_some_and(|r| r.hole) {
+                w.write_hole(stop - at)?;
+                at = stop;
+                continue;
+            }
+            let n = ((stop - at) as usize).min(STEP);
             buf.resize(n, 0);
             self.read(reader, at, &mut buf[..n])?;
             w.write(&buf[..n])?;
@@ -434,6 +516,36 @@ impl Dirty {
             Ok(w.finish_at_cut()?)
         } else {
             Ok((w.finish()?, false))
+        }
+    }
+}
+
+/// The ranges (start, end) of `map` that overlap `[lo, hi)`, where
+/// `end_of(start, value)` is where the range of an entry ends.
+fn overlapping<V>(
+    map: &BTreeMap<u64, V>,
+    lo: u64,
+    hi: u64,
+    end_of: impl Fn(u64, &V) -> u64,
+) -> Vec<(u64, u64)> {
+    let before = map.range(..lo).next_back();
+    before
+        .into_iter()
+        .chain(map.range(lo..hi))
+        .map(|(s, v)| (*s, end_of(*s, v)))
+        .filter(|(_, e)| *e > lo)
+        .collect()
+}
+
+/// Removes `[lo, hi)` from disjoint ranges (start -> end), splitting one that straddles it.
+fn cut_ranges(ranges: &mut BTreeMap<u64, u64>, lo: u64, hi: u64) {
+    for (s, e) in overlapping(ranges, lo, hi, |_, e| *e) {
+        ranges.remove(&s);
+        if s < lo {
+            ranges.insert(s, lo);
+        }
+        if e > hi {
+            ranges.insert(hi, e);
         }
     }
 }
@@ -545,5 +657,73 @@ mod tests {
         let resealed = over.seal(&store, &reader, &keys, params).unwrap();
         let stored = reader.read_all(&resealed).unwrap();
         assert_eq!(stored, expected[..stored.len()]);
+    }
+
+    #[test]
+    fn zeroed_and_never_written_ranges_are_sealed_as_holes_and_read_as_zeros() {
+        let store = MemStore::new();
+        let keys = fincrypt_blockstore::MasterSecret::generate().keys();
+        let reader = TreeReader::new(&store, 1 << 20);
+        let base_data: Vec<u8> = (0..40_000u32).map(|i| (i * 13 + 1) as u8).collect();
+        let base =
+            fincrypt_blockstore::tree::write_all(&store, &keys, SMALL, Class::Own, &base_data)
+                .unwrap();
+        let mut d = Dirty::new(base, base_data.len() as u64);
+        let mut model = base_data.clone();
+        let apply = |d: &mut Dirty, model: &mut Vec<u8>, op: (bool, u64, u64, u8)| {
+            let (zero, off, len, byte) = op;
+            if zero {
+                d.zero(off, len);
+                let end = ((off + len) as usize).min(model.len());
+                if (off as usize) < end {
+                    model[off as usize..end].fill(0);
+                }
+            } else {
+                d.write(off, &vec![byte; len as usize]);
+                let end = (off + len) as usize;
+                if model.len() < end {
+                    model.resize(end, 0);
+                }
+                model[off as usize..end].fill(byte);
+            }
+        };
+        // Writes and zeroed ranges that overlap, split and touch each other
+        // and the base; a write far past the end leaves a never-written gap.
+        for op in [
+            (false, 1_000, 3_000, 1),
+            (true, 2_000, 20_000, 0),
+            (false, 5_000, 100, 2),
+            (true, 4_000, 1_000, 0),
+            (true, 5_100, 900, 0),
+            (false, 90_000, 50, 3),
+            (true, 30_000, 5_000, 0),
+            (true, 0, 10, 0),
+        ] {
+            apply(&mut d, &mut model, op);
+            assert_eq!(view(&d, &reader), model, "after {op:?}");
+        }
+        assert!(d.held() <= 3_000 + 100 + 50, "zeroed ranges hold no memory");
+
+        // A failed seal over these writes folds them back, zeros included.
+        let job = SealJob::new(d.clone());
+        let mut over = Dirty::over(job.clone());
+        apply(&mut over, &mut model, (true, 89_000, 10_000, 0));
+        apply(&mut over, &mut model, (false, 89_990, 20, 4));
+        let folded = over.clone().fold_into(job.dirty.clone());
+        assert_eq!(view(&folded, &reader), model);
+
+        let sealed = folded.seal(&store, &reader, &keys, SMALL).unwrap();
+        assert!(sealed.holes() >= 60_000, "holes: {}", sealed.holes());
+        let stored = reader.read_all(&sealed).unwrap();
+        assert_eq!(stored, model[..stored.len()]);
+        assert!(model[stored.len()..].iter().all(|b| *b == 0));
+
+        // Over the sealed tree, a write after the holes keeps them as holes.
+        let mut again = Dirty::new(sealed.clone(), model.len() as u64);
+        apply(&mut again, &mut model, (false, 200_000, 10, 5));
+        let resealed = again.seal(&store, &reader, &keys, SMALL).unwrap();
+        assert!(resealed.holes() > sealed.holes());
+        let stored = reader.read_all(&resealed).unwrap();
+        assert_eq!(stored, model);
     }
 }

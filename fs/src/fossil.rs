@@ -245,11 +245,17 @@ impl Fossil {
 
     fn attr(&self, ino: u64, inode: &Inode) -> Attr {
         let (mut size, mut mtime, mut ctime) = (inode.size, inode.mtime, inode.ctime);
+        // What a file occupies is its data, not its holes.
+        let mut stored = match inode.kind {
+            Kind::File => inode.content.data_len().min(size),
+            _ => size,
+        };
         if inode.kind == Kind::File
             && let Some(st) = lock(&self.files).get(&ino).cloned()
             && let Some(d) = &lock(&st).dirty
         {
             size = d.size;
+            stored = d.stored_bytes();
             if d.mtime > mtime {
                 mtime = d.mtime;
                 ctime = ctime.max(d.mtime);
@@ -263,7 +269,7 @@ impl Fossil {
             gid: inode.gid,
             nlink: inode.nlink,
             size,
-            blocks: size.div_ceil(512),
+            blocks: stored.div_ceil(512),
             atime: inode.atime,
             mtime,
             ctime,
@@ -843,6 +849,42 @@ impl Fossil {
             return Ok(buf.into());
         }
         Ok(got)
+    }
+
+    /// Where the next data (`hole` false) or hole (`hole` true) at or after
+    /// `offset` starts: lseek(2)'s SEEK_DATA and SEEK_HOLE. The end of the
+    /// file counts as a hole; ENXIO at or past it, or when no data follows.
+    /// Pending writes are sealed first, so the answer is the file tree's.
+    pub fn seek_hole_data(&self, ino: u64, offset: u64, hole: bool) -> Result<u64, FsError> {
+        let (size, content) = if is_snapshot_ino(ino) {
+            self.snapdir.content(ino)?
+        } else {
+            self.flush(ino)?;
+            let inode = self.meta.inode(ino)?;
+            if inode.kind != Kind::File {
+                return errno(libc::EINVAL);
+            }
+            (inode.size, inode.content)
+        };
+        let mut at = offset;
+        while at < size {
+            // Past the stored content lie only zeros: a hole to the end.
+            let run = match self.reader.run_at(&content, at)? {
+                Some(run) => run,
+                None => fincrypt_blockstore::Run {
+                    hole: true,
+                    end: size,
+                },
+            };
+            if run.hole == hole {
+                return Ok(at);
+            }
+            at = run.end.min(size);
+        }
+        if hole && offset < size {
+            return Ok(size);
+        }
+        errno(libc::ENXIO)
     }
 
     /// Writes `data` at `offset`; returns the bytes written.

@@ -9,6 +9,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use fincrypt_blockstore::FileRef;
+
 use crate::error::{FsError, errno};
 use crate::fossil::{Attr, Fossil, dot_entries};
 use crate::meta::{Dirent, Kind, Time};
@@ -118,7 +120,11 @@ impl SnapDir {
             gid: e.gid,
             nlink: if e.kind == Kind::Dir { 2 } else { 1 },
             size: e.size,
-            blocks: e.size.div_ceil(512),
+            blocks: match e.kind {
+                Kind::File => e.content.data_len().min(e.size),
+                _ => e.size,
+            }
+            .div_ceil(512),
             atime: e.atime,
             mtime: e.mtime,
             ctime: e.ctime,
@@ -199,6 +205,15 @@ impl SnapDir {
         let mut buf = vec![0u8; n];
         fs.reader().read_at(&e.content, offset, &mut buf)?;
         Ok(buf)
+    }
+
+    /// A snapshot file's length and content.
+    pub fn content(&self, ino: u64) -> Result<(u64, FileRef), FsError> {
+        let e = self.node(ino)?;
+        if e.kind != Kind::File {
+            return errno(libc::EINVAL);
+        }
+        Ok((e.size, e.content))
     }
 
     /// A symlink's target in a snapshot.

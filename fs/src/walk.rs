@@ -134,7 +134,7 @@ pub fn walk(
     // Trees handed out, with the redundancy asked of them then.
     let mut handed: HashMap<(Score, bool), u8> = HashMap::new();
     let mut fresh = |f: &FileRef, n: u8, is_dir: bool| -> bool {
-        let FileRef::Tree(p) = f else { return true };
+        let Some(p) = f.root() else { return true };
         let seen = handed.entry((p.score, is_dir)).or_insert(0);
         if *seen >= n {
             return false;
