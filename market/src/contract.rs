@@ -1,0 +1,283 @@
+//! A contract between an owner node and a holder: the holder keeps the
+//! blocks the owner places on it, and is paid `price` per GiB for every
+//! period in which it proves it still holds them. Both sign the same terms.
+
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use serde::{Deserialize, Serialize};
+
+use crate::MarketError;
+use crate::offer::check_address;
+use crate::signed::{self, Signature};
+
+/// Version of the contract's layout.
+pub const CONTRACT_VERSION: u8 = 1;
+/// The largest encoded contract a node sends or reads.
+pub const MAX_CONTRACT_LEN: usize = 1024;
+const DOMAIN: &[u8] = b"fincrypt contract v1\0";
+
+/// A contract's id: random, chosen by the owner.
+pub type ContractId = [u8; 16];
+
+/// What both sides agree.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Terms {
+    /// [`CONTRACT_VERSION`].
+    pub version: u8,
+    /// The contract's id.
+    pub id: ContractId,
+    /// The paying node, as PeerId bytes.
+    pub owner: Vec<u8>,
+    /// The holding node, as PeerId bytes.
+    pub holder: Vec<u8>,
+    /// Satoshis per GiB held per period.
+    pub price: u64,
+    /// Unix seconds at which period 0 begins.
+    pub start: u64,
+    /// Periods the contract lasts at least.
+    pub min_duration: u32,
+    /// Length of a period, in seconds.
+    pub period: u64,
+    /// Where the holder is paid.
+    pub payout: String,
+}
+
+/// Terms the owner signed, for the holder to accept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// The terms.
+    pub terms: Terms,
+    /// The owner's signature of them.
+    pub owner_sig: Signature,
+}
+
+/// Terms both sides signed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contract {
+    /// The terms.
+    pub terms: Terms,
+    /// The owner's signature of them.
+    pub owner_sig: Signature,
+    /// The holder's signature of them.
+    pub holder_sig: Signature,
+}
+
+impl Terms {
+    /// The owner.
+    pub fn owner(&self) -> Result<PeerId, MarketError> {
+        signed::peer(&self.owner, "contract owner")
+    }
+
+    /// The holder.
+    pub fn holder(&self) -> Result<PeerId, MarketError> {
+        signed::peer(&self.holder, "contract holder")
+    }
+
+    /// The period that holds Unix time `now`, if the contract has begun.
+    pub fn period_at(&self, now: u64) -> Option<u64> {
+        now.checked_sub(self.start).map(|s| s / self.period)
+    }
+
+    /// When period `n` ends.
+    pub fn period_end(&self, n: u64) -> u64 {
+        self.start
+            .saturating_add(n.saturating_add(1).saturating_mul(self.period))
+    }
+
+    /// Satoshis due for holding `bytes` through one period: price per GiB,
+    /// pro rata, rounded down to the satoshi.
+    pub fn due(&self, bytes: u64) -> u64 {
+        let due = (u128::from(self.price) * u128::from(bytes)) >> 30;
+        u64::try_from(due).unwrap_or(u64::MAX)
+    }
+
+    fn check(&self) -> Result<(), MarketError> {
+        if self.version != CONTRACT_VERSION {
+            return Err(MarketError::Invalid(format!(
+                "contract version {} is not supported (this program reads {CONTRACT_VERSION})",
+                self.version
+            )));
+        }
+        if self.period == 0 {
+            return Err(MarketError::Invalid(
+                "a contract's period is 0 seconds".into(),
+            ));
+        }
+        if self.owner()? == self.holder()? {
+            return Err(MarketError::Invalid(
+                "a node cannot contract with itself".into(),
+            ));
+        }
+        check_address(&self.payout, self.price > 0)
+    }
+
+    /// The owner's side: checks and signs the terms.
+    pub fn propose(self, owner: &Keypair) -> Result<Proposal, MarketError> {
+        self.check()?;
+        if owner.public().to_peer_id() != self.owner()? {
+            return Err(MarketError::Invalid(
+                "a contract is proposed by its owner".into(),
+            ));
+        }
+        let owner_sig = signed::sign(owner, DOMAIN, &encode(&self)?)?;
+        Ok(Proposal {
+            terms: self,
+            owner_sig,
+        })
+    }
+}
+
+impl Proposal {
+    /// The holder's side: checks the owner's signature and countersigns.
+    pub fn accept(self, holder: &Keypair) -> Result<Contract, MarketError> {
+        self.terms.check()?;
+        let bytes = encode(&self.terms)?;
+        signed::verify(
+            &self.owner_sig,
+            &self.terms.owner()?,
+            DOMAIN,
+            &bytes,
+            "contract",
+        )?;
+        if holder.public().to_peer_id() != self.terms.holder()? {
+            return Err(MarketError::Invalid(
+                "a contract is accepted by its holder".into(),
+            ));
+        }
+        let holder_sig = signed::sign(holder, DOMAIN, &bytes)?;
+        Ok(Contract {
+            terms: self.terms,
+            owner_sig: self.owner_sig,
+            holder_sig,
+        })
+    }
+
+    /// The bytes sent to the holder.
+    pub fn encode(&self) -> Result<Vec<u8>, MarketError> {
+        bounded(encode(self)?)
+    }
+
+    /// Reads a proposal and checks the owner's signature.
+    pub fn decode(bytes: &[u8]) -> Result<Proposal, MarketError> {
+        let p: Proposal = decode(bytes)?;
+        p.terms.check()?;
+        let b = encode(&p.terms)?;
+        signed::verify(&p.owner_sig, &p.terms.owner()?, DOMAIN, &b, "contract")?;
+        Ok(p)
+    }
+}
+
+impl Contract {
+    /// The bytes each side keeps and sends.
+    pub fn encode(&self) -> Result<Vec<u8>, MarketError> {
+        bounded(encode(self)?)
+    }
+
+    /// Reads a contract and checks both signatures.
+    pub fn decode(bytes: &[u8]) -> Result<Contract, MarketError> {
+        let c: Contract = decode(bytes)?;
+        c.terms.check()?;
+        let b = encode(&c.terms)?;
+        signed::verify(&c.owner_sig, &c.terms.owner()?, DOMAIN, &b, "contract")?;
+        signed::verify(&c.holder_sig, &c.terms.holder()?, DOMAIN, &b, "contract")?;
+        Ok(c)
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, MarketError> {
+    postcard::to_allocvec(v).map_err(|e| MarketError::Invalid(format!("cannot encode: {e}")))
+}
+
+fn bounded(bytes: Vec<u8>) -> Result<Vec<u8>, MarketError> {
+    if bytes.len() > MAX_CONTRACT_LEN {
+        return Err(MarketError::Invalid(format!(
+            "a contract of {} bytes is over the {MAX_CONTRACT_LEN} allowed",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+fn decode<T: for<'a> Deserialize<'a>>(bytes: &[u8]) -> Result<T, MarketError> {
+    postcard::from_bytes(&bounded(bytes.to_vec())?)
+        .map_err(|e| MarketError::Invalid(format!("the contract does not decode: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn terms(owner: &Keypair, holder: &Keypair) -> Terms {
+        Terms {
+            version: CONTRACT_VERSION,
+            id: [7; 16],
+            owner: owner.public().to_peer_id().to_bytes(),
+            holder: holder.public().to_peer_id().to_bytes(),
+            price: 20,
+            start: 1_000,
+            min_duration: 24,
+            period: 60,
+            payout: "mj6mz6RpsSEJPmG1zzEf8nu3J9oV6ihxfB".into(),
+        }
+    }
+
+    #[test]
+    fn both_sides_sign_and_neither_can_change_the_terms_alone() {
+        let (o, h) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let p = terms(&o, &h).propose(&o).unwrap();
+        let p = Proposal::decode(&p.encode().unwrap()).unwrap();
+        let c = p.clone().accept(&h).unwrap();
+        assert_eq!(Contract::decode(&c.encode().unwrap()).unwrap(), c);
+
+        // The holder raising the price, or the owner lowering it, after signing.
+        let mut raised = c.clone();
+        raised.terms.price = 21;
+        assert!(Contract::decode(&raised.encode().unwrap()).is_err());
+        let mut raised = p.clone();
+        raised.terms.price = 21;
+        assert!(
+            raised.accept(&h).is_err(),
+            "a proposal changed after the owner signed it"
+        );
+        // Someone else accepting, or proposing in the owner's name.
+        assert!(p.clone().accept(&o).is_err());
+        let stranger = Keypair::generate_ed25519();
+        assert!(terms(&o, &h).propose(&stranger).is_err());
+        assert!(
+            terms(&o, &o).propose(&o).is_err(),
+            "no contract with oneself"
+        );
+        let mut zero = terms(&o, &h);
+        zero.period = 0;
+        assert!(zero.propose(&o).is_err());
+
+        let bytes = c.encode().unwrap();
+        for n in 0..bytes.len() {
+            assert!(Contract::decode(&bytes[..n]).is_err(), "cut at {n}");
+        }
+    }
+
+    #[test]
+    fn periods_and_dues_are_exact() {
+        let (o, h) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let t = terms(&o, &h);
+        assert_eq!(t.period_at(999), None);
+        assert_eq!(t.period_at(1_000), Some(0));
+        assert_eq!(t.period_at(1_059), Some(0));
+        assert_eq!(t.period_at(1_060), Some(1));
+        assert_eq!(t.period_end(0), 1_060);
+        assert_eq!(t.due(1 << 30), 20);
+        assert_eq!(t.due(3 << 29), 30);
+        assert_eq!(t.due((1 << 30) / 20 - 1), 0, "rounded down");
+        assert_eq!(t.due(u64::MAX), 20 * (u64::MAX >> 30) + 19);
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_is_refused_without_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1200)) {
+            prop_assert!(Contract::decode(&bytes).is_err());
+            prop_assert!(Proposal::decode(&bytes).is_err());
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! Payments through a Bitcoin node's own wallet, over its JSON-RPC.
+//!
+//! No key of Fincrypt's holds coins: the node's wallet makes addresses,
+//! chooses coins, signs and broadcasts. Only RPCs that Bitcoin Core has are
+//! used (`getnewaddress`, `getbalance`, `sendmany`, `listtransactions`,
+//! `gettransaction`, `getreceivedbyaddress`), each with arguments Core and the
+//! regtest node of the tests (Bitcoin SV's, scripts/regtest.sh) read alike.
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use corepc_client::{Auth, Client};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// Satoshis in one coin.
+pub const SATS_PER_COIN: u64 = 100_000_000;
+
+/// Why a wallet call failed, and whether the node can have acted on it.
+#[derive(Debug, thiserror::Error)]
+pub enum WalletError {
+    /// The node answered with an error: it did not do what was asked.
+    #[error("the Bitcoin node refused {method}: {message} (code {code})")]
+    Refused {
+        /// The RPC.
+        method: &'static str,
+        /// The node's error code (-6: insufficient funds, -5: bad address).
+        code: i32,
+        /// The node's message.
+        message: String,
+    },
+    /// No answer (connection, timeout, bad credentials): the node may or
+    /// may not have acted, so a send must be reconciled before it is retried.
+    #[error("the Bitcoin node at {url} did not answer {method}: {reason}")]
+    Unreachable {
+        /// The node's RPC URL.
+        url: String,
+        /// The RPC.
+        method: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The node answered something this program cannot read.
+    #[error("the Bitcoin node's answer to {method} is not understood: {reason}")]
+    Answer {
+        /// The RPC.
+        method: &'static str,
+        /// What did not parse.
+        reason: String,
+    },
+}
+
+impl WalletError {
+    /// True when the node certainly did not act (it refused).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, WalletError::Refused { .. })
+    }
+
+    /// True when the node refused for want of funds.
+    pub fn is_insufficient_funds(&self) -> bool {
+        matches!(self, WalletError::Refused { code: -6, .. })
+    }
+}
+
+/// A transaction of the wallet, as far as payments need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalletTx {
+    /// Its id, hex.
+    pub txid: String,
+    /// Blocks on top of (and including) the one that holds it; 0 unconfirmed.
+    pub confirmations: i64,
+}
+
+/// What pays and what watches payments arrive. [`BitcoinRpc`] is the real
+/// one; anything else is for tests.
+pub trait Payments: Send + Sync {
+    /// A new receiving address of this wallet.
+    fn new_address(&self) -> impl Future<Output = Result<String, WalletError>> + Send;
+    /// Spendable balance, in satoshis.
+    fn balance(&self) -> impl Future<Output = Result<u64, WalletError>> + Send;
+    /// Pays every output in one transaction, with `label` kept as its
+    /// comment so that [`Payments::find_sent`] can find it again.
+    /// Addresses must be distinct.
+    fn send_many(
+        &self,
+        outputs: &[(String, u64)],
+        label: &str,
+    ) -> impl Future<Output = Result<String, WalletError>> + Send;
+    /// The transaction this wallet sent with comment `label`, looking back no
+    /// further than Unix time `since`.
+    fn find_sent(
+        &self,
+        label: &str,
+        since: u64,
+    ) -> impl Future<Output = Result<Option<WalletTx>, WalletError>> + Send;
+    /// A transaction's confirmations.
+    fn transaction(&self, txid: &str)
+    -> impl Future<Output = Result<WalletTx, WalletError>> + Send;
+    /// Satoshis received by one of this wallet's addresses, in transactions
+    /// with at least `min_conf` confirmations.
+    fn received_by(
+        &self,
+        address: &str,
+        min_conf: u32,
+    ) -> impl Future<Output = Result<u64, WalletError>> + Send;
+}
+
+/// Where the node is and how to log in: the `bitcoin_rpc_*` settings.
+#[derive(Clone, Debug)]
+pub struct RpcSettings {
+    /// `http://host:port`.
+    pub url: String,
+    /// The wallet's name, for a node with several (`bitcoin_wallet`).
+    pub wallet: Option<String>,
+    /// User and password, or a cookie file.
+    pub auth: RpcAuth,
+}
+
+/// How to log in to the node.
+#[derive(Clone, Debug)]
+pub enum RpcAuth {
+    /// `bitcoin_rpc_user` and `bitcoin_rpc_password`.
+    UserPass(String, String),
+    /// `bitcoin_rpc_cookie`: the node's `.cookie` file.
+    Cookie(PathBuf),
+}
+
+/// A Bitcoin node's wallet over JSON-RPC (corepc-client's async client).
+pub struct BitcoinRpc {
+    client: Client,
+    url: String,
+}
+
+impl BitcoinRpc {
+    /// A client for the node; nothing is sent until the first call.
+    pub fn new(settings: &RpcSettings) -> Result<BitcoinRpc, WalletError> {
+        let url = match &settings.wallet {
+            Some(w) => format!("{}/wallet/{w}", settings.url.trim_end_matches('/')),
+            None => settings.url.clone(),
+        };
+        let auth = match &settings.auth {
+            RpcAuth::UserPass(u, p) => Auth::UserPass(u.clone(), p.clone()),
+            RpcAuth::Cookie(path) => Auth::CookieFile(path.clone()),
+        };
+        let client = Client::new_with_auth(&url, auth).map_err(|e| WalletError::Unreachable {
+            url: settings.url.clone(),
+            method: "login",
+            reason: e.to_string(),
+        })?;
+        Ok(BitcoinRpc {
+            client,
+            url: settings.url.clone(),
+        })
+    }
+
+    async fn call<T: for<'a> Deserialize<'a>>(
+        &self,
+        method: &'static str,
+        args: &[Value],
+    ) -> Result<T, WalletError> {
+        use corepc_client::Error as E;
+        self.client.call(method, args).await.map_err(|e| match e {
+            E::JsonRpc(jsonrpc::Error::Rpc(rpc)) => WalletError::Refused {
+                method,
+                code: rpc.code,
+                message: rpc.message,
+            },
+            E::Json(e) => WalletError::Answer {
+                method,
+                reason: e.to_string(),
+            },
+            other => WalletError::Unreachable {
+                url: self.url.clone(),
+                method,
+                reason: other.to_string(),
+            },
+        })
+    }
+}
+
+/// `sats` as the decimal coin amount the RPC reads, as a string: exact,
+/// where a float could round.
+pub fn coins(sats: u64) -> String {
+    format!("{}.{:08}", sats / SATS_PER_COIN, sats % SATS_PER_COIN)
+}
+
+/// A coin amount from the RPC (a JSON number with at most 8 decimals) in
+/// satoshis; its sign is dropped.
+pub fn sats_of(v: &Value, method: &'static str) -> Result<u64, WalletError> {
+    let bad = |reason: String| WalletError::Answer { method, reason };
+    let coins = v
+        .as_f64()
+        .ok_or_else(|| bad(format!("{v} is not an amount")))?;
+    let sats = (coins.abs() * SATS_PER_COIN as f64).round();
+    // Every amount of 21 million coins or less is exact in an f64 in satoshis.
+    if !sats.is_finite() || sats > (21_000_000 * SATS_PER_COIN) as f64 {
+        return Err(bad(format!("{v} is not a possible amount")));
+    }
+    Ok(sats as u64)
+}
+
+/// One entry of `listtransactions`.
+#[derive(Deserialize)]
+struct Listed {
+    category: String,
+    txid: Option<String>,
+    comment: Option<String>,
+    time: Option<u64>,
+    confirmations: Option<i64>,
+}
+
+impl Payments for BitcoinRpc {
+    async fn new_address(&self) -> Result<String, WalletError> {
+        self.call("getnewaddress", &[]).await
+    }
+
+    async fn balance(&self) -> Result<u64, WalletError> {
+        let v: Value = self.call("getbalance", &[]).await?;
+        sats_of(&v, "getbalance")
+    }
+
+    async fn send_many(
+        &self,
+        outputs: &[(String, u64)],
+        label: &str,
+    ) -> Result<String, WalletError> {
+        let mut amounts = serde_json::Map::new();
+        for (address, sats) in outputs {
+            if amounts
+                .insert(address.clone(), Value::String(coins(*sats)))
+                .is_some()
+            {
+                return Err(WalletError::Answer {
+                    method: "sendmany",
+                    reason: format!("{address} is paid twice in one transaction"),
+                });
+            }
+        }
+        // ("" is the account/dummy argument both nodes take first; minconf 1.)
+        self.call(
+            "sendmany",
+            &[json!(""), Value::Object(amounts), json!(1), json!(label)],
+        )
+        .await
+    }
+
+    async fn find_sent(&self, label: &str, since: u64) -> Result<Option<WalletTx>, WalletError> {
+        const PAGE: usize = 200;
+        let mut skip = 0;
+        loop {
+            // Newest last within a page, pages from the newest back.
+            let page: Vec<Listed> = self
+                .call("listtransactions", &[json!("*"), json!(PAGE), json!(skip)])
+                .await?;
+            for t in page.iter().rev() {
+                if t.category == "send" && t.comment.as_deref() == Some(label) {
+                    let txid = t.txid.clone().ok_or_else(|| WalletError::Answer {
+                        method: "listtransactions",
+                        reason: "a send without a txid".into(),
+                    })?;
+                    return Ok(Some(WalletTx {
+                        txid,
+                        confirmations: t.confirmations.unwrap_or(0),
+                    }));
+                }
+            }
+            let older = page.iter().all(|t| t.time.is_some_and(|at| at < since));
+            if page.len() < PAGE || older {
+                return Ok(None);
+            }
+            skip += PAGE;
+        }
+    }
+
+    async fn transaction(&self, txid: &str) -> Result<WalletTx, WalletError> {
+        let v: Value = self.call("gettransaction", &[json!(txid)]).await?;
+        let confirmations = v["confirmations"]
+            .as_i64()
+            .ok_or_else(|| WalletError::Answer {
+                method: "gettransaction",
+                reason: "no confirmations".into(),
+            })?;
+        Ok(WalletTx {
+            txid: txid.to_owned(),
+            confirmations,
+        })
+    }
+
+    async fn received_by(&self, address: &str, min_conf: u32) -> Result<u64, WalletError> {
+        let v: Value = self
+            .call("getreceivedbyaddress", &[json!(address), json!(min_conf)])
+            .await?;
+        sats_of(&v, "getreceivedbyaddress")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_are_written_and_read_to_the_satoshi() {
+        assert_eq!(coins(0), "0.00000000");
+        assert_eq!(coins(1), "0.00000001");
+        assert_eq!(coins(123_456_789), "1.23456789");
+        assert_eq!(coins(21_000_000 * SATS_PER_COIN), "21000000.00000000");
+        for sats in [
+            0u64,
+            1,
+            7,
+            546,
+            99_999_999,
+            123_456_789,
+            2_099_999_997_690_000,
+        ] {
+            let v: Value = serde_json::from_str(&coins(sats)).unwrap();
+            assert_eq!(sats_of(&v, "t").unwrap(), sats);
+        }
+        assert!(sats_of(&json!("1.0"), "t").is_err());
+        assert!(sats_of(&json!(1e30), "t").is_err());
+        assert_eq!(sats_of(&json!(-0.000052), "t").unwrap(), 5200);
+    }
+}
