@@ -105,6 +105,11 @@ impl Home {
         self.data_dir.join("held")
     }
 
+    /// A storage node's contracts with the owners it stores for.
+    pub fn contracts_file(&self) -> PathBuf {
+        self.data_dir.join("contracts.redb")
+    }
+
     /// Where a placement ledger of its own was kept before it moved into the
     /// volume's index; one found there is moved in (docs/FORMATS.md,
     /// "Placement ledger").
@@ -212,8 +217,9 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Settings from `config.toml` and `FINCRYPT_*` variables.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// Settings from `config.toml` and `FINCRYPT_*` variables. (Its `Debug`
+/// hides the Bitcoin RPC password.)
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
     /// Bytes of the volume that cached copies of blocks may use.
@@ -252,6 +258,24 @@ pub struct Config {
     /// written and published, so a lost machine loses at most about that
     /// much (0: publish only snapshots).
     pub publish_interval: u64,
+    /// A storage node's price: satoshis per GiB per period (0: free).
+    pub price: u64,
+    /// The fewest periods a contract with this storage node may last.
+    pub min_duration: u32,
+    /// Where a priced storage node is paid; empty: a new address of the
+    /// wallet at `bitcoin_rpc_url`.
+    pub payout_address: String,
+    /// The Bitcoin node whose wallet pays and is paid, e.g.
+    /// `http://127.0.0.1:8332` (empty: none).
+    pub bitcoin_rpc_url: String,
+    /// Its RPC user and password, or instead its cookie file.
+    pub bitcoin_rpc_user: String,
+    /// See `bitcoin_rpc_user`.
+    pub bitcoin_rpc_password: String,
+    /// See `bitcoin_rpc_user`.
+    pub bitcoin_rpc_cookie: String,
+    /// The wallet to use, for a node that has several (empty: its default).
+    pub bitcoin_wallet: String,
 }
 
 /// Refuses a `config.toml` with a setting Fincrypt does not know (a
@@ -325,6 +349,19 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
     })
 }
 
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.clone();
+        if !shown.bitcoin_rpc_password.is_empty() {
+            shown.bitcoin_rpc_password = "(hidden)".into();
+        }
+        match toml::to_string(&shown) {
+            Ok(t) => f.write_str(&t),
+            Err(_) => f.write_str("Config { .. }"),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -343,6 +380,14 @@ impl Default for Config {
             holder_timeout: 30,
             scrub_interval: 7 * 24 * 3600,
             publish_interval: 30,
+            price: 0,
+            min_duration: 1,
+            payout_address: String::new(),
+            bitcoin_rpc_url: String::new(),
+            bitcoin_rpc_user: String::new(),
+            bitcoin_rpc_password: String::new(),
+            bitcoin_rpc_cookie: String::new(),
+            bitcoin_wallet: String::new(),
         }
     }
 }
@@ -382,6 +427,32 @@ impl Config {
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)
+    }
+
+    /// The Bitcoin node's RPC settings, if one is configured.
+    pub fn bitcoin_rpc(&self) -> Result<Option<fincrypt_market::wallet::RpcSettings>> {
+        use fincrypt_market::wallet::{RpcAuth, RpcSettings};
+        if self.bitcoin_rpc_url.is_empty() {
+            return Ok(None);
+        }
+        let auth = if !self.bitcoin_rpc_cookie.is_empty() {
+            RpcAuth::Cookie(PathBuf::from(&self.bitcoin_rpc_cookie))
+        } else if !self.bitcoin_rpc_user.is_empty() {
+            RpcAuth::UserPass(
+                self.bitcoin_rpc_user.clone(),
+                self.bitcoin_rpc_password.clone(),
+            )
+        } else {
+            bail!(
+                "bitcoin_rpc_url is set but neither bitcoin_rpc_user and bitcoin_rpc_password \
+                 nor bitcoin_rpc_cookie: the Bitcoin node needs a login"
+            );
+        };
+        Ok(Some(RpcSettings {
+            url: self.bitcoin_rpc_url.clone(),
+            wallet: (!self.bitcoin_wallet.is_empty()).then(|| self.bitcoin_wallet.clone()),
+            auth,
+        }))
     }
 
     /// The names of every setting, as `config.toml` spells them.
@@ -438,7 +509,19 @@ impl Config {
              # With peers: seconds after changes settle within which the tree is\n\
              # published to them, so a lost machine loses at most about that much\n\
              # (0: only snapshots are published).\n\
-             publish_interval = {}\n",
+             publish_interval = {}\n\
+             \n\
+             # Storage nodes (fincrypt serve): the price in satoshis per GiB per\n\
+             # period (0: free), the fewest periods a contract lasts, and where\n\
+             # payments go (empty: a new address of the wallet below).\n\
+             price = {}\n\
+             min_duration = {}\n\
+             # payout_address = \"bc1q...\"\n\
+             \n\
+             # The Bitcoin node whose wallet pays and is paid (JSON-RPC), e.g.\n\
+             # bitcoin_rpc_url = \"http://127.0.0.1:8332\"\n\
+             # bitcoin_rpc_user = \"...\" and bitcoin_rpc_password = \"...\", or\n\
+             # bitcoin_rpc_cookie = \"/path/to/.cookie\"; bitcoin_wallet = \"name\"\n",
             d.cache_capacity,
             d.snapshot_interval,
             d.snapshot_keep,
@@ -450,7 +533,9 @@ impl Config {
             d.proof_failures,
             d.holder_timeout,
             d.scrub_interval,
-            d.publish_interval
+            d.publish_interval,
+            d.price,
+            d.min_duration
         )
     }
 }

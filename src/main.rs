@@ -91,6 +91,17 @@ enum Command {
         /// it, any peer may). To others the node is full.
         #[arg(long, value_name = "PEERID")]
         accept_from: Vec<fincrypt_net::PeerId>,
+        /// Store only under contract, for this many satoshis per GiB per
+        /// period (config `price`; 0, the default, stores for free).
+        #[arg(long, value_name = "SATS")]
+        price: Option<u64>,
+        /// The fewest periods a contract may last (config `min_duration`).
+        #[arg(long, value_name = "PERIODS")]
+        min_duration: Option<u32>,
+        /// Where payments go (config `payout_address`; without it, a new
+        /// address of the wallet at `bitcoin_rpc_url`).
+        #[arg(long, value_name = "ADDRESS")]
+        payout_address: Option<String>,
     },
 }
 
@@ -220,8 +231,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bootstrap,
             capacity,
             accept_from,
+            price,
+            min_duration,
+            payout_address,
         } => {
             let _lock = home.lock("serve")?;
+            let config = fincrypt::config::Config::load(&home)?;
             fincrypt::serve::serve(
                 &home,
                 fincrypt::serve::ServeArgs {
@@ -229,6 +244,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     bootstrap,
                     capacity,
                     accept_from,
+                    price: price.unwrap_or(config.price),
+                    min_duration: min_duration.unwrap_or(config.min_duration),
+                    payout_address: payout_address.unwrap_or(config.payout_address.clone()),
+                    bitcoin: config.bitcoin_rpc()?,
                 },
             )?;
         }

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use fincrypt_blockstore::{LocalStore, StoreOptions};
+use fincrypt_market::holder::{Asking, HolderTerms};
+use fincrypt_market::wallet::{BitcoinRpc, Payments};
 use fincrypt_net::{Holder, Multiaddr, Node, NodeConfig};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -25,6 +27,14 @@ pub struct ServeArgs {
     pub capacity: u64,
     /// The only peers that may place blocks here (empty: any peer).
     pub accept_from: Vec<fincrypt_net::PeerId>,
+    /// Satoshis per GiB per period (0: free).
+    pub price: u64,
+    /// The fewest periods a contract lasts.
+    pub min_duration: u32,
+    /// Where payments go; empty: a new address of the wallet at `bitcoin`.
+    pub payout_address: String,
+    /// The Bitcoin node's wallet, if configured.
+    pub bitcoin: Option<fincrypt_market::wallet::RpcSettings>,
 }
 
 /// Runs a holder node in the foreground until SIGTERM or SIGINT.
@@ -52,6 +62,30 @@ pub fn serve(home: &Home, args: ServeArgs) -> Result<()> {
     runtime.block_on(run(home, args))
 }
 
+/// What the node asks: its price, and where it is paid (its wallet gives a
+/// new address when none is set).
+async fn asking(args: &ServeArgs) -> Result<Asking> {
+    let payout = if args.price == 0 || !args.payout_address.is_empty() {
+        args.payout_address.clone()
+    } else if let Some(rpc) = &args.bitcoin {
+        let wallet = BitcoinRpc::new(rpc)?;
+        wallet
+            .new_address()
+            .await
+            .context("asking the Bitcoin node's wallet for a payout address")?
+    } else {
+        bail!(
+            "a price needs somewhere to be paid: give --payout-address ADDRESS, or set \
+             bitcoin_rpc_url (with its login) so the node's wallet gives an address"
+        );
+    };
+    Ok(Asking {
+        price: args.price,
+        min_duration: args.min_duration,
+        payout,
+    })
+}
+
 async fn run(home: &Home, args: ServeArgs) -> Result<()> {
     if args.listen.is_empty() {
         bail!("serve needs at least one --listen address");
@@ -60,6 +94,7 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
     // is still starting is not lost (and does not kill the process mid-write).
     let mut term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
+    let asking = asking(&args).await?;
 
     let store = LocalStore::open(&home.held_dir(), StoreOptions::default())
         .with_context(|| format!("opening the held volume in {}", home.held_dir().display()))?;
@@ -69,6 +104,17 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
         holder.accept_from(Some(args.accept_from));
     }
     let mut config = NodeConfig::with_key_file(&home.node_key_file())?;
+    let terms = HolderTerms::open(config.keypair.clone(), asking, &home.contracts_file())
+        .with_context(|| format!("opening {}", home.contracts_file().display()))?;
+    if terms.asking().price > 0 {
+        eprintln!(
+            "fincrypt serve: storing under contract at {} sats per GiB per period (at least {} periods), paid to {}",
+            terms.asking().price,
+            terms.asking().min_duration,
+            terms.asking().payout
+        );
+    }
+    holder.set_terms(Arc::new(terms));
     config.listen = args.listen;
     config.bootstrap = args.bootstrap;
     let node = Node::start(config, Some(Arc::new(holder.clone()))).await?;

@@ -4,12 +4,15 @@
 //!
 //! - [`offer`]: a node's signed offer (price, room, minimum duration, payout address).
 //! - [`contract`]: terms both sides sign; periods and what each costs.
+//! - [`holder`]: a storage node's side: its offer, the contracts it takes,
+//!   and who may place on it.
 //! - [`ledger`]: the owner's record of challenges per contract and period,
 //!   and settlement: one transaction per period for every holder due.
 //! - [`wallet`]: [`wallet::Payments`], and [`wallet::BitcoinRpc`], which pays
 //!   through a Bitcoin node's own wallet over JSON-RPC.
 
 pub mod contract;
+pub mod holder;
 pub mod ledger;
 pub mod offer;
 mod signed;

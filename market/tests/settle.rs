@@ -3,7 +3,7 @@
 //! satoshi; nothing for a failed period; small dues carried; a wallet short
 //! of funds refused and retried; and exactly once across kill -9.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,74 +16,10 @@ use libp2p::identity::Keypair;
 
 const GIB: u64 = 1 << 30;
 
-/// A regtest node of its own, stopped when dropped.
-struct Regtest {
-    dir: tempfile::TempDir,
-    settings: RpcSettings,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/regtest.sh")
-}
-
-impl Regtest {
-    fn start() -> Regtest {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(script())
-            .arg("start")
-            .arg(dir.path())
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "scripts/regtest.sh start failed");
-        let text = String::from_utf8(out.stdout).unwrap();
-        let var = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("{name} not in {text}"))
-                .to_owned()
-        };
-        let settings = RpcSettings {
-            url: var("FINCRYPT_BITCOIN_RPC_URL"),
-            wallet: None,
-            auth: RpcAuth::UserPass(
-                var("FINCRYPT_BITCOIN_RPC_USER"),
-                var("FINCRYPT_BITCOIN_RPC_PASSWORD"),
-            ),
-        };
-        Regtest { dir, settings }
-    }
-
-    fn wallet(&self) -> BitcoinRpc {
-        BitcoinRpc::new(&self.settings).unwrap()
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new(script())
-            .arg("cli")
-            .arg(self.dir.path())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "bitcoin-cli {args:?}: {out:?}");
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    }
-
-    /// Mines `n` blocks: confirms what was sent and matures coinbases.
-    async fn mine(&self, n: u32) {
-        let to = self.wallet().new_address().await.unwrap();
-        self.cli(&["generatetoaddress", &n.to_string(), &to]);
-    }
-}
-
-impl Drop for Regtest {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .arg("stop")
-            .arg(self.dir.path())
-            .status();
-    }
-}
+// The regtest node helper is shared with the binary crate's tests.
+#[path = "../../tests/common/regtest.rs"]
+mod regtest;
+use regtest::Regtest;
 
 fn now() -> u64 {
     SystemTime::now()

@@ -380,6 +380,24 @@ impl Client {
 }
 
 impl Client {
+    /// `peer`'s signed offer (to be checked by the caller, see `fincrypt-market`).
+    pub async fn offer(&self, peer: PeerId) -> Result<Bytes, Error> {
+        match self.request(peer, Request::Offer).await? {
+            Response::Offer { offer } => Ok(offer),
+            other => Err(unexpected(peer, &other)),
+        }
+    }
+
+    /// Proposes a contract to `peer`; its answer is the contract both signed.
+    pub async fn propose(&self, peer: PeerId, proposal: Bytes) -> Result<Bytes, Error> {
+        match self.request(peer, Request::Propose { proposal }).await? {
+            Response::Contract { contract } => Ok(contract),
+            other => Err(unexpected(peer, &other)),
+        }
+    }
+}
+
+impl Client {
     /// Offers `peer` the owner's root record; `Ok` once the peer keeps it
     /// (or already kept the very same). A peer keeping a newer one answers
     /// [`crate::ErrorCode::Stale`].
@@ -457,6 +475,8 @@ fn unexpected(peer: PeerId, response: &Response) -> Error {
         Response::Space { .. } => "Space",
         Response::Bulk { .. } => "Bulk",
         Response::Root { .. } => "Root",
+        Response::Offer { .. } => "Offer",
+        Response::Contract { .. } => "Contract",
         Response::Error(_) => "Error",
     };
     Error::Protocol {

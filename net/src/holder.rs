@@ -69,6 +69,20 @@ pub fn disk_reserve(total: u64) -> u64 {
 /// Room left on a short disk that ends its warning (see [`Inner::reserve`]).
 const DISK_ROOM_AGAIN: u64 = 16 << 20;
 
+/// A holder's terms when it stores for pay: its signed offer, the contracts
+/// it accepts, and who may place without one. `fincrypt-market` implements
+/// it; the holder itself knows nothing of prices or signatures.
+pub trait Terms: Send + Sync {
+    /// The node's offer, signed, stating `room` bytes free.
+    fn offer(&self, room: u64) -> Result<Bytes, ErrorCode>;
+    /// Checks a contract `peer` proposes, and countersigns and keeps it if
+    /// it meets the node's terms.
+    fn propose(&self, peer: &PeerId, proposal: &[u8]) -> Result<Bytes, ErrorCode>;
+    /// `Some(price)` when `peer` needs a contract (at `price` sats per GiB
+    /// per period) before it may place here; `None` when it may place.
+    fn requires_contract(&self, peer: &PeerId) -> Option<u64>;
+}
+
 /// Serves other peers' blocks from a local volume; cheap to clone.
 #[derive(Clone)]
 pub struct Holder {
@@ -83,6 +97,8 @@ struct Inner {
     /// The only peers that may place blocks, root records and device
     /// bindings here; `None`: any peer.
     accept_from: std::sync::RwLock<Option<std::collections::HashSet<PeerId>>>,
+    /// The node's terms when it charges; `None`: it stores for free.
+    terms: std::sync::RwLock<Option<Arc<dyn Terms>>>,
     /// True while new blocks are refused because the disk, not the
     /// capacity, is short: the condition is logged when it changes.
     disk_short: std::sync::atomic::AtomicBool,
@@ -127,6 +143,7 @@ impl Holder {
                 ledger,
                 capacity,
                 accept_from: std::sync::RwLock::new(None),
+                terms: std::sync::RwLock::new(None),
                 disk_short: std::sync::atomic::AtomicBool::new(false),
                 reserved: Mutex::new(0),
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -148,6 +165,12 @@ impl Holder {
             .accept_from
             .write()
             .unwrap_or_else(|p| p.into_inner()) = peers.map(|p| p.into_iter().collect());
+    }
+
+    /// Stores under `terms` from now on: offers are answered, contracts
+    /// taken, and a peer that needs a contract may not place without one.
+    pub fn set_terms(&self, terms: Arc<dyn Terms>) {
+        *self.inner.terms.write().unwrap_or_else(|p| p.into_inner()) = Some(terms);
     }
 
     /// The volume the held blocks live in.
@@ -241,6 +264,11 @@ impl Inner {
             tracing::debug!(%peer, "a placement from a peer not in accept_from refused");
             return Response::Error(ErrorCode::Full { free: 0 });
         }
+        let terms = self.terms.read().unwrap_or_else(|p| p.into_inner()).clone();
+        if places && let Some(price) = terms.as_ref().and_then(|t| t.requires_contract(&peer)) {
+            tracing::debug!(%peer, "a placement without a contract refused");
+            return Response::Error(ErrorCode::NoContract { price });
+        }
         let result = match request {
             Request::Put { score, data } => self.put(peer, score, data).map(|()| Response::Stored),
             Request::Get { score } => self.get(&score).map(|data| Response::Block { data }),
@@ -275,10 +303,36 @@ impl Inner {
                     record: r.map(Bytes::from),
                 })
                 .map_err(|e| unavailable("read a root slot", e)),
+            Request::Offer => match &terms {
+                Some(t) => {
+                    let used = self.store.stats().held_bytes;
+                    let room = if self.accepts(&peer) {
+                        self.room(used).saturating_sub(used)
+                    } else {
+                        0
+                    };
+                    t.offer(room).map(|offer| Response::Offer { offer })
+                }
+                None => Err(ErrorCode::refused(
+                    "this node makes no offer: it stores for free",
+                )),
+            },
+            Request::Propose { proposal } => match &terms {
+                Some(t) => t
+                    .propose(&peer, &proposal)
+                    .map(|contract| Response::Contract { contract }),
+                None => Err(ErrorCode::refused(
+                    "this node stores for free: it needs no contract",
+                )),
+            },
             Request::Space => {
                 let used = self.store.stats().held_bytes;
-                // A peer that may not place here sees no room.
-                let capacity = if self.accepts(&peer) {
+                // A peer that may not place here sees no room: one not in
+                // accept_from, or without the contract a priced node needs.
+                let needs_contract = terms
+                    .as_ref()
+                    .is_some_and(|t| t.requires_contract(&peer).is_some());
+                let capacity = if self.accepts(&peer) && !needs_contract {
                     self.room(used)
                 } else {
                     used

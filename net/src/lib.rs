@@ -48,7 +48,7 @@ pub use dht::distance;
 pub use error::Error;
 pub use event_loop::{EventLoop, PeerEvent, PeerInfo};
 pub use gate::ConnectionStats;
-pub use holder::{Holder, HolderStats, disk_reserve};
+pub use holder::{Holder, HolderStats, Terms, disk_reserve};
 pub use node::{BootstrapPeer, BootstrapPeers, Handler, Node, NodeConfig, new};
 pub use proto::{ErrorCode, Request, Response};
 

@@ -71,7 +71,15 @@ pub enum Request {
     /// I am a device of this owner (its signature of my PeerId): my
     /// releases also count for what its other devices placed.
     Bind { owner: [u8; 32], signature: Vec<u8> },
+    /// What do you charge, and how much room do you have? (A signed offer,
+    /// see `fincrypt-market`.)
+    Offer,
+    /// Hold my blocks on these terms: an owner-signed contract proposal.
+    Propose { proposal: Bytes },
 }
+
+/// The largest offer, proposal or contract sent between nodes.
+pub const MAX_MARKET_MESSAGE_LEN: usize = 1024;
 
 /// The AES-256-GCM key of one bulk connection, chosen at random by the peer
 /// that opens it. Never printed, and wiped from memory when dropped.
@@ -110,6 +118,10 @@ pub enum Response {
     Bulk { port: u16, session: [u8; 16] },
     /// For `GetRoot`: the record kept for that owner, if any.
     Root { record: Option<Bytes> },
+    /// For `Offer`: the holder's signed offer.
+    Offer { offer: Bytes },
+    /// For `Propose`: the contract, signed by both.
+    Contract { contract: Bytes },
 }
 
 /// Why a holder refused or could not serve a request.
@@ -137,21 +149,38 @@ pub enum ErrorCode {
     /// is `sequence`, not lower than the one offered.
     #[error("the holder keeps a newer root record (sequence {sequence})")]
     Stale { sequence: u64 },
+    /// The holder stores for pay, at `price` satoshis per GiB per period,
+    /// and has no contract with the requester.
+    #[error("the holder stores only under contract ({price} sats per GiB per period)")]
+    NoContract { price: u64 },
+    /// The holder takes no contracts, or not on these terms.
+    #[error("the holder refused the contract: {0}")]
+    Refused(String),
 }
 
 impl ErrorCode {
     /// A `BadRequest` whose text is cut to [`MAX_DETAIL_LEN`] bytes.
     pub fn bad_request(detail: impl fmt::Display) -> ErrorCode {
-        let mut s = detail.to_string();
-        if s.len() > MAX_DETAIL_LEN {
-            let mut end = MAX_DETAIL_LEN;
-            while !s.is_char_boundary(end) {
-                end -= 1;
-            }
-            s.truncate(end);
-        }
-        ErrorCode::BadRequest(s)
+        ErrorCode::BadRequest(cut(detail))
     }
+
+    /// A `Refused` whose text is cut to [`MAX_DETAIL_LEN`] bytes.
+    pub fn refused(detail: impl fmt::Display) -> ErrorCode {
+        ErrorCode::Refused(cut(detail))
+    }
+}
+
+/// `detail` as text of at most [`MAX_DETAIL_LEN`] bytes.
+fn cut(detail: impl fmt::Display) -> String {
+    let mut s = detail.to_string();
+    if s.len() > MAX_DETAIL_LEN {
+        let mut end = MAX_DETAIL_LEN;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
 }
 
 /// A packed list of booleans: bit `i` is bit `i % 8` (least significant first) of byte `i / 8`.
@@ -277,6 +306,9 @@ impl Request {
             Request::Bind { signature, .. } if signature.len() > 64 => {
                 Err("a binding signature is 64 bytes".into())
             }
+            Request::Propose { proposal } if proposal.len() > MAX_MARKET_MESSAGE_LEN => {
+                Err(format!("a proposal of {} bytes", proposal.len()))
+            }
             Request::PutRoot { record } if record.len() > crate::root::MAX_ROOT_RECORD_LEN => {
                 Err(format!(
                     "a root record of {} bytes exceeds the limit of {} bytes",
@@ -304,6 +336,14 @@ impl Response {
             }
             Response::Proof { proof } if proof.segment.len() > MAX_BLOCK_LEN => {
                 Err("proof segment exceeds the block limit".into())
+            }
+            Response::Offer { offer: m } | Response::Contract { contract: m }
+                if m.len() > MAX_MARKET_MESSAGE_LEN =>
+            {
+                Err(format!("a market message of {} bytes", m.len()))
+            }
+            Response::Error(ErrorCode::Refused(why)) if why.len() > MAX_DETAIL_LEN => {
+                Err("an error detail over the limit".into())
             }
             Response::Root { record: Some(r) } if r.len() > crate::root::MAX_ROOT_RECORD_LEN => {
                 Err("root record exceeds its limit".into())

@@ -853,6 +853,11 @@ impl Served {
         }
     }
 
+    /// The first line of standard error read so far that `wanted` accepts.
+    pub fn said(&self, wanted: impl Fn(&str) -> bool) -> Option<String> {
+        self.started.iter().find(|l| wanted(l)).cloned()
+    }
+
     /// Stops it with SIGTERM; its exit status and every line it wrote to
     /// standard error.
     pub fn stop(mut self) -> (ExitStatus, Vec<String>) {

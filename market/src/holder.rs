@@ -1,0 +1,181 @@
+//! A storage node's side of the market: it signs its offer, accepts the
+//! contracts that meet its terms and keeps them, and tells its holder who
+//! may place blocks (anyone, when it is free; owners with a contract, when
+//! it charges).
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::RwLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use fincrypt_net::{ErrorCode, PeerId, Terms};
+use libp2p::identity::Keypair;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tracing::info;
+
+use crate::MarketError;
+use crate::contract::{Contract, Proposal};
+use crate::offer::{OFFER_VERSION, Offer, check_address};
+
+/// Contracts this node holds under, by id: the encoded contract.
+const HELD: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("held_contracts");
+/// How long an offer holds: owners ask again for the ones they use.
+pub const OFFER_LIFETIME: u64 = 3600;
+/// How far from now a contract may say it starts.
+const START_SLACK: u64 = 86_400;
+
+/// What a storage node asks.
+#[derive(Clone, Debug)]
+pub struct Asking {
+    /// Satoshis per GiB per period; 0 is free.
+    pub price: u64,
+    /// The fewest periods a contract may last.
+    pub min_duration: u32,
+    /// Where it is paid.
+    pub payout: String,
+}
+
+/// A storage node's terms and the contracts it took (in `DATA/contracts.redb`).
+pub struct HolderTerms {
+    keypair: Keypair,
+    asking: Asking,
+    db: Database,
+    /// Owners with a contract.
+    owners: RwLock<HashSet<PeerId>>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl HolderTerms {
+    /// The node with `keypair` asking `asking`, its contracts kept at `path`.
+    pub fn open(keypair: Keypair, asking: Asking, path: &Path) -> Result<HolderTerms, MarketError> {
+        check_address(&asking.payout, asking.price > 0)?;
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        txn.open_table(HELD)?;
+        txn.commit()?;
+        let terms = HolderTerms {
+            keypair,
+            asking,
+            db,
+            owners: RwLock::new(HashSet::new()),
+        };
+        let owners = terms
+            .contracts()?
+            .iter()
+            .map(|c| c.terms.owner())
+            .collect::<Result<HashSet<_>, _>>()?;
+        *terms.owners.write().unwrap_or_else(|p| p.into_inner()) = owners;
+        Ok(terms)
+    }
+
+    /// Every contract this node took.
+    pub fn contracts(&self) -> Result<Vec<Contract>, MarketError> {
+        let txn = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for row in txn.open_table(HELD)?.iter()? {
+            let (_, v) = row?;
+            out.push(Contract::decode(v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// What the node asks.
+    pub fn asking(&self) -> &Asking {
+        &self.asking
+    }
+
+    fn accept(&self, peer: &PeerId, proposal: &[u8]) -> Result<Contract, MarketError> {
+        let p = Proposal::decode(proposal)?;
+        let t = &p.terms;
+        let refuse = |why: String| Err(MarketError::Invalid(why));
+        if t.owner()? != *peer {
+            return refuse("a contract is proposed by the owner it names".into());
+        }
+        if t.holder()? != self.keypair.public().to_peer_id() {
+            return refuse("the contract names another holder".into());
+        }
+        if t.price < self.asking.price {
+            return refuse(format!(
+                "the price is {} sats per GiB per period; this node asks {}",
+                t.price, self.asking.price
+            ));
+        }
+        if t.min_duration < self.asking.min_duration {
+            return refuse(format!(
+                "the contract lasts {} periods; this node takes {} at least",
+                t.min_duration, self.asking.min_duration
+            ));
+        }
+        if t.payout != self.asking.payout {
+            return refuse("the contract pays another address than this node's".into());
+        }
+        if t.start.abs_diff(now()) > START_SLACK {
+            return refuse("the contract starts more than a day from now".into());
+        }
+        let c = p.accept(&self.keypair)?;
+        let txn = self.db.begin_write()?;
+        txn.open_table(HELD)?
+            .insert(c.terms.id, c.encode()?.as_slice())?;
+        txn.commit()?;
+        self.owners
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*peer);
+        info!(owner = %peer, price = c.terms.price, "a contract was taken");
+        Ok(c)
+    }
+}
+
+impl Terms for HolderTerms {
+    fn offer(&self, room: u64) -> Result<Bytes, ErrorCode> {
+        let offer = Offer {
+            version: OFFER_VERSION,
+            peer: self.keypair.public().to_peer_id().to_bytes(),
+            price: self.asking.price,
+            room,
+            min_duration: self.asking.min_duration,
+            payout: self.asking.payout.clone(),
+            expires: now() + OFFER_LIFETIME,
+        };
+        offer
+            .sign(&self.keypair)
+            .and_then(|s| s.encode())
+            .map(Bytes::from)
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot sign this node's offer");
+                ErrorCode::Unavailable
+            })
+    }
+
+    fn propose(&self, peer: &PeerId, proposal: &[u8]) -> Result<Bytes, ErrorCode> {
+        match self.accept(peer, proposal) {
+            Ok(c) => c
+                .encode()
+                .map(Bytes::from)
+                .map_err(|_| ErrorCode::Unavailable),
+            Err(MarketError::Invalid(why)) => Err(ErrorCode::refused(why)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot keep a contract");
+                Err(ErrorCode::Unavailable)
+            }
+        }
+    }
+
+    fn requires_contract(&self, peer: &PeerId) -> Option<u64> {
+        if self.asking.price == 0 {
+            return None;
+        }
+        let known = self
+            .owners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(peer);
+        (!known).then_some(self.asking.price)
+    }
+}
