@@ -209,6 +209,19 @@ struct Listed {
     confirmations: Option<i64>,
 }
 
+impl BitcoinRpc {
+    /// A transaction of this wallet's fee (satoshis) and size (bytes).
+    pub async fn fee_and_size(&self, txid: &str) -> Result<(u64, u64), WalletError> {
+        let v: Value = self.call("gettransaction", &[json!(txid)]).await?;
+        let fee = sats_of(&v["fee"], "gettransaction")?;
+        let hex = v["hex"].as_str().ok_or_else(|| WalletError::Answer {
+            method: "gettransaction",
+            reason: "no raw transaction".into(),
+        })?;
+        Ok((fee, hex.len() as u64 / 2))
+    }
+}
+
 impl Payments for BitcoinRpc {
     async fn new_address(&self) -> Result<String, WalletError> {
         self.call("getnewaddress", &[]).await
