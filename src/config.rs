@@ -262,6 +262,8 @@ pub struct Config {
     pub price: u64,
     /// The fewest periods a contract with this storage node may last.
     pub min_duration: u32,
+    /// The length of a payment period, in seconds: prices are per GiB per period.
+    pub period: u64,
     /// Where a priced storage node is paid; empty: a new address of the
     /// wallet at `bitcoin_rpc_url`.
     pub payout_address: String,
@@ -324,6 +326,13 @@ fn explain(e: figment::Error, file: &Path) -> anyhow::Error {
             } else {
                 format!("`{key}` in {}", file.display())
             };
+            // A secret's value is never repeated in a message.
+            if key.contains("password") {
+                return format!(
+                    "{place}: not a valid value (not shown; a password of digits \
+                     must be quoted in config.toml, or use bitcoin_rpc_cookie)"
+                );
+            }
             format!("{place}: {}", e.kind)
         })
         .collect();
@@ -382,6 +391,7 @@ impl Default for Config {
             publish_interval: 30,
             price: 0,
             min_duration: 1,
+            period: 3600,
             payout_address: String::new(),
             bitcoin_rpc_url: String::new(),
             bitcoin_rpc_user: String::new(),
@@ -516,6 +526,8 @@ impl Config {
              # payments go (empty: a new address of the wallet below).\n\
              price = {}\n\
              min_duration = {}\n\
+             # The length of a period, in seconds.\n\
+             period = {}\n\
              # payout_address = \"bc1q...\"\n\
              \n\
              # The Bitcoin node whose wallet pays and is paid (JSON-RPC), e.g.\n\
@@ -535,7 +547,8 @@ impl Config {
             d.scrub_interval,
             d.publish_interval,
             d.price,
-            d.min_duration
+            d.min_duration,
+            d.period
         )
     }
 }

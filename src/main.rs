@@ -246,6 +246,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     accept_from,
                     price: price.unwrap_or(config.price),
                     min_duration: min_duration.unwrap_or(config.min_duration),
+                    period: config.period,
                     payout_address: payout_address.unwrap_or(config.payout_address.clone()),
                     bitcoin: config.bitcoin_rpc()?,
                 },

@@ -31,6 +31,8 @@ pub struct ServeArgs {
     pub price: u64,
     /// The fewest periods a contract lasts.
     pub min_duration: u32,
+    /// The period the price is for, in seconds.
+    pub period: u64,
     /// Where payments go; empty: a new address of the wallet at `bitcoin`.
     pub payout_address: String,
     /// The Bitcoin node's wallet, if configured.
@@ -82,6 +84,7 @@ async fn asking(args: &ServeArgs) -> Result<Asking> {
     Ok(Asking {
         price: args.price,
         min_duration: args.min_duration,
+        period: args.period,
         payout,
     })
 }

@@ -111,18 +111,21 @@ fn a_priced_node_offers_signed_terms_and_stores_only_under_contract() {
         assert_eq!(refusal(e), ErrorCode::NoContract { price: 20 });
 
         // Terms below the node's are refused, with the reason.
-        for (price, min, pay, why) in [
-            (19, 24, payout, "this node asks 20"),
-            (20, 6, payout, "takes 12 at least"),
+        for (price, min, pay, period, why) in [
+            (19, 24, payout, 3600, "this node asks 20"),
+            (20, 6, payout, 3600, "takes 12 at least"),
             (
                 20,
                 24,
                 "mvUT3XQBnLwUpHeZD8Zjde9TVX9HyYhx2Q",
+                3600,
                 "another address",
             ),
+            (20, 24, payout, 36_000, "price is per 3600 s"),
         ] {
             let mut t = terms(&owner, holder, price, pay);
             t.min_duration = min;
+            t.period = period;
             let p = t.propose(&owner).unwrap().encode().unwrap();
             let e = client.propose(holder, Bytes::from(p)).await.unwrap_err();
             let code = refusal(e);
@@ -143,6 +146,13 @@ fn a_priced_node_offers_signed_terms_and_stores_only_under_contract() {
         assert!(space.capacity > space.used, "room under contract");
         client.put(holder, score, block.clone()).await.unwrap();
         assert_eq!(client.get(holder, score).await.unwrap(), block);
+        // One contract per owner.
+        let p = terms(&owner, holder, 30, payout).propose(&owner).unwrap();
+        let e = client
+            .propose(holder, Bytes::from(p.encode().unwrap()))
+            .await
+            .unwrap_err();
+        assert!(matches!(refusal(e), ErrorCode::Refused(w) if w.contains("already has")));
 
         // Another owner still has none.
         let stranger = Keypair::generate_ed25519();
@@ -194,6 +204,24 @@ fn a_price_with_nowhere_to_be_paid_is_refused_and_a_wallet_gives_the_address() {
     assert!(
         !home.path().join("held").exists(),
         "nothing was created: {err}"
+    );
+
+    // A bad secret is named, never shown.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fincrypt"))
+        .arg("--home")
+        .arg(home.path())
+        .arg("serve")
+        .args(FIVE_SATS)
+        .env("FINCRYPT_BITCOIN_RPC_URL", "http://127.0.0.1:9")
+        .env("FINCRYPT_BITCOIN_RPC_USER", "u")
+        .env("FINCRYPT_BITCOIN_RPC_PASSWORD", "9817265")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("FINCRYPT_BITCOIN_RPC_PASSWORD") && !err.contains("9817265"),
+        "{err}"
     );
 
     // With a wallet: a new address of it.

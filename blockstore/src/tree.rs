@@ -192,6 +192,8 @@ impl<'a> TreeWriter<'a> {
     /// last chunk, and an edit re-chunks from the chunk it falls in. At
     /// [`Resume::Cut`] it keeps every block of `base`, which
     /// [`TreeWriter::finish_at_cut`] made, and the caller writes on from its end.
+    /// (A tree with holes also has the pointer blocks over the shorter side
+    /// of the kept part opened, to count its holes.)
     pub fn resume<S: BlockStore>(
         store: &'a dyn BlockStore,
         keys: &'a Keys,
@@ -357,7 +359,16 @@ impl<'a> TreeWriter<'a> {
         if self.buf.len() > self.params.inline_max {
             self.flush_chunks(false)?;
         }
-        let cut = self.stored_any || self.levels.iter().any(|l| !l.is_empty());
+        // A tree of nothing but a hole is no cut to resume at: it would
+        // end as an empty file, so the buffered bytes are written after it.
+        let only_hole = self.pending.is_empty()
+            && self.levels.iter().map(Vec::len).sum::<usize>() == 1
+            && self
+                .levels
+                .first()
+                .and_then(|l| l.first())
+                .is_some_and(Pointer::is_hole);
+        let cut = (self.stored_any || self.levels.iter().any(|l| !l.is_empty())) && !only_hole;
         if cut {
             self.buf.clear();
         }

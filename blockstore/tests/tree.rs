@@ -670,6 +670,19 @@ fn short_holes_are_data_and_a_file_of_only_a_hole_holds_nothing() {
     let mut w = TreeWriter::new(&store, &keys, SMALL, Class::Own);
     w.write_hole(1 << 50).unwrap();
     assert_eq!(w.finish().unwrap(), FileRef::Inline(Vec::new()));
+
+    // A piece of a stream that is a hole and a few bytes is no cut: the
+    // bytes are not dropped for a next piece that would start from nothing.
+    let mut w = TreeWriter::new(&store, &keys, SMALL, Class::Own);
+    w.write_hole(1 << 40).unwrap();
+    w.write(&[5; 10]).unwrap();
+    let (f, cut) = w.finish_at_cut().unwrap();
+    assert!(!cut);
+    assert_eq!(f.len(), (1 << 40) + 10);
+    assert_eq!(
+        reader.read_bytes(&f, 1 << 40, 10).unwrap().as_ref(),
+        &[5; 10]
+    );
 }
 
 #[test]

@@ -10,8 +10,8 @@
 use std::error::Error;
 use std::time::{Duration, Instant};
 
-use fincrypt_blockstore::score::{challenge_index, prove, verify};
 use fincrypt_blockstore::Score;
+use fincrypt_blockstore::score::{challenge_index, prove, verify};
 use fincrypt_market::contract::{CONTRACT_VERSION, Terms};
 use fincrypt_market::ledger::{Ledger, SettleRules, Settlement};
 use fincrypt_market::wallet::{BitcoinRpc, Payments, RpcAuth, RpcSettings};
@@ -72,7 +72,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
     }
     // Each holder keeps a 4 MiB block; each challenge asks a segment of it
     // with a fresh nonce and checks the proof against the score alone.
-    let block: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let block: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let score = Score::of(&block);
 
     // The holders' side, in this process: a proof per challenge.
@@ -97,8 +99,12 @@ async fn main() -> Result<(), Box<dyn Error>> {
         min_payout: 1,
         in_flight: 60,
     };
-    let Settlement::Paid { txid, sats, payees: outputs, .. } =
-        ledger.settle(&wallet, 3600, rules).await?
+    let Settlement::Paid {
+        txid,
+        sats,
+        payees: outputs,
+        ..
+    } = ledger.settle(&wallet, 3600, rules).await?
     else {
         return Err("the period did not settle".into());
     };
@@ -119,7 +125,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let (t4, c4) = (Instant::now(), cpu());
 
     let secs = |d: Duration| format!("{:.3}", d.as_secs_f64());
-    println!("| {n} contracts, one period | wall s | CPU s (this process) | transactions | bytes | fee, sats |");
+    println!(
+        "| {n} contracts, one period | wall s | CPU s (this process) | transactions | bytes | fee, sats |"
+    );
     println!("|---|---:|---:|---:|---:|---:|");
     println!(
         "| holders: prove {challenges} challenges each (4 MiB block) | {} | {} | | | |",

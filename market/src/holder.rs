@@ -24,6 +24,8 @@ const HELD: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("held_contra
 pub const OFFER_LIFETIME: u64 = 3600;
 /// How far from now a contract may say it starts.
 const START_SLACK: u64 = 86_400;
+/// The most contracts a node keeps (each costs a durable write to take).
+pub const MAX_CONTRACTS: usize = 100_000;
 
 /// What a storage node asks.
 #[derive(Clone, Debug)]
@@ -32,6 +34,8 @@ pub struct Asking {
     pub price: u64,
     /// The fewest periods a contract may last.
     pub min_duration: u32,
+    /// The period its price is for, in seconds: a contract must use it.
+    pub period: u64,
     /// Where it is paid.
     pub payout: String,
 }
@@ -55,6 +59,9 @@ impl HolderTerms {
     /// The node with `keypair` asking `asking`, its contracts kept at `path`.
     pub fn open(keypair: Keypair, asking: Asking, path: &Path) -> Result<HolderTerms, MarketError> {
         check_address(&asking.payout, asking.price > 0)?;
+        if asking.period == 0 {
+            return Err(MarketError::Invalid("a period of 0 seconds".into()));
+        }
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(HELD)?;
@@ -115,13 +122,34 @@ impl HolderTerms {
         if t.payout != self.asking.payout {
             return refuse("the contract pays another address than this node's".into());
         }
+        // The price is per period: a longer period would pay less for the same.
+        if t.period != self.asking.period {
+            return refuse(format!(
+                "the contract's period is {} s; this node's price is per {} s",
+                t.period, self.asking.period
+            ));
+        }
+        {
+            let owners = self.owners.read().unwrap_or_else(|p| p.into_inner());
+            if owners.contains(peer) {
+                return refuse("this owner already has a contract with this node".into());
+            }
+            if owners.len() >= MAX_CONTRACTS {
+                return refuse("this node takes no more contracts".into());
+            }
+        }
         if t.start.abs_diff(now()) > START_SLACK {
             return refuse("the contract starts more than a day from now".into());
         }
         let c = p.accept(&self.keypair)?;
         let txn = self.db.begin_write()?;
-        txn.open_table(HELD)?
-            .insert(c.terms.id, c.encode()?.as_slice())?;
+        {
+            let mut held = txn.open_table(HELD)?;
+            if held.get(c.terms.id)?.is_some() {
+                return refuse("a contract with this id exists".into());
+            }
+            held.insert(c.terms.id, c.encode()?.as_slice())?;
+        }
         txn.commit()?;
         self.owners
             .write()
@@ -140,6 +168,7 @@ impl Terms for HolderTerms {
             price: self.asking.price,
             room,
             min_duration: self.asking.min_duration,
+            period: self.asking.period,
             payout: self.asking.payout.clone(),
             expires: now() + OFFER_LIFETIME,
         };

@@ -22,8 +22,9 @@
 //! sent. So a period is in at most one batch that was not abandoned, and a
 //! batch is paid by at most one transaction.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -42,6 +43,8 @@ const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
 /// `version`, `next_batch`, `ledger_id`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LEDGER_VERSION: u64 = 1;
+/// No payout is larger than every coin there will be.
+const MAX_PAYOUT: u64 = 21_000_000 * crate::wallet::SATS_PER_COIN;
 
 /// One period of one contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +144,17 @@ pub struct SettleRules {
 pub struct Ledger {
     db: Database,
     id: u64,
+    /// True while a settlement runs: two at once could batch a period twice.
+    settling: AtomicBool,
+}
+
+/// Clears the `settling` flag when a settlement ends, however it ends.
+struct Settling<'a>(&'a AtomicBool);
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 fn period_key(id: &ContractId, period: u64) -> [u8; 24] {
@@ -189,7 +203,11 @@ impl Ledger {
         txn.open_table(PERIODS)?;
         txn.open_table(BATCHES)?;
         txn.commit()?;
-        Ok(Ledger { db, id })
+        Ok(Ledger {
+            db,
+            id,
+            settling: AtomicBool::new(false),
+        })
     }
 
     /// Keeps a contract both sides signed.
@@ -391,13 +409,29 @@ impl Ledger {
         rules: SettleRules,
     ) -> Result<usize, MarketError> {
         let mut undecided = 0;
-        for (n, b) in self.batches()? {
-            if b.state != BatchState::Intent {
-                continue;
-            }
+        let open: Vec<(u64, Batch)> = self
+            .batches()?
+            .into_iter()
+            .filter(|(_, b)| b.state == BatchState::Intent)
+            .collect();
+        for (n, b) in open {
+            // Transactions already recorded for other batches cannot be this one's.
+            let known: HashSet<String> = self
+                .batches()?
+                .into_iter()
+                .filter_map(|(_, b)| match b.state {
+                    BatchState::Sent(txid) => Some(txid),
+                    _ => None,
+                })
+                .collect();
             // The wallet's clock may differ from ours: look back a day more.
             match wallet
-                .find_sent(&b.label, b.created.saturating_sub(86_400))
+                .find_sent(
+                    &b.label,
+                    &b.outputs,
+                    b.created.saturating_sub(86_400),
+                    &known,
+                )
                 .await?
             {
                 Some(tx) => {
@@ -428,6 +462,10 @@ impl Ledger {
         now: u64,
         rules: SettleRules,
     ) -> Result<Settlement, MarketError> {
+        if self.settling.swap(true, Ordering::AcqRel) {
+            return Ok(Settlement::Waiting);
+        }
+        let _settling = Settling(&self.settling);
         self.close_periods(now)?;
         if self.reconcile(wallet, now, rules).await? > 0 {
             return Ok(Settlement::Waiting);
@@ -453,11 +491,21 @@ impl Ledger {
         let mut outputs = Vec::new();
         let mut items = Vec::new();
         for (address, due) in by_address {
-            let sum: u64 = due.iter().map(|(_, _, s)| s).sum();
-            if sum >= rules.min_payout.max(1) {
-                outputs.push((address, sum));
-                items.extend(due);
+            let sum = due.iter().try_fold(0u64, |a, (_, _, s)| a.checked_add(*s));
+            let Some(sum) = sum.filter(|s| *s <= MAX_PAYOUT) else {
+                warn!(%address, "dues over 21 million coins are not paid");
+                continue;
+            };
+            if sum < rules.min_payout.max(1) {
+                continue;
             }
+            // One address the node cannot pay must not hold up the others.
+            if !wallet.validate_address(&address).await? {
+                warn!(%address, "a holder's payout address is not valid for this node; its dues wait");
+                continue;
+            }
+            outputs.push((address, sum));
+            items.extend(due);
         }
         if outputs.is_empty() {
             return Ok(Settlement::Nothing);
@@ -479,6 +527,13 @@ impl Ledger {
                     Some(v) => dec(v.value(), "period")?,
                     None => return Err(MarketError::Store("a due period vanished".into())),
                 };
+                if p.state != PeriodState::Due(*sats) {
+                    // Dropping the transaction records no intent.
+                    return Err(MarketError::Store(format!(
+                        "period {period} of contract {} is no longer due",
+                        hex(id)
+                    )));
+                }
                 p.state = PeriodState::Batched {
                     batch: n,
                     sats: *sats,

@@ -29,6 +29,8 @@ pub struct Offer {
     pub room: u64,
     /// Periods a contract lasts at least.
     pub min_duration: u32,
+    /// The length of the period `price` is for, in seconds (not 0).
+    pub period: u64,
     /// Where payments go (empty for a free offer).
     pub payout: String,
     /// Unix seconds after which the offer no longer holds.
@@ -99,6 +101,11 @@ impl SignedOffer {
             )));
         }
         check_address(&o.payout, o.price > 0)?;
+        if o.period == 0 {
+            return Err(MarketError::Invalid(
+                "an offer's period is 0 seconds".into(),
+            ));
+        }
         signed::verify(&s.signature, &o.peer()?, DOMAIN, &encode(o)?, "offer")?;
         Ok(s)
     }
@@ -147,6 +154,7 @@ mod tests {
             price,
             room: 1 << 30,
             min_duration: 24,
+            period: 3600,
             payout: "mvUT3XQBnLwUpHeZD8Zjde9TVX9HyYhx2Q".into(),
             expires: 1_800_000_000,
         }

@@ -6,6 +6,7 @@
 //! `gettransaction`, `getreceivedbyaddress`), each with arguments Core and the
 //! regtest node of the tests (Bitcoin SV's, scripts/regtest.sh) read alike.
 
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 
@@ -51,9 +52,14 @@ pub enum WalletError {
 }
 
 impl WalletError {
-    /// True when the node certainly did not act (it refused).
+    /// True when the node certainly built no transaction: it refused the
+    /// call for its arguments or the wallet's state before building one (no
+    /// funds, a bad address or parameter, a locked wallet, an unknown
+    /// method). Any other error, even an answer, may come after the wallet
+    /// recorded a transaction, so a send that failed so is reconciled.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, WalletError::Refused { .. })
+        const BEFORE_BUILDING: [i32; 9] = [-3, -5, -6, -8, -13, -32600, -32601, -32602, -32700];
+        matches!(self, WalletError::Refused { code, .. } if BEFORE_BUILDING.contains(code))
     }
 
     /// True when the node refused for want of funds.
@@ -86,13 +92,23 @@ pub trait Payments: Send + Sync {
         outputs: &[(String, u64)],
         label: &str,
     ) -> impl Future<Output = Result<String, WalletError>> + Send;
-    /// The transaction this wallet sent with comment `label`, looking back no
-    /// further than Unix time `since`.
+    /// The transaction this wallet sent with comment `label` or, should the
+    /// comment be gone (a wallet restored from its seed keeps none), one
+    /// that pays every one of `outputs` and is not in `known`; looking back
+    /// no further than Unix time `since`. Conflicted and abandoned
+    /// transactions do not count.
     fn find_sent(
         &self,
         label: &str,
+        outputs: &[(String, u64)],
         since: u64,
+        known: &HashSet<String>,
     ) -> impl Future<Output = Result<Option<WalletTx>, WalletError>> + Send;
+    /// Whether `address` is one this node can pay.
+    fn validate_address(
+        &self,
+        address: &str,
+    ) -> impl Future<Output = Result<bool, WalletError>> + Send;
     /// A transaction's confirmations.
     fn transaction(&self, txid: &str)
     -> impl Future<Output = Result<WalletTx, WalletError>> + Send;
@@ -116,13 +132,22 @@ pub struct RpcSettings {
     pub auth: RpcAuth,
 }
 
-/// How to log in to the node.
-#[derive(Clone, Debug)]
+/// How to log in to the node. (Its `Debug` hides the password.)
+#[derive(Clone)]
 pub enum RpcAuth {
     /// `bitcoin_rpc_user` and `bitcoin_rpc_password`.
     UserPass(String, String),
     /// `bitcoin_rpc_cookie`: the node's `.cookie` file.
     Cookie(PathBuf),
+}
+
+impl std::fmt::Debug for RpcAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RpcAuth::UserPass(user, _) => write!(f, "UserPass({user:?}, (hidden))"),
+            RpcAuth::Cookie(path) => write!(f, "Cookie({path:?})"),
+        }
+    }
 }
 
 /// A Bitcoin node's wallet over JSON-RPC (corepc-client's async client).
@@ -199,7 +224,7 @@ pub fn sats_of(v: &Value, method: &'static str) -> Result<u64, WalletError> {
     Ok(sats as u64)
 }
 
-/// One entry of `listtransactions`.
+/// One entry of `listtransactions`: one output of a transaction.
 #[derive(Deserialize)]
 struct Listed {
     category: String,
@@ -207,6 +232,18 @@ struct Listed {
     comment: Option<String>,
     time: Option<u64>,
     confirmations: Option<i64>,
+    address: Option<String>,
+    amount: Option<Value>,
+    abandoned: Option<bool>,
+}
+
+/// What the listed entries of one sent transaction say.
+#[derive(Default)]
+struct Sent {
+    comment: Option<String>,
+    confirmations: i64,
+    live: bool,
+    paid: Vec<(String, u64)>,
 }
 
 impl BitcoinRpc {
@@ -257,25 +294,51 @@ impl Payments for BitcoinRpc {
         .await
     }
 
-    async fn find_sent(&self, label: &str, since: u64) -> Result<Option<WalletTx>, WalletError> {
+    async fn find_sent(
+        &self,
+        label: &str,
+        outputs: &[(String, u64)],
+        since: u64,
+        known: &HashSet<String>,
+    ) -> Result<Option<WalletTx>, WalletError> {
         const PAGE: usize = 200;
         let mut skip = 0;
+        // The sends seen, by txid (a transaction's outputs may span pages).
+        let mut sends: BTreeMap<String, Sent> = BTreeMap::new();
         loop {
-            // Newest last within a page, pages from the newest back.
             let page: Vec<Listed> = self
                 .call("listtransactions", &[json!("*"), json!(PAGE), json!(skip)])
                 .await?;
-            for t in page.iter().rev() {
-                if t.category == "send" && t.comment.as_deref() == Some(label) {
-                    let txid = t.txid.clone().ok_or_else(|| WalletError::Answer {
-                        method: "listtransactions",
-                        reason: "a send without a txid".into(),
-                    })?;
-                    return Ok(Some(WalletTx {
-                        txid,
-                        confirmations: t.confirmations.unwrap_or(0),
-                    }));
+            for t in page.iter().filter(|t| t.category == "send") {
+                let Some(txid) = &t.txid else { continue };
+                let e = sends.entry(txid.clone()).or_insert_with(|| Sent {
+                    live: true,
+                    ..Sent::default()
+                });
+                e.comment = e.comment.take().or_else(|| t.comment.clone());
+                e.confirmations = t.confirmations.unwrap_or(0);
+                // A conflicted (negative) or abandoned send paid nothing.
+                e.live &= e.confirmations >= 0 && t.abandoned != Some(true);
+                if let (Some(a), Some(v)) = (&t.address, &t.amount) {
+                    e.paid.push((a.clone(), sats_of(v, "listtransactions")?));
                 }
+            }
+            let found = sends
+                .iter()
+                .filter(|(_, s)| s.live)
+                .find(|(_, s)| s.comment.as_deref() == Some(label))
+                .or_else(|| {
+                    sends.iter().filter(|(_, s)| s.live).find(|(txid, s)| {
+                        !known.contains(*txid)
+                            && !outputs.is_empty()
+                            && outputs.iter().all(|o| s.paid.contains(o))
+                    })
+                });
+            if let Some((txid, s)) = found {
+                return Ok(Some(WalletTx {
+                    txid: txid.clone(),
+                    confirmations: s.confirmations,
+                }));
             }
             let older = page.iter().all(|t| t.time.is_some_and(|at| at < since));
             if page.len() < PAGE || older {
@@ -283,6 +346,11 @@ impl Payments for BitcoinRpc {
             }
             skip += PAGE;
         }
+    }
+
+    async fn validate_address(&self, address: &str) -> Result<bool, WalletError> {
+        let v: Value = self.call("validateaddress", &[json!(address)]).await?;
+        Ok(v["isvalid"].as_bool() == Some(true))
     }
 
     async fn transaction(&self, txid: &str) -> Result<WalletTx, WalletError> {

@@ -459,8 +459,17 @@ impl Payments for LostAnswer<'_> {
             reason: "the answer was lost".into(),
         })
     }
-    async fn find_sent(&self, label: &str, since: u64) -> Result<Option<WalletTx>, WalletError> {
-        self.wallet.find_sent(label, since).await
+    async fn find_sent(
+        &self,
+        label: &str,
+        outputs: &[(String, u64)],
+        since: u64,
+        known: &std::collections::HashSet<String>,
+    ) -> Result<Option<WalletTx>, WalletError> {
+        self.wallet.find_sent(label, outputs, since, known).await
+    }
+    async fn validate_address(&self, address: &str) -> Result<bool, WalletError> {
+        self.wallet.validate_address(address).await
     }
     async fn transaction(&self, txid: &str) -> Result<WalletTx, WalletError> {
         self.wallet.transaction(txid).await
