@@ -600,13 +600,16 @@ impl LocalStore {
                     .chunks(paths.len().div_ceil(SYNC_THREADS))
                     .map(|chunk| scope.spawn(move || chunk.iter().try_for_each(|p| sync_one(p))))
                     .collect();
-                // Every worker is joined; the first error is kept.
-                workers.into_iter().fold(Ok(()), |acc, w| {
-                    let r = w.join().unwrap_or_else(|_| {
-                        Err(Error::Index("a thread syncing block files panicked".into()))
-                    });
-                    acc.and(r)
-                })
+                // Every worker is joined before the first error is returned.
+                let results: Vec<Result<(), Error>> = workers
+                    .into_iter()
+                    .map(|w| {
+                        w.join().unwrap_or_else(|_| {
+                            Err(Error::Index("a thread syncing block files panicked".into()))
+                        })
+                    })
+                    .collect();
+                results.into_iter().collect::<Result<(), Error>>()
             })
         };
         if result.is_err() {
