@@ -492,7 +492,10 @@ fn work_queue<T: Send>(first: Vec<T>, f: impl Fn(T) -> Result<Vec<T>> + Sync) ->
                             st = changed.wait(st).unwrap_or_else(|p| p.into_inner());
                         }
                     };
-                    let result = f(job);
+                    // A panic is an error here: the others must not wait on
+                    // a job that will never be done.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(job)))
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a fetching thread panicked")));
                     let mut st = lock();
                     st.running -= 1;
                     match result {
