@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use fincrypt_blockstore::block::{self, BlockKind};
 use fincrypt_blockstore::{
-    BlockStore, FileRef, Keys, MasterSecret, Pointer, Score, TreeParams, TreeReader,
+    BlockStore, FileRef, KeyFile, Keys, MasterSecret, Pointer, Score, TreeParams, TreeReader,
 };
 use fincrypt_engine::{Manifest, ManifestRecord, Remote, TieredStore};
 use fincrypt_fs::meta::SnapshotRecord;
@@ -85,6 +85,32 @@ pub fn recover(home: &Home, phrase: &str, passphrase: &str, args: RecoverArgs) -
         );
         return Ok(());
     }
+    // The key file's Argon2id wrap keeps a core busy for a while, and
+    // recovery mostly waits on peers and the disk: it runs beside the rest.
+    let (result, wrapped) = std::thread::scope(|scope| {
+        let wrapping = scope.spawn(|| KeyFile::wrap(&secret, passphrase));
+        let result = fetch_and_rebuild(home, &config, &secret, &bootstrap, args.all);
+        let wrapped = match wrapping.join() {
+            Ok(w) => w.context("wrapping the key file"),
+            Err(_) => Err(anyhow::anyhow!("wrapping the key file panicked")),
+        };
+        (result, wrapped)
+    });
+    let recovered = result?;
+    // Last: with the key file in place the home counts as initialised.
+    crate::secrets::install_key_file(home, &wrapped?)?;
+    report(home, &recovered, args.all);
+    Ok(())
+}
+
+/// Everything but the key file: the network part and the rebuild.
+fn fetch_and_rebuild(
+    home: &Home,
+    config: &Config,
+    secret: &MasterSecret,
+    bootstrap: &[Multiaddr],
+    all: bool,
+) -> Result<Recovered> {
     let keys = secret.keys();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -101,15 +127,9 @@ pub fn recover(home: &Home, phrase: &str, passphrase: &str, args: RecoverArgs) -
         None,
     ))?;
     let client = node.client();
-    let result = run(
-        home, &config, &keys, &runtime, &client, &bootstrap, args.all,
-    );
+    let result = run(home, config, &keys, &runtime, &client, bootstrap, all);
     runtime.block_on(node.shutdown());
-    let recovered = result?;
-    // Last: with the key file in place the home counts as initialised.
-    crate::secrets::recover(home, phrase, passphrase)?;
-    report(home, &recovered, args.all);
-    Ok(())
+    result
 }
 
 fn report(home: &Home, r: &Recovered, all: bool) {
@@ -240,6 +260,8 @@ fn run(
         manifest: manifest.clone(),
         repair: None,
     });
+    // Many blocks come in; one sync at the end (fs.sync_all) makes them durable.
+    tiered.write_back_lazily();
     let store: Arc<dyn BlockStore> = tiered.clone();
     let reader = TreeReader::new(store.clone(), 16 << 20);
 
@@ -264,12 +286,14 @@ fn run(
     }
     fincrypt_engine::roots::set_sequence(&manifest, record.sequence)?;
 
+    progress.say("fetching directories and pointer blocks");
+    let blocks = fetch_trees(&reader, &*store, &snap, &root).map_err(missing_hint)?;
+
     progress.say("rebuilding the filesystem metadata");
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let meta = Meta::open(&fs_dir.join("meta.redb"), keys, uid, gid)
         .context("creating the filesystem metadata")?;
-    prefetch_dirs(&reader, &root.tree).map_err(missing_hint)?;
     let restored = snapshot::restore(&meta, &reader, &snap, &root, &mut |r| {
         progress.set(format!(
             "rebuilding the filesystem metadata: {} directories, {} files",
@@ -286,20 +310,13 @@ fn run(
         home.volume_dir(),
     )?;
     progress.say("asking holders which blocks they keep");
-    census(
-        runtime,
-        client,
-        &manifest,
-        &fs,
-        &snap,
-        root.manifest.as_ref(),
-        &known,
-    )?;
+    census(runtime, client, &manifest, &blocks, &known)?;
     let mut missing = 0;
     if all {
         progress.say("fetching every data block");
-        missing = fetch_all(&fs, &tiered, &progress)?;
+        missing = fetch_all(&blocks, &tiered, &progress)?;
     }
+    progress.say("making it durable");
     fs.sync_all()?;
     drop(fs);
     progress.finish();
@@ -341,54 +358,175 @@ fn missing_hint(e: anyhow::Error) -> anyhow::Error {
     e.context("a metadata block could not be fetched from any peer reached; nothing usable was kept, run recover again once more holders are online")
 }
 
-/// Fetches the tree's directory streams into the volume, a level at a time
-/// and several at once, so rebuilding the metadata reads them locally rather
-/// than waiting on one round trip per directory.
-fn prefetch_dirs(
-    reader: &TreeReader<Arc<dyn BlockStore>>,
-    tree: &snapshot::SnapEntry,
-) -> Result<()> {
-    let mut level = vec![tree.clone()];
-    while !level.is_empty() {
-        let next = std::sync::Mutex::new(Vec::new());
-        in_parallel(&level, |_, d| {
-            let entries = snapshot::read_dir_with(reader, d).context("fetching a directory")?;
-            next.lock().unwrap_or_else(|p| p.into_inner()).extend(
-                entries
-                    .into_iter()
-                    .filter(|e| e.kind == fincrypt_fs::meta::Kind::Dir),
-            );
-            Ok(())
-        })?;
-        level = next.into_inner().unwrap_or_else(|p| p.into_inner());
-    }
-    Ok(())
+/// One piece of [`fetch_trees`]' work.
+enum Job {
+    /// A retained snapshot's root block: its manifest record and tree follow.
+    Root(Pointer),
+    /// A directory's stream: its entries follow.
+    Dir(snapshot::SnapEntry),
+    /// A file's tree of more than one block: its pointer blocks are read.
+    File(FileRef),
 }
 
-/// Records who holds the blocks of the recovered tree that the manifest
-/// record could not list (the root, the record's own blocks, directories,
-/// and data placed after the record was written): `Has` of every peer
-/// known, in batches of scores, so the mount does not put them again.
+/// Fetches into the volume every directory stream and pointer block of the
+/// tree of `root` and of the snapshots it retained (with their root blocks
+/// and manifest records), many at once and each as soon as its parent is
+/// read, so the rebuild and the mount find them locally. Returns every
+/// block score of those trees, data blocks included, each once: what the
+/// census asks about and `--all` fetches.
+fn fetch_trees(
+    reader: &TreeReader<Arc<dyn BlockStore>>,
+    store: &dyn BlockStore,
+    snap: &SnapshotRecord,
+    root: &RootRecord,
+) -> Result<Vec<Score>> {
+    let found = std::sync::Mutex::new((std::collections::HashSet::new(), Vec::new()));
+    // True if `s` was not found before.
+    let add = |s: Score| {
+        let mut f = found.lock().unwrap_or_else(|p| p.into_inner());
+        let new = f.0.insert(s);
+        if new {
+            f.1.push(s);
+        }
+        new
+    };
+    // A tree's job is queued once, by the score of its top block.
+    let fresh = |f: &FileRef| match f {
+        FileRef::Tree(p) => add(p.score),
+        FileRef::Inline(_) => true,
+    };
+    let add_all = |f: &FileRef| -> Result<()> {
+        reader.visit_scores(f, &mut |p| {
+            add(p.score);
+        })?;
+        Ok(())
+    };
+    add(snap.root.score);
+    if let Some(m) = &root.manifest {
+        add_all(m).context("reading the manifest record's pointer blocks")?;
+    }
+    let mut first = Vec::new();
+    if fresh(&root.tree.content) {
+        first.push(Job::Dir(root.tree.clone()));
+    }
+    for s in &root.snapshots {
+        if add(s.root.score) {
+            first.push(Job::Root(s.root));
+        }
+    }
+    work_queue(first, |job| {
+        let mut next = Vec::new();
+        match job {
+            Job::Root(pointer) => {
+                let r = read_root(store, &pointer)?;
+                if let Some(m) = &r.manifest {
+                    add_all(m).context("reading a snapshot's manifest record")?;
+                }
+                if fresh(&r.tree.content) {
+                    next.push(Job::Dir(r.tree));
+                }
+            }
+            Job::Dir(dir) => {
+                add_all(&dir.content)?;
+                for e in snapshot::read_dir_with(reader, &dir).context("fetching a directory")? {
+                    if e.kind == fincrypt_fs::meta::Kind::Dir {
+                        if fresh(&e.content) {
+                            next.push(Job::Dir(e));
+                        }
+                    } else if let FileRef::Tree(p) = &e.content
+                        && add(p.score)
+                        && p.depth > 0
+                    {
+                        next.push(Job::File(e.content));
+                    }
+                }
+            }
+            Job::File(content) => add_all(&content).context("fetching a file's pointer blocks")?,
+        }
+        Ok(next)
+    })?;
+    Ok(found.into_inner().unwrap_or_else(|p| p.into_inner()).1)
+}
+
+/// A root block fetched and decoded.
+fn read_root(store: &dyn BlockStore, pointer: &Pointer) -> Result<RootRecord> {
+    let data = store
+        .get(&pointer.score)
+        .context("fetching a snapshot's root block")?;
+    let plain = block::open(pointer, BlockKind::Root, &data).context("opening a root block")?;
+    RootRecord::decode(&plain).context("decoding a root block")
+}
+
+/// Runs `f` on every job, and on the jobs each one returns, [`FETCH_THREADS`]
+/// at a time; the first error ends it.
+fn work_queue<T: Send>(first: Vec<T>, f: impl Fn(T) -> Result<Vec<T>> + Sync) -> Result<()> {
+    struct State<T> {
+        jobs: Vec<T>,
+        running: usize,
+        failed: Option<anyhow::Error>,
+    }
+    let state = std::sync::Mutex::new(State {
+        jobs: first,
+        running: 0,
+        failed: None,
+    });
+    let changed = std::sync::Condvar::new();
+    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    std::thread::scope(|scope| {
+        for _ in 0..FETCH_THREADS {
+            scope.spawn(|| {
+                loop {
+                    let job = {
+                        let mut st = lock();
+                        loop {
+                            if st.failed.is_some() {
+                                return;
+                            }
+                            if let Some(job) = st.jobs.pop() {
+                                st.running += 1;
+                                break job;
+                            }
+                            if st.running == 0 {
+                                return;
+                            }
+                            st = changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                        }
+                    };
+                    // A panic is an error here: the others must not wait on
+                    // a job that will never be done.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(job)))
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a fetching thread panicked")));
+                    let mut st = lock();
+                    st.running -= 1;
+                    match result {
+                        Ok(more) => st.jobs.extend(more),
+                        Err(e) => {
+                            st.failed.get_or_insert(e);
+                        }
+                    }
+                    changed.notify_all();
+                }
+            });
+        }
+    });
+    match state.into_inner().unwrap_or_else(|p| p.into_inner()).failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Records who holds the blocks of the recovered trees (`scores`) that the
+/// manifest record could not list (the root, the record's own blocks,
+/// directories, and data placed after the record was written): `Has` of
+/// every peer known, in batches of scores, so the mount does not put them
+/// again.
 fn census(
     runtime: &tokio::runtime::Runtime,
     client: &Client,
     manifest: &Manifest,
-    fs: &Fossil,
-    snap: &SnapshotRecord,
-    record: Option<&FileRef>,
+    scores: &[Score],
     peers: &[PeerId],
 ) -> Result<()> {
-    let mut scores = vec![snap.root.score];
-    if let Some(file) = record {
-        fs.reader()
-            .visit_scores(file, &mut |p| scores.push(p.score))?;
-    }
-    let mut seen: std::collections::HashSet<Score> = scores.iter().copied().collect();
-    for s in tree_blocks(fs, true)? {
-        if seen.insert(s) {
-            scores.push(s);
-        }
-    }
     let known = manifest.holders_of(scores.iter().copied())?;
     let unlisted: Vec<Score> = scores
         .iter()
@@ -431,15 +569,14 @@ fn census(
     Ok(())
 }
 
-/// Fetches every block of live files and retained snapshots into the
-/// volume; the number that no peer gave.
-fn fetch_all(fs: &Fossil, tiered: &TieredStore, progress: &Progress) -> Result<u64> {
-    let scores = tree_blocks(fs, false)?;
+/// Fetches every block of the recovered trees (`scores`) into the volume;
+/// the number that no peer gave.
+fn fetch_all(scores: &[Score], tiered: &TieredStore, progress: &Progress) -> Result<u64> {
     let total = scores.len();
     let missing = std::sync::atomic::AtomicU64::new(0);
-    // Several blocks in flight: one at a time, a round trip and a durable
-    // write each, the network and the disk would mostly wait.
-    in_parallel(&scores, |i, s| {
+    // Several blocks in flight: one at a time, a round trip and a write
+    // each, the network and the disk would mostly wait.
+    in_parallel(scores, |i, s| {
         if !tiered.local().has(s).context("reading the local volume")? && tiered.get(s).is_err() {
             missing.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(score = %s, "no peer gave this block");
@@ -450,38 +587,6 @@ fn fetch_all(fs: &Fossil, tiered: &TieredStore, progress: &Progress) -> Result<u
         Ok(())
     })?;
     Ok(missing.into_inner())
-}
-
-/// Every block under the live tree and the retained roots' trees, once
-/// each (reading pointer blocks and directories as it goes, which fetches
-/// them); with `roots`, each root block and manifest record too.
-fn tree_blocks(fs: &Fossil, roots: bool) -> Result<Vec<Score>> {
-    let reader = fs.reader();
-    let mut scores = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut add = |s: Score| {
-        if seen.insert(s) {
-            scores.push(s)
-        }
-    };
-    fincrypt_fs::walk::walk(fs, &fincrypt_fs::walk::Walk::all(1), &mut |item| {
-        match item {
-            fincrypt_fs::walk::Item::Root { snap, root } => {
-                if roots {
-                    add(snap.root.score);
-                    if let Some(m) = &root.manifest {
-                        reader.visit_scores(m, &mut |p| add(p.score))?;
-                    }
-                }
-            }
-            fincrypt_fs::walk::Item::Dir { content, .. }
-            | fincrypt_fs::walk::Item::File { content, .. } => {
-                reader.visit_scores(content, &mut |p| add(p.score))?
-            }
-        }
-        Ok(true)
-    })?;
-    Ok(scores)
 }
 
 /// Runs `f` on every item, [`FETCH_THREADS`] at a time; the first error.

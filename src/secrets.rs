@@ -28,24 +28,35 @@ pub fn recover(home: &Home, phrase: &str, passphrase: &str) -> Result<()> {
 }
 
 fn install(home: &Home, secret: &MasterSecret, passphrase: &str) -> Result<()> {
+    refuse_initialised(home)?;
+    install_key_file(home, &KeyFile::wrap(secret, passphrase)?)
+}
+
+/// Writes a key file already wrapped (recovery wraps it while it fetches)
+/// and, if there is none, the default config.
+pub fn install_key_file(home: &Home, file: &KeyFile) -> Result<()> {
+    refuse_initialised(home)?;
+    for dir in [&home.config_dir, &home.data_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    restrict(&home.config_dir, 0o700)?;
+    restrict(&home.data_dir, 0o700)?;
+    file.save(&home.key_file())?;
+    restrict(&home.key_file(), 0o600)?;
+    if !home.config_file().exists() {
+        std::fs::write(home.config_file(), Config::default_file())
+            .with_context(|| format!("writing {}", home.config_file().display()))?;
+    }
+    Ok(())
+}
+
+fn refuse_initialised(home: &Home) -> Result<()> {
     if home.is_initialised() {
         bail!(
             "{} already holds a Fincrypt key ({}); refusing to overwrite it",
             home.config_dir.display(),
             home.key_file().display()
         );
-    }
-    for dir in [&home.config_dir, &home.data_dir] {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    restrict(&home.config_dir, 0o700)?;
-    restrict(&home.data_dir, 0o700)?;
-    let file = KeyFile::wrap(secret, passphrase)?;
-    file.save(&home.key_file())?;
-    restrict(&home.key_file(), 0o600)?;
-    if !home.config_file().exists() {
-        std::fs::write(home.config_file(), Config::default_file())
-            .with_context(|| format!("writing {}", home.config_file().display()))?;
     }
     Ok(())
 }

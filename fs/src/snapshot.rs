@@ -472,17 +472,18 @@ pub fn restore<S: BlockStore>(
         Ok(txn)
     };
     let mut txn = fresh_txn()?;
-    let mut rows = 0usize;
+    // Rows of the commit being built, written in bulk when it is full.
+    let mut inodes: Vec<(u64, Inode)> = Vec::new();
+    let mut names: Vec<(u64, crate::meta::Dirent)> = Vec::new();
     while let Some((ino, dir, parent)) = dirs.pop() {
         let entries = read_dir_with(reader, &dir)?;
-        rows += entries.len() + 1;
         let subdirs = entries.iter().filter(|e| e.kind == Kind::Dir).count() as u32;
         let target = if ino == ROOT_INO {
             root_target.clone()
         } else {
             parent.to_le_bytes().to_vec()
         };
-        txn.put_inode(ino, &inode_of(&dir, 2 + subdirs, target))?;
+        inodes.push((ino, inode_of(&dir, 2 + subdirs, target)));
         for e in entries {
             let known = (e.kind != Kind::Dir && e.ino != 0)
                 .then(|| linked.get_mut(&e.ino))
@@ -509,32 +510,35 @@ pub fn restore<S: BlockStore>(
                         if e.ino != 0 {
                             linked.insert(e.ino, (child, 1));
                         }
-                        txn.put_inode(child, &inode_of(&e, 1, e.target.clone()))?;
+                        inodes.push((child, inode_of(&e, 1, e.target.clone())));
                     }
                     child
                 }
             };
-            txn.put_dirent(
+            names.push((
                 ino,
-                &crate::meta::Dirent {
+                crate::meta::Dirent {
                     name: e.name.clone(),
                     ino: child,
                     kind: e.kind,
                 },
-            )?;
+            ));
             if e.kind == Kind::Dir {
                 dirs.push((child, e, ino));
             }
         }
         done.dirs += 1;
-        if rows >= RESTORE_ROWS_PER_COMMIT {
+        if inodes.len() + names.len() >= RESTORE_ROWS_PER_COMMIT {
+            txn.put_fresh(&inodes, &names)?;
+            inodes.clear();
+            names.clear();
             txn.set_next_ino(next)?;
             txn.commit(false)?;
             txn = fresh_txn()?;
-            rows = 0;
             progress(&done);
         }
     }
+    txn.put_fresh(&inodes, &names)?;
     txn.set_next_ino(next)?;
     for (child, names) in linked.values() {
         if *names > 1 {

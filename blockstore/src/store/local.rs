@@ -28,6 +28,8 @@ use crate::{Error, Score};
 const INDEX_CACHE: usize = 16 << 20;
 const BLOCKS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("blocks");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Threads that fsync lazily put block files at a durable commit.
+const SYNC_THREADS: usize = 8;
 /// Version of the volume layout and index entries (docs/FORMATS.md, "Local volume").
 pub const VOLUME_VERSION: u64 = 1;
 
@@ -364,6 +366,18 @@ impl LocalStore {
         Ok(report)
     }
 
+    /// As [`LocalStore::restore`] for a block the volume does not index yet,
+    /// but durable only after the next durable commit or
+    /// [`BlockStore::sync`] (many blocks fetched then made durable at once);
+    /// a block the index already names is restored durably.
+    pub fn restore_lazily(&self, score: &Score, data: &[u8], class: Class) -> Result<(), Error> {
+        check(score, data)?;
+        if self.entry(score)?.is_none() {
+            return self.put_batch_unsynced(&[(*score, Bytes::copy_from_slice(data))], class);
+        }
+        self.restore(score, data, class)
+    }
+
     /// Writes `data` back as the block `score` after its file was lost or
     /// damaged, keeping the class the index gives it (or storing it as
     /// `class` if the index has no entry); the bytes are checked against the
@@ -566,17 +580,38 @@ impl LocalStore {
         Ok(())
     }
 
-    /// Fsyncs the files and directories that lazy puts left unsynced.
+    /// Fsyncs the files and directories that lazy puts left unsynced, on
+    /// several threads: fsyncs that overlap share the filesystem's journal
+    /// commits, where one after another each waits for its own.
     fn sync_pending(&self) -> Result<(), Error> {
         let pending = std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()));
-        let result = pending
-            .iter()
-            .try_for_each(|path| match fs::File::open(path) {
-                Ok(f) => f.sync_all().map_err(|e| Error::io(path, e)),
-                // Deleted since: nothing to make durable.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(Error::io(path, e)),
-            });
+        let paths: Vec<&PathBuf> = pending.iter().collect();
+        let sync_one = |path: &PathBuf| match fs::File::open(path) {
+            Ok(f) => f.sync_all().map_err(|e| Error::io(path, e)),
+            // Deleted since: nothing to make durable.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(path, e)),
+        };
+        let result = if paths.len() < 2 * SYNC_THREADS {
+            paths.iter().try_for_each(|p| sync_one(p))
+        } else {
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = paths
+                    .chunks(paths.len().div_ceil(SYNC_THREADS))
+                    .map(|chunk| scope.spawn(move || chunk.iter().try_for_each(|p| sync_one(p))))
+                    .collect();
+                // Every worker is joined before the first error is returned.
+                let results: Vec<Result<(), Error>> = workers
+                    .into_iter()
+                    .map(|w| {
+                        w.join().unwrap_or_else(|_| {
+                            Err(Error::Index("a thread syncing block files panicked".into()))
+                        })
+                    })
+                    .collect();
+                results.into_iter().collect::<Result<(), Error>>()
+            })
+        };
         if result.is_err() {
             // Keep them pending, so the next sync tries again.
             self.unsynced

@@ -11,7 +11,7 @@
 //! so the next read is local and scrub sees it.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -42,6 +42,8 @@ pub struct TieredStore {
     remote: OnceLock<Remote>,
     fetched: AtomicU64,
     restore_failures: AtomicU64,
+    /// Fetched blocks are written back without waiting for the disk.
+    lazy: AtomicBool,
 }
 
 impl TieredStore {
@@ -52,6 +54,7 @@ impl TieredStore {
             remote: OnceLock::new(),
             fetched: AtomicU64::new(0),
             restore_failures: AtomicU64::new(0),
+            lazy: AtomicBool::new(false),
         }
     }
 
@@ -78,6 +81,13 @@ impl TieredStore {
             Err(Error::NotFound(_)) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// From now on, blocks fetched from holders are written back without an
+    /// fsync each, durable at the next [`BlockStore::sync`]: for a recovery,
+    /// which fetches many and syncs once before it counts as done.
+    pub fn write_back_lazily(&self) {
+        self.lazy.store(true, Ordering::Relaxed);
     }
 
     /// Lets reads fall back to peers.
@@ -146,7 +156,12 @@ impl TieredStore {
             Ok(Ok(data)) => {
                 tracing::info!(%score, %peer, "read a block from a holder");
                 self.fetched.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = self.local.restore(score, &data, Class::Own) {
+                let written = if self.lazy.load(Ordering::Relaxed) {
+                    self.local.restore_lazily(score, &data, Class::Own)
+                } else {
+                    self.local.restore(score, &data, Class::Own)
+                };
+                if let Err(e) = written {
                     self.restore_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%score, error = %e, "cannot write a fetched block back to the volume");
                 }
