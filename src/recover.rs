@@ -391,10 +391,7 @@ fn fetch_trees(
         new
     };
     // A tree's job is queued once, by the score of its top block.
-    let fresh = |f: &FileRef| match f {
-        FileRef::Tree(p) => add(p.score),
-        FileRef::Inline(_) => true,
-    };
+    let fresh = |f: &FileRef| f.root().is_none_or(|p| add(p.score));
     let add_all = |f: &FileRef| -> Result<()> {
         reader.visit_scores(f, &mut |p| {
             add(p.score);
@@ -433,7 +430,7 @@ fn fetch_trees(
                         if fresh(&e.content) {
                             next.push(Job::Dir(e));
                         }
-                    } else if let FileRef::Tree(p) = &e.content
+                    } else if let Some(p) = e.content.root()
                         && add(p.score)
                         && p.depth > 0
                     {

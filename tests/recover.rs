@@ -113,8 +113,8 @@ fn tree(dir: &Path) -> Tree {
     }
 }
 
-/// A tree of a few hundred files in nested directories, a large file,
-/// symlinks, a hard link, xattrs and odd modes.
+/// A tree of a few hundred files in nested directories, a large file, a
+/// sparse one, symlinks, a hard link, xattrs and odd modes.
 fn write_tree(root: &Path, big: usize) {
     for d in 0..6 {
         let dir = root.join(format!("d{d}/sub{}/deeper", d % 3));
@@ -130,6 +130,14 @@ fn write_tree(root: &Path, big: usize) {
     }
     std::fs::write(root.join("big.bin"), random_bytes(99, big)).unwrap();
     std::fs::write(root.join("empty"), b"").unwrap();
+    // A sparse file: data, a 32 MiB hole, data (a tree with a hole in it).
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(root.join("sparse")).unwrap();
+        f.write_all_at(&random_bytes(7, 300_000), 0).unwrap();
+        f.write_all_at(&random_bytes(8, 300_000), 300_000 + (32 << 20))
+            .unwrap();
+    }
     std::os::unix::fs::symlink("d0/sub0/deeper/f1", root.join("link-to-f1")).unwrap();
     std::os::unix::fs::symlink("/nowhere/at/all", root.join("dangling")).unwrap();
     std::fs::hard_link(root.join("d1/sub1/deeper/f2"), root.join("hard-f2")).unwrap();
@@ -248,7 +256,7 @@ fn a_lost_machine_is_recovered_from_the_phrase_and_one_node_without_placing_copi
     );
     let said = text(&out.stdout);
     assert!(
-        said.contains("files 243 "),
+        said.contains("files 244 "),
         "recover reports what it found: {said}"
     );
     // Only metadata came: far less than the 100 MiB file.
