@@ -121,6 +121,12 @@ pub struct Status {
     pub redundancy_highest: Option<(u8, u8)>,
     /// Owners whose root record this storage node keeps (a storage node only).
     pub root_records: u64,
+    /// A storage node's price, in satoshis per GiB per period (0: free).
+    #[serde(default)]
+    pub price: u64,
+    /// Contracts this storage node holds under.
+    #[serde(default)]
+    pub contracts: u64,
     /// The highest root record sequence this mount published (0: none yet).
     pub root_sequence: u64,
     /// The snapshot the last root record published from here names, by its

@@ -117,7 +117,8 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
             terms.asking().payout
         );
     }
-    holder.set_terms(Arc::new(terms));
+    let terms = Arc::new(terms);
+    holder.set_terms(terms.clone());
     config.listen = args.listen;
     config.bootstrap = args.bootstrap;
     let node = Node::start(config, Some(Arc::new(holder.clone()))).await?;
@@ -169,6 +170,8 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
                     held_blocks: s.held_blocks,
                     held_bytes: s.held_bytes,
                     root_records: s.root_records,
+                    price: terms.asking().price,
+                    contracts: terms.contracts().map_or(0, |c| c.len() as u64),
                     cached_blocks: volume.cached_blocks,
                     cached_bytes: volume.cached_bytes,
                     ..Default::default()

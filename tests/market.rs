@@ -162,6 +162,14 @@ fn a_priced_node_offers_signed_terms_and_stores_only_under_contract() {
         holder
     });
 
+    // status counts it.
+    let st = status(home.path());
+    assert_eq!(
+        (number(&st, "price"), number(&st, "contracts")),
+        (20, 1),
+        "{st}"
+    );
+
     // The contract outlives a restart.
     let (status, _) = node.stop();
     assert!(status.success());

@@ -486,6 +486,17 @@ fn print_status(v: &Status) {
     }
     if v.role == "serve" {
         row("root records kept", format!("{} owners", v.root_records));
+        if v.price > 0 {
+            row(
+                "price",
+                format!(
+                    "{} sats per GiB per period, {} contracts",
+                    v.price, v.contracts
+                ),
+            );
+        } else {
+            row("price", "free".to_owned());
+        }
     }
     if v.role == "mount" && v.peer_id.is_some() {
         row(
