@@ -680,9 +680,7 @@ impl<S: BlockStore> TreeReader<S> {
                     return Ok(d.get(start..start + n).map(|_| d.slice(start..start + n)));
                 }
                 Node::Pointers(children) => {
-                    let i = children
-                        .partition_point(|(start, _)| *start <= at)
-                        .saturating_sub(1);
+                    let i = child_index(children, at);
                     let Some((start, c)) = children.get(i) else {
                         return Ok(None);
                     };
@@ -744,9 +742,7 @@ impl<S: BlockStore> TreeReader<S> {
                 )));
             };
             let at = offset - start;
-            let i = children
-                .partition_point(|(s, _)| *s <= at)
-                .saturating_sub(1);
+            let i = child_index(children, at);
             let Some((s, c)) = children.get(i) else {
                 return Err(Error::Corrupt {
                     score: p.score,
@@ -866,9 +862,7 @@ impl<S: BlockStore> TreeReader<S> {
             }
             Node::Pointers(children) => {
                 // First child whose range contains `offset`.
-                let mut i = children
-                    .partition_point(|(start, _)| *start <= offset)
-                    .saturating_sub(1);
+                let mut i = child_index(children, offset);
                 let mut done = 0usize;
                 while done < out.len() {
                     let Some((start, child)) = children.get(i) else {
@@ -906,9 +900,7 @@ impl<S: BlockStore + Clone + Send + Sync + 'static> TreeReader<S> {
             let Node::Pointers(children) = &*node else {
                 return;
             };
-            let i = children
-                .partition_point(|(start, _)| *start <= at)
-                .saturating_sub(1);
+            let i = child_index(children, at);
             if p.depth == 1 {
                 for (_, c) in children
                     .iter()
@@ -941,6 +933,14 @@ impl<S: BlockStore + Clone + Send + Sync + 'static> TreeReader<S> {
             p = *c;
         }
     }
+}
+
+/// The index of the child of a pointer block whose range holds offset
+/// `at` (relative to the block); the last child for an offset past them all.
+fn child_index(children: &[(u64, Pointer)], at: u64) -> usize {
+    children
+        .partition_point(|(start, _)| *start <= at)
+        .saturating_sub(1)
 }
 
 /// Fetches, verifies and decodes one block of a tree.

@@ -164,6 +164,15 @@ fn period_key(id: &ContractId, period: u64) -> [u8; 24] {
     k
 }
 
+/// The contract and period a `periods` key names.
+fn split_key(key: &[u8; 24]) -> (ContractId, u64) {
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&key[..16]);
+    let mut period = [0u8; 8];
+    period.copy_from_slice(&key[16..]);
+    (id, u64::from_be_bytes(period))
+}
+
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, MarketError> {
     postcard::to_allocvec(v).map_err(|e| MarketError::Store(format!("cannot encode: {e}")))
 }
@@ -230,6 +239,14 @@ impl Ledger {
         Ok(out)
     }
 
+    fn contracts_by_id(&self) -> Result<BTreeMap<ContractId, Contract>, MarketError> {
+        Ok(self
+            .contracts()?
+            .into_iter()
+            .map(|c| (c.terms.id, c))
+            .collect())
+    }
+
     fn contract(&self, id: &ContractId) -> Result<Contract, MarketError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(CONTRACTS)?;
@@ -287,11 +304,7 @@ impl Ledger {
     /// Closes every open period that has ended by `now`: due if every
     /// challenge in it passed (and at least one was made), else unpaid.
     pub fn close_periods(&self, now: u64) -> Result<usize, MarketError> {
-        let contracts: BTreeMap<ContractId, Contract> = self
-            .contracts()?
-            .into_iter()
-            .map(|c| (c.terms.id, c))
-            .collect();
+        let contracts = self.contracts_by_id()?;
         let txn = self.db.begin_write()?;
         let mut closed = 0;
         {
@@ -304,9 +317,7 @@ impl Ledger {
                 if p.state != PeriodState::Open {
                     continue;
                 }
-                let mut id = [0u8; 16];
-                id.copy_from_slice(&key[..16]);
-                let period = u64::from_be_bytes(key[16..].try_into().unwrap_or([0; 8]));
+                let (id, period) = split_key(&key);
                 let Some(c) = contracts.get(&id) else {
                     return Err(MarketError::Store(format!(
                         "a period of unknown contract {}",
@@ -339,10 +350,7 @@ impl Ledger {
         let mut out = Vec::new();
         for row in txn.open_table(PERIODS)?.iter()? {
             let (k, v) = row?;
-            let key = k.value();
-            let mut id = [0u8; 16];
-            id.copy_from_slice(&key[..16]);
-            let period = u64::from_be_bytes(key[16..].try_into().unwrap_or([0; 8]));
+            let (id, period) = split_key(&k.value());
             out.push((id, period, dec(v.value(), "period")?));
         }
         Ok(out)
@@ -470,11 +478,7 @@ impl Ledger {
         if self.reconcile(wallet, now, rules).await? > 0 {
             return Ok(Settlement::Waiting);
         }
-        let contracts: BTreeMap<ContractId, Contract> = self
-            .contracts()?
-            .into_iter()
-            .map(|c| (c.terms.id, c))
-            .collect();
+        let contracts = self.contracts_by_id()?;
         // What is due, by address.
         let mut by_address: BTreeMap<String, Vec<(ContractId, u64, u64)>> = BTreeMap::new();
         for (id, period, row) in self.periods()? {
@@ -578,11 +582,7 @@ impl Ledger {
     /// Satoshis one period of every contract costs at the bytes last
     /// reported for it.
     pub fn cost_per_period(&self) -> Result<u64, MarketError> {
-        let contracts: BTreeMap<ContractId, Contract> = self
-            .contracts()?
-            .into_iter()
-            .map(|c| (c.terms.id, c))
-            .collect();
+        let contracts = self.contracts_by_id()?;
         let mut last: BTreeMap<ContractId, u64> = BTreeMap::new();
         for (id, _, row) in self.periods()? {
             // Periods come in order, so the last row is the newest.
