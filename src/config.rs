@@ -110,6 +110,12 @@ impl Home {
         self.data_dir.join("contracts.redb")
     }
 
+    /// An owner's market ledger: contracts with holders, what each proved
+    /// in each period, and the payments that settled it.
+    pub fn market_ledger_file(&self) -> PathBuf {
+        self.data_dir.join("ledger.redb")
+    }
+
     /// Where a placement ledger of its own was kept before it moved into the
     /// volume's index; one found there is moved in (docs/FORMATS.md,
     /// "Placement ledger").
@@ -278,6 +284,19 @@ pub struct Config {
     pub bitcoin_rpc_cookie: String,
     /// The wallet to use, for a node that has several (empty: its default).
     pub bitcoin_wallet: String,
+    /// An owner's most paid per GiB per period, in satoshis (0: only free
+    /// storage is used).
+    pub max_price: u64,
+    /// How an owner ranks offers: `lowest-first`, `fixed` or `nearest`.
+    pub pricing: String,
+    /// Below this many periods funded by the wallet, `status` says the
+    /// balance is low and the daemon warns each period.
+    pub min_periods_funded: u64,
+    /// Challenges of each contracted holder per period, at least.
+    pub challenges_per_period: u32,
+    /// The smallest payout to one holder, in satoshis; less is carried to
+    /// the next settlement.
+    pub min_payout: u64,
 }
 
 /// Refuses a `config.toml` with a setting Fincrypt does not know (a
@@ -398,6 +417,12 @@ impl Default for Config {
             bitcoin_rpc_password: String::new(),
             bitcoin_rpc_cookie: String::new(),
             bitcoin_wallet: String::new(),
+            max_price: 0,
+            pricing: "lowest-first".into(),
+            min_periods_funded: 24,
+            challenges_per_period: 4,
+            // Beside a fee of about 200 vbytes at 1 sat/vbyte, a quarter.
+            min_payout: 1000,
         }
     }
 }
@@ -418,6 +443,8 @@ impl Config {
                 // Checked here, before anything starts, not when the node does.
                 c.accept_from_peers()
                     .with_context(|| format!("in {} or FINCRYPT_ACCEPT_FROM", file.display()))?;
+                c.pricing()
+                    .with_context(|| format!("in {} or FINCRYPT_PRICING", file.display()))?;
                 Ok(c)
             })
     }
@@ -437,6 +464,13 @@ impl Config {
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)
+    }
+
+    /// The owner's pricing scheme.
+    pub fn pricing(&self) -> Result<fincrypt_market::owner::Pricing> {
+        self.pricing
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("`pricing`: {e}"))
     }
 
     /// The Bitcoin node's RPC settings, if one is configured.
@@ -530,6 +564,16 @@ impl Config {
              period = {}\n\
              # payout_address = \"bc1q...\"\n\
              \n\
+             # Owners paying for storage: the most paid per GiB per period (0: free\n\
+             # storage only), how offers are ranked (lowest-first, fixed, nearest),\n\
+             # the fewest periods the wallet should fund, challenges of each holder\n\
+             # per period, and the smallest payout (less waits for a later period).\n\
+             max_price = {}\n\
+             pricing = \"{}\"\n\
+             min_periods_funded = {}\n\
+             challenges_per_period = {}\n\
+             min_payout = {}\n\
+             \n\
              # The Bitcoin node whose wallet pays and is paid (JSON-RPC), e.g.\n\
              # bitcoin_rpc_url = \"http://127.0.0.1:8332\"\n\
              # bitcoin_rpc_user = \"...\" and bitcoin_rpc_password = \"...\", or\n\
@@ -548,7 +592,12 @@ impl Config {
             d.publish_interval,
             d.price,
             d.min_duration,
-            d.period
+            d.period,
+            d.max_price,
+            d.pricing,
+            d.min_periods_funded,
+            d.challenges_per_period,
+            d.min_payout
         )
     }
 }

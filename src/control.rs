@@ -46,6 +46,12 @@ pub enum Request {
     Workers,
     /// Check every block of the local volume now; repair what a holder has.
     Scrub,
+    /// Offers seen from storage nodes.
+    MarketOffers,
+    /// The owner's contracts with holders.
+    MarketContracts,
+    /// The wallet: balance, and payments made or received.
+    Wallet,
 }
 
 /// The daemon's answer to a [`Request`], one variant per kind of request.
@@ -60,6 +66,38 @@ pub enum Answer {
     Workers(Vec<WorkerStatus>),
     Scrub(ScrubSummary),
     Deleted(Deleted),
+    Offers(Vec<fincrypt_market::owner::OfferView>),
+    Contracts(Vec<fincrypt_market::owner::ContractView>),
+    Wallet(WalletView),
+}
+
+/// The answer to [`Request::Wallet`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WalletView {
+    /// The wallet's spendable balance (none: no wallet configured, or it
+    /// did not answer).
+    pub balance_sats: Option<u64>,
+    /// Periods that balance pays for at the current rate (an owner's).
+    pub funded_periods: Option<u64>,
+    /// What one period of every contract costs now (an owner's).
+    pub cost_per_period: u64,
+    pub low_balance: bool,
+    /// The last settlement's outcome (an owner's).
+    pub last_settlement: String,
+    /// Payments made, one per period paid (an owner's).
+    pub payments: Vec<fincrypt_market::owner::PaymentView>,
+    /// Payments received at the payout address (a storage node's).
+    pub income: Vec<Income>,
+}
+
+/// A payment a storage node received.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Income {
+    pub txid: String,
+    pub sats: u64,
+    pub confirmations: i64,
+    /// Unix seconds the wallet first saw it.
+    pub time: u64,
 }
 
 /// The answer to [`Request::SnapshotsDelete`].
@@ -124,9 +162,27 @@ pub struct Status {
     /// A storage node's price, in satoshis per GiB per period (0: free).
     #[serde(default)]
     pub price: u64,
-    /// Contracts this storage node holds under.
+    /// Contracts: those a storage node holds under, or those an owner made.
     #[serde(default)]
     pub contracts: u64,
+    /// Satoshis an owner paid its holders, in sent transactions.
+    #[serde(default)]
+    pub paid_sats: u64,
+    /// Satoshis a storage node received at its payout address.
+    #[serde(default)]
+    pub earned_sats: u64,
+    /// The wallet's spendable balance (none: no wallet configured, or it did not answer).
+    #[serde(default)]
+    pub balance_sats: Option<u64>,
+    /// Periods an owner's balance pays for at the current rate.
+    #[serde(default)]
+    pub funded_periods: Option<u64>,
+    /// True when that is fewer than `min_periods_funded`.
+    #[serde(default)]
+    pub low_balance: bool,
+    /// Why paid offers were skipped, in words (empty: none were).
+    #[serde(default)]
+    pub market_note: String,
     /// The highest root record sequence this mount published (0: none yet).
     pub root_sequence: u64,
     /// The snapshot the last root record published from here names, by its

@@ -15,6 +15,9 @@ use fincrypt_engine::{
 };
 use fincrypt_fs::fuse::MountOptions;
 use fincrypt_fs::{Fossil, Meta, snapshot};
+use fincrypt_market::ledger::Ledger;
+use fincrypt_market::owner::{OwnerMarket, OwnerSettings};
+use fincrypt_market::wallet::BitcoinRpc;
 use fincrypt_net::{Client, Holder, Multiaddr, Node, NodeConfig};
 use futures::future::BoxFuture;
 
@@ -48,6 +51,37 @@ struct Net {
     publisher: Publisher,
     /// What blocks want, as the engine asks it.
     wants: Arc<FsWants>,
+    /// Offers, contracts and payments.
+    market: Arc<OwnerMarket<BitcoinRpc>>,
+}
+
+/// The owner's market, over the ledger in `home` and the wallet `config` names.
+fn open_market(
+    home: &Home,
+    config: &Config,
+    keypair: fincrypt_net::Keypair,
+    client: Client,
+) -> Result<Arc<OwnerMarket<BitcoinRpc>>> {
+    let wallet = match config.bitcoin_rpc()? {
+        Some(rpc) => Some(BitcoinRpc::new(&rpc)?),
+        None => None,
+    };
+    let ledger = Arc::new(
+        Ledger::open(&home.market_ledger_file())
+            .with_context(|| format!("opening {}", home.market_ledger_file().display()))?,
+    );
+    if config.period == 0 {
+        bail!("`period` is 0 seconds: payments are per period of at least a second");
+    }
+    let settings = OwnerSettings {
+        max_price: config.max_price,
+        pricing: config.pricing()?,
+        period: config.period,
+        challenges_per_period: config.challenges_per_period.max(1),
+        min_payout: config.min_payout,
+        min_periods_funded: config.min_periods_funded,
+    };
+    Ok(OwnerMarket::new(keypair, client, ledger, settings, wallet)?)
 }
 
 /// How long a status waits for the node's list of peers.
@@ -90,6 +124,7 @@ impl Net {
             None
         };
         let mut node_config = NodeConfig::with_key_file(&home.node_key_file())?;
+        let keypair = node_config.keypair.clone();
         node_config.listen = listen;
         node_config.bootstrap = bootstrap;
         let node = runtime.block_on(Node::start(node_config, holder))?;
@@ -122,7 +157,9 @@ impl Net {
             volume.clone(),
             proofs,
         );
+        let market = open_market(home, config, keypair, client.clone())?;
         Ok(Some(Net {
+            market,
             publisher,
             bulk_port: node.bulk_port(),
             bootstraps: node.bootstrap_peers(),
@@ -595,6 +632,13 @@ impl Daemon {
                 r.holders_dropped = st.holders_dropped.load(Ordering::Relaxed);
                 r.blocks_dropped = st.blocks_dropped.load(Ordering::Relaxed);
                 r.manifest_damaged_entries = net.engine.manifest().corrupt_entries();
+                let m = net.market.view();
+                status.contracts = m.contracts;
+                status.paid_sats = m.paid_sats;
+                status.balance_sats = m.balance_sats;
+                status.funded_periods = m.funded_periods;
+                status.low_balance = m.low_balance;
+                status.market_note = m.skipped;
             }
         }
         Ok(status)
@@ -652,6 +696,35 @@ impl Daemon {
             ),
             Request::Workers => Answer::Workers(self.workers.list()),
             Request::Scrub => Answer::Scrub(self.scrub()?),
+            Request::MarketOffers => Answer::Offers(self.market()?.offers()),
+            Request::MarketContracts => {
+                let net = self.net.as_ref().context(NO_MARKET)?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let dropped = net
+                    .engine
+                    .manifest()
+                    .holder_records()?
+                    .into_iter()
+                    .filter(|(_, r)| r.banned(now))
+                    .map(|(p, _)| p)
+                    .collect();
+                Answer::Contracts(net.market.contract_views(&dropped)?)
+            }
+            Request::Wallet => {
+                let market = self.market()?;
+                let m = market.view();
+                Answer::Wallet(control::WalletView {
+                    balance_sats: m.balance_sats,
+                    funded_periods: m.funded_periods,
+                    cost_per_period: m.cost_per_period,
+                    low_balance: m.low_balance,
+                    last_settlement: m.last_settlement,
+                    payments: market.payments()?,
+                    ..Default::default()
+                })
+            }
             Request::SnapshotsDelete {
                 names,
                 older_than_secs,
@@ -659,6 +732,16 @@ impl Daemon {
                 self.delete_snapshots(&names, older_than_secs.map(Duration::from_secs))?,
             ),
         })
+    }
+}
+
+/// Why a mount without peers has no market to show.
+const NO_MARKET: &str =
+    "this mount has no peers configured, so it makes no contracts and pays nothing";
+
+impl Daemon {
+    fn market(&self) -> Result<&Arc<OwnerMarket<BitcoinRpc>>> {
+        Ok(&self.net.as_ref().context(NO_MARKET)?.market)
     }
 }
 
@@ -928,6 +1011,7 @@ fn start_workers(daemon: &Arc<Daemon>) {
                 dht_interval: Duration::from_secs(300),
             },
         );
+        net.market.start(&net.engine, &daemon.workers);
     }
 }
 

@@ -64,6 +64,9 @@ pub fn serve(home: &Home, args: ServeArgs) -> Result<()> {
     runtime.block_on(run(home, args))
 }
 
+/// Transactions of the wallet looked through for this node's income.
+const INCOME_LISTED: usize = 1000;
+
 /// What the node asks: its price, and where it is paid (its wallet gives a
 /// new address when none is set).
 async fn asking(args: &ServeArgs) -> Result<Asking> {
@@ -145,8 +148,79 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
     );
     let bulk_port = node.bulk_port();
     let bootstraps = node.bootstrap_peers();
+    let wallet = match &args.bitcoin {
+        Some(rpc) => Some(Arc::new(BitcoinRpc::new(rpc)?)),
+        None => None,
+    };
+    // What the wallet says of this node's income: balance, and payments to
+    // its payout address (none without a wallet or a price).
+    let income = {
+        let (wallet, runtime, payout) = (
+            wallet.clone(),
+            runtime.clone(),
+            terms.asking().payout.clone(),
+        );
+        move || -> Result<(Option<u64>, Vec<control::Income>)> {
+            let Some(wallet) = &wallet else {
+                return Ok((None, Vec::new()));
+            };
+            runtime.block_on(async {
+                let ask = async {
+                    let balance = wallet.balance().await?;
+                    let receipts = if payout.is_empty() {
+                        Vec::new()
+                    } else {
+                        wallet.receipts(&payout, INCOME_LISTED).await?
+                    };
+                    Ok::<_, fincrypt_market::wallet::WalletError>((balance, receipts))
+                };
+                let (balance, receipts) = tokio::time::timeout(Duration::from_secs(10), ask)
+                    .await
+                    .context("the Bitcoin node did not answer in 10 s")??;
+                let income = receipts
+                    .into_iter()
+                    .map(|r| control::Income {
+                        txid: r.txid,
+                        sats: r.sats,
+                        confirmations: r.confirmations,
+                        time: r.time,
+                    })
+                    .collect();
+                Ok((Some(balance), income))
+            })
+        }
+    };
     let answer = move |req: Request| -> Result<Answer> {
         match req {
+            Request::Wallet => {
+                let (balance_sats, income) = income()?;
+                Ok(Answer::Wallet(control::WalletView {
+                    balance_sats,
+                    income,
+                    ..Default::default()
+                }))
+            }
+            Request::MarketContracts => Ok(Answer::Contracts(
+                terms
+                    .contracts()?
+                    .iter()
+                    .map(|c| fincrypt_market::owner::ContractView {
+                        id: fincrypt_market::ledger::hex(&c.terms.id),
+                        owner: c.terms.owner().map(|p| p.to_string()).unwrap_or_default(),
+                        holder: peer.to_string(),
+                        bytes: 0,
+                        price: c.terms.price,
+                        start: c.terms.start,
+                        period_secs: c.terms.period,
+                        min_duration: c.terms.min_duration,
+                        periods_passed: 0,
+                        periods_failed: 0,
+                        periods_paid: 0,
+                        paid_sats: 0,
+                        state: "active".into(),
+                    })
+                    .collect(),
+            )),
             Request::Status => {
                 let peers = runtime
                     .block_on(async {
@@ -172,6 +246,17 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
                     root_records: s.root_records,
                     price: terms.asking().price,
                     contracts: terms.contracts().map_or(0, |c| c.len() as u64),
+                    earned_sats: if terms.asking().price > 0 {
+                        match income() {
+                            Ok((_, income)) => income.iter().map(|i| i.sats).sum(),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot read this node's income");
+                                0
+                            }
+                        }
+                    } else {
+                        0
+                    },
                     cached_blocks: volume.cached_blocks,
                     cached_bytes: volume.cached_bytes,
                     ..Default::default()

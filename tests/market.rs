@@ -8,7 +8,7 @@ mod common;
 mod regtest;
 
 use std::str::FromStr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use common::*;
@@ -263,4 +263,256 @@ fn a_price_with_nowhere_to_be_paid_is_refused_and_a_wallet_gives_the_address() {
         client.put(peer, Score::of(&block), block).await.unwrap();
     });
     drop(node);
+}
+
+/// A period of a few seconds, for the owner and its holders alike.
+const PERIOD: &str = "4";
+
+/// `fincryptctl ARGS --json` of `home`'s daemon, parsed.
+fn ctl_json(home: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = ctl_ok(home, &all);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?} JSON {out:?}: {e}"))
+}
+
+/// Mines a block every second until dropped, as a network would (a wallet
+/// spends only confirmed coins, and each settlement's change is new).
+struct Miner {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Miner {
+    fn start(bitcoin: &std::sync::Arc<regtest::Regtest>) -> Miner {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (b, s) = (bitcoin.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                rt.block_on(b.mine(1));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+        Miner {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Miner {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn an_owner_contracts_the_cheapest_holders_and_pays_each_proven_period_in_one_transaction() {
+    let bitcoin = std::sync::Arc::new(regtest::Regtest::start());
+    let env = bitcoin.env.clone();
+    // Satoshis per GiB per period. The 10/20/50 (max 30) scaled by
+    // 10,000: test-sized data at 10 sats per GiB would be due 0 sats a
+    // period, and an output under 546 sats is dust no node relays.
+    let prices = [100_000u64, 200_000, 500_000];
+    let homes: Vec<tempfile::TempDir> = prices
+        .iter()
+        .map(|_| tempfile::tempdir().unwrap())
+        .collect();
+    let mut nodes: Vec<Served> = prices
+        .iter()
+        .zip(&homes)
+        .map(|(price, home)| {
+            let price = price.to_string();
+            serve_with(
+                home.path(),
+                &[
+                    "--listen",
+                    "/ip4/127.0.0.1/tcp/0",
+                    "--capacity",
+                    "1GiB",
+                    "--price",
+                    &price,
+                ],
+                |cmd| {
+                    cmd.envs(env.clone()).env("FINCRYPT_PERIOD", PERIOD);
+                },
+            )
+        })
+        .collect();
+    let payouts: Vec<String> = nodes
+        .iter_mut()
+        .map(|n| {
+            let line = n
+                .said(|l| l.contains("paid to"))
+                .expect("the payout address is said");
+            line.rsplit(' ').next().unwrap().to_owned()
+        })
+        .collect();
+
+    let mut owner_env: Vec<(String, String)> = env.clone();
+    for (k, v) in [
+        ("FINCRYPT_PERIOD", PERIOD),
+        ("FINCRYPT_MAX_PRICE", "300000"),
+        ("FINCRYPT_REDUNDANCY", "2"),
+        ("FINCRYPT_REPLICATE_INTERVAL", "1"),
+        // Nothing new to place once the file is: the bytes held stay put.
+        ("FINCRYPT_SNAPSHOT_INTERVAL", "0"),
+        ("FINCRYPT_PUBLISH_INTERVAL", "0"),
+    ] {
+        owner_env.push((k.into(), v.into()));
+    }
+    let mut opts = mount_opts(&nodes, &[]);
+    opts.env = owner_env;
+    let m = Mount::start_with(init_home(), opts);
+    let _miner = Miner::start(&bitcoin);
+    std::fs::write(m.path().join("data"), random_bytes(7, 8 << 20)).unwrap();
+
+    // The two nodes within max_price take every block of ours, under contract; the third none.
+    let held = |i: usize| number(&status(homes[i].path()), "held_bytes");
+    let mut last = (0, 0);
+    let mut steady_since = std::time::Instant::now();
+    wait_until(
+        "the file placed on the two cheaper nodes",
+        Duration::from_secs(120),
+        || {
+            let now = (held(0), held(1));
+            if now != last {
+                last = now;
+                steady_since = std::time::Instant::now();
+            }
+            now.0 >= 8 << 20 && now.1 >= 8 << 20 && steady_since.elapsed() > Duration::from_secs(3)
+        },
+    );
+    let st = status(m.home());
+    assert_eq!(number(&st, "contracts"), 2, "{st}");
+    assert!(
+        st["market_note"]
+            .as_str()
+            .unwrap()
+            .contains("1 over max_price"),
+        "the dear node is named as skipped: {st}"
+    );
+    let dear = status(homes[2].path());
+    assert_eq!(
+        (number(&dear, "held_blocks"), number(&dear, "contracts")),
+        (0, 0),
+        "{dear}"
+    );
+    for h in &homes[..2] {
+        assert_eq!(number(&status(h.path()), "contracts"), 1);
+    }
+    let bytes = [held(0), held(1)];
+    let offers = ctl_json(m.home(), &["market", "offers"]);
+    assert_eq!(offers.as_array().unwrap().len(), 3, "{offers}");
+
+    // Several periods later: each holder paid price x GiB held for each
+    // period, to the satoshi, and each settlement is one transaction.
+    let peer_of = |i: usize| {
+        status(homes[i].path())["peer_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let peers = [peer_of(0), peer_of(1)];
+    let due = |i: usize| ((prices[i] as u128 * bytes[i] as u128) >> 30) as u64;
+    let paid_periods = |w: &serde_json::Value, i: usize| {
+        w["payments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["holder"] == peers[i].as_str() && p["sats"].as_u64() == Some(due(i)))
+            .count()
+    };
+    let mut wallet = serde_json::Value::Null;
+    wait_until(
+        "three periods paid to each holder at its price",
+        Duration::from_secs(120),
+        || {
+            wallet = ctl_json(m.home(), &["wallet"]);
+            paid_periods(&wallet, 0) >= 3 && paid_periods(&wallet, 1) >= 3
+        },
+    );
+    let payments = wallet["payments"].as_array().unwrap().clone();
+    let mut seen = std::collections::HashSet::new();
+    let mut by_tx: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+    for p in &payments {
+        let key = (
+            p["contract"].as_str().unwrap().to_owned(),
+            p["period"].as_u64().unwrap(),
+        );
+        assert!(seen.insert(key), "a period paid twice: {wallet}");
+        let i = peers
+            .iter()
+            .position(|x| p["holder"] == x.as_str())
+            .expect("a contracted holder");
+        by_tx
+            .entry(p["txid"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(i);
+    }
+    assert!(
+        by_tx
+            .values()
+            .any(|who| who.contains(&0) && who.contains(&1)),
+        "one transaction pays both holders: {by_tx:?}"
+    );
+    for (i, p) in payouts.iter().enumerate().take(2) {
+        let contracts = ctl_json(m.home(), &["market", "contracts"]);
+        let c = contracts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["holder"] == peers[i].as_str())
+            .unwrap_or_else(|| panic!("a contract with holder {i}: {contracts}"));
+        assert_eq!(c["bytes"].as_u64(), Some(bytes[i]), "{c}");
+        assert_eq!(c["price"].as_u64(), Some(prices[i]), "{c}");
+        assert_eq!(c["periods_failed"].as_u64(), Some(0), "{c}");
+        assert!(!p.is_empty());
+    }
+
+    // Each holder's wallet received exactly what the owner says it paid,
+    // in confirmed transactions once a block is mined.
+    // (`wallet` was read before: later settlements may not be mined yet.)
+    drop(_miner);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(bitcoin.mine(1));
+    for i in 0..2 {
+        let sent: u64 = wallet["payments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["holder"] == peers[i].as_str())
+            .map(|p| p["sats"].as_u64().unwrap())
+            .sum();
+        let txids: std::collections::BTreeSet<&str> = wallet["payments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["holder"] == peers[i].as_str())
+            .map(|p| p["txid"].as_str().unwrap())
+            .collect();
+        let income = ctl_json(homes[i].path(), &["wallet"]);
+        let got: Vec<&serde_json::Value> = income["income"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| txids.contains(r["txid"].as_str().unwrap()))
+            .collect();
+        assert_eq!(got.len(), txids.len(), "every payment arrived: {income}");
+        assert_eq!(
+            got.iter().map(|r| r["sats"].as_u64().unwrap()).sum::<u64>(),
+            sent,
+            "{income}"
+        );
+        assert!(
+            got.iter()
+                .all(|r| r["confirmations"].as_i64().unwrap() >= 1),
+            "{income}"
+        );
+    }
+    drop(m);
 }

@@ -30,6 +30,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use fincrypt_blockstore::Score;
+
 use crate::MarketError;
 use crate::contract::{Contract, ContractId};
 use crate::wallet::Payments;
@@ -40,6 +42,9 @@ const CONTRACTS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("contra
 const PERIODS: TableDefinition<[u8; 24], &[u8]> = TableDefinition::new("periods");
 /// Batch number -> postcard [`Batch`].
 const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
+/// (contract id, score) -> the block's length: blocks placed on a
+/// contract's holder, whose bytes the contract pays for while the holder keeps them.
+const PLACED: TableDefinition<[u8; 48], u64> = TableDefinition::new("placed");
 /// `version`, `next_batch`, `ledger_id`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LEDGER_VERSION: u64 = 1;
@@ -164,6 +169,13 @@ fn period_key(id: &ContractId, period: u64) -> [u8; 24] {
     k
 }
 
+fn placed_key(id: &ContractId, score: &Score) -> [u8; 48] {
+    let mut k = [0u8; 48];
+    k[..16].copy_from_slice(id);
+    k[16..].copy_from_slice(&score.0);
+    k
+}
+
 /// The contract and period a `periods` key names.
 fn split_key(key: &[u8; 24]) -> (ContractId, u64) {
     let mut id = [0u8; 16];
@@ -211,6 +223,7 @@ impl Ledger {
         txn.open_table(CONTRACTS)?;
         txn.open_table(PERIODS)?;
         txn.open_table(BATCHES)?;
+        txn.open_table(PLACED)?;
         txn.commit()?;
         Ok(Ledger {
             db,
@@ -254,6 +267,53 @@ impl Ledger {
             .get(id)?
             .ok_or_else(|| MarketError::Store(format!("no contract {}", hex(id))))?;
         Contract::decode(row.value())
+    }
+
+    /// Records blocks placed on contracts' holders: (contract, score, length).
+    pub fn add_placed(&self, items: &[(ContractId, Score, u64)]) -> Result<(), MarketError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(PLACED)?;
+            for (id, score, len) in items {
+                t.insert(placed_key(id, score), len)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The blocks recorded as placed under contract `id`, with their lengths.
+    pub fn placed(&self, id: &ContractId) -> Result<Vec<(Score, u64)>, MarketError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(PLACED)?;
+        let mut out = Vec::new();
+        let range = placed_key(id, &Score([0; 32]))..=placed_key(id, &Score([0xff; 32]));
+        for row in t.range(range)? {
+            let (k, v) = row?;
+            let mut score = [0u8; 32];
+            score.copy_from_slice(&k.value()[16..]);
+            out.push((Score(score), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Forgets blocks the holder of contract `id` no longer keeps for us.
+    pub fn forget_placed(&self, id: &ContractId, scores: &[Score]) -> Result<(), MarketError> {
+        if scores.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(PLACED)?;
+            for s in scores {
+                t.remove(placed_key(id, s))?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Records a challenge of contract `id` at Unix time `at`, and the bytes

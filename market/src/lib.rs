@@ -6,6 +6,8 @@
 //! - [`contract`]: terms both sides sign; periods and what each costs.
 //! - [`holder`]: a storage node's side: its offer, the contracts it takes,
 //!   and who may place on it.
+//! - [`owner`]: the owner's side: which offers placement uses, contracts,
+//!   challenges each period, and the worker that settles.
 //! - [`ledger`]: the owner's record of challenges per contract and period,
 //!   and settlement: one transaction per period for every holder due.
 //! - [`wallet`]: [`wallet::Payments`], and [`wallet::BitcoinRpc`], which pays
@@ -15,6 +17,7 @@ pub mod contract;
 pub mod holder;
 pub mod ledger;
 pub mod offer;
+pub mod owner;
 mod signed;
 pub mod wallet;
 

@@ -259,6 +259,46 @@ impl BitcoinRpc {
     }
 }
 
+/// A payment received at one address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub txid: String,
+    pub sats: u64,
+    pub confirmations: i64,
+    /// Unix seconds the wallet first saw it.
+    pub time: u64,
+}
+
+impl BitcoinRpc {
+    /// Payments to `address` in the wallet's newest `limit` transactions,
+    /// newest first; conflicted ones are left out.
+    pub async fn receipts(&self, address: &str, limit: usize) -> Result<Vec<Receipt>, WalletError> {
+        let page: Vec<Listed> = self
+            .call("listtransactions", &[json!("*"), json!(limit), json!(0)])
+            .await?;
+        let mut out = Vec::new();
+        for t in page.iter().rev() {
+            if t.category != "receive" || t.address.as_deref() != Some(address) {
+                continue;
+            }
+            let (Some(txid), Some(amount)) = (&t.txid, &t.amount) else {
+                continue;
+            };
+            let confirmations = t.confirmations.unwrap_or(0);
+            if confirmations < 0 {
+                continue;
+            }
+            out.push(Receipt {
+                txid: txid.clone(),
+                sats: sats_of(amount, "listtransactions")?,
+                confirmations,
+                time: t.time.unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+}
+
 impl Payments for BitcoinRpc {
     async fn new_address(&self) -> Result<String, WalletError> {
         self.call("getnewaddress", &[]).await

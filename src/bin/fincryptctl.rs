@@ -71,6 +71,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Paid storage: offers seen and contracts made.
+    Market {
+        #[command(subcommand)]
+        command: MarketCommand,
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+    /// The Bitcoin wallet: balance, periods it funds and payments made (an
+    /// owner), or income received (a storage node).
+    Wallet {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MarketCommand {
+    /// Offers seen from storage nodes: price, room, minimum duration, age,
+    /// and why placement skips one.
+    Offers,
+    /// Contracts: holder (or owner), bytes, price, start, periods passed,
+    /// failed and paid, state.
+    Contracts,
 }
 
 #[derive(Subcommand)]
@@ -357,6 +382,113 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
         }
+        Command::Market {
+            command: MarketCommand::Offers,
+            json,
+        } => {
+            let list = control::call_for(data, &Request::MarketOffers, None, |a| match a {
+                Answer::Offers(l) => Some(l),
+                _ => None,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else {
+                if list.is_empty() {
+                    println!("no offers seen yet (they are read as blocks are placed)");
+                }
+                for o in &list {
+                    let price = if o.price == 0 {
+                        "free".to_owned()
+                    } else {
+                        format!("{} sats/GiB/{} s", o.price, o.period)
+                    };
+                    let note = if o.skipped.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  skipped: {}", o.skipped)
+                    };
+                    println!(
+                        "{}  {price}  room {}  min {} periods  read {} s ago{note}",
+                        o.peer,
+                        bytes(o.room),
+                        o.min_duration,
+                        o.age_secs
+                    );
+                }
+            }
+        }
+        Command::Market {
+            command: MarketCommand::Contracts,
+            json,
+        } => {
+            let list = control::call_for(data, &Request::MarketContracts, None, |a| match a {
+                Answer::Contracts(l) => Some(l),
+                _ => None,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else {
+                if list.is_empty() {
+                    println!("no contracts");
+                }
+                for c in &list {
+                    println!(
+                        "{}  holder {}  owner {}  {}  {} sats/GiB/{} s  since {}  periods: {} passed, \
+                         {} failed, {} paid ({} sats)  {}",
+                        c.id,
+                        c.holder,
+                        c.owner,
+                        bytes(c.bytes),
+                        c.price,
+                        c.period_secs,
+                        c.start,
+                        c.periods_passed,
+                        c.periods_failed,
+                        c.periods_paid,
+                        c.paid_sats,
+                        c.state
+                    );
+                }
+            }
+        }
+        Command::Wallet { json } => {
+            let w = control::call_for(data, &Request::Wallet, None, |a| match a {
+                Answer::Wallet(w) => Some(w),
+                _ => None,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&w)?);
+            } else {
+                match w.balance_sats {
+                    Some(b) => println!("balance            {b} sats"),
+                    None => println!(
+                        "balance            unknown: no wallet configured (bitcoin_rpc_url), or it did not answer"
+                    ),
+                }
+                if let Some(f) = w.funded_periods {
+                    let low = if w.low_balance { " (low)" } else { "" };
+                    println!(
+                        "funds              {f} periods at {} sats a period{low}",
+                        w.cost_per_period
+                    );
+                }
+                if !w.last_settlement.is_empty() {
+                    println!("last settlement    {}", w.last_settlement);
+                }
+                for p in &w.payments {
+                    println!(
+                        "paid {} sats to {} for period {} in {}",
+                        p.sats, p.holder, p.period, p.txid
+                    );
+                }
+                for i in &w.income {
+                    println!(
+                        "received {} sats in {} ({} confirmations)",
+                        i.sats, i.txid, i.confirmations
+                    );
+                }
+            }
+        }
         Command::Workers { json } => {
             let list = control::call_for(data, &Request::Workers, None, |a| match a {
                 Answer::Workers(l) => Some(l),
@@ -496,6 +628,29 @@ fn print_status(v: &Status) {
             );
         } else {
             row("price", "free".to_owned());
+        }
+        if v.earned_sats > 0 {
+            row("earned", format!("{} sats", v.earned_sats));
+        }
+    }
+    if v.role == "mount" && v.peer_id.is_some() {
+        row("contracts", v.contracts.to_string());
+        if v.contracts > 0 || v.paid_sats > 0 {
+            row("paid", format!("{} sats", v.paid_sats));
+        }
+        if let Some(b) = v.balance_sats {
+            let funded = v
+                .funded_periods
+                .map_or(String::new(), |f| format!(", funds {f} periods"));
+            let low = if v.low_balance {
+                " (low: fund the wallet)"
+            } else {
+                ""
+            };
+            row("wallet", format!("{b} sats{funded}{low}"));
+        }
+        if !v.market_note.is_empty() {
+            row("market", v.market_note.clone());
         }
     }
     if v.role == "mount" && v.peer_id.is_some() {

@@ -30,7 +30,7 @@ use futures::future::BoxFuture;
 
 pub use error::{Error, Result};
 pub use manifest::{HolderRecord, Manifest, ManifestRecord};
-pub use placement::{META_REDUNDANCY, ReplicationStats, Replicator, Wanted, distance};
+pub use placement::{META_REDUNDANCY, Market, ReplicationStats, Replicator, Wanted, distance};
 pub use proofs::{ProofOutcome, ProofPolicy, ProofResult, Prover};
 pub use roots::{Found, Published, Publisher};
 pub use tiered::{Remote, TieredStore};
@@ -243,6 +243,20 @@ impl Engine {
         self.replicator.work(self.local.clone()).await?;
         self.note_pending()?;
         Ok(changes.more)
+    }
+
+    /// Challenges each holder of `asks` on its block now, and acts on the
+    /// answers as a proof round does (outcomes also go to
+    /// [`Prover::subscribe`]rs). Returns each outcome.
+    pub async fn challenge(
+        &self,
+        asks: Vec<(Score, fincrypt_net::PeerId)>,
+    ) -> Result<Vec<ProofOutcome>> {
+        let (report, outcomes) = self.prover.challenge(&self.replicator, asks).await?;
+        if report.blocks_dropped > 0 || report.holders_dropped > 0 {
+            self.wake_replication();
+        }
+        Ok(outcomes)
     }
 
     /// Queues the release of blocks GC freed locally (those with holders).

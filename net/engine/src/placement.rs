@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use fincrypt_blockstore::{BlockStore, Score};
 use fincrypt_net::{Client, Error as NetError, ErrorCode, PeerId};
+use futures::future::BoxFuture;
 
 use crate::error::Result;
 use crate::lookup::Lookups;
@@ -79,6 +80,27 @@ pub struct ReplicationStats {
     pub lookups: AtomicU64,
 }
 
+/// Where paid storage enters placement: which of the peers closest to a
+/// block may take it, in what order, and under what contract (the market
+/// crate implements it; without one, placement takes the closest peers
+/// with room, as a free network does).
+pub trait Market: Send + Sync {
+    /// Of `candidates` (closest first, each with the room it reported),
+    /// those `score` (`len` bytes) may go to, in the order to try. The
+    /// market may make contracts on the way, enough for `need` copies; a
+    /// peer contracted now comes with the room its offer gave (a priced
+    /// peer shows none to an owner without a contract).
+    fn choose<'a>(
+        &'a self,
+        score: &'a Score,
+        len: u64,
+        need: usize,
+        candidates: Vec<(PeerId, u64)>,
+    ) -> BoxFuture<'a, Vec<(PeerId, Option<u64>)>>;
+    /// `peer` took `score` (`len` bytes).
+    fn placed(&self, peer: &PeerId, score: &Score, len: u64);
+}
+
 /// What a pass needs.
 pub struct Replicator {
     pub client: Client,
@@ -86,6 +108,8 @@ pub struct Replicator {
     pub stats: Arc<ReplicationStats>,
     /// One pass at a time.
     running: tokio::sync::Mutex<()>,
+    /// Paid storage's say in placement, once set.
+    market: std::sync::OnceLock<Arc<dyn Market>>,
 }
 
 /// Puts of blocks to peers in flight at once.
@@ -118,6 +142,14 @@ impl Replicator {
             manifest,
             stats: Arc::new(ReplicationStats::default()),
             running: tokio::sync::Mutex::new(()),
+            market: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Places through `market` from now on (once; a second is ignored).
+    pub fn set_market(&self, market: Arc<dyn Market>) {
+        if self.market.set(market).is_err() {
+            tracing::warn!("placement already has a market; the new one is ignored");
         }
     }
 
@@ -584,8 +616,21 @@ impl Replicator {
                 None => break,
             };
             let order_len = order.len();
-            let candidates: Vec<PeerId> = order.into_iter().filter(|p| usable(p)).collect();
+            let mut candidates: Vec<PeerId> = order.into_iter().filter(|p| usable(p)).collect();
             round.ask_room(&self.client, &candidates).await;
+            if let Some(market) = self.market.get() {
+                let rooms = candidates
+                    .iter()
+                    .map(|p| (*p, round.room_for(p).unwrap_or(0)))
+                    .collect();
+                let chosen = market.choose(&score, len, need, rooms).await;
+                for (p, room) in &chosen {
+                    if let Some(room) = room {
+                        round.set_room(p, *room);
+                    }
+                }
+                candidates = chosen.into_iter().map(|(p, _)| p).collect();
+            }
             let batch: Vec<PeerId> = candidates
                 .into_iter()
                 .filter(|p| round.room_for(p).is_some_and(|free| free >= len))
@@ -616,6 +661,9 @@ impl Replicator {
                     Ok(()) => {
                         holders.push(peer);
                         round.took(&peer, len);
+                        if let Some(market) = self.market.get() {
+                            market.placed(&peer, &score, len);
+                        }
                     }
                     Err(NetError::Refused {
                         code: ErrorCode::Full { free },

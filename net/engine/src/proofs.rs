@@ -71,6 +71,9 @@ pub struct RoundReport {
     pub holders_dropped: u64,
 }
 
+/// Outcomes kept for a subscriber that has not read them yet.
+const OUTCOMES_KEPT: usize = 8192;
+
 /// Challenges holders, round after round.
 pub struct Prover {
     policy: ProofPolicy,
@@ -85,7 +88,7 @@ impl Prover {
         Prover {
             policy,
             cursor: Mutex::new(None),
-            outcomes: broadcast::Sender::new(1024),
+            outcomes: broadcast::Sender::new(OUTCOMES_KEPT),
         }
     }
 
@@ -96,7 +99,6 @@ impl Prover {
 
     /// One round over the next slice of the manifest.
     pub async fn round(&self, r: &Replicator) -> Result<RoundReport> {
-        use futures::StreamExt;
         let after = *self.cursor.lock().unwrap_or_else(|p| p.into_inner());
         let slice = r.manifest.entries_after(after, self.policy.blocks.max(1))?;
         *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = slice.last().map(|(s, _)| *s);
@@ -104,6 +106,18 @@ impl Prover {
             .iter()
             .flat_map(|(score, holders)| holders.iter().map(move |p| (*score, *p)))
             .collect();
+        Ok(self.challenge(r, asks).await?.0)
+    }
+
+    /// Challenges each holder of `asks` on its block (fresh nonces, as a
+    /// round does) and acts on the answers as a round does. The market
+    /// uses it to prove its contracted holders every period.
+    pub async fn challenge(
+        &self,
+        r: &Replicator,
+        asks: Vec<(Score, PeerId)>,
+    ) -> Result<(RoundReport, Vec<ProofOutcome>)> {
+        use futures::StreamExt;
         let timeout = self.policy.timeout;
         let results = futures::stream::iter(asks.into_iter().map(|(score, peer)| async move {
             let answer = tokio::time::timeout(timeout, r.client.challenge(peer, score)).await;
@@ -126,17 +140,18 @@ impl Prover {
         .buffer_unordered(16)
         .collect::<Vec<_>>()
         .await;
-        self.apply(r, results).await
+        let report = self.apply(r, &results).await?;
+        Ok((report, results))
     }
 
     /// Records outcomes and acts on them.
-    async fn apply(&self, r: &Replicator, outcomes: Vec<ProofOutcome>) -> Result<RoundReport> {
+    async fn apply(&self, r: &Replicator, outcomes: &[ProofOutcome]) -> Result<RoundReport> {
         let mut report = RoundReport {
             challenged: outcomes.len() as u64,
             ..RoundReport::default()
         };
         let mut per_peer: HashMap<PeerId, Vec<&ProofOutcome>> = HashMap::new();
-        for o in &outcomes {
+        for o in outcomes {
             per_peer.entry(o.peer).or_default().push(o);
             let _ = self.outcomes.send(o.clone());
             match o.result {

@@ -117,6 +117,11 @@ impl Workers {
         }
     }
 
+    /// The runtime the workers run on.
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+
     /// Starts `worker`, stepping it at least every `interval` while idle.
     pub fn spawn(&self, worker: impl Worker, interval: Duration) -> WorkerHandle {
         let status = Arc::new(Mutex::new(WorkerStatus {

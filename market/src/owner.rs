@@ -1,0 +1,897 @@
+//! The owner's side of the market: which offers placement may use, the
+//! contracts it makes with holders, the challenges every contracted holder
+//! answers each period, and settlement.
+//!
+//! Placement asks [`OwnerMarket`] (as the engine's [`Market`]) which of the
+//! peers closest to a block may take it. The market reads each candidate's
+//! signed offer (kept until it expires or [`OFFER_REFRESH`] passes), leaves
+//! out offers above `max_price`, for another period length, or priced while
+//! no wallet is configured (and says why in [`MarketView::skipped`]), lets
+//! the pricing [`Scheme`] order the rest, and makes contracts with as many
+//! priced peers as the copies still asked need, in that order.
+//!
+//! [`OwnerMarket::tick`], run by the `market` worker several times a period,
+//! challenges every contracted holder on one of its blocks chosen at random
+//! (the engine's proofs act on the answer as on any other), records the
+//! outcomes and the bytes each holder keeps in the [`Ledger`], closes ended
+//! periods, and settles them through the wallet in one transaction.
+//! Failures found by the engine's own proof rounds count too: a task
+//! follows its outcomes.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fincrypt_blockstore::Score;
+use fincrypt_engine::{Engine, Market, ProofResult, Step, Worker};
+use fincrypt_net::{Client, Error as NetError, PeerId};
+use futures::future::BoxFuture;
+use libp2p::identity::Keypair;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::MarketError;
+use crate::contract::{CONTRACT_VERSION, Contract, ContractId, Terms};
+use crate::ledger::{Ledger, PeriodState, SettleRules, Settlement, funded_periods, hex};
+use crate::offer::{Offer, SignedOffer};
+use crate::wallet::Payments;
+
+/// How long an offer read from a peer is used before it is read again
+/// (sooner when it expires).
+pub const OFFER_REFRESH: u64 = 600;
+/// Offers asked for at once.
+const PARALLEL_OFFERS: usize = 16;
+/// Seconds a `sendmany` may still be running in the node after its intent
+/// was recorded (see [`SettleRules::in_flight`]).
+const IN_FLIGHT: u64 = 600;
+/// Placements kept in memory before they are written to the ledger.
+const PLACED_BATCH: usize = 256;
+
+/// How offers are ranked and what is offered in turn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pricing {
+    /// The cheapest offers within `max_price` first, ties by XOR distance;
+    /// each holder is paid its own price.
+    #[default]
+    LowestFirst,
+    /// Any offer at or under `max_price`, by XOR distance; every holder is
+    /// paid `max_price`, the owner's fixed rate.
+    Fixed,
+    /// The closest peers by XOR distance, as a free network places, price
+    /// ignored up to `max_price`; each holder is paid its own price.
+    Nearest,
+}
+
+impl FromStr for Pricing {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Pricing, String> {
+        match s {
+            "lowest-first" => Ok(Pricing::LowestFirst),
+            "fixed" => Ok(Pricing::Fixed),
+            "nearest" => Ok(Pricing::Nearest),
+            other => Err(format!(
+                "pricing `{other}` is not one of lowest-first, fixed, nearest"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Pricing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pricing::LowestFirst => "lowest-first",
+            Pricing::Fixed => "fixed",
+            Pricing::Nearest => "nearest",
+        })
+    }
+}
+
+/// A peer placement may use for a block, as a [`Scheme`] sees it.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub peer: PeerId,
+    /// Its place among the candidates by XOR distance to the block (0: closest).
+    pub rank: usize,
+    /// What it asks per GiB per period (0: free, or a contract's price).
+    pub price: u64,
+}
+
+/// A pricing scheme: the order in which placement tries offers, and what
+/// the owner offers a holder in a contract.
+pub trait Scheme: Send + Sync {
+    /// Orders `candidates` (all within `max_price`), the first to try first.
+    fn order(&self, candidates: &mut [Candidate]);
+    /// The price per GiB per period proposed to a node asking `asking`
+    /// (never less than it, never more than `max_price`).
+    fn contract_price(&self, asking: u64, max_price: u64) -> u64;
+}
+
+impl Scheme for Pricing {
+    fn order(&self, candidates: &mut [Candidate]) {
+        match self {
+            Pricing::LowestFirst => candidates.sort_by_key(|c| (c.price, c.rank)),
+            Pricing::Fixed | Pricing::Nearest => candidates.sort_by_key(|c| c.rank),
+        }
+    }
+
+    fn contract_price(&self, asking: u64, max_price: u64) -> u64 {
+        match self {
+            Pricing::Fixed => max_price.max(asking),
+            Pricing::LowestFirst | Pricing::Nearest => asking,
+        }
+    }
+}
+
+/// The owner's market settings (config keys of the same names).
+#[derive(Clone, Debug)]
+pub struct OwnerSettings {
+    /// The most paid per GiB per period.
+    pub max_price: u64,
+    pub pricing: Pricing,
+    /// Seconds: offers for another period length are not taken.
+    pub period: u64,
+    /// Challenges of each contracted holder per period, at least.
+    pub challenges_per_period: u32,
+    /// The smallest payout to one holder; less waits for the next settlement.
+    pub min_payout: u64,
+    /// Below this many funded periods, the balance is low.
+    pub min_periods_funded: u64,
+}
+
+impl OwnerSettings {
+    /// Between two ticks: so that every period holds at least
+    /// `challenges_per_period` of them.
+    pub fn tick(&self) -> Duration {
+        let k = u64::from(self.challenges_per_period.max(1)) + 1;
+        Duration::from_millis((self.period.max(1) * 1000 / k).max(200))
+    }
+}
+
+/// What is known of a peer's offer.
+#[derive(Clone, Debug)]
+enum Seen {
+    /// A valid offer.
+    Offer(Offer),
+    /// It makes none: it stores for free.
+    Free,
+    /// It gave an offer that cannot be used, or none could be read.
+    Bad(String),
+}
+
+/// An offer seen, for `fincryptctl market offers`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OfferView {
+    pub peer: String,
+    /// Satoshis per GiB per period (0: free).
+    pub price: u64,
+    pub room: u64,
+    pub min_duration: u32,
+    pub period: u64,
+    /// Seconds since it was read.
+    pub age_secs: u64,
+    /// Why placement does not use it (empty: it may).
+    pub skipped: String,
+}
+
+/// A contract, for `fincryptctl market contracts`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ContractView {
+    pub id: String,
+    /// The owner node (a storage node's view shows whom it stores for).
+    pub owner: String,
+    pub holder: String,
+    /// Bytes of ours it keeps now.
+    pub bytes: u64,
+    pub price: u64,
+    /// Unix seconds.
+    pub start: u64,
+    pub period_secs: u64,
+    pub min_duration: u32,
+    /// Periods ended with every challenge passed.
+    pub periods_passed: u64,
+    /// Periods ended with a failed challenge.
+    pub periods_failed: u64,
+    /// Periods paid by a sent transaction.
+    pub periods_paid: u64,
+    /// Satoshis paid under it.
+    pub paid_sats: u64,
+    /// `active`, or `dropped` once the holder was dropped for failing proofs.
+    pub state: String,
+}
+
+/// A payment, for `fincryptctl wallet`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PaymentView {
+    pub txid: String,
+    pub holder: String,
+    pub contract: String,
+    pub period: u64,
+    pub sats: u64,
+}
+
+/// The market's figures, for `status` and `fincryptctl`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MarketView {
+    pub contracts: u64,
+    /// Satoshis paid to holders, in sent transactions.
+    pub paid_sats: u64,
+    /// The wallet's spendable balance (none: no wallet, or it did not answer).
+    pub balance_sats: Option<u64>,
+    /// Periods the balance pays for at the current rate.
+    pub funded_periods: Option<u64>,
+    pub low_balance: bool,
+    /// Satoshis every contract's next period costs at today's bytes.
+    pub cost_per_period: u64,
+    /// Why paid offers were skipped, in words (empty: none were).
+    pub skipped: String,
+    /// The last settlement's outcome or error.
+    pub last_settlement: String,
+}
+
+/// The owner's market: placement's [`Market`] and the `market` worker's work.
+pub struct OwnerMarket<P: Payments> {
+    keypair: Keypair,
+    client: Client,
+    ledger: Arc<Ledger>,
+    settings: OwnerSettings,
+    wallet: Option<P>,
+    offers: Mutex<HashMap<PeerId, (u64, Seen)>>,
+    /// Contracts by holder.
+    contracts: RwLock<HashMap<PeerId, Contract>>,
+    /// One contract negotiation at a time, so a holder is not asked twice.
+    contracting: tokio::sync::Mutex<()>,
+    /// Placements on contracted holders not yet written to the ledger.
+    placed: Mutex<Vec<(ContractId, Score, u64)>>,
+    /// Bytes each contracted holder keeps for us, as of the last tick.
+    bytes: Mutex<HashMap<PeerId, u64>>,
+    /// Why each paid offer was skipped, by peer.
+    skipped: Mutex<BTreeMap<PeerId, String>>,
+    view: Mutex<MarketView>,
+    /// The last period in which a low balance was warned of.
+    warned: Mutex<Option<u64>>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl<P: Payments + 'static> OwnerMarket<P> {
+    /// The market of the owner node `keypair`, keeping contracts in `ledger`
+    /// and paying through `wallet` (none: only free offers are used).
+    pub fn new(
+        keypair: Keypair,
+        client: Client,
+        ledger: Arc<Ledger>,
+        settings: OwnerSettings,
+        wallet: Option<P>,
+    ) -> Result<Arc<OwnerMarket<P>>, MarketError> {
+        let mut contracts = HashMap::new();
+        for c in ledger.contracts()? {
+            contracts.insert(c.terms.holder()?, c);
+        }
+        Ok(Arc::new(OwnerMarket {
+            keypair,
+            client,
+            ledger,
+            settings,
+            wallet,
+            offers: Mutex::new(HashMap::new()),
+            contracts: RwLock::new(contracts),
+            contracting: tokio::sync::Mutex::new(()),
+            placed: Mutex::new(Vec::new()),
+            bytes: Mutex::new(HashMap::new()),
+            skipped: Mutex::new(BTreeMap::new()),
+            view: Mutex::new(MarketView::default()),
+            warned: Mutex::new(None),
+        }))
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ledger
+    }
+
+    /// Has placement ask this market, runs the `market` worker, and follows
+    /// the engine's proof outcomes.
+    pub fn start(self: &Arc<Self>, engine: &Arc<Engine>, workers: &fincrypt_engine::Workers) {
+        engine.replicator.set_market(self.clone());
+        let mut outcomes = engine.prover.subscribe();
+        let market = self.clone();
+        workers.handle().spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match outcomes.recv().await {
+                    // Passes are counted by the ticks' own challenges; a
+                    // failure anywhere counts against the period.
+                    Ok(o) if o.result != ProofResult::Passed => market.failed(&o.peer, o.time),
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(n)) => {
+                        warn!(missed = n, "the market fell behind the proof outcomes");
+                    }
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        });
+        workers.spawn(
+            MarketWorker {
+                market: self.clone(),
+                engine: engine.clone(),
+            },
+            self.settings.tick(),
+        );
+    }
+
+    fn contract_of(&self, peer: &PeerId) -> Option<Contract> {
+        self.contracts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .cloned()
+    }
+
+    fn failed(&self, peer: &PeerId, at: u64) {
+        let Some(c) = self.contract_of(peer) else {
+            return;
+        };
+        let bytes = self.bytes_of(peer);
+        if let Err(e) = self.ledger.record_challenge(&c.terms.id, at, false, bytes) {
+            warn!(holder = %peer, error = %e, "cannot record a failed challenge");
+        }
+    }
+
+    fn bytes_of(&self, peer: &PeerId) -> u64 {
+        self.bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Reads the offers of `peers` not known or due a refresh.
+    async fn refresh_offers(&self, peers: &[PeerId]) {
+        use futures::StreamExt;
+        let t = now();
+        let stale: Vec<PeerId> = {
+            let offers = self.offers.lock().unwrap_or_else(|p| p.into_inner());
+            peers
+                .iter()
+                .filter(|p| match offers.get(p) {
+                    None => true,
+                    Some((seen, s)) => {
+                        t.saturating_sub(*seen) >= OFFER_REFRESH
+                            || matches!(s, Seen::Offer(o) if o.expires < t)
+                    }
+                })
+                .copied()
+                .collect()
+        };
+        let read = futures::stream::iter(stale.into_iter().map(|p| async move {
+            let seen = match self.client.offer(p).await {
+                Ok(bytes) => match SignedOffer::decode(&bytes) {
+                    Ok(s) if s.offer.peer().ok() != Some(p) => {
+                        Seen::Bad("its offer names another node".into())
+                    }
+                    Ok(s) if !s.live(now()) => Seen::Bad("its offer has expired".into()),
+                    Ok(s) => Seen::Offer(s.offer),
+                    Err(e) => {
+                        info!(peer = %p, error = %e, "ignoring a malformed offer");
+                        Seen::Bad(format!("its offer is malformed: {e}"))
+                    }
+                },
+                // A node that stores for free makes no offer.
+                Err(NetError::Refused { .. }) => Seen::Free,
+                Err(e) => Seen::Bad(format!("no offer could be read: {e}")),
+            };
+            (p, seen)
+        }))
+        .buffer_unordered(PARALLEL_OFFERS)
+        .collect::<Vec<_>>()
+        .await;
+        let mut offers = self.offers.lock().unwrap_or_else(|p| p.into_inner());
+        for (p, seen) in read {
+            offers.insert(p, (t, seen));
+        }
+    }
+
+    /// Why a priced offer may not be used (none: it may).
+    fn unusable(&self, o: &Offer) -> Option<String> {
+        if o.price > self.settings.max_price {
+            return Some(format!(
+                "asks {} sats per GiB per period, over max_price {}",
+                o.price, self.settings.max_price
+            ));
+        }
+        if o.period != self.settings.period {
+            return Some(format!(
+                "prices a period of {} s, this owner's period is {} s",
+                o.period, self.settings.period
+            ));
+        }
+        if self.wallet.is_none() {
+            return Some(
+                "is priced and no wallet is configured (set bitcoin_rpc_url to pay)".into(),
+            );
+        }
+        None
+    }
+
+    /// Proposes a contract to `peer` on its `offer`, keeps it, and returns it.
+    async fn contract_with(&self, peer: PeerId, offer: &Offer) -> Result<Contract, MarketError> {
+        let _one = self.contracting.lock().await;
+        if let Some(c) = self.contract_of(&peer) {
+            return Ok(c);
+        }
+        let terms = Terms {
+            version: CONTRACT_VERSION,
+            id: rand::random(),
+            owner: self.keypair.public().to_peer_id().to_bytes(),
+            holder: peer.to_bytes(),
+            price: self
+                .settings
+                .pricing
+                .contract_price(offer.price, self.settings.max_price),
+            start: now(),
+            min_duration: offer.min_duration,
+            period: offer.period,
+            payout: offer.payout.clone(),
+        };
+        let proposal = terms.clone().propose(&self.keypair)?.encode()?;
+        let reply = self
+            .client
+            .propose(peer, proposal.into())
+            .await
+            .map_err(|e| {
+                MarketError::Invalid(format!("the node did not take the contract: {e}"))
+            })?;
+        let contract = Contract::decode(&reply)?;
+        if contract.terms != terms {
+            return Err(MarketError::Invalid(
+                "the node signed other terms than those proposed".into(),
+            ));
+        }
+        self.ledger.add_contract(&contract)?;
+        self.contracts
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, contract.clone());
+        info!(holder = %peer, price = terms.price, id = %hex(&terms.id), "a contract was made");
+        Ok(contract)
+    }
+
+    async fn choose_inner(
+        &self,
+        len: u64,
+        need: usize,
+        candidates: Vec<(PeerId, u64)>,
+    ) -> Vec<(PeerId, Option<u64>)> {
+        let peers: Vec<PeerId> = candidates.iter().map(|(p, _)| *p).collect();
+        self.refresh_offers(&peers).await;
+        let offers: HashMap<PeerId, Seen> = {
+            let all = self.offers.lock().unwrap_or_else(|p| p.into_inner());
+            peers
+                .iter()
+                .filter_map(|p| all.get(p).map(|(_, s)| (*p, s.clone())))
+                .collect()
+        };
+        let room: HashMap<PeerId, u64> = candidates.iter().copied().collect();
+        let mut usable = Vec::new();
+        let mut to_contract: HashMap<PeerId, Offer> = HashMap::new();
+        for (rank, peer) in peers.iter().enumerate() {
+            if let Some(c) = self.contract_of(peer) {
+                usable.push(Candidate {
+                    peer: *peer,
+                    rank,
+                    price: c.terms.price,
+                });
+                continue;
+            }
+            match offers.get(peer) {
+                Some(Seen::Offer(o)) if o.price > 0 => {
+                    let why = self.unusable(o);
+                    let mut skipped = self.skipped.lock().unwrap_or_else(|p| p.into_inner());
+                    match why {
+                        Some(why) => {
+                            skipped.insert(*peer, why);
+                        }
+                        None => {
+                            skipped.remove(peer);
+                            usable.push(Candidate {
+                                peer: *peer,
+                                rank,
+                                price: o.price,
+                            });
+                            to_contract.insert(*peer, o.clone());
+                        }
+                    }
+                }
+                Some(Seen::Bad(why)) => {
+                    tracing::debug!(%peer, %why, "not placing on a peer whose offer is unusable");
+                }
+                // Free, or no offer known: its room decides, as without a market.
+                _ => usable.push(Candidate {
+                    peer: *peer,
+                    rank,
+                    price: 0,
+                }),
+            }
+        }
+        self.settings.pricing.order(&mut usable);
+        let mut out = Vec::new();
+        let mut ready = 0;
+        for c in usable {
+            match to_contract.get(&c.peer) {
+                None => {
+                    if room.get(&c.peer).is_some_and(|r| *r >= len) {
+                        ready += 1;
+                    }
+                    out.push((c.peer, None));
+                }
+                Some(offer) if ready < need && offer.room >= len => {
+                    match self.contract_with(c.peer, offer).await {
+                        Ok(_) => {
+                            ready += 1;
+                            out.push((c.peer, Some(offer.room)));
+                        }
+                        Err(e) => {
+                            warn!(holder = %c.peer, error = %e, "no contract was made");
+                            self.skipped
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(c.peer, format!("refused a contract: {e}"));
+                        }
+                    }
+                }
+                // Not needed for this block: no contract yet.
+                Some(_) => {}
+            }
+        }
+        out
+    }
+
+    /// Writes the placements kept in memory to the ledger.
+    fn flush_placed(&self) -> Result<(), MarketError> {
+        let items = std::mem::take(&mut *self.placed.lock().unwrap_or_else(|p| p.into_inner()));
+        self.ledger.add_placed(&items)
+    }
+
+    /// One tick: challenge, record, close, settle, and look at the balance.
+    pub async fn tick(&self, engine: &Engine) -> Result<u64, MarketError> {
+        self.flush_placed()?;
+        let contracts: Vec<Contract> = self
+            .contracts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut asks = Vec::new();
+        let mut ids: HashMap<PeerId, ContractId> = HashMap::new();
+        for c in &contracts {
+            let holder = c.terms.holder()?;
+            let placed = self.ledger.placed(&c.terms.id)?;
+            let holders = engine
+                .manifest()
+                .holders_of(placed.iter().map(|(s, _)| *s))
+                .map_err(|e| MarketError::Store(e.to_string()))?;
+            let (held, gone): (Vec<_>, Vec<_>) = placed
+                .into_iter()
+                .zip(holders)
+                .partition(|(_, h)| h.contains(&holder));
+            let gone: Vec<Score> = gone.into_iter().map(|((s, _), _)| s).collect();
+            self.ledger.forget_placed(&c.terms.id, &gone)?;
+            let bytes: u64 = held.iter().map(|((_, len), _)| len).sum();
+            self.bytes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(holder, bytes);
+            if let Some(((score, _), _)) = held.choose(&mut rand::thread_rng()) {
+                asks.push((*score, holder));
+                ids.insert(holder, c.terms.id);
+            }
+        }
+        let challenged = asks.len() as u64;
+        if !asks.is_empty() {
+            let outcomes = engine
+                .challenge(asks)
+                .await
+                .map_err(|e| MarketError::Store(e.to_string()))?;
+            for o in outcomes {
+                // Failures come through the outcome feed, as every proof's do.
+                if o.result == ProofResult::Passed
+                    && let Some(id) = ids.get(&o.peer)
+                {
+                    self.ledger
+                        .record_challenge(id, o.time, true, self.bytes_of(&o.peer))?;
+                }
+            }
+        }
+        let t = now();
+        let rules = SettleRules {
+            min_payout: self.settings.min_payout,
+            in_flight: IN_FLIGHT,
+        };
+        let mut view = MarketView {
+            contracts: contracts.len() as u64,
+            skipped: self.skipped_note(),
+            ..MarketView::default()
+        };
+        match &self.wallet {
+            Some(wallet) => {
+                view.last_settlement = match self.ledger.settle(wallet, t, rules).await {
+                    Ok(Settlement::Paid {
+                        txid, sats, payees, ..
+                    }) => format!("paid {sats} sats to {payees} holders in {txid}"),
+                    Ok(Settlement::Waiting) => {
+                        "waiting: an interrupted settlement is not decided yet".into()
+                    }
+                    Ok(Settlement::Nothing) => self
+                        .view
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .last_settlement
+                        .clone(),
+                    Err(e) => {
+                        warn!(error = %e, "a settlement failed; it is tried again next time");
+                        format!("failed: {e}")
+                    }
+                };
+                view.balance_sats = match wallet.balance().await {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        warn!(error = %e, "cannot read the wallet's balance");
+                        None
+                    }
+                };
+            }
+            None => {
+                self.ledger.close_periods(t)?;
+            }
+        }
+        view.cost_per_period = self.ledger.cost_per_period()?;
+        view.paid_sats = self
+            .ledger
+            .periods()?
+            .iter()
+            .map(|(_, _, r)| match r.state {
+                PeriodState::Paid { sats, .. } => sats,
+                _ => 0,
+            })
+            .sum();
+        if let Some(balance) = view.balance_sats {
+            // What is owed and not yet sent comes out of the balance first.
+            let free = balance.saturating_sub(self.ledger.owed()?);
+            let funded = funded_periods(free, view.cost_per_period);
+            view.funded_periods = Some(funded);
+            view.low_balance = funded < self.settings.min_periods_funded;
+            if view.low_balance {
+                let period = t / self.settings.period.max(1);
+                let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+                if *warned != Some(period) {
+                    *warned = Some(period);
+                    warn!(
+                        balance_sats = balance,
+                        cost_per_period = view.cost_per_period,
+                        funded_periods = funded,
+                        min_periods_funded = self.settings.min_periods_funded,
+                        "the wallet's balance is low: fund it, or holders go unpaid"
+                    );
+                }
+            }
+        }
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = view;
+        Ok(challenged)
+    }
+
+    fn skipped_note(&self) -> String {
+        let skipped = self.skipped.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+        for why in skipped.values() {
+            // Reasons without their figures, to count alike ones together.
+            let kind = if why.contains("max_price") {
+                "over max_price"
+            } else if why.contains("wallet") {
+                "priced, and no wallet is configured (set bitcoin_rpc_url to pay)"
+            } else if why.contains("period") {
+                "for another period length"
+            } else {
+                "refused a contract"
+            };
+            *reasons.entry(kind).or_default() += 1;
+        }
+        if reasons.is_empty() {
+            return String::new();
+        }
+        let parts: Vec<String> = reasons
+            .iter()
+            .map(|(why, n)| format!("{n} {why}"))
+            .collect();
+        format!("paid offers skipped: {}", parts.join("; "))
+    }
+
+    /// The market's figures as of the last tick.
+    pub fn view(&self) -> MarketView {
+        let mut v = self.view.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        v.contracts = self
+            .contracts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len() as u64;
+        v.skipped = self.skipped_note();
+        v
+    }
+
+    /// Offers seen.
+    pub fn offers(&self) -> Vec<OfferView> {
+        let t = now();
+        let skipped = self.skipped.lock().unwrap_or_else(|p| p.into_inner());
+        let offers = self.offers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<OfferView> = offers
+            .iter()
+            .map(|(peer, (seen, s))| {
+                let age_secs = t.saturating_sub(*seen);
+                match s {
+                    Seen::Offer(o) => OfferView {
+                        peer: peer.to_string(),
+                        price: o.price,
+                        room: o.room,
+                        min_duration: o.min_duration,
+                        period: o.period,
+                        age_secs,
+                        skipped: skipped.get(peer).cloned().unwrap_or_default(),
+                    },
+                    Seen::Free => OfferView {
+                        peer: peer.to_string(),
+                        price: 0,
+                        room: 0,
+                        min_duration: 0,
+                        period: 0,
+                        age_secs,
+                        skipped: String::new(),
+                    },
+                    Seen::Bad(why) => OfferView {
+                        peer: peer.to_string(),
+                        price: 0,
+                        room: 0,
+                        min_duration: 0,
+                        period: 0,
+                        age_secs,
+                        skipped: why.clone(),
+                    },
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (a.price, &a.peer).cmp(&(b.price, &b.peer)));
+        out
+    }
+
+    /// Contracts, with what each period came to.
+    pub fn contract_views(
+        &self,
+        dropped: &HashSet<PeerId>,
+    ) -> Result<Vec<ContractView>, MarketError> {
+        let periods = self.ledger.periods()?;
+        let mut out = Vec::new();
+        for c in self.ledger.contracts()? {
+            let holder = c.terms.holder()?;
+            let mut v = ContractView {
+                id: hex(&c.terms.id),
+                owner: c.terms.owner().map(|p| p.to_string()).unwrap_or_default(),
+                holder: holder.to_string(),
+                bytes: self.bytes_of(&holder),
+                price: c.terms.price,
+                start: c.terms.start,
+                period_secs: c.terms.period,
+                min_duration: c.terms.min_duration,
+                periods_passed: 0,
+                periods_failed: 0,
+                periods_paid: 0,
+                paid_sats: 0,
+                state: if dropped.contains(&holder) {
+                    "dropped".into()
+                } else {
+                    "active".into()
+                },
+            };
+            for (_, _, row) in periods.iter().filter(|(id, _, _)| *id == c.terms.id) {
+                match row.state {
+                    PeriodState::Open => {}
+                    PeriodState::Unpaid if row.failed > 0 => v.periods_failed += 1,
+                    PeriodState::Unpaid => {}
+                    PeriodState::Due(_) | PeriodState::Batched { .. } => v.periods_passed += 1,
+                    PeriodState::Paid { sats, .. } => {
+                        v.periods_passed += 1;
+                        v.periods_paid += 1;
+                        v.paid_sats += sats;
+                    }
+                }
+            }
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    /// Payments made: one line per period paid, with its transaction.
+    pub fn payments(&self) -> Result<Vec<PaymentView>, MarketError> {
+        let holders: HashMap<ContractId, String> = self
+            .ledger
+            .contracts()?
+            .iter()
+            .map(|c| {
+                (
+                    c.terms.id,
+                    c.terms.holder().map(|h| h.to_string()).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (_, b) in self.ledger.batches()? {
+            if let crate::ledger::BatchState::Sent(txid) = &b.state {
+                for (id, period, sats) in &b.items {
+                    out.push(PaymentView {
+                        txid: txid.clone(),
+                        holder: holders.get(id).cloned().unwrap_or_default(),
+                        contract: hex(id),
+                        period: *period,
+                        sats: *sats,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl<P: Payments + 'static> Market for OwnerMarket<P> {
+    fn choose<'a>(
+        &'a self,
+        _score: &'a Score,
+        len: u64,
+        need: usize,
+        candidates: Vec<(PeerId, u64)>,
+    ) -> BoxFuture<'a, Vec<(PeerId, Option<u64>)>> {
+        Box::pin(self.choose_inner(len, need, candidates))
+    }
+
+    fn placed(&self, peer: &PeerId, score: &Score, len: u64) {
+        let Some(c) = self.contract_of(peer) else {
+            return;
+        };
+        let full = {
+            let mut placed = self.placed.lock().unwrap_or_else(|p| p.into_inner());
+            placed.push((c.terms.id, *score, len));
+            placed.len() >= PLACED_BATCH
+        };
+        if full && let Err(e) = self.flush_placed() {
+            warn!(error = %e, "cannot record blocks placed under contracts");
+        }
+    }
+}
+
+/// The `market` worker: [`OwnerMarket::tick`] several times a period.
+struct MarketWorker<P: Payments> {
+    market: Arc<OwnerMarket<P>>,
+    engine: Arc<Engine>,
+}
+
+impl<P: Payments + 'static> Worker for MarketWorker<P> {
+    fn name(&self) -> &'static str {
+        "market"
+    }
+
+    fn step(&mut self) -> BoxFuture<'_, Result<Step, String>> {
+        Box::pin(async move {
+            let done = self
+                .market
+                .tick(&self.engine)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(Step::Idle { done })
+        })
+    }
+}
