@@ -638,6 +638,10 @@ impl Daemon {
                 status.balance_sats = m.balance_sats;
                 status.funded_periods = m.funded_periods;
                 status.low_balance = m.low_balance;
+                if r.under_replicated > 0 && !m.skipped.is_empty() {
+                    // Why the peers that could take them did not.
+                    r.note = format!("{}; {}", r.note, m.skipped);
+                }
                 status.market_note = m.skipped;
             }
         }

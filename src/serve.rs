@@ -215,6 +215,7 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
                         min_duration: c.terms.min_duration,
                         periods_passed: 0,
                         periods_failed: 0,
+                        failed_periods: Vec::new(),
                         periods_paid: 0,
                         paid_sats: 0,
                         state: "active".into(),

@@ -15,6 +15,7 @@ use common::*;
 use fincrypt_blockstore::Score;
 use fincrypt_market::contract::{CONTRACT_VERSION, Contract, Terms};
 use fincrypt_market::offer::SignedOffer;
+use fincrypt_market::wallet::Payments;
 use fincrypt_net::{Client, ErrorCode, Keypair, Multiaddr, Node, NodeConfig, PeerId};
 
 /// An owner's node in this process, connected to `addr`'s node.
@@ -284,13 +285,15 @@ struct Miner {
 }
 
 impl Miner {
-    fn start(bitcoin: &std::sync::Arc<regtest::Regtest>) -> Miner {
+    /// Mines to `address`: outside the wallet, its balance changes only by
+    /// what the test and the owner do.
+    fn start(bitcoin: &std::sync::Arc<regtest::Regtest>, address: &str) -> Miner {
+        let address = address.to_owned();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (b, s) = (bitcoin.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
             while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                rt.block_on(b.mine(1));
+                b.cli(&["generatetoaddress", "1", &address]);
                 std::thread::sleep(Duration::from_secs(1));
             }
         });
@@ -310,83 +313,178 @@ impl Drop for Miner {
     }
 }
 
-#[test]
-fn an_owner_contracts_the_cheapest_holders_and_pays_each_proven_period_in_one_transaction() {
-    let bitcoin = std::sync::Arc::new(regtest::Regtest::start());
-    let env = bitcoin.env.clone();
-    // Satoshis per GiB per period. The issue's 10/20/50 (max 30) scaled by
-    // 10,000: test-sized data at 10 sats per GiB would be due 0 sats a
-    // period, and an output under 546 sats is dust no node relays.
-    let prices = [100_000u64, 200_000, 500_000];
-    let homes: Vec<tempfile::TempDir> = prices
-        .iter()
-        .map(|_| tempfile::tempdir().unwrap())
-        .collect();
-    let mut nodes: Vec<Served> = prices
-        .iter()
-        .zip(&homes)
-        .map(|(price, home)| {
-            let price = price.to_string();
-            serve_with(
-                home.path(),
-                &[
+/// Three priced storage nodes, an owner mounted over them with
+/// `max_price` 300,000 and redundancy 2, a real regtest node paying, and a
+/// file of 8 MiB placed.
+struct Paid {
+    bitcoin: std::sync::Arc<regtest::Regtest>,
+    /// Satoshis per GiB per period. The issue's 10/20/50 (max 30) scaled by
+    /// 10,000: test-sized data at 10 sats per GiB would be due 0 sats a
+    /// period, and an output under 546 sats is dust no node relays.
+    prices: [u64; 3],
+    homes: Vec<tempfile::TempDir>,
+    nodes: Vec<Served>,
+    peers: Vec<String>,
+    owner_env: Vec<(String, String)>,
+    /// The owner's mount (`None` only while it restarts).
+    mount: Option<Mount>,
+    /// Addresses of another regtest node's wallet: outside the owner's.
+    outside: Vec<String>,
+    _other: regtest::Regtest,
+}
+
+impl Paid {
+    fn start(extra: &[(&str, &str)]) -> Paid {
+        Paid::start_paying(extra, false)
+    }
+
+    /// With `outside`, the two cheaper nodes are paid to addresses outside
+    /// the wallet, so that payments lower its balance.
+    fn start_paying(extra: &[(&str, &str)], pay_outside: bool) -> Paid {
+        let bitcoin = std::sync::Arc::new(regtest::Regtest::start());
+        let env = bitcoin.env.clone();
+        let other = regtest::Regtest::start();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let outside: Vec<String> = (0..3)
+            .map(|_| rt.block_on(other.wallet().new_address()).unwrap())
+            .collect();
+        let prices = [100_000u64, 200_000, 500_000];
+        let homes: Vec<tempfile::TempDir> = prices
+            .iter()
+            .map(|_| tempfile::tempdir().unwrap())
+            .collect();
+        let nodes: Vec<Served> = prices
+            .iter()
+            .zip(&homes)
+            .enumerate()
+            .map(|(i, (price, home))| {
+                let price = price.to_string();
+                let mut args = vec![
                     "--listen",
                     "/ip4/127.0.0.1/tcp/0",
                     "--capacity",
                     "1GiB",
                     "--price",
                     &price,
-                ],
-                |cmd| {
+                ];
+                if pay_outside && i < 2 {
+                    args.extend(["--payout-address", outside[i + 1].as_str()]);
+                }
+                serve_with(home.path(), &args, |cmd| {
                     cmd.envs(env.clone()).env("FINCRYPT_PERIOD", PERIOD);
-                },
-            )
-        })
-        .collect();
-    let payouts: Vec<String> = nodes
-        .iter_mut()
-        .map(|n| {
-            let line = n
-                .said(|l| l.contains("paid to"))
-                .expect("the payout address is said");
-            line.rsplit(' ').next().unwrap().to_owned()
-        })
-        .collect();
-
-    let mut owner_env: Vec<(String, String)> = env.clone();
-    for (k, v) in [
-        ("FINCRYPT_PERIOD", PERIOD),
-        ("FINCRYPT_MAX_PRICE", "300000"),
-        ("FINCRYPT_REDUNDANCY", "2"),
-        ("FINCRYPT_REPLICATE_INTERVAL", "1"),
-        // Nothing new to place once the file is: the bytes held stay put.
-        ("FINCRYPT_SNAPSHOT_INTERVAL", "0"),
-        ("FINCRYPT_PUBLISH_INTERVAL", "0"),
-    ] {
-        owner_env.push((k.into(), v.into()));
+                })
+            })
+            .collect();
+        let peers = homes
+            .iter()
+            .map(|h| status(h.path())["peer_id"].as_str().unwrap().to_owned())
+            .collect();
+        let mut owner_env: Vec<(String, String)> = env.clone();
+        for (k, v) in [
+            ("FINCRYPT_PERIOD", PERIOD),
+            ("FINCRYPT_MAX_PRICE", "300000"),
+            ("FINCRYPT_REDUNDANCY", "2"),
+            ("FINCRYPT_REPLICATE_INTERVAL", "1"),
+            // Nothing new to place once the file is: the bytes held stay put.
+            ("FINCRYPT_SNAPSHOT_INTERVAL", "0"),
+            ("FINCRYPT_PUBLISH_INTERVAL", "0"),
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        {
+            owner_env.retain(|(key, _)| key != k);
+            owner_env.push((k.into(), v.into()));
+        }
+        let mut opts = mount_opts(&nodes, &[]);
+        opts.env = owner_env.clone();
+        let m = Mount::start_with(init_home(), opts);
+        std::fs::write(m.path().join("data"), random_bytes(7, 8 << 20)).unwrap();
+        // Durable, so that a daemon killed later still has it.
+        ctl_ok(m.home(), &["sync"]);
+        let p = Paid {
+            bitcoin,
+            prices,
+            homes,
+            nodes,
+            peers,
+            owner_env,
+            mount: Some(m),
+            outside,
+            _other: other,
+        };
+        // The two nodes within max_price take every block of ours, under contract.
+        let mut last = (0, 0);
+        let mut steady_since = std::time::Instant::now();
+        wait_until(
+            "the file placed on the two cheaper nodes",
+            Duration::from_secs(120),
+            || {
+                let now = (p.held(0), p.held(1));
+                if now != last {
+                    last = now;
+                    steady_since = std::time::Instant::now();
+                }
+                now.0 >= 8 << 20
+                    && now.1 >= 8 << 20
+                    && steady_since.elapsed() > Duration::from_secs(3)
+            },
+        );
+        p
     }
-    let mut opts = mount_opts(&nodes, &[]);
-    opts.env = owner_env;
-    let m = Mount::start_with(init_home(), opts);
-    let _miner = Miner::start(&bitcoin);
-    std::fs::write(m.path().join("data"), random_bytes(7, 8 << 20)).unwrap();
 
-    // The two nodes within max_price take every block of ours, under contract; the third none.
-    let held = |i: usize| number(&status(homes[i].path()), "held_bytes");
-    let mut last = (0, 0);
-    let mut steady_since = std::time::Instant::now();
-    wait_until(
-        "the file placed on the two cheaper nodes",
-        Duration::from_secs(120),
-        || {
-            let now = (held(0), held(1));
-            if now != last {
-                last = now;
-                steady_since = std::time::Instant::now();
-            }
-            now.0 >= 8 << 20 && now.1 >= 8 << 20 && steady_since.elapsed() > Duration::from_secs(3)
-        },
-    );
+    fn m(&self) -> &Mount {
+        self.mount.as_ref().unwrap()
+    }
+
+    /// Unmounts the owner and mounts it again with `env` added.
+    fn restart_owner(&mut self, env: &[(&str, &str)]) {
+        let home = self.mount.take().unwrap().unmount();
+        for (k, v) in env {
+            self.owner_env.retain(|(key, _)| key != k);
+            self.owner_env.push((k.to_string(), v.to_string()));
+        }
+        let mut opts = mount_opts(&self.nodes, &[]);
+        opts.env = self.owner_env.clone();
+        self.mount = Some(Mount::start_with(home, opts));
+    }
+
+    fn held(&self, i: usize) -> u64 {
+        number(&status(self.homes[i].path()), "held_bytes")
+    }
+
+    /// What one period of holder `i` holding `bytes` costs.
+    fn due(&self, i: usize, bytes: u64) -> u64 {
+        ((self.prices[i] as u128 * bytes as u128) >> 30) as u64
+    }
+
+    /// Payments to holder `i` in the owner's `wallet --json`.
+    fn payments<'a>(&self, wallet: &'a serde_json::Value, i: usize) -> Vec<&'a serde_json::Value> {
+        wallet["payments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["holder"] == self.peers[i].as_str())
+            .collect()
+    }
+
+    /// The owner's contract with holder `i`.
+    fn contract(&self, i: usize) -> serde_json::Value {
+        let contracts = ctl_json(self.m().home(), &["market", "contracts"]);
+        contracts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["holder"] == self.peers[i].as_str())
+            .unwrap_or_else(|| panic!("a contract with holder {i}: {contracts}"))
+            .clone()
+    }
+}
+
+#[test]
+fn an_owner_contracts_the_cheapest_holders_and_pays_each_proven_period_in_one_transaction() {
+    let p = Paid::start(&[]);
+    let _miner = Miner::start(&p.bitcoin, &p.outside[0]);
+    let (homes, m, peers, prices) = (&p.homes, p.m(), &p.peers, p.prices);
     let st = status(m.home());
     assert_eq!(number(&st, "contracts"), 2, "{st}");
     assert!(
@@ -405,26 +503,17 @@ fn an_owner_contracts_the_cheapest_holders_and_pays_each_proven_period_in_one_tr
     for h in &homes[..2] {
         assert_eq!(number(&status(h.path()), "contracts"), 1);
     }
-    let bytes = [held(0), held(1)];
+    let bytes = [p.held(0), p.held(1)];
     let offers = ctl_json(m.home(), &["market", "offers"]);
     assert_eq!(offers.as_array().unwrap().len(), 3, "{offers}");
 
     // Several periods later: each holder paid price x GiB held for each
     // period, to the satoshi, and each settlement is one transaction.
-    let peer_of = |i: usize| {
-        status(homes[i].path())["peer_id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    let peers = [peer_of(0), peer_of(1)];
-    let due = |i: usize| ((prices[i] as u128 * bytes[i] as u128) >> 30) as u64;
+    let due = |i: usize| p.due(i, bytes[i]);
     let paid_periods = |w: &serde_json::Value, i: usize| {
-        w["payments"]
-            .as_array()
-            .unwrap()
+        p.payments(w, i)
             .iter()
-            .filter(|p| p["holder"] == peers[i].as_str() && p["sats"].as_u64() == Some(due(i)))
+            .filter(|x| x["sats"].as_u64() == Some(due(i)))
             .count()
     };
     let mut wallet = serde_json::Value::Null;
@@ -439,18 +528,19 @@ fn an_owner_contracts_the_cheapest_holders_and_pays_each_proven_period_in_one_tr
     let payments = wallet["payments"].as_array().unwrap().clone();
     let mut seen = std::collections::HashSet::new();
     let mut by_tx: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
-    for p in &payments {
+    for x in &payments {
         let key = (
-            p["contract"].as_str().unwrap().to_owned(),
-            p["period"].as_u64().unwrap(),
+            x["contract"].as_str().unwrap().to_owned(),
+            x["period"].as_u64().unwrap(),
         );
         assert!(seen.insert(key), "a period paid twice: {wallet}");
         let i = peers
             .iter()
-            .position(|x| p["holder"] == x.as_str())
+            .position(|h| x["holder"] == h.as_str())
             .expect("a contracted holder");
+        assert!(i < 2, "only the two cheaper nodes are paid: {wallet}");
         by_tx
-            .entry(p["txid"].as_str().unwrap().to_owned())
+            .entry(x["txid"].as_str().unwrap().to_owned())
             .or_default()
             .push(i);
     }
@@ -460,18 +550,11 @@ fn an_owner_contracts_the_cheapest_holders_and_pays_each_proven_period_in_one_tr
             .any(|who| who.contains(&0) && who.contains(&1)),
         "one transaction pays both holders: {by_tx:?}"
     );
-    for (i, p) in payouts.iter().enumerate().take(2) {
-        let contracts = ctl_json(m.home(), &["market", "contracts"]);
-        let c = contracts
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["holder"] == peers[i].as_str())
-            .unwrap_or_else(|| panic!("a contract with holder {i}: {contracts}"));
+    for i in 0..2 {
+        let c = p.contract(i);
         assert_eq!(c["bytes"].as_u64(), Some(bytes[i]), "{c}");
         assert_eq!(c["price"].as_u64(), Some(prices[i]), "{c}");
         assert_eq!(c["periods_failed"].as_u64(), Some(0), "{c}");
-        assert!(!p.is_empty());
     }
 
     // Each holder's wallet received exactly what the owner says it paid,
@@ -479,22 +562,12 @@ fn an_owner_contracts_the_cheapest_holders_and_pays_each_proven_period_in_one_tr
     // (`wallet` was read before: later settlements may not be mined yet.)
     drop(_miner);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(bitcoin.mine(1));
+    rt.block_on(p.bitcoin.mine(1));
     for i in 0..2 {
-        let sent: u64 = wallet["payments"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| p["holder"] == peers[i].as_str())
-            .map(|p| p["sats"].as_u64().unwrap())
-            .sum();
-        let txids: std::collections::BTreeSet<&str> = wallet["payments"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| p["holder"] == peers[i].as_str())
-            .map(|p| p["txid"].as_str().unwrap())
-            .collect();
+        let mine = p.payments(&wallet, i);
+        let sent: u64 = mine.iter().map(|x| x["sats"].as_u64().unwrap()).sum();
+        let txids: std::collections::BTreeSet<&str> =
+            mine.iter().map(|x| x["txid"].as_str().unwrap()).collect();
         let income = ctl_json(homes[i].path(), &["wallet"]);
         let got: Vec<&serde_json::Value> = income["income"]
             .as_array()
@@ -514,5 +587,199 @@ fn an_owner_contracts_the_cheapest_holders_and_pays_each_proven_period_in_one_tr
             "{income}"
         );
     }
-    drop(m);
+    drop(p);
+}
+
+#[test]
+fn a_holder_with_a_wrong_proof_is_not_paid_for_that_period_and_its_blocks_move_only_within_max_price()
+ {
+    let mut p = Paid::start(&[("FINCRYPT_PROOF_INTERVAL", "1")]);
+    let _miner = Miner::start(&p.bitcoin, &p.outside[0]);
+    wait_until("a period paid to holder 1", Duration::from_secs(60), || {
+        !p.payments(&ctl_json(p.m().home(), &["wallet"]), 1)
+            .is_empty()
+    });
+
+    // Holder 1's held blocks now hold zeros.
+    let mut files = Vec::new();
+    files_under(&p.homes[1].path().join("held").join("blocks"), &mut files);
+    assert!(!files.is_empty(), "holder 1 holds blocks");
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len() as usize;
+        std::fs::write(f, vec![0u8; len]).unwrap();
+    }
+    // Its next challenge fails: the contract ends, that period goes unpaid,
+    // and its blocks can go nowhere else within max_price.
+    wait_until(
+        "holder 1's contract ended and its period failed",
+        Duration::from_secs(60),
+        || {
+            let c = p.contract(1);
+            c["state"]
+                .as_str()
+                .unwrap()
+                .starts_with("ended: a wrong proof")
+                && c["periods_failed"].as_u64().unwrap() >= 1
+        },
+    );
+    wait_until("blocks short of copies", Duration::from_secs(60), || {
+        number(&status(p.m().home()), "under_replicated") > 0
+    });
+    let st = status(p.m().home());
+    let note = st["replication"]["note"].as_str().unwrap();
+    assert!(
+        note.contains("1 over max_price"),
+        "under_replicated says why: {note}"
+    );
+    let c = p.contract(1);
+    let failed: Vec<u64> = c["failed_periods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    let wallet = ctl_json(p.m().home(), &["wallet"]);
+    for x in p.payments(&wallet, 1) {
+        let period = x["period"].as_u64().unwrap();
+        assert!(
+            !failed.contains(&period),
+            "failed period {period} paid: {wallet}"
+        );
+    }
+    assert_eq!(number(&status(p.homes[2].path()), "held_blocks"), 0);
+
+    // With max_price above the dear node's price, the blocks move there, under contract.
+    p.restart_owner(&[("FINCRYPT_MAX_PRICE", "600000")]);
+    wait_until(
+        "holder 1's blocks placed on the dear node",
+        Duration::from_secs(120),
+        || {
+            number(&status(p.m().home()), "under_replicated") == 0
+                && number(&status(p.homes[2].path()), "contracts") == 1
+                && p.held(2) >= 8 << 20
+        },
+    );
+    let c = p.contract(2);
+    assert_eq!(c["price"].as_u64(), Some(p.prices[2]), "{c}");
+    assert!(
+        p.contract(1)["state"]
+            .as_str()
+            .unwrap()
+            .starts_with("ended"),
+        "the ended contract stays ended after a restart"
+    );
+    drop(p);
+}
+
+/// Payments the owner's `wallet` lists, each (contract, period) at most once.
+fn paid_once(wallet: &serde_json::Value) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    for x in wallet["payments"].as_array().unwrap() {
+        let key = (
+            x["contract"].as_str().unwrap().to_owned(),
+            x["period"].as_u64().unwrap(),
+        );
+        assert!(seen.insert(key), "a period paid twice: {wallet}");
+    }
+    seen.len()
+}
+
+/// Whether every period the owner's contracts with holders 0 and 1 passed is paid.
+fn all_passed_paid(p: &Paid) -> bool {
+    (0..2).all(|i| {
+        let c = p.contract(i);
+        c["periods_passed"] == c["periods_paid"] && c["periods_paid"].as_u64().unwrap() > 0
+    })
+}
+
+#[test]
+fn an_owner_killed_ten_times_while_settling_pays_each_proven_period_exactly_once() {
+    let mut p = Paid::start(&[]);
+    let _miner = Miner::start(&p.bitcoin, &p.outside[0]);
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill moments from seed {seed}");
+    let mut rng = Rng::new(seed);
+    for _ in 0..10 {
+        // A moment within the next period: settlements run five times a period.
+        std::thread::sleep(Duration::from_millis(rng.range(200, 4_000)));
+        let home = p.mount.take().unwrap().kill9();
+        let mut opts = mount_opts(&p.nodes, &[]);
+        opts.env = p.owner_env.clone();
+        p.mount = Some(Mount::start_with(home, opts));
+    }
+    wait_until(
+        "every period that passed paid",
+        Duration::from_secs(120),
+        || all_passed_paid(&p),
+    );
+    let wallet = ctl_json(p.m().home(), &["wallet"]);
+    assert!(paid_once(&wallet) >= 2, "{wallet}");
+    // What each holder received is what the owner recorded paying it: no
+    // transaction the ledger does not know of.
+    drop(_miner);
+    for i in 0..2 {
+        let sent: u64 = p
+            .payments(&wallet, i)
+            .iter()
+            .map(|x| x["sats"].as_u64().unwrap())
+            .sum();
+        let income = ctl_json(p.homes[i].path(), &["wallet"]);
+        let got: u64 = income["income"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["sats"].as_u64().unwrap())
+            .sum();
+        assert_eq!(got, sent, "holder {i}: {income} against {wallet}");
+    }
+    drop(p);
+}
+
+#[test]
+#[ignore = "open (issue 16 note): after the drain, the regtest node stops mining and the \
+            owner's workers stop stepping; not yet understood"]
+fn a_wallet_running_low_is_said_before_payments_fail_and_nothing_is_lost() {
+    let mut p = Paid::start_paying(&[("FINCRYPT_MIN_PERIODS_FUNDED", "5")], true);
+    let _miner = Miner::start(&p.bitcoin, &p.outside[0]);
+    wait_until("a period paid", Duration::from_secs(60), || {
+        paid_once(&ctl_json(p.m().home(), &["wallet"])) > 0
+    });
+    // All but about three periods' worth leaves the wallet.
+    let cost = p.due(0, p.held(0)) + p.due(1, p.held(1));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let balance = rt.block_on(p.bitcoin.wallet().balance()).unwrap();
+    let keep = 3 * cost + 2_000;
+    let gone = fincrypt_market::wallet::coins(balance - keep - 1_000);
+    p.bitcoin.cli(&["sendtoaddress", &p.outside[0], &gone]);
+    wait_until("low_balance", Duration::from_secs(60), || {
+        status(p.m().home())["low_balance"] == true
+    });
+    wait_until("a payment refused", Duration::from_secs(120), || {
+        let w = ctl_json(p.m().home(), &["wallet"]);
+        w["last_settlement"].as_str().unwrap().starts_with("failed")
+    });
+    let log = p.m().stderr();
+    let warned = log
+        .find("balance is low")
+        .expect("the low balance is logged");
+    let failed = log
+        .find("refused a settlement")
+        .expect("the refusal is logged");
+    assert!(warned < failed, "warned before payments failed: {log}");
+
+    // Funded again: every period that passed is paid, once.
+    let address = rt.block_on(p.bitcoin.wallet().new_address()).unwrap();
+    p.bitcoin.cli(&["generatetoaddress", "101", &address]);
+    wait_until(
+        "every period that passed paid",
+        Duration::from_secs(120),
+        || all_passed_paid(&p),
+    );
+    let wallet = ctl_json(p.m().home(), &["wallet"]);
+    assert!(paid_once(&wallet) >= 2, "{wallet}");
+    let _ = &mut p;
+    drop(p);
 }

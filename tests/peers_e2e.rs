@@ -9,7 +9,8 @@ use std::time::Duration;
 mod common;
 
 use common::{
-    Mount, Served, StartOptions, ctl, ctl_ok, init_home, mount_opts, number, status, text,
+    Mount, Served, StartOptions, ctl, ctl_ok, files_under, init_home, mount_opts, number, status,
+    text,
 };
 
 /// Blocks the nodes under `homes` hold for others, in all.
@@ -18,18 +19,6 @@ fn held_blocks(homes: &[tempfile::TempDir]) -> u64 {
         .iter()
         .map(|h| number(&status(h.path()), "held_blocks"))
         .sum()
-}
-
-/// Every regular file under `dir`, recursively.
-fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap().map_while(Result::ok) {
-        let t = e.file_type().unwrap();
-        if t.is_dir() {
-            files_under(&e.path(), out);
-        } else if t.is_file() {
-            out.push(e.path());
-        }
-    }
 }
 
 /// Four serve nodes and a mount bootstrapped to them, with `env` for the mount.

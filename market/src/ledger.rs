@@ -45,6 +45,8 @@ const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
 /// (contract id, score) -> the block's length: blocks placed on a
 /// contract's holder, whose bytes the contract pays for while the holder keeps them.
 const PLACED: TableDefinition<[u8; 48], u64> = TableDefinition::new("placed");
+/// Contracts ended by the owner: id -> postcard (Unix time, why).
+const ENDED: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("ended");
 /// `version`, `next_batch`, `ledger_id`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LEDGER_VERSION: u64 = 1;
@@ -224,6 +226,7 @@ impl Ledger {
         txn.open_table(PERIODS)?;
         txn.open_table(BATCHES)?;
         txn.open_table(PLACED)?;
+        txn.open_table(ENDED)?;
         txn.commit()?;
         Ok(Ledger {
             db,
@@ -267,6 +270,31 @@ impl Ledger {
             .get(id)?
             .ok_or_else(|| MarketError::Store(format!("no contract {}", hex(id))))?;
         Contract::decode(row.value())
+    }
+
+    /// Ends contract `id` at Unix time `at`: no new blocks go to its holder.
+    /// Periods already proven are still paid.
+    pub fn end_contract(&self, id: &ContractId, at: u64, why: &str) -> Result<(), MarketError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(ENDED)?;
+            if t.get(id)?.is_none() {
+                t.insert(id, enc(&(at, why.to_owned()))?.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Contracts ended, with when and why.
+    pub fn ended(&self) -> Result<BTreeMap<ContractId, (u64, String)>, MarketError> {
+        let txn = self.db.begin_read()?;
+        let mut out = BTreeMap::new();
+        for row in txn.open_table(ENDED)?.iter()? {
+            let (k, v) = row?;
+            out.insert(k.value(), dec(v.value(), "ended contract")?);
+        }
+        Ok(out)
     }
 
     /// Records blocks placed on contracts' holders: (contract, score, length).

@@ -46,8 +46,6 @@ const PARALLEL_OFFERS: usize = 16;
 /// Seconds a `sendmany` may still be running in the node after its intent
 /// was recorded (see [`SettleRules::in_flight`]).
 const IN_FLIGHT: u64 = 600;
-/// Placements kept in memory before they are written to the ledger.
-const PLACED_BATCH: usize = 256;
 
 /// How offers are ranked and what is offered in turn.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,8 +155,11 @@ enum Seen {
     Offer(Offer),
     /// It makes none: it stores for free.
     Free,
-    /// It gave an offer that cannot be used, or none could be read.
+    /// It gave an offer that cannot be used.
     Bad(String),
+    /// None could be read (unreachable, timed out): its room decides, as
+    /// without a market (a priced node shows none without a contract).
+    Unknown(String),
 }
 
 /// An offer seen, for `fincryptctl market offers`.
@@ -194,6 +195,8 @@ pub struct ContractView {
     pub periods_passed: u64,
     /// Periods ended with a failed challenge.
     pub periods_failed: u64,
+    /// Those periods, by number (0: the one the contract starts in).
+    pub failed_periods: Vec<u64>,
     /// Periods paid by a sent transaction.
     pub periods_paid: u64,
     /// Satoshis paid under it.
@@ -241,9 +244,12 @@ pub struct OwnerMarket<P: Payments> {
     offers: Mutex<HashMap<PeerId, (u64, Seen)>>,
     /// Contracts by holder.
     contracts: RwLock<HashMap<PeerId, Contract>>,
+    /// Holders whose contract the owner ended (a wrong proof): no new blocks.
+    ended: RwLock<HashSet<PeerId>>,
     /// One contract negotiation at a time, so a holder is not asked twice.
     contracting: tokio::sync::Mutex<()>,
-    /// Placements on contracted holders not yet written to the ledger.
+    /// Placements on contracted holders not yet written to the ledger
+    /// (they are before the manifest names the holders: [`Market::persist`]).
     placed: Mutex<Vec<(ContractId, Score, u64)>>,
     /// Bytes each contracted holder keeps for us, as of the last tick.
     bytes: Mutex<HashMap<PeerId, u64>>,
@@ -271,8 +277,14 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         wallet: Option<P>,
     ) -> Result<Arc<OwnerMarket<P>>, MarketError> {
         let mut contracts = HashMap::new();
+        let mut ended = HashSet::new();
+        let ended_ids = ledger.ended()?;
         for c in ledger.contracts()? {
-            contracts.insert(c.terms.holder()?, c);
+            let holder = c.terms.holder()?;
+            if ended_ids.contains_key(&c.terms.id) {
+                ended.insert(holder);
+            }
+            contracts.insert(holder, c);
         }
         Ok(Arc::new(OwnerMarket {
             keypair,
@@ -282,6 +294,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             wallet,
             offers: Mutex::new(HashMap::new()),
             contracts: RwLock::new(contracts),
+            ended: RwLock::new(ended),
             contracting: tokio::sync::Mutex::new(()),
             placed: Mutex::new(Vec::new()),
             bytes: Mutex::new(HashMap::new()),
@@ -301,14 +314,14 @@ impl<P: Payments + 'static> OwnerMarket<P> {
     pub fn start(self: &Arc<Self>, engine: &Arc<Engine>, workers: &fincrypt_engine::Workers) {
         engine.replicator.set_market(self.clone());
         let mut outcomes = engine.prover.subscribe();
-        let market = self.clone();
+        let (market, e) = (self.clone(), engine.clone());
         workers.handle().spawn(async move {
             use tokio::sync::broadcast::error::RecvError;
             loop {
                 match outcomes.recv().await {
                     // Passes are counted by the ticks' own challenges; a
                     // failure anywhere counts against the period.
-                    Ok(o) if o.result != ProofResult::Passed => market.failed(&o.peer, o.time),
+                    Ok(o) if o.result != ProofResult::Passed => market.failed(&o, &e),
                     Ok(_) => {}
                     Err(RecvError::Lagged(n)) => {
                         warn!(missed = n, "the market fell behind the proof outcomes");
@@ -334,14 +347,49 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             .cloned()
     }
 
-    fn failed(&self, peer: &PeerId, at: u64) {
+    /// A contracted holder failed a challenge: its period goes unpaid and,
+    /// for a wrong proof (the block is lost or it lied), the contract ends
+    /// and its blocks go elsewhere. No answer at all is left to the
+    /// engine's consecutive-failure rule.
+    fn failed(&self, o: &fincrypt_engine::ProofOutcome, engine: &Engine) {
+        let peer = &o.peer;
         let Some(c) = self.contract_of(peer) else {
             return;
         };
         let bytes = self.bytes_of(peer);
-        if let Err(e) = self.ledger.record_challenge(&c.terms.id, at, false, bytes) {
+        if let Err(e) = self
+            .ledger
+            .record_challenge(&c.terms.id, o.time, false, bytes)
+        {
             warn!(holder = %peer, error = %e, "cannot record a failed challenge");
         }
+        if o.result != ProofResult::Wrong || self.is_ended(peer) {
+            return;
+        }
+        let why = format!("a wrong proof of block {}", o.score);
+        if let Err(e) = self.ledger.end_contract(&c.terms.id, o.time, &why) {
+            warn!(holder = %peer, error = %e, "cannot end a contract");
+            return;
+        }
+        self.ended
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*peer);
+        match engine.drop_holder(peer) {
+            Ok(blocks) => warn!(
+                holder = %peer,
+                blocks,
+                "a contracted holder gave a wrong proof: its contract ends and its blocks go elsewhere"
+            ),
+            Err(e) => warn!(holder = %peer, error = %e, "cannot drop a holder"),
+        }
+    }
+
+    fn is_ended(&self, peer: &PeerId) -> bool {
+        self.ended
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(peer)
     }
 
     fn bytes_of(&self, peer: &PeerId) -> u64 {
@@ -366,6 +414,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                     Some((seen, s)) => {
                         t.saturating_sub(*seen) >= OFFER_REFRESH
                             || matches!(s, Seen::Offer(o) if o.expires < t)
+                            || matches!(s, Seen::Unknown(_) if t > *seen)
                     }
                 })
                 .copied()
@@ -386,7 +435,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                 },
                 // A node that stores for free makes no offer.
                 Err(NetError::Refused { .. }) => Seen::Free,
-                Err(e) => Seen::Bad(format!("no offer could be read: {e}")),
+                Err(e) => Seen::Unknown(format!("no offer could be read: {e}")),
             };
             (p, seen)
         }))
@@ -483,6 +532,13 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         let mut usable = Vec::new();
         let mut to_contract: HashMap<PeerId, Offer> = HashMap::new();
         for (rank, peer) in peers.iter().enumerate() {
+            if self.is_ended(peer) {
+                self.skipped
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(*peer, "its contract was ended after a wrong proof".into());
+                continue;
+            }
             if let Some(c) = self.contract_of(peer) {
                 usable.push(Candidate {
                     peer: *peer,
@@ -693,7 +749,9 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
         for why in skipped.values() {
             // Reasons without their figures, to count alike ones together.
-            let kind = if why.contains("max_price") {
+            let kind = if why.contains("wrong proof") {
+                "with a contract ended after a wrong proof"
+            } else if why.contains("max_price") {
                 "over max_price"
             } else if why.contains("wallet") {
                 "priced, and no wallet is configured (set bitcoin_rpc_url to pay)"
@@ -754,7 +812,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                         age_secs,
                         skipped: String::new(),
                     },
-                    Seen::Bad(why) => OfferView {
+                    Seen::Bad(why) | Seen::Unknown(why) => OfferView {
                         peer: peer.to_string(),
                         price: 0,
                         room: 0,
@@ -776,6 +834,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         dropped: &HashSet<PeerId>,
     ) -> Result<Vec<ContractView>, MarketError> {
         let periods = self.ledger.periods()?;
+        let ended = self.ledger.ended()?;
         let mut out = Vec::new();
         for c in self.ledger.contracts()? {
             let holder = c.terms.holder()?;
@@ -790,18 +849,24 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                 min_duration: c.terms.min_duration,
                 periods_passed: 0,
                 periods_failed: 0,
+                failed_periods: Vec::new(),
                 periods_paid: 0,
                 paid_sats: 0,
-                state: if dropped.contains(&holder) {
-                    "dropped".into()
-                } else {
-                    "active".into()
+                state: match ended.get(&c.terms.id) {
+                    Some((_, why)) => format!("ended: {why}"),
+                    None if dropped.contains(&holder) => {
+                        "dropped for now: it did not answer challenges".into()
+                    }
+                    None => "active".into(),
                 },
             };
-            for (_, _, row) in periods.iter().filter(|(id, _, _)| *id == c.terms.id) {
+            for (_, n, row) in periods.iter().filter(|(id, _, _)| *id == c.terms.id) {
                 match row.state {
                     PeriodState::Open => {}
-                    PeriodState::Unpaid if row.failed > 0 => v.periods_failed += 1,
+                    PeriodState::Unpaid if row.failed > 0 => {
+                        v.periods_failed += 1;
+                        v.failed_periods.push(*n);
+                    }
                     PeriodState::Unpaid => {}
                     PeriodState::Due(_) | PeriodState::Batched { .. } => v.periods_passed += 1,
                     PeriodState::Paid { sats, .. } => {
@@ -862,14 +927,15 @@ impl<P: Payments + 'static> Market for OwnerMarket<P> {
         let Some(c) = self.contract_of(peer) else {
             return;
         };
-        let full = {
-            let mut placed = self.placed.lock().unwrap_or_else(|p| p.into_inner());
-            placed.push((c.terms.id, *score, len));
-            placed.len() >= PLACED_BATCH
-        };
-        if full && let Err(e) = self.flush_placed() {
-            warn!(error = %e, "cannot record blocks placed under contracts");
-        }
+        self.placed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((c.terms.id, *score, len));
+    }
+
+    fn persist(&self) -> Result<(), String> {
+        self.flush_placed()
+            .map_err(|e| format!("recording blocks placed under contracts: {e}"))
     }
 }
 

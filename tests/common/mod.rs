@@ -989,3 +989,15 @@ pub fn network(nodes: usize, env: &[(&str, &str)]) -> (Vec<TempDir>, Vec<Served>
     let m = Mount::start_with(init_home(), mount_opts(&nodes, env));
     (node_homes, nodes, m)
 }
+
+/// Every regular file under `dir`, recursively.
+pub fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().map_while(Result::ok) {
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            files_under(&e.path(), out);
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+}

@@ -30,6 +30,9 @@ pub enum Error {
     /// Peers could not be reached for what was asked (no peer, or none kept it).
     #[error("{0}")]
     Network(String),
+    /// The market (paid storage) could not record what placement did.
+    #[error("market: {0}")]
+    Market(String),
     /// The engine was shut down.
     #[error("the engine is shutting down")]
     Shutdown,

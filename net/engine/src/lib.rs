@@ -259,6 +259,17 @@ impl Engine {
         Ok(outcomes)
     }
 
+    /// Takes `peer` off every block it holds, so they are placed elsewhere
+    /// (and released there when it is back); returns how many blocks.
+    pub fn drop_holder(&self, peer: &fincrypt_net::PeerId) -> Result<u64> {
+        let blocks = self.manifest().drop_peer(peer)?;
+        self.stats()
+            .holders_dropped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.wake_replication();
+        Ok(blocks)
+    }
+
     /// Queues the release of blocks GC freed locally (those with holders).
     pub fn released(&self, scores: &[Score]) -> Result<()> {
         let m = self.manifest();

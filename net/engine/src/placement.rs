@@ -99,6 +99,10 @@ pub trait Market: Send + Sync {
     ) -> BoxFuture<'a, Vec<(PeerId, Option<u64>)>>;
     /// `peer` took `score` (`len` bytes).
     fn placed(&self, peer: &PeerId, score: &Score, len: u64);
+    /// Makes what [`Market::placed`] was told durable: called before the
+    /// manifest records the new holders, so no holder keeps a block the
+    /// market does not count.
+    fn persist(&self) -> std::result::Result<(), String>;
 }
 
 /// What a pass needs.
@@ -221,6 +225,9 @@ impl Replicator {
             if holders.len() != before {
                 changed.push((score, holders));
             }
+        }
+        if let Some(market) = self.market.get() {
+            market.persist().map_err(crate::Error::Market)?;
         }
         self.manifest.set_many(&changed)?;
         Ok(out)
