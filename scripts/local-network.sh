@@ -13,7 +13,10 @@
 # Environment: NODES, BASE_PORT (default 4101: the nodes listen on
 # BASE_PORT..BASE_PORT+NODES-1, the mount on BASE_PORT+NODES),
 # FINCRYPT_PASSPHRASE (default "local network demo"; the home is created
-# with it on first use).
+# with it on first use), PRICES (e.g. "10 20 50": node i asks the i-th
+# price in satoshis per GiB per period; default: every node is free). Other
+# FINCRYPT_* variables reach every node and the mount alike (for paid
+# storage: the bitcoin_rpc_* of scripts/regtest.sh, period, max_price).
 set -euo pipefail
 
 NODES=${NODES:-4}
@@ -74,8 +77,9 @@ for i in $(seq 1 "$NODES"); do
   home="$DIR/node$i"
   port=$((BASE_PORT + i - 1))
   mkdir -p "$home"
+  price=${prices[$((i - 1))]:-0}
   "$BIN/fincrypt" --home "$home" serve --listen "/ip4/127.0.0.1/tcp/$port" \
-    --capacity 2GiB 2>"$home/serve.log" &
+    --capacity 2GiB --price "$price" 2>"$home/serve.log" &
   pids+=($!)
   # The node prints its full address (with /p2p/<PeerId>) once it listens.
   addr=""
