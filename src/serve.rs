@@ -204,22 +204,7 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
                 terms
                     .contracts()?
                     .iter()
-                    .map(|c| fincrypt_market::owner::ContractView {
-                        id: fincrypt_market::ledger::hex(&c.terms.id),
-                        owner: c.terms.owner().map(|p| p.to_string()).unwrap_or_default(),
-                        holder: peer.to_string(),
-                        bytes: 0,
-                        price: c.terms.price,
-                        start: c.terms.start,
-                        period_secs: c.terms.period,
-                        min_duration: c.terms.min_duration,
-                        periods_passed: 0,
-                        periods_failed: 0,
-                        failed_periods: Vec::new(),
-                        periods_paid: 0,
-                        paid_sats: 0,
-                        state: "active".into(),
-                    })
+                    .map(|c| fincrypt_market::owner::ContractView::of(c, "active".into()))
                     .collect(),
             )),
             Request::Status => {

@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 use crate::MarketError;
 use crate::contract::{CONTRACT_VERSION, Contract, ContractId, Terms};
-use crate::ledger::{Ledger, PeriodState, SettleRules, Settlement, funded_periods, hex};
+use crate::ledger::{Ledger, PeriodRow, PeriodState, SettleRules, Settlement, funded_periods, hex};
 use crate::offer::{Offer, SignedOffer};
 use crate::wallet::Payments;
 
@@ -203,6 +203,29 @@ pub struct ContractView {
     pub paid_sats: u64,
     /// `active`, or `dropped` once the holder was dropped for failing proofs.
     pub state: String,
+}
+
+impl ContractView {
+    /// `c`'s terms in state `state`, with nothing counted yet.
+    pub fn of(c: &Contract, state: String) -> ContractView {
+        let peer = |p: Result<PeerId, MarketError>| p.map(|p| p.to_string()).unwrap_or_default();
+        ContractView {
+            id: hex(&c.terms.id),
+            owner: peer(c.terms.owner()),
+            holder: peer(c.terms.holder()),
+            bytes: 0,
+            price: c.terms.price,
+            start: c.terms.start,
+            period_secs: c.terms.period,
+            min_duration: c.terms.min_duration,
+            periods_passed: 0,
+            periods_failed: 0,
+            failed_periods: Vec::new(),
+            periods_paid: 0,
+            paid_sats: 0,
+            state,
+        }
+    }
 }
 
 /// A payment, for `fincryptctl wallet`.
@@ -792,35 +815,19 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         let mut out: Vec<OfferView> = offers
             .iter()
             .map(|(peer, (seen, s))| {
-                let age_secs = t.saturating_sub(*seen);
-                match s {
-                    Seen::Offer(o) => OfferView {
-                        peer: peer.to_string(),
-                        price: o.price,
-                        room: o.room,
-                        min_duration: o.min_duration,
-                        period: o.period,
-                        age_secs,
-                        skipped: skipped.get(peer).cloned().unwrap_or_default(),
-                    },
-                    Seen::Free => OfferView {
-                        peer: peer.to_string(),
-                        price: 0,
-                        room: 0,
-                        min_duration: 0,
-                        period: 0,
-                        age_secs,
-                        skipped: String::new(),
-                    },
-                    Seen::Bad(why) | Seen::Unknown(why) => OfferView {
-                        peer: peer.to_string(),
-                        price: 0,
-                        room: 0,
-                        min_duration: 0,
-                        period: 0,
-                        age_secs,
-                        skipped: why.clone(),
-                    },
+                let (offer, why) = match s {
+                    Seen::Offer(o) => (Some(o), skipped.get(peer).cloned().unwrap_or_default()),
+                    Seen::Free => (None, String::new()),
+                    Seen::Bad(why) | Seen::Unknown(why) => (None, why.clone()),
+                };
+                OfferView {
+                    peer: peer.to_string(),
+                    price: offer.map_or(0, |o| o.price),
+                    room: offer.map_or(0, |o| o.room),
+                    min_duration: offer.map_or(0, |o| o.min_duration),
+                    period: offer.map_or(0, |o| o.period),
+                    age_secs: t.saturating_sub(*seen),
+                    skipped: why,
                 }
             })
             .collect();
@@ -833,39 +840,29 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         &self,
         dropped: &HashSet<PeerId>,
     ) -> Result<Vec<ContractView>, MarketError> {
-        let periods = self.ledger.periods()?;
+        let mut periods: HashMap<ContractId, Vec<(u64, PeriodRow)>> = HashMap::new();
+        for (id, n, row) in self.ledger.periods()? {
+            periods.entry(id).or_default().push((n, row));
+        }
         let ended = self.ledger.ended()?;
         let mut out = Vec::new();
         for c in self.ledger.contracts()? {
             let holder = c.terms.holder()?;
-            let mut v = ContractView {
-                id: hex(&c.terms.id),
-                owner: c.terms.owner().map(|p| p.to_string()).unwrap_or_default(),
-                holder: holder.to_string(),
-                bytes: self.bytes_of(&holder),
-                price: c.terms.price,
-                start: c.terms.start,
-                period_secs: c.terms.period,
-                min_duration: c.terms.min_duration,
-                periods_passed: 0,
-                periods_failed: 0,
-                failed_periods: Vec::new(),
-                periods_paid: 0,
-                paid_sats: 0,
-                state: match ended.get(&c.terms.id) {
-                    Some((_, why)) => format!("ended: {why}"),
-                    None if dropped.contains(&holder) => {
-                        "dropped for now: it did not answer challenges".into()
-                    }
-                    None => "active".into(),
-                },
+            let state = match ended.get(&c.terms.id) {
+                Some((_, why)) => format!("ended: {why}"),
+                None if dropped.contains(&holder) => {
+                    "dropped for now: it did not answer challenges".into()
+                }
+                None => "active".into(),
             };
-            for (_, n, row) in periods.iter().filter(|(id, _, _)| *id == c.terms.id) {
+            let mut v = ContractView::of(&c, state);
+            v.bytes = self.bytes_of(&holder);
+            for (n, row) in periods.remove(&c.terms.id).unwrap_or_default() {
                 match row.state {
                     PeriodState::Open => {}
                     PeriodState::Unpaid if row.failed > 0 => {
                         v.periods_failed += 1;
-                        v.failed_periods.push(*n);
+                        v.failed_periods.push(n);
                     }
                     PeriodState::Unpaid => {}
                     PeriodState::Due(_) | PeriodState::Batched { .. } => v.periods_passed += 1,
