@@ -445,6 +445,13 @@ impl Config {
                     .with_context(|| format!("in {} or FINCRYPT_ACCEPT_FROM", file.display()))?;
                 c.pricing()
                     .with_context(|| format!("in {} or FINCRYPT_PRICING", file.display()))?;
+                if c.period == 0 {
+                    bail!(
+                        "`period` in {} or FINCRYPT_PERIOD is 0 seconds: prices are per \
+                         period of at least a second",
+                        file.display()
+                    );
+                }
                 Ok(c)
             })
     }

@@ -70,9 +70,6 @@ fn open_market(
         Ledger::open(&home.market_ledger_file())
             .with_context(|| format!("opening {}", home.market_ledger_file().display()))?,
     );
-    if config.period == 0 {
-        bail!("`period` is 0 seconds: payments are per period of at least a second");
-    }
     let settings = OwnerSettings {
         max_price: config.max_price,
         pricing: config.pricing()?,

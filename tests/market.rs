@@ -263,7 +263,36 @@ fn a_price_with_nowhere_to_be_paid_is_refused_and_a_wallet_gives_the_address() {
         let block = Bytes::from(random_bytes(3, 3_000));
         client.put(peer, Score::of(&block), block).await.unwrap();
     });
-    drop(node);
+
+    // An owner with no wallet places on the free node only, and says why
+    // it passed the priced one by.
+    let nodes = [node, free];
+    let m = Mount::start_with(
+        init_home(),
+        mount_opts(&nodes, &[("FINCRYPT_REPLICATE_INTERVAL", "1")]),
+    );
+    std::fs::write(m.path().join("f"), random_bytes(4, 100_000)).unwrap();
+    wait_until("a block on the free node", Duration::from_secs(60), || {
+        number(&status(free_home.path()), "held_blocks") > 0
+    });
+    wait_until(
+        "the priced node named as skipped",
+        Duration::from_secs(60),
+        || {
+            status(m.home())["market_note"]
+                .as_str()
+                .unwrap()
+                .contains("1 priced, and no wallet is configured")
+        },
+    );
+    let priced = status(home.path());
+    assert_eq!(
+        (number(&priced, "held_blocks"), number(&priced, "contracts")),
+        (0, 0),
+        "{priced}"
+    );
+    drop(m);
+    drop(nodes);
 }
 
 /// A period of a few seconds, for the owner and its holders alike.

@@ -667,32 +667,48 @@ impl Ledger {
         }
     }
 
-    /// Satoshis one period of every contract costs at the bytes last
-    /// reported for it.
-    pub fn cost_per_period(&self) -> Result<u64, MarketError> {
+    /// What every period in the ledger comes to, in one read.
+    pub fn summary(&self) -> Result<Summary, MarketError> {
         let contracts = self.contracts_by_id()?;
         let mut last: BTreeMap<ContractId, u64> = BTreeMap::new();
+        let mut sum = Summary::default();
         for (id, _, row) in self.periods()? {
             // Periods come in order, so the last row is the newest.
             last.insert(id, row.bytes);
+            match row.state {
+                PeriodState::Due(s) | PeriodState::Batched { sats: s, .. } => sum.owed += s,
+                PeriodState::Paid { sats, .. } => sum.paid += sats,
+                PeriodState::Open | PeriodState::Unpaid => {}
+            }
         }
-        Ok(last
+        sum.cost_per_period = last
             .iter()
             .filter_map(|(id, bytes)| contracts.get(id).map(|c| c.terms.due(*bytes)))
-            .sum())
+            .sum();
+        Ok(sum)
+    }
+
+    /// Satoshis one period of every contract costs at the bytes last
+    /// reported for it.
+    pub fn cost_per_period(&self) -> Result<u64, MarketError> {
+        Ok(self.summary()?.cost_per_period)
     }
 
     /// Satoshis owed and not yet in a sent transaction.
     pub fn owed(&self) -> Result<u64, MarketError> {
-        Ok(self
-            .periods()?
-            .iter()
-            .map(|(_, _, r)| match r.state {
-                PeriodState::Due(s) | PeriodState::Batched { sats: s, .. } => s,
-                _ => 0,
-            })
-            .sum())
+        Ok(self.summary()?.owed)
     }
+}
+
+/// What the periods of a ledger come to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Satoshis one period of every contract costs at the bytes last reported.
+    pub cost_per_period: u64,
+    /// Satoshis owed and not yet in a sent transaction.
+    pub owed: u64,
+    /// Satoshis paid in sent transactions.
+    pub paid: u64,
 }
 
 /// How many periods `balance` pays for at `cost` each (all of them when nothing costs).

@@ -162,6 +162,54 @@ enum Seen {
     Unknown(String),
 }
 
+/// Why placement passes a peer's priced offer by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Skip {
+    /// No wallet is configured to pay it.
+    NoWallet,
+    /// It asks more than `max_price`.
+    OverMax { price: u64, max: u64 },
+    /// Its price is for a period of another length.
+    Period { theirs: u64, ours: u64 },
+    /// It did not take the contract proposed.
+    Refused(String),
+    /// Its contract was ended after a wrong proof.
+    Ended,
+}
+
+impl Skip {
+    /// The reason without its figures, to count alike ones together.
+    fn kind(&self) -> &'static str {
+        match self {
+            Skip::NoWallet => "priced, and no wallet is configured (set bitcoin_rpc_url to pay)",
+            Skip::OverMax { .. } => "over max_price",
+            Skip::Period { .. } => "for another period length",
+            Skip::Refused(_) => "refused a contract",
+            Skip::Ended => "with a contract ended after a wrong proof",
+        }
+    }
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Skip::NoWallet => {
+                f.write_str("is priced and no wallet is configured (set bitcoin_rpc_url to pay)")
+            }
+            Skip::OverMax { price, max } => write!(
+                f,
+                "asks {price} sats per GiB per period, over max_price {max}"
+            ),
+            Skip::Period { theirs, ours } => write!(
+                f,
+                "prices a period of {theirs} s, this owner's period is {ours} s"
+            ),
+            Skip::Refused(why) => write!(f, "refused a contract: {why}"),
+            Skip::Ended => f.write_str("its contract was ended after a wrong proof"),
+        }
+    }
+}
+
 /// An offer seen, for `fincryptctl market offers`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OfferView {
@@ -277,7 +325,7 @@ pub struct OwnerMarket<P: Payments> {
     /// Bytes each contracted holder keeps for us, as of the last tick.
     bytes: Mutex<HashMap<PeerId, u64>>,
     /// Why each paid offer was skipped, by peer.
-    skipped: Mutex<BTreeMap<PeerId, String>>,
+    skipped: Mutex<BTreeMap<PeerId, Skip>>,
     view: Mutex<MarketView>,
     /// The last period in which a low balance was warned of.
     warned: Mutex<Option<u64>>,
@@ -325,11 +373,6 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             view: Mutex::new(MarketView::default()),
             warned: Mutex::new(None),
         }))
-    }
-
-    /// The ledger.
-    pub fn ledger(&self) -> &Arc<Ledger> {
-        &self.ledger
     }
 
     /// Has placement ask this market, runs the `market` worker, and follows
@@ -472,23 +515,21 @@ impl<P: Payments + 'static> OwnerMarket<P> {
     }
 
     /// Why a priced offer may not be used (none: it may).
-    fn unusable(&self, o: &Offer) -> Option<String> {
+    fn unusable(&self, o: &Offer) -> Option<Skip> {
+        if self.wallet.is_none() {
+            return Some(Skip::NoWallet);
+        }
         if o.price > self.settings.max_price {
-            return Some(format!(
-                "asks {} sats per GiB per period, over max_price {}",
-                o.price, self.settings.max_price
-            ));
+            return Some(Skip::OverMax {
+                price: o.price,
+                max: self.settings.max_price,
+            });
         }
         if o.period != self.settings.period {
-            return Some(format!(
-                "prices a period of {} s, this owner's period is {} s",
-                o.period, self.settings.period
-            ));
-        }
-        if self.wallet.is_none() {
-            return Some(
-                "is priced and no wallet is configured (set bitcoin_rpc_url to pay)".into(),
-            );
+            return Some(Skip::Period {
+                theirs: o.period,
+                ours: self.settings.period,
+            });
         }
         None
     }
@@ -559,7 +600,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                 self.skipped
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(*peer, "its contract was ended after a wrong proof".into());
+                    .insert(*peer, Skip::Ended);
                 continue;
             }
             if let Some(c) = self.contract_of(peer) {
@@ -622,7 +663,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                             self.skipped
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
-                                .insert(c.peer, format!("refused a contract: {e}"));
+                                .insert(c.peer, Skip::Refused(e.to_string()));
                         }
                     }
                 }
@@ -732,19 +773,12 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                 self.ledger.close_periods(t)?;
             }
         }
-        view.cost_per_period = self.ledger.cost_per_period()?;
-        view.paid_sats = self
-            .ledger
-            .periods()?
-            .iter()
-            .map(|(_, _, r)| match r.state {
-                PeriodState::Paid { sats, .. } => sats,
-                _ => 0,
-            })
-            .sum();
+        let summary = self.ledger.summary()?;
+        view.cost_per_period = summary.cost_per_period;
+        view.paid_sats = summary.paid;
         if let Some(balance) = view.balance_sats {
             // What is owed and not yet sent comes out of the balance first.
-            let free = balance.saturating_sub(self.ledger.owed()?);
+            let free = balance.saturating_sub(summary.owed);
             let funded = funded_periods(free, view.cost_per_period);
             view.funded_periods = Some(funded);
             view.low_balance = funded < self.settings.min_periods_funded;
@@ -771,19 +805,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         let skipped = self.skipped.lock().unwrap_or_else(|p| p.into_inner());
         let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
         for why in skipped.values() {
-            // Reasons without their figures, to count alike ones together.
-            let kind = if why.contains("wrong proof") {
-                "with a contract ended after a wrong proof"
-            } else if why.contains("max_price") {
-                "over max_price"
-            } else if why.contains("wallet") {
-                "priced, and no wallet is configured (set bitcoin_rpc_url to pay)"
-            } else if why.contains("period") {
-                "for another period length"
-            } else {
-                "refused a contract"
-            };
-            *reasons.entry(kind).or_default() += 1;
+            *reasons.entry(why.kind()).or_default() += 1;
         }
         if reasons.is_empty() {
             return String::new();
@@ -816,7 +838,10 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             .iter()
             .map(|(peer, (seen, s))| {
                 let (offer, why) = match s {
-                    Seen::Offer(o) => (Some(o), skipped.get(peer).cloned().unwrap_or_default()),
+                    Seen::Offer(o) => (
+                        Some(o),
+                        skipped.get(peer).map(Skip::to_string).unwrap_or_default(),
+                    ),
                     Seen::Free => (None, String::new()),
                     Seen::Bad(why) | Seen::Unknown(why) => (None, why.clone()),
                 };
@@ -912,7 +937,6 @@ impl<P: Payments + 'static> OwnerMarket<P> {
 impl<P: Payments + 'static> Market for OwnerMarket<P> {
     fn choose<'a>(
         &'a self,
-        _score: &'a Score,
         len: u64,
         need: usize,
         candidates: Vec<(PeerId, u64)>,
@@ -956,5 +980,76 @@ impl<P: Payments + 'static> Worker for MarketWorker<P> {
                 .map_err(|e| e.to_string())?;
             Ok(Step::Idle { done })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidates(prices: &[u64]) -> Vec<Candidate> {
+        prices
+            .iter()
+            .enumerate()
+            .map(|(rank, price)| Candidate {
+                peer: PeerId::random(),
+                rank,
+                price: *price,
+            })
+            .collect()
+    }
+
+    fn order(p: Pricing, prices: &[u64]) -> Vec<(usize, u64)> {
+        let mut c = candidates(prices);
+        p.order(&mut c);
+        c.iter().map(|c| (c.rank, c.price)).collect()
+    }
+
+    #[test]
+    fn lowest_first_takes_the_cheapest_then_the_closest() {
+        assert_eq!(
+            order(Pricing::LowestFirst, &[30, 10, 0, 10]),
+            [(2, 0), (1, 10), (3, 10), (0, 30)]
+        );
+    }
+
+    #[test]
+    fn fixed_and_nearest_keep_the_order_of_distance() {
+        for p in [Pricing::Fixed, Pricing::Nearest] {
+            assert_eq!(order(p, &[30, 10, 0]), [(0, 30), (1, 10), (2, 0)], "{p}");
+        }
+    }
+
+    #[test]
+    fn fixed_pays_the_owners_rate_and_the_others_the_asking_price() {
+        assert_eq!(Pricing::Fixed.contract_price(10, 30), 30);
+        assert_eq!(Pricing::LowestFirst.contract_price(10, 30), 10);
+        assert_eq!(Pricing::Nearest.contract_price(10, 30), 10);
+    }
+
+    #[test]
+    fn pricing_names_read_back_and_a_bad_one_is_named() {
+        for p in [Pricing::LowestFirst, Pricing::Fixed, Pricing::Nearest] {
+            assert_eq!(p.to_string().parse::<Pricing>(), Ok(p));
+        }
+        let e = "cheapest".parse::<Pricing>().unwrap_err();
+        assert!(
+            e.contains("`cheapest`") && e.contains("lowest-first"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_period_holds_the_challenges_asked() {
+        let s = OwnerSettings {
+            max_price: 0,
+            pricing: Pricing::default(),
+            period: 3600,
+            challenges_per_period: 4,
+            min_payout: 0,
+            min_periods_funded: 0,
+        };
+        // Five ticks an hour: any hour-long window holds at least four.
+        assert_eq!(s.tick(), Duration::from_secs(720));
     }
 }

@@ -85,14 +85,13 @@ pub struct ReplicationStats {
 /// crate implements it; without one, placement takes the closest peers
 /// with room, as a free network does).
 pub trait Market: Send + Sync {
-    /// Of `candidates` (closest first, each with the room it reported),
-    /// those `score` (`len` bytes) may go to, in the order to try. The
+    /// Of `candidates` (closest to the block first, each with the room it
+    /// reported), those a block of `len` bytes may go to, in the order to try. The
     /// market may make contracts on the way, enough for `need` copies; a
     /// peer contracted now comes with the room its offer gave (a priced
     /// peer shows none to an owner without a contract).
     fn choose<'a>(
         &'a self,
-        score: &'a Score,
         len: u64,
         need: usize,
         candidates: Vec<(PeerId, u64)>,
@@ -630,7 +629,7 @@ impl Replicator {
                     .iter()
                     .map(|p| (*p, round.room_for(p).unwrap_or(0)))
                     .collect();
-                let chosen = market.choose(&score, len, need, rooms).await;
+                let chosen = market.choose(len, need, rooms).await;
                 for (p, room) in &chosen {
                     if let Some(room) = room {
                         round.set_room(p, *room);
