@@ -4,12 +4,14 @@
 //! who placed each, live in `DATA/held/`, and its node key (its PeerId) in
 //! `CONFIG/node.key`; with `--home DIR` both are in DIR.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use fincrypt_blockstore::{LocalStore, StoreOptions};
 use fincrypt_market::holder::{Asking, HolderTerms};
+use fincrypt_market::owner::ContractView;
 use fincrypt_market::wallet::{BitcoinRpc, Payments};
 use fincrypt_net::{Holder, Multiaddr, Node, NodeConfig};
 use tokio::signal::unix::{SignalKind, signal};
@@ -200,13 +202,42 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
                     ..Default::default()
                 }))
             }
-            Request::MarketContracts => Ok(Answer::Contracts(
-                terms
-                    .contracts()?
-                    .iter()
-                    .map(|c| fincrypt_market::owner::ContractView::of(c, "active".into()))
-                    .collect(),
-            )),
+            Request::MarketContracts => {
+                // What owners said they paid counts once this node's wallet
+                // shows each transaction paying its address at least that.
+                let (_, income) = income()?;
+                let mut received: HashMap<&str, u64> = HashMap::new();
+                for i in &income {
+                    *received.entry(i.txid.as_str()).or_default() += i.sats;
+                }
+                let notices = terms.notices()?;
+                let mut claimed: HashMap<&str, u64> = HashMap::new();
+                for (_, _, txid, sats) in &notices {
+                    *claimed.entry(txid.as_str()).or_default() += sats;
+                }
+                let mut views = Vec::new();
+                for c in terms.contracts()? {
+                    let mut v = ContractView::of(&c, "active".into());
+                    let mut unseen = 0;
+                    for (_, _, txid, sats) in notices.iter().filter(|n| n.0 == c.terms.id) {
+                        let got = received.get(txid.as_str()).copied().unwrap_or(0);
+                        if got >= claimed[txid.as_str()] {
+                            v.periods_paid += 1;
+                            v.paid_sats += sats;
+                        } else {
+                            unseen += 1;
+                        }
+                    }
+                    if unseen > 0 {
+                        v.state = format!(
+                            "active; {unseen} periods the owner says it paid are not in this \
+                             node's wallet (yet)"
+                        );
+                    }
+                    views.push(v);
+                }
+                Ok(Answer::Contracts(views))
+            }
             Request::Status => {
                 let peers = runtime
                     .block_on(async {

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use common::*;
 use fincrypt_blockstore::Score;
 use fincrypt_market::contract::{CONTRACT_VERSION, Contract, Terms};
+use fincrypt_market::notice::{NOTICE_VERSION, PaidNotice};
 use fincrypt_market::offer::SignedOffer;
 use fincrypt_market::wallet::Payments;
 use fincrypt_net::{Client, ErrorCode, Keypair, Multiaddr, Node, NodeConfig, PeerId};
@@ -160,6 +161,28 @@ fn a_priced_node_offers_signed_terms_and_stores_only_under_contract() {
         let (_s, other, _) = owner_node(&stranger, &addr).await;
         let e = other.put(holder, score, block.clone()).await.unwrap_err();
         assert_eq!(refusal(e), ErrorCode::NoContract { price: 20 });
+
+        // A payment notice is taken from the contract's owner alone, and
+        // only for a period that has begun.
+        let notice = |period: u64| {
+            let n = PaidNotice {
+                version: NOTICE_VERSION,
+                contract: c.terms.id,
+                txid: "ab".repeat(32),
+                items: vec![(period, 1_000)],
+            };
+            Bytes::from(n.encode().unwrap())
+        };
+        let e = other.paid(holder, notice(0)).await.unwrap_err();
+        assert!(matches!(refusal(e), ErrorCode::Refused(w) if w.contains("owner")));
+        let e = client.paid(holder, notice(5)).await.unwrap_err();
+        assert!(matches!(refusal(e), ErrorCode::Refused(w) if w.contains("not begun")));
+        let e = client
+            .paid(holder, Bytes::from_static(b"\x01garbage"))
+            .await
+            .unwrap_err();
+        assert!(matches!(refusal(e), ErrorCode::Refused(_)));
+        client.paid(holder, notice(0)).await.unwrap();
         holder
     });
 
@@ -620,6 +643,17 @@ fn an_owner_contracts_the_cheapest_holders_and_pays_each_proven_period_in_one_tr
             got.iter()
                 .all(|r| r["confirmations"].as_i64().unwrap() >= 1),
             "{income}"
+        );
+        // And the holder, told by the owner which periods each paid, finds
+        // them in its wallet.
+        wait_until(
+            "the holder counts what it was paid",
+            Duration::from_secs(30),
+            || {
+                let c = &ctl_json(home.path(), &["market", "contracts"])[0];
+                c["paid_sats"].as_u64().unwrap() >= sent
+                    && c["periods_paid"].as_u64().unwrap() >= mine.len() as u64
+            },
         );
     }
     drop(p);

@@ -15,11 +15,15 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tracing::info;
 
 use crate::MarketError;
-use crate::contract::{Contract, Proposal};
+use crate::contract::{Contract, ContractId, Proposal};
+use crate::notice::PaidNotice;
 use crate::offer::{OFFER_VERSION, Offer, check_address};
 
 /// Contracts this node holds under, by id: the encoded contract.
 const HELD: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("held_contracts");
+/// (contract id, period big-endian) -> postcard (txid, satoshis): what the
+/// owner said it paid; the wallet says whether it did.
+const NOTICES: TableDefinition<[u8; 24], &[u8]> = TableDefinition::new("paid_notices");
 /// How long an offer holds: owners ask again for the ones they use.
 pub const OFFER_LIFETIME: u64 = 3600;
 /// How far from now a contract may say it starts.
@@ -65,6 +69,7 @@ impl HolderTerms {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(HELD)?;
+        txn.open_table(NOTICES)?;
         txn.commit()?;
         let terms = HolderTerms {
             keypair,
@@ -93,6 +98,60 @@ impl HolderTerms {
     }
 
     /// What the node asks.
+    /// What owners said they paid: (contract, period, txid, satoshis).
+    pub fn notices(&self) -> Result<Vec<(ContractId, u64, String, u64)>, MarketError> {
+        let txn = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for row in txn.open_table(NOTICES)?.iter()? {
+            let (k, v) = row?;
+            let key = k.value();
+            let mut id = [0u8; 16];
+            id.copy_from_slice(&key[..16]);
+            let mut period = [0u8; 8];
+            period.copy_from_slice(&key[16..]);
+            let (txid, sats): (String, u64) = postcard::from_bytes(v.value())
+                .map_err(|e| MarketError::Store(format!("a damaged notice row: {e}")))?;
+            out.push((id, u64::from_be_bytes(period), txid, sats));
+        }
+        Ok(out)
+    }
+
+    /// Keeps `peer`'s notice of a payment under one of its contracts here,
+    /// for periods that have begun.
+    fn note(&self, peer: &PeerId, bytes: &[u8]) -> Result<(), MarketError> {
+        let n = PaidNotice::decode(bytes)?;
+        let txn = self.db.begin_write()?;
+        {
+            let held = txn.open_table(HELD)?;
+            let c = match held.get(n.contract)? {
+                Some(v) => Contract::decode(v.value())?,
+                None => return Err(MarketError::Invalid("no such contract here".into())),
+            };
+            if c.terms.owner()? != *peer {
+                return Err(MarketError::Invalid(
+                    "a payment is told by the contract's owner".into(),
+                ));
+            }
+            let current = c.terms.period_at(now()).unwrap_or(0);
+            let mut t = txn.open_table(NOTICES)?;
+            for (period, sats) in &n.items {
+                if *period > current {
+                    return Err(MarketError::Invalid(format!(
+                        "period {period} has not begun"
+                    )));
+                }
+                let mut key = [0u8; 24];
+                key[..16].copy_from_slice(&n.contract);
+                key[16..].copy_from_slice(&period.to_be_bytes());
+                let row = postcard::to_allocvec(&(n.txid.as_str(), *sats))
+                    .map_err(|e| MarketError::Store(e.to_string()))?;
+                t.insert(key, row.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     pub fn asking(&self) -> &Asking {
         &self.asking
     }
@@ -191,6 +250,20 @@ impl Terms for HolderTerms {
             Err(MarketError::Invalid(why)) => Err(ErrorCode::refused(why)),
             Err(e) => {
                 tracing::error!(error = %e, "cannot keep a contract");
+                Err(ErrorCode::Unavailable)
+            }
+        }
+    }
+
+    fn paid(&self, peer: &PeerId, notice: &[u8]) -> Result<(), ErrorCode> {
+        match self.note(peer, notice) {
+            Ok(()) => Ok(()),
+            Err(MarketError::Invalid(why)) => {
+                info!(owner = %peer, %why, "ignoring a payment notice");
+                Err(ErrorCode::refused(why))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot keep a payment notice");
                 Err(ErrorCode::Unavailable)
             }
         }

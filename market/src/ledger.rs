@@ -455,6 +455,13 @@ impl Ledger {
         Ok(out)
     }
 
+    /// Batch `n`, if there is one.
+    pub fn batch(&self, n: u64) -> Result<Option<Batch>, MarketError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(BATCHES)?;
+        t.get(n)?.map(|v| dec(v.value(), "batch")).transpose()
+    }
+
     /// Settles an open batch: `Sent(txid)` or `Abandoned(why)`, and its
     /// periods with it.
     fn finish_batch(&self, n: u64, state: BatchState) -> Result<(), MarketError> {

@@ -4,6 +4,7 @@
 //!
 //! - [`offer`]: a node's signed offer (price, room, minimum duration, payout address).
 //! - [`contract`]: terms both sides sign; periods and what each costs.
+//! - [`notice`]: an owner's notice to a holder of what a transaction paid it.
 //! - [`holder`]: a storage node's side: its offer, the contracts it takes,
 //!   and who may place on it.
 //! - [`owner`]: the owner's side: which offers placement uses, contracts,
@@ -16,6 +17,7 @@
 pub mod contract;
 pub mod holder;
 pub mod ledger;
+pub mod notice;
 pub mod offer;
 pub mod owner;
 mod signed;

@@ -35,6 +35,7 @@ use tracing::{info, warn};
 use crate::MarketError;
 use crate::contract::{CONTRACT_VERSION, Contract, ContractId, Terms};
 use crate::ledger::{Ledger, PeriodRow, PeriodState, SettleRules, Settlement, funded_periods, hex};
+use crate::notice::{MAX_NOTICE_ITEMS, NOTICE_VERSION, PaidNotice};
 use crate::offer::{Offer, SignedOffer};
 use crate::wallet::Payments;
 
@@ -745,8 +746,14 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             Some(wallet) => {
                 view.last_settlement = match self.ledger.settle(wallet, t, rules).await {
                     Ok(Settlement::Paid {
-                        txid, sats, payees, ..
-                    }) => format!("paid {sats} sats to {payees} holders in {txid}"),
+                        batch,
+                        txid,
+                        sats,
+                        payees,
+                    }) => {
+                        self.tell_paid(batch, &txid).await;
+                        format!("paid {sats} sats to {payees} holders in {txid}")
+                    }
                     Ok(Settlement::Waiting) => {
                         "waiting: an interrupted settlement is not decided yet".into()
                     }
@@ -799,6 +806,55 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         }
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = view;
         Ok(challenged)
+    }
+
+    /// Tells each holder batch `n` paid what it paid it, period by period
+    /// ([`PaidNotice`]). Best effort: a holder believes its wallet, and a
+    /// notice lost only leaves it unable to say which owner paid.
+    async fn tell_paid(&self, n: u64, txid: &str) {
+        let batch = match self.ledger.batch(n) {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(batch = n, error = %e, "cannot read a settlement to tell the holders");
+                return;
+            }
+        };
+        let mut by_contract: BTreeMap<ContractId, Vec<(u64, u64)>> = BTreeMap::new();
+        for (id, period, sats) in batch.items {
+            by_contract.entry(id).or_default().push((period, sats));
+        }
+        let holders: HashMap<ContractId, PeerId> = self
+            .contracts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(h, c)| (c.terms.id, *h))
+            .collect();
+        for (id, items) in by_contract {
+            let Some(holder) = holders.get(&id) else {
+                continue;
+            };
+            for chunk in items.chunks(MAX_NOTICE_ITEMS) {
+                let notice = PaidNotice {
+                    version: NOTICE_VERSION,
+                    contract: id,
+                    txid: txid.to_owned(),
+                    items: chunk.to_vec(),
+                };
+                let told = match notice.encode() {
+                    Ok(bytes) => self
+                        .client
+                        .paid(*holder, bytes.into())
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = told {
+                    tracing::info!(%holder, error = %e, "a holder was not told of its payment");
+                }
+            }
+        }
     }
 
     fn skipped_note(&self) -> String {

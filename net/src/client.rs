@@ -395,6 +395,14 @@ impl Client {
             other => Err(unexpected(peer, &other)),
         }
     }
+
+    /// Tells `peer` of a payment to it (a `fincrypt-market` notice).
+    pub async fn paid(&self, peer: PeerId, notice: Bytes) -> Result<(), Error> {
+        match self.request(peer, Request::Paid { notice }).await? {
+            Response::Noted => Ok(()),
+            other => Err(unexpected(peer, &other)),
+        }
+    }
 }
 
 impl Client {
@@ -477,6 +485,7 @@ fn unexpected(peer: PeerId, response: &Response) -> Error {
         Response::Root { .. } => "Root",
         Response::Offer { .. } => "Offer",
         Response::Contract { .. } => "Contract",
+        Response::Noted => "Noted",
         Response::Error(_) => "Error",
     };
     Error::Protocol {

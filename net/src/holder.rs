@@ -81,6 +81,8 @@ pub trait Terms: Send + Sync {
     /// `Some(price)` when `peer` needs a contract (at `price` sats per GiB
     /// per period) before it may place here; `None` when it may place.
     fn requires_contract(&self, peer: &PeerId) -> Option<u64>;
+    /// Takes note of `peer`'s notice that it paid for periods of its contract.
+    fn paid(&self, peer: &PeerId, notice: &[u8]) -> Result<(), ErrorCode>;
 }
 
 /// Serves other peers' blocks from a local volume; cheap to clone.
@@ -323,6 +325,12 @@ impl Inner {
                     .map(|contract| Response::Contract { contract }),
                 None => Err(ErrorCode::refused(
                     "this node stores for free: it needs no contract",
+                )),
+            },
+            Request::Paid { notice } => match &terms {
+                Some(t) => t.paid(&peer, &notice).map(|()| Response::Noted),
+                None => Err(ErrorCode::refused(
+                    "this node stores for free: it is owed nothing",
                 )),
             },
             Request::Space => {

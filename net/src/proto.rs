@@ -76,6 +76,9 @@ pub enum Request {
     Offer,
     /// Hold my blocks on these terms: an owner-signed contract proposal.
     Propose { proposal: Bytes },
+    /// I paid you for these periods of our contract in this transaction
+    /// (a notice of `fincrypt-market`; the holder checks its wallet).
+    Paid { notice: Bytes },
 }
 
 /// The largest offer, proposal or contract sent between nodes.
@@ -122,6 +125,8 @@ pub enum Response {
     Offer { offer: Bytes },
     /// For `Propose`: the contract, signed by both.
     Contract { contract: Bytes },
+    /// For `Paid`: the notice is kept.
+    Noted,
 }
 
 /// Why a holder refused or could not serve a request.
@@ -306,8 +311,10 @@ impl Request {
             Request::Bind { signature, .. } if signature.len() > 64 => {
                 Err("a binding signature is 64 bytes".into())
             }
-            Request::Propose { proposal } if proposal.len() > MAX_MARKET_MESSAGE_LEN => {
-                Err(format!("a proposal of {} bytes", proposal.len()))
+            Request::Propose { proposal: m } | Request::Paid { notice: m }
+                if m.len() > MAX_MARKET_MESSAGE_LEN =>
+            {
+                Err(format!("a market message of {} bytes", m.len()))
             }
             Request::PutRoot { record } if record.len() > crate::root::MAX_ROOT_RECORD_LEN => {
                 Err(format!(
