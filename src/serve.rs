@@ -66,6 +66,10 @@ pub fn serve(home: &Home, args: ServeArgs) -> Result<()> {
     runtime.block_on(run(home, args))
 }
 
+/// How often a priced node announces its offer in the DHT (the first
+/// announcement may find no peer yet; Kademlia keeps one for a day).
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(60);
+
 /// Transactions of the wallet looked through for this node's income.
 const INCOME_LISTED: usize = 1000;
 
@@ -127,6 +131,20 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
     config.listen = args.listen;
     config.bootstrap = args.bootstrap;
     let node = Node::start(config, Some(Arc::new(holder.clone()))).await?;
+    if terms.asking().price > 0 {
+        // Announced in the DHT, so that owners beyond its neighbours find
+        // its offer; again now and then, as peers come and go.
+        let client = node.client();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(ANNOUNCE_EVERY);
+            loop {
+                every.tick().await;
+                if let Err(e) = client.provide_offers().await {
+                    tracing::debug!(error = %e, "the offer was not announced in the DHT this time");
+                }
+            }
+        });
+    }
 
     let peer = node.peer_id();
     let stats = holder.stats();

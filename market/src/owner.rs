@@ -330,6 +330,8 @@ pub struct OwnerMarket<P: Payments> {
     view: Mutex<MarketView>,
     /// The last period in which a low balance was warned of.
     warned: Mutex<Option<u64>>,
+    /// When offers were last looked for in the DHT.
+    discovered: Mutex<Option<u64>>,
 }
 
 fn now() -> u64 {
@@ -373,6 +375,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             skipped: Mutex::new(BTreeMap::new()),
             view: Mutex::new(MarketView::default()),
             warned: Mutex::new(None),
+            discovered: Mutex::new(None),
         }))
     }
 
@@ -681,8 +684,35 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         self.ledger.add_placed(&items)
     }
 
+    /// Reads the offers of the storage nodes the DHT knows to make them,
+    /// once every [`OFFER_REFRESH`]: `market offers` shows the market
+    /// beyond the peers placement has asked so far.
+    async fn discover_offers(&self) {
+        let t = now();
+        {
+            let mut last = self.discovered.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|l| t.saturating_sub(l) < OFFER_REFRESH) {
+                return;
+            }
+            *last = Some(t);
+        }
+        match self.client.find_offers().await {
+            Ok(peers) => {
+                let me = self.client.local_peer_id();
+                let peers: Vec<PeerId> = peers.into_iter().filter(|p| *p != me).collect();
+                self.refresh_offers(&peers).await;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no offers found in the DHT this time");
+                // Asked again at the next tick.
+                *self.discovered.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+        }
+    }
+
     /// One tick: challenge, record, close, settle, and look at the balance.
     pub async fn tick(&self, engine: &Engine) -> Result<u64, MarketError> {
+        self.discover_offers().await;
         self.flush_placed()?;
         let contracts: Vec<Contract> = self
             .contracts

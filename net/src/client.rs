@@ -155,6 +155,18 @@ impl Client {
             .await
     }
 
+    /// Announces in the DHT that this node makes offers (a storage node that
+    /// charges), so owners beyond its neighbours find it; Kademlia renews the
+    /// announcement, and calling again refreshes it.
+    pub async fn provide_offers(&self) -> Result<(), Error> {
+        self.ask(|reply| Command::ProvideOffers { reply }).await
+    }
+
+    /// The nodes the DHT knows to make offers.
+    pub async fn find_offers(&self) -> Result<Vec<PeerId>, Error> {
+        self.ask(|reply| Command::FindOffers { reply }).await
+    }
+
     /// Peers this node is connected to or knows through Kademlia.
     pub async fn peers(&self) -> Result<Vec<PeerInfo>, Error> {
         self.ask(|reply| Command::Peers { reply }).await

@@ -14,6 +14,12 @@ use fincrypt_blockstore::Score;
 use libp2p::PeerId;
 use libp2p::kad::KBucketKey;
 
+/// The key storage nodes that charge are found under: each announces itself
+/// as a provider of it, and an owner asks the DHT for its providers.
+pub(crate) fn offers_key() -> libp2p::kad::RecordKey {
+    libp2p::kad::RecordKey::new(&b"fincrypt/offers/1")
+}
+
 /// The Kademlia lookup key for a block.
 pub(crate) fn key(score: &Score) -> Vec<u8> {
     score.0.to_vec()

@@ -97,6 +97,14 @@ pub(crate) enum Command {
         score: Score,
         reply: Reply<Vec<PeerId>>,
     },
+    /// Announce this node in the DHT as one that makes offers.
+    ProvideOffers {
+        reply: Reply<()>,
+    },
+    /// The nodes the DHT knows to make offers.
+    FindOffers {
+        reply: Reply<Vec<PeerId>>,
+    },
     /// The IP address a connection to `peer` reaches it at.
     RemoteIp {
         peer: PeerId,
@@ -150,6 +158,10 @@ pub struct EventLoop {
     dials: HashMap<ConnectionId, (Multiaddr, Reply<PeerId>)>,
     bootstraps: HashMap<QueryId, Reply<()>>,
     lookups: HashMap<QueryId, Lookup>,
+    /// Announcements of this node's offers under way.
+    provides: HashMap<QueryId, Reply<()>>,
+    /// Searches for nodes that make offers, with those found so far.
+    offer_searches: HashMap<QueryId, (HashSet<PeerId>, Reply<Vec<PeerId>>)>,
     events: broadcast::Sender<PeerEvent>,
     identified: HashMap<PeerId, identify::Info>,
     /// The remote address of one open connection per connected peer.
@@ -176,6 +188,8 @@ impl EventLoop {
             dials: HashMap::new(),
             bootstraps: HashMap::new(),
             lookups: HashMap::new(),
+            provides: HashMap::new(),
+            offer_searches: HashMap::new(),
             events,
             identified: HashMap::new(),
             remote: HashMap::new(),
@@ -285,6 +299,26 @@ impl EventLoop {
                 }
             }
             Command::ClosestPeers { score, reply } => self.closest_peers(score, reply),
+            Command::ProvideOffers { reply } => {
+                let kademlia = &mut self.swarm.behaviour_mut().inner.kademlia;
+                match kademlia.start_providing(dht::offers_key()) {
+                    Ok(id) => {
+                        self.provides.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(Error::Lookup(format!("cannot announce: {e}"))));
+                    }
+                }
+            }
+            Command::FindOffers { reply } => {
+                let kademlia = &mut self.swarm.behaviour_mut().inner.kademlia;
+                if kademlia.kbuckets().next().is_none() {
+                    let _ = reply.send(Err(Error::Lookup("no known peers to ask".into())));
+                } else {
+                    let id = kademlia.get_providers(dht::offers_key());
+                    self.offer_searches.insert(id, (HashSet::new(), reply));
+                }
+            }
             Command::RemoteIp { peer, reply } => {
                 let ip = self.remote.get(&peer).and_then(|addr| {
                     addr.iter().find_map(|p| match p {
@@ -718,6 +752,57 @@ impl EventLoop {
                             peers.len()
                         ))));
                     }
+                }
+            }
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::StartProviding(result),
+                ..
+            } => {
+                if let Some(reply) = self.provides.remove(&id) {
+                    let _ = reply.send(
+                        result
+                            .map(|_| ())
+                            .map_err(|e| Error::Lookup(format!("announcing offers: {e}"))),
+                    );
+                }
+            }
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(result),
+                step,
+                ..
+            } => {
+                let Some((found, _)) = self.offer_searches.get_mut(&id) else {
+                    return;
+                };
+                if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = &result {
+                    found.extend(providers.iter().copied());
+                }
+                if step.last
+                    && let Some((found, reply)) = self.offer_searches.remove(&id)
+                {
+                    // Providers found before a timeout are still an answer.
+                    let _ = reply.send(match result {
+                        Err(e) if found.is_empty() => {
+                            Err(Error::Lookup(format!("finding offers: {e}")))
+                        }
+                        _ => Ok(found.into_iter().collect()),
+                    });
+                }
+            }
+            // Only announcements of offers are kept (the store bounds how
+            // many per key); other records and providers are not.
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::AddProvider {
+                        record: Some(record),
+                    },
+            } if record.key == dht::offers_key() => {
+                let kademlia = &mut self.swarm.behaviour_mut().inner.kademlia;
+                if let Err(e) = kad::store::RecordStore::add_provider(kademlia.store_mut(), record)
+                {
+                    tracing::debug!(error = %e, "an offer announcement was not kept");
                 }
             }
             kad::Event::RoutingUpdated {

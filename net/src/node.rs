@@ -140,8 +140,9 @@ pub fn new(
         .with_behaviour(|key| {
             let mut kad_config = kad::Config::new(KAD_PROTOCOL);
             kad_config.set_query_timeout(Duration::from_secs(30));
-            // The DHT is for finding peers only: records and provider entries
-            // that others push are not kept (they would cost memory for nothing).
+            // The DHT is for finding peers, and storage nodes that charge:
+            // records and provider entries others push are filtered, and
+            // only announcements of offers kept (see the event loop).
             kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
             let mut kademlia = kad::Behaviour::with_config(
                 peer_id,

@@ -194,3 +194,34 @@ async fn a_lookup_with_no_known_peer_is_an_error() {
     assert!(matches!(err, fincrypt_net::Error::Lookup(_)), "{err}");
     node.shutdown().await;
 }
+
+/// A storage node that charges announces itself in the DHT; an owner that
+/// was told of another node only finds it there (and a node that does not
+/// announce is not found).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_finds_the_nodes_that_make_offers_through_the_dht() {
+    // A chain: each node told only of the one before it.
+    let mut peers: Vec<Peer> = Vec::new();
+    for i in 0..6 {
+        let parent = (i > 0).then(|| peers[i - 1].addr());
+        peers.push(holder(parent.into_iter().collect()).await);
+    }
+    let seller = peers[5].client();
+    eventually("the offer announced", Duration::from_secs(60), || async {
+        seller.provide_offers().await.ok()
+    })
+    .await;
+    let owner = owner(OWNER_LIMIT, &peers[0]).await;
+    let client = owner.client();
+    let found = eventually("the seller found", Duration::from_secs(60), || async {
+        let found = client.find_offers().await.ok()?;
+        found.contains(&peers[5].id()).then_some(found)
+    })
+    .await;
+    assert!(
+        !found.contains(&peers[4].id()),
+        "a node that does not announce is not found: {found:?}"
+    );
+    owner.shutdown().await;
+    stop(peers).await;
+}
