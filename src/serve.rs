@@ -70,6 +70,36 @@ pub fn serve(home: &Home, args: ServeArgs) -> Result<()> {
 /// announcement may find no peer yet; Kademlia keeps one for a day).
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(60);
 
+/// How often a priced node reads its income for `status`.
+const INCOME_EVERY: Duration = Duration::from_secs(10);
+
+/// A wallet's balance, and the payments to `payout` among its newest
+/// transactions (none when `payout` is empty); 10 s at most.
+async fn read_income(wallet: &BitcoinRpc, payout: &str) -> Result<(u64, Vec<control::Income>)> {
+    let ask = async {
+        let balance = wallet.balance().await?;
+        let receipts = if payout.is_empty() {
+            Vec::new()
+        } else {
+            wallet.receipts(payout, INCOME_LISTED).await?
+        };
+        Ok::<_, fincrypt_market::wallet::WalletError>((balance, receipts))
+    };
+    let (balance, receipts) = tokio::time::timeout(Duration::from_secs(10), ask)
+        .await
+        .context("the Bitcoin node did not answer in 10 s")??;
+    let income = receipts
+        .into_iter()
+        .map(|r| control::Income {
+            txid: r.txid,
+            sats: r.sats,
+            confirmations: r.confirmations,
+            time: r.time,
+        })
+        .collect();
+    Ok((balance, income))
+}
+
 /// Transactions of the wallet looked through for this node's income.
 const INCOME_LISTED: usize = 1000;
 
@@ -181,35 +211,33 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
             terms.asking().payout.clone(),
         );
         move || -> Result<(Option<u64>, Vec<control::Income>)> {
-            let Some(wallet) = &wallet else {
-                return Ok((None, Vec::new()));
-            };
-            runtime.block_on(async {
-                let ask = async {
-                    let balance = wallet.balance().await?;
-                    let receipts = if payout.is_empty() {
-                        Vec::new()
-                    } else {
-                        wallet.receipts(&payout, INCOME_LISTED).await?
-                    };
-                    Ok::<_, fincrypt_market::wallet::WalletError>((balance, receipts))
-                };
-                let (balance, receipts) = tokio::time::timeout(Duration::from_secs(10), ask)
-                    .await
-                    .context("the Bitcoin node did not answer in 10 s")??;
-                let income = receipts
-                    .into_iter()
-                    .map(|r| control::Income {
-                        txid: r.txid,
-                        sats: r.sats,
-                        confirmations: r.confirmations,
-                        time: r.time,
-                    })
-                    .collect();
-                Ok((Some(balance), income))
-            })
+            match &wallet {
+                Some(w) => runtime
+                    .block_on(read_income(w, &payout))
+                    .map(|(b, i)| (Some(b), i)),
+                None => Ok((None, Vec::new())),
+            }
         }
     };
+    // `status` shows what was earned as last read here, so that it answers
+    // at once even while the Bitcoin node is slow or down.
+    let earned = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    if let Some(w) = wallet.clone().filter(|_| terms.asking().price > 0) {
+        let (earned, payout) = (earned.clone(), terms.asking().payout.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(INCOME_EVERY);
+            loop {
+                every.tick().await;
+                match read_income(&w, &payout).await {
+                    Ok((_, income)) => earned.store(
+                        income.iter().map(|i| i.sats).sum(),
+                        std::sync::atomic::Ordering::Relaxed,
+                    ),
+                    Err(e) => tracing::debug!(error = %e, "cannot read this node's income"),
+                }
+            }
+        });
+    }
     let answer = move |req: Request| -> Result<Answer> {
         match req {
             Request::Wallet => {
@@ -281,17 +309,7 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
                     root_records: s.root_records,
                     price: terms.asking().price,
                     contracts: terms.contracts().map_or(0, |c| c.len() as u64),
-                    earned_sats: if terms.asking().price > 0 {
-                        match income() {
-                            Ok((_, income)) => income.iter().map(|i| i.sats).sum(),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot read this node's income");
-                                0
-                            }
-                        }
-                    } else {
-                        0
-                    },
+                    earned_sats: earned.load(std::sync::atomic::Ordering::Relaxed),
                     cached_blocks: volume.cached_blocks,
                     cached_bytes: volume.cached_bytes,
                     ..Default::default()

@@ -653,6 +653,7 @@ fn an_owner_contracts_the_cheapest_holders_and_pays_each_proven_period_in_one_tr
                 let c = &ctl_json(home.path(), &["market", "contracts"])[0];
                 c["paid_sats"].as_u64().unwrap() >= sent
                     && c["periods_paid"].as_u64().unwrap() >= mine.len() as u64
+                    && number(&status(home.path()), "earned_sats") >= sent
             },
         );
     }
