@@ -42,6 +42,8 @@ use crate::wallet::Payments;
 /// How long an offer read from a peer is used before it is read again
 /// (sooner when it expires).
 pub const OFFER_REFRESH: u64 = 600;
+/// The longest a tick waits for the DHT to name the nodes that make offers.
+const DISCOVERY_LIMIT: Duration = Duration::from_secs(10);
 /// Offers asked for at once.
 const PARALLEL_OFFERS: usize = 16;
 /// Seconds a `sendmany` may still be running in the node after its intent
@@ -696,7 +698,11 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             }
             *last = Some(t);
         }
-        match self.client.find_offers().await {
+        // Bounded: a slow DHT must not hold up a period's challenges.
+        let found = tokio::time::timeout(DISCOVERY_LIMIT, self.client.find_offers())
+            .await
+            .unwrap_or_else(|_| Err(fincrypt_net::Error::Lookup("timed out".into())));
+        match found {
             Ok(peers) => {
                 let me = self.client.local_peer_id();
                 let peers: Vec<PeerId> = peers.into_iter().filter(|p| *p != me).collect();
