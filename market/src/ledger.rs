@@ -47,7 +47,7 @@ const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
 const PLACED: TableDefinition<[u8; 48], u64> = TableDefinition::new("placed");
 /// Contracts ended by the owner: id -> postcard (Unix time, why).
 const ENDED: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("ended");
-/// `version`, `next_batch`, `ledger_id`.
+/// `version`, `next_batch`, `ledger_id`, `notified_through`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LEDGER_VERSION: u64 = 1;
 /// No payout is larger than every coin there will be.
@@ -453,6 +453,22 @@ impl Ledger {
             out.push((k.value(), dec(v.value(), "batch")?));
         }
         Ok(out)
+    }
+
+    /// The highest batch whose holders were told of it (or that needs no
+    /// telling): batches are told in order.
+    pub fn notified_through(&self) -> Result<u64, MarketError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta.get("notified_through")?.map_or(0, |v| v.value()))
+    }
+
+    /// Records that every batch up to `n` was told.
+    pub fn set_notified_through(&self, n: u64) -> Result<(), MarketError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?.insert("notified_through", n)?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// Batch `n`, if there is one.

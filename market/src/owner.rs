@@ -34,7 +34,9 @@ use tracing::{info, warn};
 
 use crate::MarketError;
 use crate::contract::{CONTRACT_VERSION, Contract, ContractId, Terms};
-use crate::ledger::{Ledger, PeriodRow, PeriodState, SettleRules, Settlement, funded_periods, hex};
+use crate::ledger::{
+    Batch, BatchState, Ledger, PeriodRow, PeriodState, SettleRules, Settlement, funded_periods, hex,
+};
 use crate::notice::{MAX_NOTICE_ITEMS, NOTICE_VERSION, PaidNotice};
 use crate::offer::{Offer, SignedOffer};
 use crate::wallet::Payments;
@@ -42,6 +44,10 @@ use crate::wallet::Payments;
 /// How long an offer read from a peer is used before it is read again
 /// (sooner when it expires).
 pub const OFFER_REFRESH: u64 = 600;
+/// The longest a tick waits for a holder to take a notice.
+const NOTICE_WAIT: Duration = Duration::from_secs(5);
+/// Seconds a settlement's notices are offered again to holders that did not take them.
+const NOTICE_RETRY_FOR: u64 = 86_400;
 /// The longest a tick waits for the DHT to name the nodes that make offers.
 const DISCOVERY_LIMIT: Duration = Duration::from_secs(10);
 /// Offers asked for at once.
@@ -782,14 +788,8 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             Some(wallet) => {
                 view.last_settlement = match self.ledger.settle(wallet, t, rules).await {
                     Ok(Settlement::Paid {
-                        batch,
-                        txid,
-                        sats,
-                        payees,
-                    }) => {
-                        self.tell_paid(batch, &txid).await;
-                        format!("paid {sats} sats to {payees} holders in {txid}")
-                    }
+                        txid, sats, payees, ..
+                    }) => format!("paid {sats} sats to {payees} holders in {txid}"),
                     Ok(Settlement::Waiting) => {
                         "waiting: an interrupted settlement is not decided yet".into()
                     }
@@ -818,6 +818,9 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         }
         let summary = self.ledger.summary()?;
         view.cost_per_period = summary.cost_per_period;
+        if self.wallet.is_some() {
+            self.tell_paid(t).await?;
+        }
         view.paid_sats = summary.paid;
         if let Some(balance) = view.balance_sats {
             // What is owed and not yet sent comes out of the balance first.
@@ -844,21 +847,38 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         Ok(challenged)
     }
 
-    /// Tells each holder batch `n` paid what it paid it, period by period
-    /// ([`PaidNotice`]). Best effort: a holder believes its wallet, and a
-    /// notice lost only leaves it unable to say which owner paid.
-    async fn tell_paid(&self, n: u64, txid: &str) {
-        let batch = match self.ledger.batch(n) {
-            Ok(Some(b)) => b,
-            Ok(None) => return,
-            Err(e) => {
-                warn!(batch = n, error = %e, "cannot read a settlement to tell the holders");
-                return;
+    /// Tells the holders of every batch sent since the last told what it
+    /// paid them, in order. A batch whose holders did not all take its
+    /// notices is tried again next tick, for a day; the notices are a
+    /// convenience for holders, who believe their wallets.
+    async fn tell_paid(&self, now: u64) -> Result<(), MarketError> {
+        let mut n = self.ledger.notified_through()?;
+        loop {
+            let Some(batch) = self.ledger.batch(n + 1)? else {
+                return Ok(());
+            };
+            match &batch.state {
+                BatchState::Intent => return Ok(()),
+                BatchState::Abandoned(_) => {}
+                BatchState::Sent(txid) => {
+                    if !self.tell_batch(&batch, txid).await
+                        && now.saturating_sub(batch.created) < NOTICE_RETRY_FOR
+                    {
+                        return Ok(());
+                    }
+                }
             }
-        };
+            n += 1;
+            self.ledger.set_notified_through(n)?;
+        }
+    }
+
+    /// Tells each holder `batch` paid what it paid it, period by period
+    /// ([`PaidNotice`]); whether every holder took every notice.
+    async fn tell_batch(&self, batch: &Batch, txid: &str) -> bool {
         let mut by_contract: BTreeMap<ContractId, Vec<(u64, u64)>> = BTreeMap::new();
-        for (id, period, sats) in batch.items {
-            by_contract.entry(id).or_default().push((period, sats));
+        for (id, period, sats) in &batch.items {
+            by_contract.entry(*id).or_default().push((*period, *sats));
         }
         let holders: HashMap<ContractId, PeerId> = self
             .contracts
@@ -867,6 +887,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             .iter()
             .map(|(h, c)| (c.terms.id, *h))
             .collect();
+        let mut all = true;
         for (id, items) in by_contract {
             let Some(holder) = holders.get(&id) else {
                 continue;
@@ -879,18 +900,22 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                     items: chunk.to_vec(),
                 };
                 let told = match notice.encode() {
-                    Ok(bytes) => self
-                        .client
-                        .paid(*holder, bytes.into())
-                        .await
-                        .map_err(|e| e.to_string()),
+                    Ok(bytes) => {
+                        let tell = self.client.paid(*holder, bytes.into());
+                        match tokio::time::timeout(NOTICE_WAIT, tell).await {
+                            Ok(r) => r.map_err(|e| e.to_string()),
+                            Err(_) => Err("no answer in time".into()),
+                        }
+                    }
                     Err(e) => Err(e.to_string()),
                 };
                 if let Err(e) = told {
-                    tracing::info!(%holder, error = %e, "a holder was not told of its payment");
+                    all = false;
+                    tracing::info!(%holder, error = %e, "a holder was not told of its payment yet");
                 }
             }
         }
+        all
     }
 
     fn skipped_note(&self) -> String {
@@ -1010,7 +1035,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             .collect();
         let mut out = Vec::new();
         for (_, b) in self.ledger.batches()? {
-            if let crate::ledger::BatchState::Sent(txid) = &b.state {
+            if let BatchState::Sent(txid) = &b.state {
                 for (id, period, sats) in &b.items {
                     out.push(PaymentView {
                         txid: txid.clone(),
