@@ -20,6 +20,10 @@
 set -euo pipefail
 
 NODES=${NODES:-4}
+read -r -a prices <<<"${PRICES:-}"
+for p in "${prices[@]}"; do
+  [[ $p =~ ^[0-9]+$ ]] || { echo "local-network: PRICES must be numbers of satoshis, not $p" >&2; exit 1; }
+done
 BASE_PORT=${BASE_PORT:-4101}
 [[ $NODES =~ ^[0-9]+$ && $BASE_PORT =~ ^[0-9]+$ ]] ||
   { echo "local-network: NODES and BASE_PORT must be numbers" >&2; exit 1; }
