@@ -317,17 +317,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None => println!("{default} (the default)"),
             }
         }
-        Command::Manifest { json } => {
-            let v = control::call_for(data, &Request::Manifest, None, |a| match a {
+        Command::Manifest { json } => show(
+            data,
+            &Request::Manifest,
+            json,
+            |a| match a {
                 Answer::Manifest(m) => Some(m),
                 _ => None,
-            })?;
-            if json {
-                println!("{}", serde_json::to_string(&v)?);
-            } else {
-                print_manifest(&v);
-            }
-        }
+            },
+            print_manifest,
+        )?,
         Command::Snapshots {
             command: SnapshotCommand::List,
         } => {
@@ -385,123 +384,152 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Market {
             command: MarketCommand::Offers,
             json,
-        } => {
-            let list = control::call_for(data, &Request::MarketOffers, None, |a| match a {
+        } => show(
+            data,
+            &Request::MarketOffers,
+            json,
+            |a| match a {
                 Answer::Offers(l) => Some(l),
                 _ => None,
-            })?;
-            if json {
-                println!("{}", serde_json::to_string(&list)?);
-            } else {
-                if list.is_empty() {
-                    println!("no offers seen yet (they are read as blocks are placed)");
-                }
-                for o in &list {
-                    let price = if o.price == 0 {
-                        "free".to_owned()
-                    } else {
-                        format!("{} sats/GiB/{} s", o.price, o.period)
-                    };
-                    let note = if o.skipped.is_empty() {
-                        String::new()
-                    } else {
-                        format!("  skipped: {}", o.skipped)
-                    };
-                    println!(
-                        "{}  {price}  room {}  min {} periods  read {} s ago{note}",
-                        o.peer,
-                        bytes(o.room),
-                        o.min_duration,
-                        o.age_secs
-                    );
-                }
-            }
-        }
+            },
+            |l| print_offers(l),
+        )?,
         Command::Market {
             command: MarketCommand::Contracts,
             json,
-        } => {
-            let list = control::call_for(data, &Request::MarketContracts, None, |a| match a {
+        } => show(
+            data,
+            &Request::MarketContracts,
+            json,
+            |a| match a {
                 Answer::Contracts(l) => Some(l),
                 _ => None,
-            })?;
-            if json {
-                println!("{}", serde_json::to_string(&list)?);
-            } else {
-                if list.is_empty() {
-                    println!("no contracts");
-                }
-                for c in &list {
-                    println!(
-                        "{}  holder {}  owner {}  {}  {} sats/GiB/{} s  since {}  periods: {} passed, \
-                         {} failed, {} paid ({} sats)  {}",
-                        c.id,
-                        c.holder,
-                        c.owner,
-                        bytes(c.bytes),
-                        c.price,
-                        c.period_secs,
-                        c.start,
-                        c.periods_passed,
-                        c.periods_failed,
-                        c.periods_paid,
-                        c.paid_sats,
-                        c.state
-                    );
-                }
-            }
-        }
-        Command::Wallet { json } => {
-            let w = control::call_for(data, &Request::Wallet, None, |a| match a {
+            },
+            |l| print_contracts(l),
+        )?,
+        Command::Wallet { json } => show(
+            data,
+            &Request::Wallet,
+            json,
+            |a| match a {
                 Answer::Wallet(w) => Some(w),
                 _ => None,
-            })?;
-            if json {
-                println!("{}", serde_json::to_string(&w)?);
-            } else {
-                match w.balance_sats {
-                    Some(b) => println!("balance            {b} sats"),
-                    None => println!(
-                        "balance            unknown: no wallet configured (bitcoin_rpc_url), or it did not answer"
-                    ),
-                }
-                if let Some(f) = w.funded_periods {
-                    let low = if w.low_balance { " (low)" } else { "" };
-                    println!(
-                        "funds              {f} periods at {} sats a period{low}",
-                        w.cost_per_period
-                    );
-                }
-                if !w.last_settlement.is_empty() {
-                    println!("last settlement    {}", w.last_settlement);
-                }
-                for p in &w.payments {
-                    println!(
-                        "paid {} sats to {} for period {} in {}",
-                        p.sats, p.holder, p.period, p.txid
-                    );
-                }
-                for i in &w.income {
-                    println!(
-                        "received {} sats in {} ({} confirmations)",
-                        i.sats, i.txid, i.confirmations
-                    );
-                }
-            }
-        }
-        Command::Workers { json } => {
-            let list = control::call_for(data, &Request::Workers, None, |a| match a {
+            },
+            print_wallet,
+        )?,
+        Command::Workers { json } => show(
+            data,
+            &Request::Workers,
+            json,
+            |a| match a {
                 Answer::Workers(l) => Some(l),
                 _ => None,
-            })?;
-            if json {
-                println!("{}", serde_json::to_string(&list)?);
-            } else {
-                print_workers(&list);
-            }
-        }
+            },
+            |l| print_workers(l),
+        )?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Asks the daemon of `data` and prints its answer: as JSON with `json`,
+/// else for a person through `text`.
+fn show<T: serde::Serialize>(
+    data: &Path,
+    request: &Request,
+    json: bool,
+    pick: impl FnOnce(Answer) -> Option<T>,
+    text: impl FnOnce(&T),
+) -> Result<()> {
+    let v = control::call_for(data, request, None, pick)?;
+    if json {
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        text(&v);
+    }
+    Ok(())
+}
+
+/// `market offers` for a person.
+fn print_offers(list: &[fincrypt_market::owner::OfferView]) {
+    if list.is_empty() {
+        println!("no offers seen yet (they are read as blocks are placed)");
+    }
+    for o in list {
+        let price = if o.price == 0 {
+            "free".to_owned()
+        } else {
+            format!("{} sats/GiB/{} s", o.price, o.period)
+        };
+        let note = if o.skipped.is_empty() {
+            String::new()
+        } else {
+            format!("  skipped: {}", o.skipped)
+        };
+        println!(
+            "{}  {price}  room {}  min {} periods  read {} s ago{note}",
+            o.peer,
+            bytes(o.room),
+            o.min_duration,
+            o.age_secs
+        );
+    }
+}
+
+/// `market contracts` for a person.
+fn print_contracts(list: &[fincrypt_market::owner::ContractView]) {
+    if list.is_empty() {
+        println!("no contracts");
+    }
+    for c in list {
+        println!(
+            "{}  holder {}  owner {}  {}  {} sats/GiB/{} s  since {}  periods: {} passed, \
+                 {} failed, {} paid ({} sats)  {}",
+            c.id,
+            c.holder,
+            c.owner,
+            bytes(c.bytes),
+            c.price,
+            c.period_secs,
+            c.start,
+            c.periods_passed,
+            c.periods_failed,
+            c.periods_paid,
+            c.paid_sats,
+            c.state
+        );
+    }
+}
+
+/// `wallet` for a person.
+fn print_wallet(w: &control::WalletView) {
+    match w.balance_sats {
+        Some(b) => println!("balance            {b} sats"),
+        None => println!(
+            "balance            unknown: no wallet configured (bitcoin_rpc_url), or it did not answer"
+        ),
+    }
+    if let Some(f) = w.funded_periods {
+        let low = if w.low_balance { " (low)" } else { "" };
+        println!(
+            "funds              {f} periods at {} sats a period{low}",
+            w.cost_per_period
+        );
+    }
+    if !w.last_settlement.is_empty() {
+        println!("last settlement    {}", w.last_settlement);
+    }
+    for p in &w.payments {
+        println!(
+            "paid {} sats to {} for period {} in {}",
+            p.sats, p.holder, p.period, p.txid
+        );
+    }
+    for i in &w.income {
+        println!(
+            "received {} sats in {} ({} confirmations)",
+            i.sats, i.txid, i.confirmations
+        );
+    }
 }
 
 /// Bytes as a person reads them: `0 B`, `1.5 KiB`, `2.0 GiB`.
