@@ -295,8 +295,13 @@ pub struct Config {
     /// Challenges of each contracted holder per period, at least.
     pub challenges_per_period: u32,
     /// The smallest payout to one holder, in satoshis; less is carried to
-    /// the next settlement.
+    /// the next settlement. A storage node lets an owner carry at most this
+    /// much unpaid (its offer's `carry`).
     pub min_payout: u64,
+    /// A priced storage node's patience: after this many periods unpaid it
+    /// takes no new blocks from the owner, and one more contract duration
+    /// later releases what it holds for it.
+    pub unpaid_periods: u64,
 }
 
 /// Refuses a `config.toml` with a setting Fincrypt does not know (a
@@ -423,6 +428,7 @@ impl Default for Config {
             challenges_per_period: 4,
             // Beside a fee of about 200 vbytes at 1 sat/vbyte, a quarter.
             min_payout: 1000,
+            unpaid_periods: 3,
         }
     }
 }
@@ -449,6 +455,13 @@ impl Config {
                     bail!(
                         "`period` in {} or FINCRYPT_PERIOD is 0 seconds: prices are per \
                          period of at least a second",
+                        file.display()
+                    );
+                }
+                if c.unpaid_periods == 0 {
+                    bail!(
+                        "`unpaid_periods` in {} or FINCRYPT_UNPAID_PERIODS is 0: an owner \
+                         needs at least one period to pay",
                         file.display()
                     );
                 }
@@ -580,6 +593,10 @@ impl Config {
              min_periods_funded = {}\n\
              challenges_per_period = {}\n\
              min_payout = {}\n\
+             # A storage node's patience: periods unpaid (beyond min_payout carried)\n\
+             # before it takes no new blocks from an owner; one contract duration\n\
+             # later it releases what it holds for that owner.\n\
+             unpaid_periods = {}\n\
              \n\
              # The Bitcoin node whose wallet pays and is paid (JSON-RPC), e.g.\n\
              # bitcoin_rpc_url = \"http://127.0.0.1:8332\"\n\
@@ -604,7 +621,8 @@ impl Config {
             d.pricing,
             d.min_periods_funded,
             d.challenges_per_period,
-            d.min_payout
+            d.min_payout,
+            d.unpaid_periods
         )
     }
 }

@@ -248,6 +248,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     min_duration: min_duration.unwrap_or(config.min_duration),
                     period: config.period,
                     payout_address: payout_address.unwrap_or(config.payout_address.clone()),
+                    carry: config.min_payout,
+                    unpaid_periods: config.unpaid_periods,
                     bitcoin: config.bitcoin_rpc()?,
                 },
             )?;

@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use fincrypt_blockstore::{LocalStore, StoreOptions};
 use fincrypt_market::holder::{Asking, HolderTerms};
-use fincrypt_market::owner::ContractView;
 use fincrypt_market::wallet::{BitcoinRpc, Payments};
 use fincrypt_net::{Holder, Multiaddr, Node, NodeConfig};
 use tokio::signal::unix::{SignalKind, signal};
@@ -37,6 +36,10 @@ pub struct ServeArgs {
     pub period: u64,
     /// Where payments go; empty: a new address of the wallet at `bitcoin`.
     pub payout_address: String,
+    /// Satoshis an owner may leave unpaid for a later settlement.
+    pub carry: u64,
+    /// Periods unpaid before an owner may place no more here.
+    pub unpaid_periods: u64,
     /// The Bitcoin node's wallet, if configured.
     pub bitcoin: Option<fincrypt_market::wallet::RpcSettings>,
 }
@@ -100,6 +103,61 @@ async fn read_income(wallet: &BitcoinRpc, payout: &str) -> Result<(u64, Vec<cont
     Ok((balance, income))
 }
 
+/// What each transaction paid this node, by txid.
+fn received(income: &[control::Income]) -> HashMap<String, u64> {
+    let mut out: HashMap<String, u64> = HashMap::new();
+    for i in income {
+        let e = out.entry(i.txid.clone()).or_default();
+        *e = e.saturating_add(i.sats);
+    }
+    out
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Keeps account of what each owner owes, four times a period: samples
+/// the bytes held for it, reads the wallet's payments, and cuts, restores
+/// or releases owners as `HolderTerms::review` decides.
+async fn review_dues(wallet: Arc<BitcoinRpc>, terms: Arc<HolderTerms>, holder: Holder) {
+    let every = Duration::from_millis((terms.asking().period.saturating_mul(250)).max(500));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let income = match read_income(&wallet, &terms.asking().payout).await {
+            Ok((_, income)) => income,
+            Err(e) => {
+                // Without the wallet nothing can be judged: no owner is cut for it.
+                tracing::warn!(error = %e, "cannot read payments; owners' dues are not reviewed this time");
+                continue;
+            }
+        };
+        let (terms, holder) = (terms.clone(), holder.clone());
+        let reviewed = tokio::task::spawn_blocking(move || -> Result<()> {
+            let held: HashMap<fincrypt_net::PeerId, u64> = holder
+                .held_by_placer()?
+                .into_iter()
+                .map(|(p, (_, bytes))| (p, bytes))
+                .collect();
+            for (id, owner) in terms.review(&held, &received(&income), unix_now())? {
+                let (blocks, bytes) = holder.release_all(&owner)?;
+                terms.released(&id, blocks, bytes)?;
+            }
+            Ok(())
+        })
+        .await;
+        match reviewed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "reviewing owners' dues failed"),
+            Err(e) => tracing::error!(error = %e, "the review of owners' dues failed"),
+        }
+    }
+}
+
 /// Transactions of the wallet looked through for this node's income.
 const INCOME_LISTED: usize = 1000;
 
@@ -125,6 +183,8 @@ async fn asking(args: &ServeArgs) -> Result<Asking> {
         min_duration: args.min_duration,
         period: args.period,
         payout,
+        carry: args.carry,
+        unpaid_periods: args.unpaid_periods,
     })
 }
 
@@ -238,6 +298,14 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
             }
         });
     }
+    if let Some(w) = wallet.clone().filter(|_| terms.asking().price > 0) {
+        tokio::spawn(review_dues(w, terms.clone(), holder.clone()));
+    } else if terms.asking().price > 0 {
+        eprintln!(
+            "fincrypt serve: without a Bitcoin node (bitcoin_rpc_url) this node cannot see \
+             payments, so it never stops taking blocks from an owner that does not pay"
+        );
+    }
     let answer = move |req: Request| -> Result<Answer> {
         match req {
             Request::Wallet => {
@@ -252,37 +320,9 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
                 // What owners said they paid counts once this node's wallet
                 // shows each transaction paying its address at least that.
                 let (_, income) = income()?;
-                let mut received: HashMap<&str, u64> = HashMap::new();
-                for i in &income {
-                    *received.entry(i.txid.as_str()).or_default() += i.sats;
-                }
-                let notices = terms.notices()?;
-                let mut claimed: HashMap<&str, u64> = HashMap::new();
-                for (_, _, txid, sats) in &notices {
-                    *claimed.entry(txid.as_str()).or_default() += sats;
-                }
-                let mut views = Vec::new();
-                for c in terms.contracts()? {
-                    let mut v = ContractView::of(&c, "active".into());
-                    let mut unseen = 0;
-                    for (_, _, txid, sats) in notices.iter().filter(|n| n.0 == c.terms.id) {
-                        let got = received.get(txid.as_str()).copied().unwrap_or(0);
-                        if got >= claimed[txid.as_str()] {
-                            v.periods_paid += 1;
-                            v.paid_sats += sats;
-                        } else {
-                            unseen += 1;
-                        }
-                    }
-                    if unseen > 0 {
-                        v.state = format!(
-                            "active; {unseen} periods the owner says it paid are not in this \
-                             node's wallet (yet)"
-                        );
-                    }
-                    views.push(v);
-                }
-                Ok(Answer::Contracts(views))
+                Ok(Answer::Contracts(
+                    terms.views(&received(&income), unix_now())?,
+                ))
             }
             Request::Status => {
                 let peers = runtime
@@ -308,7 +348,7 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
                     held_bytes: s.held_bytes,
                     root_records: s.root_records,
                     price: terms.asking().price,
-                    contracts: terms.contracts().map_or(0, |c| c.len() as u64),
+                    contracts: terms.live_contracts(),
                     earned_sats: earned.load(std::sync::atomic::Ordering::Relaxed),
                     cached_blocks: volume.cached_blocks,
                     cached_bytes: volume.cached_bytes,

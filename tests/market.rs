@@ -57,6 +57,7 @@ fn terms(owner: &Keypair, holder: PeerId, price: u64, payout: &str) -> Terms {
         min_duration: 24,
         period: 3600,
         payout: payout.into(),
+        carry: 1000,
     }
 }
 
@@ -385,15 +386,54 @@ struct Paid {
     _other: regtest::Regtest,
 }
 
+/// How a [`Paid`] network differs from the plain one.
+struct Setup<'a> {
+    /// Settings of the owner.
+    owner: &'a [(&'a str, &'a str)],
+    /// Settings of every storage node.
+    nodes: &'a [(&'a str, &'a str)],
+    /// More arguments of each storage node's `serve`.
+    node_args: [&'a [&'a str]; 3],
+    prices: [u64; 3],
+    /// The two cheaper nodes are paid to addresses outside the wallet, so
+    /// that payments lower its balance.
+    pay_outside: bool,
+    /// The owner pays from the other regtest node's wallet: on a chain the
+    /// storage nodes' wallet never sees.
+    owner_elsewhere: bool,
+}
+
+impl Default for Setup<'_> {
+    fn default() -> Self {
+        Setup {
+            owner: &[],
+            nodes: &[],
+            node_args: [&[], &[], &[]],
+            prices: [100_000, 200_000, 500_000],
+            pay_outside: false,
+            owner_elsewhere: false,
+        }
+    }
+}
+
 impl Paid {
-    fn start(extra: &[(&str, &str)]) -> Paid {
-        Paid::start_paying(extra, false, [100_000, 200_000, 500_000])
+    fn start(owner: &[(&str, &str)]) -> Paid {
+        Paid::start_with(Setup {
+            owner,
+            ..Setup::default()
+        })
     }
 
-    /// With `pay_outside`, the two cheaper nodes are paid to addresses
-    /// outside the wallet, so that payments lower its balance. The owner's
-    /// `max_price` lies between the second and the third price.
-    fn start_paying(extra: &[(&str, &str)], pay_outside: bool, prices: [u64; 3]) -> Paid {
+    /// The owner's `max_price` lies between the second and the third price.
+    fn start_with(setup: Setup) -> Paid {
+        let Setup {
+            owner: extra,
+            nodes: node_env,
+            node_args,
+            prices,
+            pay_outside,
+            owner_elsewhere,
+        } = setup;
         let bitcoin = std::sync::Arc::new(regtest::Regtest::start());
         let env = bitcoin.env.clone();
         let other = regtest::Regtest::start();
@@ -422,8 +462,11 @@ impl Paid {
                 if pay_outside && i < 2 {
                     args.extend(["--payout-address", outside[i + 1].as_str()]);
                 }
+                args.extend(node_args[i]);
                 serve_with(home.path(), &args, |cmd| {
-                    cmd.envs(env.clone()).env("FINCRYPT_PERIOD", PERIOD);
+                    cmd.envs(env.clone())
+                        .env("FINCRYPT_PERIOD", PERIOD)
+                        .envs(node_env.iter().copied());
                 })
             })
             .collect();
@@ -432,7 +475,11 @@ impl Paid {
             .map(|h| status(h.path())["peer_id"].as_str().unwrap().to_owned())
             .collect();
         let max_price = ((prices[1] + prices[2]) / 2).to_string();
-        let mut owner_env: Vec<(String, String)> = env.clone();
+        let mut owner_env: Vec<(String, String)> = if owner_elsewhere {
+            other.env.clone()
+        } else {
+            env.clone()
+        };
         for (k, v) in [
             ("FINCRYPT_PERIOD", PERIOD),
             ("FINCRYPT_MAX_PRICE", max_price.as_str()),
@@ -774,7 +821,11 @@ fn all_passed_paid_once(p: &Paid, periods: usize) -> serde_json::Value {
 
 #[test]
 fn an_owner_killed_ten_times_while_settling_pays_each_proven_period_exactly_once() {
-    let mut p = Paid::start(&[]);
+    let mut p = Paid::start_with(Setup {
+        // Ten restarts span more than a few periods of 4 s: the nodes wait.
+        nodes: &[("FINCRYPT_UNPAID_PERIODS", "1000000")],
+        ..Setup::default()
+    });
     let _miner = Miner::start(&p.bitcoin, &p.outside[0]);
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -837,7 +888,15 @@ fn a_wallet_running_low_is_said_before_payments_fail_and_nothing_is_lost() {
     let prices = [100_000_000_000, 200_000_000_000, 500_000_000_000];
     // No blocks are mined until it is funded again: each would mature one
     // more of the wallet's first coinbases.
-    let p = Paid::start_paying(&[("FINCRYPT_MIN_PERIODS_FUNDED", "2")], true, prices);
+    let p = Paid::start_with(Setup {
+        owner: &[("FINCRYPT_MIN_PERIODS_FUNDED", "2")],
+        // The nodes are paid outside their own wallet, so they cannot see
+        // that they are: they must not give up on the owner.
+        nodes: &[("FINCRYPT_UNPAID_PERIODS", "1000000")],
+        prices,
+        pay_outside: true,
+        ..Setup::default()
+    });
     wait_until("low_balance", Duration::from_secs(60), || {
         status(p.m().home())["low_balance"] == true
     });
@@ -860,5 +919,92 @@ fn a_wallet_running_low_is_said_before_payments_fail_and_nothing_is_lost() {
     let address = rt.block_on(p.bitcoin.wallet().new_address()).unwrap();
     p.bitcoin.cli(&["generatetoaddress", "150", &address]);
     all_passed_paid_once(&p, 3);
+    drop(p);
+}
+
+/// A storage node's view of its one contract.
+fn held_contract(home: &std::path::Path) -> serde_json::Value {
+    let contracts = ctl_json(home, &["market", "contracts"]);
+    assert_eq!(contracts.as_array().unwrap().len(), 1, "{contracts}");
+    contracts[0].clone()
+}
+
+#[test]
+fn a_node_takes_nothing_new_from_an_owner_that_does_not_pay_and_releases_its_blocks_later() {
+    // The owner "pays" on another chain, which the nodes' wallet never
+    // sees: to them it pays nothing, whatever its notices say.
+    let mut p = Paid::start_with(Setup {
+        nodes: &[("FINCRYPT_UNPAID_PERIODS", "2")],
+        // Node 0 keeps an owner's blocks one period after cutting it, node 1
+        // a thousand.
+        node_args: [&["--min-duration", "1"], &["--min-duration", "1000"], &[]],
+        owner_elsewhere: true,
+        ..Setup::default()
+    });
+    let behind = |p: &Paid, i: usize| {
+        let c = held_contract(p.homes[i].path());
+        (c["state"].as_str().unwrap().to_owned(), c)
+    };
+    wait_until(
+        "node 1 cuts the owner",
+        Duration::from_secs(90),
+        || behind(&p, 1).0.starts_with("cut"),
+    );
+    let (state, c) = behind(&p, 1);
+    assert!(c["periods_unpaid"].as_u64().unwrap() >= 2, "{c}");
+    assert!(c["owed_sats"].as_u64().unwrap() > 0, "{c}");
+    assert_eq!(c["periods_paid"], 0, "{c}");
+    assert!(
+        state.contains("not in this node's wallet"),
+        "the owner's notices name transactions the wallet does not have: {state}"
+    );
+
+    // Node 0 lets the owner's blocks go one period after it cut it.
+    wait_until(
+        "node 0 releases the owner's blocks",
+        Duration::from_secs(60),
+        || behind(&p, 0).0.starts_with("released"),
+    );
+    assert_eq!(p.held(0), 0, "{}", behind(&p, 0).1);
+
+    // While cut, the owner learns why, and nothing new is placed there.
+    let held_before = p.held(1);
+    std::fs::write(p.m().path().join("more"), random_bytes(8, 2 << 20)).unwrap();
+    ctl_ok(p.m().home(), &["sync"]);
+    wait_until(
+        "the owner says why node 1 takes nothing",
+        Duration::from_secs(60),
+        || {
+            let offers = ctl_json(p.m().home(), &["market", "offers"]);
+            let why = offers
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|o| o["peer"] == p.peers[1].as_str())
+                .map(|o| o.to_string())
+                .unwrap_or_default();
+            why.contains("periods unpaid") && number(&status(p.m().home()), "under_replicated") > 0
+        },
+    );
+    assert_eq!(p.held(1), held_before, "a cut owner placed new blocks");
+
+    // Paying from the nodes' own chain: node 1 sees the payments, takes the
+    // owner back, and the new file reaches it.
+    let real: Vec<(String, String)> = p.bitcoin.env.clone();
+    let real: Vec<(&str, &str)> = real.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    p.restart_owner(&real);
+    let _miner = Miner::start(&p.bitcoin, &p.outside[0]);
+    wait_until(
+        "node 1 takes the owner back once paid",
+        Duration::from_secs(90),
+        || behind(&p, 1).0.starts_with("active"),
+    );
+    let c = behind(&p, 1).1;
+    assert!(c["periods_paid"].as_u64().unwrap() > 0, "{c}");
+    wait_until(
+        "the new file placed on node 1",
+        Duration::from_secs(90),
+        || p.held(1) >= held_before + (2 << 20),
+    );
     drop(p);
 }

@@ -64,6 +64,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
             min_duration: 1,
             period: 3600,
             payout: payout.clone(),
+            carry: u64::MAX,
         }
         .propose(&owner)?
         .accept(&holder)?;

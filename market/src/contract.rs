@@ -10,11 +10,11 @@ use crate::MarketError;
 use crate::offer::check_address;
 use crate::signed::{self, Signature};
 
-/// Version of the contract's layout.
-pub const CONTRACT_VERSION: u8 = 1;
+/// Version of the contract's layout (2 added `carry`; 1 was never released).
+pub const CONTRACT_VERSION: u8 = 2;
 /// The largest encoded contract a node sends or reads.
 pub const MAX_CONTRACT_LEN: usize = 1024;
-const DOMAIN: &[u8] = b"fincrypt contract v1\0";
+const DOMAIN: &[u8] = b"fincrypt contract v2\0";
 
 /// A contract's id: random, chosen by the owner.
 pub type ContractId = [u8; 16];
@@ -40,6 +40,10 @@ pub struct Terms {
     pub period: u64,
     /// Where the holder is paid.
     pub payout: String,
+    /// Satoshis the owner may leave unpaid: smaller dues wait for a later
+    /// settlement, and once a holder's unpaid dues reach this they are paid
+    /// at the next one. A holder counts periods as unpaid only beyond it.
+    pub carry: u64,
 }
 
 /// Terms the owner signed, for the holder to accept.
@@ -219,6 +223,7 @@ mod tests {
             min_duration: 24,
             period: 60,
             payout: "mj6mz6RpsSEJPmG1zzEf8nu3J9oV6ihxfB".into(),
+            carry: 1000,
         }
     }
 

@@ -1,9 +1,21 @@
 //! A storage node's side of the market: it signs its offer, accepts the
-//! contracts that meet its terms and keeps them, and tells its holder who
-//! may place blocks (anyone, when it is free; owners with a contract, when
-//! it charges).
+//! contracts that meet its terms and keeps them, tells its holder who may
+//! place blocks (anyone, when it is free; owners with a contract that pay,
+//! when it charges), and keeps account of what each owner owes.
+//!
+//! Dues, as the node sees them: at each review it samples the bytes it
+//! holds for each owner, and a period's dues are the contract's price for
+//! the fewest bytes seen in it. A period is paid when an owner's notice
+//! names it and the node's wallet shows that transaction paying its
+//! address. Counting from the owner's last paid period, once the dues of
+//! the periods since reach the contract's `carry`, each further period
+//! that ends without payment, after one period of grace to settle, is one
+//! unpaid period. At `unpaid_periods` of them the owner is cut: it may
+//! place nothing new, and it is told why. A payment ends the cut. An owner
+//! still cut `min_duration` periods later has its blocks released, and the
+//! contract is over.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::RwLock;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -12,18 +24,25 @@ use bytes::Bytes;
 use fincrypt_net::{ErrorCode, PeerId, Terms};
 use libp2p::identity::Keypair;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tracing::info;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
 
 use crate::MarketError;
 use crate::contract::{Contract, ContractId, Proposal};
 use crate::notice::PaidNotice;
 use crate::offer::{OFFER_VERSION, Offer, check_address};
+use crate::owner::ContractView;
 
 /// Contracts this node holds under, by id: the encoded contract.
 const HELD: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("held_contracts");
 /// (contract id, period big-endian) -> postcard (txid, satoshis): what the
 /// owner said it paid; the wallet says whether it did.
 const NOTICES: TableDefinition<[u8; 24], &[u8]> = TableDefinition::new("paid_notices");
+/// (contract id, period big-endian) -> the fewest bytes held for the
+/// owner seen in the period. Rows before the last paid period are dropped.
+const SAMPLES: TableDefinition<[u8; 24], u64> = TableDefinition::new("held_samples");
+/// Contract id -> postcard [`Standing`], for an owner behind in payment.
+const STANDING: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("standing");
 /// How long an offer holds: owners ask again for the ones they use.
 pub const OFFER_LIFETIME: u64 = 3600;
 /// How far from now a contract may say it starts.
@@ -42,6 +61,75 @@ pub struct Asking {
     pub period: u64,
     /// Where it is paid.
     pub payout: String,
+    /// Satoshis an owner may leave unpaid for a later settlement.
+    pub carry: u64,
+    /// Periods unpaid beyond `carry` before an owner is cut (at least 1).
+    pub unpaid_periods: u64,
+}
+
+/// An owner behind in payment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Standing {
+    /// It places nothing new since period `since`; its blocks go at period
+    /// `release_at` unless it pays first. `unpaid`: periods unpaid, as last counted.
+    Cut {
+        since: u64,
+        release_at: u64,
+        unpaid: u64,
+    },
+    /// Its blocks were released at Unix time `at`: the contract is over.
+    Released { at: u64, blocks: u64, bytes: u64 },
+}
+
+/// One contract's account, as this node keeps it.
+#[derive(Clone, Debug)]
+pub struct Account {
+    pub contract: Contract,
+    /// Periods the owner said it paid and the wallet shows paid, and their sum.
+    pub periods_paid: u64,
+    pub paid_sats: u64,
+    /// Periods the owner said it paid that the wallet does not show (yet).
+    pub unseen: u64,
+    /// Dues of the periods ended since the last paid one.
+    pub owed_sats: u64,
+    /// Periods unpaid beyond the carry (see the module documentation).
+    pub unpaid: u64,
+    /// The last period paid, if any.
+    pub last_paid: Option<u64>,
+    /// Bytes held for the owner as last sampled.
+    pub held: u64,
+    pub standing: Option<Standing>,
+}
+
+/// One ended period, as a holder sees it: its dues, and whether it was paid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owed {
+    pub period: u64,
+    pub due: u64,
+    pub paid: bool,
+}
+
+/// Periods unpaid beyond `carry` up to period `settled_by`, the last the
+/// owner has had time to pay: counted from the first period at which the
+/// dues since the last paid period (of any) reach `carry`. `periods` in order.
+pub fn unpaid_periods(periods: &[Owed], settled_by: u64, carry: u64) -> u64 {
+    let mut since_paid = 0u64;
+    let mut overdue_from = None;
+    for o in periods {
+        if o.paid {
+            since_paid = 0;
+            overdue_from = None;
+            continue;
+        }
+        if o.period > settled_by {
+            continue;
+        }
+        since_paid = since_paid.saturating_add(o.due);
+        if overdue_from.is_none() && since_paid >= carry.max(1) {
+            overdue_from = Some(o.period);
+        }
+    }
+    overdue_from.map_or(0, |p| settled_by - p + 1)
 }
 
 /// A storage node's terms and the contracts it took (in `DATA/contracts.redb`).
@@ -49,8 +137,10 @@ pub struct HolderTerms {
     keypair: Keypair,
     asking: Asking,
     db: Database,
-    /// Owners with a contract.
+    /// Owners with a contract that is not over.
     owners: RwLock<HashSet<PeerId>>,
+    /// Owners cut for not paying, with the periods they are behind.
+    cut: RwLock<HashMap<PeerId, u64>>,
 }
 
 fn now() -> u64 {
@@ -66,24 +156,320 @@ impl HolderTerms {
         if asking.period == 0 {
             return Err(MarketError::Invalid("a period of 0 seconds".into()));
         }
+        if asking.unpaid_periods == 0 {
+            return Err(MarketError::Invalid(
+                "unpaid_periods is 0: an owner needs a period to pay".into(),
+            ));
+        }
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         txn.open_table(HELD)?;
         txn.open_table(NOTICES)?;
+        txn.open_table(SAMPLES)?;
+        txn.open_table(STANDING)?;
         txn.commit()?;
         let terms = HolderTerms {
             keypair,
             asking,
             db,
             owners: RwLock::new(HashSet::new()),
+            cut: RwLock::new(HashMap::new()),
         };
-        let owners = terms
-            .contracts()?
-            .iter()
-            .map(|c| c.terms.owner())
-            .collect::<Result<HashSet<_>, _>>()?;
+        let standing = terms.standing()?;
+        let (mut owners, mut cut) = (HashSet::new(), HashMap::new());
+        for c in terms.contracts()? {
+            let owner = c.terms.owner()?;
+            match standing.get(&c.terms.id) {
+                Some(Standing::Released { .. }) => continue,
+                Some(Standing::Cut { unpaid, .. }) => {
+                    cut.insert(owner, *unpaid);
+                }
+                None => {}
+            }
+            owners.insert(owner);
+        }
         *terms.owners.write().unwrap_or_else(|p| p.into_inner()) = owners;
+        *terms.cut.write().unwrap_or_else(|p| p.into_inner()) = cut;
         Ok(terms)
+    }
+
+    /// Contracts not over (released ones are).
+    pub fn live_contracts(&self) -> u64 {
+        self.owners.read().unwrap_or_else(|p| p.into_inner()).len() as u64
+    }
+
+    /// Owners behind in payment, by contract.
+    fn standing(&self) -> Result<HashMap<ContractId, Standing>, MarketError> {
+        let txn = self.db.begin_read()?;
+        let mut out = HashMap::new();
+        for row in txn.open_table(STANDING)?.iter()? {
+            let (k, v) = row?;
+            let s: Standing = postcard::from_bytes(v.value())
+                .map_err(|e| MarketError::Store(format!("a damaged standing row: {e}")))?;
+            out.insert(k.value(), s);
+        }
+        Ok(out)
+    }
+
+    /// Each contract's account, with `received`: what this node's wallet
+    /// shows each transaction paying its address, by txid.
+    pub fn accounts(
+        &self,
+        received: &HashMap<String, u64>,
+        now: u64,
+    ) -> Result<Vec<Account>, MarketError> {
+        let notices = self.notices()?;
+        let mut claimed: HashMap<&str, u64> = HashMap::new();
+        for (_, _, txid, sats) in &notices {
+            let c = claimed.entry(txid.as_str()).or_default();
+            *c = c.saturating_add(*sats);
+        }
+        let samples = self.samples()?;
+        let standing = self.standing()?;
+        let mut out = Vec::new();
+        for c in self.contracts()? {
+            let id = c.terms.id;
+            let mut a = Account {
+                contract: c,
+                periods_paid: 0,
+                paid_sats: 0,
+                unseen: 0,
+                owed_sats: 0,
+                unpaid: 0,
+                last_paid: None,
+                held: 0,
+                standing: standing.get(&id).copied(),
+            };
+            // Period -> (dues, paid).
+            let mut periods: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+            for (_, period, txid, sats) in notices.iter().filter(|n| n.0 == id) {
+                let got = received.get(txid.as_str()).copied().unwrap_or(0);
+                if got >= claimed[txid.as_str()] {
+                    a.periods_paid += 1;
+                    a.paid_sats = a.paid_sats.saturating_add(*sats);
+                    periods.entry(*period).or_default().1 = true;
+                    a.last_paid = a.last_paid.max(Some(*period));
+                } else {
+                    a.unseen += 1;
+                }
+            }
+            let current = a.contract.terms.period_at(now);
+            if let Some(rows) = samples.get(&id) {
+                // Rows come in period order.
+                a.held = rows.last().map_or(0, |(_, b)| *b);
+                for (period, bytes) in rows {
+                    if current.is_some_and(|p| *period < p) {
+                        periods.entry(*period).or_default().0 = a.contract.terms.due(*bytes);
+                    }
+                }
+            }
+            let owed: Vec<Owed> = periods
+                .into_iter()
+                .map(|(period, (due, paid))| Owed { period, due, paid })
+                .collect();
+            a.owed_sats = owed
+                .iter()
+                .filter(|o| a.last_paid.is_none_or(|l| o.period > l) && !o.paid)
+                .map(|o| o.due)
+                .fold(0, u64::saturating_add);
+            // One period's grace after a period ends, to settle it.
+            if let Some(settled_by) = current.and_then(|p| p.checked_sub(2)) {
+                a.unpaid = unpaid_periods(&owed, settled_by, a.contract.terms.carry);
+            }
+            out.push(a);
+        }
+        Ok(out)
+    }
+
+    /// The bytes held for each contract's owner, sampled by period.
+    fn samples(&self) -> Result<HashMap<ContractId, Vec<(u64, u64)>>, MarketError> {
+        let txn = self.db.begin_read()?;
+        let mut out: HashMap<ContractId, Vec<(u64, u64)>> = HashMap::new();
+        for row in txn.open_table(SAMPLES)?.iter()? {
+            let (k, v) = row?;
+            let (id, period) = split_key(&k.value());
+            out.entry(id).or_default().push((period, v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Takes account of each owner: samples what this node holds for it
+    /// (`held`: bytes by placer), counts its unpaid periods with `received`
+    /// (as [`HolderTerms::accounts`]), and cuts, restores or marks for
+    /// release. Returns the owners whose blocks are to be released now; the
+    /// caller releases them and then calls [`HolderTerms::released`].
+    pub fn review(
+        &self,
+        held: &HashMap<PeerId, u64>,
+        received: &HashMap<String, u64>,
+        now: u64,
+    ) -> Result<Vec<(ContractId, PeerId)>, MarketError> {
+        let standing = self.standing()?;
+        let contracts = self.contracts()?;
+        let txn = self.db.begin_write()?;
+        {
+            let mut samples = txn.open_table(SAMPLES)?;
+            for c in &contracts {
+                if matches!(standing.get(&c.terms.id), Some(Standing::Released { .. })) {
+                    continue;
+                }
+                let Some(period) = c.terms.period_at(now) else {
+                    continue;
+                };
+                let bytes = held.get(&c.terms.owner()?).copied().unwrap_or(0);
+                let key = period_key(&c.terms.id, period);
+                let least = samples.get(key)?.map_or(bytes, |v| v.value().min(bytes));
+                samples.insert(key, least)?;
+            }
+        }
+        txn.commit()?;
+
+        let accounts = self.accounts(received, now)?;
+        let mut release = Vec::new();
+        let mut cut = HashMap::new();
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(STANDING)?;
+            let mut samples = txn.open_table(SAMPLES)?;
+            for a in &accounts {
+                let t = &a.contract.terms;
+                let owner = t.owner()?;
+                let Some(current) = t.period_at(now) else {
+                    continue;
+                };
+                if let Some(last) = a.last_paid {
+                    // What came before the last payment no longer counts.
+                    samples.retain_in(period_key(&t.id, 0)..period_key(&t.id, last), |_, _| {
+                        false
+                    })?;
+                }
+                let behind = a.unpaid >= self.asking.unpaid_periods;
+                let next = match (a.standing, behind) {
+                    (Some(Standing::Released { .. }), _) => continue,
+                    (None, false) => None,
+                    (None, true) => {
+                        let release_at = current.saturating_add(u64::from(t.min_duration.max(1)));
+                        warn!(
+                            %owner, unpaid = a.unpaid, owed_sats = a.owed_sats, release_at,
+                            "an owner is behind in payment: it may place nothing new here, and \
+                             its blocks are released at the period shown unless it pays"
+                        );
+                        Some(Standing::Cut {
+                            since: current,
+                            release_at,
+                            unpaid: a.unpaid,
+                        })
+                    }
+                    (Some(Standing::Cut { .. }), false) => {
+                        info!(%owner, "an owner paid: it may place here again");
+                        None
+                    }
+                    (Some(Standing::Cut {
+                        since, release_at, ..
+                    }), true) => {
+                        if current >= release_at {
+                            release.push((t.id, owner));
+                        }
+                        Some(Standing::Cut {
+                            since,
+                            release_at,
+                            unpaid: a.unpaid,
+                        })
+                    }
+                };
+                match next {
+                    Some(s) => {
+                        let row = postcard::to_allocvec(&s)
+                            .map_err(|e| MarketError::Store(e.to_string()))?;
+                        table.insert(t.id, row.as_slice())?;
+                        if let Standing::Cut { unpaid, .. } = s {
+                            cut.insert(owner, unpaid);
+                        }
+                    }
+                    None => {
+                        table.remove(t.id)?;
+                    }
+                }
+            }
+        }
+        txn.commit()?;
+        *self.cut.write().unwrap_or_else(|p| p.into_inner()) = cut;
+        Ok(release)
+    }
+
+    /// Records that the blocks of contract `id`'s owner were released: the
+    /// contract is over, and the owner needs a new one to place here.
+    pub fn released(&self, id: &ContractId, blocks: u64, bytes: u64) -> Result<(), MarketError> {
+        let c = self.contract(id)?;
+        let row = postcard::to_allocvec(&Standing::Released {
+            at: now(),
+            blocks,
+            bytes,
+        })
+        .map_err(|e| MarketError::Store(e.to_string()))?;
+        let txn = self.db.begin_write()?;
+        {
+            txn.open_table(STANDING)?.insert(id, row.as_slice())?;
+            let mut samples = txn.open_table(SAMPLES)?;
+            samples.retain_in(period_key(id, 0)..=period_key(id, u64::MAX), |_, _| false)?;
+        }
+        txn.commit()?;
+        let owner = c.terms.owner()?;
+        self.owners
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&owner);
+        self.cut
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&owner);
+        warn!(%owner, blocks, bytes, "released the blocks of an owner that did not pay");
+        Ok(())
+    }
+
+    fn contract(&self, id: &ContractId) -> Result<Contract, MarketError> {
+        let txn = self.db.begin_read()?;
+        match txn.open_table(HELD)?.get(id)? {
+            Some(v) => Contract::decode(v.value()),
+            None => Err(MarketError::Store("no such contract".into())),
+        }
+    }
+
+    /// Each contract for `fincryptctl market contracts`, with `received`
+    /// as for [`HolderTerms::accounts`].
+    pub fn views(
+        &self,
+        received: &HashMap<String, u64>,
+        now: u64,
+    ) -> Result<Vec<ContractView>, MarketError> {
+        Ok(self
+            .accounts(received, now)?
+            .into_iter()
+            .map(|a| {
+                let state = match a.standing {
+                    None => "active".to_string(),
+                    Some(Standing::Cut { release_at, .. }) => format!(
+                        "cut: no new blocks until the owner pays; released at period {release_at}"
+                    ),
+                    Some(Standing::Released { blocks, bytes, .. }) => {
+                        format!("released: {blocks} blocks ({bytes} bytes) let go unpaid")
+                    }
+                };
+                let mut v = ContractView::of(&a.contract, state);
+                v.bytes = a.held;
+                v.periods_paid = a.periods_paid;
+                v.paid_sats = a.paid_sats;
+                v.periods_unpaid = a.unpaid;
+                v.owed_sats = a.owed_sats;
+                if a.unseen > 0 {
+                    v.state.push_str(&format!(
+                        "; {} periods the owner says it paid are not in this node's wallet (yet)",
+                        a.unseen
+                    ));
+                }
+                v
+            })
+            .collect())
     }
 
     /// Every contract this node took.
@@ -97,7 +483,6 @@ impl HolderTerms {
         Ok(out)
     }
 
-    /// What the node asks.
     /// What owners said they paid: (contract, period, txid, satoshis).
     pub fn notices(&self) -> Result<Vec<(ContractId, u64, String, u64)>, MarketError> {
         let txn = self.db.begin_read()?;
@@ -105,13 +490,10 @@ impl HolderTerms {
         for row in txn.open_table(NOTICES)?.iter()? {
             let (k, v) = row?;
             let key = k.value();
-            let mut id = [0u8; 16];
-            id.copy_from_slice(&key[..16]);
-            let mut period = [0u8; 8];
-            period.copy_from_slice(&key[16..]);
+            let (id, period) = split_key(&key);
             let (txid, sats): (String, u64) = postcard::from_bytes(v.value())
                 .map_err(|e| MarketError::Store(format!("a damaged notice row: {e}")))?;
-            out.push((id, u64::from_be_bytes(period), txid, sats));
+            out.push((id, period, txid, sats));
         }
         Ok(out)
     }
@@ -140,9 +522,7 @@ impl HolderTerms {
                         "period {period} has not begun"
                     )));
                 }
-                let mut key = [0u8; 24];
-                key[..16].copy_from_slice(&n.contract);
-                key[16..].copy_from_slice(&period.to_be_bytes());
+                let key = period_key(&n.contract, *period);
                 let row = postcard::to_allocvec(&(n.txid.as_str(), *sats))
                     .map_err(|e| MarketError::Store(e.to_string()))?;
                 t.insert(key, row.as_slice())?;
@@ -152,6 +532,7 @@ impl HolderTerms {
         Ok(())
     }
 
+    /// What the node asks.
     pub fn asking(&self) -> &Asking {
         &self.asking
     }
@@ -176,6 +557,12 @@ impl HolderTerms {
             return refuse(format!(
                 "the contract lasts {} periods; this node takes {} at least",
                 t.min_duration, self.asking.min_duration
+            ));
+        }
+        if t.carry > self.asking.carry {
+            return refuse(format!(
+                "the contract lets the owner leave {} sats unpaid; this node allows {}",
+                t.carry, self.asking.carry
             ));
         }
         if t.payout != self.asking.payout {
@@ -230,6 +617,7 @@ impl Terms for HolderTerms {
             period: self.asking.period,
             payout: self.asking.payout.clone(),
             expires: now() + OFFER_LIFETIME,
+            carry: self.asking.carry,
         };
         offer
             .sign(&self.keypair)
@@ -269,15 +657,212 @@ impl Terms for HolderTerms {
         }
     }
 
-    fn requires_contract(&self, peer: &PeerId) -> Option<u64> {
+    fn admits(&self, peer: &PeerId) -> Result<(), ErrorCode> {
         if self.asking.price == 0 {
-            return None;
+            return Ok(());
         }
         let known = self
             .owners
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .contains(peer);
-        (!known).then_some(self.asking.price)
+        if !known {
+            return Err(ErrorCode::NoContract {
+                price: self.asking.price,
+            });
+        }
+        match self.cut.read().unwrap_or_else(|p| p.into_inner()).get(peer) {
+            Some(periods) => Err(ErrorCode::Unpaid { periods: *periods }),
+            None => Ok(()),
+        }
+    }
+}
+
+fn period_key(id: &ContractId, period: u64) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..16].copy_from_slice(id);
+    key[16..].copy_from_slice(&period.to_be_bytes());
+    key
+}
+
+fn split_key(key: &[u8; 24]) -> (ContractId, u64) {
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&key[..16]);
+    let mut period = [0u8; 8];
+    period.copy_from_slice(&key[16..]);
+    (id, u64::from_be_bytes(period))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owed(rows: &[(u64, u64, bool)]) -> Vec<Owed> {
+        rows.iter()
+            .map(|&(period, due, paid)| Owed { period, due, paid })
+            .collect()
+    }
+
+    #[test]
+    fn periods_count_as_unpaid_only_beyond_the_carry() {
+        // 300 sats a period, carry 1000: periods 0..=2 come to 900 and may
+        // wait; period 3 brings them to 1200, so it is the first unpaid.
+        let p = owed(&[(0, 300, false), (1, 300, false), (2, 300, false), (3, 300, false)]);
+        assert_eq!(unpaid_periods(&p, 2, 1000), 0);
+        assert_eq!(unpaid_periods(&p, 3, 1000), 1);
+        let more = owed(&[
+            (0, 300, false),
+            (1, 300, false),
+            (2, 300, false),
+            (3, 300, false),
+            (4, 300, false),
+            (5, 300, false),
+        ]);
+        assert_eq!(unpaid_periods(&more, 5, 1000), 3);
+        // Periods past `settled_by` are still in their grace.
+        assert_eq!(unpaid_periods(&more, 4, 1000), 2);
+    }
+
+    #[test]
+    fn a_payment_starts_the_count_again() {
+        let p = owed(&[
+            (0, 600, false),
+            (1, 600, false),
+            (2, 600, false),
+            (3, 600, true),
+            (4, 600, false),
+        ]);
+        assert_eq!(unpaid_periods(&p[..3], 2, 1000), 2);
+        assert_eq!(unpaid_periods(&p, 4, 1000), 0, "600 since the payment may wait");
+        // A payment still in its grace period counts already.
+        assert_eq!(unpaid_periods(&p, 2, 1000), 0);
+        // A tiny contract owes nothing worth counting for a long time.
+        let tiny: Vec<Owed> = (0..10_000)
+            .map(|period| Owed {
+                period,
+                due: 0,
+                paid: false,
+            })
+            .collect();
+        assert_eq!(unpaid_periods(&tiny, 9_999, 1000), 0);
+        // A carry of 0 counts every unpaid period that owes anything.
+        assert_eq!(unpaid_periods(&owed(&[(5, 1, false)]), 5, 0), 1);
+        assert_eq!(unpaid_periods(&owed(&[(5, 0, false)]), 5, 0), 0);
+    }
+
+    #[test]
+    fn an_owner_is_cut_kept_cut_across_a_restart_restored_by_paying_and_released_later() {
+        use crate::contract::{CONTRACT_VERSION, Terms as ContractTerms};
+        use crate::notice::NOTICE_VERSION;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("contracts.redb");
+        let (node, owner) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let owner_id = owner.public().to_peer_id();
+        let payout = "mvUT3XQBnLwUpHeZD8Zjde9TVX9HyYhx2Q".to_string();
+        let asking = Asking {
+            price: 1 << 20,
+            min_duration: 2,
+            period: 60,
+            payout: payout.clone(),
+            carry: 1000,
+            unpaid_periods: 2,
+        };
+        let open = || HolderTerms::open(node.clone(), asking.clone(), &path).unwrap();
+        let terms = open();
+        // Began 50 periods ago, so that every period used here has begun.
+        let start = now() - 50 * 60;
+        let proposal = ContractTerms {
+            version: CONTRACT_VERSION,
+            id: [3; 16],
+            owner: owner_id.to_bytes(),
+            holder: node.public().to_peer_id().to_bytes(),
+            price: 1 << 20,
+            start,
+            min_duration: 2,
+            period: 60,
+            payout,
+            carry: 1000,
+        }
+        .propose(&owner)
+        .unwrap()
+        .encode()
+        .unwrap();
+        terms.propose(&owner_id, &proposal).unwrap();
+        assert_eq!(terms.admits(&owner_id), Ok(()));
+
+        // 1 MiB held: 1024 sats a period, over the carry each period.
+        let held = HashMap::from([(owner_id, 1u64 << 20)]);
+        let at = |period: u64| start + period * 60 + 1;
+        let none = HashMap::new();
+        for p in 0..=2 {
+            assert!(terms.review(&held, &none, at(p)).unwrap().is_empty());
+            assert_eq!(terms.admits(&owner_id), Ok(()), "period {p}");
+        }
+        // At period 3, periods 0 and 1 are past their grace, and 0 alone
+        // reached the carry: two unpaid, the most allowed.
+        assert!(terms.review(&held, &none, at(3)).unwrap().is_empty());
+        assert_eq!(
+            terms.admits(&owner_id),
+            Err(ErrorCode::Unpaid { periods: 2 })
+        );
+        let a = &terms.accounts(&none, at(3)).unwrap()[0];
+        assert_eq!(a.owed_sats, 3 * 1024);
+        drop(terms);
+
+        // Cut across a restart; a notice the wallet does not show changes nothing.
+        let terms = open();
+        assert!(matches!(terms.admits(&owner_id), Err(ErrorCode::Unpaid { .. })));
+        let notice = |period: u64, txid: &str| {
+            PaidNotice {
+                version: NOTICE_VERSION,
+                contract: [3; 16],
+                txid: txid.into(),
+                items: vec![(period, 1024)],
+            }
+            .encode()
+            .unwrap()
+        };
+        let txid = "ab".repeat(32);
+        terms.paid(&owner_id, &notice(3, &txid)).unwrap();
+        assert!(terms.review(&held, &none, at(4)).unwrap().is_empty());
+        assert_eq!(
+            terms.admits(&owner_id),
+            Err(ErrorCode::Unpaid { periods: 3 }),
+            "a payment the wallet does not show"
+        );
+        // Another peer cannot tell of payments under the contract.
+        let stranger = Keypair::generate_ed25519().public().to_peer_id();
+        assert!(terms.paid(&stranger, &notice(4, &txid)).is_err());
+
+        // The wallet shows it: the owner may place again.
+        let paid = HashMap::from([(txid.clone(), 1024u64)]);
+        assert!(terms.review(&held, &paid, at(4)).unwrap().is_empty());
+        assert_eq!(terms.admits(&owner_id), Ok(()));
+        assert_eq!(terms.accounts(&paid, at(4)).unwrap()[0].periods_paid, 1);
+
+        // Unpaid again from period 4 on: cut at period 7 (4 and 5 past
+        // their grace), released min_duration (2) periods later, at 9.
+        for p in 5..=6 {
+            assert!(terms.review(&held, &paid, at(p)).unwrap().is_empty());
+            assert_eq!(terms.admits(&owner_id), Ok(()), "period {p}");
+        }
+        assert!(terms.review(&held, &paid, at(7)).unwrap().is_empty());
+        assert!(terms.admits(&owner_id).is_err());
+        assert!(terms.review(&held, &paid, at(8)).unwrap().is_empty());
+        let release = terms.review(&held, &paid, at(9)).unwrap();
+        assert_eq!(release, vec![([3; 16], owner_id)]);
+        terms.released(&[3; 16], 5, 5 << 20).unwrap();
+        assert_eq!(
+            terms.admits(&owner_id),
+            Err(ErrorCode::NoContract { price: 1 << 20 }),
+            "the contract is over"
+        );
+        assert_eq!(terms.live_contracts(), 0);
+        drop(terms);
+        let terms = open();
+        assert_eq!(terms.live_contracts(), 0, "over across a restart");
+        assert!(terms.review(&held, &paid, at(10)).unwrap().is_empty());
+        let views = terms.views(&paid, at(10)).unwrap();
+        assert!(views[0].state.starts_with("released"), "{:?}", views[0]);
     }
 }

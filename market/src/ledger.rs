@@ -606,12 +606,18 @@ impl Ledger {
         let mut outputs = Vec::new();
         let mut items = Vec::new();
         for (address, due) in by_address {
+            // Dues wait up to min_payout, and never beyond what a contract
+            // paid at this address lets the owner carry.
+            let threshold = due
+                .iter()
+                .filter_map(|(id, _, _)| contracts.get(id).map(|c| c.terms.carry))
+                .fold(rules.min_payout, u64::min);
             let sum = due.iter().try_fold(0u64, |a, (_, _, s)| a.checked_add(*s));
             let Some(sum) = sum.filter(|s| *s <= MAX_PAYOUT) else {
                 warn!(%address, "dues over 21 million coins are not paid");
                 continue;
             };
-            if sum < rules.min_payout.max(1) {
+            if sum < threshold.max(1) {
                 continue;
             }
             // One address the node cannot pay must not hold up the others.

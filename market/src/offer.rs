@@ -8,13 +8,13 @@ use serde::{Deserialize, Serialize};
 use crate::MarketError;
 use crate::signed::{self, Signature};
 
-/// Version of the offer's layout.
-pub const OFFER_VERSION: u8 = 1;
+/// Version of the offer's layout (2 added `carry`; 1 was never released).
+pub const OFFER_VERSION: u8 = 2;
 /// The largest encoded offer a node sends or reads.
 pub const MAX_OFFER_LEN: usize = 1024;
 /// The longest payout address accepted (a bech32m address is at most 90).
 pub const MAX_ADDRESS_LEN: usize = 100;
-const DOMAIN: &[u8] = b"fincrypt offer v1\0";
+const DOMAIN: &[u8] = b"fincrypt offer v2\0";
 
 /// What a node asks and has.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +35,9 @@ pub struct Offer {
     pub payout: String,
     /// Unix seconds after which the offer no longer holds.
     pub expires: u64,
+    /// The most, in satoshis, the node lets an owner leave unpaid for later
+    /// (a contract's `carry`).
+    pub carry: u64,
 }
 
 /// An offer with its node's signature.
@@ -157,6 +160,7 @@ mod tests {
             period: 3600,
             payout: "mvUT3XQBnLwUpHeZD8Zjde9TVX9HyYhx2Q".into(),
             expires: 1_800_000_000,
+            carry: 1000,
         }
     }
 

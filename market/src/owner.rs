@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fincrypt_blockstore::Score;
 use fincrypt_engine::{Engine, Market, ProofResult, Step, Worker};
-use fincrypt_net::{Client, Error as NetError, PeerId};
+use fincrypt_net::{Client, Error as NetError, ErrorCode, PeerId};
 use futures::future::BoxFuture;
 use libp2p::identity::Keypair;
 use rand::seq::SliceRandom;
@@ -166,6 +166,9 @@ enum Seen {
     Free,
     /// It gave an offer that cannot be used.
     Bad(String),
+    /// It takes no new blocks from this owner, which it counts `u64`
+    /// periods behind in payment.
+    Unpaid(u64),
     /// None could be read (unreachable, timed out): its room decides, as
     /// without a market (a priced node shows none without a contract).
     Unknown(String),
@@ -184,6 +187,8 @@ enum Skip {
     Refused(String),
     /// Its contract was ended after a wrong proof.
     Ended,
+    /// It takes no new blocks from this owner: it counts `periods` unpaid.
+    Unpaid { periods: u64 },
 }
 
 impl Skip {
@@ -195,6 +200,7 @@ impl Skip {
             Skip::Period { .. } => "for another period length",
             Skip::Refused(_) => "refused a contract",
             Skip::Ended => "with a contract ended after a wrong proof",
+            Skip::Unpaid { .. } => "taking no new blocks until they are paid",
         }
     }
 }
@@ -215,6 +221,10 @@ impl std::fmt::Display for Skip {
             ),
             Skip::Refused(why) => write!(f, "refused a contract: {why}"),
             Skip::Ended => f.write_str("its contract was ended after a wrong proof"),
+            Skip::Unpaid { periods } => write!(
+                f,
+                "takes no new blocks from this owner: it counts {periods} periods unpaid"
+            ),
         }
     }
 }
@@ -258,6 +268,14 @@ pub struct ContractView {
     pub periods_paid: u64,
     /// Satoshis paid under it.
     pub paid_sats: u64,
+    /// A storage node's view: periods its owner is behind in payment, beyond
+    /// what the contract lets it carry (see `unpaid_periods`).
+    #[serde(default)]
+    pub periods_unpaid: u64,
+    /// A storage node's view: what the periods ended since the owner's last
+    /// payment came to, by the bytes the node held for it.
+    #[serde(default)]
+    pub owed_sats: u64,
     /// `active`, or `dropped` once the holder was dropped for failing proofs.
     pub state: String,
 }
@@ -280,6 +298,8 @@ impl ContractView {
             failed_periods: Vec::new(),
             periods_paid: 0,
             paid_sats: 0,
+            periods_unpaid: 0,
+            owed_sats: 0,
             state,
         }
     }
@@ -481,6 +501,11 @@ impl<P: Payments + 'static> OwnerMarket<P> {
 
     /// Reads the offers of `peers` not known or due a refresh.
     async fn refresh_offers(&self, peers: &[PeerId]) {
+        self.refresh_offers_older(peers, OFFER_REFRESH).await
+    }
+
+    /// Reads the offers of `peers` not known or read `max_age` seconds ago.
+    async fn refresh_offers_older(&self, peers: &[PeerId], max_age: u64) {
         use futures::StreamExt;
         let t = now();
         let stale: Vec<PeerId> = {
@@ -490,9 +515,10 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                 .filter(|p| match offers.get(p) {
                     None => true,
                     Some((seen, s)) => {
-                        t.saturating_sub(*seen) >= OFFER_REFRESH
+                        t.saturating_sub(*seen) >= max_age
                             || matches!(s, Seen::Offer(o) if o.expires < t)
-                            || matches!(s, Seen::Unknown(_) if t > *seen)
+                            // Until it is paid, asked again each time.
+                            || matches!(s, Seen::Unknown(_) | Seen::Unpaid(_) if t > *seen)
                     }
                 })
                 .copied()
@@ -511,6 +537,10 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                         Seen::Bad(format!("its offer is malformed: {e}"))
                     }
                 },
+                Err(NetError::Refused {
+                    code: ErrorCode::Unpaid { periods },
+                    ..
+                }) => Seen::Unpaid(periods),
                 // A node that stores for free makes no offer.
                 Err(NetError::Refused { .. }) => Seen::Free,
                 Err(e) => Seen::Unknown(format!("no offer could be read: {e}")),
@@ -520,6 +550,21 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         .buffer_unordered(PARALLEL_OFFERS)
         .collect::<Vec<_>>()
         .await;
+        {
+            // (`skipped` is never locked while `offers` is held.)
+            let mut skipped = self.skipped.lock().unwrap_or_else(|p| p.into_inner());
+            for (p, seen) in &read {
+                match seen {
+                    Seen::Unpaid(periods) => {
+                        skipped.insert(*p, Skip::Unpaid { periods: *periods });
+                    }
+                    _ if matches!(skipped.get(p), Some(Skip::Unpaid { .. })) => {
+                        skipped.remove(p);
+                    }
+                    _ => {}
+                }
+            }
+        }
         let mut offers = self.offers.lock().unwrap_or_else(|p| p.into_inner());
         for (p, seen) in read {
             offers.insert(p, (t, seen));
@@ -565,6 +610,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             min_duration: offer.min_duration,
             period: offer.period,
             payout: offer.payout.clone(),
+            carry: offer.carry,
         };
         let proposal = terms.clone().propose(&self.keypair)?.encode()?;
         let reply = self
@@ -613,6 +659,13 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(*peer, Skip::Ended);
+                continue;
+            }
+            if let Some(Seen::Unpaid(periods)) = offers.get(peer) {
+                self.skipped
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(*peer, Skip::Unpaid { periods: *periods });
                 continue;
             }
             if let Some(c) = self.contract_of(peer) {
@@ -733,6 +786,14 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             .values()
             .cloned()
             .collect();
+        // Holders under contract are asked for their offer once a period,
+        // so that one that stops taking blocks until it is paid is known.
+        let holders: Vec<PeerId> = contracts
+            .iter()
+            .filter_map(|c| c.terms.holder().ok())
+            .collect();
+        self.refresh_offers_older(&holders, self.settings.period.clamp(1, OFFER_REFRESH))
+            .await;
         let mut asks = Vec::new();
         let mut ids: HashMap<PeerId, ContractId> = HashMap::new();
         for c in &contracts {
@@ -961,6 +1022,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                     ),
                     Seen::Free => (None, String::new()),
                     Seen::Bad(why) | Seen::Unknown(why) => (None, why.clone()),
+                    Seen::Unpaid(periods) => (None, Skip::Unpaid { periods: *periods }.to_string()),
                 };
                 OfferView {
                     peer: peer.to_string(),

@@ -50,6 +50,8 @@ fn contract(owner: &Keypair, price: u64, start: u64, period: u64, payout: String
         min_duration: 1,
         period,
         payout,
+        // min_payout alone decides what waits.
+        carry: u64::MAX,
     }
     .propose(owner)
     .unwrap()

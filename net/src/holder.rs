@@ -78,9 +78,9 @@ pub trait Terms: Send + Sync {
     /// Checks a contract `peer` proposes, and countersigns and keeps it if
     /// it meets the node's terms.
     fn propose(&self, peer: &PeerId, proposal: &[u8]) -> Result<Bytes, ErrorCode>;
-    /// `Some(price)` when `peer` needs a contract (at `price` sats per GiB
-    /// per period) before it may place here; `None` when it may place.
-    fn requires_contract(&self, peer: &PeerId) -> Option<u64>;
+    /// Whether `peer` may place blocks here: `NoContract` when it needs a
+    /// contract first, `Unpaid` when its contract is behind in payment.
+    fn admits(&self, peer: &PeerId) -> Result<(), ErrorCode>;
     /// Takes note of `peer`'s notice that it paid for periods of its contract.
     fn paid(&self, peer: &PeerId, notice: &[u8]) -> Result<(), ErrorCode>;
 }
@@ -205,6 +205,61 @@ impl Holder {
         self.inner.ledger.placers(score)
     }
 
+    /// Blocks and bytes held for each peer that placed any: a block two
+    /// peers placed counts for both. One full read of the placement ledger.
+    pub fn held_by_placer(&self) -> Result<HashMap<PeerId, (u64, u64)>, Error> {
+        let mut out: HashMap<PeerId, (u64, u64)> = HashMap::new();
+        let mut sizes: HashMap<Score, u64> = HashMap::new();
+        for (score, peer) in self.inner.ledger.all()? {
+            let size = match sizes.get(&score) {
+                Some(s) => *s,
+                None => {
+                    // A placement whose block is gone (a crash between the
+                    // two) holds nothing.
+                    let s = self.inner.store.size_of(&score)?.unwrap_or(0);
+                    sizes.insert(score, s);
+                    s
+                }
+            };
+            let e = out.entry(peer).or_default();
+            e.0 += 1;
+            e.1 += size;
+        }
+        Ok(out)
+    }
+
+    /// Releases every block `peer` placed here, as its own `Release` of
+    /// them would: a block no other peer placed is deleted. Blocks, bytes
+    /// released.
+    pub fn release_all(&self, peer: &PeerId) -> Result<(u64, u64), Error> {
+        let scores: Vec<Score> = self
+            .inner
+            .ledger
+            .all()?
+            .into_iter()
+            .filter(|(_, p)| p == peer)
+            .map(|(s, _)| s)
+            .collect();
+        let (mut blocks, mut bytes) = (0, 0);
+        for chunk in scores.chunks(1024) {
+            let sizes: Vec<u64> = chunk
+                .iter()
+                .map(|s| Ok(self.inner.store.size_of(s)?.unwrap_or(0)))
+                .collect::<Result<_, Error>>()?;
+            let released = self
+                .inner
+                .release(*peer, chunk)
+                .map_err(|code| Error::Ledger(format!("releasing {peer}'s blocks: {code}")))?;
+            for (i, size) in sizes.iter().enumerate() {
+                if released.get(i) {
+                    blocks += 1;
+                    bytes += size;
+                }
+            }
+        }
+        Ok((blocks, bytes))
+    }
+
     /// Answers one request from `peer`, on the blocking pool.
     pub async fn serve(&self, peer: PeerId, request: InboundRequest) -> Response {
         let request = match request {
@@ -267,9 +322,9 @@ impl Inner {
             return Response::Error(ErrorCode::Full { free: 0 });
         }
         let terms = self.terms.read().unwrap_or_else(|p| p.into_inner()).clone();
-        if places && let Some(price) = terms.as_ref().and_then(|t| t.requires_contract(&peer)) {
-            tracing::debug!(%peer, "a placement without a contract refused");
-            return Response::Error(ErrorCode::NoContract { price });
+        if places && let Some(Err(code)) = terms.as_ref().map(|t| t.admits(&peer)) {
+            tracing::debug!(%peer, %code, "a placement refused under the node's terms");
+            return Response::Error(code);
         }
         let result = match request {
             Request::Put { score, data } => self.put(peer, score, data).map(|()| Response::Stored),
@@ -307,6 +362,10 @@ impl Inner {
                 .map_err(|e| unavailable("read a root slot", e)),
             Request::Offer => match &terms {
                 Some(t) => {
+                    if let Err(code @ ErrorCode::Unpaid { .. }) = t.admits(&peer) {
+                        // An owner behind in payment learns why it may not place.
+                        return Response::Error(code);
+                    }
                     let used = self.store.stats().held_bytes;
                     let room = if self.accepts(&peer) {
                         self.room(used).saturating_sub(used)
@@ -337,9 +396,7 @@ impl Inner {
                 let used = self.store.stats().held_bytes;
                 // A peer that may not place here sees no room: one not in
                 // accept_from, or without the contract a priced node needs.
-                let needs_contract = terms
-                    .as_ref()
-                    .is_some_and(|t| t.requires_contract(&peer).is_some());
+                let needs_contract = terms.as_ref().is_some_and(|t| t.admits(&peer).is_err());
                 let capacity = if self.accepts(&peer) && !needs_contract {
                     self.room(used)
                 } else {

@@ -135,6 +135,25 @@ impl Ledger {
         Ok(out)
     }
 
+    /// Every placement, in score order: one full read of the table.
+    pub fn all(&self) -> Result<Vec<(Score, PeerId)>, Error> {
+        let txn = self.db().begin_read()?;
+        let table = txn.open_multimap_table(PLACERS)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, values) = row?;
+            let score = Score(k.value());
+            for v in values {
+                let v = v?;
+                match PeerId::from_bytes(v.value()) {
+                    Ok(p) => out.push((score, p)),
+                    Err(e) => return Err(Error::Ledger(format!("bad peer id for {score}: {e}"))),
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// For each score, whether any peer has placed it.
     pub fn placed(&self, scores: &[Score]) -> Result<Vec<bool>, Error> {
         let txn = self.db().begin_read()?;

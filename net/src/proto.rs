@@ -161,6 +161,10 @@ pub enum ErrorCode {
     /// The holder takes no contracts, or not on these terms.
     #[error("the holder refused the contract: {0}")]
     Refused(String),
+    /// The holder takes no new blocks from the requester, whose contract
+    /// has gone `periods` periods unpaid.
+    #[error("the holder takes no new blocks: {periods} periods of the contract are unpaid")]
+    Unpaid { periods: u64 },
 }
 
 impl ErrorCode {

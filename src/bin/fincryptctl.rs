@@ -481,9 +481,15 @@ fn print_contracts(list: &[fincrypt_market::owner::ContractView]) {
         println!("no contracts");
     }
     for c in list {
+        // A storage node's view: what the owner owes it since its last payment.
+        let owed = if c.owed_sats > 0 || c.periods_unpaid > 0 {
+            format!(", {} unpaid ({} sats owed)", c.periods_unpaid, c.owed_sats)
+        } else {
+            String::new()
+        };
         println!(
             "{}  holder {}  owner {}  {}  {} sats/GiB/{} s  since {}  periods: {} passed, \
-                 {} failed, {} paid ({} sats)  {}",
+                 {} failed, {} paid ({} sats){owed}  {}",
             c.id,
             c.holder,
             c.owner,

@@ -291,6 +291,11 @@ impl LocalStore {
         Ok(self.entry(score)?.map(|e| e.class()))
     }
 
+    /// The length of a stored block, if it is stored.
+    pub fn size_of(&self, score: &Score) -> Result<Option<u64>, Error> {
+        Ok(self.entry(score)?.map(|e| e.size))
+    }
+
     /// A GC mark: blocks put from now on are spared by a sweep given this mark.
     pub fn mark(&self) -> u64 {
         self.seq.load(Ordering::SeqCst)
