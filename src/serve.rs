@@ -143,7 +143,10 @@ async fn review_dues(wallet: Arc<BitcoinRpc>, terms: Arc<HolderTerms>, holder: H
                 .into_iter()
                 .map(|(p, (_, bytes))| (p, bytes))
                 .collect();
-            for (id, owner) in terms.review(&held, &received(&income), unix_now())? {
+            // Only confirmed payments count: an unconfirmed one may yet be replaced.
+            let confirmed: Vec<control::Income> =
+                income.into_iter().filter(|i| i.confirmations >= 1).collect();
+            for (id, owner) in terms.review(&held, &received(&confirmed), unix_now())? {
                 let (blocks, bytes) = holder.release_all(&owner)?;
                 terms.released(&id, blocks, bytes)?;
             }
@@ -298,13 +301,28 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
             }
         });
     }
-    if let Some(w) = wallet.clone().filter(|_| terms.asking().price > 0) {
-        tokio::spawn(review_dues(w, terms.clone(), holder.clone()));
-    } else if terms.asking().price > 0 {
-        eprintln!(
-            "fincrypt serve: without a Bitcoin node (bitcoin_rpc_url) this node cannot see \
-             payments, so it never stops taking blocks from an owner that does not pay"
-        );
+    if terms.asking().price > 0 {
+        // Owners are held to their payments only where the node can see them.
+        let sees = match &wallet {
+            None => Err("without a Bitcoin node (bitcoin_rpc_url)".to_string()),
+            Some(w) => match w.is_mine(&terms.asking().payout).await {
+                Ok(true) => Ok(w.clone()),
+                Ok(false) => Err(format!(
+                    "its wallet does not own the payout address {}, so",
+                    terms.asking().payout
+                )),
+                Err(e) => Err(format!("its wallet did not say whether it owns the payout address ({e}), so")),
+            },
+        };
+        match sees {
+            Ok(w) => {
+                tokio::spawn(review_dues(w, terms.clone(), holder.clone()));
+            }
+            Err(why) => eprintln!(
+                "fincrypt serve: {why} this node cannot see payments: it never stops taking \
+                 blocks from an owner that does not pay"
+            ),
+        }
     }
     let answer = move |req: Request| -> Result<Answer> {
         match req {

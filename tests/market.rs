@@ -888,15 +888,18 @@ fn a_wallet_running_low_is_said_before_payments_fail_and_nothing_is_lost() {
     let prices = [100_000_000_000, 200_000_000_000, 500_000_000_000];
     // No blocks are mined until it is funded again: each would mature one
     // more of the wallet's first coinbases.
-    let p = Paid::start_with(Setup {
+    let mut p = Paid::start_with(Setup {
         owner: &[("FINCRYPT_MIN_PERIODS_FUNDED", "2")],
-        // The nodes are paid outside their own wallet, so they cannot see
-        // that they are: they must not give up on the owner.
-        nodes: &[("FINCRYPT_UNPAID_PERIODS", "1000000")],
         prices,
         pay_outside: true,
         ..Setup::default()
     });
+    // Paid outside their own wallet, the nodes cannot see that they are:
+    // they say so, and never give up on the owner.
+    let blind = |l: &str| l.contains("cannot see payments");
+    if p.nodes[0].said(blind).is_none() {
+        p.nodes[0].wait_for_line("its note that it cannot see payments", Duration::from_secs(30), blind);
+    }
     wait_until("low_balance", Duration::from_secs(60), || {
         status(p.m().home())["low_balance"] == true
     });

@@ -6,14 +6,18 @@
 //! Dues, as the node sees them: at each review it samples the bytes it
 //! holds for each owner, and a period's dues are the contract's price for
 //! the fewest bytes seen in it. A period is paid when an owner's notice
-//! names it and the node's wallet shows that transaction paying its
-//! address. Counting from the owner's last paid period, once the dues of
+//! names it, the node's wallet shows that transaction paying its address
+//! what the notices say, confirmed, and the sum is at least half the
+//! period's dues by the node's count (the owner counts the bytes it placed
+//! under the contract, which may be fewer). Counting from the owner's last
+//! paid period, once the dues of
 //! the periods since reach the contract's `carry`, each further period
 //! that ends without payment, after one period of grace to settle, is one
-//! unpaid period. At `unpaid_periods` of them the owner is cut: it may
+//! unpaid period (periods the node did not see, being down, do not count).
+//! At `unpaid_periods` of them the owner is cut: it may
 //! place nothing new, and it is told why. A payment ends the cut. An owner
-//! still cut `min_duration` periods later has its blocks released, and the
-//! contract is over.
+//! still cut `min_duration` periods later has its blocks released (those it
+//! placed itself; other devices' placements stay), and the contract is over.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -43,6 +47,9 @@ const NOTICES: TableDefinition<[u8; 24], &[u8]> = TableDefinition::new("paid_not
 const SAMPLES: TableDefinition<[u8; 24], u64> = TableDefinition::new("held_samples");
 /// Contract id -> postcard [`Standing`], for an owner behind in payment.
 const STANDING: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("standing");
+/// Txid -> the contract whose notices named it first: a transaction pays
+/// one contract, so no other owner can claim it.
+const NOTICE_TXIDS: TableDefinition<&str, [u8; 16]> = TableDefinition::new("notice_txids");
 /// How long an offer holds: owners ask again for the ones they use.
 pub const OFFER_LIFETIME: u64 = 3600;
 /// How far from now a contract may say it starts.
@@ -77,6 +84,9 @@ pub enum Standing {
         release_at: u64,
         unpaid: u64,
     },
+    /// Its blocks are being released: no payment stops it now (kept
+    /// durably first, so a release a crash cut short is finished).
+    Releasing { since: u64 },
     /// Its blocks were released at Unix time `at`: the contract is over.
     Released { at: u64, blocks: u64, bytes: u64 },
 }
@@ -107,6 +117,8 @@ pub struct Owed {
     pub period: u64,
     pub due: u64,
     pub paid: bool,
+    /// The node saw the period (it has a sample of it).
+    pub sampled: bool,
 }
 
 /// Periods unpaid beyond `carry` up to period `settled_by`, the last the
@@ -121,7 +133,7 @@ pub fn unpaid_periods(periods: &[Owed], settled_by: u64, carry: u64) -> u64 {
             overdue_from = None;
             continue;
         }
-        if o.period > settled_by {
+        if o.period > settled_by || !o.sampled {
             continue;
         }
         since_paid = since_paid.saturating_add(o.due);
@@ -129,7 +141,13 @@ pub fn unpaid_periods(periods: &[Owed], settled_by: u64, carry: u64) -> u64 {
             overdue_from = Some(o.period);
         }
     }
-    overdue_from.map_or(0, |p| settled_by - p + 1)
+    let Some(from) = overdue_from else {
+        return 0;
+    };
+    periods
+        .iter()
+        .filter(|o| o.sampled && !o.paid && (from..=settled_by).contains(&o.period))
+        .count() as u64
 }
 
 /// A storage node's terms and the contracts it took (in `DATA/contracts.redb`).
@@ -167,6 +185,7 @@ impl HolderTerms {
         txn.open_table(NOTICES)?;
         txn.open_table(SAMPLES)?;
         txn.open_table(STANDING)?;
+        txn.open_table(NOTICE_TXIDS)?;
         txn.commit()?;
         let terms = HolderTerms {
             keypair,
@@ -183,6 +202,9 @@ impl HolderTerms {
                 Some(Standing::Released { .. }) => continue,
                 Some(Standing::Cut { unpaid, .. }) => {
                     cut.insert(owner, *unpaid);
+                }
+                Some(Standing::Releasing { .. }) => {
+                    cut.insert(owner, 0);
                 }
                 None => {}
             }
@@ -240,33 +262,43 @@ impl HolderTerms {
                 held: 0,
                 standing: standing.get(&id).copied(),
             };
-            // Period -> (dues, paid).
-            let mut periods: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
-            for (_, period, txid, sats) in notices.iter().filter(|n| n.0 == id) {
-                let got = received.get(txid.as_str()).copied().unwrap_or(0);
-                if got >= claimed[txid.as_str()] {
-                    a.periods_paid += 1;
-                    a.paid_sats = a.paid_sats.saturating_add(*sats);
-                    periods.entry(*period).or_default().1 = true;
-                    a.last_paid = a.last_paid.max(Some(*period));
-                } else {
-                    a.unseen += 1;
-                }
-            }
             let current = a.contract.terms.period_at(now);
+            // Period -> (dues by the node's count, if it saw the period;
+            // satoshis paid for it, as the wallet confirms).
+            let mut periods: BTreeMap<u64, (Option<u64>, u64)> = BTreeMap::new();
             if let Some(rows) = samples.get(&id) {
                 // Rows come in period order.
                 a.held = rows.last().map_or(0, |(_, b)| *b);
                 for (period, bytes) in rows {
                     if current.is_some_and(|p| *period < p) {
-                        periods.entry(*period).or_default().0 = a.contract.terms.due(*bytes);
+                        periods.entry(*period).or_default().0 =
+                            Some(a.contract.terms.due(*bytes));
                     }
+                }
+            }
+            for (_, period, txid, sats) in notices.iter().filter(|n| n.0 == id) {
+                let got = received.get(txid.as_str()).copied().unwrap_or(0);
+                if got >= claimed[txid.as_str()] {
+                    a.periods_paid += 1;
+                    a.paid_sats = a.paid_sats.saturating_add(*sats);
+                    let e = periods.entry(*period).or_default();
+                    e.1 = e.1.saturating_add(*sats);
+                } else {
+                    a.unseen += 1;
                 }
             }
             let owed: Vec<Owed> = periods
                 .into_iter()
-                .map(|(period, (due, paid))| Owed { period, due, paid })
+                .map(|(period, (due, paid))| Owed {
+                    period,
+                    due: due.unwrap_or(0),
+                    // At least half what the node counts: the owner may
+                    // count fewer bytes, never a token amount.
+                    paid: paid > 0 && paid.saturating_mul(2) >= due.unwrap_or(0),
+                    sampled: due.is_some(),
+                })
                 .collect();
+            a.last_paid = owed.iter().filter(|o| o.paid).map(|o| o.period).max();
             a.owed_sats = owed
                 .iter()
                 .filter(|o| a.last_paid.is_none_or(|l| o.period > l) && !o.paid)
@@ -346,6 +378,10 @@ impl HolderTerms {
                 let behind = a.unpaid >= self.asking.unpaid_periods;
                 let next = match (a.standing, behind) {
                     (Some(Standing::Released { .. }), _) => continue,
+                    (Some(Standing::Releasing { since }), _) => {
+                        release.push((t.id, owner));
+                        Some(Standing::Releasing { since })
+                    }
                     (None, false) => None,
                     (None, true) => {
                         let release_at = current.saturating_add(u64::from(t.min_duration.max(1)));
@@ -364,26 +400,31 @@ impl HolderTerms {
                         info!(%owner, "an owner paid: it may place here again");
                         None
                     }
+                    (Some(Standing::Cut { release_at, .. }), true) if current >= release_at => {
+                        release.push((t.id, owner));
+                        Some(Standing::Releasing { since: current })
+                    }
                     (Some(Standing::Cut {
                         since, release_at, ..
-                    }), true) => {
-                        if current >= release_at {
-                            release.push((t.id, owner));
-                        }
-                        Some(Standing::Cut {
-                            since,
-                            release_at,
-                            unpaid: a.unpaid,
-                        })
-                    }
+                    }), true) => Some(Standing::Cut {
+                        since,
+                        release_at,
+                        unpaid: a.unpaid,
+                    }),
                 };
                 match next {
                     Some(s) => {
                         let row = postcard::to_allocvec(&s)
                             .map_err(|e| MarketError::Store(e.to_string()))?;
                         table.insert(t.id, row.as_slice())?;
-                        if let Standing::Cut { unpaid, .. } = s {
-                            cut.insert(owner, unpaid);
+                        match s {
+                            Standing::Cut { unpaid, .. } => {
+                                cut.insert(owner, unpaid);
+                            }
+                            Standing::Releasing { .. } => {
+                                cut.insert(owner, a.unpaid);
+                            }
+                            Standing::Released { .. } => {}
                         }
                     }
                     None => {
@@ -451,6 +492,9 @@ impl HolderTerms {
                     Some(Standing::Cut { release_at, .. }) => format!(
                         "cut: no new blocks until the owner pays; released at period {release_at}"
                     ),
+                    Some(Standing::Releasing { .. }) => {
+                        "releasing: the owner's blocks are being let go unpaid".to_string()
+                    }
                     Some(Standing::Released { blocks, bytes, .. }) => {
                         format!("released: {blocks} blocks ({bytes} bytes) let go unpaid")
                     }
@@ -514,12 +558,36 @@ impl HolderTerms {
                     "a payment is told by the contract's owner".into(),
                 ));
             }
-            let current = c.terms.period_at(now()).unwrap_or(0);
+            let Some(current) = c.terms.period_at(now()) else {
+                return Err(MarketError::Invalid("the contract has not begun".into()));
+            };
+            {
+                // A transaction pays one contract: the first to name it.
+                let mut txids = txn.open_table(NOTICE_TXIDS)?;
+                let named = txids.get(n.txid.as_str())?.map(|v| v.value());
+                match named {
+                    Some(other) if other != n.contract => {
+                        warn!(owner = %peer, txid = %n.txid, "a notice names a transaction another contract named first");
+                        return Err(MarketError::Invalid(
+                            "another contract's notices named this transaction".into(),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        txids.insert(n.txid.as_str(), n.contract)?;
+                    }
+                }
+            }
             let mut t = txn.open_table(NOTICES)?;
             for (period, sats) in &n.items {
                 if *period > current {
                     return Err(MarketError::Invalid(format!(
                         "period {period} has not begun"
+                    )));
+                }
+                if *sats == 0 {
+                    return Err(MarketError::Invalid(format!(
+                        "a notice pays period {period} nothing"
                     )));
                 }
                 let key = period_key(&n.contract, *period);
@@ -699,7 +767,12 @@ mod tests {
 
     fn owed(rows: &[(u64, u64, bool)]) -> Vec<Owed> {
         rows.iter()
-            .map(|&(period, due, paid)| Owed { period, due, paid })
+            .map(|&(period, due, paid)| Owed {
+                period,
+                due,
+                paid,
+                sampled: true,
+            })
             .collect()
     }
 
@@ -742,12 +815,17 @@ mod tests {
                 period,
                 due: 0,
                 paid: false,
+                sampled: true,
             })
             .collect();
         assert_eq!(unpaid_periods(&tiny, 9_999, 1000), 0);
         // A carry of 0 counts every unpaid period that owes anything.
         assert_eq!(unpaid_periods(&owed(&[(5, 1, false)]), 5, 0), 1);
         assert_eq!(unpaid_periods(&owed(&[(5, 0, false)]), 5, 0), 0);
+        // Periods the node did not see (it was down) do not count.
+        let mut gap = owed(&[(0, 600, false), (1, 600, false), (2, 600, false), (3, 600, false)]);
+        gap[2].sampled = false;
+        assert_eq!(unpaid_periods(&gap, 3, 1000), 2, "1 and 3");
     }
 
     #[test]
@@ -771,23 +849,25 @@ mod tests {
         let terms = open();
         // Began 50 periods ago, so that every period used here has begun.
         let start = now() - 50 * 60;
-        let proposal = ContractTerms {
-            version: CONTRACT_VERSION,
-            id: [3; 16],
-            owner: owner_id.to_bytes(),
-            holder: node.public().to_peer_id().to_bytes(),
-            price: 1 << 20,
-            start,
-            min_duration: 2,
-            period: 60,
-            payout,
-            carry: 1000,
-        }
-        .propose(&owner)
-        .unwrap()
-        .encode()
-        .unwrap();
-        terms.propose(&owner_id, &proposal).unwrap();
+        let proposal = |owner: &Keypair, id: ContractId| {
+            ContractTerms {
+                version: CONTRACT_VERSION,
+                id,
+                owner: owner.public().to_peer_id().to_bytes(),
+                holder: node.public().to_peer_id().to_bytes(),
+                price: 1 << 20,
+                start,
+                min_duration: 2,
+                period: 60,
+                payout: payout.clone(),
+                carry: 1000,
+            }
+            .propose(owner)
+            .unwrap()
+            .encode()
+            .unwrap()
+        };
+        terms.propose(&owner_id, &proposal(&owner, [3; 16])).unwrap();
         assert_eq!(terms.admits(&owner_id), Ok(()));
 
         // 1 MiB held: 1024 sats a period, over the carry each period.
@@ -812,16 +892,17 @@ mod tests {
         // Cut across a restart; a notice the wallet does not show changes nothing.
         let terms = open();
         assert!(matches!(terms.admits(&owner_id), Err(ErrorCode::Unpaid { .. })));
-        let notice = |period: u64, txid: &str| {
+        let notice_of = |contract: ContractId, period: u64, txid: &str, sats: u64| {
             PaidNotice {
                 version: NOTICE_VERSION,
-                contract: [3; 16],
+                contract,
                 txid: txid.into(),
-                items: vec![(period, 1024)],
+                items: vec![(period, sats)],
             }
             .encode()
             .unwrap()
         };
+        let notice = |period: u64, txid: &str| notice_of([3; 16], period, txid, 1024);
         let txid = "ab".repeat(32);
         terms.paid(&owner_id, &notice(3, &txid)).unwrap();
         assert!(terms.review(&held, &none, at(4)).unwrap().is_empty());
@@ -833,6 +914,12 @@ mod tests {
         // Another peer cannot tell of payments under the contract.
         let stranger = Keypair::generate_ed25519().public().to_peer_id();
         assert!(terms.paid(&stranger, &notice(4, &txid)).is_err());
+        // Nor can another owner claim this payment as its own, nor a notice pay nothing.
+        let other = Keypair::generate_ed25519();
+        let other_id = other.public().to_peer_id();
+        terms.propose(&other_id, &proposal(&other, [4; 16])).unwrap();
+        assert!(terms.paid(&other_id, &notice_of([4; 16], 3, &txid, 1024)).is_err());
+        assert!(terms.paid(&owner_id, &notice_of([3; 16], 2, &"ef".repeat(32), 0)).is_err());
 
         // The wallet shows it: the owner may place again.
         let paid = HashMap::from([(txid.clone(), 1024u64)]);
@@ -840,8 +927,12 @@ mod tests {
         assert_eq!(terms.admits(&owner_id), Ok(()));
         assert_eq!(terms.accounts(&paid, at(4)).unwrap()[0].periods_paid, 1);
 
-        // Unpaid again from period 4 on: cut at period 7 (4 and 5 past
-        // their grace), released min_duration (2) periods later, at 9.
+        // Unpaid again from period 4 on (a token payment for period 4 does
+        // not count): cut at period 7 (4 and 5 past their grace), released
+        // min_duration (2) periods later, at 9.
+        let dust = "cd".repeat(32);
+        terms.paid(&owner_id, &notice_of([3; 16], 4, &dust, 1)).unwrap();
+        let paid = HashMap::from([(txid.clone(), 1024u64), (dust, 1)]);
         for p in 5..=6 {
             assert!(terms.review(&held, &paid, at(p)).unwrap().is_empty());
             assert_eq!(terms.admits(&owner_id), Ok(()), "period {p}");
@@ -851,16 +942,26 @@ mod tests {
         assert!(terms.review(&held, &paid, at(8)).unwrap().is_empty());
         let release = terms.review(&held, &paid, at(9)).unwrap();
         assert_eq!(release, vec![([3; 16], owner_id)]);
+        // A crash before the release finished: it is asked again, and a
+        // payment now does not stop it.
+        drop(terms);
+        let terms = open();
+        let late = "01".repeat(32);
+        terms.paid(&owner_id, &notice_of([3; 16], 8, &late, 1024)).unwrap();
+        let mut paid = paid;
+        paid.insert(late, 1024);
+        assert_eq!(terms.review(&held, &paid, at(9)).unwrap(), release);
+        assert!(terms.admits(&owner_id).is_err());
         terms.released(&[3; 16], 5, 5 << 20).unwrap();
         assert_eq!(
             terms.admits(&owner_id),
             Err(ErrorCode::NoContract { price: 1 << 20 }),
             "the contract is over"
         );
-        assert_eq!(terms.live_contracts(), 0);
+        assert_eq!(terms.live_contracts(), 1, "the other owner's");
         drop(terms);
         let terms = open();
-        assert_eq!(terms.live_contracts(), 0, "over across a restart");
+        assert_eq!(terms.live_contracts(), 1, "over across a restart");
         assert!(terms.review(&held, &paid, at(10)).unwrap().is_empty());
         let views = terms.views(&paid, at(10)).unwrap();
         assert!(views[0].state.starts_with("released"), "{:?}", views[0]);

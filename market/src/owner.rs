@@ -348,6 +348,9 @@ pub struct OwnerMarket<P: Payments> {
     ended: RwLock<HashSet<PeerId>>,
     /// One contract negotiation at a time, so a holder is not asked twice.
     contracting: tokio::sync::Mutex<()>,
+    /// Batches after `notified_through` and the contracts already told of
+    /// each (since this process started: telling again is harmless).
+    told: Mutex<HashMap<u64, HashSet<ContractId>>>,
     /// Placements on contracted holders not yet written to the ledger
     /// (they are before the manifest names the holders: [`Market::persist`]).
     placed: Mutex<Vec<(ContractId, Score, u64)>>,
@@ -398,6 +401,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             contracts: RwLock::new(contracts),
             ended: RwLock::new(ended),
             contracting: tokio::sync::Mutex::new(()),
+            told: Mutex::new(HashMap::new()),
             placed: Mutex::new(Vec::new()),
             bytes: Mutex::new(HashMap::new()),
             skipped: Mutex::new(BTreeMap::new()),
@@ -909,34 +913,62 @@ impl<P: Payments + 'static> OwnerMarket<P> {
     }
 
     /// Tells the holders of every batch sent since the last told what it
-    /// paid them, in order. A batch whose holders did not all take its
-    /// notices is tried again next tick, for a day; the notices are a
-    /// convenience for holders, who believe their wallets.
+    /// paid them. A holder that did not take its notices is told again
+    /// each tick, for a day, without holding up the others (a storage node
+    /// counts a period paid only once told, and cuts an owner that leaves
+    /// periods unpaid). `notified_through` moves past a batch once every
+    /// holder took it, or the day is over.
     async fn tell_paid(&self, now: u64) -> Result<(), MarketError> {
-        let mut n = self.ledger.notified_through()?;
+        let mut through = self.ledger.notified_through()?;
+        let mut n = through;
+        let mut done_so_far = true;
         loop {
             let Some(batch) = self.ledger.batch(n + 1)? else {
                 return Ok(());
             };
-            match &batch.state {
-                BatchState::Intent => return Ok(()),
-                BatchState::Abandoned(_) => {}
-                BatchState::Sent(txid) => {
-                    if !self.tell_batch(&batch, txid).await
-                        && now.saturating_sub(batch.created) < NOTICE_RETRY_FOR
-                    {
-                        return Ok(());
-                    }
-                }
-            }
             n += 1;
-            self.ledger.set_notified_through(n)?;
+            let done = match &batch.state {
+                // Not sent yet: later batches wait for it to be decided.
+                BatchState::Intent => return Ok(()),
+                BatchState::Abandoned(_) => true,
+                BatchState::Sent(txid) => {
+                    let told = self
+                        .told
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&n)
+                        .unwrap_or_default();
+                    let (all, told) = self.tell_batch(&batch, txid, told).await;
+                    if !all {
+                        self.told
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(n, told);
+                    }
+                    all || now.saturating_sub(batch.created) >= NOTICE_RETRY_FOR
+                }
+            };
+            done_so_far &= done;
+            if done_so_far {
+                through = n;
+                self.ledger.set_notified_through(through)?;
+                self.told
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&n);
+            }
         }
     }
 
-    /// Tells each holder `batch` paid what it paid it, period by period
-    /// ([`PaidNotice`]); whether every holder took every notice.
-    async fn tell_batch(&self, batch: &Batch, txid: &str) -> bool {
+    /// Tells each holder of `batch` not in `told` what it paid it, period
+    /// by period ([`PaidNotice`]); whether every holder has now taken every
+    /// notice, and the contracts whose holders have.
+    async fn tell_batch(
+        &self,
+        batch: &Batch,
+        txid: &str,
+        mut told: HashSet<ContractId>,
+    ) -> (bool, HashSet<ContractId>) {
         let mut by_contract: BTreeMap<ContractId, Vec<(u64, u64)>> = BTreeMap::new();
         for (id, period, sats) in &batch.items {
             by_contract.entry(*id).or_default().push((*period, *sats));
@@ -950,9 +982,13 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             .collect();
         let mut all = true;
         for (id, items) in by_contract {
+            if told.contains(&id) {
+                continue;
+            }
             let Some(holder) = holders.get(&id) else {
                 continue;
             };
+            let mut taken = true;
             for chunk in items.chunks(MAX_NOTICE_ITEMS) {
                 let notice = PaidNotice {
                     version: NOTICE_VERSION,
@@ -960,7 +996,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                     txid: txid.to_owned(),
                     items: chunk.to_vec(),
                 };
-                let told = match notice.encode() {
+                let result = match notice.encode() {
                     Ok(bytes) => {
                         let tell = self.client.paid(*holder, bytes.into());
                         match tokio::time::timeout(NOTICE_WAIT, tell).await {
@@ -970,13 +1006,19 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                     }
                     Err(e) => Err(e.to_string()),
                 };
-                if let Err(e) = told {
-                    all = false;
+                if let Err(e) = result {
+                    taken = false;
                     tracing::info!(%holder, error = %e, "a holder was not told of its payment yet");
+                    break;
                 }
             }
+            if taken {
+                told.insert(id);
+            } else {
+                all = false;
+            }
         }
-        all
+        (all, told)
     }
 
     fn skipped_note(&self) -> String {

@@ -257,6 +257,20 @@ impl BitcoinRpc {
         })?;
         Ok((fee, hex.len() as u64 / 2))
     }
+
+    /// Whether `address` is one of this wallet's own, so that it sees what
+    /// is paid there (`getaddressinfo`; `validateaddress` on a node
+    /// without it, as the regtest node of the tests).
+    pub async fn is_mine(&self, address: &str) -> Result<bool, WalletError> {
+        let v: Value = match self.call("getaddressinfo", &[json!(address)]).await {
+            Ok(v) => v,
+            Err(WalletError::Refused { code: -32601, .. }) => {
+                self.call("validateaddress", &[json!(address)]).await?
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(v["ismine"].as_bool().unwrap_or(false))
+    }
 }
 
 /// A payment received at one address.

@@ -228,9 +228,9 @@ impl Holder {
         Ok(out)
     }
 
-    /// Releases every block `peer` placed here, as its own `Release` of
-    /// them would: a block no other peer placed is deleted. Blocks, bytes
-    /// released.
+    /// Removes every placement `peer` made here (not those of other
+    /// devices of its owner); a block no one else placed is deleted. Root
+    /// records and device bindings stay. Blocks, bytes released.
     pub fn release_all(&self, peer: &PeerId) -> Result<(u64, u64), Error> {
         let scores: Vec<Score> = self
             .inner
@@ -248,7 +248,7 @@ impl Holder {
                 .collect::<Result<_, Error>>()?;
             let released = self
                 .inner
-                .release(*peer, chunk)
+                .release(*peer, chunk, false)
                 .map_err(|code| Error::Ledger(format!("releasing {peer}'s blocks: {code}")))?;
             for (i, size) in sizes.iter().enumerate() {
                 if released.get(i) {
@@ -334,7 +334,7 @@ impl Inner {
                 .prove(&score, &nonce)
                 .map(|proof| Response::Proof { proof }),
             Request::Release { scores } => self
-                .release(peer, &scores)
+                .release(peer, &scores, true)
                 .map(|released| Response::Released { released }),
             Request::Bulk { .. } => Err(ErrorCode::bad_request(
                 "this node offers no bulk connections",
@@ -615,8 +615,10 @@ impl Inner {
         })
     }
 
-    fn release(&self, peer: PeerId, scores: &[Score]) -> Result<Bitmap, ErrorCode> {
-        let owner = self.owner_of(&peer);
+    /// `peer`'s release of `scores`; with `devices`, also the placements
+    /// of the other devices of its owner.
+    fn release(&self, peer: PeerId, scores: &[Score], devices: bool) -> Result<Bitmap, ErrorCode> {
+        let owner = if devices { self.owner_of(&peer) } else { None };
         let mut released = vec![false; scores.len()];
         let mut by_stripe: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, s) in scores.iter().enumerate() {
