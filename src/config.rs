@@ -105,6 +105,11 @@ impl Home {
         self.data_dir.join("held")
     }
 
+    /// A mediator's ledger: its clients and their escrow.
+    pub fn mediator_file(&self) -> PathBuf {
+        self.data_dir.join("mediator.redb")
+    }
+
     /// A storage node's contracts with the owners it stores for.
     pub fn contracts_file(&self) -> PathBuf {
         self.data_dir.join("contracts.redb")
@@ -302,6 +307,16 @@ pub struct Config {
     /// takes no new blocks from the owner, and one more contract duration
     /// later releases what it holds for it.
     pub unpaid_periods: u64,
+    /// A mount's mediator, as a multiaddr ending in /p2p/<PeerId> (empty: none).
+    pub mediator: String,
+    /// A mediator's fee, in percent of what it pays for a client.
+    pub fee: f64,
+    /// A mediator's clients, by PeerId (none: any node).
+    #[serde(deserialize_with = "one_or_many")]
+    pub accept_clients: Vec<String>,
+    /// PeerIds a mediator never serves.
+    #[serde(deserialize_with = "one_or_many")]
+    pub deny_clients: Vec<String>,
 }
 
 /// Refuses a `config.toml` with a setting Fincrypt does not know (a
@@ -429,6 +444,10 @@ impl Default for Config {
             // Beside a fee of about 200 vbytes at 1 sat/vbyte, a quarter.
             min_payout: 1000,
             unpaid_periods: 3,
+            mediator: String::new(),
+            fee: 0.0,
+            accept_clients: Vec::new(),
+            deny_clients: Vec::new(),
         }
     }
 }
@@ -458,6 +477,10 @@ impl Config {
                         file.display()
                     );
                 }
+                c.mediator()
+                    .with_context(|| format!("in {} or FINCRYPT_MEDIATOR", file.display()))?;
+                c.client_rules()
+                    .with_context(|| format!("in {} or FINCRYPT_*_CLIENTS", file.display()))?;
                 if c.unpaid_periods == 0 {
                     bail!(
                         "`unpaid_periods` in {} or FINCRYPT_UNPAID_PERIODS is 0: an owner \
@@ -484,6 +507,46 @@ impl Config {
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)
+    }
+
+    /// PeerIds of a list setting, naming the setting of a bad one.
+    fn peer_list(list: &[String], what: &str) -> Result<Vec<fincrypt_net::PeerId>> {
+        list.iter()
+            .map(|id| {
+                id.trim()
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("`{what}`: {id:?} is not a PeerId ({e})"))
+            })
+            .collect()
+    }
+
+    /// A mediator's `accept_clients` (none: any client) and `deny_clients`.
+    pub fn client_rules(&self) -> Result<(Option<Vec<fincrypt_net::PeerId>>, Vec<fincrypt_net::PeerId>)> {
+        let accept = if self.accept_clients.is_empty() {
+            None
+        } else {
+            Some(Config::peer_list(&self.accept_clients, "accept_clients")?)
+        };
+        Ok((accept, Config::peer_list(&self.deny_clients, "deny_clients")?))
+    }
+
+    /// A mount's mediator: its address and PeerId (none when not set).
+    pub fn mediator(&self) -> Result<Option<(fincrypt_net::Multiaddr, fincrypt_net::PeerId)>> {
+        if self.mediator.trim().is_empty() {
+            return Ok(None);
+        }
+        let addr: fincrypt_net::Multiaddr = self
+            .mediator
+            .trim()
+            .parse()
+            .with_context(|| format!("`mediator`: {:?} is not a multiaddr", self.mediator))?;
+        let Some(fincrypt_net::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
+            bail!(
+                "`mediator`: {:?} does not end in /p2p/<PeerId>, so the mediator cannot be told apart",
+                self.mediator
+            );
+        };
+        Ok(Some((addr, peer)))
     }
 
     /// The owner's pricing scheme.
@@ -597,6 +660,13 @@ impl Config {
              # before it takes no new blocks from an owner; one contract duration\n\
              # later it releases what it holds for that owner.\n\
              unpaid_periods = {}\n\
+             \n\
+             # A mediator that keeps this mount's escrow (fincryptctl mediator), e.g.\n\
+             # mediator = \"/ip4/192.0.2.9/tcp/4001/p2p/12D3KooW...\"\n\
+             # Running one (fincrypt mediator): its fee in percent, and its clients\n\
+             # (accept_clients: only these; deny_clients: never these), by PeerId.\n\
+             # fee = 1.0\n\
+             # accept_clients = [\"12D3KooW...\"]\n\
              \n\
              # The Bitcoin node whose wallet pays and is paid (JSON-RPC), e.g.\n\
              # bitcoin_rpc_url = \"http://127.0.0.1:8332\"\n\

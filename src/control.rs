@@ -52,6 +52,12 @@ pub enum Request {
     MarketContracts,
     /// The wallet: balance, and payments made or received.
     Wallet,
+    /// A mount: its deposit address at its mediator.
+    MediatorDepositAddress,
+    /// A mount: its escrow at its mediator.
+    MediatorBalance,
+    /// A mediator: every client's escrow.
+    MediatorClients,
 }
 
 /// The daemon's answer to a [`Request`], one variant per kind of request.
@@ -69,6 +75,18 @@ pub enum Answer {
     Offers(Vec<fincrypt_market::owner::OfferView>),
     Contracts(Vec<fincrypt_market::owner::ContractView>),
     Wallet(WalletView),
+    DepositAddress(DepositAddress),
+    Escrow(fincrypt_market::mediator::Escrow),
+    Escrows(Vec<fincrypt_market::mediator::Escrow>),
+}
+
+/// The answer to [`Request::MediatorDepositAddress`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DepositAddress {
+    /// The mediator, as a multiaddr ending in its PeerId.
+    pub mediator: String,
+    /// Where this client deposits: an address of the mediator's wallet.
+    pub address: String,
 }
 
 /// The answer to [`Request::Wallet`].
@@ -183,6 +201,12 @@ pub struct Status {
     /// Why paid offers were skipped, in words (empty: none were).
     #[serde(default)]
     pub market_note: String,
+    /// A mediator: the clients it keeps escrow for.
+    #[serde(default)]
+    pub clients: Option<u64>,
+    /// A mount: the mediator it uses (empty: none).
+    #[serde(default)]
+    pub mediator: String,
     /// The highest root record sequence this mount published (0: none yet).
     pub root_sequence: u64,
     /// The snapshot the last root record published from here names, by its

@@ -16,6 +16,7 @@ use fincrypt_engine::{
 use fincrypt_fs::fuse::MountOptions;
 use fincrypt_fs::{Fossil, Meta, snapshot};
 use fincrypt_market::ledger::Ledger;
+use fincrypt_market::mediator::{Ask, Reply};
 use fincrypt_market::owner::{OwnerMarket, OwnerSettings};
 use fincrypt_market::wallet::BitcoinRpc;
 use fincrypt_net::{Client, Holder, Multiaddr, Node, NodeConfig};
@@ -53,6 +54,8 @@ struct Net {
     wants: Arc<FsWants>,
     /// Offers, contracts and payments.
     market: Arc<OwnerMarket<BitcoinRpc>>,
+    /// The mediator that keeps this mount's escrow, if one is set.
+    mediator: Option<(Multiaddr, fincrypt_net::PeerId)>,
 }
 
 /// The owner's market, over the ledger in `home` and the wallet `config` names.
@@ -81,6 +84,9 @@ fn open_market(
     Ok(OwnerMarket::new(keypair, client, ledger, settings, wallet)?)
 }
 
+/// How long a question to the mediator may take.
+const MEDIATOR_WAIT: Duration = Duration::from_secs(30);
+
 /// How long a status waits for the node's list of peers.
 const PEERS_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -105,7 +111,14 @@ impl Net {
         wants: Arc<FsWants>,
     ) -> Result<Option<Net>> {
         let listen = parse_addrs(&config.listen, "listen")?;
-        let bootstrap = parse_addrs(&config.bootstrap, "bootstrap")?;
+        let mut bootstrap = parse_addrs(&config.bootstrap, "bootstrap")?;
+        let mediator = config.mediator()?;
+        // The mediator is a peer too: the node joins through it as well.
+        if let Some((addr, _)) = &mediator
+            && !bootstrap.contains(addr)
+        {
+            bootstrap.push(addr.clone());
+        }
         if listen.is_empty() && bootstrap.is_empty() {
             return Ok(None);
         }
@@ -156,6 +169,7 @@ impl Net {
         );
         let market = open_market(home, config, keypair, client.clone())?;
         Ok(Some(Net {
+            mediator,
             market,
             publisher,
             bulk_port: node.bulk_port(),
@@ -591,6 +605,11 @@ impl Daemon {
                 status.listen_addrs = net.listen_addrs.iter().map(|a| a.to_string()).collect();
                 status.bulk_port = net.bulk_port;
                 status.bootstrap = net.bootstraps.list();
+                status.mediator = net
+                    .mediator
+                    .as_ref()
+                    .map(|(a, _)| a.to_string())
+                    .unwrap_or_default();
                 status.peers = net.connected_peers(&self.runtime);
                 status.root_sequence = net.publisher.sequence()?;
                 status.root_published = self
@@ -726,6 +745,25 @@ impl Daemon {
                     ..Default::default()
                 })
             }
+            Request::MediatorDepositAddress => {
+                let (addr, reply) = self.ask_mediator(Ask::DepositAddress)?;
+                match reply {
+                    Reply::DepositAddress { address } => {
+                        Answer::DepositAddress(control::DepositAddress {
+                            mediator: addr.to_string(),
+                            address,
+                        })
+                    }
+                    other => bail!("the mediator answered something else: {other:?}"),
+                }
+            }
+            Request::MediatorBalance => match self.ask_mediator(Ask::Balance)?.1 {
+                Reply::Balance(escrow) => Answer::Escrow(escrow),
+                other => bail!("the mediator answered something else: {other:?}"),
+            },
+            Request::MediatorClients => bail!(
+                "this is a mount: `mediator clients` asks a mediator's own home (fincryptctl --home MEDIATOR_HOME)"
+            ),
             Request::SnapshotsDelete {
                 names,
                 older_than_secs,
@@ -743,6 +781,22 @@ const NO_MARKET: &str =
 impl Daemon {
     fn market(&self) -> Result<&Arc<OwnerMarket<BitcoinRpc>>> {
         Ok(&self.net.as_ref().context(NO_MARKET)?.market)
+    }
+
+    /// Asks this mount's mediator; its address and answer.
+    fn ask_mediator(&self, ask: Ask) -> Result<(Multiaddr, Reply)> {
+        const NO_MEDIATOR: &str = "this mount has no mediator: set `mediator` in the config \
+             (its address, ending in /p2p/<PeerId>) and mount again";
+        let net = self.net.as_ref().context(NO_MEDIATOR)?;
+        let (addr, peer) = net.mediator.clone().context(NO_MEDIATOR)?;
+        let message = fincrypt_market::mediator::encode_ask(ask)?;
+        let answer = self.runtime.block_on(async {
+            tokio::time::timeout(MEDIATOR_WAIT, net.client.mediate(peer, message.into())).await
+        });
+        let bytes = answer
+            .map_err(|_| anyhow::anyhow!("the mediator at {addr} did not answer in {MEDIATOR_WAIT:?}"))?
+            .with_context(|| format!("asking the mediator at {addr}"))?;
+        Ok((addr, fincrypt_market::mediator::decode_reply(&bytes)?))
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod mediator;
 pub mod recover;
 pub mod secrets;
 pub mod serve;

@@ -103,6 +103,20 @@ enum Command {
         #[arg(long, value_name = "ADDRESS")]
         payout_address: Option<String>,
     },
+    /// Keep clients' escrow: a mediator node, in the foreground until
+    /// SIGTERM or SIGINT. Needs a Bitcoin wallet (bitcoin_rpc_url) and no
+    /// client's secrets. Clients name it with `mediator` in their config.
+    Mediator {
+        /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/4002.
+        #[arg(long, value_name = "MULTIADDR", required = true)]
+        listen: Vec<fincrypt_net::Multiaddr>,
+        /// A peer to join the network through (repeatable).
+        #[arg(long, value_name = "MULTIADDR")]
+        bootstrap: Vec<fincrypt_net::Multiaddr>,
+        /// The fee, in percent of what is paid for a client (config `fee`).
+        #[arg(long, value_name = "PERCENT")]
+        fee: Option<f64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -250,6 +264,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     payout_address: payout_address.unwrap_or(config.payout_address.clone()),
                     carry: config.min_payout,
                     unpaid_periods: config.unpaid_periods,
+                    bitcoin: config.bitcoin_rpc()?,
+                },
+            )?;
+        }
+        Command::Mediator {
+            listen,
+            bootstrap,
+            fee,
+        } => {
+            let _lock = home.lock("mediator")?;
+            let config = fincrypt::config::Config::load(&home)?;
+            let (accept_clients, deny_clients) = config.client_rules()?;
+            fincrypt::mediator::mediator(
+                &home,
+                fincrypt::mediator::MediatorArgs {
+                    listen,
+                    bootstrap,
+                    fee_percent: fee.unwrap_or(config.fee),
+                    accept_clients,
+                    deny_clients,
                     bitcoin: config.bitcoin_rpc()?,
                 },
             )?;

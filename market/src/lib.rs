@@ -13,10 +13,13 @@
 //!   and settlement: one transaction per period for every holder due.
 //! - [`wallet`]: [`wallet::Payments`], and [`wallet::BitcoinRpc`], which pays
 //!   through a Bitcoin node's own wallet over JSON-RPC.
+//! - [`mediator`]: a node that keeps its clients' escrow (deposit addresses
+//!   and balances, so far).
 
 pub mod contract;
 pub mod holder;
 pub mod ledger;
+pub mod mediator;
 pub mod notice;
 pub mod offer;
 pub mod owner;

@@ -408,6 +408,14 @@ impl Client {
         }
     }
 
+    /// Asks the mediator `peer` (a `fincrypt-market` message); its answer.
+    pub async fn mediate(&self, peer: PeerId, message: Bytes) -> Result<Bytes, Error> {
+        match self.request(peer, Request::Mediate { message }).await? {
+            Response::Mediated { message } => Ok(message),
+            other => Err(unexpected(peer, &other)),
+        }
+    }
+
     /// Tells `peer` of a payment to it (a `fincrypt-market` notice).
     pub async fn paid(&self, peer: PeerId, notice: Bytes) -> Result<(), Error> {
         match self.request(peer, Request::Paid { notice }).await? {
@@ -498,6 +506,7 @@ fn unexpected(peer: PeerId, response: &Response) -> Error {
         Response::Offer { .. } => "Offer",
         Response::Contract { .. } => "Contract",
         Response::Noted => "Noted",
+        Response::Mediated { .. } => "Mediated",
         Response::Error(_) => "Error",
     };
     Error::Protocol {

@@ -386,6 +386,9 @@ impl Inner {
                     "this node stores for free: it needs no contract",
                 )),
             },
+            Request::Mediate { .. } => Err(ErrorCode::refused(
+                "this node is no mediator: it keeps blocks",
+            )),
             Request::Paid { notice } => match &terms {
                 Some(t) => t.paid(&peer, &notice).map(|()| Response::Noted),
                 None => Err(ErrorCode::refused(

@@ -53,7 +53,7 @@ pub use node::{BootstrapPeer, BootstrapPeers, Handler, Node, NodeConfig, new};
 pub use proto::{ErrorCode, Request, Response};
 
 pub use libp2p::identity::Keypair;
-pub use libp2p::{Multiaddr, PeerId};
+pub use libp2p::{Multiaddr, PeerId, multiaddr};
 
 /// Result with the peer layer's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

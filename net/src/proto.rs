@@ -79,10 +79,15 @@ pub enum Request {
     /// I paid you for these periods of our contract in this transaction
     /// (a notice of `fincrypt-market`; the holder checks its wallet).
     Paid { notice: Bytes },
+    /// A client's request to its mediator (a `fincrypt-market` message,
+    /// opaque here).
+    Mediate { message: Bytes },
 }
 
 /// The largest offer, proposal or contract sent between nodes.
 pub const MAX_MARKET_MESSAGE_LEN: usize = 1024;
+/// The largest message between a client and its mediator, either way.
+pub const MAX_MEDIATE_LEN: usize = 256 << 10;
 
 /// The AES-256-GCM key of one bulk connection, chosen at random by the peer
 /// that opens it. Never printed, and wiped from memory when dropped.
@@ -127,6 +132,8 @@ pub enum Response {
     Contract { contract: Bytes },
     /// For `Paid`: the notice is kept.
     Noted,
+    /// For `Mediate`: the mediator's answer (a `fincrypt-market` message).
+    Mediated { message: Bytes },
 }
 
 /// Why a holder refused or could not serve a request.
@@ -320,6 +327,9 @@ impl Request {
             {
                 Err(format!("a market message of {} bytes", m.len()))
             }
+            Request::Mediate { message } if message.len() > MAX_MEDIATE_LEN => {
+                Err(format!("a mediator message of {} bytes", message.len()))
+            }
             Request::PutRoot { record } if record.len() > crate::root::MAX_ROOT_RECORD_LEN => {
                 Err(format!(
                     "a root record of {} bytes exceeds the limit of {} bytes",
@@ -352,6 +362,9 @@ impl Response {
                 if m.len() > MAX_MARKET_MESSAGE_LEN =>
             {
                 Err(format!("a market message of {} bytes", m.len()))
+            }
+            Response::Mediated { message } if message.len() > MAX_MEDIATE_LEN => {
+                Err(format!("a mediator message of {} bytes", message.len()))
             }
             Response::Error(ErrorCode::Refused(why)) if why.len() > MAX_DETAIL_LEN => {
                 Err("an error detail over the limit".into())

@@ -86,6 +86,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A mediator's escrow: a client's deposit address and balance, or (on
+    /// the mediator's own home) every client's.
+    Mediator {
+        #[command(subcommand)]
+        command: MediatorCommand,
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MediatorCommand {
+    /// This client's deposit address at its mediator (the same each time).
+    DepositAddress,
+    /// This client's escrow at its mediator: deposited, pending, paid, fees, left.
+    Balance,
+    /// On a mediator's home: every client with its escrow.
+    Clients,
 }
 
 #[derive(Subcommand)]
@@ -417,6 +436,45 @@ fn run(cli: Cli) -> Result<ExitCode> {
             },
             print_wallet,
         )?,
+        Command::Mediator {
+            command: MediatorCommand::DepositAddress,
+            json,
+        } => show(
+            data,
+            &Request::MediatorDepositAddress,
+            json,
+            |a| match a {
+                Answer::DepositAddress(d) => Some(d),
+                _ => None,
+            },
+            |d| println!("{}  (deposit to the mediator at {})", d.address, d.mediator),
+        )?,
+        Command::Mediator {
+            command: MediatorCommand::Balance,
+            json,
+        } => show(
+            data,
+            &Request::MediatorBalance,
+            json,
+            |a| match a {
+                Answer::Escrow(e) => Some(e),
+                _ => None,
+            },
+            |e| print_escrows(std::slice::from_ref(e)),
+        )?,
+        Command::Mediator {
+            command: MediatorCommand::Clients,
+            json,
+        } => show(
+            data,
+            &Request::MediatorClients,
+            json,
+            |a| match a {
+                Answer::Escrows(l) => Some(l),
+                _ => None,
+            },
+            |l| print_escrows(l),
+        )?,
         Command::Workers { json } => show(
             data,
             &Request::Workers,
@@ -447,6 +505,26 @@ fn show<T: serde::Serialize>(
         text(&v);
     }
     Ok(())
+}
+
+/// Escrows for a person.
+fn print_escrows(list: &[fincrypt_market::mediator::Escrow]) {
+    if list.is_empty() {
+        println!("no clients yet");
+    }
+    for e in list {
+        println!(
+            "{}  {}  escrow {} sats: deposited {} (+{} unconfirmed), paid {}, fees {} ({}%)",
+            e.client,
+            e.address,
+            e.escrow_sats,
+            e.deposited_sats,
+            e.pending_sats,
+            e.paid_sats,
+            e.fees_sats,
+            f64::from(e.fee_basis_points) / 100.0
+        );
+    }
 }
 
 /// `market offers` for a person.

@@ -893,10 +893,23 @@ pub fn serve(home: &Path, args: &[&str]) -> Served {
 /// the environment).
 #[allow(clippy::zombie_processes)]
 pub fn serve_with(home: &Path, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Served {
+    node_with(home, "serve", args, adjust)
+}
+
+/// `fincrypt --home HOME COMMAND ARGS` (a node: `serve` or `mediator`),
+/// once it says where it listens. (A node that never comes up panics the
+/// test, which ends the process and its children.)
+#[allow(clippy::zombie_processes)]
+pub fn node_with(
+    home: &Path,
+    command: &str,
+    args: &[&str],
+    adjust: impl FnOnce(&mut Command),
+) -> Served {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fincrypt"));
     cmd.arg("--home")
         .arg(home)
-        .arg("serve")
+        .arg(command)
         .args(args)
         .env_remove("FINCRYPT_PASSPHRASE")
         .stdin(Stdio::null())
@@ -911,7 +924,7 @@ pub fn serve_with(home: &Path, args: &[&str], adjust: impl FnOnce(&mut Command))
             .lines()
             .map_while(Result::ok)
         {
-            eprintln!("[serve] {line}");
+            eprintln!("[node] {line}");
             if tx.send(line).is_err() {
                 break;
             }
@@ -923,10 +936,10 @@ pub fn serve_with(home: &Path, args: &[&str], adjust: impl FnOnce(&mut Command))
         let left = deadline.saturating_duration_since(Instant::now());
         let line = match lines.recv_timeout(left) {
             Ok(line) => line,
-            Err(e) => panic!("serve did not come up: {e}"),
+            Err(e) => panic!("{command} did not come up: {e}"),
         };
         started.push(line.clone());
-        if let Some(addr) = line.strip_prefix("fincrypt serve: listening on ") {
+        if let Some(addr) = line.strip_prefix(&format!("fincrypt {command}: listening on ")) {
             return Served {
                 child,
                 addr: addr.to_owned(),

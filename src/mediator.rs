@@ -1,0 +1,160 @@
+//! `fincrypt mediator`: a node that keeps its clients' escrow (see
+//! `fincrypt_market::mediator`), in the foreground until SIGTERM or SIGINT.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use fincrypt_market::mediator::{Mediator, Rules};
+use fincrypt_market::wallet::{BitcoinRpc, Payments};
+use fincrypt_net::{ErrorCode, Handler, Multiaddr, Node, NodeConfig, PeerId, Request, Response};
+use futures::future::BoxFuture;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::Home;
+use crate::control::{self, Answer};
+
+/// Confirmations a deposit needs before it counts in an escrow.
+pub const MIN_CONF: u32 = 1;
+
+/// What `fincrypt mediator` was asked to do.
+pub struct MediatorArgs {
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to join the network through.
+    pub bootstrap: Vec<Multiaddr>,
+    /// The fee, in percent of what is paid for a client.
+    pub fee_percent: f64,
+    /// When some: the only clients served.
+    pub accept_clients: Option<Vec<PeerId>>,
+    /// Clients never served.
+    pub deny_clients: Vec<PeerId>,
+    /// The Bitcoin node's wallet.
+    pub bitcoin: Option<fincrypt_market::wallet::RpcSettings>,
+}
+
+/// The fee in hundredths of a percent; refuses what is not a percentage.
+pub fn fee_basis_points(percent: f64) -> Result<u32> {
+    if !(0.0..=100.0).contains(&percent) {
+        bail!("a fee of {percent}% is not between 0 and 100");
+    }
+    Ok((percent * 100.0).round() as u32)
+}
+
+/// Answers clients' `Mediate` requests; a mediator keeps no blocks.
+struct Mediating(Arc<Mediator<BitcoinRpc>>);
+
+impl Handler for Mediating {
+    fn handle(
+        &self,
+        peer: PeerId,
+        request: fincrypt_net::codec::InboundRequest,
+    ) -> BoxFuture<'static, Response> {
+        let m = self.0.clone();
+        Box::pin(async move {
+            match request {
+                Ok(Request::Mediate { message }) => Response::Mediated {
+                    message: m.answer(&peer, &message).await.into(),
+                },
+                Ok(_) => Response::Error(ErrorCode::refused(
+                    "this is a mediator: it keeps no blocks and makes no offers",
+                )),
+                Err(e) => Response::Error(e.to_code()),
+            }
+        })
+    }
+}
+
+/// Runs a mediator until SIGTERM or SIGINT.
+pub fn mediator(home: &Home, args: MediatorArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(home, args))
+}
+
+async fn run(home: &Home, args: MediatorArgs) -> Result<()> {
+    if args.listen.is_empty() {
+        bail!("mediator needs at least one --listen address");
+    }
+    let mut term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("catching SIGINT")?;
+    let Some(rpc) = &args.bitcoin else {
+        bail!(
+            "a mediator keeps its clients' escrow in a Bitcoin wallet: set bitcoin_rpc_url \
+             (with its login) in the config or FINCRYPT_BITCOIN_RPC_URL"
+        );
+    };
+    let wallet = BitcoinRpc::new(rpc)?;
+    wallet
+        .balance()
+        .await
+        .context("the mediator's Bitcoin node does not answer")?;
+    let rules = Rules {
+        accept_clients: args.accept_clients.map(|a| a.into_iter().collect::<HashSet<_>>()),
+        deny_clients: args.deny_clients.into_iter().collect(),
+        fee_basis_points: fee_basis_points(args.fee_percent)?,
+        min_conf: MIN_CONF,
+    };
+    std::fs::create_dir_all(&home.data_dir)
+        .with_context(|| format!("creating {}", home.data_dir.display()))?;
+    let mediator = Arc::new(
+        Mediator::open(&home.mediator_file(), wallet, rules)
+            .with_context(|| format!("opening {}", home.mediator_file().display()))?,
+    );
+    let mut config = NodeConfig::with_key_file(&home.node_key_file())?;
+    config.listen = args.listen;
+    config.bootstrap = args.bootstrap;
+    let node = Node::start(config, Some(Arc::new(Mediating(mediator.clone())))).await?;
+    let peer = node.peer_id();
+    let listen: Vec<String> = node
+        .listen_addrs()
+        .iter()
+        .map(|a| format!("{a}/p2p/{peer}"))
+        .collect();
+    eprintln!(
+        "fincrypt mediator: peer {peer}, fee {}%",
+        args.fee_percent
+    );
+    for a in &listen {
+        eprintln!("fincrypt mediator: listening on {a}");
+    }
+
+    let socket = control::socket_path(&home.data_dir);
+    let (runtime, m) = (tokio::runtime::Handle::current(), mediator.clone());
+    let answer = move |req: control::Request| -> Result<Answer> {
+        match req {
+            control::Request::Status => Ok(Answer::Status(Box::new(control::Status {
+                role: "mediator".into(),
+                env_file: crate::config::env_file(),
+                peer_id: Some(peer.to_string()),
+                listen_addrs: listen.clone(),
+                clients: Some(m.clients()?.len() as u64),
+                ..Default::default()
+            }))),
+            control::Request::MediatorClients => {
+                Ok(Answer::Escrows(runtime.block_on(m.escrows())?))
+            }
+            _ => bail!("this is a mediator (fincrypt mediator): it has no filesystem and keeps no blocks"),
+        }
+    };
+    let socket_ok = match control::serve(&socket, answer) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "no control socket for status");
+            false
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("fincrypt mediator: stopping");
+    if socket_ok {
+        let _ = std::fs::remove_file(&socket);
+    }
+    node.shutdown().await;
+    Ok(())
+}
