@@ -119,6 +119,9 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Transactions a review looks up in the wallet at most.
+const LOOKUPS_PER_REVIEW: usize = 64;
+
 /// Keeps account of what each owner owes, four times a period: samples
 /// the bytes held for it, reads the wallet's payments, and cuts, restores
 /// or releases owners as `HolderTerms::review` decides.
@@ -128,14 +131,35 @@ async fn review_dues(wallet: Arc<BitcoinRpc>, terms: Arc<HolderTerms>, holder: H
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let income = match read_income(&wallet, &terms.asking().payout).await {
-            Ok((_, income)) => income,
+        // Each transaction a notice names is looked up until the wallet
+        // shows it confirmed (however old it is by then).
+        let unverified = match terms.unverified(LOOKUPS_PER_REVIEW) {
+            Ok(u) => u,
             Err(e) => {
-                // Without the wallet nothing can be judged: no owner is cut for it.
-                tracing::warn!(error = %e, "cannot read payments; owners' dues are not reviewed this time");
+                tracing::warn!(error = %e, "cannot read payment notices");
                 continue;
             }
         };
+        let mut wallet_ok = true;
+        for txid in unverified {
+            match wallet.paid_to(&txid, &terms.asking().payout).await {
+                Ok(Some((sats, confirmations))) if confirmations >= 1 => {
+                    if let Err(e) = terms.verify(&txid, sats) {
+                        tracing::warn!(error = %e, "cannot record a payment");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Without the wallet nothing can be judged: no owner is cut for it.
+                    tracing::warn!(error = %e, "cannot read payments; owners' dues are not reviewed this time");
+                    wallet_ok = false;
+                    break;
+                }
+            }
+        }
+        if !wallet_ok {
+            continue;
+        }
         let (terms, holder) = (terms.clone(), holder.clone());
         let reviewed = tokio::task::spawn_blocking(move || -> Result<()> {
             let held: HashMap<fincrypt_net::PeerId, u64> = holder
@@ -144,9 +168,7 @@ async fn review_dues(wallet: Arc<BitcoinRpc>, terms: Arc<HolderTerms>, holder: H
                 .map(|(p, (_, bytes))| (p, bytes))
                 .collect();
             // Only confirmed payments count: an unconfirmed one may yet be replaced.
-            let confirmed: Vec<control::Income> =
-                income.into_iter().filter(|i| i.confirmations >= 1).collect();
-            for (id, owner) in terms.review(&held, &received(&confirmed), unix_now())? {
+            for (id, owner) in terms.review(&held, &terms.verified()?, unix_now())? {
                 let (blocks, bytes) = holder.release_all(&owner)?;
                 terms.released(&id, blocks, bytes)?;
             }
@@ -337,10 +359,14 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
             Request::MarketContracts => {
                 // What owners said they paid counts once this node's wallet
                 // shows each transaction paying its address at least that.
+                // Confirmed payments, and those the wallet lists as newly seen.
                 let (_, income) = income()?;
-                Ok(Answer::Contracts(
-                    terms.views(&received(&income), unix_now())?,
-                ))
+                let mut seen = terms.verified()?;
+                for (txid, sats) in received(&income) {
+                    let e = seen.entry(txid).or_default();
+                    *e = (*e).max(sats);
+                }
+                Ok(Answer::Contracts(terms.views(&seen, unix_now())?))
             }
             Request::Status => {
                 let peers = runtime

@@ -50,6 +50,9 @@ const STANDING: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("standin
 /// Txid -> the contract whose notices named it first: a transaction pays
 /// one contract, so no other owner can claim it.
 const NOTICE_TXIDS: TableDefinition<&str, [u8; 16]> = TableDefinition::new("notice_txids");
+/// Txid -> satoshis it paid the payout address, once the wallet showed it
+/// confirmed: each named transaction is looked up until it is.
+const VERIFIED: TableDefinition<&str, u64> = TableDefinition::new("verified_payments");
 /// How long an offer holds: owners ask again for the ones they use.
 pub const OFFER_LIFETIME: u64 = 3600;
 /// How far from now a contract may say it starts.
@@ -186,6 +189,7 @@ impl HolderTerms {
         txn.open_table(SAMPLES)?;
         txn.open_table(STANDING)?;
         txn.open_table(NOTICE_TXIDS)?;
+        txn.open_table(VERIFIED)?;
         txn.commit()?;
         let terms = HolderTerms {
             keypair,
@@ -218,6 +222,47 @@ impl HolderTerms {
     /// Contracts not over (released ones are).
     pub fn live_contracts(&self) -> u64 {
         self.owners.read().unwrap_or_else(|p| p.into_inner()).len() as u64
+    }
+
+    /// Transactions owners' notices name that the wallet has not shown
+    /// confirmed yet, those of the latest periods first, at most `limit`.
+    pub fn unverified(&self, limit: usize) -> Result<Vec<String>, MarketError> {
+        let txn = self.db.begin_read()?;
+        let verified = txn.open_table(VERIFIED)?;
+        let mut named: Vec<(u64, String)> = Vec::new();
+        for (_, period, txid, _) in self.notices()? {
+            if verified.get(txid.as_str())?.is_none() {
+                named.push((period, txid));
+            }
+        }
+        named.sort_unstable_by(|a, b| b.cmp(a));
+        let mut seen = HashSet::new();
+        Ok(named
+            .into_iter()
+            .filter(|(_, t)| seen.insert(t.clone()))
+            .take(limit)
+            .map(|(_, t)| t)
+            .collect())
+    }
+
+    /// Records that the wallet shows `txid` confirmed, paying `sats` to
+    /// this node's address.
+    pub fn verify(&self, txid: &str, sats: u64) -> Result<(), MarketError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(VERIFIED)?.insert(txid, sats)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every payment the wallet showed confirmed: txid -> satoshis.
+    pub fn verified(&self) -> Result<HashMap<String, u64>, MarketError> {
+        let txn = self.db.begin_read()?;
+        let mut out = HashMap::new();
+        for row in txn.open_table(VERIFIED)?.iter()? {
+            let (k, v) = row?;
+            out.insert(k.value().to_owned(), v.value());
+        }
+        Ok(out)
     }
 
     /// Owners behind in payment, by contract.
@@ -922,6 +967,10 @@ mod tests {
         assert!(terms.paid(&owner_id, &notice_of([3; 16], 2, &"ef".repeat(32), 0)).is_err());
 
         // The wallet shows it: the owner may place again.
+        assert_eq!(terms.unverified(10).unwrap(), vec![txid.clone()]);
+        terms.verify(&txid, 1024).unwrap();
+        assert!(terms.unverified(10).unwrap().is_empty(), "looked up until confirmed, then no more");
+        assert_eq!(terms.verified().unwrap()[&txid], 1024);
         let paid = HashMap::from([(txid.clone(), 1024u64)]);
         assert!(terms.review(&held, &paid, at(4)).unwrap().is_empty());
         assert_eq!(terms.admits(&owner_id), Ok(()));

@@ -258,6 +258,25 @@ impl BitcoinRpc {
         Ok((fee, hex.len() as u64 / 2))
     }
 
+    /// What transaction `txid` paid `address` (satoshis) and its
+    /// confirmations; none when the wallet does not know the transaction.
+    pub async fn paid_to(&self, txid: &str, address: &str) -> Result<Option<(u64, i64)>, WalletError> {
+        let v: Value = match self.call("gettransaction", &[json!(txid)]).await {
+            Ok(v) => v,
+            // Invalid or non-wallet transaction id.
+            Err(WalletError::Refused { code: -5, .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let confirmations = v["confirmations"].as_i64().unwrap_or(0);
+        let mut sats = 0u64;
+        for d in v["details"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+            if d["category"] == "receive" && d["address"] == address {
+                sats = sats.saturating_add(sats_of(&d["amount"], "gettransaction")?);
+            }
+        }
+        Ok(Some((sats, confirmations)))
+    }
+
     /// Whether `address` is one of this wallet's own, so that it sees what
     /// is paid there (`getaddressinfo`; `validateaddress` on a node
     /// without it, as the regtest node of the tests).
