@@ -4,8 +4,8 @@
 # targets in net/fuzz, run one after the other, EACH for FUZZ_SECONDS (so the
 # whole run takes twice that, plus the builds):
 #   decode  the peer protocol's messages (fincrypt-net)
-#   market  the storage market's offers, proposals, contracts and paid
-#           notices (fincrypt-market)
+#   market  the storage market's offers, proposals, contracts, paid
+#           notices and mediator messages (fincrypt-market)
 #
 #   scripts/fuzz-net.sh            both targets, 60 seconds each
 #   FUZZ_SECONDS=600 scripts/fuzz-net.sh

@@ -1,5 +1,6 @@
 //! Feeds arbitrary bytes to every decoder of the storage market: signed
-//! offers, contract proposals, contracts and paid notices.
+//! offers, contract proposals, contracts, paid notices, and the messages
+//! between a client and its mediator.
 //!
 //! A decoder must return a value or an error for any input, never panic.
 //! A value that decodes must encode again (its canonical bytes are never
@@ -16,6 +17,7 @@
 #![no_main]
 
 use fincrypt_market::contract::{Contract, Proposal};
+use fincrypt_market::mediator::{decode_ask, decode_reply};
 use fincrypt_market::notice::PaidNotice;
 use fincrypt_market::offer::SignedOffer;
 use libfuzzer_sys::fuzz_target;
@@ -41,4 +43,6 @@ fuzz_target!(|data: &[u8]| {
     round_trip!(data, Proposal);
     round_trip!(data, Contract);
     round_trip!(data, PaidNotice);
+    let _ = decode_ask(data);
+    let _ = decode_reply(data);
 });
