@@ -59,6 +59,10 @@ seed_market() {
     printf 'ab%.0s' $(seq 32)
     printf '\x01\x00\x01'
   } >"$1/paid-notice"
+  # A client's ask (version 1, DepositAddress) and a mediator's answer
+  # (version 1, DepositAddress with a 5-byte address).
+  printf '\x01\x00' >"$1/mediator-ask"
+  printf '\x01\x00\x05mn2ab' >"$1/mediator-reply"
 }
 
 failed=()

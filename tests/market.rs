@@ -58,6 +58,7 @@ fn terms(owner: &Keypair, holder: PeerId, price: u64, payout: &str) -> Terms {
         period: 3600,
         payout: payout.into(),
         carry: 1000,
+        payer: Vec::new(),
     }
 }
 
@@ -163,8 +164,8 @@ fn a_priced_node_offers_signed_terms_and_stores_only_under_contract() {
         let e = other.put(holder, score, block.clone()).await.unwrap_err();
         assert_eq!(refusal(e), ErrorCode::NoContract { price: 20 });
 
-        // A payment notice is taken from the contract's owner alone, and
-        // only for a period that has begun.
+        // A payment notice is taken from the contract's payer (here its
+        // owner) alone, and only for a period that has begun.
         let notice = |period: u64| {
             let n = PaidNotice {
                 version: NOTICE_VERSION,
@@ -175,7 +176,7 @@ fn a_priced_node_offers_signed_terms_and_stores_only_under_contract() {
             Bytes::from(n.encode().unwrap())
         };
         let e = other.paid(holder, notice(0)).await.unwrap_err();
-        assert!(matches!(refusal(e), ErrorCode::Refused(w) if w.contains("owner")));
+        assert!(matches!(refusal(e), ErrorCode::Refused(w) if w.contains("pays the contract")));
         let e = client.paid(holder, notice(5)).await.unwrap_err();
         assert!(matches!(refusal(e), ErrorCode::Refused(w) if w.contains("not begun")));
         let e = client

@@ -65,6 +65,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
             period: 3600,
             payout: payout.clone(),
             carry: u64::MAX,
+            payer: Vec::new(),
         }
         .propose(&owner)?
         .accept(&holder)?;

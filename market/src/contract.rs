@@ -1,6 +1,7 @@
 //! A contract between an owner node and a holder: the holder keeps the
 //! blocks the owner places on it, and is paid `price` per GiB for every
-//! period in which it proves it still holds them. Both sign the same terms.
+//! period in which it proves it still holds them. The payer (the owner
+//! itself, or a mediator paying for it) and the holder sign the same terms.
 
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
@@ -10,11 +11,12 @@ use crate::MarketError;
 use crate::offer::check_address;
 use crate::signed::{self, Signature};
 
-/// Version of the contract's layout (2 added `carry`; 1 was never released).
-pub const CONTRACT_VERSION: u8 = 2;
+/// Version of the contract's layout (2 added `carry`, 3 `payer`; none
+/// before 3 was released).
+pub const CONTRACT_VERSION: u8 = 3;
 /// The largest encoded contract a node sends or reads.
 pub const MAX_CONTRACT_LEN: usize = 1024;
-const DOMAIN: &[u8] = b"fincrypt contract v2\0";
+const DOMAIN: &[u8] = b"fincrypt contract v3\0";
 
 /// A contract's id: random, chosen by the owner.
 pub type ContractId = [u8; 16];
@@ -44,14 +46,17 @@ pub struct Terms {
     /// settlement, and once a holder's unpaid dues reach this they are paid
     /// at the next one. A holder counts periods as unpaid only beyond it.
     pub carry: u64,
+    /// The node that pays, proposes and tells of payments, as PeerId
+    /// bytes: empty when it is the owner, else a mediator paying for it.
+    pub payer: Vec<u8>,
 }
 
-/// Terms the owner signed, for the holder to accept.
+/// Terms the payer signed, for the holder to accept.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
     /// The terms.
     pub terms: Terms,
-    /// The owner's signature of them.
+    /// The payer's signature of them.
     pub owner_sig: Signature,
 }
 
@@ -60,7 +65,7 @@ pub struct Proposal {
 pub struct Contract {
     /// The terms.
     pub terms: Terms,
-    /// The owner's signature of them.
+    /// The payer's signature of them.
     pub owner_sig: Signature,
     /// The holder's signature of them.
     pub holder_sig: Signature,
@@ -75,6 +80,15 @@ impl Terms {
     /// The holder.
     pub fn holder(&self) -> Result<PeerId, MarketError> {
         signed::peer(&self.holder, "contract holder")
+    }
+
+    /// The node that pays: the owner, or the mediator that pays for it.
+    pub fn payer(&self) -> Result<PeerId, MarketError> {
+        if self.payer.is_empty() {
+            self.owner()
+        } else {
+            signed::peer(&self.payer, "contract payer")
+        }
     }
 
     /// The period that holds Unix time `now`, if the contract has begun.
@@ -107,7 +121,7 @@ impl Terms {
                 "a contract's period is 0 seconds".into(),
             ));
         }
-        if self.owner()? == self.holder()? {
+        if self.owner()? == self.holder()? || self.payer()? == self.holder()? {
             return Err(MarketError::Invalid(
                 "a node cannot contract with itself".into(),
             ));
@@ -115,15 +129,15 @@ impl Terms {
         check_address(&self.payout, self.price > 0)
     }
 
-    /// The owner's side: checks and signs the terms.
-    pub fn propose(self, owner: &Keypair) -> Result<Proposal, MarketError> {
+    /// The payer's side: checks and signs the terms.
+    pub fn propose(self, payer: &Keypair) -> Result<Proposal, MarketError> {
         self.check()?;
-        if owner.public().to_peer_id() != self.owner()? {
+        if payer.public().to_peer_id() != self.payer()? {
             return Err(MarketError::Invalid(
-                "a contract is proposed by its owner".into(),
+                "a contract is proposed by the node that pays it".into(),
             ));
         }
-        let owner_sig = signed::sign(owner, DOMAIN, &encode(&self)?)?;
+        let owner_sig = signed::sign(payer, DOMAIN, &encode(&self)?)?;
         Ok(Proposal {
             terms: self,
             owner_sig,
@@ -138,7 +152,7 @@ impl Proposal {
         let bytes = encode(&self.terms)?;
         signed::verify(
             &self.owner_sig,
-            &self.terms.owner()?,
+            &self.terms.payer()?,
             DOMAIN,
             &bytes,
             "contract",
@@ -166,7 +180,7 @@ impl Proposal {
         let p: Proposal = decode(bytes)?;
         p.terms.check()?;
         let b = encode(&p.terms)?;
-        signed::verify(&p.owner_sig, &p.terms.owner()?, DOMAIN, &b, "contract")?;
+        signed::verify(&p.owner_sig, &p.terms.payer()?, DOMAIN, &b, "contract")?;
         Ok(p)
     }
 }
@@ -182,7 +196,7 @@ impl Contract {
         let c: Contract = decode(bytes)?;
         c.terms.check()?;
         let b = encode(&c.terms)?;
-        signed::verify(&c.owner_sig, &c.terms.owner()?, DOMAIN, &b, "contract")?;
+        signed::verify(&c.owner_sig, &c.terms.payer()?, DOMAIN, &b, "contract")?;
         signed::verify(&c.holder_sig, &c.terms.holder()?, DOMAIN, &b, "contract")?;
         Ok(c)
     }
@@ -224,6 +238,7 @@ mod tests {
             period: 60,
             payout: "mj6mz6RpsSEJPmG1zzEf8nu3J9oV6ihxfB".into(),
             carry: 1000,
+            payer: Vec::new(),
         }
     }
 
@@ -261,6 +276,29 @@ mod tests {
         for n in 0..bytes.len() {
             assert!(Contract::decode(&bytes[..n]).is_err(), "cut at {n}");
         }
+    }
+
+    #[test]
+    fn a_mediator_may_pay_for_an_owner_and_it_alone_signs_for_it() {
+        let (o, h, m) = (
+            Keypair::generate_ed25519(),
+            Keypair::generate_ed25519(),
+            Keypair::generate_ed25519(),
+        );
+        let mut t = terms(&o, &h);
+        t.payer = m.public().to_peer_id().to_bytes();
+        assert_eq!(t.payer().unwrap(), m.public().to_peer_id());
+        assert!(t.clone().propose(&o).is_err(), "the owner does not sign for its payer");
+        let c = t.clone().propose(&m).unwrap().accept(&h).unwrap();
+        assert_eq!(Contract::decode(&c.encode().unwrap()).unwrap(), c);
+        // The owner's signature in the payer's place does not verify.
+        let mut forged = c.clone();
+        forged.owner_sig = signed::sign(&o, DOMAIN, &encode(&c.terms).unwrap()).unwrap();
+        assert!(Contract::decode(&forged.encode().unwrap()).is_err());
+        // Nor may a holder pay for itself.
+        let mut own = terms(&o, &h);
+        own.payer = h.public().to_peer_id().to_bytes();
+        assert!(own.propose(&h).is_err());
     }
 
     #[test]

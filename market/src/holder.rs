@@ -598,9 +598,9 @@ impl HolderTerms {
                 Some(v) => Contract::decode(v.value())?,
                 None => return Err(MarketError::Invalid("no such contract here".into())),
             };
-            if c.terms.owner()? != *peer {
+            if c.terms.payer()? != *peer {
                 return Err(MarketError::Invalid(
-                    "a payment is told by the contract's owner".into(),
+                    "a payment is told by the node that pays the contract".into(),
                 ));
             }
             let Some(current) = c.terms.period_at(now()) else {
@@ -654,9 +654,12 @@ impl HolderTerms {
         let p = Proposal::decode(proposal)?;
         let t = &p.terms;
         let refuse = |why: String| Err(MarketError::Invalid(why));
-        if t.owner()? != *peer {
-            return refuse("a contract is proposed by the owner it names".into());
+        // The owner, or a mediator paying for it, proposes; the owner it
+        // names is who may place under it.
+        if t.payer()? != *peer {
+            return refuse("a contract is proposed by the node that pays it".into());
         }
+        let owner = t.owner()?;
         if t.holder()? != self.keypair.public().to_peer_id() {
             return refuse("the contract names another holder".into());
         }
@@ -690,7 +693,7 @@ impl HolderTerms {
         }
         {
             let owners = self.owners.read().unwrap_or_else(|p| p.into_inner());
-            if owners.contains(peer) {
+            if owners.contains(&owner) {
                 return refuse("this owner already has a contract with this node".into());
             }
             if owners.len() >= MAX_CONTRACTS {
@@ -713,8 +716,8 @@ impl HolderTerms {
         self.owners
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(*peer);
-        info!(owner = %peer, price = c.terms.price, "a contract was taken");
+            .insert(owner);
+        info!(%owner, payer = %peer, price = c.terms.price, "a contract was taken");
         Ok(c)
     }
 }
@@ -906,6 +909,7 @@ mod tests {
                 period: 60,
                 payout: payout.clone(),
                 carry: 1000,
+                payer: Vec::new(),
             }
             .propose(owner)
             .unwrap()
@@ -1014,5 +1018,62 @@ mod tests {
         assert!(terms.review(&held, &paid, at(10)).unwrap().is_empty());
         let views = terms.views(&paid, at(10)).unwrap();
         assert!(views[0].state.starts_with("released"), "{:?}", views[0]);
+    }
+
+    #[test]
+    fn a_mediator_pays_for_its_client_who_alone_places() {
+        use crate::contract::{CONTRACT_VERSION, Terms as ContractTerms};
+        use crate::notice::NOTICE_VERSION;
+        let dir = tempfile::tempdir().unwrap();
+        let node = Keypair::generate_ed25519();
+        let (client, mediator) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let (client_id, mediator_id) = (client.public().to_peer_id(), mediator.public().to_peer_id());
+        let payout = "mvUT3XQBnLwUpHeZD8Zjde9TVX9HyYhx2Q".to_string();
+        let asking = Asking {
+            price: 100,
+            min_duration: 1,
+            period: 60,
+            payout: payout.clone(),
+            carry: 1000,
+            unpaid_periods: 3,
+        };
+        let terms = HolderTerms::open(node.clone(), asking, &dir.path().join("c.redb")).unwrap();
+        let proposal = ContractTerms {
+            version: CONTRACT_VERSION,
+            id: [9; 16],
+            owner: client_id.to_bytes(),
+            holder: node.public().to_peer_id().to_bytes(),
+            price: 100,
+            start: now() - 120,
+            min_duration: 1,
+            period: 60,
+            payout,
+            carry: 1000,
+            payer: mediator_id.to_bytes(),
+        }
+        .propose(&mediator)
+        .unwrap()
+        .encode()
+        .unwrap();
+        assert!(
+            terms.propose(&client_id, &proposal).is_err(),
+            "proposed by the payer, not the owner"
+        );
+        terms.propose(&mediator_id, &proposal).unwrap();
+        assert_eq!(terms.admits(&client_id), Ok(()));
+        assert!(
+            matches!(terms.admits(&mediator_id), Err(ErrorCode::NoContract { .. })),
+            "the mediator places nothing"
+        );
+        let notice = PaidNotice {
+            version: NOTICE_VERSION,
+            contract: [9; 16],
+            txid: "aa".repeat(32),
+            items: vec![(0, 5)],
+        }
+        .encode()
+        .unwrap();
+        assert!(terms.paid(&client_id, &notice).is_err(), "the payer tells of payments");
+        terms.paid(&mediator_id, &notice).unwrap();
     }
 }

@@ -615,6 +615,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             period: offer.period,
             payout: offer.payout.clone(),
             carry: offer.carry,
+            payer: Vec::new(),
         };
         let proposal = terms.clone().propose(&self.keypair)?.encode()?;
         let reply = self

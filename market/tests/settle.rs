@@ -52,6 +52,7 @@ fn contract(owner: &Keypair, price: u64, start: u64, period: u64, payout: String
         payout,
         // min_payout alone decides what waits.
         carry: u64::MAX,
+        payer: Vec::new(),
     }
     .propose(owner)
     .unwrap()
