@@ -991,6 +991,11 @@ fn a_node_takes_nothing_new_from_an_owner_that_does_not_pay_and_releases_its_blo
         },
     );
     assert_eq!(p.held(1), held_before, "a cut owner placed new blocks");
+    let c = p.contract(1);
+    assert!(
+        c["state"].as_str().unwrap().contains("takes no new blocks"),
+        "the owner's view of the contract says so: {c}"
+    );
 
     // Paying from the nodes' own chain: node 1 sees the payments, takes the
     // owner back, and the new file reaches it.

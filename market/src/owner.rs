@@ -1092,6 +1092,16 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             periods.entry(id).or_default().push((n, row));
         }
         let ended = self.ledger.ended()?;
+        let unpaid: HashMap<PeerId, u64> = self
+            .skipped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|(p, s)| match s {
+                Skip::Unpaid { periods } => Some((*p, *periods)),
+                _ => None,
+            })
+            .collect();
         let mut out = Vec::new();
         for c in self.ledger.contracts()? {
             let holder = c.terms.holder()?;
@@ -1100,7 +1110,12 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                 None if dropped.contains(&holder) => {
                     "dropped for now: it did not answer challenges".into()
                 }
-                None => "active".into(),
+                None => match unpaid.get(&holder) {
+                    Some(n) => format!(
+                        "active; the holder takes no new blocks until paid: it counts {n} periods unpaid"
+                    ),
+                    None => "active".into(),
+                },
             };
             let mut v = ContractView::of(&c, state);
             v.bytes = self.bytes_of(&holder);
