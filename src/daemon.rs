@@ -791,6 +791,11 @@ impl Daemon {
         let (addr, peer) = net.mediator.clone().context(NO_MEDIATOR)?;
         let message = fincrypt_market::mediator::encode_ask(ask)?;
         let answer = self.runtime.block_on(async {
+            // Its address again each time: one the DHT dropped after the
+            // mediator was away would leave it unreachable for good.
+            if let Err(e) = net.client.add_address(peer, addr.clone()).await {
+                tracing::debug!(error = %e, "cannot add the mediator's address");
+            }
             tokio::time::timeout(MEDIATOR_WAIT, net.client.mediate(peer, message.into())).await
         });
         let bytes = answer

@@ -53,8 +53,14 @@ impl Handler for Mediating {
         let m = self.0.clone();
         Box::pin(async move {
             match request {
-                Ok(Request::Mediate { message }) => Response::Mediated {
-                    message: m.answer(&peer, &message).await.into(),
+                Ok(Request::Mediate { message }) => match m.answer(&peer, &message).await {
+                    Ok(answer) => Response::Mediated {
+                        message: answer.into(),
+                    },
+                    Err(e) => {
+                        tracing::error!(%peer, error = %e, "cannot encode an answer");
+                        Response::Error(ErrorCode::Unavailable)
+                    }
                 },
                 Ok(_) => Response::Error(ErrorCode::refused(
                     "this is a mediator: it keeps no blocks and makes no offers",
@@ -131,7 +137,7 @@ async fn run(home: &Home, args: MediatorArgs) -> Result<()> {
                 env_file: crate::config::env_file(),
                 peer_id: Some(peer.to_string()),
                 listen_addrs: listen.clone(),
-                clients: Some(m.clients()?.len() as u64),
+                clients: Some(m.client_count()?),
                 ..Default::default()
             }))),
             control::Request::MediatorClients => {

@@ -210,8 +210,9 @@ impl<P: Payments> Mediator<P> {
         })
     }
 
-    /// Answers a client's message; what to send back.
-    pub async fn answer(&self, client: &PeerId, message: &[u8]) -> Vec<u8> {
+    /// Answers a client's message; what to send back (an error only when
+    /// the answer cannot be encoded).
+    pub async fn answer(&self, client: &PeerId, message: &[u8]) -> Result<Vec<u8>, MarketError> {
         let reply = match self.reply(client, message).await {
             Ok(r) => r,
             Err(MarketError::Invalid(why)) => Reply::Refused(why),
@@ -224,7 +225,6 @@ impl<P: Payments> Mediator<P> {
             version: MEDIATE_VERSION,
             body: reply,
         })
-        .unwrap_or_default()
     }
 
     async fn reply(&self, client: &PeerId, message: &[u8]) -> Result<Reply, MarketError> {
@@ -257,7 +257,7 @@ impl<P: Payments> Mediator<P> {
         if let Some(row) = self.client(client)? {
             return Ok(row);
         }
-        if self.clients()?.len() >= MAX_CLIENTS {
+        if self.client_count()? >= MAX_CLIENTS as u64 {
             return Err(MarketError::Invalid("this mediator takes no more clients".into()));
         }
         // An address made and then lost to a crash is never used: harmless.
@@ -296,6 +296,13 @@ impl<P: Payments> Mediator<P> {
             fee_basis_points: self.rules.fee_basis_points,
             min_conf: self.rules.min_conf,
         })
+    }
+
+    /// How many clients there are (without reading them).
+    pub fn client_count(&self) -> Result<u64, MarketError> {
+        use redb::ReadableTableMetadata;
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(CLIENTS)?.len()?)
     }
 
     /// Every client, by PeerId.
