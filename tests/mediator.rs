@@ -1,7 +1,8 @@
 //! A mediator on real daemons and a real regtest node: a client mount gets
 //! one deposit address of the mediator's wallet, sees its deposit pending
-//! and then in its escrow once confirmed, and a client the mediator denies
-//! is told why.
+//! and then in its escrow once confirmed; another client gets its own
+//! address and sees only its own escrow; clients the mediator denies or
+//! does not accept are told why.
 
 mod common;
 #[path = "common/regtest.rs"]
@@ -92,6 +93,21 @@ fn a_client_deposits_at_its_mediator_and_sees_its_escrow() {
     assert_eq!(list[0]["escrow_sats"], 150_000_000);
     assert_eq!(status(mediator_home.path())["clients"], 1);
 
+    // A second client gets an address of its own and sees only its escrow.
+    let opts2 = StartOptions {
+        args: vec!["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()],
+        env: vec![("FINCRYPT_MEDIATOR".into(), mediator.addr.clone())],
+        ..StartOptions::default()
+    };
+    let m2 = Mount::start_with(init_home(), opts2);
+    let other = status(m2.home())["peer_id"].as_str().unwrap().to_owned();
+    let d2 = ctl_json(m2.home(), &["mediator", "deposit-address"]);
+    assert_ne!(d2["address"], address.as_str(), "one address per client");
+    let b2 = ctl_json(m2.home(), &["mediator", "balance"]);
+    assert_eq!(b2["client"], other.as_str());
+    assert_eq!(b2["escrow_sats"], 0, "{b2}");
+    assert_eq!(status(mediator_home.path())["clients"], 2);
+
     // Restarted, the mediator keeps the client's address; told to deny the
     // client, it refuses it with the reason.
     let _ = mediator.stop();
@@ -105,11 +121,20 @@ fn a_client_deposits_at_its_mediator_and_sees_its_escrow() {
         mediator_home.path(),
         &bitcoin,
         &listen,
-        &[("FINCRYPT_DENY_CLIENTS", me.as_str())],
+        &[
+            ("FINCRYPT_DENY_CLIENTS", me.as_str()),
+            ("FINCRYPT_ACCEPT_CLIENTS", me.as_str()),
+        ],
     );
     wait_until("a denied client told why", Duration::from_secs(60), || {
         let out = ctl(m.home(), &["mediator", "balance"]);
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("deny_clients")
     });
+    // The second client is not among those it accepts.
+    wait_until("a client not accepted told why", Duration::from_secs(60), || {
+        let out = ctl(m2.home(), &["mediator", "balance"]);
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("accept_clients")
+    });
+    drop(m2);
     drop(m);
 }
