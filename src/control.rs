@@ -379,6 +379,35 @@ pub fn daemon_running(data_dir: &Path) -> bool {
     UnixStream::connect(socket_path(data_dir)).is_ok()
 }
 
+/// A node's control socket (a convenience: the node runs without one, say
+/// when a mount of the same home has it) until SIGTERM or SIGINT, then
+/// removed; `who` names the node in what it prints.
+pub async fn serve_until_stopped<F>(
+    path: &Path,
+    handle: F,
+    who: &str,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) where
+    F: Fn(Request) -> Result<Answer> + Send + Sync + 'static,
+{
+    let socket_ok = match serve(path, handle) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "no control socket for status");
+            false
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("fincrypt {who}: stopping");
+    if socket_ok {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Serves requests on `path` with `handle` until the process ends; one thread per connection.
 pub fn serve<F>(path: &Path, handle: F) -> Result<()>
 where

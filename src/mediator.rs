@@ -146,21 +146,7 @@ async fn run(home: &Home, args: MediatorArgs) -> Result<()> {
             _ => bail!("this is a mediator (fincrypt mediator): it has no filesystem and keeps no blocks"),
         }
     };
-    let socket_ok = match control::serve(&socket, answer) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(error = %e, "no control socket for status");
-            false
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    eprintln!("fincrypt mediator: stopping");
-    if socket_ok {
-        let _ = std::fs::remove_file(&socket);
-    }
+    control::serve_until_stopped(&socket, answer, "mediator", &mut term, &mut int).await;
     node.shutdown().await;
     Ok(())
 }

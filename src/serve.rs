@@ -413,24 +413,7 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
             _ => bail!("this is a storage node (fincrypt serve): it has no filesystem"),
         }
     };
-    // A status socket is a convenience: a node runs without one (say, when a
-    // mount of the same home already has it).
-    let socket_ok = match control::serve(&socket, answer) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(error = %e, "no control socket for status");
-            false
-        }
-    };
-
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    eprintln!("fincrypt serve: stopping");
-    if socket_ok {
-        let _ = std::fs::remove_file(&socket);
-    }
+    control::serve_until_stopped(&socket, answer, "serve", &mut term, &mut int).await;
     node.shutdown().await;
     drop(holder);
     // Close the volume cleanly when nothing else holds it (a last request

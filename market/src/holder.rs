@@ -33,6 +33,7 @@ use tracing::{info, warn};
 
 use crate::MarketError;
 use crate::contract::{Contract, ContractId, Proposal};
+use crate::ledger::{period_key, split_key};
 use crate::notice::PaidNotice;
 use crate::offer::{OFFER_VERSION, Offer, check_address};
 use crate::owner::ContractView;
@@ -803,21 +804,6 @@ impl Terms for HolderTerms {
             None => Ok(()),
         }
     }
-}
-
-fn period_key(id: &ContractId, period: u64) -> [u8; 24] {
-    let mut key = [0u8; 24];
-    key[..16].copy_from_slice(id);
-    key[16..].copy_from_slice(&period.to_be_bytes());
-    key
-}
-
-fn split_key(key: &[u8; 24]) -> (ContractId, u64) {
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&key[..16]);
-    let mut period = [0u8; 8];
-    period.copy_from_slice(&key[16..]);
-    (id, u64::from_be_bytes(period))
 }
 
 #[cfg(test)]

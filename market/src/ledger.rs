@@ -164,7 +164,7 @@ impl Drop for Settling<'_> {
     }
 }
 
-fn period_key(id: &ContractId, period: u64) -> [u8; 24] {
+pub(crate) fn period_key(id: &ContractId, period: u64) -> [u8; 24] {
     let mut k = [0u8; 24];
     k[..16].copy_from_slice(id);
     k[16..].copy_from_slice(&period.to_be_bytes());
@@ -179,7 +179,7 @@ fn placed_key(id: &ContractId, score: &Score) -> [u8; 48] {
 }
 
 /// The contract and period a `periods` key names.
-fn split_key(key: &[u8; 24]) -> (ContractId, u64) {
+pub(crate) fn split_key(key: &[u8; 24]) -> (ContractId, u64) {
     let mut id = [0u8; 16];
     id.copy_from_slice(&key[..16]);
     let mut period = [0u8; 8];
