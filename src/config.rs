@@ -521,13 +521,18 @@ impl Config {
     }
 
     /// A mediator's `accept_clients` (none: any client) and `deny_clients`.
-    pub fn client_rules(&self) -> Result<(Option<Vec<fincrypt_net::PeerId>>, Vec<fincrypt_net::PeerId>)> {
+    pub fn client_rules(
+        &self,
+    ) -> Result<(Option<Vec<fincrypt_net::PeerId>>, Vec<fincrypt_net::PeerId>)> {
         let accept = if self.accept_clients.is_empty() {
             None
         } else {
             Some(Config::peer_list(&self.accept_clients, "accept_clients")?)
         };
-        Ok((accept, Config::peer_list(&self.deny_clients, "deny_clients")?))
+        Ok((
+            accept,
+            Config::peer_list(&self.deny_clients, "deny_clients")?,
+        ))
     }
 
     /// A mount's mediator: its address and PeerId (none when not set).

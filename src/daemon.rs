@@ -799,7 +799,9 @@ impl Daemon {
             tokio::time::timeout(MEDIATOR_WAIT, net.client.mediate(peer, message.into())).await
         });
         let bytes = answer
-            .map_err(|_| anyhow::anyhow!("the mediator at {addr} did not answer in {MEDIATOR_WAIT:?}"))?
+            .map_err(|_| {
+                anyhow::anyhow!("the mediator at {addr} did not answer in {MEDIATOR_WAIT:?}")
+            })?
             .with_context(|| format!("asking the mediator at {addr}"))?;
         Ok((addr, fincrypt_market::mediator::decode_reply(&bytes)?))
     }

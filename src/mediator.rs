@@ -99,7 +99,9 @@ async fn run(home: &Home, args: MediatorArgs) -> Result<()> {
         .await
         .context("the mediator's Bitcoin node does not answer")?;
     let rules = Rules {
-        accept_clients: args.accept_clients.map(|a| a.into_iter().collect::<HashSet<_>>()),
+        accept_clients: args
+            .accept_clients
+            .map(|a| a.into_iter().collect::<HashSet<_>>()),
         deny_clients: args.deny_clients.into_iter().collect(),
         fee_basis_points: fee_basis_points(args.fee_percent)?,
         min_conf: MIN_CONF,
@@ -120,10 +122,7 @@ async fn run(home: &Home, args: MediatorArgs) -> Result<()> {
         .iter()
         .map(|a| format!("{a}/p2p/{peer}"))
         .collect();
-    eprintln!(
-        "fincrypt mediator: peer {peer}, fee {}%",
-        args.fee_percent
-    );
+    eprintln!("fincrypt mediator: peer {peer}, fee {}%", args.fee_percent);
     for a in &listen {
         eprintln!("fincrypt mediator: listening on {a}");
     }
@@ -143,7 +142,9 @@ async fn run(home: &Home, args: MediatorArgs) -> Result<()> {
             control::Request::MediatorClients => {
                 Ok(Answer::Escrows(runtime.block_on(m.escrows())?))
             }
-            _ => bail!("this is a mediator (fincrypt mediator): it has no filesystem and keeps no blocks"),
+            _ => bail!(
+                "this is a mediator (fincrypt mediator): it has no filesystem and keeps no blocks"
+            ),
         }
     };
     control::serve_until_stopped(&socket, answer, "mediator", &mut term, &mut int).await;

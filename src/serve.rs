@@ -177,7 +177,9 @@ async fn review_dues(wallet: Arc<BitcoinRpc>, terms: Arc<HolderTerms>, holder: H
         .await;
         match reviewed {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "reviewing owners' dues failed"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "reviewing owners' dues failed")
+            }
             Err(e) => tracing::error!(error = %e, "the review of owners' dues failed"),
         }
     }
@@ -333,7 +335,9 @@ async fn run(home: &Home, args: ServeArgs) -> Result<()> {
                     "its wallet does not own the payout address {}, so",
                     terms.asking().payout
                 )),
-                Err(e) => Err(format!("its wallet did not say whether it owns the payout address ({e}), so")),
+                Err(e) => Err(format!(
+                    "its wallet did not say whether it owns the payout address ({e}), so"
+                )),
             },
         };
         match sees {

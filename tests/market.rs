@@ -899,7 +899,11 @@ fn a_wallet_running_low_is_said_before_payments_fail_and_nothing_is_lost() {
     // they say so, and never give up on the owner.
     let blind = |l: &str| l.contains("cannot see payments");
     if p.nodes[0].said(blind).is_none() {
-        p.nodes[0].wait_for_line("its note that it cannot see payments", Duration::from_secs(30), blind);
+        p.nodes[0].wait_for_line(
+            "its note that it cannot see payments",
+            Duration::from_secs(30),
+            blind,
+        );
     }
     wait_until("low_balance", Duration::from_secs(60), || {
         status(p.m().home())["low_balance"] == true
@@ -949,11 +953,9 @@ fn a_node_takes_nothing_new_from_an_owner_that_does_not_pay_and_releases_its_blo
         let c = held_contract(p.homes[i].path());
         (c["state"].as_str().unwrap().to_owned(), c)
     };
-    wait_until(
-        "node 1 cuts the owner",
-        Duration::from_secs(90),
-        || behind(&p, 1).0.starts_with("cut"),
-    );
+    wait_until("node 1 cuts the owner", Duration::from_secs(90), || {
+        behind(&p, 1).0.starts_with("cut")
+    });
     let (state, c) = behind(&p, 1);
     assert!(c["periods_unpaid"].as_u64().unwrap() >= 2, "{c}");
     assert!(c["owed_sats"].as_u64().unwrap() > 0, "{c}");

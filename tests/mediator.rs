@@ -76,12 +76,17 @@ fn a_client_deposits_at_its_mediator_and_sees_its_escrow() {
     wait_until("the deposit seen", Duration::from_secs(30), || {
         ctl_json(m.home(), &["mediator", "balance"])["pending_sats"] == 150_000_000
     });
-    assert_eq!(ctl_json(m.home(), &["mediator", "balance"])["escrow_sats"], 0);
+    assert_eq!(
+        ctl_json(m.home(), &["mediator", "balance"])["escrow_sats"],
+        0
+    );
     let miner = bitcoin.cli(&["getnewaddress"]);
     bitcoin.cli(&["generatetoaddress", "1", miner.trim()]);
     wait_until("the deposit in escrow", Duration::from_secs(30), || {
         let b = ctl_json(m.home(), &["mediator", "balance"]);
-        b["escrow_sats"] == 150_000_000 && b["deposited_sats"] == 150_000_000 && b["pending_sats"] == 0
+        b["escrow_sats"] == 150_000_000
+            && b["deposited_sats"] == 150_000_000
+            && b["pending_sats"] == 0
     });
 
     // Whoever runs the mediator sees the client and its escrow.
@@ -112,10 +117,14 @@ fn a_client_deposits_at_its_mediator_and_sees_its_escrow() {
     // client, it refuses it with the reason.
     let _ = mediator.stop();
     let mediator = start_mediator(mediator_home.path(), &bitcoin, &listen, &[]);
-    wait_until("the same address after a restart", Duration::from_secs(60), || {
-        let out = ctl(m.home(), &["mediator", "deposit-address", "--json"]);
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(&address)
-    });
+    wait_until(
+        "the same address after a restart",
+        Duration::from_secs(60),
+        || {
+            let out = ctl(m.home(), &["mediator", "deposit-address", "--json"]);
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(&address)
+        },
+    );
     let _ = mediator.stop();
     let _mediator = start_mediator(
         mediator_home.path(),
@@ -131,10 +140,14 @@ fn a_client_deposits_at_its_mediator_and_sees_its_escrow() {
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("deny_clients")
     });
     // The second client is not among those it accepts.
-    wait_until("a client not accepted told why", Duration::from_secs(60), || {
-        let out = ctl(m2.home(), &["mediator", "balance"]);
-        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("accept_clients")
-    });
+    wait_until(
+        "a client not accepted told why",
+        Duration::from_secs(60),
+        || {
+            let out = ctl(m2.home(), &["mediator", "balance"]);
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("accept_clients")
+        },
+    );
     drop(m2);
     drop(m);
 }

@@ -288,7 +288,10 @@ mod tests {
         let mut t = terms(&o, &h);
         t.payer = m.public().to_peer_id().to_bytes();
         assert_eq!(t.payer().unwrap(), m.public().to_peer_id());
-        assert!(t.clone().propose(&o).is_err(), "the owner does not sign for its payer");
+        assert!(
+            t.clone().propose(&o).is_err(),
+            "the owner does not sign for its payer"
+        );
         let c = t.clone().propose(&m).unwrap().accept(&h).unwrap();
         assert_eq!(Contract::decode(&c.encode().unwrap()).unwrap(), c);
         // The owner's signature in the payer's place does not verify.

@@ -317,8 +317,7 @@ impl HolderTerms {
                 a.held = rows.last().map_or(0, |(_, b)| *b);
                 for (period, bytes) in rows {
                     if current.is_some_and(|p| *period < p) {
-                        periods.entry(*period).or_default().0 =
-                            Some(a.contract.terms.due(*bytes));
+                        periods.entry(*period).or_default().0 = Some(a.contract.terms.due(*bytes));
                     }
                 }
             }
@@ -417,9 +416,8 @@ impl HolderTerms {
                 };
                 if let Some(last) = a.last_paid {
                     // What came before the last payment no longer counts.
-                    samples.retain_in(period_key(&t.id, 0)..period_key(&t.id, last), |_, _| {
-                        false
-                    })?;
+                    samples
+                        .retain_in(period_key(&t.id, 0)..period_key(&t.id, last), |_, _| false)?;
                 }
                 let behind = a.unpaid >= self.asking.unpaid_periods;
                 let next = match (a.standing, behind) {
@@ -450,9 +448,12 @@ impl HolderTerms {
                         release.push((t.id, owner));
                         Some(Standing::Releasing { since: current })
                     }
-                    (Some(Standing::Cut {
-                        since, release_at, ..
-                    }), true) => Some(Standing::Cut {
+                    (
+                        Some(Standing::Cut {
+                            since, release_at, ..
+                        }),
+                        true,
+                    ) => Some(Standing::Cut {
                         since,
                         release_at,
                         unpaid: a.unpaid,
@@ -825,7 +826,12 @@ mod tests {
     fn periods_count_as_unpaid_only_beyond_the_carry() {
         // 300 sats a period, carry 1000: periods 0..=2 come to 900 and may
         // wait; period 3 brings them to 1200, so it is the first unpaid.
-        let p = owed(&[(0, 300, false), (1, 300, false), (2, 300, false), (3, 300, false)]);
+        let p = owed(&[
+            (0, 300, false),
+            (1, 300, false),
+            (2, 300, false),
+            (3, 300, false),
+        ]);
         assert_eq!(unpaid_periods(&p, 2, 1000), 0);
         assert_eq!(unpaid_periods(&p, 3, 1000), 1);
         let more = owed(&[
@@ -851,7 +857,11 @@ mod tests {
             (4, 600, false),
         ]);
         assert_eq!(unpaid_periods(&p[..3], 2, 1000), 2);
-        assert_eq!(unpaid_periods(&p, 4, 1000), 0, "600 since the payment may wait");
+        assert_eq!(
+            unpaid_periods(&p, 4, 1000),
+            0,
+            "600 since the payment may wait"
+        );
         // A payment still in its grace period counts already.
         assert_eq!(unpaid_periods(&p, 2, 1000), 0);
         // A tiny contract owes nothing worth counting for a long time.
@@ -868,7 +878,12 @@ mod tests {
         assert_eq!(unpaid_periods(&owed(&[(5, 1, false)]), 5, 0), 1);
         assert_eq!(unpaid_periods(&owed(&[(5, 0, false)]), 5, 0), 0);
         // Periods the node did not see (it was down) do not count.
-        let mut gap = owed(&[(0, 600, false), (1, 600, false), (2, 600, false), (3, 600, false)]);
+        let mut gap = owed(&[
+            (0, 600, false),
+            (1, 600, false),
+            (2, 600, false),
+            (3, 600, false),
+        ]);
         gap[2].sampled = false;
         assert_eq!(unpaid_periods(&gap, 3, 1000), 2, "1 and 3");
     }
@@ -913,7 +928,9 @@ mod tests {
             .encode()
             .unwrap()
         };
-        terms.propose(&owner_id, &proposal(&owner, [3; 16])).unwrap();
+        terms
+            .propose(&owner_id, &proposal(&owner, [3; 16]))
+            .unwrap();
         assert_eq!(terms.admits(&owner_id), Ok(()));
 
         // 1 MiB held: 1024 sats a period, over the carry each period.
@@ -937,7 +954,10 @@ mod tests {
 
         // Cut across a restart; a notice the wallet does not show changes nothing.
         let terms = open();
-        assert!(matches!(terms.admits(&owner_id), Err(ErrorCode::Unpaid { .. })));
+        assert!(matches!(
+            terms.admits(&owner_id),
+            Err(ErrorCode::Unpaid { .. })
+        ));
         let notice_of = |contract: ContractId, period: u64, txid: &str, sats: u64| {
             PaidNotice {
                 version: NOTICE_VERSION,
@@ -963,14 +983,27 @@ mod tests {
         // Nor can another owner claim this payment as its own, nor a notice pay nothing.
         let other = Keypair::generate_ed25519();
         let other_id = other.public().to_peer_id();
-        terms.propose(&other_id, &proposal(&other, [4; 16])).unwrap();
-        assert!(terms.paid(&other_id, &notice_of([4; 16], 3, &txid, 1024)).is_err());
-        assert!(terms.paid(&owner_id, &notice_of([3; 16], 2, &"ef".repeat(32), 0)).is_err());
+        terms
+            .propose(&other_id, &proposal(&other, [4; 16]))
+            .unwrap();
+        assert!(
+            terms
+                .paid(&other_id, &notice_of([4; 16], 3, &txid, 1024))
+                .is_err()
+        );
+        assert!(
+            terms
+                .paid(&owner_id, &notice_of([3; 16], 2, &"ef".repeat(32), 0))
+                .is_err()
+        );
 
         // The wallet shows it: the owner may place again.
         assert_eq!(terms.unverified(10).unwrap(), vec![txid.clone()]);
         terms.verify(&txid, 1024).unwrap();
-        assert!(terms.unverified(10).unwrap().is_empty(), "looked up until confirmed, then no more");
+        assert!(
+            terms.unverified(10).unwrap().is_empty(),
+            "looked up until confirmed, then no more"
+        );
         assert_eq!(terms.verified().unwrap()[&txid], 1024);
         let paid = HashMap::from([(txid.clone(), 1024u64)]);
         assert!(terms.review(&held, &paid, at(4)).unwrap().is_empty());
@@ -981,7 +1014,9 @@ mod tests {
         // not count): cut at period 7 (4 and 5 past their grace), released
         // min_duration (2) periods later, at 9.
         let dust = "cd".repeat(32);
-        terms.paid(&owner_id, &notice_of([3; 16], 4, &dust, 1)).unwrap();
+        terms
+            .paid(&owner_id, &notice_of([3; 16], 4, &dust, 1))
+            .unwrap();
         let paid = HashMap::from([(txid.clone(), 1024u64), (dust, 1)]);
         for p in 5..=6 {
             assert!(terms.review(&held, &paid, at(p)).unwrap().is_empty());
@@ -997,7 +1032,9 @@ mod tests {
         drop(terms);
         let terms = open();
         let late = "01".repeat(32);
-        terms.paid(&owner_id, &notice_of([3; 16], 8, &late, 1024)).unwrap();
+        terms
+            .paid(&owner_id, &notice_of([3; 16], 8, &late, 1024))
+            .unwrap();
         let mut paid = paid;
         paid.insert(late, 1024);
         assert_eq!(terms.review(&held, &paid, at(9)).unwrap(), release);
@@ -1023,7 +1060,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let node = Keypair::generate_ed25519();
         let (client, mediator) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
-        let (client_id, mediator_id) = (client.public().to_peer_id(), mediator.public().to_peer_id());
+        let (client_id, mediator_id) =
+            (client.public().to_peer_id(), mediator.public().to_peer_id());
         let payout = "mvUT3XQBnLwUpHeZD8Zjde9TVX9HyYhx2Q".to_string();
         let asking = Asking {
             price: 100,
@@ -1062,7 +1100,10 @@ mod tests {
             matches!(&refused, ErrorCode::Refused(w) if w.contains("consent")),
             "{refused:?}"
         );
-        assert!(matches!(terms.admits(&client_id), Err(ErrorCode::NoContract { .. })));
+        assert!(matches!(
+            terms.admits(&client_id),
+            Err(ErrorCode::NoContract { .. })
+        ));
         assert_eq!(terms.live_contracts(), 0);
     }
 }

@@ -54,7 +54,9 @@ pub enum Ask {
 /// The mediator's answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
-    DepositAddress { address: String },
+    DepositAddress {
+        address: String,
+    },
     Balance(Escrow),
     /// The mediator does not serve this client, or could not answer; why.
     Refused(String),
@@ -162,7 +164,8 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, MarketError> {
 }
 
 fn decode<T: for<'a> Deserialize<'a>>(bytes: &[u8], what: &str) -> Result<T, MarketError> {
-    postcard::from_bytes(bytes).map_err(|e| MarketError::Invalid(format!("{what} does not decode: {e}")))
+    postcard::from_bytes(bytes)
+        .map_err(|e| MarketError::Invalid(format!("{what} does not decode: {e}")))
 }
 
 fn now() -> u64 {
@@ -244,8 +247,10 @@ impl<P: Payments> Mediator<P> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(CLIENTS)?;
         let row = t.get(client.to_bytes().as_slice())?;
-        row.map(|v| decode(v.value(), "a client row").map_err(|e| MarketError::Store(e.to_string())))
-            .transpose()
+        row.map(|v| {
+            decode(v.value(), "a client row").map_err(|e| MarketError::Store(e.to_string()))
+        })
+        .transpose()
     }
 
     /// `client`'s row, made with a new deposit address on its first ask.
@@ -258,7 +263,9 @@ impl<P: Payments> Mediator<P> {
             return Ok(row);
         }
         if self.client_count()? >= MAX_CLIENTS as u64 {
-            return Err(MarketError::Invalid("this mediator takes no more clients".into()));
+            return Err(MarketError::Invalid(
+                "this mediator takes no more clients".into(),
+            ));
         }
         // An address made and then lost to a crash is never used: harmless.
         let address = self.wallet.new_address().await?;
@@ -282,7 +289,10 @@ impl<P: Payments> Mediator<P> {
                     .into(),
             ));
         };
-        let deposited = self.wallet.received_by(&row.address, self.rules.min_conf).await?;
+        let deposited = self
+            .wallet
+            .received_by(&row.address, self.rules.min_conf)
+            .await?;
         let seen = self.wallet.received_by(&row.address, 0).await?;
         let (paid, fees) = (0, 0);
         Ok(Escrow {
@@ -356,10 +366,17 @@ mod tests {
         assert!(e.to_string().contains("refused: no"), "{e}");
         let newer = encode(&Envelope {
             version: MEDIATE_VERSION + 1,
-            body: Reply::DepositAddress { address: "x".into() },
+            body: Reply::DepositAddress {
+                address: "x".into(),
+            },
         })
         .unwrap();
-        assert!(decode_reply(&newer).unwrap_err().to_string().contains("version"));
+        assert!(
+            decode_reply(&newer)
+                .unwrap_err()
+                .to_string()
+                .contains("version")
+        );
     }
 
     proptest! {

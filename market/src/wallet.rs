@@ -260,7 +260,11 @@ impl BitcoinRpc {
 
     /// What transaction `txid` paid `address` (satoshis) and its
     /// confirmations; none when the wallet does not know the transaction.
-    pub async fn paid_to(&self, txid: &str, address: &str) -> Result<Option<(u64, i64)>, WalletError> {
+    pub async fn paid_to(
+        &self,
+        txid: &str,
+        address: &str,
+    ) -> Result<Option<(u64, i64)>, WalletError> {
         let v: Value = match self.call("gettransaction", &[json!(txid)]).await {
             Ok(v) => v,
             // Invalid or non-wallet transaction id.
