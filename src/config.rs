@@ -498,15 +498,7 @@ impl Config {
         if self.accept_from.is_empty() {
             return Ok(None);
         }
-        self.accept_from
-            .iter()
-            .map(|id| {
-                id.trim()
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("`accept_from`: {id:?} is not a PeerId ({e})"))
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        Config::peer_list(&self.accept_from, "accept_from").map(Some)
     }
 
     /// PeerIds of a list setting, naming the setting of a bad one.

@@ -113,7 +113,8 @@ enum Command {
         /// A peer to join the network through (repeatable).
         #[arg(long, value_name = "MULTIADDR")]
         bootstrap: Vec<fincrypt_net::Multiaddr>,
-        /// The fee, in percent of what is paid for a client (config `fee`).
+        /// The fee, in percent of what it pays for a client (config `fee`), shown
+        /// in each escrow; nothing is paid through a mediator yet.
         #[arg(long, value_name = "PERCENT")]
         fee: Option<f64>,
     },

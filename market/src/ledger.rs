@@ -195,6 +195,24 @@ fn dec<T: for<'a> Deserialize<'a>>(b: &[u8], what: &str) -> Result<T, MarketErro
     postcard::from_bytes(b).map_err(|e| MarketError::Store(format!("a damaged {what} row: {e}")))
 }
 
+/// Stamps a new `meta` table with `version`, or refuses one that holds
+/// another; `what` names the file in the error.
+pub(crate) fn check_version(
+    meta: &mut redb::Table<&str, u64>,
+    version: u64,
+    what: &str,
+) -> Result<(), MarketError> {
+    if let Some(v) = meta.get("version")?.map(|v| v.value())
+        && v != version
+    {
+        return Err(MarketError::Store(format!(
+            "{what} version {v} is not supported (this program reads {version})"
+        )));
+    }
+    meta.insert("version", version)?;
+    Ok(())
+}
+
 impl Ledger {
     /// Opens (or creates) the ledger at `path`.
     pub fn open(path: &Path) -> Result<Ledger, MarketError> {
@@ -202,14 +220,7 @@ impl Ledger {
         let txn = db.begin_write()?;
         let id = {
             let mut meta = txn.open_table(META)?;
-            if let Some(v) = meta.get("version")?.map(|v| v.value())
-                && v != LEDGER_VERSION
-            {
-                return Err(MarketError::Store(format!(
-                    "ledger version {v} is not supported (this program reads {LEDGER_VERSION})"
-                )));
-            }
-            meta.insert("version", LEDGER_VERSION)?;
+            check_version(&mut meta, LEDGER_VERSION, "ledger")?;
             let existing = meta.get("ledger_id")?.map(|v| v.value());
             match existing {
                 Some(id) => id,

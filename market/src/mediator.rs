@@ -132,28 +132,26 @@ pub fn encode_ask(ask: Ask) -> Result<Vec<u8>, MarketError> {
     })
 }
 
-/// Reads a client's message: its [`Ask`], of this version.
-pub fn decode_ask(bytes: &[u8]) -> Result<Ask, MarketError> {
-    let e: Envelope<Ask> = decode(bytes, "the message")?;
+/// The body of an [`Envelope`] of this version; `what` names it in errors.
+fn open_envelope<T: for<'a> Deserialize<'a>>(bytes: &[u8], what: &str) -> Result<T, MarketError> {
+    let e: Envelope<T> = decode(bytes, what)?;
     if e.version != MEDIATE_VERSION {
         return Err(MarketError::Invalid(format!(
-            "this mediator speaks version {MEDIATE_VERSION}, not {}",
+            "{what} is of version {} (this program speaks {MEDIATE_VERSION})",
             e.version
         )));
     }
     Ok(e.body)
 }
 
+/// Reads a client's message: its [`Ask`], of this version.
+pub fn decode_ask(bytes: &[u8]) -> Result<Ask, MarketError> {
+    open_envelope(bytes, "the message")
+}
+
 /// Reads a mediator's answer; a refusal becomes an error with its reason.
 pub fn decode_reply(bytes: &[u8]) -> Result<Reply, MarketError> {
-    let e: Envelope<Reply> = decode(bytes, "a mediator's answer")?;
-    if e.version != MEDIATE_VERSION {
-        return Err(MarketError::Invalid(format!(
-            "the mediator speaks version {} (this program speaks {MEDIATE_VERSION})",
-            e.version
-        )));
-    }
-    match e.body {
+    match open_envelope(bytes, "the mediator's answer")? {
         Reply::Refused(why) => Err(MarketError::Invalid(format!("the mediator refused: {why}"))),
         r => Ok(r),
     }
@@ -189,19 +187,11 @@ impl<P: Payments> Mediator<P> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         {
-            let mut meta = txn.open_table(META)?;
-            let version = meta.get("version")?.map(|v| v.value());
-            match version {
-                None => {
-                    meta.insert("version", LEDGER_VERSION)?;
-                }
-                Some(LEDGER_VERSION) => {}
-                Some(v) => {
-                    return Err(MarketError::Store(format!(
-                        "mediator ledger version {v} is not supported (this program reads {LEDGER_VERSION})"
-                    )));
-                }
-            }
+            crate::ledger::check_version(
+                &mut txn.open_table(META)?,
+                LEDGER_VERSION,
+                "mediator ledger",
+            )?;
             txn.open_table(CLIENTS)?;
         }
         txn.commit()?;
