@@ -110,6 +110,11 @@ impl Home {
         self.data_dir.join("mediator.redb")
     }
 
+    /// A mount's placements and releases waiting to be reported to its mediator.
+    pub fn mediated_file(&self) -> PathBuf {
+        self.data_dir.join("mediated.redb")
+    }
+
     /// A storage node's contracts with the owners it stores for.
     pub fn contracts_file(&self) -> PathBuf {
         self.data_dir.join("contracts.redb")
@@ -317,6 +322,17 @@ pub struct Config {
     /// PeerIds a mediator never serves.
     #[serde(deserialize_with = "one_or_many")]
     pub deny_clients: Vec<String>,
+    /// The storage nodes a mediator places on, by PeerId (none: any).
+    #[serde(deserialize_with = "one_or_many")]
+    pub accept_holders: Vec<String>,
+    /// Storage nodes a mediator never places on.
+    #[serde(deserialize_with = "one_or_many")]
+    pub deny_holders: Vec<String>,
+    /// A mediator places nothing new on a holder whose audit score is lower.
+    pub min_audit_score: f64,
+    /// A mediator places nothing new for a client whose escrow pays for
+    /// fewer periods.
+    pub min_escrow_periods: u64,
 }
 
 /// Refuses a `config.toml` with a setting Fincrypt does not know (a
@@ -448,6 +464,11 @@ impl Default for Config {
             fee: 0.0,
             accept_clients: Vec::new(),
             deny_clients: Vec::new(),
+            accept_holders: Vec::new(),
+            deny_holders: Vec::new(),
+            // One wrong proof among the last few audits is enough.
+            min_audit_score: 0.6,
+            min_escrow_periods: 1,
         }
     }
 }
@@ -481,6 +502,16 @@ impl Config {
                     .with_context(|| format!("in {} or FINCRYPT_MEDIATOR", file.display()))?;
                 c.client_rules()
                     .with_context(|| format!("in {} or FINCRYPT_*_CLIENTS", file.display()))?;
+                c.holder_rules()
+                    .with_context(|| format!("in {} or FINCRYPT_*_HOLDERS", file.display()))?;
+                if !(0.0..=1.0).contains(&c.min_audit_score) {
+                    bail!(
+                        "`min_audit_score` in {} or FINCRYPT_MIN_AUDIT_SCORE is {}: \
+                         an audit score is between 0 and 1",
+                        file.display(),
+                        c.min_audit_score
+                    );
+                }
                 if c.unpaid_periods == 0 {
                     bail!(
                         "`unpaid_periods` in {} or FINCRYPT_UNPAID_PERIODS is 0: an owner \
@@ -524,6 +555,33 @@ impl Config {
         Ok((
             accept,
             Config::peer_list(&self.deny_clients, "deny_clients")?,
+        ))
+    }
+
+    /// What an owner's market (or a mediator's) pays and how often it checks.
+    pub fn owner_settings(&self) -> Result<fincrypt_market::owner::OwnerSettings> {
+        Ok(fincrypt_market::owner::OwnerSettings {
+            max_price: self.max_price,
+            pricing: self.pricing()?,
+            period: self.period,
+            challenges_per_period: self.challenges_per_period.max(1),
+            min_payout: self.min_payout,
+            min_periods_funded: self.min_periods_funded,
+        })
+    }
+
+    /// A mediator's `accept_holders` (none: any holder) and `deny_holders`.
+    pub fn holder_rules(
+        &self,
+    ) -> Result<(Option<Vec<fincrypt_net::PeerId>>, Vec<fincrypt_net::PeerId>)> {
+        let accept = if self.accept_holders.is_empty() {
+            None
+        } else {
+            Some(Config::peer_list(&self.accept_holders, "accept_holders")?)
+        };
+        Ok((
+            accept,
+            Config::peer_list(&self.deny_holders, "deny_holders")?,
         ))
     }
 
@@ -664,6 +722,14 @@ impl Config {
              # (accept_clients: only these; deny_clients: never these), by PeerId.\n\
              # fee = 1.0\n\
              # accept_clients = [\"12D3KooW...\"]\n\
+             # A mediator pays holders at most max_price (0: any price; it takes\n\
+             # the lowest first), places on accept_holders only if set, never on\n\
+             # deny_holders nor on a holder whose audit score is under\n\
+             # min_audit_score, and only for clients whose escrow pays for\n\
+             # min_escrow_periods periods.\n\
+             # deny_holders = [\"12D3KooW...\"]\n\
+             min_audit_score = {}\n\
+             min_escrow_periods = {}\n\
              \n\
              # The Bitcoin node whose wallet pays and is paid (JSON-RPC), e.g.\n\
              # bitcoin_rpc_url = \"http://127.0.0.1:8332\"\n\
@@ -689,7 +755,9 @@ impl Config {
             d.min_periods_funded,
             d.challenges_per_period,
             d.min_payout,
-            d.unpaid_periods
+            d.unpaid_periods,
+            d.min_audit_score,
+            d.min_escrow_periods
         )
     }
 }

@@ -58,6 +58,10 @@ pub enum Request {
     MediatorBalance,
     /// A mediator: every client's escrow.
     MediatorClients,
+    /// A mediator: every holder under contract, with its audit score.
+    MediatorHolders,
+    /// A mediator: every settlement, with what it paid each holder.
+    MediatorPeriods,
 }
 
 /// The daemon's answer to a [`Request`], one variant per kind of request.
@@ -78,6 +82,8 @@ pub enum Answer {
     DepositAddress(DepositAddress),
     Escrow(fincrypt_market::mediator::Escrow),
     Escrows(Vec<fincrypt_market::mediator::Escrow>),
+    Holders(Vec<fincrypt_market::mediator::HolderView>),
+    Settlements(Vec<fincrypt_market::mediator::SettlementView>),
 }
 
 /// The answer to [`Request::MediatorDepositAddress`].
@@ -207,6 +213,12 @@ pub struct Status {
     /// A mount: the mediator it uses (empty: none).
     #[serde(default)]
     pub mediator: String,
+    /// A mount: why its mediator last chose no holders (empty: it did).
+    #[serde(default)]
+    pub mediator_note: String,
+    /// A mount: placements and releases not yet reported to its mediator.
+    #[serde(default)]
+    pub mediator_reports_waiting: u64,
     /// The highest root record sequence this mount published (0: none yet).
     pub root_sequence: u64,
     /// The snapshot the last root record published from here names, by its

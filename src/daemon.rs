@@ -16,8 +16,9 @@ use fincrypt_engine::{
 use fincrypt_fs::fuse::MountOptions;
 use fincrypt_fs::{Fossil, Meta, snapshot};
 use fincrypt_market::ledger::Ledger;
+use fincrypt_market::mediated::MediatedMarket;
 use fincrypt_market::mediator::{Ask, Reply};
-use fincrypt_market::owner::{OwnerMarket, OwnerSettings};
+use fincrypt_market::owner::OwnerMarket;
 use fincrypt_market::wallet::BitcoinRpc;
 use fincrypt_net::{Client, Holder, Multiaddr, Node, NodeConfig};
 use futures::future::BoxFuture;
@@ -54,8 +55,9 @@ struct Net {
     wants: Arc<FsWants>,
     /// Offers, contracts and payments.
     market: Arc<OwnerMarket<BitcoinRpc>>,
-    /// The mediator that keeps this mount's escrow, if one is set.
-    mediator: Option<(Multiaddr, fincrypt_net::PeerId)>,
+    /// The mediator that keeps this mount's escrow and chooses its paid
+    /// holders, if one is set.
+    mediator: Option<Arc<MediatedMarket>>,
 }
 
 /// The owner's market, over the ledger in `home` and the wallet `config` names.
@@ -73,19 +75,9 @@ fn open_market(
         Ledger::open(&home.market_ledger_file())
             .with_context(|| format!("opening {}", home.market_ledger_file().display()))?,
     );
-    let settings = OwnerSettings {
-        max_price: config.max_price,
-        pricing: config.pricing()?,
-        period: config.period,
-        challenges_per_period: config.challenges_per_period.max(1),
-        min_payout: config.min_payout,
-        min_periods_funded: config.min_periods_funded,
-    };
+    let settings = config.owner_settings()?;
     Ok(OwnerMarket::new(keypair, client, ledger, settings, wallet)?)
 }
-
-/// How long a question to the mediator may take.
-const MEDIATOR_WAIT: Duration = Duration::from_secs(30);
 
 /// How long a status waits for the node's list of peers.
 const PEERS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -167,6 +159,16 @@ impl Net {
             volume.clone(),
             proofs,
         );
+        let mediator = match mediator {
+            Some((addr, peer)) => Some(MediatedMarket::open(
+                &home.mediated_file(),
+                &keypair,
+                client.clone(),
+                peer,
+                addr,
+            )?),
+            None => None,
+        };
         let market = open_market(home, config, keypair, client.clone())?;
         Ok(Some(Net {
             mediator,
@@ -605,11 +607,11 @@ impl Daemon {
                 status.listen_addrs = net.listen_addrs.iter().map(|a| a.to_string()).collect();
                 status.bulk_port = net.bulk_port;
                 status.bootstrap = net.bootstraps.list();
-                status.mediator = net
-                    .mediator
-                    .as_ref()
-                    .map(|(a, _)| a.to_string())
-                    .unwrap_or_default();
+                if let Some(m) = &net.mediator {
+                    status.mediator = m.address().to_string();
+                    status.mediator_note = m.note();
+                    status.mediator_reports_waiting = m.waiting()?;
+                }
                 status.peers = net.connected_peers(&self.runtime);
                 status.root_sequence = net.publisher.sequence()?;
                 status.root_published = self
@@ -761,9 +763,12 @@ impl Daemon {
                 Reply::Balance(escrow) => Answer::Escrow(escrow),
                 other => bail!("the mediator answered something else: {other:?}"),
             },
-            Request::MediatorClients => bail!(
-                "this is a mount: `mediator clients` asks a mediator's own home (fincryptctl --home MEDIATOR_HOME)"
-            ),
+            Request::MediatorClients | Request::MediatorHolders | Request::MediatorPeriods => {
+                bail!(
+                    "this is a mount: `mediator clients`, `holders` and `periods` ask a mediator's own \
+                 home (fincryptctl --home MEDIATOR_HOME)"
+                )
+            }
             Request::SnapshotsDelete {
                 names,
                 older_than_secs,
@@ -788,22 +793,9 @@ impl Daemon {
         const NO_MEDIATOR: &str = "this mount has no mediator: set `mediator` in the config \
              (its address, ending in /p2p/<PeerId>) and mount again";
         let net = self.net.as_ref().context(NO_MEDIATOR)?;
-        let (addr, peer) = net.mediator.clone().context(NO_MEDIATOR)?;
-        let message = fincrypt_market::mediator::encode_ask(ask)?;
-        let answer = self.runtime.block_on(async {
-            // Its address again each time: one the DHT dropped after the
-            // mediator was away would leave it unreachable for good.
-            if let Err(e) = net.client.add_address(peer, addr.clone()).await {
-                tracing::debug!(error = %e, "cannot add the mediator's address");
-            }
-            tokio::time::timeout(MEDIATOR_WAIT, net.client.mediate(peer, message.into())).await
-        });
-        let bytes = answer
-            .map_err(|_| {
-                anyhow::anyhow!("the mediator at {addr} did not answer in {MEDIATOR_WAIT:?}")
-            })?
-            .with_context(|| format!("asking the mediator at {addr}"))?;
-        Ok((addr, fincrypt_market::mediator::decode_reply(&bytes)?))
+        let m = net.mediator.as_ref().context(NO_MEDIATOR)?;
+        let reply = self.runtime.block_on(m.ask(ask))?;
+        Ok((m.address().clone(), reply))
     }
 }
 
@@ -1073,7 +1065,11 @@ fn start_workers(daemon: &Arc<Daemon>) {
                 dht_interval: Duration::from_secs(300),
             },
         );
-        net.market.start(&net.engine, &daemon.workers);
+        match &net.mediator {
+            // Its mediator chooses the paid holders and pays them.
+            Some(m) => m.start(&net.engine, &daemon.workers),
+            None => net.market.start(&net.engine, &daemon.workers),
+        }
     }
 }
 

@@ -103,9 +103,11 @@ enum Command {
         #[arg(long, value_name = "ADDRESS")]
         payout_address: Option<String>,
     },
-    /// Keep clients' escrow: a mediator node, in the foreground until
-    /// SIGTERM or SIGINT. Needs a Bitcoin wallet (bitcoin_rpc_url) and no
-    /// client's secrets. Clients name it with `mediator` in their config.
+    /// Keep clients' escrow, choose their paid holders, audit those holders
+    /// and pay them every period, also while the clients are offline: a
+    /// mediator node, in the foreground until SIGTERM or SIGINT. Needs a
+    /// Bitcoin wallet of its own (bitcoin_rpc_url) and no client's secrets.
+    /// Clients name it with `mediator` in their config.
     Mediator {
         /// Address to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/4002.
         #[arg(long, value_name = "MULTIADDR", required = true)]
@@ -113,8 +115,8 @@ enum Command {
         /// A peer to join the network through (repeatable).
         #[arg(long, value_name = "MULTIADDR")]
         bootstrap: Vec<fincrypt_net::Multiaddr>,
-        /// The fee, in percent of what it pays for a client (config `fee`), shown
-        /// in each escrow; nothing is paid through a mediator yet.
+        /// The fee, in percent of what it pays for a client (config `fee`),
+        /// taken from the client's escrow with each payment.
         #[arg(long, value_name = "PERCENT")]
         fee: Option<f64>,
     },
@@ -277,6 +279,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let _lock = home.lock("mediator")?;
             let config = fincrypt::config::Config::load(&home)?;
             let (accept_clients, deny_clients) = config.client_rules()?;
+            let (accept_holders, deny_holders) = config.holder_rules()?;
             fincrypt::mediator::mediator(
                 &home,
                 fincrypt::mediator::MediatorArgs {
@@ -285,6 +288,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     fee_percent: fee.unwrap_or(config.fee),
                     accept_clients,
                     deny_clients,
+                    accept_holders,
+                    deny_holders,
+                    min_audit_score: config.min_audit_score,
+                    min_escrow_periods: config.min_escrow_periods,
+                    settings: config.owner_settings()?,
                     bitcoin: config.bitcoin_rpc()?,
                 },
             )?;

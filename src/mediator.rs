@@ -1,11 +1,13 @@
-//! `fincrypt mediator`: a node that keeps its clients' escrow (see
-//! `fincrypt_market::mediator`), in the foreground until SIGTERM or SIGINT.
+//! `fincrypt mediator`: a node that keeps its clients' escrow, places,
+//! audits and pays for them (see `fincrypt_market::mediator`), in the
+//! foreground until SIGTERM or SIGINT.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use fincrypt_market::mediator::{Mediator, Rules};
+use fincrypt_market::owner::OwnerSettings;
 use fincrypt_market::wallet::{BitcoinRpc, Payments};
 use fincrypt_net::{ErrorCode, Handler, Multiaddr, Node, NodeConfig, PeerId, Request, Response};
 use futures::future::BoxFuture;
@@ -29,6 +31,16 @@ pub struct MediatorArgs {
     pub accept_clients: Option<Vec<PeerId>>,
     /// Clients never served.
     pub deny_clients: Vec<PeerId>,
+    /// When some: the only holders placed on.
+    pub accept_holders: Option<Vec<PeerId>>,
+    /// Holders never placed on.
+    pub deny_holders: Vec<PeerId>,
+    /// No new blocks go to a holder with a lower audit score.
+    pub min_audit_score: f64,
+    /// No new placements for a client whose escrow pays for fewer periods.
+    pub min_escrow_periods: u64,
+    /// Prices, periods, challenges and payouts (the owner's settings).
+    pub settings: OwnerSettings,
     /// The Bitcoin node's wallet.
     pub bitcoin: Option<fincrypt_market::wallet::RpcSettings>,
 }
@@ -103,20 +115,40 @@ async fn run(home: &Home, args: MediatorArgs) -> Result<()> {
             .accept_clients
             .map(|a| a.into_iter().collect::<HashSet<_>>()),
         deny_clients: args.deny_clients.into_iter().collect(),
+        accept_holders: args
+            .accept_holders
+            .map(|a| a.into_iter().collect::<HashSet<_>>()),
+        deny_holders: args.deny_holders.into_iter().collect(),
+        min_audit_score: args.min_audit_score,
+        min_escrow_periods: args.min_escrow_periods,
         fee_basis_points: fee_basis_points(args.fee_percent)?,
         min_conf: MIN_CONF,
     };
+    let mut settings = args.settings;
+    if settings.max_price == 0 {
+        // The holders' own prices decide, the lowest first.
+        settings.max_price = u64::MAX;
+    }
     std::fs::create_dir_all(&home.data_dir)
         .with_context(|| format!("creating {}", home.data_dir.display()))?;
-    let mediator = Arc::new(
-        Mediator::open(&home.mediator_file(), wallet, rules)
-            .with_context(|| format!("opening {}", home.mediator_file().display()))?,
-    );
     let mut config = NodeConfig::with_key_file(&home.node_key_file())?;
+    let mediator = Arc::new(
+        Mediator::open(
+            &home.mediator_file(),
+            &home.market_ledger_file(),
+            wallet,
+            rules,
+            config.keypair.clone(),
+            settings,
+        )
+        .with_context(|| format!("opening {}", home.mediator_file().display()))?,
+    );
     config.listen = args.listen;
     config.bootstrap = args.bootstrap;
     let node = Node::start(config, Some(Arc::new(Mediating(mediator.clone())))).await?;
+    mediator.attach(node.client());
     let peer = node.peer_id();
+    let ticks = tokio::spawn(tick_until_stopped(mediator.clone()));
     let listen: Vec<String> = node
         .listen_addrs()
         .iter()
@@ -142,12 +174,28 @@ async fn run(home: &Home, args: MediatorArgs) -> Result<()> {
             control::Request::MediatorClients => {
                 Ok(Answer::Escrows(runtime.block_on(m.escrows())?))
             }
+            control::Request::MediatorHolders => Ok(Answer::Holders(m.holders()?)),
+            control::Request::MediatorPeriods => Ok(Answer::Settlements(m.settlements()?)),
             _ => bail!(
                 "this is a mediator (fincrypt mediator): it has no filesystem and keeps no blocks"
             ),
         }
     };
     control::serve_until_stopped(&socket, answer, "mediator", &mut term, &mut int).await;
+    ticks.abort();
     node.shutdown().await;
     Ok(())
+}
+
+/// Audits, settles and tells holders, several times a period. A round that
+/// fails is logged and the next one tries again.
+async fn tick_until_stopped(mediator: Arc<Mediator<BitcoinRpc>>) {
+    let every = mediator.tick_every();
+    loop {
+        tokio::time::sleep(every).await;
+        match mediator.tick().await {
+            Ok(audits) => tracing::debug!(audits, "a mediator round"),
+            Err(e) => tracing::warn!(error = %e, "a mediator round failed"),
+        }
+    }
 }

@@ -59,6 +59,7 @@ fn terms(owner: &Keypair, holder: PeerId, price: u64, payout: &str) -> Terms {
         payout: payout.into(),
         carry: 1000,
         payer: Vec::new(),
+        consent: None,
     }
 }
 
@@ -331,42 +332,6 @@ fn ctl_json(home: &std::path::Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?} JSON {out:?}: {e}"))
 }
 
-/// Mines a block every second until dropped, as a network would (a wallet
-/// spends only confirmed coins, and each settlement's change is new).
-struct Miner {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Miner {
-    /// Mines to `address` (each block also matures one more of the
-    /// coinbases `scripts/regtest.sh start` mined to the wallet).
-    fn start(bitcoin: &std::sync::Arc<regtest::Regtest>, address: &str) -> Miner {
-        let address = address.to_owned();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (b, s) = (bitcoin.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                b.cli(&["generatetoaddress", "1", &address]);
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        });
-        Miner {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Miner {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Three priced storage nodes, an owner mounted over them with
 /// `max_price` between the second and third prices and redundancy 2, a real regtest node paying, and a
 /// file of 8 MiB placed.
@@ -589,7 +554,7 @@ impl Paid {
 #[test]
 fn an_owner_contracts_the_cheapest_holders_and_pays_each_proven_period_in_one_transaction() {
     let p = Paid::start(&[]);
-    let _miner = Miner::start(&p.bitcoin, &p.outside[0]);
+    let _miner = regtest::Miner::start(&p.bitcoin, &p.outside[0]);
     let (homes, m, peers, prices) = (&p.homes, p.m(), &p.peers, p.prices);
     let st = status(m.home());
     assert_eq!(number(&st, "contracts"), 2, "{st}");
@@ -712,7 +677,7 @@ fn an_owner_contracts_the_cheapest_holders_and_pays_each_proven_period_in_one_tr
 fn a_holder_with_a_wrong_proof_is_not_paid_for_that_period_and_its_blocks_move_only_within_max_price()
  {
     let mut p = Paid::start(&[("FINCRYPT_PROOF_INTERVAL", "1")]);
-    let _miner = Miner::start(&p.bitcoin, &p.outside[0]);
+    let _miner = regtest::Miner::start(&p.bitcoin, &p.outside[0]);
     wait_until("a period paid to holder 1", Duration::from_secs(60), || {
         !p.payments(&ctl_json(p.m().home(), &["wallet"]), 1)
             .is_empty()
@@ -827,7 +792,7 @@ fn an_owner_killed_ten_times_while_settling_pays_each_proven_period_exactly_once
         nodes: &[("FINCRYPT_UNPAID_PERIODS", "1000000")],
         ..Setup::default()
     });
-    let _miner = Miner::start(&p.bitcoin, &p.outside[0]);
+    let _miner = regtest::Miner::start(&p.bitcoin, &p.outside[0]);
     let seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -1004,7 +969,7 @@ fn a_node_takes_nothing_new_from_an_owner_that_does_not_pay_and_releases_its_blo
     let real: Vec<(String, String)> = p.bitcoin.env.clone();
     let real: Vec<(&str, &str)> = real.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     p.restart_owner(&real);
-    let _miner = Miner::start(&p.bitcoin, &p.outside[0]);
+    let _miner = regtest::Miner::start(&p.bitcoin, &p.outside[0]);
     wait_until(
         "node 1 takes the owner back once paid",
         Duration::from_secs(90),

@@ -66,6 +66,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
             payout: payout.clone(),
             carry: u64::MAX,
             payer: Vec::new(),
+            consent: None,
         }
         .propose(&owner)?
         .accept(&holder)?;

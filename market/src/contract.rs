@@ -11,12 +11,53 @@ use crate::MarketError;
 use crate::offer::check_address;
 use crate::signed::{self, Signature};
 
-/// Version of the contract's layout (2 added `carry`, 3 `payer`; none
-/// before 3 was released).
-pub const CONTRACT_VERSION: u8 = 3;
+/// Version of the contract's layout (2 added `carry`, 3 `payer`, 4 the
+/// owner's `consent` to its payer; none before 4 was released).
+pub const CONTRACT_VERSION: u8 = 4;
 /// The largest encoded contract a node sends or reads.
 pub const MAX_CONTRACT_LEN: usize = 1024;
-const DOMAIN: &[u8] = b"fincrypt contract v3\0";
+const DOMAIN: &[u8] = b"fincrypt contract v4\0";
+const CONSENT_DOMAIN: &[u8] = b"fincrypt consent v1\0";
+
+/// What an owner signs to let another node pay for it: that node may make
+/// contracts in the owner's name. Without it, a node could take an owner's
+/// one contract at a holder and, by not paying, get the owner cut and its
+/// blocks released.
+#[derive(Serialize)]
+struct Mandate<'a> {
+    owner: &'a [u8],
+    payer: &'a [u8],
+}
+
+/// The owner's consent that `payer` (a mediator) makes and pays contracts
+/// for it: kept by the payer and put in every contract it proposes.
+pub fn consent(owner: &Keypair, payer: &PeerId) -> Result<Signature, MarketError> {
+    let owner_bytes = owner.public().to_peer_id().to_bytes();
+    let payer_bytes = payer.to_bytes();
+    signed::sign(
+        owner,
+        CONSENT_DOMAIN,
+        &encode(&Mandate {
+            owner: &owner_bytes,
+            payer: &payer_bytes,
+        })?,
+    )
+}
+
+/// Checks `sig` is `owner`'s consent that `payer` pays for it.
+pub fn check_consent(sig: &Signature, owner: &PeerId, payer: &PeerId) -> Result<(), MarketError> {
+    let (o, p) = (owner.to_bytes(), payer.to_bytes());
+    signed::verify(
+        sig,
+        owner,
+        CONSENT_DOMAIN,
+        &encode(&Mandate {
+            owner: &o,
+            payer: &p,
+        })?,
+        "the owner's consent to its payer",
+    )
+}
 
 /// A contract's id: random, chosen by the owner.
 pub type ContractId = [u8; 16];
@@ -49,6 +90,9 @@ pub struct Terms {
     /// The node that pays, proposes and tells of payments, as PeerId
     /// bytes: empty when it is the owner, else a mediator paying for it.
     pub payer: Vec<u8>,
+    /// When another node pays: the owner's signed consent to it
+    /// ([`consent`]). None when the owner pays.
+    pub consent: Option<Signature>,
 }
 
 /// Terms the payer signed, for the holder to accept.
@@ -121,10 +165,26 @@ impl Terms {
                 "a contract's period is 0 seconds".into(),
             ));
         }
-        if self.owner()? == self.holder()? || self.payer()? == self.holder()? {
+        let (owner, payer) = (self.owner()?, self.payer()?);
+        if owner == self.holder()? || payer == self.holder()? {
             return Err(MarketError::Invalid(
                 "a node cannot contract with itself".into(),
             ));
+        }
+        match &self.consent {
+            None if payer != owner => {
+                return Err(MarketError::Invalid(
+                    "a contract paid by another node than its owner needs the owner's consent"
+                        .into(),
+                ));
+            }
+            None => {}
+            Some(_) if payer == owner => {
+                return Err(MarketError::Invalid(
+                    "a contract the owner pays carries no consent".into(),
+                ));
+            }
+            Some(sig) => check_consent(sig, &owner, &payer)?,
         }
         check_address(&self.payout, self.price > 0)
     }
@@ -239,6 +299,7 @@ mod tests {
             payout: "mj6mz6RpsSEJPmG1zzEf8nu3J9oV6ihxfB".into(),
             carry: 1000,
             payer: Vec::new(),
+            consent: None,
         }
     }
 
@@ -289,6 +350,16 @@ mod tests {
         t.payer = m.public().to_peer_id().to_bytes();
         assert_eq!(t.payer().unwrap(), m.public().to_peer_id());
         assert!(
+            t.clone().propose(&m).is_err(),
+            "no contract in the owner's name without its consent"
+        );
+        let stranger = Keypair::generate_ed25519();
+        t.consent = Some(consent(&stranger, &m.public().to_peer_id()).unwrap());
+        assert!(t.clone().propose(&m).is_err(), "consent by another key");
+        t.consent = Some(consent(&o, &stranger.public().to_peer_id()).unwrap());
+        assert!(t.clone().propose(&m).is_err(), "consent to another payer");
+        t.consent = Some(consent(&o, &m.public().to_peer_id()).unwrap());
+        assert!(
             t.clone().propose(&o).is_err(),
             "the owner does not sign for its payer"
         );
@@ -301,7 +372,12 @@ mod tests {
         // Nor may a holder pay for itself.
         let mut own = terms(&o, &h);
         own.payer = h.public().to_peer_id().to_bytes();
+        own.consent = Some(consent(&o, &h.public().to_peer_id()).unwrap());
         assert!(own.propose(&h).is_err());
+        // An owner paying itself carries no consent.
+        let mut needless = terms(&o, &h);
+        needless.consent = Some(consent(&o, &m.public().to_peer_id()).unwrap());
+        assert!(needless.propose(&o).is_err());
     }
 
     #[test]

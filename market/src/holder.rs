@@ -49,7 +49,7 @@ const SAMPLES: TableDefinition<[u8; 24], u64> = TableDefinition::new("held_sampl
 /// Contract id -> postcard [`Standing`], for an owner behind in payment.
 const STANDING: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("standing");
 /// Txid -> the contract whose notices named it first: a transaction pays
-/// one contract, so no other owner can claim it.
+/// the contracts of that contract's payer, so no other payer can claim it.
 const NOTICE_TXIDS: TableDefinition<&str, [u8; 16]> = TableDefinition::new("notice_txids");
 /// Txid -> satoshis it paid the payout address, once the wallet showed it
 /// confirmed: each named transaction is looked up until it is.
@@ -609,15 +609,27 @@ impl HolderTerms {
                 return Err(MarketError::Invalid("the contract has not begun".into()));
             };
             {
-                // A transaction pays one contract: the first to name it.
+                // A transaction pays the contracts of one payer: the
+                // first to name it (a mediator pays all its clients'
+                // contracts here in one).
                 let mut txids = txn.open_table(NOTICE_TXIDS)?;
                 let named = txids.get(n.txid.as_str())?.map(|v| v.value());
                 match named {
                     Some(other) if other != n.contract => {
-                        warn!(owner = %peer, txid = %n.txid, "a notice names a transaction another contract named first");
-                        return Err(MarketError::Invalid(
-                            "another contract's notices named this transaction".into(),
-                        ));
+                        let first = match held.get(other)? {
+                            Some(v) => Contract::decode(v.value())?.terms.payer()?,
+                            None => {
+                                return Err(MarketError::Store(
+                                    "a txid names a contract not kept".into(),
+                                ));
+                            }
+                        };
+                        if first != *peer {
+                            warn!(payer = %peer, txid = %n.txid, "a notice names a transaction another payer named first");
+                            return Err(MarketError::Invalid(
+                                "another payer's notices named this transaction".into(),
+                            ));
+                        }
                     }
                     Some(_) => {}
                     None => {
@@ -661,18 +673,9 @@ impl HolderTerms {
         if t.payer()? != *peer {
             return refuse("a contract is proposed by the node that pays it".into());
         }
+        // A payer other than the owner carries the owner's consent
+        // (checked with the terms).
         let owner = t.owner()?;
-        // A payer other than the owner could otherwise take the owner's one
-        // contract here, and by not paying get the owner cut and its blocks
-        // released: such a contract needs the owner's own consent, which
-        // this version does not carry yet.
-        if owner != *peer {
-            return refuse(
-                "a contract paid by another node than its owner needs the owner's consent, \
-                 which this node cannot check yet"
-                    .into(),
-            );
-        }
         if t.holder()? != self.keypair.public().to_peer_id() {
             return refuse("the contract names another holder".into());
         }
@@ -922,6 +925,7 @@ mod tests {
                 payout: payout.clone(),
                 carry: 1000,
                 payer: Vec::new(),
+                consent: None,
             }
             .propose(owner)
             .unwrap()
@@ -1055,13 +1059,14 @@ mod tests {
     }
 
     #[test]
-    fn a_contract_paid_by_another_node_than_its_owner_is_refused_for_now() {
-        use crate::contract::{CONTRACT_VERSION, Terms as ContractTerms};
+    fn a_mediator_contracts_for_its_clients_with_their_consent_and_pays_them_in_one_transaction() {
+        use crate::contract::{CONTRACT_VERSION, Terms as ContractTerms, consent};
+        use crate::notice::NOTICE_VERSION;
         let dir = tempfile::tempdir().unwrap();
         let node = Keypair::generate_ed25519();
-        let (client, mediator) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
-        let (client_id, mediator_id) =
-            (client.public().to_peer_id(), mediator.public().to_peer_id());
+        let mediator = Keypair::generate_ed25519();
+        let mediator_id = mediator.public().to_peer_id();
+        let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
         let payout = "mvUT3XQBnLwUpHeZD8Zjde9TVX9HyYhx2Q".to_string();
         let asking = Asking {
             price: 100,
@@ -1072,38 +1077,91 @@ mod tests {
             unpaid_periods: 3,
         };
         let terms = HolderTerms::open(node.clone(), asking, &dir.path().join("c.redb")).unwrap();
-        let proposal = ContractTerms {
+        let proposal = |client: &Keypair, id: ContractId| {
+            ContractTerms {
+                version: CONTRACT_VERSION,
+                id,
+                owner: client.public().to_peer_id().to_bytes(),
+                holder: node.public().to_peer_id().to_bytes(),
+                price: 100,
+                start: now() - 120,
+                min_duration: 1,
+                period: 60,
+                payout: payout.clone(),
+                carry: 1000,
+                payer: mediator_id.to_bytes(),
+                consent: Some(consent(client, &mediator_id).unwrap()),
+            }
+            .propose(&mediator)
+            .unwrap()
+            .encode()
+            .unwrap()
+        };
+        let (pa, pb) = (proposal(&a, [1; 16]), proposal(&b, [2; 16]));
+        let a_id = a.public().to_peer_id();
+        assert!(
+            terms.propose(&a_id, &pa).is_err(),
+            "proposed by the payer, not the owner"
+        );
+        terms.propose(&mediator_id, &pa).unwrap();
+        terms.propose(&mediator_id, &pb).unwrap();
+        assert_eq!(terms.live_contracts(), 2);
+        assert_eq!(terms.admits(&a_id), Ok(()), "the owner places");
+        assert!(
+            terms.admits(&mediator_id).is_err(),
+            "the payer does not place"
+        );
+        // The payer tells of payments, and one transaction may pay several
+        // of its contracts; the owner does not tell, nor may another payer
+        // claim that transaction.
+        let notice = |contract: ContractId, txid: &str| {
+            PaidNotice {
+                version: NOTICE_VERSION,
+                contract,
+                txid: txid.into(),
+                items: vec![(1, 50)],
+            }
+            .encode()
+            .unwrap()
+        };
+        let txid = "cd".repeat(32);
+        assert!(terms.paid(&a_id, &notice([1; 16], &txid)).is_err());
+        terms.paid(&mediator_id, &notice([1; 16], &txid)).unwrap();
+        terms.paid(&mediator_id, &notice([2; 16], &txid)).unwrap();
+        let own = Keypair::generate_ed25519();
+        let own_id = own.public().to_peer_id();
+        let own_terms = ContractTerms {
             version: CONTRACT_VERSION,
-            id: [9; 16],
-            owner: client_id.to_bytes(),
+            id: [3; 16],
+            owner: own_id.to_bytes(),
             holder: node.public().to_peer_id().to_bytes(),
             price: 100,
             start: now() - 120,
             min_duration: 1,
             period: 60,
-            payout,
+            payout: payout.clone(),
             carry: 1000,
-            payer: mediator_id.to_bytes(),
-        }
-        .propose(&mediator)
-        .unwrap()
-        .encode()
-        .unwrap();
+            payer: Vec::new(),
+            consent: None,
+        };
+        let own_proposal = own_terms.propose(&own).unwrap().encode().unwrap();
+        terms.propose(&own_id, &own_proposal).unwrap();
         assert!(
-            terms.propose(&client_id, &proposal).is_err(),
-            "proposed by the payer, not the owner"
+            terms.paid(&own_id, &notice([3; 16], &txid)).is_err(),
+            "another payer's transaction"
         );
-        // Without the owner's consent, a payer could take the owner's one
-        // contract here and, by not paying, have its blocks released.
-        let refused = terms.propose(&mediator_id, &proposal).unwrap_err();
-        assert!(
-            matches!(&refused, ErrorCode::Refused(w) if w.contains("consent")),
-            "{refused:?}"
-        );
-        assert!(matches!(
-            terms.admits(&client_id),
-            Err(ErrorCode::NoContract { .. })
-        ));
-        assert_eq!(terms.live_contracts(), 0);
+        // Both notices count against what the wallet shows the transaction paid.
+        let mut paid = HashMap::new();
+        paid.insert(txid.clone(), 99);
+        let unseen: u64 = terms
+            .accounts(&paid, now())
+            .unwrap()
+            .iter()
+            .map(|a| a.unseen)
+            .sum();
+        assert_eq!(unseen, 2, "99 sats cannot pay two notices of 50");
+        paid.insert(txid, 100);
+        let accounts = terms.accounts(&paid, now()).unwrap();
+        assert_eq!(accounts.iter().map(|a| a.periods_paid).sum::<u64>(), 2);
     }
 }

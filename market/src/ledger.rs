@@ -592,6 +592,21 @@ impl Ledger {
         now: u64,
         rules: SettleRules,
     ) -> Result<Settlement, MarketError> {
+        self.settle_within(wallet, now, rules, &mut |_, _| true)
+            .await
+    }
+
+    /// [`Ledger::settle`], paying only the due periods `fits` admits: it is
+    /// asked of each (its contract, satoshis), oldest first within a
+    /// contract, and may keep count (a mediator pays each client's periods
+    /// while its escrow covers them). A period it turns down stays due.
+    pub async fn settle_within<P: Payments>(
+        &self,
+        wallet: &P,
+        now: u64,
+        rules: SettleRules,
+        fits: &mut (dyn FnMut(&Contract, u64) -> bool + Send),
+    ) -> Result<Settlement, MarketError> {
         if self.settling.swap(true, Ordering::AcqRel) {
             return Ok(Settlement::Waiting);
         }
@@ -608,6 +623,9 @@ impl Ledger {
                 let c = contracts.get(&id).ok_or_else(|| {
                     MarketError::Store(format!("a period of unknown contract {}", hex(&id)))
                 })?;
+                if !fits(c, sats) {
+                    continue;
+                }
                 by_address
                     .entry(c.terms.payout.clone())
                     .or_default()

@@ -19,11 +19,12 @@
 pub mod contract;
 pub mod holder;
 pub mod ledger;
+pub mod mediated;
 pub mod mediator;
 pub mod notice;
 pub mod offer;
 pub mod owner;
-mod signed;
+pub mod signed;
 pub mod wallet;
 
 pub use signed::Signature;

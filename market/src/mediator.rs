@@ -1,39 +1,87 @@
-//! A mediator: a node that holds its clients' prepaid Bitcoin in escrow and,
-//! in later steps, places, audits and pays for them while they are offline.
+//! A mediator: a node that holds its clients' prepaid Bitcoin in escrow,
+//! places their blocks at the lowest prices its rules allow, audits the
+//! holders on their behalf and pays them every period out of the escrow,
+//! so that a client that is offline keeps its holders paid and honest.
 //!
-//! What is here: each client (a node, by PeerId) gets one deposit address of
-//! the mediator's wallet, made on its first ask and kept (`DATA/mediator.redb`).
-//! A client's escrow is what that address received with `min_conf`
-//! confirmations, less what was paid for it and the mediator's fee (none yet:
-//! placements through the mediator come next). The business rules decide
-//! who may be a client. The mediator keeps coins for its clients: it is
-//! custodial, and docs/ARCHITECTURE.md ("Mediator") says what a client
-//! risks.
+//! - **Escrow.** Each client (a node, by PeerId) gets one deposit address
+//!   of the mediator's wallet, made on its first ask and kept
+//!   (`DATA/mediator.redb`). Its escrow is what that address received with
+//!   `min_conf` confirmations, less what was paid for it and the fee on
+//!   that. Nothing of it is kept as a running balance: it is read off the
+//!   wallet and the ledger each time, so a crash cannot make it disagree
+//!   with the payments.
+//! - **Placement.** A client asks [`Ask::Choose`] with the candidates its
+//!   closest-peers lookup found for a block, and its signed consent that
+//!   this mediator pays for it. The mediator runs one [`OwnerMarket`] per
+//!   client over one [`Ledger`] (`DATA/mediator-ledger.redb`): it reads
+//!   offers, leaves out the holders its rules refuse, makes contracts in the
+//!   client's name (the client is the owner, the mediator the payer) and
+//!   answers with the holders to use. The client puts the blocks itself
+//!   (the mediator never sees data) and reports each placement and release
+//!   ([`Ask::Report`]).
+//! - **Audits and payment.** [`Mediator::tick`], several times a period,
+//!   challenges every holder on a block of each client it keeps under
+//!   contract (a proof is checked against the score: no key is needed),
+//!   keeps an audit score per holder ([`AuditScore`]), and settles the
+//!   periods due of every client in one transaction, paying a client's
+//!   periods only while its escrow covers them and the fee.
+//!
+//! The mediator keeps coins for its clients: it is custodial, and
+//! docs/ARCHITECTURE.md ("Mediator") says what a client risks.
 //!
 //! Client and mediator speak through the peer protocol's `Mediate` request:
 //! a postcard [`Envelope`] of an [`Ask`], answered by one of a [`Reply`].
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
+use fincrypt_blockstore::Score;
+use fincrypt_engine::{Market, ProofOutcome, ProofResult};
+use fincrypt_net::Client;
+use futures::future::BoxFuture;
 use libp2p::PeerId;
+use libp2p::identity::Keypair;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::MarketError;
+use crate::contract::{ContractId, check_consent};
+use crate::ledger::{
+    BatchState, Ledger, PeriodState, SettleRules, Settlement, funded_periods, hex,
+};
+use crate::owner::{Custody, Gate, OwnerMarket, OwnerSettings, PaymentView, Teller};
+use crate::signed::Signature;
 use crate::wallet::Payments;
 
 /// Version of the messages between a client and its mediator.
 pub const MEDIATE_VERSION: u8 = 1;
 /// Clients by PeerId bytes: postcard [`ClientRow`].
 const CLIENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("clients");
+/// Holders by PeerId bytes: postcard [`AuditScore`].
+const AUDITS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("audits");
 /// `version`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const LEDGER_VERSION: u64 = 1;
+const LEDGER_VERSION: u64 = 2;
 /// The most clients a mediator keeps (each costs an address and a row).
 pub const MAX_CLIENTS: usize = 100_000;
+/// The most candidates one [`Ask::Choose`] may name.
+pub const MAX_CANDIDATES: usize = 256;
+/// The most placements one [`Ask::Report`] may carry.
+pub const MAX_REPORT: usize = 1024;
+/// How long a client's escrow, read for its asks, is used before it is read again.
+const ESCROW_FRESH: Duration = Duration::from_secs(30);
+/// The longest the mediator waits for a holder's proof.
+const PROOF_WAIT: Duration = Duration::from_secs(30);
+/// Challenges sent at once.
+const PARALLEL_PROOFS: usize = 16;
+/// Seconds a `sendmany` may still be running after its intent was recorded.
+const IN_FLIGHT: u64 = 600;
+/// How much of an audit score the past keeps at each audit.
+pub const AUDIT_DECAY: f64 = 0.95;
 
 /// A message either way, with its version.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +97,31 @@ pub enum Ask {
     DepositAddress,
     /// What is my escrow?
     Balance,
+    /// Which of `candidates` (PeerId bytes, each with the room it reported;
+    /// closest to the block first) may take a block of `len` bytes, that
+    /// wants `need` more copies? `consent`: the client's signed consent
+    /// that this mediator makes and pays contracts for it.
+    Choose {
+        len: u64,
+        need: u32,
+        candidates: Vec<(Vec<u8>, u64)>,
+        consent: Signature,
+    },
+    /// Blocks the client put on, or released from, holders.
+    Report { items: Vec<Placement> },
+}
+
+/// One block on one holder, as a client reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// The holder, as PeerId bytes.
+    pub holder: Vec<u8>,
+    /// The block's score.
+    pub score: [u8; 32],
+    /// Its length in bytes.
+    pub len: u64,
+    /// True: the holder keeps it now; false: released.
+    pub kept: bool,
 }
 
 /// The mediator's answer.
@@ -60,6 +133,13 @@ pub enum Reply {
     Balance(Escrow),
     /// The mediator does not serve this client, or could not answer; why.
     Refused(String),
+    /// The holders to use, in order, each with the room its offer gave when
+    /// a contract was made for it now (see `fincrypt_engine::Market::choose`).
+    Chosen {
+        peers: Vec<(Vec<u8>, Option<u64>)>,
+    },
+    /// A report was kept.
+    Noted,
 }
 
 /// A client's escrow, in satoshis.
@@ -73,7 +153,7 @@ pub struct Escrow {
     pub deposited_sats: u64,
     /// Received, not yet confirmed enough.
     pub pending_sats: u64,
-    /// Paid to holders for the client.
+    /// Paid to holders for the client (sent, or being sent).
     pub paid_sats: u64,
     /// The mediator's fee on those payments.
     pub fees_sats: u64,
@@ -83,6 +163,17 @@ pub struct Escrow {
     pub fee_basis_points: u32,
     /// Confirmations a deposit needs to count.
     pub min_conf: u32,
+    /// What one period of the client's contracts costs, at the bytes last
+    /// audited, fee included.
+    pub cost_per_period: u64,
+    /// Periods the escrow pays for at that cost.
+    pub funded_periods: u64,
+    /// Bytes the client placed under the mediator's contracts.
+    pub bytes_placed: u64,
+    /// Holders under contract for the client.
+    pub holders: u64,
+    /// Payments made for the client: one line per period paid.
+    pub payments: Vec<PaymentView>,
 }
 
 /// One client, as kept.
@@ -92,6 +183,58 @@ struct ClientRow {
     address: String,
     /// Unix seconds of its first ask.
     since: u64,
+    /// Its consent that this mediator pays for it, once given.
+    consent: Option<Signature>,
+}
+
+/// A holder's audit score: like a decaying success ratio. Each audit
+/// (a proof checked, or a wrong one) updates
+/// `alpha = d * alpha + passed` and `beta = d * beta + failed`, with
+/// `d` = [`AUDIT_DECAY`]; the score is `alpha / (alpha + beta)`, from 1.0 for
+/// a holder never audited. Old results fade: after a wrong proof, about
+/// twenty passed audits bring a holder back over 0.6. A challenge left
+/// unanswered does not change it (the period goes unpaid instead).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditScore {
+    pub alpha: f64,
+    pub beta: f64,
+    /// Audits passed and failed, in all.
+    pub passed: u64,
+    pub failed: u64,
+}
+
+impl Default for AuditScore {
+    fn default() -> Self {
+        AuditScore {
+            alpha: 1.0,
+            beta: 0.0,
+            passed: 0,
+            failed: 0,
+        }
+    }
+}
+
+impl AuditScore {
+    /// The score, between 0 and 1.
+    pub fn score(&self) -> f64 {
+        if self.alpha + self.beta <= 0.0 {
+            1.0
+        } else {
+            self.alpha / (self.alpha + self.beta)
+        }
+    }
+
+    /// After one more audit.
+    pub fn after(mut self, passed: bool) -> AuditScore {
+        self.alpha = AUDIT_DECAY * self.alpha + if passed { 1.0 } else { 0.0 };
+        self.beta = AUDIT_DECAY * self.beta + if passed { 0.0 } else { 1.0 };
+        if passed {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+        }
+        self
+    }
 }
 
 /// Who the mediator serves, and on what terms.
@@ -101,6 +244,14 @@ pub struct Rules {
     pub accept_clients: Option<HashSet<PeerId>>,
     /// Never these clients.
     pub deny_clients: HashSet<PeerId>,
+    /// When some: only these holders.
+    pub accept_holders: Option<HashSet<PeerId>>,
+    /// Never these holders.
+    pub deny_holders: HashSet<PeerId>,
+    /// No new blocks go to a holder whose audit score is below this.
+    pub min_audit_score: f64,
+    /// No new placements for a client whose escrow funds fewer periods.
+    pub min_escrow_periods: u64,
     /// The fee, in hundredths of a percent of what is paid for a client.
     pub fee_basis_points: u32,
     /// Confirmations a deposit needs to count in the escrow.
@@ -121,6 +272,38 @@ impl Rules {
             return Some("this mediator takes only the clients it lists (accept_clients)");
         }
         None
+    }
+
+    /// Why `holder` gets no new blocks; none if it may.
+    fn refuses_holder(&self, holder: &PeerId, audit: Option<AuditScore>) -> Option<String> {
+        if self.deny_holders.contains(holder) {
+            return Some("the mediator does not place on it (deny_holders)".into());
+        }
+        if self
+            .accept_holders
+            .as_ref()
+            .is_some_and(|a| !a.contains(holder))
+        {
+            return Some(
+                "the mediator places only on the holders it lists (accept_holders)".into(),
+            );
+        }
+        if let Some(a) = audit
+            && a.score() < self.min_audit_score
+        {
+            return Some(format!(
+                "its audit score {:.3} is under the mediator's min_audit_score {}",
+                a.score(),
+                self.min_audit_score
+            ));
+        }
+        None
+    }
+
+    /// The fee on `paid` satoshis, rounded down.
+    pub fn fee(&self, paid: u64) -> u64 {
+        let f = u128::from(paid) * u128::from(self.fee_basis_points) / 10_000;
+        u64::try_from(f).unwrap_or(u64::MAX)
     }
 }
 
@@ -172,18 +355,196 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A mediator: its ledger, its wallet and its rules.
-pub struct Mediator<P: Payments> {
-    db: Database,
-    wallet: P,
-    rules: Rules,
-    /// One new client at a time, so that one client never gets two addresses.
-    joining: Mutex<()>,
+fn peer_of(bytes: &[u8], what: &str) -> Result<PeerId, MarketError> {
+    PeerId::from_bytes(bytes).map_err(|_| MarketError::Invalid(format!("{what} is not a PeerId")))
 }
 
-impl<P: Payments> Mediator<P> {
-    /// Opens (or creates) the ledger at `path`.
-    pub fn open(path: &Path, wallet: P, rules: Rules) -> Result<Mediator<P>, MarketError> {
+/// Audit scores, kept with the clients.
+struct Audits {
+    db: Arc<Database>,
+}
+
+impl Audits {
+    fn get(&self, holder: &PeerId) -> Result<Option<AuditScore>, MarketError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(AUDITS)?;
+        let row = t.get(holder.to_bytes().as_slice())?;
+        row.map(|v| {
+            decode(v.value(), "an audit row").map_err(|e| MarketError::Store(e.to_string()))
+        })
+        .transpose()
+    }
+
+    fn record(&self, results: &[(PeerId, bool)]) -> Result<(), MarketError> {
+        if results.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(AUDITS)?;
+            for (holder, passed) in results {
+                let key = holder.to_bytes();
+                let old: AuditScore = match t.get(key.as_slice())? {
+                    Some(v) => decode(v.value(), "an audit row")
+                        .map_err(|e| MarketError::Store(e.to_string()))?,
+                    None => AuditScore::default(),
+                };
+                t.insert(key.as_slice(), encode(&old.after(*passed))?.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn all(&self) -> Result<HashMap<PeerId, AuditScore>, MarketError> {
+        let txn = self.db.begin_read()?;
+        let mut out = HashMap::new();
+        for row in txn.open_table(AUDITS)?.iter()? {
+            let (k, v) = row?;
+            let peer = PeerId::from_bytes(k.value())
+                .map_err(|e| MarketError::Store(format!("a damaged audit row: {e}")))?;
+            out.insert(
+                peer,
+                decode(v.value(), "an audit row").map_err(|e| MarketError::Store(e.to_string()))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// [`Custody`] for a mediator: the blocks its client reported placed (a
+/// release takes them off at once), challenged by the mediator's own node.
+struct Audit<'a> {
+    client: &'a Client,
+    audits: &'a Audits,
+}
+
+impl Custody for Audit<'_> {
+    fn kept(&self, _holder: &PeerId, scores: &[Score]) -> Result<Vec<bool>, MarketError> {
+        Ok(vec![true; scores.len()])
+    }
+
+    fn challenge(
+        &self,
+        asks: Vec<(Score, PeerId)>,
+    ) -> BoxFuture<'_, Result<Vec<ProofOutcome>, MarketError>> {
+        use futures::StreamExt;
+        Box::pin(async move {
+            let outcomes: Vec<ProofOutcome> =
+                futures::stream::iter(asks.into_iter().map(|(score, peer)| async move {
+                    let asked =
+                        tokio::time::timeout(PROOF_WAIT, self.client.challenge(peer, score));
+                    let result = match asked.await {
+                        Ok(Ok(true)) => ProofResult::Passed,
+                        Ok(Ok(false)) => ProofResult::Wrong,
+                        Ok(Err(e)) => {
+                            info!(holder = %peer, error = %e, "a holder did not answer an audit");
+                            ProofResult::NoAnswer
+                        }
+                        Err(_) => ProofResult::NoAnswer,
+                    };
+                    ProofOutcome {
+                        peer,
+                        score,
+                        time: now(),
+                        result,
+                    }
+                }))
+                .buffer_unordered(PARALLEL_PROOFS)
+                .collect()
+                .await;
+            let scored: Vec<(PeerId, bool)> = outcomes
+                .iter()
+                .filter(|o| o.result != ProofResult::NoAnswer)
+                .map(|o| (o.peer, o.result == ProofResult::Passed))
+                .collect();
+            self.audits.record(&scored)?;
+            for o in outcomes.iter().filter(|o| o.result == ProofResult::Wrong) {
+                warn!(holder = %o.peer, block = %o.score, "a holder failed an audit");
+            }
+            Ok(outcomes)
+        })
+    }
+
+    fn feeds_failures(&self) -> bool {
+        false
+    }
+
+    fn drop_holder(&self, _holder: &PeerId) -> Result<u64, MarketError> {
+        // The client moves its blocks when it next asks; the mediator pays
+        // the holder nothing more and places nothing new on it.
+        Ok(0)
+    }
+}
+
+/// A holder as the mediator sees it, for `fincryptctl mediator holders`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HolderView {
+    pub peer: String,
+    /// Satoshis per GiB per period, under its contracts (the highest).
+    pub price: u64,
+    /// Bytes it keeps for the mediator's clients, as last audited.
+    pub bytes: u64,
+    /// Clients it holds for.
+    pub clients: u64,
+    /// Its audit score, and the audits behind it.
+    pub audit_score: f64,
+    pub audits_passed: u64,
+    pub audits_failed: u64,
+    /// `active`, or why not.
+    pub state: String,
+}
+
+/// One settlement, for `fincryptctl mediator periods`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettlementView {
+    pub batch: u64,
+    /// `sent`, `intent` (being decided) or `abandoned: why`.
+    pub state: String,
+    pub txid: String,
+    /// Unix seconds it was decided on.
+    pub created: u64,
+    pub sats: u64,
+    /// Each holder's address and what it was paid.
+    pub outputs: Vec<(String, u64)>,
+    /// Clients and contract periods it pays for.
+    pub clients: u64,
+    pub periods: u64,
+}
+
+/// A mediator: its ledgers, its wallet and its rules.
+pub struct Mediator<P: Payments + 'static> {
+    db: Arc<Database>,
+    audits: Arc<Audits>,
+    ledger: Arc<Ledger>,
+    wallet: Arc<P>,
+    rules: Rules,
+    keypair: Keypair,
+    settings: OwnerSettings,
+    /// The mediator's node, once it runs ([`Mediator::attach`]).
+    client: OnceLock<Client>,
+    teller: OnceLock<Teller>,
+    /// Each client's market, made on first need.
+    markets: std::sync::Mutex<HashMap<PeerId, Arc<OwnerMarket<Arc<P>>>>>,
+    /// Escrows read lately, by client.
+    escrows: std::sync::Mutex<HashMap<PeerId, (Instant, Escrow)>>,
+    /// One new client at a time, so that one client never gets two addresses.
+    joining: Mutex<()>,
+    /// The last settlement's outcome, in words.
+    last_settlement: std::sync::Mutex<String>,
+}
+
+impl<P: Payments + 'static> Mediator<P> {
+    /// Opens (or creates) the mediator's ledgers: clients and audits at
+    /// `path`, contracts and payments at `ledger`. `keypair` is its node's.
+    pub fn open(
+        path: &Path,
+        ledger: &Path,
+        wallet: P,
+        rules: Rules,
+        keypair: Keypair,
+        settings: OwnerSettings,
+    ) -> Result<Mediator<P>, MarketError> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         {
@@ -193,14 +554,45 @@ impl<P: Payments> Mediator<P> {
                 "mediator ledger",
             )?;
             txn.open_table(CLIENTS)?;
+            txn.open_table(AUDITS)?;
         }
         txn.commit()?;
+        let db = Arc::new(db);
         Ok(Mediator {
+            audits: Arc::new(Audits { db: db.clone() }),
             db,
-            wallet,
+            ledger: Arc::new(Ledger::open(ledger)?),
+            wallet: Arc::new(wallet),
             rules,
+            keypair,
+            settings,
+            client: OnceLock::new(),
+            teller: OnceLock::new(),
+            markets: std::sync::Mutex::new(HashMap::new()),
+            escrows: std::sync::Mutex::new(HashMap::new()),
             joining: Mutex::new(()),
+            last_settlement: std::sync::Mutex::new(String::new()),
         })
+    }
+
+    /// Gives the mediator its running node, through which it reads offers,
+    /// proposes contracts, audits and tells holders of payments.
+    pub fn attach(&self, client: Client) {
+        let _ = self
+            .teller
+            .set(Teller::new(client.clone(), self.ledger.clone()));
+        let _ = self.client.set(client);
+    }
+
+    fn node(&self) -> Result<&Client, MarketError> {
+        self.client
+            .get()
+            .ok_or_else(|| MarketError::Store("the mediator's node is not running yet".into()))
+    }
+
+    /// How often [`Mediator::tick`] runs: several times a period.
+    pub fn tick_every(&self) -> Duration {
+        self.settings.tick()
     }
 
     /// Answers a client's message; what to send back (an error only when
@@ -230,10 +622,89 @@ impl<P: Payments> Mediator<P> {
                 address: self.join(client).await?.address,
             }),
             Ask::Balance => Ok(Reply::Balance(self.escrow(client).await?)),
+            Ask::Choose {
+                len,
+                need,
+                candidates,
+                consent,
+            } => self.choose(client, len, need, candidates, consent).await,
+            Ask::Report { items } => self.report(client, items),
         }
     }
 
-    fn client(&self, client: &PeerId) -> Result<Option<ClientRow>, MarketError> {
+    async fn choose(
+        &self,
+        client: &PeerId,
+        len: u64,
+        need: u32,
+        candidates: Vec<(Vec<u8>, u64)>,
+        consent: Signature,
+    ) -> Result<Reply, MarketError> {
+        if candidates.len() > MAX_CANDIDATES {
+            return Err(MarketError::Invalid(format!(
+                "{} candidates; at most {MAX_CANDIDATES} are taken",
+                candidates.len()
+            )));
+        }
+        let me = self.keypair.public().to_peer_id();
+        check_consent(&consent, client, &me)?;
+        let row = self.join(client).await?;
+        if row.consent.as_ref() != Some(&consent) {
+            self.keep_consent(client, consent)?;
+        }
+        let escrow = self.escrow_recent(client).await?;
+        if escrow.escrow_sats == 0 {
+            return Err(MarketError::Invalid(format!(
+                "no escrow: deposit to {} first (fincryptctl mediator deposit-address)",
+                escrow.address
+            )));
+        }
+        if escrow.funded_periods < self.rules.min_escrow_periods {
+            return Err(MarketError::Invalid(format!(
+                "the escrow pays for {} periods; this mediator places only for clients whose \
+                 escrow pays for {} (min_escrow_periods): deposit more",
+                escrow.funded_periods, self.rules.min_escrow_periods
+            )));
+        }
+        let peers = candidates
+            .into_iter()
+            .map(|(p, room)| Ok((peer_of(&p, "a candidate")?, room)))
+            .collect::<Result<Vec<_>, MarketError>>()?;
+        let market = self.market_for(client)?;
+        let chosen = market.choose(len, need as usize, peers).await;
+        Ok(Reply::Chosen {
+            peers: chosen.into_iter().map(|(p, r)| (p.to_bytes(), r)).collect(),
+        })
+    }
+
+    fn report(&self, client: &PeerId, items: Vec<Placement>) -> Result<Reply, MarketError> {
+        if items.len() > MAX_REPORT {
+            return Err(MarketError::Invalid(format!(
+                "a report of {} placements; at most {MAX_REPORT} are taken",
+                items.len()
+            )));
+        }
+        if self.client_row(client)?.is_none() {
+            return Err(MarketError::Invalid("not a client of this mediator".into()));
+        }
+        let market = self.market_for(client)?;
+        let mut released: BTreeMap<PeerId, Vec<Score>> = BTreeMap::new();
+        for p in items {
+            let holder = peer_of(&p.holder, "a holder")?;
+            if p.kept {
+                market.placed(&holder, &Score(p.score), p.len);
+            } else {
+                released.entry(holder).or_default().push(Score(p.score));
+            }
+        }
+        market.persist().map_err(MarketError::Store)?;
+        for (holder, scores) in released {
+            market.forget(&holder, &scores)?;
+        }
+        Ok(Reply::Noted)
+    }
+
+    fn client_row(&self, client: &PeerId) -> Result<Option<ClientRow>, MarketError> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(CLIENTS)?;
         let row = t.get(client.to_bytes().as_slice())?;
@@ -243,13 +714,32 @@ impl<P: Payments> Mediator<P> {
         .transpose()
     }
 
+    fn keep_consent(&self, client: &PeerId, consent: Signature) -> Result<(), MarketError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(CLIENTS)?;
+            let key = client.to_bytes();
+            let mut row: ClientRow = match t.get(key.as_slice())? {
+                Some(v) => decode(v.value(), "a client row")
+                    .map_err(|e| MarketError::Store(e.to_string()))?,
+                None => return Err(MarketError::Store("a client row vanished".into())),
+            };
+            row.consent = Some(consent);
+            t.insert(key.as_slice(), encode(&row)?.as_slice())?;
+        }
+        txn.commit()?;
+        // (A market made before keeps the consent it was made with: either
+        // is the client's own, and both name this mediator.)
+        Ok(())
+    }
+
     /// `client`'s row, made with a new deposit address on its first ask.
     async fn join(&self, client: &PeerId) -> Result<ClientRow, MarketError> {
-        if let Some(row) = self.client(client)? {
+        if let Some(row) = self.client_row(client)? {
             return Ok(row);
         }
         let _one = self.joining.lock().await;
-        if let Some(row) = self.client(client)? {
+        if let Some(row) = self.client_row(client)? {
             return Ok(row);
         }
         if self.client_count()? >= MAX_CLIENTS as u64 {
@@ -262,6 +752,7 @@ impl<P: Payments> Mediator<P> {
         let row = ClientRow {
             address,
             since: now(),
+            consent: None,
         };
         let txn = self.db.begin_write()?;
         txn.open_table(CLIENTS)?
@@ -271,9 +762,82 @@ impl<P: Payments> Mediator<P> {
         Ok(row)
     }
 
+    /// The market the mediator runs for `client`, made on first need from
+    /// its consent.
+    fn market_for(&self, client: &PeerId) -> Result<Arc<OwnerMarket<Arc<P>>>, MarketError> {
+        // Held while one is made: two markets of one client would each
+        // propose a contract to the same holder.
+        let mut markets = self.markets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = markets.get(client) {
+            return Ok(m.clone());
+        }
+        let row = self
+            .client_row(client)?
+            .ok_or_else(|| MarketError::Invalid("not a client of this mediator".into()))?;
+        let consent = row.consent.ok_or_else(|| {
+            MarketError::Invalid(
+                "the client has not consented to this mediator paying for it yet".into(),
+            )
+        })?;
+        let (rules, audits) = (self.rules.clone(), self.audits.clone());
+        let gate: Gate = Arc::new(move |holder: &PeerId| {
+            let audit = audits.get(holder).unwrap_or_else(|e| {
+                warn!(error = %e, "cannot read an audit score");
+                None
+            });
+            rules.refuses_holder(holder, audit)
+        });
+        let market = OwnerMarket::for_client(
+            self.keypair.clone(),
+            *client,
+            Some(consent),
+            Some(gate),
+            self.node()?.clone(),
+            self.ledger.clone(),
+            self.settings.clone(),
+            Some(self.wallet.clone()),
+        )?;
+        markets.insert(*client, market.clone());
+        Ok(market)
+    }
+
+    /// Satoshis paid (sent, or in a batch being sent) for each client.
+    fn spent(&self) -> Result<HashMap<PeerId, u64>, MarketError> {
+        let owners: HashMap<ContractId, PeerId> = self
+            .ledger
+            .contracts()?
+            .iter()
+            .map(|c| Ok((c.terms.id, c.terms.owner()?)))
+            .collect::<Result<_, MarketError>>()?;
+        let mut out: HashMap<PeerId, u64> = HashMap::new();
+        for (id, _, row) in self.ledger.periods()? {
+            if let PeriodState::Paid { sats, .. } | PeriodState::Batched { sats, .. } = row.state
+                && let Some(owner) = owners.get(&id)
+            {
+                let e = out.entry(*owner).or_default();
+                *e = e.saturating_add(sats);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `client`'s escrow, read again if older than [`ESCROW_FRESH`].
+    async fn escrow_recent(&self, client: &PeerId) -> Result<Escrow, MarketError> {
+        if let Some((at, e)) = self
+            .escrows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(client)
+            && at.elapsed() < ESCROW_FRESH
+        {
+            return Ok(e.clone());
+        }
+        self.escrow(client).await
+    }
+
     /// `client`'s escrow; a client that never asked for an address has none.
     pub async fn escrow(&self, client: &PeerId) -> Result<Escrow, MarketError> {
-        let Some(row) = self.client(client)? else {
+        let Some(row) = self.client_row(client)? else {
             return Err(MarketError::Invalid(
                 "no deposit address yet: ask for one first (fincryptctl mediator deposit-address)"
                     .into(),
@@ -284,18 +848,176 @@ impl<P: Payments> Mediator<P> {
             .received_by(&row.address, self.rules.min_conf)
             .await?;
         let seen = self.wallet.received_by(&row.address, 0).await?;
-        let (paid, fees) = (0, 0);
-        Ok(Escrow {
+        let paid = self.spent()?.get(client).copied().unwrap_or(0);
+        let fees = self.rules.fee(paid);
+        let escrow = deposited.saturating_sub(paid).saturating_sub(fees);
+        let mut e = Escrow {
             client: client.to_string(),
             address: row.address,
             deposited_sats: deposited,
             pending_sats: seen.saturating_sub(deposited),
             paid_sats: paid,
             fees_sats: fees,
-            escrow_sats: deposited.saturating_sub(paid).saturating_sub(fees),
+            escrow_sats: escrow,
             fee_basis_points: self.rules.fee_basis_points,
             min_conf: self.rules.min_conf,
-        })
+            ..Escrow::default()
+        };
+        if row.consent.is_some() {
+            let market = self.market_for(client)?;
+            let mut cost = 0u64;
+            for (_, c, bytes, ended) in market.holders() {
+                if !ended {
+                    e.holders += 1;
+                    e.bytes_placed += bytes;
+                    cost = cost.saturating_add(c.terms.due(bytes));
+                }
+            }
+            e.cost_per_period = cost.saturating_add(self.rules.fee(cost));
+            e.payments = self.payments_of(client)?;
+        }
+        e.funded_periods = funded_periods(escrow, e.cost_per_period);
+        self.escrows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*client, (Instant::now(), e.clone()));
+        Ok(e)
+    }
+
+    fn payments_of(&self, client: &PeerId) -> Result<Vec<PaymentView>, MarketError> {
+        let mine: HashMap<ContractId, String> = self
+            .ledger
+            .contracts()?
+            .iter()
+            .filter(|c| c.terms.owner().ok() == Some(*client))
+            .map(|c| {
+                let holder = c.terms.holder().map(|h| h.to_string()).unwrap_or_default();
+                (c.terms.id, holder)
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (_, b) in self.ledger.batches()? {
+            if let BatchState::Sent(txid) = &b.state {
+                for (id, period, sats) in &b.items {
+                    if let Some(holder) = mine.get(id) {
+                        out.push(PaymentView {
+                            txid: txid.clone(),
+                            holder: holder.clone(),
+                            contract: hex(id),
+                            period: *period,
+                            sats: *sats,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One round: audits every client's holders, settles every client's
+    /// due periods that its escrow covers in one transaction, and tells the
+    /// holders. Returns the audits made.
+    pub async fn tick(&self) -> Result<u64, MarketError> {
+        let client = self.node()?;
+        let custody = Audit {
+            client,
+            audits: &self.audits,
+        };
+        let mut audited = 0;
+        let mut rows = Vec::new();
+        for (peer, row) in self.client_rows()? {
+            if row.consent.is_some() {
+                let market = self.market_for(&peer)?;
+                match market.audit(&custody).await {
+                    Ok((n, _)) => audited += n,
+                    Err(e) => warn!(client = %peer, error = %e, "a client's audit failed"),
+                }
+            }
+            rows.push((peer, row));
+        }
+        // What each client's escrow can still pay: deposits, less paid and fees.
+        let spent = self.spent()?;
+        let mut budgets: HashMap<PeerId, (u64, u64)> = HashMap::new();
+        for (peer, row) in rows {
+            let deposited = self
+                .wallet
+                .received_by(&row.address, self.rules.min_conf)
+                .await?;
+            budgets.insert(peer, (deposited, spent.get(&peer).copied().unwrap_or(0)));
+        }
+        let rules = self.rules.clone();
+        let mut fits = move |c: &crate::contract::Contract, sats: u64| {
+            let Ok(owner) = c.terms.owner() else {
+                return false;
+            };
+            let Some((deposited, spent)) = budgets.get_mut(&owner) else {
+                return false;
+            };
+            let after = spent.saturating_add(sats);
+            if after.saturating_add(rules.fee(after)) <= *deposited {
+                *spent = after;
+                true
+            } else {
+                false
+            }
+        };
+        let settle = SettleRules {
+            min_payout: self.settings.min_payout,
+            in_flight: IN_FLIGHT,
+        };
+        let outcome = self
+            .ledger
+            .settle_within(&self.wallet, now(), settle, &mut fits)
+            .await;
+        let note = match outcome {
+            Ok(Settlement::Paid {
+                txid, sats, payees, ..
+            }) => Some(format!("paid {sats} sats to {payees} holders in {txid}")),
+            Ok(Settlement::Waiting) => {
+                Some("waiting: an interrupted settlement is not decided yet".into())
+            }
+            Ok(Settlement::Nothing) => None,
+            Err(e) => {
+                warn!(error = %e, "a settlement failed; it is tried again next time");
+                Some(format!("failed: {e}"))
+            }
+        };
+        if let Some(note) = note {
+            *self
+                .last_settlement
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = note;
+        }
+        if let Some(teller) = self.teller.get() {
+            teller.tell_paid(now()).await?;
+        }
+        self.escrows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        Ok(audited)
+    }
+
+    /// The last settlement's outcome, in words.
+    pub fn last_settlement(&self) -> String {
+        self.last_settlement
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn client_rows(&self) -> Result<Vec<(PeerId, ClientRow)>, MarketError> {
+        let txn = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for row in txn.open_table(CLIENTS)?.iter()? {
+            let (k, v) = row?;
+            let peer = PeerId::from_bytes(k.value())
+                .map_err(|e| MarketError::Store(format!("a damaged client row: {e}")))?;
+            let row =
+                decode(v.value(), "a client row").map_err(|e| MarketError::Store(e.to_string()))?;
+            out.push((peer, row));
+        }
+        Ok(out)
     }
 
     /// How many clients there are (without reading them).
@@ -307,15 +1029,7 @@ impl<P: Payments> Mediator<P> {
 
     /// Every client, by PeerId.
     pub fn clients(&self) -> Result<Vec<PeerId>, MarketError> {
-        let txn = self.db.begin_read()?;
-        let mut out = Vec::new();
-        for row in txn.open_table(CLIENTS)?.iter()? {
-            let (k, _) = row?;
-            let peer = PeerId::from_bytes(k.value())
-                .map_err(|e| MarketError::Store(format!("a damaged client row: {e}")))?;
-            out.push(peer);
-        }
-        Ok(out)
+        Ok(self.client_rows()?.into_iter().map(|(p, _)| p).collect())
     }
 
     /// Every client's escrow, for whoever runs the mediator.
@@ -323,6 +1037,81 @@ impl<P: Payments> Mediator<P> {
         let mut out = Vec::new();
         for c in self.clients()? {
             out.push(self.escrow(&c).await?);
+        }
+        Ok(out)
+    }
+
+    /// Every holder under contract, with its audit score.
+    pub fn holders(&self) -> Result<Vec<HolderView>, MarketError> {
+        let audits = self.audits.all()?;
+        let mut by_holder: BTreeMap<PeerId, HolderView> = BTreeMap::new();
+        let mut ended: HashMap<PeerId, u64> = HashMap::new();
+        for (peer, row) in self.client_rows()? {
+            if row.consent.is_none() {
+                continue;
+            }
+            for (holder, c, bytes, is_ended) in self.market_for(&peer)?.holders() {
+                let v = by_holder.entry(holder).or_default();
+                v.peer = holder.to_string();
+                v.price = v.price.max(c.terms.price);
+                v.clients += 1;
+                if is_ended {
+                    *ended.entry(holder).or_default() += 1;
+                } else {
+                    v.bytes += bytes;
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (holder, mut v) in by_holder {
+            let a = audits.get(&holder).copied().unwrap_or_default();
+            v.audit_score = a.score();
+            v.audits_passed = a.passed;
+            v.audits_failed = a.failed;
+            let audit = audits.get(&holder).copied();
+            v.state = match (
+                ended.get(&holder),
+                self.rules.refuses_holder(&holder, audit),
+            ) {
+                (Some(n), _) => format!("contracts ended after a failed audit: {n}"),
+                (None, Some(why)) => format!("no new blocks: {why}"),
+                (None, None) => "active".into(),
+            };
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    /// Every settlement, oldest first.
+    pub fn settlements(&self) -> Result<Vec<SettlementView>, MarketError> {
+        let owners: HashMap<ContractId, PeerId> = self
+            .ledger
+            .contracts()?
+            .iter()
+            .filter_map(|c| Some((c.terms.id, c.terms.owner().ok()?)))
+            .collect();
+        let mut out = Vec::new();
+        for (n, b) in self.ledger.batches()? {
+            let (state, txid) = match &b.state {
+                BatchState::Sent(t) => ("sent".to_string(), t.clone()),
+                BatchState::Intent => ("intent".to_string(), String::new()),
+                BatchState::Abandoned(why) => (format!("abandoned: {why}"), String::new()),
+            };
+            let clients: HashSet<&PeerId> = b
+                .items
+                .iter()
+                .filter_map(|(id, _, _)| owners.get(id))
+                .collect();
+            out.push(SettlementView {
+                batch: n,
+                state,
+                txid,
+                created: b.created,
+                sats: b.outputs.iter().map(|(_, s)| s).sum(),
+                outputs: b.outputs.clone(),
+                clients: clients.len() as u64,
+                periods: b.items.len() as u64,
+            });
         }
         Ok(out)
     }

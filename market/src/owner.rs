@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fincrypt_blockstore::Score;
-use fincrypt_engine::{Engine, Market, ProofResult, Step, Worker};
+use fincrypt_engine::{Engine, Market, ProofOutcome, ProofResult, Step, Worker};
 use fincrypt_net::{Client, Error as NetError, ErrorCode, PeerId};
 use futures::future::BoxFuture;
 use libp2p::identity::Keypair;
@@ -39,6 +39,7 @@ use crate::ledger::{
 };
 use crate::notice::{MAX_NOTICE_ITEMS, NOTICE_VERSION, PaidNotice};
 use crate::offer::{Offer, SignedOffer};
+use crate::signed::Signature;
 use crate::wallet::Payments;
 
 /// How long an offer read from a peer is used before it is read again
@@ -189,6 +190,9 @@ enum Skip {
     Ended,
     /// It takes no new blocks from this owner: it counts `periods` unpaid.
     Unpaid { periods: u64 },
+    /// The rules of whoever runs the market turn it down (a mediator's
+    /// `deny_holders`, `min_audit_score`); why.
+    Rule(String),
 }
 
 impl Skip {
@@ -201,6 +205,7 @@ impl Skip {
             Skip::Refused(_) => "refused a contract",
             Skip::Ended => "with a contract ended after a wrong proof",
             Skip::Unpaid { .. } => "taking no new blocks until they are paid",
+            Skip::Rule(_) => "turned down by the mediator's rules",
         }
     }
 }
@@ -225,6 +230,7 @@ impl std::fmt::Display for Skip {
                 f,
                 "takes no new blocks from this owner: it counts {periods} periods unpaid"
             ),
+            Skip::Rule(why) => f.write_str(why),
         }
     }
 }
@@ -306,7 +312,7 @@ impl ContractView {
 }
 
 /// A payment, for `fincryptctl wallet`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentView {
     pub txid: String,
     pub holder: String,
@@ -336,7 +342,14 @@ pub struct MarketView {
 
 /// The owner's market: placement's [`Market`] and the `market` worker's work.
 pub struct OwnerMarket<P: Payments> {
+    /// The node that proposes and pays: the owner, or its mediator.
     keypair: Keypair,
+    /// Whose blocks the contracts hold.
+    owner: PeerId,
+    /// The owner's consent that `keypair` pays for it, when they differ.
+    consent: Option<Signature>,
+    /// Turns holders down by the rules of whoever runs the market.
+    gate: Option<Gate>,
     client: Client,
     ledger: Arc<Ledger>,
     settings: OwnerSettings,
@@ -348,9 +361,8 @@ pub struct OwnerMarket<P: Payments> {
     ended: RwLock<HashSet<PeerId>>,
     /// One contract negotiation at a time, so a holder is not asked twice.
     contracting: tokio::sync::Mutex<()>,
-    /// Batches after `notified_through` and the contracts already told of
-    /// each (since this process started: telling again is harmless).
-    told: Mutex<HashMap<u64, HashSet<ContractId>>>,
+    /// Tells holders what each settlement paid them.
+    teller: Teller,
     /// Placements on contracted holders not yet written to the ledger
     /// (they are before the manifest names the holders: [`Market::persist`]).
     placed: Mutex<Vec<(ContractId, Score, u64)>>,
@@ -371,6 +383,67 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Why a holder is turned down, if it is (see [`OwnerMarket::for_client`]).
+pub type Gate = Arc<dyn Fn(&PeerId) -> Option<String> + Send + Sync>;
+
+/// What the market needs to know of the blocks it pays for, and how it
+/// challenges their holders: the owner's engine ([`EngineCustody`]), or a
+/// mediator's record of what its client placed.
+pub trait Custody: Send + Sync {
+    /// Of `scores`, placed on `holder` under contract, which it is still
+    /// meant to keep (the others were released or moved: no longer paid).
+    fn kept(&self, holder: &PeerId, scores: &[Score]) -> Result<Vec<bool>, MarketError>;
+    /// Challenges each holder on its block now; every outcome.
+    fn challenge(
+        &self,
+        asks: Vec<(Score, PeerId)>,
+    ) -> BoxFuture<'_, Result<Vec<ProofOutcome>, MarketError>>;
+    /// Whether failed outcomes reach the market apart from what
+    /// [`Custody::challenge`] returns (the engine's outcome feed does).
+    fn feeds_failures(&self) -> bool;
+    /// A holder under contract gave a wrong proof: its blocks go elsewhere;
+    /// how many.
+    fn drop_holder(&self, holder: &PeerId) -> Result<u64, MarketError>;
+}
+
+/// [`Custody`] of the owner's own blocks: its engine's manifest and proofs.
+pub struct EngineCustody(pub Arc<Engine>);
+
+impl Custody for EngineCustody {
+    fn kept(&self, holder: &PeerId, scores: &[Score]) -> Result<Vec<bool>, MarketError> {
+        Ok(self
+            .0
+            .manifest()
+            .holders_of(scores.iter().copied())
+            .map_err(|e| MarketError::Store(e.to_string()))?
+            .into_iter()
+            .map(|h| h.contains(holder))
+            .collect())
+    }
+
+    fn challenge(
+        &self,
+        asks: Vec<(Score, PeerId)>,
+    ) -> BoxFuture<'_, Result<Vec<ProofOutcome>, MarketError>> {
+        Box::pin(async move {
+            self.0
+                .challenge(asks)
+                .await
+                .map_err(|e| MarketError::Store(e.to_string()))
+        })
+    }
+
+    fn feeds_failures(&self) -> bool {
+        true
+    }
+
+    fn drop_holder(&self, holder: &PeerId) -> Result<u64, MarketError> {
+        self.0
+            .drop_holder(holder)
+            .map_err(|e| MarketError::Store(e.to_string()))
+    }
+}
+
 impl<P: Payments + 'static> OwnerMarket<P> {
     /// The market of the owner node `keypair`, keeping contracts in `ledger`
     /// and paying through `wallet` (none: only free offers are used).
@@ -381,10 +454,32 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         settings: OwnerSettings,
         wallet: Option<P>,
     ) -> Result<Arc<OwnerMarket<P>>, MarketError> {
+        let owner = keypair.public().to_peer_id();
+        Self::for_client(keypair, owner, None, None, client, ledger, settings, wallet)
+    }
+
+    /// The market a mediator (`keypair`) runs for its client `owner`, which
+    /// gave its `consent`, over the mediator's one `ledger` (only the
+    /// client's contracts are this market's); `gate` applies the
+    /// mediator's rules to holders.
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_client(
+        keypair: Keypair,
+        owner: PeerId,
+        consent: Option<Signature>,
+        gate: Option<Gate>,
+        client: Client,
+        ledger: Arc<Ledger>,
+        settings: OwnerSettings,
+        wallet: Option<P>,
+    ) -> Result<Arc<OwnerMarket<P>>, MarketError> {
         let mut contracts = HashMap::new();
         let mut ended = HashSet::new();
         let ended_ids = ledger.ended()?;
         for c in ledger.contracts()? {
+            if c.terms.owner()? != owner {
+                continue;
+            }
             let holder = c.terms.holder()?;
             if ended_ids.contains_key(&c.terms.id) {
                 ended.insert(holder);
@@ -393,6 +488,10 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         }
         Ok(Arc::new(OwnerMarket {
             keypair,
+            owner,
+            consent,
+            gate,
+            teller: Teller::new(client.clone(), ledger.clone()),
             client,
             ledger,
             settings,
@@ -401,7 +500,6 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             contracts: RwLock::new(contracts),
             ended: RwLock::new(ended),
             contracting: tokio::sync::Mutex::new(()),
-            told: Mutex::new(HashMap::new()),
             placed: Mutex::new(Vec::new()),
             bytes: Mutex::new(HashMap::new()),
             skipped: Mutex::new(BTreeMap::new()),
@@ -416,7 +514,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
     pub fn start(self: &Arc<Self>, engine: &Arc<Engine>, workers: &fincrypt_engine::Workers) {
         engine.replicator.set_market(self.clone());
         let mut outcomes = engine.prover.subscribe();
-        let (market, e) = (self.clone(), engine.clone());
+        let (market, e) = (self.clone(), EngineCustody(engine.clone()));
         workers.handle().spawn(async move {
             use tokio::sync::broadcast::error::RecvError;
             loop {
@@ -435,7 +533,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         workers.spawn(
             MarketWorker {
                 market: self.clone(),
-                engine: engine.clone(),
+                custody: EngineCustody(engine.clone()),
             },
             self.settings.tick(),
         );
@@ -453,7 +551,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
     /// for a wrong proof (the block is lost or it lied), the contract ends
     /// and its blocks go elsewhere. No answer at all is left to the
     /// engine's consecutive-failure rule.
-    fn failed(&self, o: &fincrypt_engine::ProofOutcome, engine: &Engine) {
+    fn failed(&self, o: &ProofOutcome, custody: &dyn Custody) {
         let peer = &o.peer;
         let Some(c) = self.contract_of(peer) else {
             return;
@@ -477,7 +575,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(*peer);
-        match engine.drop_holder(peer) {
+        match custody.drop_holder(peer) {
             Ok(blocks) => warn!(
                 holder = %peer,
                 blocks,
@@ -604,7 +702,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         let terms = Terms {
             version: CONTRACT_VERSION,
             id: rand::random(),
-            owner: self.keypair.public().to_peer_id().to_bytes(),
+            owner: self.owner.to_bytes(),
             holder: peer.to_bytes(),
             price: self
                 .settings
@@ -615,7 +713,12 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             period: offer.period,
             payout: offer.payout.clone(),
             carry: offer.carry,
-            payer: Vec::new(),
+            payer: if self.consent.is_some() {
+                self.keypair.public().to_peer_id().to_bytes()
+            } else {
+                Vec::new()
+            },
+            consent: self.consent.clone(),
         };
         let proposal = terms.clone().propose(&self.keypair)?.encode()?;
         let reply = self
@@ -664,6 +767,13 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(*peer, Skip::Ended);
+                continue;
+            }
+            if let Some(why) = self.gate.as_ref().and_then(|g| g(peer)) {
+                self.skipped
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(*peer, Skip::Rule(why));
                 continue;
             }
             if let Some(Seen::Unpaid(periods)) = offers.get(peer) {
@@ -744,6 +854,35 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         out
     }
 
+    /// `holder` no longer keeps `scores` for the owner (they were
+    /// released): they are no longer paid for nor challenged.
+    pub fn forget(&self, holder: &PeerId, scores: &[Score]) -> Result<(), MarketError> {
+        self.flush_placed()?;
+        match self.contract_of(holder) {
+            Some(c) => self.ledger.forget_placed(&c.terms.id, scores),
+            None => Ok(()),
+        }
+    }
+
+    /// Each contracted holder: its contract, the bytes it kept for the
+    /// owner at the last audit, and whether the contract was ended.
+    pub fn holders(&self) -> Vec<(PeerId, Contract, u64, bool)> {
+        let contracts: Vec<(PeerId, Contract)> = self
+            .contracts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(p, c)| (*p, c.clone()))
+            .collect();
+        contracts
+            .into_iter()
+            .map(|(p, c)| {
+                let (bytes, ended) = (self.bytes_of(&p), self.is_ended(&p));
+                (p, c, bytes, ended)
+            })
+            .collect()
+    }
+
     /// Writes the placements kept in memory to the ledger.
     fn flush_placed(&self) -> Result<(), MarketError> {
         let items = std::mem::take(&mut *self.placed.lock().unwrap_or_else(|p| p.into_inner()));
@@ -780,9 +919,20 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         }
     }
 
-    /// One tick: challenge, record, close, settle, and look at the balance.
-    pub async fn tick(&self, engine: &Engine) -> Result<u64, MarketError> {
+    /// One tick of an owner's own market: challenge, record, close, settle,
+    /// and look at the balance.
+    pub async fn tick(&self, custody: &dyn Custody) -> Result<u64, MarketError> {
         self.discover_offers().await;
+        let (challenged, contracts) = self.audit(custody).await?;
+        self.settle_and_tell(contracts).await?;
+        Ok(challenged)
+    }
+
+    /// Challenges every contracted holder on one of the blocks it keeps
+    /// under contract, chosen at random, and records the outcomes and the
+    /// bytes each keeps in the ledger. Returns the challenges made and the
+    /// contracts.
+    pub async fn audit(&self, custody: &dyn Custody) -> Result<(u64, u64), MarketError> {
         self.flush_placed()?;
         let contracts: Vec<Contract> = self
             .contracts
@@ -804,14 +954,10 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         for c in &contracts {
             let holder = c.terms.holder()?;
             let placed = self.ledger.placed(&c.terms.id)?;
-            let holders = engine
-                .manifest()
-                .holders_of(placed.iter().map(|(s, _)| *s))
-                .map_err(|e| MarketError::Store(e.to_string()))?;
-            let (held, gone): (Vec<_>, Vec<_>) = placed
-                .into_iter()
-                .zip(holders)
-                .partition(|(_, h)| h.contains(&holder));
+            let scores: Vec<Score> = placed.iter().map(|(s, _)| *s).collect();
+            let kept = custody.kept(&holder, &scores)?;
+            let (held, gone): (Vec<_>, Vec<_>) =
+                placed.into_iter().zip(kept).partition(|(_, k)| *k);
             let gone: Vec<Score> = gone.into_iter().map(|((s, _), _)| s).collect();
             self.ledger.forget_placed(&c.terms.id, &gone)?;
             let bytes: u64 = held.iter().map(|((_, len), _)| len).sum();
@@ -826,27 +972,32 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         }
         let challenged = asks.len() as u64;
         if !asks.is_empty() {
-            let outcomes = engine
-                .challenge(asks)
-                .await
-                .map_err(|e| MarketError::Store(e.to_string()))?;
+            let outcomes = custody.challenge(asks).await?;
             for o in outcomes {
-                // Failures come through the outcome feed, as every proof's do.
-                if o.result == ProofResult::Passed
-                    && let Some(id) = ids.get(&o.peer)
-                {
-                    self.ledger
-                        .record_challenge(id, o.time, true, self.bytes_of(&o.peer))?;
+                if o.result == ProofResult::Passed {
+                    if let Some(id) = ids.get(&o.peer) {
+                        self.ledger
+                            .record_challenge(id, o.time, true, self.bytes_of(&o.peer))?;
+                    }
+                } else if !custody.feeds_failures() {
+                    // (The engine's own feed brings them otherwise.)
+                    self.failed(&o, custody);
                 }
             }
         }
+        Ok((challenged, contracts.len() as u64))
+    }
+
+    /// Closes, settles and tells holders of payments, and looks at the
+    /// balance (an owner's own market).
+    async fn settle_and_tell(&self, contracts: u64) -> Result<(), MarketError> {
         let t = now();
         let rules = SettleRules {
             min_payout: self.settings.min_payout,
             in_flight: IN_FLIGHT,
         };
         let mut view = MarketView {
-            contracts: contracts.len() as u64,
+            contracts,
             skipped: self.skipped_note(),
             ..MarketView::default()
         };
@@ -885,7 +1036,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         let summary = self.ledger.summary()?;
         view.cost_per_period = summary.cost_per_period;
         if self.wallet.is_some() {
-            self.tell_paid(t).await?;
+            self.teller.tell_paid(t).await?;
         }
         view.paid_sats = summary.paid;
         if let Some(balance) = view.balance_sats {
@@ -910,116 +1061,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             }
         }
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = view;
-        Ok(challenged)
-    }
-
-    /// Tells the holders of every batch sent since the last told what it
-    /// paid them. A holder that did not take its notices is told again
-    /// each tick, for a day, without holding up the others (a storage node
-    /// counts a period paid only once told, and cuts an owner that leaves
-    /// periods unpaid). `notified_through` moves past a batch once every
-    /// holder took it, or the day is over.
-    async fn tell_paid(&self, now: u64) -> Result<(), MarketError> {
-        let mut through = self.ledger.notified_through()?;
-        let mut n = through;
-        let mut done_so_far = true;
-        loop {
-            let Some(batch) = self.ledger.batch(n + 1)? else {
-                return Ok(());
-            };
-            n += 1;
-            let done = match &batch.state {
-                // Not sent yet: later batches wait for it to be decided.
-                BatchState::Intent => return Ok(()),
-                BatchState::Abandoned(_) => true,
-                BatchState::Sent(txid) => {
-                    let told = self
-                        .told
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&n)
-                        .unwrap_or_default();
-                    let (all, told) = self.tell_batch(&batch, txid, told).await;
-                    if !all {
-                        self.told
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(n, told);
-                    }
-                    all || now.saturating_sub(batch.created) >= NOTICE_RETRY_FOR
-                }
-            };
-            done_so_far &= done;
-            if done_so_far {
-                through = n;
-                self.ledger.set_notified_through(through)?;
-                self.told
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&n);
-            }
-        }
-    }
-
-    /// Tells each holder of `batch` not in `told` what it paid it, period
-    /// by period ([`PaidNotice`]); whether every holder has now taken every
-    /// notice, and the contracts whose holders have.
-    async fn tell_batch(
-        &self,
-        batch: &Batch,
-        txid: &str,
-        mut told: HashSet<ContractId>,
-    ) -> (bool, HashSet<ContractId>) {
-        let mut by_contract: BTreeMap<ContractId, Vec<(u64, u64)>> = BTreeMap::new();
-        for (id, period, sats) in &batch.items {
-            by_contract.entry(*id).or_default().push((*period, *sats));
-        }
-        let holders: HashMap<ContractId, PeerId> = self
-            .contracts
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(h, c)| (c.terms.id, *h))
-            .collect();
-        let mut all = true;
-        for (id, items) in by_contract {
-            if told.contains(&id) {
-                continue;
-            }
-            let Some(holder) = holders.get(&id) else {
-                continue;
-            };
-            let mut taken = true;
-            for chunk in items.chunks(MAX_NOTICE_ITEMS) {
-                let notice = PaidNotice {
-                    version: NOTICE_VERSION,
-                    contract: id,
-                    txid: txid.to_owned(),
-                    items: chunk.to_vec(),
-                };
-                let result = match notice.encode() {
-                    Ok(bytes) => {
-                        let tell = self.client.paid(*holder, bytes.into());
-                        match tokio::time::timeout(NOTICE_WAIT, tell).await {
-                            Ok(r) => r.map_err(|e| e.to_string()),
-                            Err(_) => Err("no answer in time".into()),
-                        }
-                    }
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = result {
-                    taken = false;
-                    tracing::info!(%holder, error = %e, "a holder was not told of its payment yet");
-                    break;
-                }
-            }
-            if taken {
-                told.insert(id);
-            } else {
-                all = false;
-            }
-        }
-        (all, told)
+        Ok(())
     }
 
     fn skipped_note(&self) -> String {
@@ -1197,10 +1239,143 @@ impl<P: Payments + 'static> Market for OwnerMarket<P> {
     }
 }
 
+/// Tells holders what each settlement of a ledger paid them, batch by
+/// batch in order (one per ledger: an owner's market, or a mediator for
+/// all its clients).
+pub struct Teller {
+    client: Client,
+    ledger: Arc<Ledger>,
+    /// Batches after `notified_through` and the contracts already told of
+    /// each (since this process started: telling again is harmless).
+    told: Mutex<HashMap<u64, HashSet<ContractId>>>,
+}
+
+impl Teller {
+    pub fn new(client: Client, ledger: Arc<Ledger>) -> Teller {
+        Teller {
+            client,
+            ledger,
+            told: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Tells the holders of every batch sent since the last told what it
+    /// paid them. A holder that did not take its notices is told again
+    /// each tick, for a day, without holding up the others (a storage node
+    /// counts a period paid only once told, and cuts an owner that leaves
+    /// periods unpaid). `notified_through` moves past a batch once every
+    /// holder took it, or the day is over.
+    pub async fn tell_paid(&self, now: u64) -> Result<(), MarketError> {
+        let mut through = self.ledger.notified_through()?;
+        let mut n = through;
+        let mut done_so_far = true;
+        loop {
+            let Some(batch) = self.ledger.batch(n + 1)? else {
+                return Ok(());
+            };
+            n += 1;
+            let done = match &batch.state {
+                // Not sent yet: later batches wait for it to be decided.
+                BatchState::Intent => return Ok(()),
+                BatchState::Abandoned(_) => true,
+                BatchState::Sent(txid) => {
+                    let told = self
+                        .told
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&n)
+                        .unwrap_or_default();
+                    let (all, told) = self.tell_batch(&batch, txid, told).await;
+                    if !all {
+                        self.told
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(n, told);
+                    }
+                    all || now.saturating_sub(batch.created) >= NOTICE_RETRY_FOR
+                }
+            };
+            done_so_far &= done;
+            if done_so_far {
+                through = n;
+                self.ledger.set_notified_through(through)?;
+                self.told
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&n);
+            }
+        }
+    }
+
+    /// Tells each holder of `batch` not in `told` what it paid it, period
+    /// by period ([`PaidNotice`]); whether every holder has now taken every
+    /// notice, and the contracts whose holders have.
+    async fn tell_batch(
+        &self,
+        batch: &Batch,
+        txid: &str,
+        mut told: HashSet<ContractId>,
+    ) -> (bool, HashSet<ContractId>) {
+        let mut by_contract: BTreeMap<ContractId, Vec<(u64, u64)>> = BTreeMap::new();
+        for (id, period, sats) in &batch.items {
+            by_contract.entry(*id).or_default().push((*period, *sats));
+        }
+        let holders: HashMap<ContractId, PeerId> = match self.ledger.contracts() {
+            Ok(all) => all
+                .iter()
+                .filter_map(|c| Some((c.terms.id, c.terms.holder().ok()?)))
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot read the contracts to tell holders of payments");
+                return (false, told);
+            }
+        };
+        let mut all = true;
+        for (id, items) in by_contract {
+            if told.contains(&id) {
+                continue;
+            }
+            let Some(holder) = holders.get(&id) else {
+                continue;
+            };
+            let mut taken = true;
+            for chunk in items.chunks(MAX_NOTICE_ITEMS) {
+                let notice = PaidNotice {
+                    version: NOTICE_VERSION,
+                    contract: id,
+                    txid: txid.to_owned(),
+                    items: chunk.to_vec(),
+                };
+                let result = match notice.encode() {
+                    Ok(bytes) => {
+                        let tell = self.client.paid(*holder, bytes.into());
+                        match tokio::time::timeout(NOTICE_WAIT, tell).await {
+                            Ok(r) => r.map_err(|e| e.to_string()),
+                            Err(_) => Err("no answer in time".into()),
+                        }
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = result {
+                    taken = false;
+                    tracing::info!(%holder, error = %e, "a holder was not told of its payment yet");
+                    break;
+                }
+            }
+            if taken {
+                told.insert(id);
+            } else {
+                all = false;
+            }
+        }
+        (all, told)
+    }
+}
+
 /// The `market` worker: [`OwnerMarket::tick`] several times a period.
 struct MarketWorker<P: Payments> {
     market: Arc<OwnerMarket<P>>,
-    engine: Arc<Engine>,
+    custody: EngineCustody,
 }
 
 impl<P: Payments + 'static> Worker for MarketWorker<P> {
@@ -1212,7 +1387,7 @@ impl<P: Payments + 'static> Worker for MarketWorker<P> {
         Box::pin(async move {
             let done = self
                 .market
-                .tick(&self.engine)
+                .tick(&self.custody)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(Step::Idle { done })

@@ -121,6 +121,51 @@ pub trait Payments: Send + Sync {
     ) -> impl Future<Output = Result<u64, WalletError>> + Send;
 }
 
+/// A shared wallet pays as the wallet does (a mediator's markets share one).
+impl<T: Payments> Payments for std::sync::Arc<T> {
+    fn new_address(&self) -> impl Future<Output = Result<String, WalletError>> + Send {
+        (**self).new_address()
+    }
+    fn balance(&self) -> impl Future<Output = Result<u64, WalletError>> + Send {
+        (**self).balance()
+    }
+    fn send_many(
+        &self,
+        outputs: &[(String, u64)],
+        label: &str,
+    ) -> impl Future<Output = Result<String, WalletError>> + Send {
+        (**self).send_many(outputs, label)
+    }
+    fn find_sent(
+        &self,
+        label: &str,
+        outputs: &[(String, u64)],
+        since: u64,
+        known: &HashSet<String>,
+    ) -> impl Future<Output = Result<Option<WalletTx>, WalletError>> + Send {
+        (**self).find_sent(label, outputs, since, known)
+    }
+    fn validate_address(
+        &self,
+        address: &str,
+    ) -> impl Future<Output = Result<bool, WalletError>> + Send {
+        (**self).validate_address(address)
+    }
+    fn transaction(
+        &self,
+        txid: &str,
+    ) -> impl Future<Output = Result<WalletTx, WalletError>> + Send {
+        (**self).transaction(txid)
+    }
+    fn received_by(
+        &self,
+        address: &str,
+        min_conf: u32,
+    ) -> impl Future<Output = Result<u64, WalletError>> + Send {
+        (**self).received_by(address, min_conf)
+    }
+}
+
 /// Where the node is and how to log in: the `bitcoin_rpc_*` settings.
 #[derive(Clone, Debug)]
 pub struct RpcSettings {

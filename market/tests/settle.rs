@@ -53,6 +53,7 @@ fn contract(owner: &Keypair, price: u64, start: u64, period: u64, payout: String
         // min_payout alone decides what waits.
         carry: u64::MAX,
         payer: Vec::new(),
+        consent: None,
     }
     .propose(owner)
     .unwrap()

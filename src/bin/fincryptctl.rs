@@ -105,6 +105,12 @@ enum MediatorCommand {
     Balance,
     /// On a mediator's home: every client with its escrow.
     Clients,
+    /// On a mediator's home: every storage node under contract, with its
+    /// price, the bytes it keeps, its audit score and state.
+    Holders,
+    /// On a mediator's home: every settlement (one transaction each), with
+    /// its txid and what it paid each holder.
+    Periods,
 }
 
 #[derive(Subcommand)]
@@ -475,6 +481,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
             },
             |l| print_escrows(l),
         )?,
+        Command::Mediator {
+            command: MediatorCommand::Holders,
+            json,
+        } => show(
+            data,
+            &Request::MediatorHolders,
+            json,
+            |a| match a {
+                Answer::Holders(l) => Some(l),
+                _ => None,
+            },
+            |l| print_mediator_holders(l),
+        )?,
+        Command::Mediator {
+            command: MediatorCommand::Periods,
+            json,
+        } => show(
+            data,
+            &Request::MediatorPeriods,
+            json,
+            |a| match a {
+                Answer::Settlements(l) => Some(l),
+                _ => None,
+            },
+            |l| print_settlements(l),
+        )?,
         Command::Workers { json } => show(
             data,
             &Request::Workers,
@@ -524,6 +556,59 @@ fn print_escrows(list: &[fincrypt_market::mediator::Escrow]) {
             e.fees_sats,
             f64::from(e.fee_basis_points) / 100.0
         );
+        let funded = if e.funded_periods == u64::MAX {
+            "all".to_owned()
+        } else {
+            e.funded_periods.to_string()
+        };
+        println!(
+            "    {} on {} holders; a period costs {} sats with the fee; the escrow pays for {funded} periods",
+            bytes(e.bytes_placed),
+            e.holders,
+            e.cost_per_period
+        );
+        for p in &e.payments {
+            println!(
+                "    paid {} sats to {} for period {} in {}",
+                p.sats, p.holder, p.period, p.txid
+            );
+        }
+    }
+}
+
+/// A mediator's holders for a person.
+fn print_mediator_holders(list: &[fincrypt_market::mediator::HolderView]) {
+    if list.is_empty() {
+        println!("no holders under contract yet");
+    }
+    for h in list {
+        println!(
+            "{}  {} sats/GiB/period  {}  for {} clients  audit score {:.3} ({} passed, {} failed)  {}",
+            h.peer,
+            h.price,
+            bytes(h.bytes),
+            h.clients,
+            h.audit_score,
+            h.audits_passed,
+            h.audits_failed,
+            h.state
+        );
+    }
+}
+
+/// A mediator's settlements for a person.
+fn print_settlements(list: &[fincrypt_market::mediator::SettlementView]) {
+    if list.is_empty() {
+        println!("nothing paid yet");
+    }
+    for s in list {
+        println!(
+            "settlement {}  {}  {} sats for {} clients, {} contract periods  {}",
+            s.batch, s.state, s.sats, s.clients, s.periods, s.txid
+        );
+        for (address, sats) in &s.outputs {
+            println!("    {address}  {sats} sats");
+        }
     }
 }
 

@@ -93,3 +93,39 @@ impl Drop for Regtest {
             .status();
     }
 }
+
+/// Mines a block every second until dropped, as a network would (a wallet
+/// spends only confirmed coins, and each settlement's change is new).
+pub struct Miner {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Miner {
+    /// Mines to `address` (each block also matures one more of the
+    /// coinbases `scripts/regtest.sh start` mined to the wallet).
+    pub fn start(bitcoin: &std::sync::Arc<Regtest>, address: &str) -> Miner {
+        let address = address.to_owned();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (b, s) = (bitcoin.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                b.cli(&["generatetoaddress", "1", &address]);
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        });
+        Miner {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Miner {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -102,6 +102,9 @@ pub trait Market: Send + Sync {
     /// manifest records the new holders, so no holder keeps a block the
     /// market does not count.
     fn persist(&self) -> std::result::Result<(), String>;
+    /// `peer` let go of `scores` when asked to release them (it no longer
+    /// keeps them for this owner).
+    fn released(&self, _peer: &PeerId, _scores: &[Score]) {}
 }
 
 /// What a pass needs.
@@ -459,6 +462,9 @@ impl Replicator {
             for chunk in scores.chunks(fincrypt_net::proto::MAX_SCORES) {
                 match self.client.release(peer, chunk).await {
                     Ok(_) => {
+                        if let Some(m) = self.market.get() {
+                            m.released(&peer, chunk);
+                        }
                         for s in chunk {
                             if let Some(h) = entries.get_mut(s) {
                                 h.retain(|p| *p != peer);
@@ -505,7 +511,12 @@ impl Replicator {
             self.manifest.forget_releases(&peer, &placed_again)?;
             for chunk in release.chunks(fincrypt_net::proto::MAX_SCORES) {
                 match self.client.release(peer, chunk).await {
-                    Ok(_) => self.manifest.forget_releases(&peer, chunk)?,
+                    Ok(_) => {
+                        if let Some(m) = self.market.get() {
+                            m.released(&peer, chunk);
+                        }
+                        self.manifest.forget_releases(&peer, chunk)?
+                    }
                     Err(e) => {
                         tracing::debug!(%peer, error = %e, "a release failed; retrying later")
                     }
