@@ -157,175 +157,326 @@ fn a_client_deposits_at_its_mediator_and_sees_its_escrow() {
 
 /// The length of a period in the paid network below, in seconds.
 const PERIOD: &str = "4";
+/// What each client deposits: 0.1 coin.
+const DEPOSIT: u64 = 10_000_000;
+/// The mediator's fee: 1.5 %.
+const FEE_BP: u64 = 150;
 
 /// What one period of `bytes` costs at `price` sats per GiB.
 fn due(price: u64, bytes: u64) -> u64 {
     ((u128::from(price) * u128::from(bytes)) >> 30) as u64
 }
 
-#[test]
-fn a_mediator_places_at_the_lowest_prices_and_pays_for_offline_clients_out_of_their_escrow() {
-    let bitcoin = std::sync::Arc::new(regtest::Regtest::start());
-    // The 10/20/50 sats per GiB, scaled as in tests/market.rs so that
-    // test-sized data is due more than dust.
-    let prices = [100_000u64, 200_000, 500_000];
-    let homes: Vec<tempfile::TempDir> = prices
-        .iter()
-        .map(|_| tempfile::tempdir().unwrap())
-        .collect();
-    let nodes: Vec<Served> = prices
-        .iter()
-        .zip(&homes)
-        .map(|(price, home)| {
-            let price = price.to_string();
-            let args = [
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--capacity",
-                "1GiB",
-                "--price",
-                &price,
-            ];
-            serve_with(home.path(), &args, |cmd| {
-                cmd.envs(bitcoin.env.clone()).env("FINCRYPT_PERIOD", PERIOD);
+/// A mediator, three priced storage nodes and two clients (redundancy 2)
+/// that deposited, placed a file each through the mediator, and went
+/// offline.
+struct Mediated {
+    bitcoin: std::sync::Arc<regtest::Regtest>,
+    /// The 10/20/50 sats per GiB, scaled as in tests/market.rs so
+    /// that test-sized data is due more than dust.
+    prices: [u64; 3],
+    homes: Vec<tempfile::TempDir>,
+    nodes: Vec<Served>,
+    peers: Vec<String>,
+    mediator_home: tempfile::TempDir,
+    mediator: Option<Served>,
+    /// Its listen address, without the PeerId (to restart it there).
+    listen: String,
+    /// The clients' PeerIds and homes (unmounted).
+    clients: Vec<String>,
+    _client_homes: Vec<tempfile::TempDir>,
+    /// Bytes each holder keeps for each client: (client, holder) -> bytes.
+    bytes: std::collections::HashMap<(String, String), u64>,
+    miner: Option<regtest::Miner>,
+}
+
+impl Mediated {
+    fn start() -> Mediated {
+        let bitcoin = std::sync::Arc::new(regtest::Regtest::start());
+        let prices = [100_000u64, 200_000, 500_000];
+        let homes: Vec<tempfile::TempDir> = prices
+            .iter()
+            .map(|_| tempfile::tempdir().unwrap())
+            .collect();
+        let nodes: Vec<Served> = prices
+            .iter()
+            .zip(&homes)
+            .map(|(price, home)| {
+                let price = price.to_string();
+                let args = [
+                    "--listen",
+                    "/ip4/127.0.0.1/tcp/0",
+                    "--capacity",
+                    "1GiB",
+                    "--price",
+                    &price,
+                ];
+                serve_with(home.path(), &args, |cmd| {
+                    cmd.envs(bitcoin.env.clone())
+                        .env("FINCRYPT_PERIOD", PERIOD)
+                        // A mediator killed again and again pays late: the
+                        // nodes wait.
+                        .env("FINCRYPT_UNPAID_PERIODS", "1000000");
+                })
             })
-        })
-        .collect();
-    let peers: Vec<String> = homes
-        .iter()
-        .map(|h| status(h.path())["peer_id"].as_str().unwrap().to_owned())
-        .collect();
-    let mediator_home = tempfile::tempdir().unwrap();
-    let mut args = vec!["--listen", "/ip4/127.0.0.1/tcp/0", "--fee", "1.5"];
-    for n in &nodes {
-        args.extend(["--bootstrap", n.addr.as_str()]);
-    }
-    let mediator = node_with(mediator_home.path(), "mediator", &args, |cmd| {
-        cmd.envs(bitcoin.env.clone()).env("FINCRYPT_PERIOD", PERIOD);
-    });
-    let miner_address = bitcoin.cli(&["getnewaddress"]);
-    let miner = regtest::Miner::start(&bitcoin, &miner_address);
+            .collect();
+        let peers: Vec<String> = homes
+            .iter()
+            .map(|h| status(h.path())["peer_id"].as_str().unwrap().to_owned())
+            .collect();
+        let mediator_home = tempfile::tempdir().unwrap();
+        let mut net = Mediated {
+            bitcoin,
+            prices,
+            homes,
+            nodes,
+            peers,
+            mediator_home,
+            mediator: None,
+            listen: "/ip4/127.0.0.1/tcp/0".into(),
+            clients: Vec::new(),
+            _client_homes: Vec::new(),
+            bytes: Default::default(),
+            miner: None,
+        };
+        net.start_mediator();
+        let addr = net.mediator.as_ref().unwrap().addr.clone();
+        net.listen = addr.rsplit_once("/p2p/").unwrap().0.to_owned();
+        let miner_address = net.bitcoin.cli(&["getnewaddress"]);
+        net.miner = Some(regtest::Miner::start(&net.bitcoin, &miner_address));
 
-    // Two clients, redundancy 2, each with 0.1 coin in escrow and a file of its own.
-    let client_env = [
-        ("FINCRYPT_MEDIATOR", mediator.addr.as_str()),
-        ("FINCRYPT_PERIOD", PERIOD),
-        ("FINCRYPT_REDUNDANCY", "2"),
-        ("FINCRYPT_REPLICATE_INTERVAL", "1"),
-        // Nothing new to place once the file is: the bytes held stay put.
-        ("FINCRYPT_SNAPSHOT_INTERVAL", "0"),
-        ("FINCRYPT_PUBLISH_INTERVAL", "0"),
-    ];
-    let mut clients = Vec::new();
-    let mut ids = Vec::new();
-    for i in 0..2u64 {
-        let m = Mount::start_with(init_home(), mount_opts(&nodes, &client_env));
-        let address = ctl_json(m.home(), &["mediator", "deposit-address"])["address"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        bitcoin.cli(&["sendtoaddress", &address, "0.1"]);
-        wait_until("the deposit in escrow", Duration::from_secs(60), || {
-            ctl_json(m.home(), &["mediator", "balance"])["escrow_sats"] == 10_000_000
-        });
-        std::fs::write(m.path().join("data"), random_bytes(40 + i, 4 << 20)).unwrap();
-        ctl_ok(m.home(), &["sync"]);
-        ids.push(status(m.home())["peer_id"].as_str().unwrap().to_owned());
-        clients.push(m);
-    }
+        // Two clients, each with 0.1 coin in escrow and a file of its own.
+        let client_env = [
+            ("FINCRYPT_MEDIATOR", addr.as_str()),
+            ("FINCRYPT_PERIOD", PERIOD),
+            ("FINCRYPT_REDUNDANCY", "2"),
+            ("FINCRYPT_REPLICATE_INTERVAL", "1"),
+            // Nothing new to place once the file is: the bytes held stay put.
+            ("FINCRYPT_SNAPSHOT_INTERVAL", "0"),
+            ("FINCRYPT_PUBLISH_INTERVAL", "0"),
+        ];
+        let mut mounts = Vec::new();
+        for i in 0..2u64 {
+            let m = Mount::start_with(init_home(), mount_opts(&net.nodes, &client_env));
+            let address = ctl_json(m.home(), &["mediator", "deposit-address"])["address"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            net.bitcoin.cli(&["sendtoaddress", &address, "0.1"]);
+            wait_until("the deposit in escrow", Duration::from_secs(60), || {
+                ctl_json(m.home(), &["mediator", "balance"])["escrow_sats"] == DEPOSIT
+            });
+            std::fs::write(m.path().join("data"), random_bytes(40 + i, 4 << 20)).unwrap();
+            ctl_ok(m.home(), &["sync"]);
+            net.clients
+                .push(status(m.home())["peer_id"].as_str().unwrap().to_owned());
+            mounts.push(m);
+        }
 
-    // The mediator puts both files on the two cheaper nodes; the dear one
-    // gets only what wants a third copy (metadata).
-    let held = |i: usize| number(&status(homes[i].path()), "held_bytes");
-    let mut last = (0, 0, 0);
-    let mut steady_since = std::time::Instant::now();
-    wait_until(
-        "both files placed on the two cheaper nodes",
-        Duration::from_secs(180),
-        || {
-            let now = (held(0), held(1), held(2));
-            if now != last {
-                last = now;
-                steady_since = std::time::Instant::now();
+        // The mediator puts both files on the two cheaper nodes; the dear
+        // one gets only what wants a third copy (metadata).
+        let mut last = (0, 0);
+        let mut steady_since = std::time::Instant::now();
+        wait_until(
+            "both files placed on the two cheaper nodes",
+            Duration::from_secs(180),
+            || {
+                let now = (net.held(0), net.held(1));
+                if now != last {
+                    last = now;
+                    steady_since = std::time::Instant::now();
+                }
+                now.0 >= 8 << 20
+                    && now.1 >= 8 << 20
+                    && steady_since.elapsed() > Duration::from_secs(3)
+                    && mounts
+                        .iter()
+                        .all(|m| number(&status(m.home()), "mediator_reports_waiting") == 0)
+            },
+        );
+        assert!(
+            net.held(2) < (8 << 20) / 20,
+            "the dear node holds data: {}",
+            net.held(2)
+        );
+        for id in net.clients.clone() {
+            for i in 0..2 {
+                let b = net.holder_view(i, &id)["bytes"].as_u64().unwrap();
+                assert!(b >= 4 << 20, "holder {i} keeps {b} bytes of {id}");
+                net.bytes.insert((id.clone(), net.peers[i].clone()), b);
             }
-            now.0 >= 8 << 20
-                && now.1 >= 8 << 20
-                && steady_since.elapsed() > Duration::from_secs(3)
-                && clients
-                    .iter()
-                    .all(|m| number(&status(m.home()), "mediator_reports_waiting") == 0)
-        },
-    );
-    assert!(
-        held(2) < (8 << 20) / 20,
-        "the dear node holds data: {}",
-        held(2)
-    );
-    // Each client's contracts, as the holders count them.
-    let holder_view = |i: usize, client: &str| -> serde_json::Value {
-        ctl_json(homes[i].path(), &["market", "contracts"])
+        }
+        // Both clients go away.
+        net._client_homes = mounts.into_iter().map(|m| m.unmount()).collect();
+        net
+    }
+
+    fn start_mediator(&mut self) {
+        let mut args = vec!["--listen", self.listen.as_str(), "--fee", "1.5"];
+        for n in &self.nodes {
+            args.extend(["--bootstrap", n.addr.as_str()]);
+        }
+        let env = self.bitcoin.env.clone();
+        self.mediator = Some(node_with(
+            self.mediator_home.path(),
+            "mediator",
+            &args,
+            |cmd| {
+                cmd.envs(env).env("FINCRYPT_PERIOD", PERIOD);
+            },
+        ));
+        let home = self.mediator_home.path();
+        wait_until("the mediator answers", Duration::from_secs(30), || {
+            ctl(home, &["status"]).status.success()
+        });
+    }
+
+    fn held(&self, i: usize) -> u64 {
+        number(&status(self.homes[i].path()), "held_bytes")
+    }
+
+    /// Holder `i`'s contract for `client`.
+    fn holder_view(&self, i: usize, client: &str) -> serde_json::Value {
+        ctl_json(self.homes[i].path(), &["market", "contracts"])
             .as_array()
             .unwrap()
             .iter()
             .find(|c| c["owner"] == client)
             .unwrap_or_else(|| panic!("holder {i} has no contract for {client}"))
             .clone()
-    };
-    let mut bytes = std::collections::HashMap::new();
-    for id in &ids {
-        for (i, peer) in peers.iter().enumerate().take(2) {
-            let b = holder_view(i, id)["bytes"].as_u64().unwrap();
-            assert!(b >= 4 << 20, "holder {i} keeps {b} bytes of {id}");
-            bytes.insert((id.clone(), peer.clone()), b);
-        }
     }
 
-    // Both clients go away; the mediator audits and pays for them.
-    let homes_of_clients: Vec<tempfile::TempDir> =
-        clients.into_iter().map(|m| m.unmount()).collect();
-    let mut escrows = serde_json::Value::Null;
-    let paid_at_price = |e: &serde_json::Value, holder: &str| -> usize {
+    fn escrows(&self) -> serde_json::Value {
+        ctl_json(self.mediator_home.path(), &["mediator", "clients"])
+    }
+
+    /// Payments in `e` (a client's escrow) to `holder` at its price for
+    /// the bytes it keeps for that client.
+    fn paid_at_price(&self, e: &serde_json::Value, holder: &str) -> usize {
         let client = e["client"].as_str().unwrap();
-        let i = peers.iter().position(|p| p == holder).unwrap();
-        let want = due(prices[i], bytes[&(client.to_owned(), holder.to_owned())]);
+        let i = self.peers.iter().position(|p| p == holder).unwrap();
+        let want = due(
+            self.prices[i],
+            self.bytes[&(client.to_owned(), holder.to_owned())],
+        );
         e["payments"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|p| p["holder"] == holder && p["sats"].as_u64() == Some(want))
             .count()
-    };
+    }
+
+    /// Checks that each escrow came down by exactly what was paid for it
+    /// and the fee on that, that no satoshi is lost (escrows + payments +
+    /// fees = deposits) and that no period was paid twice; with `settled`,
+    /// first waits until no settlement is between its intent and its txid,
+    /// and checks the payments listed come to what was paid. The escrows.
+    fn escrows_add_up(&self, settled: bool) -> serde_json::Value {
+        let mut escrows = serde_json::Value::Null;
+        wait_until("the escrows add up", Duration::from_secs(60), || {
+            escrows = self.escrows();
+            let mut total = 0u64;
+            for e in escrows.as_array().unwrap() {
+                let mut seen = std::collections::HashSet::new();
+                let mut paid = 0;
+                for p in e["payments"].as_array().unwrap() {
+                    let key = (
+                        p["contract"].as_str().unwrap().to_owned(),
+                        p["period"].as_u64().unwrap(),
+                    );
+                    assert!(seen.insert(key), "a period paid twice: {e}");
+                    paid += p["sats"].as_u64().unwrap();
+                }
+                let n = |k: &str| e[k].as_u64().unwrap();
+                if settled && n("paid_sats") != paid {
+                    return false;
+                }
+                // (Paid includes a settlement being sent.)
+                assert!(n("paid_sats") >= paid, "{e}");
+                let paid = n("paid_sats");
+                let fee = paid * FEE_BP / 10_000;
+                assert_eq!(n("fees_sats"), fee, "{e}");
+                assert_eq!(n("escrow_sats"), DEPOSIT - paid - fee, "{e}");
+                total += n("escrow_sats") + paid + n("fees_sats");
+            }
+            assert_eq!(total, 2 * DEPOSIT, "{escrows}");
+            true
+        });
+        escrows
+    }
+
+    /// What each holder's wallet received is what the mediator recorded
+    /// paying it: no transaction the ledger does not know of, each for the
+    /// amount it says; and the holder counts the mediator's notices.
+    fn holders_got_what_was_recorded(&self) {
+        for (i, home) in self.homes.iter().enumerate().take(2) {
+            let income = ctl_json(home.path(), &["wallet"]);
+            // Read after the holder's: the mediator goes on paying.
+            let escrows = self.escrows();
+            let mut recorded: std::collections::HashMap<String, u64> = Default::default();
+            for e in escrows.as_array().unwrap() {
+                for p in e["payments"].as_array().unwrap() {
+                    if p["holder"] == self.peers[i].as_str() {
+                        *recorded
+                            .entry(p["txid"].as_str().unwrap().to_owned())
+                            .or_default() += p["sats"].as_u64().unwrap();
+                    }
+                }
+            }
+            for r in income["income"].as_array().unwrap() {
+                let txid = r["txid"].as_str().unwrap();
+                assert_eq!(
+                    recorded.get(txid).copied(),
+                    r["sats"].as_u64(),
+                    "holder {i} received {txid}: {income} against {escrows}"
+                );
+            }
+            for id in &self.clients {
+                wait_until(
+                    "the holder counts its payments",
+                    Duration::from_secs(60),
+                    || self.holder_view(i, id)["periods_paid"].as_u64().unwrap() >= 3,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_mediator_places_at_the_lowest_prices_and_pays_for_offline_clients_out_of_their_escrow() {
+    let mut net = Mediated::start();
+    // While both clients are offline, the mediator audits and pays for them.
     wait_until(
         "three periods paid to each holder for each client, while both are offline",
         Duration::from_secs(180),
         || {
-            escrows = ctl_json(mediator_home.path(), &["mediator", "clients"]);
-            escrows
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|e| paid_at_price(e, &peers[0]) >= 3 && paid_at_price(e, &peers[1]) >= 3)
+            net.escrows().as_array().unwrap().iter().all(|e| {
+                net.paid_at_price(e, &net.peers[0]) >= 3 && net.paid_at_price(e, &net.peers[1]) >= 3
+            })
         },
     );
-    // Every payment is at the price for the bytes held, each period once,
-    // and only to the two holders the mediator chose for data.
+    net.miner = None;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(net.bitcoin.mine(1));
+    let escrows = net.escrows_add_up(true);
+    // Every payment is at the price for the bytes held, and only to the two
+    // holders the mediator chose for data; one transaction pays for both
+    // clients.
     let mut by_tx: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
         Default::default();
     for e in escrows.as_array().unwrap() {
         let client = e["client"].as_str().unwrap().to_owned();
-        let mut seen = std::collections::HashSet::new();
         for p in e["payments"].as_array().unwrap() {
             let holder = p["holder"].as_str().unwrap();
-            let key = (
-                p["contract"].as_str().unwrap().to_owned(),
-                p["period"].as_u64().unwrap(),
-            );
-            assert!(seen.insert(key), "a period paid twice: {e}");
-            let Some(i) = peers.iter().position(|x| x == holder) else {
+            let Some(i) = net.peers.iter().position(|x| x == holder) else {
                 panic!("paid a stranger: {e}");
             };
             if i < 2 {
-                let want = due(prices[i], bytes[&(client.clone(), holder.to_owned())]);
+                let want = due(
+                    net.prices[i],
+                    net.bytes[&(client.clone(), holder.to_owned())],
+                );
                 assert_eq!(p["sats"].as_u64(), Some(want), "{e}");
             }
             by_tx
@@ -338,7 +489,7 @@ fn a_mediator_places_at_the_lowest_prices_and_pays_for_offline_clients_out_of_th
         by_tx.values().any(|c| c.len() == 2),
         "one transaction pays for both clients: {by_tx:?}"
     );
-    let settlements = ctl_json(mediator_home.path(), &["mediator", "periods"]);
+    let settlements = ctl_json(net.mediator_home.path(), &["mediator", "periods"]);
     assert!(
         settlements
             .as_array()
@@ -347,71 +498,10 @@ fn a_mediator_places_at_the_lowest_prices_and_pays_for_offline_clients_out_of_th
             .any(|s| s["state"] == "sent" && s["clients"] == 2),
         "{settlements}"
     );
-
-    // Each escrow came down by exactly its payments and the 1.5 % fee on
-    // them, and no satoshi is lost: escrows + payments + fees = deposits.
-    // (Read again until no settlement is between its intent and its txid.)
-    drop(miner);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(bitcoin.mine(1));
-    wait_until("the escrows add up", Duration::from_secs(60), || {
-        escrows = ctl_json(mediator_home.path(), &["mediator", "clients"]);
-        let mut total = 0u64;
-        for e in escrows.as_array().unwrap() {
-            let paid: u64 = e["payments"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p["sats"].as_u64().unwrap())
-                .sum();
-            let n = |k: &str| e[k].as_u64().unwrap();
-            if n("paid_sats") != paid {
-                return false;
-            }
-            assert_eq!(n("fees_sats"), paid * 150 / 10_000, "{e}");
-            assert_eq!(
-                n("escrow_sats"),
-                10_000_000 - paid - paid * 150 / 10_000,
-                "{e}"
-            );
-            total += n("escrow_sats") + paid + n("fees_sats");
-        }
-        assert_eq!(total, 20_000_000, "{escrows}");
-        true
-    });
-    // Each holder's wallet got exactly what the mediator says it paid it,
-    // and the holder counts the mediator's notices as payments.
-    for (i, home) in homes.iter().enumerate().take(2) {
-        let mut sent = 0;
-        let mut txids = std::collections::BTreeSet::new();
-        for e in escrows.as_array().unwrap() {
-            for p in e["payments"].as_array().unwrap() {
-                if p["holder"] == peers[i].as_str() {
-                    sent += p["sats"].as_u64().unwrap();
-                    txids.insert(p["txid"].as_str().unwrap().to_owned());
-                }
-            }
-        }
-        let income = ctl_json(home.path(), &["wallet"]);
-        let got: u64 = income["income"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| txids.contains(r["txid"].as_str().unwrap()))
-            .map(|r| r["sats"].as_u64().unwrap())
-            .sum();
-        assert_eq!(got, sent, "holder {i}: {income}");
-        for id in &ids {
-            wait_until(
-                "the holder counts its payments",
-                Duration::from_secs(60),
-                || holder_view(i, id)["periods_paid"].as_u64().unwrap() >= 3,
-            );
-        }
-    }
+    net.holders_got_what_was_recorded();
     // Whoever runs the mediator sees the holders it audits.
-    let holders = ctl_json(mediator_home.path(), &["mediator", "holders"]);
-    for p in &peers[..2] {
+    let holders = ctl_json(net.mediator_home.path(), &["mediator", "holders"]);
+    for p in &net.peers[..2] {
         let h = holders
             .as_array()
             .unwrap()
@@ -423,6 +513,39 @@ fn a_mediator_places_at_the_lowest_prices_and_pays_for_offline_clients_out_of_th
         assert_eq!(h["audits_failed"], 0, "{h}");
         assert_eq!(h["state"], "active", "{h}");
     }
-    drop(homes_of_clients);
-    drop(nodes);
+}
+
+#[test]
+fn a_mediator_killed_ten_times_while_settling_pays_each_period_once_and_loses_no_escrow() {
+    let mut net = Mediated::start();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill moments from seed {seed}");
+    let mut rng = Rng::new(seed);
+    for _ in 0..10 {
+        // A moment within the next period: the mediator settles five times a period.
+        std::thread::sleep(Duration::from_millis(rng.range(200, 4_000)));
+        let mut m = net.mediator.take().unwrap();
+        m.child.kill().expect("SIGKILL");
+        let _ = m.child.wait();
+        drop(m);
+        net.start_mediator();
+        net.escrows_add_up(false);
+    }
+    wait_until(
+        "periods paid to each holder for each client after the kills",
+        Duration::from_secs(180),
+        || {
+            net.escrows().as_array().unwrap().iter().all(|e| {
+                net.paid_at_price(e, &net.peers[0]) >= 3 && net.paid_at_price(e, &net.peers[1]) >= 3
+            })
+        },
+    );
+    net.miner = None;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(net.bitcoin.mine(1));
+    net.escrows_add_up(true);
+    net.holders_got_what_was_recorded();
 }
