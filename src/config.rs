@@ -333,6 +333,9 @@ pub struct Config {
     /// A mediator places nothing new for a client whose escrow pays for
     /// fewer periods.
     pub min_escrow_periods: u64,
+    /// A mediator tells a client its escrow is low when it pays for fewer
+    /// periods than this.
+    pub grace_periods: u64,
 }
 
 /// Refuses a `config.toml` with a setting Fincrypt does not know (a
@@ -469,6 +472,8 @@ impl Default for Config {
             // One wrong proof among the last few audits is enough.
             min_audit_score: 0.6,
             min_escrow_periods: 1,
+            // A day of hourly periods.
+            grace_periods: 24,
         }
     }
 }
@@ -726,10 +731,12 @@ impl Config {
              # the lowest first), places on accept_holders only if set, never on\n\
              # deny_holders nor on a holder whose audit score is under\n\
              # min_audit_score, and only for clients whose escrow pays for\n\
-             # min_escrow_periods periods.\n\
+             # min_escrow_periods periods; it tells a client whose escrow pays for\n\
+             # fewer than grace_periods periods that it runs low.\n\
              # deny_holders = [\"12D3KooW...\"]\n\
              min_audit_score = {}\n\
              min_escrow_periods = {}\n\
+             grace_periods = {}\n\
              \n\
              # The Bitcoin node whose wallet pays and is paid (JSON-RPC), e.g.\n\
              # bitcoin_rpc_url = \"http://127.0.0.1:8332\"\n\
@@ -757,7 +764,8 @@ impl Config {
             d.min_payout,
             d.unpaid_periods,
             d.min_audit_score,
-            d.min_escrow_periods
+            d.min_escrow_periods,
+            d.grace_periods
         )
     }
 }

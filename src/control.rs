@@ -219,6 +219,20 @@ pub struct Status {
     /// A mount: placements and releases not yet reported to its mediator.
     #[serde(default)]
     pub mediator_reports_waiting: u64,
+    /// A mount: blocks its mediator moved off failing holders while it was
+    /// away, taken into its manifest since it started.
+    #[serde(default)]
+    pub mediator_moves_taken: u64,
+    /// A mount: its escrow at its mediator and the periods it pays for, as
+    /// last asked (once a minute; none before the first answer).
+    #[serde(default)]
+    pub mediator_escrow_sats: Option<u64>,
+    #[serde(default)]
+    pub mediator_funded_periods: Option<u64>,
+    /// A mount: its escrow pays for fewer periods than the mediator's
+    /// `grace_periods`.
+    #[serde(default)]
+    pub mediator_low_escrow: bool,
     /// The highest root record sequence this mount published (0: none yet).
     pub root_sequence: u64,
     /// The snapshot the last root record published from here names, by its

@@ -611,6 +611,12 @@ impl Daemon {
                     status.mediator = m.address().to_string();
                     status.mediator_note = m.note();
                     status.mediator_reports_waiting = m.waiting()?;
+                    status.mediator_moves_taken = m.moves_taken();
+                    if let Some(e) = m.escrow() {
+                        status.mediator_escrow_sats = Some(e.escrow_sats);
+                        status.mediator_funded_periods = Some(e.funded_periods);
+                        status.mediator_low_escrow = e.low;
+                    }
                 }
                 status.peers = net.connected_peers(&self.runtime);
                 status.root_sequence = net.publisher.sequence()?;

@@ -292,6 +292,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     deny_holders,
                     min_audit_score: config.min_audit_score,
                     min_escrow_periods: config.min_escrow_periods,
+                    grace_periods: config.grace_periods,
                     settings: config.owner_settings()?,
                     bitcoin: config.bitcoin_rpc()?,
                 },

@@ -39,6 +39,8 @@ pub struct MediatorArgs {
     pub min_audit_score: f64,
     /// No new placements for a client whose escrow pays for fewer periods.
     pub min_escrow_periods: u64,
+    /// A client whose escrow pays for fewer periods is told it is low.
+    pub grace_periods: u64,
     /// Prices, periods, challenges and payouts (the owner's settings).
     pub settings: OwnerSettings,
     /// The Bitcoin node's wallet.
@@ -121,6 +123,7 @@ async fn run(home: &Home, args: MediatorArgs) -> Result<()> {
         deny_holders: args.deny_holders.into_iter().collect(),
         min_audit_score: args.min_audit_score,
         min_escrow_periods: args.min_escrow_periods,
+        grace_periods: args.grace_periods,
         fee_basis_points: fee_basis_points(args.fee_percent)?,
         min_conf: MIN_CONF,
     };

@@ -157,7 +157,7 @@ fn a_client_deposits_at_its_mediator_and_sees_its_escrow() {
 
 /// The length of a period in the paid network below, in seconds.
 const PERIOD: &str = "4";
-/// What each client deposits: 0.1 coin.
+/// What each client deposits unless a test says otherwise: 0.1 coin.
 const DEPOSIT: u64 = 10_000_000;
 /// The mediator's fee: 1.5 %.
 const FEE_BP: u64 = 150;
@@ -182,16 +182,51 @@ struct Mediated {
     mediator: Option<Served>,
     /// Its listen address, without the PeerId (to restart it there).
     listen: String,
-    /// The clients' PeerIds and homes (unmounted).
+    /// The clients' PeerIds, homes (unmounted) and settings.
     clients: Vec<String>,
-    _client_homes: Vec<tempfile::TempDir>,
+    client_homes: Vec<tempfile::TempDir>,
+    client_env: Vec<(String, String)>,
+    /// Settings of the mediator.
+    mediator_env: Vec<(String, String)>,
+    /// What each client deposited, in satoshis.
+    deposit: u64,
     /// Bytes each holder keeps for each client: (client, holder) -> bytes.
     bytes: std::collections::HashMap<(String, String), u64>,
     miner: Option<regtest::Miner>,
 }
 
+/// How a [`Mediated`] network differs from the plain one.
+struct Setup<'a> {
+    /// Settings of the mediator.
+    mediator: &'a [(&'a str, &'a str)],
+    /// Settings of each storage node.
+    nodes: &'a [(&'a str, &'a str)],
+    /// What each client deposits, in satoshis.
+    deposit: u64,
+}
+
+impl Default for Setup<'_> {
+    fn default() -> Self {
+        Setup {
+            mediator: &[],
+            // A mediator killed again and again pays late: the nodes wait.
+            nodes: &[("FINCRYPT_UNPAID_PERIODS", "1000000")],
+            deposit: DEPOSIT,
+        }
+    }
+}
+
 impl Mediated {
     fn start() -> Mediated {
+        Mediated::start_with(Setup::default())
+    }
+
+    fn start_with(setup: Setup) -> Mediated {
+        let Setup {
+            mediator: mediator_env,
+            nodes: node_env,
+            deposit,
+        } = setup;
         let bitcoin = std::sync::Arc::new(regtest::Regtest::start());
         let prices = [100_000u64, 200_000, 500_000];
         let homes: Vec<tempfile::TempDir> = prices
@@ -214,9 +249,7 @@ impl Mediated {
                 serve_with(home.path(), &args, |cmd| {
                     cmd.envs(bitcoin.env.clone())
                         .env("FINCRYPT_PERIOD", PERIOD)
-                        // A mediator killed again and again pays late: the
-                        // nodes wait.
-                        .env("FINCRYPT_UNPAID_PERIODS", "1000000");
+                        .envs(node_env.iter().copied());
                 })
             })
             .collect();
@@ -235,7 +268,13 @@ impl Mediated {
             mediator: None,
             listen: "/ip4/127.0.0.1/tcp/0".into(),
             clients: Vec::new(),
-            _client_homes: Vec::new(),
+            client_homes: Vec::new(),
+            client_env: Vec::new(),
+            mediator_env: mediator_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            deposit,
             bytes: Default::default(),
             miner: None,
         };
@@ -255,6 +294,10 @@ impl Mediated {
             ("FINCRYPT_SNAPSHOT_INTERVAL", "0"),
             ("FINCRYPT_PUBLISH_INTERVAL", "0"),
         ];
+        net.client_env = client_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut mounts = Vec::new();
         for i in 0..2u64 {
             let m = Mount::start_with(init_home(), mount_opts(&net.nodes, &client_env));
@@ -262,9 +305,10 @@ impl Mediated {
                 .as_str()
                 .unwrap()
                 .to_owned();
-            net.bitcoin.cli(&["sendtoaddress", &address, "0.1"]);
+            let coins = format!("{}.{:08}", deposit / 100_000_000, deposit % 100_000_000);
+            net.bitcoin.cli(&["sendtoaddress", &address, &coins]);
             wait_until("the deposit in escrow", Duration::from_secs(60), || {
-                ctl_json(m.home(), &["mediator", "balance"])["escrow_sats"] == DEPOSIT
+                ctl_json(m.home(), &["mediator", "balance"])["escrow_sats"] == deposit
             });
             std::fs::write(m.path().join("data"), random_bytes(40 + i, 4 << 20)).unwrap();
             ctl_ok(m.home(), &["sync"]);
@@ -301,13 +345,21 @@ impl Mediated {
         );
         for id in net.clients.clone() {
             for i in 0..2 {
-                let b = net.holder_view(i, &id)["bytes"].as_u64().unwrap();
-                assert!(b >= 4 << 20, "holder {i} keeps {b} bytes of {id}");
+                // (A holder samples what it keeps a few times a period.)
+                let mut b = 0;
+                wait_until(
+                    "the holder counts the whole file",
+                    Duration::from_secs(60),
+                    || {
+                        b = net.holder_view(i, &id)["bytes"].as_u64().unwrap();
+                        b >= 4 << 20
+                    },
+                );
                 net.bytes.insert((id.clone(), net.peers[i].clone()), b);
             }
         }
         // Both clients go away.
-        net._client_homes = mounts.into_iter().map(|m| m.unmount()).collect();
+        net.client_homes = mounts.into_iter().map(|m| m.unmount()).collect();
         net
     }
 
@@ -316,7 +368,8 @@ impl Mediated {
         for n in &self.nodes {
             args.extend(["--bootstrap", n.addr.as_str()]);
         }
-        let env = self.bitcoin.env.clone();
+        let mut env = self.bitcoin.env.clone();
+        env.extend(self.mediator_env.iter().cloned());
         self.mediator = Some(node_with(
             self.mediator_home.path(),
             "mediator",
@@ -329,6 +382,17 @@ impl Mediated {
         wait_until("the mediator answers", Duration::from_secs(30), || {
             ctl(home, &["status"]).status.success()
         });
+    }
+
+    /// Client `i` mounted again.
+    fn client_back(&mut self, i: usize) -> Mount {
+        let home = self.client_homes.remove(i);
+        let env: Vec<(&str, &str)> = self
+            .client_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Mount::start_with(home, mount_opts(&self.nodes, &env))
     }
 
     fn held(&self, i: usize) -> u64 {
@@ -397,10 +461,10 @@ impl Mediated {
                 let paid = n("paid_sats");
                 let fee = paid * FEE_BP / 10_000;
                 assert_eq!(n("fees_sats"), fee, "{e}");
-                assert_eq!(n("escrow_sats"), DEPOSIT - paid - fee, "{e}");
+                assert_eq!(n("escrow_sats"), self.deposit - paid - fee, "{e}");
                 total += n("escrow_sats") + paid + n("fees_sats");
             }
-            assert_eq!(total, 2 * DEPOSIT, "{escrows}");
+            assert_eq!(total, 2 * self.deposit, "{escrows}");
             true
         });
         escrows
@@ -548,4 +612,173 @@ fn a_mediator_killed_ten_times_while_settling_pays_each_period_once_and_loses_no
     rt.block_on(net.bitcoin.mine(1));
     net.escrows_add_up(true);
     net.holders_got_what_was_recorded();
+}
+
+/// Payments in `escrows` to `holder`, for every client.
+fn payments_to(escrows: &serde_json::Value, holder: &str) -> usize {
+    escrows
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|e| e["payments"].as_array().unwrap().iter())
+        .filter(|p| p["holder"] == holder)
+        .count()
+}
+
+#[test]
+fn a_holder_that_loses_blocks_while_its_clients_are_away_is_unpaid_and_its_blocks_move() {
+    // One wrong proof among a few audits puts a holder under 0.99.
+    let mut net = Mediated::start_with(Setup {
+        mediator: &[("FINCRYPT_MIN_AUDIT_SCORE", "0.99")],
+        ..Setup::default()
+    });
+    let (h0, h1) = (net.peers[0].clone(), net.peers[1].clone());
+    wait_until("a period paid to holder 1", Duration::from_secs(60), || {
+        payments_to(&net.escrows(), &h1) > 0
+    });
+    // Holder 1's held blocks now hold zeros.
+    let mut files = Vec::new();
+    files_under(&net.homes[1].path().join("held").join("blocks"), &mut files);
+    assert!(!files.is_empty(), "holder 1 holds blocks");
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len() as usize;
+        std::fs::write(f, vec![0u8; len]).unwrap();
+    }
+    // The mediator's audits catch it: its contracts end, and it gets no
+    // new blocks from this mediator.
+    wait_until(
+        "holder 1 caught by an audit",
+        Duration::from_secs(60),
+        || {
+            let holders = ctl_json(net.mediator_home.path(), &["mediator", "holders"]);
+            holders.as_array().unwrap().iter().any(|h| {
+                h["peer"] == h1.as_str()
+                    && h["audits_failed"].as_u64().unwrap() >= 1
+                    && h["state"].as_str().unwrap().contains("contracts ended")
+                    && h["state"].as_str().unwrap().contains("min_audit_score")
+            })
+        },
+    );
+    // The blocks it lost are copied from holder 0 to the only other node,
+    // for both clients.
+    wait_until(
+        "the lost data on the third node",
+        Duration::from_secs(120),
+        || net.held(2) >= 8 << 20,
+    );
+    // It is paid no more, while holder 0 goes on being paid.
+    let mut before = (0, 0);
+    wait_until("holder 0 paid on", Duration::from_secs(60), || {
+        let e = net.escrows();
+        before = (payments_to(&e, &h0), payments_to(&e, &h1));
+        before.0 > 0
+    });
+    wait_until(
+        "three more periods paid to holder 0 for each client",
+        Duration::from_secs(120),
+        || payments_to(&net.escrows(), &h0) >= before.0 + 6,
+    );
+    let settled = payments_to(&net.escrows(), &h1);
+    wait_until(
+        "two more periods paid to holder 0 for each client",
+        Duration::from_secs(120),
+        || payments_to(&net.escrows(), &h0) >= before.0 + 10,
+    );
+    assert_eq!(
+        payments_to(&net.escrows(), &h1),
+        settled,
+        "holder 1 paid after it lost its blocks"
+    );
+
+    // A client that comes back finds the new holders in its manifest.
+    let m = net.client_back(0);
+    let mut moved = 0;
+    wait_until("the moves taken", Duration::from_secs(90), || {
+        moved = number(&status(m.home()), "mediator_moves_taken");
+        moved > 0
+    });
+    ctl_ok(m.home(), &["sync"]);
+    let manifest = ctl_json(m.home(), &["manifest"]);
+    let h2 = net.peers[2].as_str();
+    let now_on_2 = manifest["manifest"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| {
+            let holders: Vec<&str> = b["holders"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| h.as_str().unwrap())
+                .collect();
+            holders.contains(&h0.as_str())
+                && holders.contains(&h2)
+                && !holders.contains(&h1.as_str())
+        })
+        .count() as u64;
+    assert!(
+        now_on_2 >= moved,
+        "{moved} moves taken, {now_on_2} blocks on holders 0 and 2: {manifest}"
+    );
+    drop(m);
+}
+
+#[test]
+fn a_client_whose_escrow_runs_low_is_told_and_is_cut_by_its_holders_once_it_is_spent() {
+    // 10,000 sats pay for about eight periods of a client's two 4 MiB
+    // copies; a client is told it is low under 1,000 periods, and a node
+    // cuts an owner after two periods unpaid.
+    let mut net = Mediated::start_with(Setup {
+        mediator: &[("FINCRYPT_GRACE_PERIODS", "1000")],
+        nodes: &[("FINCRYPT_UNPAID_PERIODS", "2")],
+        deposit: 10_000,
+    });
+    // A client that comes back online is told, in its status and its log.
+    let m = net.client_back(0);
+    wait_until("the low escrow shown", Duration::from_secs(90), || {
+        status(m.home())["mediator_low_escrow"] == true
+    });
+    assert!(
+        m.stderr().contains("escrow at the mediator is low"),
+        "{}",
+        m.stderr()
+    );
+    let balance = ctl_ok(m.home(), &["mediator", "balance"]);
+    assert!(balance.contains("LOW"), "{balance}");
+    // Once spent, nothing more is paid for the client: its holders count
+    // the periods unpaid and cut it (later, they release its blocks).
+    let other = net.clients[1].clone();
+    wait_until(
+        "the offline client cut by its holders",
+        Duration::from_secs(180),
+        || {
+            (0..2).all(|i| {
+                net.holder_view(i, &other)["state"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("cut")
+            })
+        },
+    );
+    // Not a satoshi beyond the deposits was paid.
+    let escrows = net.escrows_add_up(true);
+    for e in escrows.as_array().unwrap() {
+        assert!(
+            e["escrow_sats"].as_u64().unwrap() < e["cost_per_period"].as_u64().unwrap(),
+            "{e}"
+        );
+    }
+    // And the mediator places nothing new for a client it cannot pay for.
+    std::fs::write(m.path().join("more"), random_bytes(99, 1 << 20)).unwrap();
+    ctl_ok(m.home(), &["sync"]);
+    wait_until(
+        "new placements refused, with the reason",
+        Duration::from_secs(60),
+        || {
+            status(m.home())["mediator_note"]
+                .as_str()
+                .unwrap()
+                .contains("escrow")
+        },
+    );
 }

@@ -789,6 +789,24 @@ impl Terms for HolderTerms {
         }
     }
 
+    fn admits_for(&self, payer: &PeerId, owner: &PeerId) -> Result<(), ErrorCode> {
+        self.admits(owner)?;
+        let contracts = self.contracts().map_err(|e| {
+            tracing::error!(error = %e, "cannot read the contracts");
+            ErrorCode::Unavailable
+        })?;
+        let paid_by = contracts
+            .iter()
+            .any(|c| c.terms.owner().ok() == Some(*owner) && c.terms.payer().ok() == Some(*payer));
+        if paid_by {
+            Ok(())
+        } else {
+            Err(ErrorCode::refused(
+                "no contract here for that owner is paid by this node",
+            ))
+        }
+    }
+
     fn admits(&self, peer: &PeerId) -> Result<(), ErrorCode> {
         if self.asking.price == 0 {
             return Ok(());

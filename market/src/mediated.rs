@@ -7,7 +7,11 @@
 //! Reports are durable before the manifest names a holder
 //! ([`Market::persist`]): they wait in `DATA/mediated.redb` until the
 //! mediator has taken them, so a crash or an unreachable mediator loses
-//! none. The `mediator` worker sends them.
+//! none. The `mediator` worker sends them, and once a minute asks for the
+//! blocks the mediator moved off holders that failed its audits while the
+//! client was away: each goes into the manifest (the old holder out, to be
+//! asked to release it; the new one in) before the mediator is told to
+//! forget it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fincrypt_blockstore::Score;
-use fincrypt_engine::{Engine, Market, Step, Worker, Workers};
+use fincrypt_engine::{Engine, Manifest, Market, Step, Worker, Workers};
 use fincrypt_net::{Client, Multiaddr, PeerId};
 use futures::future::BoxFuture;
 use libp2p::identity::Keypair;
@@ -25,7 +29,10 @@ use tracing::{info, warn};
 
 use crate::MarketError;
 use crate::contract::consent;
-use crate::mediator::{Ask, MAX_REPORT, Placement, Reply, decode_reply, encode_ask};
+use crate::mediator::{Ask, Escrow, MAX_REPORT, Placement, Reply, decode_reply, encode_ask};
+
+/// How often the client asks for the blocks its mediator moved.
+const MOVES_EVERY: Duration = Duration::from_secs(60);
 use crate::signed::Signature;
 
 /// Placements not yet taken by the mediator: score and holder PeerId
@@ -61,6 +68,15 @@ pub struct MediatedMarket {
     note: Mutex<String>,
     /// Placements and releases the mediator took, since start.
     reported: AtomicU64,
+    /// The owner's manifest, once started.
+    manifest: std::sync::OnceLock<Arc<Manifest>>,
+    /// When moves were last asked for.
+    moves_asked: Mutex<Option<Instant>>,
+    /// Moves taken into the manifest, since start.
+    moves_taken: AtomicU64,
+    /// The escrow as last asked (with the moves), and whether its being low
+    /// was logged.
+    escrow: Mutex<(Option<Escrow>, bool)>,
 }
 
 fn key(peer: &PeerId, score: &Score) -> Vec<u8> {
@@ -96,11 +112,16 @@ impl MediatedMarket {
             choices: Mutex::new(HashMap::new()),
             note: Mutex::new(String::new()),
             reported: AtomicU64::new(0),
+            manifest: std::sync::OnceLock::new(),
+            moves_asked: Mutex::new(None),
+            moves_taken: AtomicU64::new(0),
+            escrow: Mutex::new((None, false)),
         }))
     }
 
     /// Has placement ask the mediator, and runs the `mediator` worker.
     pub fn start(self: &Arc<Self>, engine: &Arc<Engine>, workers: &Workers) {
+        let _ = self.manifest.set(engine.manifest().clone());
         engine.replicator.set_market(self.clone());
         workers.spawn(Reporter(self.clone()), REPORT_EVERY);
     }
@@ -156,6 +177,100 @@ impl MediatedMarket {
     /// Placements and releases the mediator took since start.
     pub fn reported(&self) -> u64 {
         self.reported.load(Ordering::Relaxed)
+    }
+
+    /// Moves of blocks by the mediator taken into the manifest since start.
+    pub fn moves_taken(&self) -> u64 {
+        self.moves_taken.load(Ordering::Relaxed)
+    }
+
+    /// The escrow as last asked (once a minute while mounted).
+    pub fn escrow(&self) -> Option<Escrow> {
+        self.escrow
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Asks the escrow, and warns once when it runs low.
+    async fn check_escrow(&self) -> Result<(), MarketError> {
+        let escrow = match self.ask(Ask::Balance).await? {
+            Reply::Balance(e) => e,
+            other => {
+                return Err(MarketError::Invalid(format!(
+                    "the mediator answered a balance with {other:?}"
+                )));
+            }
+        };
+        let mut kept = self.escrow.lock().unwrap_or_else(|p| p.into_inner());
+        if escrow.low && !kept.1 {
+            warn!(
+                escrow_sats = escrow.escrow_sats,
+                cost_per_period = escrow.cost_per_period,
+                funded_periods = escrow.funded_periods,
+                grace_periods = escrow.grace_periods,
+                address = %escrow.address,
+                "the escrow at the mediator is low: deposit more, or holders go unpaid and, \
+                 after their patience, release this client's blocks"
+            );
+        }
+        kept.1 = escrow.low;
+        kept.0 = Some(escrow);
+        Ok(())
+    }
+
+    /// Takes the blocks the mediator moved into the manifest, and tells it
+    /// so; how many. Asked once every [`MOVES_EVERY`], with the escrow.
+    pub async fn take_moves(&self) -> Result<u64, MarketError> {
+        let Some(manifest) = self.manifest.get() else {
+            return Ok(0);
+        };
+        {
+            let mut asked = self.moves_asked.lock().unwrap_or_else(|p| p.into_inner());
+            if asked.is_some_and(|at| at.elapsed() < MOVES_EVERY) {
+                return Ok(0);
+            }
+            *asked = Some(Instant::now());
+        }
+        self.check_escrow().await?;
+        let items = match self.ask(Ask::Moves).await? {
+            Reply::Moves { items } => items,
+            other => {
+                return Err(MarketError::Invalid(format!(
+                    "the mediator answered a question for moves with {other:?}"
+                )));
+            }
+        };
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let store = |e: fincrypt_engine::Error| MarketError::Store(e.to_string());
+        let mut scores = Vec::with_capacity(items.len());
+        for m in &items {
+            let (Ok(from), Ok(to)) = (PeerId::from_bytes(&m.from), PeerId::from_bytes(&m.to))
+            else {
+                return Err(MarketError::Invalid(
+                    "the mediator named a holder that is not a PeerId".into(),
+                ));
+            };
+            let score = Score(m.score);
+            // The old holder is asked to release it; the new one holds it.
+            manifest.drop_blocks(&from, &[score]).map_err(store)?;
+            let mut holders = manifest.holders(&score).map_err(store)?;
+            if !holders.contains(&to) {
+                holders.push(to);
+            }
+            manifest.set_many(&[(score, holders)]).map_err(store)?;
+            info!(block = %score, %from, %to, "the mediator moved a block while this client was away");
+            scores.push(m.score);
+        }
+        self.ask(Ask::MovesTaken { scores }).await?;
+        let n = items.len() as u64;
+        self.moves_taken.fetch_add(n, Ordering::Relaxed);
+        // More may wait: ask again at the next step.
+        *self.moves_asked.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(n)
     }
 
     async fn choose_inner(
@@ -335,6 +450,8 @@ impl Worker for Reporter {
     fn step(&mut self) -> BoxFuture<'_, Result<Step, String>> {
         Box::pin(async move {
             let (done, more) = self.0.report().await.map_err(|e| e.to_string())?;
+            let moved = self.0.take_moves().await.map_err(|e| e.to_string())?;
+            let (done, more) = (done + moved, more || moved > 0);
             Ok(if more {
                 Step::Busy { done }
             } else {

@@ -63,6 +63,9 @@ pub const MEDIATE_VERSION: u8 = 1;
 const CLIENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("clients");
 /// Holders by PeerId bytes: postcard [`AuditScore`].
 const AUDITS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("audits");
+/// Blocks the mediator moved while their client was away, until the client
+/// took note: client PeerId bytes ‖ score -> postcard [`Moved`].
+const MOVES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("moves");
 /// `version`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LEDGER_VERSION: u64 = 2;
@@ -70,8 +73,13 @@ const LEDGER_VERSION: u64 = 2;
 pub const MAX_CLIENTS: usize = 100_000;
 /// The most candidates one [`Ask::Choose`] may name.
 pub const MAX_CANDIDATES: usize = 256;
-/// The most placements one [`Ask::Report`] may carry.
+/// The most placements one [`Ask::Report`] may carry, and moves one
+/// [`Reply::Moves`] or [`Ask::MovesTaken`] may.
 pub const MAX_REPORT: usize = 1024;
+/// Blocks moved off holders at most per round.
+const MOVES_PER_ROUND: usize = 256;
+/// The longest the mediator waits for a block from, or to, a holder.
+const COPY_WAIT: Duration = Duration::from_secs(60);
 /// How long a client's escrow, read for its asks, is used before it is read again.
 const ESCROW_FRESH: Duration = Duration::from_secs(30);
 /// The longest the mediator waits for a holder's proof.
@@ -109,6 +117,21 @@ pub enum Ask {
     },
     /// Blocks the client put on, or released from, holders.
     Report { items: Vec<Placement> },
+    /// Which of my blocks did you move while I was away?
+    Moves,
+    /// I took note of these moves (scores): forget them.
+    MovesTaken { scores: Vec<[u8; 32]> },
+}
+
+/// A block the mediator copied from a surviving holder to a new one after
+/// its holder `from` failed an audit, for the client to put in its manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Moved {
+    pub score: [u8; 32],
+    /// The holder that lost it (PeerId bytes).
+    pub from: Vec<u8>,
+    /// The holder that keeps it now (PeerId bytes).
+    pub to: Vec<u8>,
 }
 
 /// One block on one holder, as a client reports it.
@@ -140,6 +163,10 @@ pub enum Reply {
     },
     /// A report was kept.
     Noted,
+    /// Blocks moved while the client was away (at most [`MAX_REPORT`]).
+    Moves {
+        items: Vec<Moved>,
+    },
 }
 
 /// A client's escrow, in satoshis.
@@ -168,6 +195,13 @@ pub struct Escrow {
     pub cost_per_period: u64,
     /// Periods the escrow pays for at that cost.
     pub funded_periods: u64,
+    /// The mediator's `grace_periods`: below that many funded periods the
+    /// escrow is low, and the client is told.
+    pub grace_periods: u64,
+    /// The escrow pays for fewer than `grace_periods` periods: once it pays
+    /// for none, the client's periods go unpaid and its holders cut it
+    /// (docs/ARCHITECTURE.md, "Mediator").
+    pub low: bool,
     /// Bytes the client placed under the mediator's contracts.
     pub bytes_placed: u64,
     /// Holders under contract for the client.
@@ -252,6 +286,8 @@ pub struct Rules {
     pub min_audit_score: f64,
     /// No new placements for a client whose escrow funds fewer periods.
     pub min_escrow_periods: u64,
+    /// A client whose escrow funds fewer periods is told its escrow is low.
+    pub grace_periods: u64,
     /// The fee, in hundredths of a percent of what is paid for a client.
     pub fee_basis_points: u32,
     /// Confirmations a deposit needs to count in the escrow.
@@ -555,6 +591,7 @@ impl<P: Payments + 'static> Mediator<P> {
             )?;
             txn.open_table(CLIENTS)?;
             txn.open_table(AUDITS)?;
+            txn.open_table(MOVES)?;
         }
         txn.commit()?;
         let db = Arc::new(db);
@@ -629,6 +666,10 @@ impl<P: Payments + 'static> Mediator<P> {
                 consent,
             } => self.choose(client, len, need, candidates, consent).await,
             Ask::Report { items } => self.report(client, items),
+            Ask::Moves => Ok(Reply::Moves {
+                items: self.moves_of(client)?,
+            }),
+            Ask::MovesTaken { scores } => self.moves_taken(client, &scores),
         }
     }
 
@@ -877,6 +918,8 @@ impl<P: Payments + 'static> Mediator<P> {
             e.payments = self.payments_of(client)?;
         }
         e.funded_periods = funded_periods(escrow, e.cost_per_period);
+        e.grace_periods = self.rules.grace_periods;
+        e.low = e.funded_periods < self.rules.grace_periods;
         self.escrows
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -934,6 +977,9 @@ impl<P: Payments + 'static> Mediator<P> {
                 }
             }
             rows.push((peer, row));
+        }
+        if let Err(e) = self.repair().await {
+            warn!(error = %e, "moving blocks off holders that failed audits failed");
         }
         // What each client's escrow can still pay: deposits, less paid and fees.
         let spent = self.spent()?;
@@ -996,6 +1042,153 @@ impl<P: Payments + 'static> Mediator<P> {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         Ok(audited)
+    }
+
+    /// `client`'s moves not yet taken, at most [`MAX_REPORT`].
+    fn moves_of(&self, client: &PeerId) -> Result<Vec<Moved>, MarketError> {
+        let prefix = client.to_bytes();
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(MOVES)?;
+        let mut out = Vec::new();
+        for row in t.range(prefix.as_slice()..)? {
+            let (k, v) = row?;
+            if !k.value().starts_with(&prefix) || out.len() == MAX_REPORT {
+                break;
+            }
+            out.push(
+                decode(v.value(), "a move row").map_err(|e| MarketError::Store(e.to_string()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn moves_taken(&self, client: &PeerId, scores: &[[u8; 32]]) -> Result<Reply, MarketError> {
+        if scores.len() > MAX_REPORT {
+            return Err(MarketError::Invalid(format!(
+                "{} moves at once; at most {MAX_REPORT}",
+                scores.len()
+            )));
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(MOVES)?;
+            for s in scores {
+                let mut key = client.to_bytes();
+                key.extend_from_slice(s);
+                t.remove(key.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(Reply::Noted)
+    }
+
+    /// Moves the blocks of contracts ended after a failed audit to other
+    /// holders: each is read from a holder that still keeps it under
+    /// another of the client's contracts (checked against its score), put
+    /// for the client on a holder the client's market chooses, and kept as
+    /// a move for the client to take. Returns how many blocks moved.
+    async fn repair(&self) -> Result<u64, MarketError> {
+        let ended = self.ledger.ended()?;
+        if ended.is_empty() {
+            return Ok(0);
+        }
+        let client = self.node()?;
+        let contracts = self.ledger.contracts()?;
+        let mut moved = 0u64;
+        let mut budget = MOVES_PER_ROUND;
+        for gone in contracts.iter().filter(|c| ended.contains_key(&c.terms.id)) {
+            let placed = self.ledger.placed(&gone.terms.id)?;
+            if placed.is_empty() || budget == 0 {
+                continue;
+            }
+            let owner = gone.terms.owner()?;
+            let from = gone.terms.holder()?;
+            let market = self.market_for(&owner)?;
+            // Where else each block is, under the client's live contracts.
+            let mut elsewhere: HashMap<Score, Vec<PeerId>> = HashMap::new();
+            for c in contracts
+                .iter()
+                .filter(|c| c.terms.owner().ok() == Some(owner) && !ended.contains_key(&c.terms.id))
+            {
+                let holder = c.terms.holder()?;
+                for (s, _) in self.ledger.placed(&c.terms.id)? {
+                    elsewhere.entry(s).or_default().push(holder);
+                }
+            }
+            for (score, len) in placed.into_iter().take(budget) {
+                budget -= 1;
+                let Some(sources) = elsewhere.get(&score) else {
+                    info!(client = %owner, block = %score, "no other holder keeps a block to move; the client places it again");
+                    continue;
+                };
+                let mut data = None;
+                for s in sources {
+                    match tokio::time::timeout(COPY_WAIT, client.get(*s, score)).await {
+                        Ok(Ok(d)) if Score::of(&d) == score => {
+                            data = Some(d);
+                            break;
+                        }
+                        Ok(Ok(_)) => {
+                            warn!(holder = %s, block = %score, "a holder sent a block that is not its score")
+                        }
+                        Ok(Err(e)) => info!(holder = %s, error = %e, "cannot read a block to move"),
+                        Err(_) => info!(holder = %s, "a block to move did not come in time"),
+                    }
+                }
+                let Some(data) = data else {
+                    continue;
+                };
+                let closest = match client.closest_peers(score).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        info!(error = %e, "no closest peers to move a block to");
+                        continue;
+                    }
+                };
+                let candidates: Vec<(PeerId, u64)> = closest
+                    .into_iter()
+                    .filter(|p| *p != from && !sources.contains(p))
+                    .map(|p| (p, u64::MAX))
+                    .collect();
+                let chosen = market.choose(len, 1, candidates).await;
+                let mut to = None;
+                for (peer, _) in chosen {
+                    let put = client.put_for(peer, owner, score, data.clone());
+                    match tokio::time::timeout(COPY_WAIT, put).await {
+                        Ok(Ok(())) => {
+                            to = Some(peer);
+                            break;
+                        }
+                        Ok(Err(e)) => {
+                            info!(holder = %peer, error = %e, "a holder did not take a moved block")
+                        }
+                        Err(_) => info!(holder = %peer, "a moved block was not taken in time"),
+                    }
+                }
+                let Some(to) = to else {
+                    continue;
+                };
+                market.placed(&to, &score, len);
+                market.persist().map_err(MarketError::Store)?;
+                self.ledger.forget_placed(&gone.terms.id, &[score])?;
+                let row = Moved {
+                    score: score.0,
+                    from: from.to_bytes(),
+                    to: to.to_bytes(),
+                };
+                let txn = self.db.begin_write()?;
+                {
+                    let mut key = owner.to_bytes();
+                    key.extend_from_slice(&score.0);
+                    txn.open_table(MOVES)?
+                        .insert(key.as_slice(), encode(&row)?.as_slice())?;
+                }
+                txn.commit()?;
+                info!(client = %owner, block = %score, %from, %to, "moved a block off a holder that failed an audit");
+                moved += 1;
+            }
+        }
+        Ok(moved)
     }
 
     /// The last settlement's outcome, in words.
@@ -1069,13 +1262,17 @@ impl<P: Payments + 'static> Mediator<P> {
             v.audits_passed = a.passed;
             v.audits_failed = a.failed;
             let audit = audits.get(&holder).copied();
-            v.state = match (
-                ended.get(&holder),
-                self.rules.refuses_holder(&holder, audit),
-            ) {
-                (Some(n), _) => format!("contracts ended after a failed audit: {n}"),
-                (None, Some(why)) => format!("no new blocks: {why}"),
-                (None, None) => "active".into(),
+            let mut state = Vec::new();
+            if let Some(n) = ended.get(&holder) {
+                state.push(format!("contracts ended after a failed audit: {n}"));
+            }
+            if let Some(why) = self.rules.refuses_holder(&holder, audit) {
+                state.push(format!("no new blocks: {why}"));
+            }
+            v.state = if state.is_empty() {
+                "active".into()
+            } else {
+                state.join("; ")
             };
             out.push(v);
         }

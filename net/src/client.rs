@@ -277,6 +277,25 @@ impl Client {
         }
     }
 
+    /// Puts a block on `peer` for `owner`, under a contract of the owner's
+    /// there that this node pays (see [`Request::PutFor`]).
+    pub async fn put_for(
+        &self,
+        peer: PeerId,
+        owner: PeerId,
+        score: Score,
+        data: Bytes,
+    ) -> Result<(), Error> {
+        let owner = owner.to_bytes();
+        match self
+            .request(peer, Request::PutFor { owner, score, data })
+            .await?
+        {
+            Response::Stored => Ok(()),
+            other => Err(unexpected(peer, &other)),
+        }
+    }
+
     /// Fetches a block from `peer`, checked against its score.
     ///
     /// Bytes that do not match are [`Error::Corrupt`]: a lying or damaged holder

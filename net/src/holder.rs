@@ -83,6 +83,9 @@ pub trait Terms: Send + Sync {
     fn admits(&self, peer: &PeerId) -> Result<(), ErrorCode>;
     /// Takes note of `peer`'s notice that it paid for periods of its contract.
     fn paid(&self, peer: &PeerId, notice: &[u8]) -> Result<(), ErrorCode>;
+    /// Whether `payer` may place blocks here for `owner`: the owner is
+    /// admitted, and one of its contracts here is paid by `payer`.
+    fn admits_for(&self, payer: &PeerId, owner: &PeerId) -> Result<(), ErrorCode>;
 }
 
 /// Serves other peers' blocks from a local volume; cheap to clone.
@@ -389,6 +392,19 @@ impl Inner {
             Request::Mediate { .. } => Err(ErrorCode::refused(
                 "this node is no mediator: it keeps blocks",
             )),
+            Request::PutFor { owner, score, data } => match PeerId::from_bytes(&owner) {
+                Err(_) => Err(ErrorCode::bad_request("the owner is not a PeerId")),
+                Ok(owner) if !self.accepts(&owner) => Err(ErrorCode::Full { free: 0 }),
+                Ok(owner) => match &terms {
+                    Some(t) => t
+                        .admits_for(&peer, &owner)
+                        .and_then(|()| self.put(owner, score, data))
+                        .map(|()| Response::Stored),
+                    None => Err(ErrorCode::refused(
+                        "this node stores for free: only an owner places its blocks here",
+                    )),
+                },
+            },
             Request::Paid { notice } => match &terms {
                 Some(t) => t.paid(&peer, &notice).map(|()| Response::Noted),
                 None => Err(ErrorCode::refused(

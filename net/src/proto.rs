@@ -82,6 +82,15 @@ pub enum Request {
     /// A client's request to its mediator (a `fincrypt-market` message,
     /// opaque here).
     Mediate { message: Bytes },
+    /// Hold this block for `owner` (PeerId bytes): sent by the node that
+    /// pays for the owner (its mediator) under a contract of the owner's
+    /// with this holder, to copy a block from another holder while the
+    /// owner is away. The placement is the owner's, as if it had put it.
+    PutFor {
+        owner: Vec<u8>,
+        score: Score,
+        data: Bytes,
+    },
 }
 
 /// The largest offer, proposal or contract sent between nodes.
@@ -309,10 +318,17 @@ impl Request {
     /// Checks the limits a receiver enforces, so a sender fails early and clearly.
     pub fn check_limits(&self) -> Result<(), String> {
         match self {
-            Request::Put { data, .. } if data.len() > MAX_BLOCK_LEN => Err(format!(
-                "a block of {} bytes exceeds the limit of {MAX_BLOCK_LEN} bytes",
-                data.len()
-            )),
+            Request::Put { data, .. } | Request::PutFor { data, .. }
+                if data.len() > MAX_BLOCK_LEN =>
+            {
+                Err(format!(
+                    "a block of {} bytes exceeds the limit of {MAX_BLOCK_LEN} bytes",
+                    data.len()
+                ))
+            }
+            Request::PutFor { owner, .. } if owner.len() > 64 => {
+                Err("an owner's PeerId of more than 64 bytes".into())
+            }
             Request::Has { scores } | Request::Release { scores } if scores.len() > MAX_SCORES => {
                 Err(format!(
                     "{} scores exceed the limit of {MAX_SCORES} per request",

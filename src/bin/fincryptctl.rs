@@ -567,6 +567,12 @@ fn print_escrows(list: &[fincrypt_market::mediator::Escrow]) {
             e.holders,
             e.cost_per_period
         );
+        if e.low {
+            println!(
+                "    LOW: under the mediator's {} periods of grace; deposit more to {}, or holders go unpaid",
+                e.grace_periods, e.address
+            );
+        }
         for p in &e.payments {
             println!(
                 "    paid {} sats to {} for period {} in {}",
