@@ -276,6 +276,9 @@ pub struct Config {
     pub publish_interval: u64,
     /// A storage node's price: satoshis per GiB per period (0: free).
     pub price: u64,
+    /// The lowest price a storage node takes, period by period, from a
+    /// payer whose pricing is `floating` (0: its price).
+    pub floor: u64,
     /// The fewest periods a contract with this storage node may last.
     pub min_duration: u32,
     /// The length of a payment period, in seconds: prices are per GiB per period.
@@ -448,6 +451,7 @@ impl Default for Config {
             scrub_interval: 7 * 24 * 3600,
             publish_interval: 30,
             price: 0,
+            floor: 0,
             min_duration: 1,
             period: 3600,
             payout_address: String::new(),
@@ -703,12 +707,17 @@ impl Config {
              # payments go (empty: a new address of the wallet below).\n\
              price = {}\n\
              min_duration = {}\n\
+             # The lowest price taken from an owner or mediator whose pricing\n\
+             # floats, period by period (0: the price).\n\
+             floor = {}\n\
              # The length of a period, in seconds.\n\
              period = {}\n\
              # payout_address = \"bc1q...\"\n\
              \n\
              # Owners paying for storage: the most paid per GiB per period (0: free\n\
-             # storage only), how offers are ranked (lowest-first, fixed, nearest),\n\
+             # storage only), how offers are ranked (lowest-first, fixed, nearest,\n\
+             # floating: lowest-first, each period paying no more than the cheapest\n\
+             # room seen and no less than the holder's floor),\n\
              # the fewest periods the wallet should fund, challenges of each holder\n\
              # per period, and the smallest payout (less waits for a later period).\n\
              max_price = {}\n\
@@ -756,6 +765,7 @@ impl Config {
             d.publish_interval,
             d.price,
             d.min_duration,
+            d.floor,
             d.period,
             d.max_price,
             d.pricing,

@@ -267,6 +267,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     payout_address: payout_address.unwrap_or(config.payout_address.clone()),
                     carry: config.min_payout,
                     unpaid_periods: config.unpaid_periods,
+                    floor: config.floor,
                     bitcoin: config.bitcoin_rpc()?,
                 },
             )?;

@@ -40,6 +40,9 @@ pub struct ServeArgs {
     pub carry: u64,
     /// Periods unpaid before an owner may place no more here.
     pub unpaid_periods: u64,
+    /// The lowest price taken from a payer whose pricing floats (0, or
+    /// over the price: the price).
+    pub floor: u64,
     /// The Bitcoin node's wallet, if configured.
     pub bitcoin: Option<fincrypt_market::wallet::RpcSettings>,
 }
@@ -212,6 +215,11 @@ async fn asking(args: &ServeArgs) -> Result<Asking> {
         payout,
         carry: args.carry,
         unpaid_periods: args.unpaid_periods,
+        floor: if args.floor == 0 {
+            args.price
+        } else {
+            args.floor.min(args.price)
+        },
     })
 }
 

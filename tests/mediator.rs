@@ -690,6 +690,52 @@ fn a_holder_that_loses_blocks_while_its_clients_are_away_is_unpaid_and_its_block
         "holder 1 paid after it lost its blocks"
     );
 
+    // A new client's blocks go to holders 0 and 2 only: holder 1's audit
+    // score is under the mediator's min_audit_score.
+    let env: Vec<(&str, &str)> = net
+        .client_env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let newcomer = Mount::start_with(init_home(), mount_opts(&net.nodes, &env));
+    let address = ctl_json(newcomer.home(), &["mediator", "deposit-address"])["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    net.bitcoin.cli(&["sendtoaddress", &address, "0.1"]);
+    wait_until("the newcomer's deposit", Duration::from_secs(60), || {
+        ctl_json(newcomer.home(), &["mediator", "balance"])["escrow_sats"] == DEPOSIT
+    });
+    std::fs::write(newcomer.path().join("new"), random_bytes(77, 1 << 20)).unwrap();
+    ctl_ok(newcomer.home(), &["sync"]);
+    let id = status(newcomer.home())["peer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_until(
+        "the newcomer's file on holders 0 and 2",
+        Duration::from_secs(120),
+        || {
+            [0, 2].iter().all(|&i| {
+                ctl_json(net.homes[i].path(), &["market", "contracts"])
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|c| c["owner"] == id.as_str() && c["bytes"].as_u64().unwrap() >= 1 << 20)
+            })
+        },
+    );
+    let on_1 = ctl_json(net.homes[1].path(), &["market", "contracts"]);
+    assert!(
+        !on_1
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["owner"] == id.as_str()),
+        "holder 1 got a contract for a new client: {on_1}"
+    );
+    drop(newcomer);
+
     // A client that comes back finds the new holders in its manifest.
     let m = net.client_back(0);
     let mut moved = 0;
@@ -781,4 +827,85 @@ fn a_client_whose_escrow_runs_low_is_told_and_is_cut_by_its_holders_once_it_is_s
                 .contains("escrow")
         },
     );
+}
+
+#[test]
+fn floating_prices_pay_the_cheapest_room_seen_within_each_holders_floor() {
+    // Every node takes as little as 50,000 sats per GiB from a payer whose
+    // pricing floats.
+    let net = Mediated::start_with(Setup {
+        mediator: &[("FINCRYPT_PRICING", "floating")],
+        nodes: &[
+            ("FINCRYPT_UNPAID_PERIODS", "1000000"),
+            ("FINCRYPT_FLOOR", "50000"),
+        ],
+        ..Setup::default()
+    });
+    let h1 = net.peers[1].clone();
+    // Paid at rate `rate` for the bytes it keeps for the client of `e`.
+    let paid_at = |e: &serde_json::Value, i: usize, rate: u64| -> usize {
+        let client = e["client"].as_str().unwrap();
+        let want = due(rate, net.bytes[&(client.to_owned(), net.peers[i].clone())]);
+        e["payments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["holder"] == net.peers[i].as_str() && p["sats"].as_u64() == Some(want))
+            .count()
+    };
+    // Holder 1 asks 200,000, but the cheapest room seen is holder 0's
+    // 100,000: that is what it is paid.
+    wait_until(
+        "holder 1 paid at the cheapest price seen",
+        Duration::from_secs(120),
+        || {
+            net.escrows()
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| paid_at(e, 1, 100_000) >= 2)
+        },
+    );
+    // Cheaper room appears: a node at 60,000. Both holders are paid that.
+    let home = tempfile::tempdir().unwrap();
+    let args = [
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--capacity",
+        "1GiB",
+        "--price",
+        "60000",
+        "--bootstrap",
+        net.nodes[0].addr.as_str(),
+    ];
+    let _cheap = serve_with(home.path(), &args, |cmd| {
+        cmd.envs(net.bitcoin.env.clone())
+            .env("FINCRYPT_PERIOD", PERIOD);
+    });
+    wait_until(
+        "both holders paid at the new cheapest price",
+        Duration::from_secs(180),
+        || {
+            net.escrows()
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| paid_at(e, 0, 60_000) >= 2 && paid_at(e, 1, 60_000) >= 2)
+        },
+    );
+    // Never above the cheapest seen, never below the floor.
+    let escrows = net.escrows_add_up(true);
+    for e in escrows.as_array().unwrap() {
+        let client = e["client"].as_str().unwrap().to_owned();
+        for p in e["payments"].as_array().unwrap() {
+            if p["holder"] == h1.as_str() {
+                let bytes = net.bytes[&(client.clone(), h1.clone())];
+                let sats = p["sats"].as_u64().unwrap();
+                assert!(
+                    sats <= due(100_000, bytes) && sats >= due(50_000, bytes),
+                    "{p} for {bytes} bytes"
+                );
+            }
+        }
+    }
 }

@@ -149,7 +149,13 @@ impl Terms {
     /// Satoshis due for holding `bytes` through one period: price per GiB,
     /// pro rata, rounded down to the satoshi.
     pub fn due(&self, bytes: u64) -> u64 {
-        let due = (u128::from(self.price) * u128::from(bytes)) >> 30;
+        self.due_at(self.price, bytes)
+    }
+
+    /// [`Terms::due`] at `rate` satoshis per GiB, never above the price (a
+    /// floating payer's rate for a period).
+    pub fn due_at(&self, rate: u64, bytes: u64) -> u64 {
+        let due = (u128::from(rate.min(self.price)) * u128::from(bytes)) >> 30;
         u64::try_from(due).unwrap_or(u64::MAX)
     }
 

@@ -76,6 +76,9 @@ pub struct Asking {
     pub carry: u64,
     /// Periods unpaid beyond `carry` before an owner is cut (at least 1).
     pub unpaid_periods: u64,
+    /// The lowest price it takes from a payer whose pricing floats (at most
+    /// `price`): its dues are counted at no more than this rate.
+    pub floor: u64,
 }
 
 /// An owner behind in payment.
@@ -317,7 +320,9 @@ impl HolderTerms {
                 a.held = rows.last().map_or(0, |(_, b)| *b);
                 for (period, bytes) in rows {
                     if current.is_some_and(|p| *period < p) {
-                        periods.entry(*period).or_default().0 = Some(a.contract.terms.due(*bytes));
+                        // At its floor: a floating payer may pay no more.
+                        let due = a.contract.terms.due_at(self.asking.floor, *bytes);
+                        periods.entry(*period).or_default().0 = Some(due);
                     }
                 }
             }
@@ -750,6 +755,7 @@ impl Terms for HolderTerms {
             payout: self.asking.payout.clone(),
             expires: now() + OFFER_LIFETIME,
             carry: self.asking.carry,
+            floor: self.asking.floor.min(self.asking.price),
         };
         offer
             .sign(&self.keypair)
@@ -925,6 +931,7 @@ mod tests {
             payout: payout.clone(),
             carry: 1000,
             unpaid_periods: 2,
+            floor: 1 << 20,
         };
         let open = || HolderTerms::open(node.clone(), asking.clone(), &path).unwrap();
         let terms = open();
@@ -1093,6 +1100,7 @@ mod tests {
             payout: payout.clone(),
             carry: 1000,
             unpaid_periods: 3,
+            floor: 100,
         };
         let terms = HolderTerms::open(node.clone(), asking, &dir.path().join("c.redb")).unwrap();
         let proposal = |client: &Keypair, id: ContractId| {

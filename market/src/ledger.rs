@@ -47,6 +47,10 @@ const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
 const PLACED: TableDefinition<[u8; 48], u64> = TableDefinition::new("placed");
 /// Contracts ended by the owner: id -> postcard (Unix time, why).
 const ENDED: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("ended");
+/// (contract id, period big-endian) -> satoshis per GiB the period is paid
+/// at, when the payer's pricing floats (the lowest recorded in it); a
+/// period without a row is paid at the contract's price.
+const RATES: TableDefinition<[u8; 24], u64> = TableDefinition::new("rates");
 /// `version`, `next_batch`, `ledger_id`, `notified_through`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LEDGER_VERSION: u64 = 1;
@@ -238,6 +242,7 @@ impl Ledger {
         txn.open_table(BATCHES)?;
         txn.open_table(PLACED)?;
         txn.open_table(ENDED)?;
+        txn.open_table(RATES)?;
         txn.commit()?;
         Ok(Ledger {
             db,
@@ -400,6 +405,26 @@ impl Ledger {
         Ok(())
     }
 
+    /// Records that contract `id`'s period at Unix time `at` is paid at no
+    /// more than `rate` satoshis per GiB (floating pricing).
+    pub fn record_rate(&self, id: &ContractId, at: u64, rate: u64) -> Result<(), MarketError> {
+        let c = self.contract(id)?;
+        let Some(period) = c.terms.period_at(at) else {
+            return Ok(());
+        };
+        let key = period_key(id, period);
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(RATES)?;
+            let old = t.get(&key)?.map(|v| v.value());
+            if old.is_none_or(|o| rate < o) {
+                t.insert(&key, rate)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Closes every open period that has ended by `now`: due if every
     /// challenge in it passed (and at least one was made), else unpaid.
     pub fn close_periods(&self, now: u64) -> Result<usize, MarketError> {
@@ -407,6 +432,7 @@ impl Ledger {
         let txn = self.db.begin_write()?;
         let mut closed = 0;
         {
+            let rates = txn.open_table(RATES)?;
             let mut t = txn.open_table(PERIODS)?;
             let mut changes = Vec::new();
             for row in t.iter()? {
@@ -426,7 +452,10 @@ impl Ledger {
                 if c.terms.period_end(period) > now {
                     continue;
                 }
-                let due = c.terms.due(p.bytes);
+                let due = match rates.get(&key)? {
+                    Some(rate) => c.terms.due_at(rate.value(), p.bytes),
+                    None => c.terms.due(p.bytes),
+                };
                 p.state = if p.failed == 0 && p.passed > 0 && due > 0 {
                     PeriodState::Due(due)
                 } else {

@@ -8,13 +8,14 @@ use serde::{Deserialize, Serialize};
 use crate::MarketError;
 use crate::signed::{self, Signature};
 
-/// Version of the offer's layout (2 added `carry`; 1 was never released).
-pub const OFFER_VERSION: u8 = 2;
+/// Version of the offer's layout (2 added `carry`, 3 `floor`; none before
+/// 3 was released).
+pub const OFFER_VERSION: u8 = 3;
 /// The largest encoded offer a node sends or reads.
 pub const MAX_OFFER_LEN: usize = 1024;
 /// The longest payout address accepted (a bech32m address is at most 90).
 pub const MAX_ADDRESS_LEN: usize = 100;
-const DOMAIN: &[u8] = b"fincrypt offer v2\0";
+const DOMAIN: &[u8] = b"fincrypt offer v3\0";
 
 /// What a node asks and has.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +39,9 @@ pub struct Offer {
     /// The most, in satoshis, the node lets an owner leave unpaid for later
     /// (a contract's `carry`).
     pub carry: u64,
+    /// The lowest price per GiB per period it takes, period by period, from
+    /// a payer whose pricing floats (at most `price`).
+    pub floor: u64,
 }
 
 /// An offer with its node's signature.
@@ -109,6 +113,11 @@ impl SignedOffer {
                 "an offer's period is 0 seconds".into(),
             ));
         }
+        if o.floor > o.price {
+            return Err(MarketError::Invalid(
+                "an offer's floor is over its price".into(),
+            ));
+        }
         signed::verify(&s.signature, &o.peer()?, DOMAIN, &encode(o)?, "offer")?;
         Ok(s)
     }
@@ -161,6 +170,7 @@ mod tests {
             payout: "mvUT3XQBnLwUpHeZD8Zjde9TVX9HyYhx2Q".into(),
             expires: 1_800_000_000,
             carry: 1000,
+            floor: price,
         }
     }
 

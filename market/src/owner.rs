@@ -71,6 +71,11 @@ pub enum Pricing {
     /// The closest peers by XOR distance, as a free network places, price
     /// ignored up to `max_price`; each holder is paid its own price.
     Nearest,
+    /// As lowest-first, but what a holder is paid floats period by period:
+    /// the cheapest price among the usable offers seen in the period, never
+    /// below the holder's own floor (its offer says it) and never above its
+    /// contract's price. Cheaper room appearing lowers what is paid.
+    Floating,
 }
 
 impl FromStr for Pricing {
@@ -80,8 +85,9 @@ impl FromStr for Pricing {
             "lowest-first" => Ok(Pricing::LowestFirst),
             "fixed" => Ok(Pricing::Fixed),
             "nearest" => Ok(Pricing::Nearest),
+            "floating" => Ok(Pricing::Floating),
             other => Err(format!(
-                "pricing `{other}` is not one of lowest-first, fixed, nearest"
+                "pricing `{other}` is not one of lowest-first, fixed, nearest, floating"
             )),
         }
     }
@@ -93,6 +99,7 @@ impl std::fmt::Display for Pricing {
             Pricing::LowestFirst => "lowest-first",
             Pricing::Fixed => "fixed",
             Pricing::Nearest => "nearest",
+            Pricing::Floating => "floating",
         })
     }
 }
@@ -120,7 +127,9 @@ pub trait Scheme: Send + Sync {
 impl Scheme for Pricing {
     fn order(&self, candidates: &mut [Candidate]) {
         match self {
-            Pricing::LowestFirst => candidates.sort_by_key(|c| (c.price, c.rank)),
+            Pricing::LowestFirst | Pricing::Floating => {
+                candidates.sort_by_key(|c| (c.price, c.rank))
+            }
             Pricing::Fixed | Pricing::Nearest => candidates.sort_by_key(|c| c.rank),
         }
     }
@@ -128,7 +137,7 @@ impl Scheme for Pricing {
     fn contract_price(&self, asking: u64, max_price: u64) -> u64 {
         match self {
             Pricing::Fixed => max_price.max(asking),
-            Pricing::LowestFirst | Pricing::Nearest => asking,
+            Pricing::LowestFirst | Pricing::Nearest | Pricing::Floating => asking,
         }
     }
 }
@@ -893,10 +902,15 @@ impl<P: Payments + 'static> OwnerMarket<P> {
     /// once every [`OFFER_REFRESH`]: `market offers` shows the market
     /// beyond the peers placement has asked so far.
     async fn discover_offers(&self) {
+        // A floating price follows the market: looked at every period.
+        let every = match self.settings.pricing {
+            Pricing::Floating => self.settings.period.clamp(1, OFFER_REFRESH),
+            _ => OFFER_REFRESH,
+        };
         let t = now();
         {
             let mut last = self.discovered.lock().unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|l| t.saturating_sub(l) < OFFER_REFRESH) {
+            if last.is_some_and(|l| t.saturating_sub(l) < every) {
                 return;
             }
             *last = Some(t);
@@ -909,7 +923,7 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             Ok(peers) => {
                 let me = self.client.local_peer_id();
                 let peers: Vec<PeerId> = peers.into_iter().filter(|p| *p != me).collect();
-                self.refresh_offers(&peers).await;
+                self.refresh_offers_older(&peers, every).await;
             }
             Err(e) => {
                 tracing::debug!(error = %e, "no offers found in the DHT this time");
@@ -934,6 +948,9 @@ impl<P: Payments + 'static> OwnerMarket<P> {
     /// contracts.
     pub async fn audit(&self, custody: &dyn Custody) -> Result<(u64, u64), MarketError> {
         self.flush_placed()?;
+        if self.settings.pricing == Pricing::Floating {
+            self.discover_offers().await;
+        }
         let contracts: Vec<Contract> = self
             .contracts
             .read()
@@ -970,6 +987,9 @@ impl<P: Payments + 'static> OwnerMarket<P> {
                 ids.insert(holder, c.terms.id);
             }
         }
+        if self.settings.pricing == Pricing::Floating {
+            self.record_rates(&contracts)?;
+        }
         let challenged = asks.len() as u64;
         if !asks.is_empty() {
             let outcomes = custody.challenge(asks).await?;
@@ -986,6 +1006,42 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             }
         }
         Ok((challenged, contracts.len() as u64))
+    }
+
+    /// Records, for each contract, what its holder is paid this period under
+    /// floating pricing: the cheapest usable offer with room seen now, but
+    /// no less than the holder's floor and no more than the contract's price.
+    fn record_rates(&self, contracts: &[Contract]) -> Result<(), MarketError> {
+        let (cheapest, floors) = {
+            let offers = self.offers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cheapest: Option<u64> = None;
+            let mut floors = HashMap::new();
+            for (peer, (_, seen)) in offers.iter() {
+                if let Seen::Offer(o) = seen {
+                    floors.insert(*peer, o.floor);
+                    if o.price > 0
+                        && o.room > 0
+                        && self.unusable(o).is_none()
+                        && !self.is_ended(peer)
+                        && self.gate.as_ref().and_then(|g| g(peer)).is_none()
+                    {
+                        cheapest = Some(cheapest.map_or(o.price, |c| c.min(o.price)));
+                    }
+                }
+            }
+            (cheapest, floors)
+        };
+        let t = now();
+        for c in contracts {
+            let holder = c.terms.holder()?;
+            let floor = floors.get(&holder).copied().unwrap_or(c.terms.price);
+            let rate = cheapest
+                .unwrap_or(c.terms.price)
+                .max(floor)
+                .min(c.terms.price);
+            self.ledger.record_rate(&c.terms.id, t, rate)?;
+        }
+        Ok(())
     }
 
     /// Closes, settles and tells holders of payments, and looks at the
@@ -1441,7 +1497,12 @@ mod tests {
 
     #[test]
     fn pricing_names_read_back_and_a_bad_one_is_named() {
-        for p in [Pricing::LowestFirst, Pricing::Fixed, Pricing::Nearest] {
+        for p in [
+            Pricing::LowestFirst,
+            Pricing::Fixed,
+            Pricing::Nearest,
+            Pricing::Floating,
+        ] {
             assert_eq!(p.to_string().parse::<Pricing>(), Ok(p));
         }
         let e = "cheapest".parse::<Pricing>().unwrap_err();
