@@ -473,7 +473,7 @@ impl Default for Config {
             deny_clients: Vec::new(),
             accept_holders: Vec::new(),
             deny_holders: Vec::new(),
-            // One wrong proof among the last few audits is enough.
+            // Under 0.6: about half its recent audits failed.
             min_audit_score: 0.6,
             min_escrow_periods: 1,
             // A day of hourly periods.

@@ -801,9 +801,19 @@ impl Terms for HolderTerms {
             tracing::error!(error = %e, "cannot read the contracts");
             ErrorCode::Unavailable
         })?;
-        let paid_by = contracts
-            .iter()
-            .any(|c| c.terms.owner().ok() == Some(*owner) && c.terms.payer().ok() == Some(*payer));
+        let standing = self.standing().map_err(|e| {
+            tracing::error!(error = %e, "cannot read the owners' standing");
+            ErrorCode::Unavailable
+        })?;
+        // A live contract: one released is over, and its payer with it.
+        let paid_by = contracts.iter().any(|c| {
+            c.terms.owner().ok() == Some(*owner)
+                && c.terms.payer().ok() == Some(*payer)
+                && !matches!(
+                    standing.get(&c.terms.id),
+                    Some(Standing::Released { .. } | Standing::Releasing { .. })
+                )
+        });
         if paid_by {
             Ok(())
         } else {

@@ -233,7 +233,9 @@ impl MediatedMarket {
             }
             *asked = Some(Instant::now());
         }
-        self.check_escrow().await?;
+        if let Err(e) = self.check_escrow().await {
+            warn!(error = %e, "cannot read the escrow at the mediator");
+        }
         let items = match self.ask(Ask::Moves).await? {
             Reply::Moves { items } => items,
             other => {
@@ -247,6 +249,7 @@ impl MediatedMarket {
         }
         let store = |e: fincrypt_engine::Error| MarketError::Store(e.to_string());
         let mut scores = Vec::with_capacity(items.len());
+        let mut applied = 0u64;
         for m in &items {
             let (Ok(from), Ok(to)) = (PeerId::from_bytes(&m.from), PeerId::from_bytes(&m.to))
             else {
@@ -255,6 +258,14 @@ impl MediatedMarket {
                 ));
             };
             let score = Score(m.score);
+            scores.push(m.score);
+            // Taken on the new holder's word, not the mediator's: a move to
+            // a holder that does not have the block changes nothing.
+            let has = tokio::time::timeout(MEDIATOR_WAIT, self.client.has(to, &[score])).await;
+            if !matches!(has, Ok(Ok(ref h)) if h.first() == Some(&true)) {
+                warn!(block = %score, %to, "the mediator moved a block to a holder that does not have it; ignored");
+                continue;
+            }
             // The old holder is asked to release it; the new one holds it.
             manifest.drop_blocks(&from, &[score]).map_err(store)?;
             let mut holders = manifest.holders(&score).map_err(store)?;
@@ -263,14 +274,13 @@ impl MediatedMarket {
             }
             manifest.set_many(&[(score, holders)]).map_err(store)?;
             info!(block = %score, %from, %to, "the mediator moved a block while this client was away");
-            scores.push(m.score);
+            applied += 1;
         }
         self.ask(Ask::MovesTaken { scores }).await?;
-        let n = items.len() as u64;
-        self.moves_taken.fetch_add(n, Ordering::Relaxed);
+        self.moves_taken.fetch_add(applied, Ordering::Relaxed);
         // More may wait: ask again at the next step.
         *self.moves_asked.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        Ok(n)
+        Ok(applied)
     }
 
     async fn choose_inner(

@@ -76,12 +76,21 @@ pub const MAX_CANDIDATES: usize = 256;
 /// The most placements one [`Ask::Report`] may carry, and moves one
 /// [`Reply::Moves`] or [`Ask::MovesTaken`] may.
 pub const MAX_REPORT: usize = 1024;
+/// The most payments an escrow lists (the latest): about 80 KiB.
+pub const MAX_PAYMENTS_SHOWN: usize = 500;
 /// Blocks moved off holders at most per round.
 const MOVES_PER_ROUND: usize = 256;
 /// The longest the mediator waits for a block from, or to, a holder.
 const COPY_WAIT: Duration = Duration::from_secs(60);
-/// How long a client's escrow, read for its asks, is used before it is read again.
+/// How long a client's escrow, read for its placements, is used before it
+/// is read again.
 const ESCROW_FRESH: Duration = Duration::from_secs(30);
+/// How long a client's escrow, read for its balance, is shown again: a
+/// client asking in a loop costs the wallet one look every few seconds.
+const BALANCE_FRESH: Duration = Duration::from_secs(3);
+/// New clients taken per minute, at most: each costs an address of the
+/// wallet and a row, so a flood of made-up PeerIds is slowed down.
+pub const JOINS_PER_MINUTE: u32 = 60;
 /// The longest the mediator waits for a holder's proof.
 const PROOF_WAIT: Duration = Duration::from_secs(30);
 /// Challenges sent at once.
@@ -225,9 +234,11 @@ struct ClientRow {
 /// (a proof checked, or a wrong one) updates
 /// `alpha = d * alpha + passed` and `beta = d * beta + failed`, with
 /// `d` = [`AUDIT_DECAY`]; the score is `alpha / (alpha + beta)`, from 1.0 for
-/// a holder never audited. Old results fade: after a wrong proof, about
-/// twenty passed audits bring a holder back over 0.6. A challenge left
-/// unanswered does not change it (the period goes unpaid instead).
+/// a holder never audited. It weighs the last twenty or so audits, the
+/// newest most: a long-standing holder falls to 0.95 after one wrong proof
+/// and under 0.6 after ten in a row; a new one to 0.49 after its first, and
+/// back to 0.67 after one passed audit. A challenge left unanswered does
+/// not change it (the period goes unpaid instead).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditScore {
     pub alpha: f64,
@@ -564,8 +575,9 @@ pub struct Mediator<P: Payments + 'static> {
     markets: std::sync::Mutex<HashMap<PeerId, Arc<OwnerMarket<Arc<P>>>>>,
     /// Escrows read lately, by client.
     escrows: std::sync::Mutex<HashMap<PeerId, (Instant, Escrow)>>,
-    /// One new client at a time, so that one client never gets two addresses.
-    joining: Mutex<()>,
+    /// One new client at a time, so that one client never gets two
+    /// addresses; and the minute's joins so far (its start, how many).
+    joining: Mutex<(Option<Instant>, u32)>,
     /// The last settlement's outcome, in words.
     last_settlement: std::sync::Mutex<String>,
 }
@@ -607,7 +619,7 @@ impl<P: Payments + 'static> Mediator<P> {
             teller: OnceLock::new(),
             markets: std::sync::Mutex::new(HashMap::new()),
             escrows: std::sync::Mutex::new(HashMap::new()),
-            joining: Mutex::new(()),
+            joining: Mutex::new((None, 0)),
             last_settlement: std::sync::Mutex::new(String::new()),
         })
     }
@@ -658,14 +670,16 @@ impl<P: Payments + 'static> Mediator<P> {
             Ask::DepositAddress => Ok(Reply::DepositAddress {
                 address: self.join(client).await?.address,
             }),
-            Ask::Balance => Ok(Reply::Balance(self.escrow(client).await?)),
+            Ask::Balance => Ok(Reply::Balance(
+                self.escrow_fresh(client, BALANCE_FRESH).await?,
+            )),
             Ask::Choose {
                 len,
                 need,
                 candidates,
                 consent,
             } => self.choose(client, len, need, candidates, consent).await,
-            Ask::Report { items } => self.report(client, items),
+            Ask::Report { items } => self.report(client, items).await,
             Ask::Moves => Ok(Reply::Moves {
                 items: self.moves_of(client)?,
             }),
@@ -718,7 +732,11 @@ impl<P: Payments + 'static> Mediator<P> {
         })
     }
 
-    fn report(&self, client: &PeerId, items: Vec<Placement>) -> Result<Reply, MarketError> {
+    /// Keeps a client's report. A placement counts only once its holder
+    /// says it has the block: a client cannot have the mediator pay for, or
+    /// audit, a block a holder never got. A holder that does not answer
+    /// fails the report, which the client sends again.
+    async fn report(&self, client: &PeerId, items: Vec<Placement>) -> Result<Reply, MarketError> {
         if items.len() > MAX_REPORT {
             return Err(MarketError::Invalid(format!(
                 "a report of {} placements; at most {MAX_REPORT} are taken",
@@ -730,12 +748,32 @@ impl<P: Payments + 'static> Mediator<P> {
         }
         let market = self.market_for(client)?;
         let mut released: BTreeMap<PeerId, Vec<Score>> = BTreeMap::new();
+        let mut kept: BTreeMap<PeerId, Vec<(Score, u64)>> = BTreeMap::new();
         for p in items {
             let holder = peer_of(&p.holder, "a holder")?;
             if p.kept {
-                market.placed(&holder, &Score(p.score), p.len);
+                kept.entry(holder)
+                    .or_default()
+                    .push((Score(p.score), p.len));
             } else {
                 released.entry(holder).or_default().push(Score(p.score));
+            }
+        }
+        let node = self.node()?;
+        for (holder, blocks) in kept {
+            for chunk in blocks.chunks(fincrypt_net::proto::MAX_SCORES) {
+                let scores: Vec<Score> = chunk.iter().map(|(s, _)| *s).collect();
+                let has = tokio::time::timeout(PROOF_WAIT, node.has(holder, &scores))
+                    .await
+                    .map_err(|_| MarketError::Store(format!("holder {holder} did not answer")))?
+                    .map_err(|e| MarketError::Store(format!("asking holder {holder}: {e}")))?;
+                for ((score, len), held) in chunk.iter().zip(has) {
+                    if held {
+                        market.placed(&holder, score, *len);
+                    } else {
+                        info!(%client, %holder, block = %score, "a reported placement the holder does not have");
+                    }
+                }
             }
         }
         market.persist().map_err(MarketError::Store)?;
@@ -779,9 +817,21 @@ impl<P: Payments + 'static> Mediator<P> {
         if let Some(row) = self.client_row(client)? {
             return Ok(row);
         }
-        let _one = self.joining.lock().await;
+        let mut joins = self.joining.lock().await;
         if let Some(row) = self.client_row(client)? {
             return Ok(row);
+        }
+        match joins.0 {
+            Some(start) if start.elapsed() < Duration::from_secs(60) => {
+                if joins.1 >= JOINS_PER_MINUTE {
+                    return Err(MarketError::Invalid(
+                        "this mediator takes no more new clients this minute; ask again later"
+                            .into(),
+                    ));
+                }
+                joins.1 += 1;
+            }
+            _ => *joins = (Some(Instant::now()), 1),
         }
         if self.client_count()? >= MAX_CLIENTS as u64 {
             return Err(MarketError::Invalid(
@@ -864,12 +914,17 @@ impl<P: Payments + 'static> Mediator<P> {
 
     /// `client`'s escrow, read again if older than [`ESCROW_FRESH`].
     async fn escrow_recent(&self, client: &PeerId) -> Result<Escrow, MarketError> {
+        self.escrow_fresh(client, ESCROW_FRESH).await
+    }
+
+    /// `client`'s escrow, read again if older than `fresh`.
+    async fn escrow_fresh(&self, client: &PeerId, fresh: Duration) -> Result<Escrow, MarketError> {
         if let Some((at, e)) = self
             .escrows
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(client)
-            && at.elapsed() < ESCROW_FRESH
+            && at.elapsed() < fresh
         {
             return Ok(e.clone());
         }
@@ -954,6 +1009,9 @@ impl<P: Payments + 'static> Mediator<P> {
                 }
             }
         }
+        // The latest only: an answer must fit in one message.
+        let skip = out.len().saturating_sub(MAX_PAYMENTS_SHOWN);
+        out.drain(..skip);
         Ok(out)
     }
 
@@ -966,30 +1024,71 @@ impl<P: Payments + 'static> Mediator<P> {
             client,
             audits: &self.audits,
         };
-        let mut audited = 0;
-        let mut rows = Vec::new();
-        for (peer, row) in self.client_rows()? {
-            if row.consent.is_some() {
-                let market = self.market_for(&peer)?;
-                match market.audit(&custody).await {
-                    Ok((n, _)) => audited += n,
-                    Err(e) => warn!(client = %peer, error = %e, "a client's audit failed"),
-                }
-            }
-            rows.push((peer, row));
-        }
-        if let Err(e) = self.repair().await {
-            warn!(error = %e, "moving blocks off holders that failed audits failed");
-        }
-        // What each client's escrow can still pay: deposits, less paid and fees.
+        // What each client's escrow can still pay: deposits, less paid and
+        // fees. A client whose deposits cannot be read is paid for next time.
         let spent = self.spent()?;
         let mut budgets: HashMap<PeerId, (u64, u64)> = HashMap::new();
-        for (peer, row) in rows {
-            let deposited = self
+        let rows = self.client_rows()?;
+        for (peer, row) in &rows {
+            match self
                 .wallet
                 .received_by(&row.address, self.rules.min_conf)
-                .await?;
-            budgets.insert(peer, (deposited, spent.get(&peer).copied().unwrap_or(0)));
+                .await
+            {
+                Ok(deposited) => {
+                    budgets.insert(*peer, (deposited, spent.get(peer).copied().unwrap_or(0)));
+                }
+                Err(e) => warn!(client = %peer, error = %e, "cannot read a client's deposits"),
+            }
+        }
+        let mut audited = 0;
+        for (peer, row) in &rows {
+            // One client's trouble is logged; the others go on.
+            if row.consent.is_none() {
+                continue;
+            }
+            let market = match self.market_for(peer) {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(client = %peer, error = %e, "a client's market cannot open");
+                    continue;
+                }
+            };
+            // A client whose escrow cannot pay a period is not audited: its
+            // periods go unpaid, and its holders may cut it and release its
+            // blocks by their own rules, which is no failure of theirs.
+            let cost: u64 = market
+                .holders()
+                .iter()
+                .filter(|(_, _, _, ended)| !ended)
+                .map(|(_, c, bytes, _)| c.terms.due(*bytes))
+                .sum();
+            let left = budgets
+                .get(peer)
+                .map(|(d, s)| d.saturating_sub(*s).saturating_sub(self.rules.fee(*s)));
+            if cost > 0 && left.is_some_and(|l| l < cost.saturating_add(self.rules.fee(cost))) {
+                continue;
+            }
+            match market.audit(&custody).await {
+                Ok((n, _)) => audited += n,
+                Err(e) => warn!(client = %peer, error = %e, "a client's audit failed"),
+            }
+        }
+        // Network fees are the mediator's own: a wallet holding no more than
+        // the escrows cannot pay them, and then pays no holder at all.
+        let owed: u64 = budgets
+            .values()
+            .map(|(d, s)| d.saturating_sub(*s).saturating_sub(self.rules.fee(*s)))
+            .sum();
+        match self.wallet.balance().await {
+            Ok(balance) if balance <= owed => warn!(
+                balance_sats = balance,
+                escrows_sats = owed,
+                "the wallet holds no more than the clients' escrow: network fees come from \
+                 the mediator's own coins, so add some, or settlements fail"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot read the wallet's balance"),
         }
         let rules = self.rules.clone();
         let mut fits = move |c: &crate::contract::Contract, sats: u64| {
@@ -1037,6 +1136,14 @@ impl<P: Payments + 'static> Mediator<P> {
         if let Some(teller) = self.teller.get() {
             teller.tell_paid(now()).await?;
         }
+        // After paying: moving blocks may take long, and holders wait for
+        // their payments only a period.
+        let limit = Duration::from_secs((self.settings.period / 2).max(5));
+        match tokio::time::timeout(limit, self.repair()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e, "moving blocks off holders that failed audits failed"),
+            Err(_) => info!("moving blocks off failed holders goes on next round"),
+        }
         self.escrows
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1073,9 +1180,20 @@ impl<P: Payments + 'static> Mediator<P> {
         {
             let mut t = txn.open_table(MOVES)?;
             for s in scores {
+                // Every move of that block (client ‖ score ‖ new holder).
                 let mut key = client.to_bytes();
                 key.extend_from_slice(s);
-                t.remove(key.as_slice())?;
+                let keys: Vec<Vec<u8>> = t
+                    .range(key.as_slice()..)?
+                    .map_while(|r| match r {
+                        Ok((k, _)) if k.value().starts_with(&key) => Some(Ok(k.value().to_vec())),
+                        Ok(_) => None,
+                        Err(e) => Some(Err(e)),
+                    })
+                    .collect::<Result<_, _>>()?;
+                for k in keys {
+                    t.remove(k.as_slice())?;
+                }
             }
         }
         txn.commit()?;
@@ -1115,6 +1233,10 @@ impl<P: Payments + 'static> Mediator<P> {
                     elsewhere.entry(s).or_default().push(holder);
                 }
             }
+            // In a new order each round: blocks that could not move do not
+            // keep the others waiting.
+            let mut placed = placed;
+            rand::seq::SliceRandom::shuffle(placed.as_mut_slice(), &mut rand::thread_rng());
             for (score, len) in placed.into_iter().take(budget) {
                 budget -= 1;
                 let Some(sources) = elsewhere.get(&score) else {
@@ -1168,9 +1290,10 @@ impl<P: Payments + 'static> Mediator<P> {
                 let Some(to) = to else {
                     continue;
                 };
-                market.placed(&to, &score, len);
-                market.persist().map_err(MarketError::Store)?;
-                self.ledger.forget_placed(&gone.terms.id, &[score])?;
+                // The move first: should the process die before the rest,
+                // the client still learns of the copy (and releases it if
+                // it does not want it), and is never paying for one it
+                // does not know of.
                 let row = Moved {
                     score: score.0,
                     from: from.to_bytes(),
@@ -1180,10 +1303,14 @@ impl<P: Payments + 'static> Mediator<P> {
                 {
                     let mut key = owner.to_bytes();
                     key.extend_from_slice(&score.0);
+                    key.extend_from_slice(&to.to_bytes());
                     txn.open_table(MOVES)?
                         .insert(key.as_slice(), encode(&row)?.as_slice())?;
                 }
                 txn.commit()?;
+                market.placed(&to, &score, len);
+                market.persist().map_err(MarketError::Store)?;
+                self.ledger.forget_placed(&gone.terms.id, &[score])?;
                 info!(client = %owner, block = %score, %from, %to, "moved a block off a holder that failed an audit");
                 moved += 1;
             }

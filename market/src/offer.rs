@@ -183,10 +183,15 @@ mod tests {
         assert!(s.live(1_800_000_000) && !s.live(1_800_000_001));
 
         // A price raised after signing, or another node's signature.
-        let mut cheaper = s.clone();
-        cheaper.offer.price = 1;
-        let e = SignedOffer::decode(&cheaper.encode().unwrap()).unwrap_err();
+        let mut dearer = s.clone();
+        dearer.offer.price = 30;
+        let e = SignedOffer::decode(&dearer.encode().unwrap()).unwrap_err();
         assert!(e.to_string().contains("does not verify"), "{e}");
+        // A floor over the price is no offer, signed or not.
+        let mut o = offer(&k, 20);
+        o.floor = 21;
+        let e = SignedOffer::decode(&o.sign(&k).unwrap().encode().unwrap()).unwrap_err();
+        assert!(e.to_string().contains("floor"), "{e}");
         let other = Keypair::generate_ed25519();
         let mut forged = offer(&other, 20).sign(&other).unwrap();
         forged.offer.peer = s.offer.peer.clone();

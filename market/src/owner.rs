@@ -970,6 +970,11 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         let mut ids: HashMap<PeerId, ContractId> = HashMap::new();
         for c in &contracts {
             let holder = c.terms.holder()?;
+            if self.is_ended(&holder) {
+                // Ended after a wrong proof: not challenged again, so no
+                // period of it is due from now on.
+                continue;
+            }
             let placed = self.ledger.placed(&c.terms.id)?;
             let scores: Vec<Score> = placed.iter().map(|(s, _)| *s).collect();
             let kept = custody.kept(&holder, &scores)?;
