@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, mpsc};
 
 use bytes::Bytes;
-use fincrypt_blockstore::{BlockStore, FileRef, Keys, TreeParams, TreeReader};
+use fincrypt_blockstore::{BlockStore, Class, FileRef, Keys, TreeParams, TreeReader, TreeWriter};
 
 use crate::error::{FsError, errno};
 use crate::file::{Dirty, SealJob};
@@ -70,6 +70,21 @@ pub struct SetAttr {
     pub mtime: Option<SetTime>,
     pub ctime: Option<Time>,
 }
+
+/// What a file copied in from outside the filesystem keeps of its source
+/// (see [`Fossil::import_file`]).
+#[derive(Clone, Debug)]
+pub struct Imported {
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: Time,
+    pub mtime: Time,
+    pub xattrs: std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+/// Bytes read from an imported file at a time.
+const IMPORT_READ: usize = 4 << 20;
 
 /// Who asks: the caller's uid and gid, for ownership of new nodes.
 #[derive(Clone, Copy, Debug)]
@@ -376,6 +391,99 @@ impl Fossil {
         let a = self.mknod(parent, name, Kind::File, perm, 0, None, who)?;
         self.open(a.ino)?;
         Ok(a)
+    }
+
+    /// Writes everything `source` yields as the file `name` in `parent`,
+    /// with the mode, owner, times and extended attributes of `attrs`: a new
+    /// file, or a new version of the one there (same inode, so its hard
+    /// links follow). The contents stream through the block pipeline a few
+    /// MiB at a time, and the file changes in one commit once they are all
+    /// stored, so a snapshot sees the old version or the new one, never part
+    /// of one. A file there with writes not yet sealed is `EBUSY`.
+    pub fn import_file(
+        &self,
+        parent: u64,
+        name: &[u8],
+        source: &mut dyn std::io::Read,
+        attrs: &Imported,
+    ) -> Result<Attr, FsError> {
+        check_new_name(parent, name)?;
+        if attrs.xattrs.values().any(|v| v.len() > XATTR_SIZE_MAX) {
+            return errno(libc::E2BIG);
+        }
+        // From the first block until the inode names them: GC must not
+        // sweep blocks nothing names yet.
+        let _gate = self.gc_gate.read().unwrap_or_else(|p| p.into_inner());
+        let mut w = TreeWriter::new(&*self.store, &self.keys, self.params, Class::Own).unsynced();
+        let mut buf = vec![0u8; IMPORT_READ];
+        let mut size = 0u64;
+        loop {
+            let n = match source.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return errno(e.raw_os_error().unwrap_or(libc::EIO)),
+            };
+            w.write(&buf[..n])?;
+            size += n as u64;
+        }
+        let content = w.finish()?;
+        let mut txn = self.meta.write()?;
+        let mut dir = txn.inode(parent)?;
+        if dir.kind != Kind::Dir {
+            return errno(libc::ENOTDIR);
+        }
+        if dir.nlink == 0 {
+            return errno(libc::ENOENT);
+        }
+        let now = Time::now();
+        let ino = match txn.lookup(parent, name)? {
+            Some(d) if d.kind != Kind::File => return errno(libc::EEXIST),
+            Some(d) => {
+                let dirty = lock(&self.files)
+                    .get(&d.ino)
+                    .is_some_and(|st| lock(st).dirty.is_some());
+                if dirty {
+                    return errno(libc::EBUSY);
+                }
+                d.ino
+            }
+            None => {
+                let ino = txn.alloc_ino()?;
+                txn.put_dirent(
+                    parent,
+                    &Dirent {
+                        name: name.to_vec(),
+                        ino,
+                        kind: Kind::File,
+                    },
+                )?;
+                dir.mtime = now;
+                dir.ctime = now;
+                txn.put_inode(parent, &dir)?;
+                txn.put_inode(ino, &Inode::new(Kind::File, 0, attrs.uid, attrs.gid))?;
+                ino
+            }
+        };
+        let mut inode = txn.inode(ino)?;
+        inode.content = content;
+        inode.size = size;
+        inode.perm = attrs.perm & 0o7777;
+        inode.uid = attrs.uid;
+        inode.gid = attrs.gid;
+        inode.atime = attrs.atime;
+        inode.mtime = attrs.mtime;
+        inode.ctime = now;
+        // Redundancy is this filesystem's own setting, never a source's.
+        inode.xattrs = attrs
+            .xattrs
+            .iter()
+            .filter(|(k, _)| k.as_slice() != REDUNDANCY_XATTR)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        txn.put_inode(ino, &inode)?;
+        txn.commit(false)?;
+        Ok(self.attr(ino, &inode))
     }
 
     /// The target of a symlink.

@@ -13,5 +13,5 @@ pub mod snapshot;
 pub mod walk;
 
 pub use error::FsError;
-pub use fossil::{Attr, Caller, Fossil, SetAttr, SetTime};
+pub use fossil::{Attr, Caller, Fossil, Imported, SetAttr, SetTime};
 pub use meta::{Kind, Meta, Time};
