@@ -7,6 +7,7 @@ mod error;
 pub mod file;
 pub mod fossil;
 pub mod fuse;
+pub mod import;
 pub mod meta;
 pub mod snapdir;
 pub mod snapshot;

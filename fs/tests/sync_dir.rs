@@ -1,0 +1,192 @@
+//! A directory from outside the filesystem copied into it and kept up to
+//! date (`import::sync_dir`): the copy is the same tree, an unchanged
+//! rescan reads no file, and a change reads only what changed.
+
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use fincrypt_blockstore::{BlockStore, MasterSecret, MemStore, TreeParams};
+use fincrypt_fs::import::{Stamps, sync_dir};
+use fincrypt_fs::{Caller, Fossil, Kind, Meta};
+
+const WHO: Caller = Caller { uid: 0, gid: 0 };
+
+fn fossil(dir: &Path) -> Fossil {
+    let keys = MasterSecret::generate().keys();
+    let store: Arc<dyn BlockStore> = Arc::new(MemStore::new());
+    let meta = Meta::open(&dir.join("meta.redb"), &keys, 0, 0).unwrap();
+    Fossil::new(meta, store, keys, TreeParams::default(), dir.to_path_buf()).unwrap()
+}
+
+fn read_all(fs: &Fossil, ino: u64) -> Vec<u8> {
+    let size = fs.getattr(ino).unwrap().size as usize;
+    let mut out = Vec::new();
+    while out.len() < size {
+        let got = fs.read(ino, out.len() as u64, 1 << 20).unwrap();
+        assert!(!got.is_empty());
+        out.extend_from_slice(&got);
+    }
+    out
+}
+
+/// Checks that directory `ino` of `fs` holds what `src` holds: names,
+/// kinds, contents, modes, owners, mtimes and symlink targets (FIFOs and
+/// the like are left out by design).
+fn same_tree(fs: &Fossil, src: &Path, ino: u64) {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let m = std::fs::symlink_metadata(e.path()).unwrap();
+        let t = m.file_type();
+        if !(t.is_dir() || t.is_file() || t.is_symlink()) {
+            continue;
+        }
+        names.push(e.file_name());
+        let a = fs
+            .lookup(ino, e.file_name().as_bytes())
+            .unwrap_or_else(|err| panic!("{} is missing: {err}", e.path().display()));
+        assert_eq!(a.uid, m.uid(), "{}", e.path().display());
+        if t.is_symlink() {
+            assert_eq!(a.kind, Kind::Symlink);
+            let target = std::fs::read_link(e.path()).unwrap();
+            assert_eq!(fs.readlink(a.ino).unwrap(), target.as_os_str().as_bytes());
+            continue;
+        }
+        assert_eq!(
+            u32::from(a.perm),
+            m.mode() & 0o7777,
+            "{}",
+            e.path().display()
+        );
+        assert_eq!(a.mtime.secs, m.mtime(), "{}", e.path().display());
+        if t.is_dir() {
+            assert_eq!(a.kind, Kind::Dir);
+            same_tree(fs, &e.path(), a.ino);
+        } else {
+            assert_eq!(a.kind, Kind::File);
+            assert_eq!(
+                read_all(fs, a.ino),
+                std::fs::read(e.path()).unwrap(),
+                "{}",
+                e.path().display()
+            );
+        }
+    }
+    let mut offset = 0;
+    let mut count = 0;
+    loop {
+        let page = fs.readdir(ino, offset, 1024).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        for (cookie, d) in page {
+            offset = cookie;
+            if d.name != b"." && d.name != b".." {
+                count += 1;
+            }
+        }
+    }
+    assert_eq!(
+        count,
+        names.len(),
+        "extra entries in the copy of {}",
+        src.display()
+    );
+}
+
+fn write(path: &Path, len: usize, seed: u8) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect();
+    std::fs::write(path, data).unwrap();
+}
+
+#[test]
+fn a_tree_is_copied_then_kept_up_to_date_reading_only_what_changed() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    // Nested directories, files of several sizes, a symlink, a hard link, a
+    // FIFO, a read-only directory, and 2,000 small files.
+    write(&src.join("a/b/c/deep.txt"), 10, 1);
+    write(&src.join("a/big.bin"), 3 << 20, 2);
+    write(&src.join("empty"), 0, 3);
+    write(&src.join("linked"), 5000, 4);
+    std::fs::hard_link(src.join("linked"), src.join("a/also-linked")).unwrap();
+    std::os::unix::fs::symlink("a/b/c/deep.txt", src.join("to-deep")).unwrap();
+    let fifo = std::ffi::CString::new(src.join("pipe").as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    for i in 0..2000 {
+        write(
+            &src.join(format!("many/{:02}/f{i}", i % 20)),
+            100 + i % 50,
+            i as u8,
+        );
+    }
+    std::fs::set_permissions(src.join("a/b"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::set_permissions(
+        src.join("a/big.bin"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+
+    let fs = fossil(work.path());
+    let dst = fs
+        .mknod(1, b"backup", Kind::Dir, 0o755, 0, None, WHO)
+        .unwrap()
+        .ino;
+    let mut stamps = Stamps::new();
+    let first = sync_dir(&fs, &src, dst, &mut stamps).unwrap();
+    assert!(first.errors.is_empty(), "{:?}", first.errors);
+    assert_eq!(first.skipped.len(), 1, "{:?}", first.skipped);
+    assert!(first.skipped[0].1.contains("FIFO"));
+    assert_eq!((first.files, first.symlinks), (2005, 1));
+    same_tree(&fs, &src, dst);
+    // The hard link is one file with two names.
+    let a = fs.lookup(dst, b"linked").unwrap();
+    let dir_a = fs.lookup(dst, b"a").unwrap();
+    let b = fs.lookup(dir_a.ino, b"also-linked").unwrap();
+    assert_eq!((a.ino, a.nlink), (b.ino, 2));
+
+    // Nothing changed: nothing is read.
+    let again = sync_dir(&fs, &src, dst, &mut stamps).unwrap();
+    assert_eq!((again.bytes_read, again.imported), (0, 0));
+    assert_eq!(again.unchanged, 2005);
+
+    // An edit, a new file, a removal and a renamed directory: only the
+    // edited and new files are read.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(src.join("a/b/c/deep.txt"))
+        .unwrap_or_else(|_| {
+            std::fs::set_permissions(src.join("a/b"), std::fs::Permissions::from_mode(0o755))
+                .unwrap();
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(src.join("a/b/c/deep.txt"))
+                .unwrap()
+        });
+    std::io::Write::write_all(&mut f, b" and more").unwrap();
+    drop(f);
+    write(&src.join("new.txt"), 777, 9);
+    std::fs::remove_file(src.join("empty")).unwrap();
+    std::fs::rename(src.join("many/07"), src.join("many/seven")).unwrap();
+    let changed = sync_dir(&fs, &src, dst, &mut stamps).unwrap();
+    assert!(changed.errors.is_empty(), "{:?}", changed.errors);
+    same_tree(&fs, &src, dst);
+    // The renamed directory's files are new paths, so they are read again;
+    // nothing else is.
+    let renamed: u64 = std::fs::read_dir(src.join("many/seven"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert_eq!(changed.bytes_read, 19 + 777 + renamed);
+    assert!(
+        changed.removed >= 2,
+        "the file and the old directory name: {}",
+        changed.removed
+    );
+}
