@@ -12,8 +12,9 @@
 //! previous version stays. Sockets, FIFOs and devices are skipped, each named
 //! in the report, and so is whatever cannot be read.
 //!
-//! Not yet: extended attributes of the source, and the stamps kept across
-//! restarts (the caller holds them).
+//! Extended attributes of files and directories are kept (not those of
+//! symlinks, nor the redundancy attribute, which is this filesystem's own).
+//! Not yet: the stamps kept across restarts (the caller holds them).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -23,7 +24,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::FsError;
-use crate::fossil::{Caller, Fossil, Imported, SetAttr, SetTime};
+use crate::fossil::{Caller, Fossil, Imported, REDUNDANCY_XATTR, SetAttr, SetTime};
 use crate::meta::{Kind, Time};
 
 /// Reads of a file that keeps changing before it is reported.
@@ -112,6 +113,31 @@ fn io_errno(e: &std::io::Error) -> String {
     e.to_string()
 }
 
+type Xattrs = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// The extended attributes of an open file, or of the node at a path (not
+/// followed); none where the filesystem keeps none.
+fn xattrs_of(
+    list: std::io::Result<xattr::XAttrs>,
+    get: impl Fn(&OsStr) -> std::io::Result<Option<Vec<u8>>>,
+) -> std::io::Result<Xattrs> {
+    let names = match list {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Xattrs::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Xattrs::new();
+    for name in names {
+        if name.as_bytes() == REDUNDANCY_XATTR {
+            continue;
+        }
+        if let Some(v) = get(&name)? {
+            out.insert(name.as_bytes().to_vec(), v);
+        }
+    }
+    Ok(out)
+}
+
 impl Run<'_> {
     fn dir(&mut self, rel: &Path, dst: u64) -> Result<(), FsError> {
         let path = self.src.join(rel);
@@ -178,6 +204,23 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Makes the extended attributes of `ino` be `want` (the redundancy
+    /// attribute aside).
+    fn set_xattrs(&self, ino: u64, want: &Xattrs) -> Result<(), FsError> {
+        let listed = self.fs.listxattr(ino)?;
+        for name in listed.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+            if name != REDUNDANCY_XATTR && !want.contains_key(name) {
+                self.fs.removexattr(ino, name)?;
+            }
+        }
+        for (name, value) in want {
+            if self.fs.getxattr(ino, name).ok().as_ref() != Some(value) {
+                self.fs.setxattr(ino, name, value, false, false)?;
+            }
+        }
+        Ok(())
+    }
+
     /// What `name` in `dir` is now, if anything.
     fn existing(&self, dir: u64, name: &[u8]) -> Result<Option<(u64, Kind)>, FsError> {
         match self.fs.lookup(dir, name) {
@@ -216,6 +259,10 @@ impl Run<'_> {
                 }
             };
             self.dir(rel, ino)?;
+            match xattrs_of(xattr::list(&path), |n| xattr::get(&path, n)) {
+                Ok(want) => self.set_xattrs(ino, &want)?,
+                Err(e) => self.report.errors.push((rel.to_path_buf(), io_errno(&e))),
+            }
             // Last: filling it changed its times.
             self.fs.setattr(
                 ino,
@@ -329,13 +376,21 @@ impl Run<'_> {
                     return Ok(());
                 }
             };
+            use xattr::FileExt;
+            let xattrs = match xattrs_of(file.list_xattr(), |n| file.get_xattr(n)) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.report.errors.push((rel.to_path_buf(), io_errno(&e)));
+                    return Ok(());
+                }
+            };
             let attrs = Imported {
                 perm: (before.mode() & 0o7777) as u16,
                 uid: before.uid(),
                 gid: before.gid(),
                 atime: time(before.atime(), before.atime_nsec()),
                 mtime: time(before.mtime(), before.mtime_nsec()),
-                xattrs: Default::default(),
+                xattrs,
             };
             let mut reader = Stable {
                 file,

@@ -61,6 +61,15 @@ fn same_tree(fs: &Fossil, src: &Path, ino: u64) {
             e.path().display()
         );
         assert_eq!(a.mtime.secs, m.mtime(), "{}", e.path().display());
+        for name in xattr::list(e.path()).unwrap() {
+            let want = xattr::get(e.path(), &name).unwrap().unwrap();
+            assert_eq!(
+                fs.getxattr(a.ino, name.as_bytes()).unwrap(),
+                want,
+                "{} {name:?}",
+                e.path().display()
+            );
+        }
         if t.is_dir() {
             assert_eq!(a.kind, Kind::Dir);
             same_tree(fs, &e.path(), a.ino);
@@ -126,6 +135,8 @@ fn a_tree_is_copied_then_kept_up_to_date_reading_only_what_changed() {
             i as u8,
         );
     }
+    xattr::set(src.join("a/big.bin"), "user.kind", b"big").unwrap();
+    xattr::set(src.join("a"), "user.kind", b"a directory").unwrap();
     std::fs::set_permissions(src.join("a/b"), std::fs::Permissions::from_mode(0o555)).unwrap();
     std::fs::set_permissions(
         src.join("a/big.bin"),
@@ -172,11 +183,17 @@ fn a_tree_is_copied_then_kept_up_to_date_reading_only_what_changed() {
     std::io::Write::write_all(&mut f, b" and more").unwrap();
     drop(f);
     write(&src.join("new.txt"), 777, 9);
+    xattr::remove(src.join("a"), "user.kind").unwrap();
     std::fs::remove_file(src.join("empty")).unwrap();
     std::fs::rename(src.join("many/07"), src.join("many/seven")).unwrap();
     let changed = sync_dir(&fs, &src, dst, &mut stamps).unwrap();
     assert!(changed.errors.is_empty(), "{:?}", changed.errors);
     same_tree(&fs, &src, dst);
+    let a = fs.lookup(dst, b"a").unwrap();
+    assert!(
+        fs.getxattr(a.ino, b"user.kind").is_err(),
+        "a removed xattr goes"
+    );
     // The renamed directory's files are new paths, so they are read again;
     // nothing else is.
     let renamed: u64 = std::fs::read_dir(src.join("many/seven"))
