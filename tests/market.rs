@@ -479,21 +479,11 @@ impl Paid {
             _other: other,
         };
         // The two nodes within max_price take every block of ours, under contract.
-        let mut last = (0, 0);
-        let mut steady_since = std::time::Instant::now();
-        wait_until(
+        wait_steady(
             "the file placed on the two cheaper nodes",
             Duration::from_secs(120),
-            || {
-                let now = (p.held(0), p.held(1));
-                if now != last {
-                    last = now;
-                    steady_since = std::time::Instant::now();
-                }
-                now.0 >= 8 << 20
-                    && now.1 >= 8 << 20
-                    && steady_since.elapsed() > Duration::from_secs(3)
-            },
+            || (p.held(0), p.held(1)),
+            |now| now.0 >= 8 << 20 && now.1 >= 8 << 20,
         );
         p
     }

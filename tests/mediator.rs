@@ -319,20 +319,13 @@ impl Mediated {
 
         // The mediator puts both files on the two cheaper nodes; the dear
         // one gets only what wants a third copy (metadata).
-        let mut last = (0, 0);
-        let mut steady_since = std::time::Instant::now();
-        wait_until(
+        wait_steady(
             "both files placed on the two cheaper nodes",
             Duration::from_secs(180),
-            || {
-                let now = (net.held(0), net.held(1));
-                if now != last {
-                    last = now;
-                    steady_since = std::time::Instant::now();
-                }
+            || (net.held(0), net.held(1)),
+            |now| {
                 now.0 >= 8 << 20
                     && now.1 >= 8 << 20
-                    && steady_since.elapsed() > Duration::from_secs(3)
                     && mounts
                         .iter()
                         .all(|m| number(&status(m.home()), "mediator_reports_waiting") == 0)
@@ -431,6 +424,21 @@ impl Mediated {
             .count()
     }
 
+    /// Waits until `periods` periods are paid to holders 0 and 1 for each
+    /// client at their prices, then stops the miner and confirms what was
+    /// sent.
+    fn wait_paid_then_confirm(&mut self, what: &str, periods: usize) {
+        wait_until(what, Duration::from_secs(180), || {
+            self.escrows().as_array().unwrap().iter().all(|e| {
+                self.paid_at_price(e, &self.peers[0]) >= periods
+                    && self.paid_at_price(e, &self.peers[1]) >= periods
+            })
+        });
+        self.miner = None;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(self.bitcoin.mine(1));
+    }
+
     /// Checks that each escrow came down by exactly what was paid for it
     /// and the fee on that, that no satoshi is lost (escrows + payments +
     /// fees = deposits) and that no period was paid twice; with `settled`,
@@ -511,18 +519,10 @@ impl Mediated {
 fn a_mediator_places_at_the_lowest_prices_and_pays_for_offline_clients_out_of_their_escrow() {
     let mut net = Mediated::start();
     // While both clients are offline, the mediator audits and pays for them.
-    wait_until(
+    net.wait_paid_then_confirm(
         "three periods paid to each holder for each client, while both are offline",
-        Duration::from_secs(180),
-        || {
-            net.escrows().as_array().unwrap().iter().all(|e| {
-                net.paid_at_price(e, &net.peers[0]) >= 3 && net.paid_at_price(e, &net.peers[1]) >= 3
-            })
-        },
+        3,
     );
-    net.miner = None;
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(net.bitcoin.mine(1));
     let escrows = net.escrows_add_up(true);
     // Every payment is at the price for the bytes held, and only to the two
     // holders the mediator chose for data; one transaction pays for both
@@ -598,18 +598,10 @@ fn a_mediator_killed_ten_times_while_settling_pays_each_period_once_and_loses_no
         net.start_mediator();
         net.escrows_add_up(false);
     }
-    wait_until(
+    net.wait_paid_then_confirm(
         "periods paid to each holder for each client after the kills",
-        Duration::from_secs(180),
-        || {
-            net.escrows().as_array().unwrap().iter().all(|e| {
-                net.paid_at_price(e, &net.peers[0]) >= 3 && net.paid_at_price(e, &net.peers[1]) >= 3
-            })
-        },
+        3,
     );
-    net.miner = None;
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(net.bitcoin.mine(1));
     net.escrows_add_up(true);
     net.holders_got_what_was_recorded();
 }

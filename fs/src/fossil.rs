@@ -334,13 +334,7 @@ impl Fossil {
     ) -> Result<Attr, FsError> {
         check_new_name(parent, name)?;
         let mut txn = self.meta.write()?;
-        let mut dir = txn.inode(parent)?;
-        if dir.kind != Kind::Dir {
-            return errno(libc::ENOTDIR);
-        }
-        if dir.nlink == 0 {
-            return errno(libc::ENOENT);
-        }
+        let mut dir = live_dir(&txn, parent)?;
         if txn.lookup(parent, name)?.is_some() {
             return errno(libc::EEXIST);
         }
@@ -429,13 +423,7 @@ impl Fossil {
         }
         let content = w.finish()?;
         let mut txn = self.meta.write()?;
-        let mut dir = txn.inode(parent)?;
-        if dir.kind != Kind::Dir {
-            return errno(libc::ENOTDIR);
-        }
-        if dir.nlink == 0 {
-            return errno(libc::ENOENT);
-        }
+        let mut dir = live_dir(&txn, parent)?;
         let now = Time::now();
         let ino = match txn.lookup(parent, name)? {
             Some(d) if d.kind != Kind::File => return errno(libc::EEXIST),
@@ -1453,6 +1441,18 @@ fn writable(ino: u64) -> Result<(), FsError> {
 }
 
 /// A name about to be created in `parent`: valid, writable, and not `.snapshots` in the root.
+/// Directory `parent`, still linked: `ENOTDIR` or `ENOENT` otherwise.
+fn live_dir(txn: &crate::meta::WriteTxn<'_>, parent: u64) -> Result<Inode, FsError> {
+    let dir = txn.inode(parent)?;
+    if dir.kind != Kind::Dir {
+        return errno(libc::ENOTDIR);
+    }
+    if dir.nlink == 0 {
+        return errno(libc::ENOENT);
+    }
+    Ok(dir)
+}
+
 fn check_new_name(parent: u64, name: &[u8]) -> Result<(), FsError> {
     check_name_in(parent, name, libc::EEXIST)
 }

@@ -2,27 +2,15 @@
 //! them: reads, overwrites and truncations in that window must see exactly
 //! what was written, and the sealed file must survive a remount.
 
-use std::sync::Arc;
+mod common;
 
-use fincrypt_blockstore::{BlockStore, LocalStore, MasterSecret, StoreOptions, TreeParams};
-use fincrypt_fs::{Caller, Fossil, Meta, SetAttr};
+use fincrypt_blockstore::MasterSecret;
+use fincrypt_fs::{Caller, Fossil, SetAttr};
+
+use common::mount;
 
 const MIB: usize = 1 << 20;
 const WHO: Caller = Caller { uid: 0, gid: 0 };
-
-fn mount(dir: &std::path::Path, keys: &fincrypt_blockstore::Keys) -> Fossil {
-    let store: Arc<dyn BlockStore> =
-        Arc::new(LocalStore::open(&dir.join("volume"), StoreOptions::default()).unwrap());
-    let meta = Meta::open(&dir.join("meta.redb"), keys, 0, 0).unwrap();
-    Fossil::new(
-        meta,
-        store,
-        keys.clone(),
-        TreeParams::default(),
-        dir.to_path_buf(),
-    )
-    .unwrap()
-}
 
 /// Bytes that differ at every offset and between passes.
 fn pattern(offset: usize, len: usize, pass: u8) -> Vec<u8> {

@@ -4,43 +4,22 @@
 //! attributes, a new version keeps the inode, and what is refused changes
 //! nothing.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+mod common;
 
-use fincrypt_blockstore::{BlockStore, LocalStore, MasterSecret, StoreOptions, TreeParams};
-use fincrypt_fs::{Caller, Fossil, Imported, Kind, Meta, Time};
+use std::collections::BTreeMap;
+
+use common::{mount, read_all};
+
+use fincrypt_blockstore::MasterSecret;
+use fincrypt_fs::{Caller, Imported, Kind, Time};
 
 const WHO: Caller = Caller { uid: 0, gid: 0 };
-
-fn mount(dir: &std::path::Path, keys: &fincrypt_blockstore::Keys) -> Fossil {
-    let store: Arc<dyn BlockStore> =
-        Arc::new(LocalStore::open(&dir.join("volume"), StoreOptions::default()).unwrap());
-    let meta = Meta::open(&dir.join("meta.redb"), keys, 0, 0).unwrap();
-    Fossil::new(
-        meta,
-        store,
-        keys.clone(),
-        TreeParams::default(),
-        dir.to_path_buf(),
-    )
-    .unwrap()
-}
 
 /// Bytes that differ at every offset, and between seeds.
 fn pattern(len: usize, seed: u32) -> Vec<u8> {
     (0..len)
         .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed).to_le_bytes()[i % 4])
         .collect()
-}
-
-fn read_all(fs: &Fossil, ino: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    while out.len() < len {
-        let got = fs.read(ino, out.len() as u64, 1 << 20).unwrap();
-        assert!(!got.is_empty(), "short at {}", out.len());
-        out.extend_from_slice(&got);
-    }
-    out
 }
 
 fn attrs(perm: u16, mtime: i64) -> Imported {
@@ -83,7 +62,7 @@ fn an_imported_file_reads_back_with_its_attributes_and_a_new_version_keeps_its_i
     );
     assert_eq!(a.mtime.secs, 1_700_000_000);
     assert_eq!(a.mtime.nanos, 7);
-    assert_eq!(read_all(&fs, a.ino, first.len()), first);
+    assert_eq!(read_all(&fs, a.ino), first);
     assert_eq!(fs.getxattr(a.ino, b"user.origin").unwrap(), b"outside");
     assert!(
         fs.getxattr(a.ino, b"user.fincrypt.redundancy").is_err(),
@@ -104,14 +83,14 @@ fn an_imported_file_reads_back_with_its_attributes_and_a_new_version_keeps_its_i
     assert_eq!(b.ino, a.ino);
     assert_eq!((b.size, b.perm, b.nlink), (3 << 20, 0o600, 2));
     let alias = fs.lookup(1, b"alias").unwrap();
-    assert_eq!(read_all(&fs, alias.ino, second.len()), second);
+    assert_eq!(read_all(&fs, alias.ino), second);
 
     // Durable once synced: a remount reads the new version.
     fs.sync_all().unwrap();
     drop(fs);
     let fs = mount(dir.path(), &keys);
     let again = fs.lookup(1, b"doc").unwrap();
-    assert_eq!(read_all(&fs, again.ino, second.len()), second);
+    assert_eq!(read_all(&fs, again.ino), second);
 }
 
 /// A source that fails after some bytes.
@@ -145,7 +124,7 @@ fn an_import_that_cannot_finish_changes_nothing() {
     assert_eq!(e.errno(), libc::EACCES);
     let now = fs.getattr(a.ino).unwrap();
     assert_eq!((now.size, now.perm), (1 << 20, 0o644));
-    assert_eq!(read_all(&fs, a.ino, old.len()), old);
+    assert_eq!(read_all(&fs, a.ino), old);
     // Not over a directory, nor over a file with writes not yet sealed.
     fs.mknod(1, b"dir", Kind::Dir, 0o755, 0, None, WHO).unwrap();
     let e = fs

@@ -2,6 +2,8 @@
 //! date (`import::sync_dir`): the copy is the same tree, an unchanged
 //! rescan reads no file, and a change reads only what changed.
 
+mod common;
+
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -11,6 +13,8 @@ use fincrypt_blockstore::{BlockStore, MasterSecret, MemStore, TreeParams};
 use fincrypt_fs::import::{Stamps, sync_dir};
 use fincrypt_fs::{Caller, Fossil, Kind, Meta};
 
+use common::read_all;
+
 const WHO: Caller = Caller { uid: 0, gid: 0 };
 
 fn fossil(dir: &Path) -> Fossil {
@@ -18,17 +22,6 @@ fn fossil(dir: &Path) -> Fossil {
     let store: Arc<dyn BlockStore> = Arc::new(MemStore::new());
     let meta = Meta::open(&dir.join("meta.redb"), &keys, 0, 0).unwrap();
     Fossil::new(meta, store, keys, TreeParams::default(), dir.to_path_buf()).unwrap()
-}
-
-fn read_all(fs: &Fossil, ino: u64) -> Vec<u8> {
-    let size = fs.getattr(ino).unwrap().size as usize;
-    let mut out = Vec::new();
-    while out.len() < size {
-        let got = fs.read(ino, out.len() as u64, 1 << 20).unwrap();
-        assert!(!got.is_empty());
-        out.extend_from_slice(&got);
-    }
-    out
 }
 
 /// Checks that directory `ino` of `fs` holds what `src` holds: names,

@@ -28,6 +28,26 @@ pub const UNMOUNT_DEADLINE: Duration = Duration::from_secs(300);
 pub const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Polls `cond` until it holds; panics with `what` once `limit` has passed.
+/// Waits up to `limit` until `reading` has stayed the same for three
+/// seconds and `done` accepts it (placement has settled, say).
+pub fn wait_steady<T: PartialEq + Clone>(
+    what: &str,
+    limit: Duration,
+    mut reading: impl FnMut() -> T,
+    mut done: impl FnMut(&T) -> bool,
+) {
+    let mut last: Option<T> = None;
+    let mut since = Instant::now();
+    wait_until(what, limit, || {
+        let now = reading();
+        if last.as_ref() != Some(&now) {
+            last = Some(now.clone());
+            since = Instant::now();
+        }
+        done(&now) && since.elapsed() > Duration::from_secs(3)
+    });
+}
+
 pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     let mut pause = Duration::from_millis(1);
