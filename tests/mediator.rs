@@ -162,6 +162,32 @@ const DEPOSIT: u64 = 10_000_000;
 /// The mediator's fee: 1.5 %.
 const FEE_BP: u64 = 150;
 
+/// A storage node at `home` asking `price`, paid into `bitcoin`'s wallet,
+/// on the paid network's period, with `env` and `more` arguments.
+fn priced_node(
+    home: &std::path::Path,
+    price: u64,
+    bitcoin: &regtest::Regtest,
+    env: &[(&str, &str)],
+    more: &[&str],
+) -> Served {
+    let price = price.to_string();
+    let mut args = vec![
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--capacity",
+        "1GiB",
+        "--price",
+        &price,
+    ];
+    args.extend(more);
+    serve_with(home, &args, |cmd| {
+        cmd.envs(bitcoin.env.clone())
+            .env("FINCRYPT_PERIOD", PERIOD)
+            .envs(env.iter().copied());
+    })
+}
+
 /// What one period of `bytes` costs at `price` sats per GiB.
 fn due(price: u64, bytes: u64) -> u64 {
     ((u128::from(price) * u128::from(bytes)) >> 30) as u64
@@ -236,22 +262,7 @@ impl Mediated {
         let nodes: Vec<Served> = prices
             .iter()
             .zip(&homes)
-            .map(|(price, home)| {
-                let price = price.to_string();
-                let args = [
-                    "--listen",
-                    "/ip4/127.0.0.1/tcp/0",
-                    "--capacity",
-                    "1GiB",
-                    "--price",
-                    &price,
-                ];
-                serve_with(home.path(), &args, |cmd| {
-                    cmd.envs(bitcoin.env.clone())
-                        .env("FINCRYPT_PERIOD", PERIOD)
-                        .envs(node_env.iter().copied());
-                })
-            })
+            .map(|(price, home)| priced_node(home.path(), *price, &bitcoin, node_env, &[]))
             .collect();
         let peers: Vec<String> = homes
             .iter()
@@ -629,13 +640,10 @@ fn a_holder_that_loses_blocks_while_its_clients_are_away_is_unpaid_and_its_block
         payments_to(&net.escrows(), &h1) > 0
     });
     // Holder 1's held blocks now hold zeros.
-    let mut files = Vec::new();
-    files_under(&net.homes[1].path().join("held").join("blocks"), &mut files);
-    assert!(!files.is_empty(), "holder 1 holds blocks");
-    for f in &files {
-        let len = std::fs::metadata(f).unwrap().len() as usize;
-        std::fs::write(f, vec![0u8; len]).unwrap();
-    }
+    assert!(
+        zero_held_blocks(net.homes[1].path()) > 0,
+        "holder 1 holds blocks"
+    );
     // The mediator's audits catch it: its contracts end, and it gets no
     // new blocks from this mediator.
     wait_until(
@@ -860,20 +868,13 @@ fn floating_prices_pay_the_cheapest_room_seen_within_each_holders_floor() {
     );
     // Cheaper room appears: a node at 60,000. Both holders are paid that.
     let home = tempfile::tempdir().unwrap();
-    let args = [
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--capacity",
-        "1GiB",
-        "--price",
-        "60000",
-        "--bootstrap",
-        net.nodes[0].addr.as_str(),
-    ];
-    let _cheap = serve_with(home.path(), &args, |cmd| {
-        cmd.envs(net.bitcoin.env.clone())
-            .env("FINCRYPT_PERIOD", PERIOD);
-    });
+    let _cheap = priced_node(
+        home.path(),
+        60_000,
+        &net.bitcoin,
+        &[],
+        &["--bootstrap", net.nodes[0].addr.as_str()],
+    );
     wait_until(
         "both holders paid at the new cheapest price",
         Duration::from_secs(180),

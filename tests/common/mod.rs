@@ -28,6 +28,18 @@ pub const UNMOUNT_DEADLINE: Duration = Duration::from_secs(300);
 pub const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Polls `cond` until it holds; panics with `what` once `limit` has passed.
+/// Overwrites with zeros every block a storage node at `home` holds for
+/// others (a holder that lost its data), and says how many there were.
+pub fn zero_held_blocks(home: &Path) -> usize {
+    let mut files = Vec::new();
+    files_under(&home.join("held").join("blocks"), &mut files);
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len() as usize;
+        std::fs::write(f, vec![0u8; len]).unwrap();
+    }
+    files.len()
+}
+
 /// Waits up to `limit` until `reading` has stayed the same for three
 /// seconds and `done` accepts it (placement has settled, say).
 pub fn wait_steady<T: PartialEq + Clone>(
