@@ -86,8 +86,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// A mediator's escrow: a client's deposit address and balance, or (on
-    /// the mediator's own home) every client's.
+    /// A mediator: a client's deposit address and escrow, or (on the
+    /// mediator's own home) its clients, holders and settlements.
     Mediator {
         #[command(subcommand)]
         command: MediatorCommand,
