@@ -933,6 +933,29 @@ impl<P: Payments + 'static> Mediator<P> {
 
     /// `client`'s escrow; a client that never asked for an address has none.
     pub async fn escrow(&self, client: &PeerId) -> Result<Escrow, MarketError> {
+        self.escrow_given(client, &self.spent()?).await
+    }
+
+    /// What one period of `market`'s live contracts costs, fee included,
+    /// at the bytes last audited; and their holders and bytes.
+    fn period_cost(&self, market: &OwnerMarket<Arc<P>>) -> (u64, u64, u64) {
+        let (mut cost, mut holders, mut bytes) = (0u64, 0, 0);
+        for (_, c, b, ended) in market.holders() {
+            if !ended {
+                holders += 1;
+                bytes += b;
+                cost = cost.saturating_add(c.terms.due(b));
+            }
+        }
+        (cost.saturating_add(self.rules.fee(cost)), holders, bytes)
+    }
+
+    /// [`Mediator::escrow`], with what was paid for each client (`spent`).
+    async fn escrow_given(
+        &self,
+        client: &PeerId,
+        spent: &HashMap<PeerId, u64>,
+    ) -> Result<Escrow, MarketError> {
         let Some(row) = self.client_row(client)? else {
             return Err(MarketError::Invalid(
                 "no deposit address yet: ask for one first (fincryptctl mediator deposit-address)"
@@ -944,7 +967,7 @@ impl<P: Payments + 'static> Mediator<P> {
             .received_by(&row.address, self.rules.min_conf)
             .await?;
         let seen = self.wallet.received_by(&row.address, 0).await?;
-        let paid = self.spent()?.get(client).copied().unwrap_or(0);
+        let paid = spent.get(client).copied().unwrap_or(0);
         let fees = self.rules.fee(paid);
         let escrow = deposited.saturating_sub(paid).saturating_sub(fees);
         let mut e = Escrow {
@@ -961,15 +984,7 @@ impl<P: Payments + 'static> Mediator<P> {
         };
         if row.consent.is_some() {
             let market = self.market_for(client)?;
-            let mut cost = 0u64;
-            for (_, c, bytes, ended) in market.holders() {
-                if !ended {
-                    e.holders += 1;
-                    e.bytes_placed += bytes;
-                    cost = cost.saturating_add(c.terms.due(bytes));
-                }
-            }
-            e.cost_per_period = cost.saturating_add(self.rules.fee(cost));
+            (e.cost_per_period, e.holders, e.bytes_placed) = self.period_cost(&market);
             e.payments = self.payments_of(client)?;
         }
         e.funded_periods = funded_periods(escrow, e.cost_per_period);
@@ -1057,16 +1072,11 @@ impl<P: Payments + 'static> Mediator<P> {
             // A client whose escrow cannot pay a period is not audited: its
             // periods go unpaid, and its holders may cut it and release its
             // blocks by their own rules, which is no failure of theirs.
-            let cost: u64 = market
-                .holders()
-                .iter()
-                .filter(|(_, _, _, ended)| !ended)
-                .map(|(_, c, bytes, _)| c.terms.due(*bytes))
-                .sum();
+            let (cost, _, _) = self.period_cost(&market);
             let left = budgets
                 .get(peer)
                 .map(|(d, s)| d.saturating_sub(*s).saturating_sub(self.rules.fee(*s)));
-            if cost > 0 && left.is_some_and(|l| l < cost.saturating_add(self.rules.fee(cost))) {
+            if cost > 0 && left.is_some_and(|l| l < cost) {
                 continue;
             }
             match market.audit(&custody).await {
@@ -1354,9 +1364,11 @@ impl<P: Payments + 'static> Mediator<P> {
 
     /// Every client's escrow, for whoever runs the mediator.
     pub async fn escrows(&self) -> Result<Vec<Escrow>, MarketError> {
+        // One read of what was paid, for all of them.
+        let spent = self.spent()?;
         let mut out = Vec::new();
         for c in self.clients()? {
-            out.push(self.escrow(&c).await?);
+            out.push(self.escrow_given(&c, &spent).await?);
         }
         Ok(out)
     }
@@ -1456,6 +1468,60 @@ mod tests {
         r.accept_clients = Some(HashSet::from([a]));
         assert!(r.refuses(&b).unwrap().contains("accept_clients"));
         assert!(r.refuses(&a).unwrap().contains("deny_clients"), "deny wins");
+    }
+
+    #[test]
+    fn holder_rules_name_why_a_holder_gets_no_new_blocks() {
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let mut r = Rules {
+            min_audit_score: 0.6,
+            ..Rules::default()
+        };
+        assert_eq!(r.refuses_holder(&a, None), None);
+        let failing = AuditScore::default().after(false);
+        assert!(
+            r.refuses_holder(&a, Some(failing))
+                .unwrap()
+                .contains("min_audit_score")
+        );
+        r.deny_holders.insert(a);
+        assert!(r.refuses_holder(&a, None).unwrap().contains("deny_holders"));
+        r.accept_holders = Some(HashSet::from([a]));
+        assert!(
+            r.refuses_holder(&b, None)
+                .unwrap()
+                .contains("accept_holders")
+        );
+        assert!(
+            r.refuses_holder(&a, None).unwrap().contains("deny_holders"),
+            "deny wins"
+        );
+    }
+
+    #[test]
+    fn the_audit_score_moves_as_documented() {
+        let new = AuditScore::default();
+        assert_eq!(new.score(), 1.0);
+        let failed = new.after(false);
+        assert!((failed.score() - 0.487).abs() < 0.001, "{}", failed.score());
+        assert!((failed.after(true).score() - 0.667).abs() < 0.001);
+        // A long-standing holder: one failure leaves 0.95, ten in a row
+        // take it under 0.6, nine do not.
+        let mut old = new;
+        for _ in 0..500 {
+            old = old.after(true);
+        }
+        assert!((old.after(false).score() - 0.95).abs() < 0.001);
+        let mut s = old;
+        for n in 1..=10 {
+            s = s.after(false);
+            assert_eq!(
+                s.score() < 0.6,
+                n == 10,
+                "after {n} failures: {}",
+                s.score()
+            );
+        }
     }
 
     #[test]
