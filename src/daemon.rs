@@ -937,8 +937,24 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         config.redundancy,
     ));
     let net = Net::start(&runtime, home, &config, &keys_for_net, &volume, wants)?;
-    let mut session = fincrypt_fs::fuse::session(fs.clone(), &mountpoint, &opts)
-        .with_context(|| format!("mounting on {}", mountpoint.display()))?;
+    let mut session = match fincrypt_fs::fuse::session(fs.clone(), &mountpoint, &opts) {
+        Ok(session) => session,
+        // The kernel's first request was never read: the mount was taken
+        // away (fusermount3 -u, umount) as soon as it appeared, which is an
+        // unmount like any other.
+        Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {
+            tracing::info!("unmounted before the first request");
+            if let Some(net) = &net {
+                net.shutdown(runtime.handle());
+            }
+            volume.shutdown()?;
+            eprintln!("fincrypt: unmounted {}", mountpoint.display());
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("mounting on {}", mountpoint.display()));
+        }
+    };
     let daemon = Arc::new(Daemon {
         fs: fs.clone(),
         volume: volume.clone(),

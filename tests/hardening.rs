@@ -1094,9 +1094,10 @@ fn a_users_mount_through_fusermount3_is_listed_as_fuse_fincrypt_from_its_home() 
     let mut daemon = u
         .fincrypt(&["mount", u.mnt.to_str().unwrap()])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let (log, _) = drain(daemon.stderr.take().unwrap());
     wait_until("the user's mount", Duration::from_secs(60), || {
         mounted_fstype(&u.mnt).is_some()
     });
@@ -1105,7 +1106,7 @@ fn a_users_mount_through_fusermount3_is_listed_as_fuse_fincrypt_from_its_home() 
     assert_eq!(source, u.home.to_str().unwrap());
     u.unmount();
     let status = wait_child(&mut daemon, Duration::from_secs(30)).expect("the daemon exits");
-    assert!(status.success());
+    assert!(status.success(), "{status}: {}", text(&log.lock().unwrap()));
 }
 
 #[test]

@@ -93,7 +93,9 @@ pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
 }
 
 /// Reads `r` to its end on a thread, appending to a buffer others can look at meanwhile.
-fn drain(mut r: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
+pub fn drain(
+    mut r: impl Read + Send + 'static,
+) -> (Arc<Mutex<Vec<u8>>>, std::thread::JoinHandle<()>) {
     let buf = Arc::new(Mutex::new(Vec::new()));
     let b = buf.clone();
     let handle = std::thread::spawn(move || {
