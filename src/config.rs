@@ -339,6 +339,41 @@ pub struct Config {
     /// A mediator tells a client its escrow is low when it pays for fewer
     /// periods than this.
     pub grace_periods: u64,
+    /// Folders outside the mount backed up on every change into
+    /// `backups/NAME` (`fincrypt watch`; only in config.toml).
+    pub watch: Vec<WatchEntry>,
+    /// Seconds a changed folder must stay quiet before its changes are
+    /// backed up (so a file being written is read once it is done).
+    pub watch_settle: u64,
+    /// Seconds between rescans of a watched folder that inotify cannot
+    /// follow (too few watches, or events lost).
+    pub watch_rescan: u64,
+}
+
+/// One watched folder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchEntry {
+    /// The folder, an absolute path.
+    pub path: PathBuf,
+    /// Its name under `backups/` (unique).
+    pub name: String,
+    /// Copies on peers of its blocks (none: the default redundancy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redundancy: Option<u8>,
+}
+
+/// Why `name` cannot name a watched folder, if it cannot.
+pub fn bad_watch_name(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name == "." || name == ".." {
+        Some("it is empty, `.` or `..`")
+    } else if name.contains('/') || name.contains('\0') {
+        Some("it holds a `/`")
+    } else if name.len() > 255 {
+        Some("it is longer than 255 bytes")
+    } else {
+        None
+    }
 }
 
 /// Refuses a `config.toml` with a setting Fincrypt does not know (a
@@ -478,6 +513,9 @@ impl Default for Config {
             min_escrow_periods: 1,
             // A day of hourly periods.
             grace_periods: 24,
+            watch: Vec::new(),
+            watch_settle: 2,
+            watch_rescan: 300,
         }
     }
 }
@@ -488,7 +526,12 @@ impl Config {
         let file = home.config_file();
         let keys = Config::keys();
         check_keys(&file, &keys)?;
-        let names: Vec<&str> = keys.iter().map(String::as_str).collect();
+        // Watched folders are a list of tables: config.toml alone sets them.
+        let names: Vec<&str> = keys
+            .iter()
+            .map(String::as_str)
+            .filter(|k| *k != "watch")
+            .collect();
         Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::file(&file))
             .merge(Env::prefixed("FINCRYPT_").only(&names))
@@ -521,6 +564,8 @@ impl Config {
                         c.min_audit_score
                     );
                 }
+                c.check_watch()
+                    .with_context(|| format!("`watch` in {}", file.display()))?;
                 if c.unpaid_periods == 0 {
                     bail!(
                         "`unpaid_periods` in {} or FINCRYPT_UNPAID_PERIODS is 0: an owner \
@@ -530,6 +575,27 @@ impl Config {
                 }
                 Ok(c)
             })
+    }
+
+    /// Each watched folder has an absolute path, a name of its own and a
+    /// redundancy of at least 1.
+    fn check_watch(&self) -> Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for w in &self.watch {
+            if let Some(why) = bad_watch_name(&w.name) {
+                bail!("the name {:?} cannot be a folder's name: {why}", w.name);
+            }
+            if !names.insert(w.name.as_str()) {
+                bail!("two watched folders are named {:?}", w.name);
+            }
+            if !w.path.is_absolute() {
+                bail!("{} is not an absolute path", w.path.display());
+            }
+            if w.redundancy == Some(0) {
+                bail!("{:?} has redundancy 0: at least 1", w.name);
+            }
+        }
+        Ok(())
     }
 
     /// The PeerIds of `accept_from`; `None` when there are none (any peer
@@ -747,6 +813,17 @@ impl Config {
              min_escrow_periods = {}\n\
              grace_periods = {}\n\
              \n\
+             # Folders backed up on every change into backups/NAME in the mount\n\
+             # (`fincrypt watch PATH`, `fincrypt unwatch NAME`), after they stay\n\
+             # quiet for watch_settle seconds; rescanned every watch_rescan seconds\n\
+             # when inotify cannot follow them. Each is a table:\n\
+             # [[watch]]\n\
+             # path = \"/home/me/Documents\"\n\
+             # name = \"Documents\"\n\
+             # redundancy = 3\n\
+             watch_settle = {}\n\
+             watch_rescan = {}\n\
+             \n\
              # The Bitcoin node whose wallet pays and is paid (JSON-RPC), e.g.\n\
              # bitcoin_rpc_url = \"http://127.0.0.1:8332\"\n\
              # bitcoin_rpc_user = \"...\" and bitcoin_rpc_password = \"...\", or\n\
@@ -775,7 +852,9 @@ impl Config {
             d.unpaid_periods,
             d.min_audit_score,
             d.min_escrow_periods,
-            d.grace_periods
+            d.grace_periods,
+            d.watch_settle,
+            d.watch_rescan
         )
     }
 }

@@ -62,6 +62,18 @@ pub enum Request {
     MediatorHolders,
     /// A mediator: every settlement, with what it paid each holder.
     MediatorPeriods,
+    /// Read the config's watched folders again (after `fincrypt watch` or `unwatch`).
+    WatchReload,
+    /// Every watched folder and how its backups stand.
+    WatchStatus,
+    /// Write watched folder `name` as it is (or as the newest snapshot at
+    /// or before `at`, a snapshot name or RFC 3339 time) into `dest`.
+    Restore {
+        name: String,
+        dest: PathBuf,
+        at: Option<String>,
+        overwrite: bool,
+    },
 }
 
 /// The daemon's answer to a [`Request`], one variant per kind of request.
@@ -84,6 +96,64 @@ pub enum Answer {
     Escrows(Vec<fincrypt_market::mediator::Escrow>),
     Holders(Vec<fincrypt_market::mediator::HolderView>),
     Settlements(Vec<fincrypt_market::mediator::SettlementView>),
+    Watch(Vec<WatchView>),
+    Restored(RestoreSummary),
+}
+
+/// One watched folder, as `fincryptctl watch status` shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WatchView {
+    pub name: String,
+    pub path: PathBuf,
+    pub redundancy: Option<u8>,
+    /// `inotify`, or `rescans` when inotify cannot follow it.
+    pub driver: String,
+    /// Why rescans drive it, and how often.
+    pub driver_note: String,
+    /// Directories with an inotify watch.
+    pub watched_dirs: u64,
+    /// Files backed up (names) and their bytes.
+    pub files: u64,
+    pub bytes: u64,
+    /// Unix time of the last change inotify reported.
+    pub last_change_seen: Option<u64>,
+    /// Unix time the last backup of a change (or scan) ended.
+    pub last_backed_up: Option<u64>,
+    /// Directories with changes not backed up yet.
+    pub pending: u64,
+    /// Full scans made since the daemon started.
+    pub scans: u64,
+    /// Bytes read from the folder since the daemon started.
+    pub bytes_read: u64,
+    /// What could not be backed up (unreadable, always changing): the
+    /// first thousand, with the count of all.
+    pub error_count: u64,
+    pub errors: Vec<WatchProblem>,
+    /// What is not backed up by design (sockets, FIFOs, devices).
+    pub skipped_count: u64,
+    pub skipped: Vec<WatchProblem>,
+}
+
+/// A path in a watched folder, relative to it, and why it is not backed up.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WatchProblem {
+    pub path: String,
+    pub why: String,
+}
+
+/// What a restore wrote.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RestoreSummary {
+    /// `live`, or the name of the snapshot restored from.
+    pub from: String,
+    pub dirs: u64,
+    pub files: u64,
+    pub symlinks: u64,
+    pub hard_links: u64,
+    pub others: u64,
+    pub bytes: u64,
+    /// What could not be set as it was (path, why).
+    pub warnings: Vec<WatchProblem>,
 }
 
 /// The answer to [`Request::MediatorDepositAddress`].

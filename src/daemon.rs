@@ -30,7 +30,8 @@ use crate::wants::FsWants;
 
 /// What `fincrypt mount` was asked to do.
 pub struct MountArgs {
-    pub mountpoint: PathBuf,
+    /// None: `fincrypt backup`, the daemon without a FUSE mount.
+    pub mountpoint: Option<PathBuf>,
     pub allow_other: bool,
     /// Mount read-only.
     pub read_only: bool,
@@ -207,7 +208,10 @@ struct Daemon {
     volume: Arc<LocalStore>,
     tiered: Arc<TieredStore>,
     config: Config,
-    mountpoint: PathBuf,
+    /// None when it runs without a mount (`fincrypt backup`).
+    mountpoint: Option<PathBuf>,
+    /// The watched folders (none on a read-only mount).
+    watcher: Option<Arc<crate::watch::Watcher>>,
     /// The `config.toml` read at start, if there was one.
     config_file: Option<PathBuf>,
     /// Serialises snapshots, pruning, GC and the engine's walks.
@@ -564,8 +568,13 @@ impl Daemon {
         let s = self.volume.stats();
         let workers = self.workers.list();
         let mut status = control::Status {
-            role: "mount".into(),
-            mountpoint: Some(self.mountpoint.clone()),
+            role: if self.mountpoint.is_some() {
+                "mount"
+            } else {
+                "backup"
+            }
+            .into(),
+            mountpoint: self.mountpoint.clone(),
             config_file: self.config_file.clone(),
             env_file: crate::config::env_file(),
             own_blocks: s.own_blocks,
@@ -781,6 +790,24 @@ impl Daemon {
             } => Answer::Deleted(
                 self.delete_snapshots(&names, older_than_secs.map(Duration::from_secs))?,
             ),
+            Request::WatchReload => {
+                self.watcher()?.reload()?;
+                Answer::Watch(self.watcher()?.status())
+            }
+            Request::WatchStatus => Answer::Watch(self.watcher()?.status()),
+            Request::Restore {
+                name,
+                dest,
+                at,
+                overwrite,
+            } => Answer::Restored(crate::watch::restore(
+                &self.fs,
+                &name,
+                &dest,
+                at.as_deref(),
+                overwrite,
+                &mut |_| {},
+            )?),
         })
     }
 }
@@ -790,6 +817,12 @@ const NO_MARKET: &str =
     "this mount has no peers configured, so it makes no contracts and pays nothing";
 
 impl Daemon {
+    fn watcher(&self) -> Result<&Arc<crate::watch::Watcher>> {
+        self.watcher
+            .as_ref()
+            .context("this mount is read-only: it backs up no watched folder")
+    }
+
     fn market(&self) -> Result<&Arc<OwnerMarket<BitcoinRpc>>> {
         Ok(&self.net.as_ref().context(NO_MARKET)?.market)
     }
@@ -874,6 +907,32 @@ pub fn check_mountpoint(path: &Path, nonempty: bool) -> Result<PathBuf> {
     Ok(absolute)
 }
 
+/// The filesystem of an unlocked home, over its volume (through a tiered
+/// store that a daemon connects to holders).
+pub fn open_fs(
+    home: &Home,
+    config: &Config,
+    keys: fincrypt_blockstore::Keys,
+) -> Result<(Arc<Fossil>, Arc<LocalStore>, Arc<TieredStore>)> {
+    let volume = Arc::new(home.open_volume(config)?);
+    let fs_dir = home.data_dir.join("fs");
+    std::fs::create_dir_all(&fs_dir).with_context(|| format!("creating {}", fs_dir.display()))?;
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let meta = Meta::open(&fs_dir.join("meta.redb"), &keys, uid, gid)
+        .context("opening the filesystem metadata")?;
+    let tiered = Arc::new(TieredStore::new(volume.clone()));
+    let store: Arc<dyn BlockStore> = tiered.clone();
+    let fs = Arc::new(Fossil::new(
+        meta,
+        store,
+        keys,
+        TreeParams::default(),
+        home.volume_dir(),
+    )?);
+    Ok((fs, volume, tiered))
+}
+
 /// Unlocks, mounts and serves until unmounted or told to stop by SIGTERM or SIGINT.
 pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
     // The daemon frees megabyte buffers on many threads; returning them to the
@@ -893,27 +952,15 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
     if !args.bootstrap.is_empty() {
         config.bootstrap = args.bootstrap.iter().map(|a| a.to_string()).collect();
     }
-    let mountpoint = args
-        .mountpoint
-        .canonicalize()
-        .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
-    let volume = Arc::new(home.open_volume(&config)?);
-    let fs_dir = home.data_dir.join("fs");
-    std::fs::create_dir_all(&fs_dir).with_context(|| format!("creating {}", fs_dir.display()))?;
-    // SAFETY: getuid/getgid cannot fail.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mountpoint = match &args.mountpoint {
+        Some(m) => Some(
+            m.canonicalize()
+                .with_context(|| format!("mount point {}", m.display()))?,
+        ),
+        None => None,
+    };
     let keys_for_net = keys.clone();
-    let meta = Meta::open(&fs_dir.join("meta.redb"), &keys, uid, gid)
-        .context("opening the filesystem metadata")?;
-    let tiered = Arc::new(TieredStore::new(volume.clone()));
-    let store: Arc<dyn BlockStore> = tiered.clone();
-    let fs = Arc::new(Fossil::new(
-        meta,
-        store,
-        keys,
-        TreeParams::default(),
-        home.volume_dir(),
-    )?);
+    let (fs, volume, tiered) = open_fs(home, &config, keys)?;
 
     let opts = MountOptions {
         allow_other: args.allow_other,
@@ -936,24 +983,38 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         snapshots.clone(),
         config.redundancy,
     ));
+    let watcher = if args.read_only {
+        None
+    } else {
+        let exclude = mountpoint.iter().cloned().collect();
+        Some(crate::watch::Watcher::start(
+            fs.clone(),
+            home,
+            &config,
+            exclude,
+        )?)
+    };
     let net = Net::start(&runtime, home, &config, &keys_for_net, &volume, wants)?;
-    let mut session = match fincrypt_fs::fuse::session(fs.clone(), &mountpoint, &opts) {
-        Ok(session) => session,
-        // The kernel's first request was never read: the mount was taken
-        // away (fusermount3 -u, umount) as soon as it appeared, which is an
-        // unmount like any other.
-        Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {
-            tracing::info!("unmounted before the first request");
-            if let Some(net) = &net {
-                net.shutdown(runtime.handle());
+    let session = match &mountpoint {
+        None => None,
+        Some(mnt) => match fincrypt_fs::fuse::session(fs.clone(), mnt, &opts) {
+            Ok(session) => Some(session),
+            // The kernel's first request was never read: the mount was taken
+            // away (fusermount3 -u, umount) as soon as it appeared, which is an
+            // unmount like any other.
+            Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {
+                tracing::info!("unmounted before the first request");
+                if let Some(net) = &net {
+                    net.shutdown(runtime.handle());
+                }
+                volume.shutdown()?;
+                eprintln!("fincrypt: unmounted {}", mnt.display());
+                return Ok(());
             }
-            volume.shutdown()?;
-            eprintln!("fincrypt: unmounted {}", mountpoint.display());
-            return Ok(());
-        }
-        Err(e) => {
-            return Err(e).with_context(|| format!("mounting on {}", mountpoint.display()));
-        }
+            Err(e) => {
+                return Err(e).with_context(|| format!("mounting on {}", mnt.display()));
+            }
+        },
     };
     let daemon = Arc::new(Daemon {
         fs: fs.clone(),
@@ -961,6 +1022,7 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         tiered: tiered.clone(),
         config: config.clone(),
         mountpoint: mountpoint.clone(),
+        watcher: watcher.clone(),
         config_file: home.config_file().exists().then(|| home.config_file()),
         snapshots,
         net,
@@ -976,6 +1038,17 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         }),
     });
     start_workers(&daemon);
+    if let Some(w) = &watcher {
+        // A folder no longer watched leaves the live tree after a snapshot
+        // keeps its last state.
+        let d = Arc::downgrade(&daemon);
+        w.set_before_removal(Box::new(move || match d.upgrade() {
+            Some(d) => d.snapshot().map(|_| ()),
+            None => Ok(()),
+        }));
+        let handle = daemon.workers.spawn(w.worker(), w.interval());
+        w.set_wake(handle);
+    }
     if let Some(net) = &daemon.net {
         tiered.connect(Remote {
             handle: runtime.handle().clone(),
@@ -989,27 +1062,43 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
     let d = daemon.clone();
     control::serve(&socket, move |req| d.handle(req))?;
 
-    let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
     ])?;
-    let mnt = mountpoint.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if signals.forever().next().is_some() {
-                tracing::info!("signal received: unmounting");
-                if let Err(e) = unmounter.unmount() {
-                    tracing::warn!(error = %e, "unmount refused (busy?); detaching lazily");
-                    lazy_unmount(&mnt);
-                }
-            }
-        })?;
-
-    eprintln!("fincrypt: mounted on {}", mountpoint.display());
-    let served = session.run();
+    let served = match (session, &mountpoint) {
+        (Some(mut session), Some(mnt)) => {
+            let mut unmounter = session.unmount_callable();
+            let shown = mnt.display().to_string();
+            let mnt = mnt.clone();
+            std::thread::Builder::new()
+                .name("signals".into())
+                .spawn(move || {
+                    if signals.forever().next().is_some() {
+                        tracing::info!("signal received: unmounting");
+                        if let Err(e) = unmounter.unmount() {
+                            tracing::warn!(error = %e, "unmount refused (busy?); detaching lazily");
+                            lazy_unmount(&mnt);
+                        }
+                    }
+                })?;
+            eprintln!("fincrypt: mounted on {shown}");
+            session.run()
+        }
+        _ => {
+            eprintln!(
+                "fincrypt: backing up {} watched folder(s); stop with SIGTERM or SIGINT",
+                config.watch.len()
+            );
+            signals.forever().next();
+            tracing::info!("signal received: stopping");
+            Ok(())
+        }
+    };
     runtime.block_on(daemon.workers.shutdown());
+    if let Some(w) = &watcher {
+        w.stop();
+    }
     fs.sync_all().context("writing back at unmount")?;
     if let Some(net) = &daemon.net {
         net.shutdown(runtime.handle());
@@ -1017,7 +1106,10 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
     volume.shutdown()?;
     let _ = std::fs::remove_file(&socket);
     served.context("serving the mount")?;
-    eprintln!("fincrypt: unmounted {}", mountpoint.display());
+    match &mountpoint {
+        Some(mnt) => eprintln!("fincrypt: unmounted {}", mnt.display()),
+        None => eprintln!("fincrypt: stopped"),
+    }
     Ok(())
 }
 

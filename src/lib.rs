@@ -8,6 +8,7 @@ pub mod recover;
 pub mod secrets;
 pub mod serve;
 pub mod wants;
+pub mod watch;
 
 // Large block buffers are allocated and freed all the time; mimalloc reuses
 // them where the system allocator maps and faults in fresh pages each time.

@@ -71,6 +71,50 @@ enum Command {
         #[arg(long, value_name = "MULTIADDR")]
         bootstrap: Vec<fincrypt_net::Multiaddr>,
     },
+    /// Back up a folder outside the mount on every change: its copy is
+    /// `backups/NAME` in the mount (read-only there) and in every snapshot,
+    /// placed on peers like any file. Adds it to the config; a running
+    /// mount or `fincrypt backup` takes it up at once.
+    Watch {
+        /// The folder (a directory outside the home and the mount).
+        path: PathBuf,
+        /// Its name under `backups/` (default: the folder's own name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Copies on peers of its blocks (default: the config's `redundancy`).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
+        redundancy: Option<u8>,
+    },
+    /// Stop watching folder NAME: its copy leaves the live tree once a
+    /// snapshot keeps its last state (restore it with `--at`).
+    Unwatch { name: String },
+    /// Back up the watched folders without a mount (for servers): the
+    /// daemon, with its peers, in the foreground until SIGTERM or SIGINT.
+    Backup {
+        /// Also be a peer node listening on this address (repeatable);
+        /// replaces `listen` from the config.
+        #[arg(long, value_name = "MULTIADDR")]
+        listen: Vec<fincrypt_net::Multiaddr>,
+        /// A peer to join the network through (repeatable); replaces
+        /// `bootstrap` from the config.
+        #[arg(long, value_name = "MULTIADDR")]
+        bootstrap: Vec<fincrypt_net::Multiaddr>,
+    },
+    /// Write watched folder NAME as it was backed up into DEST, with modes,
+    /// times, symlinks, hard links and extended attributes. With the daemon
+    /// running, it does the work (and fetches blocks from holders).
+    Restore {
+        name: String,
+        /// Where to write it (made if missing; refused if not empty).
+        dest: PathBuf,
+        /// The newest snapshot at or before TIME instead of the newest
+        /// backup: a snapshot's name, or a time like 2026-12-07T09:30:00Z.
+        #[arg(long, value_name = "TIME")]
+        at: Option<String>,
+        /// Write into a DEST that is not empty, replacing what has the same names.
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// Hold other people's blocks: a storage node for peers, in the foreground
     /// until SIGTERM or SIGINT. Needs no passphrase (it only sees ciphertext).
     Serve {
@@ -234,7 +278,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             fincrypt::daemon::mount(
                 &home,
                 fincrypt::daemon::MountArgs {
-                    mountpoint,
+                    mountpoint: Some(mountpoint),
                     allow_other,
                     read_only,
                     listen,
@@ -299,6 +343,60 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
             )?;
         }
+        Command::Watch {
+            path,
+            name,
+            redundancy,
+        } => {
+            let w = fincrypt::watch::add_to_config(&home, &path, name.as_deref(), redundancy)?;
+            println!(
+                "watching {} as {:?}: backed up into backups/{} in the mount",
+                w.path.display(),
+                w.name,
+                w.name
+            );
+            tell_daemon(&home);
+        }
+        Command::Unwatch { name } => {
+            let w = fincrypt::watch::remove_from_config(&home, &name)?;
+            println!(
+                "no longer watching {} ({:?}); its backups stay in the snapshots",
+                w.path.display(),
+                w.name
+            );
+            if fincrypt::control::daemon_running(&home.data_dir) {
+                tell_daemon(&home);
+            } else {
+                let _lock = home.lock("unwatch")?;
+                fincrypt::watch::forget_later(&home, &w.name)?;
+                println!("its copy leaves backups/ in the mount when this home is next mounted");
+            }
+        }
+        Command::Backup { listen, bootstrap } => {
+            fincrypt::config::Config::load(&home)?;
+            if !home.is_initialised() {
+                anyhow::bail!(secrets::not_initialised(&home));
+            }
+            let _lock = home.lock("backup")?;
+            let pass = secrets::passphrase(secrets::PASSPHRASE_VAR, "Passphrase: ", false)?;
+            fincrypt::daemon::mount(
+                &home,
+                fincrypt::daemon::MountArgs {
+                    mountpoint: None,
+                    allow_other: false,
+                    read_only: false,
+                    listen,
+                    bootstrap,
+                },
+                &pass,
+            )?;
+        }
+        Command::Restore {
+            name,
+            dest,
+            at,
+            overwrite,
+        } => return restore(&home, name, dest, at, overwrite),
         Command::Init => {
             let _lock = home.lock("init")?;
             let pass = secrets::passphrase(secrets::PASSPHRASE_VAR, "New passphrase: ", true)?;
@@ -392,6 +490,91 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Has a running daemon read the config's watched folders again.
+fn tell_daemon(home: &Home) {
+    use fincrypt::control::{self, Request};
+    if !control::daemon_running(&home.data_dir) {
+        println!("the next `fincrypt mount` or `fincrypt backup` of this home backs it up");
+        return;
+    }
+    match control::call(&home.data_dir, &Request::WatchReload, None) {
+        Ok(_) => println!("the running daemon has taken the change"),
+        Err(e) => eprintln!(
+            "fincrypt: the config is changed, but the running daemon did not take it ({e:#});              it will at its next start"
+        ),
+    }
+}
+
+/// `fincrypt restore`: by the running daemon if there is one (it reaches
+/// holders for blocks not kept here), else from the home directly.
+fn restore(
+    home: &Home,
+    name: String,
+    dest: PathBuf,
+    at: Option<String>,
+    overwrite: bool,
+) -> Result<ExitCode> {
+    use fincrypt::control::{self, Answer, Request, RestoreSummary};
+    anyhow::ensure!(home.is_initialised(), secrets::not_initialised(home));
+    let dest =
+        std::path::absolute(&dest).with_context(|| format!("resolving {}", dest.display()))?;
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_message(format!("restoring {name} into {}", dest.display()));
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        Some(bar)
+    } else {
+        None
+    };
+    let summary: RestoreSummary = if control::daemon_running(&home.data_dir) {
+        let req = Request::Restore {
+            name: name.clone(),
+            dest: dest.clone(),
+            at,
+            overwrite,
+        };
+        control::call_for(&home.data_dir, &req, None, |a| match a {
+            Answer::Restored(r) => Some(r),
+            _ => None,
+        })?
+    } else {
+        let _lock = home.lock("restore")?;
+        let pass = secrets::passphrase(secrets::PASSPHRASE_VAR, "Passphrase: ", false)?;
+        let (_, keys) = secrets::unlock(home, &pass)?;
+        let config = Config::load(home)?;
+        let (fs, volume, _) = fincrypt::daemon::open_fs(home, &config, keys)?;
+        let shown = bar.clone();
+        let r = fincrypt::watch::restore(&fs, &name, &dest, at.as_deref(), overwrite, &mut |d| {
+            if let Some(b) = &shown {
+                b.set_message(format!(
+                    "restoring {name}: {} files, {} bytes",
+                    d.files, d.bytes
+                ));
+            }
+        });
+        drop(fs);
+        volume.shutdown()?;
+        r?
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    println!(
+        "restored {name} ({}) into {}: {} files, {} bytes, {} directories, {} symlinks, {} hard links",
+        summary.from,
+        dest.display(),
+        summary.files,
+        summary.bytes,
+        summary.dirs,
+        summary.symlinks,
+        summary.hard_links
+    );
+    for w in &summary.warnings {
+        eprintln!("fincrypt: {}: {}", w.path, w.why);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -668,10 +668,14 @@ fn a_holder_with_a_wrong_proof_is_not_paid_for_that_period_and_its_blocks_move_o
  {
     let mut p = Paid::start(&[("FINCRYPT_PROOF_INTERVAL", "1")]);
     let _miner = regtest::Miner::start(&p.bitcoin, &p.outside[0]);
-    wait_until("a period paid to holder 1", Duration::from_secs(60), || {
-        !p.payments(&ctl_json(p.m().home(), &["wallet"]), 1)
-            .is_empty()
-    });
+    wait_until(
+        "a period paid to holder 1",
+        Duration::from_secs(120),
+        || {
+            !p.payments(&ctl_json(p.m().home(), &["wallet"]), 1)
+                .is_empty()
+        },
+    );
 
     // Holder 1's held blocks now hold zeros.
     assert!(

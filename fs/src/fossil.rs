@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, mpsc};
 
 use bytes::Bytes;
@@ -32,6 +32,11 @@ const READ_AHEAD_BLOCKS: usize = 2;
 const READ_CACHE: u64 = 16 << 20;
 /// The xattr that shows a directory's redundancy.
 pub const REDUNDANCY_XATTR: &[u8] = b"user.fincrypt.redundancy";
+/// The directory in the root that holds the backed-up copies of watched folders.
+pub const BACKUPS_NAME: &[u8] = b"backups";
+/// Marks the root's `backups` as the filesystem's own: a user's directory of
+/// that name has no such mark, and stays the user's.
+pub const BACKUPS_XATTR: &[u8] = b"user.fincrypt.backups";
 
 /// Attributes as the kernel wants them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,6 +194,8 @@ pub struct Fossil {
     read_ends: Mutex<HashMap<u64, u64>>,
     /// A directory on the disk that holds the volume, for statfs.
     disk: PathBuf,
+    /// The inode of the marked `backups` directory, or 0 while there is none.
+    backups: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -220,7 +227,11 @@ impl Fossil {
             snapdir: SnapDir::default(),
             read_ends: Mutex::new(HashMap::new()),
             disk,
+            backups: AtomicU64::new(0),
         };
+        if let Some(ino) = fs.marked_backups()? {
+            fs.backups.store(ino, Ordering::Relaxed);
+        }
         // Files unlinked while open when the last session ended go now.
         let orphans = fs.meta.orphans()?;
         if !orphans.is_empty() {
@@ -232,6 +243,75 @@ impl Fossil {
             txn.commit(true)?;
         }
         Ok(fs)
+    }
+
+    /// The root's `backups`, if it is there and marked as the filesystem's own.
+    fn marked_backups(&self) -> Result<Option<u64>, FsError> {
+        let Some(d) = self.meta.lookup(ROOT_INO, BACKUPS_NAME)? else {
+            return Ok(None);
+        };
+        let inode = self.meta.inode(d.ino)?;
+        Ok((inode.kind == Kind::Dir && inode.xattrs.contains_key(BACKUPS_XATTR)).then_some(d.ino))
+    }
+
+    /// The directory that holds watched folders' copies, made (and marked)
+    /// if there is none yet. A `backups` of the user's own is left alone:
+    /// `EEXIST`.
+    pub fn backups_dir(&self, owner: Caller) -> Result<u64, FsError> {
+        let known = self.backups.load(Ordering::Relaxed);
+        if known != 0 {
+            return Ok(known);
+        }
+        if let Some(ino) = self.marked_backups()? {
+            self.backups.store(ino, Ordering::Relaxed);
+            return Ok(ino);
+        }
+        let a = self.mknod(ROOT_INO, BACKUPS_NAME, Kind::Dir, 0o755, 0, None, owner)?;
+        if let Err(e) = self.setxattr(a.ino, BACKUPS_XATTR, b"1", true, false) {
+            let _ = self.rmdir(ROOT_INO, BACKUPS_NAME);
+            return Err(e);
+        }
+        self.backups.store(a.ino, Ordering::Relaxed);
+        Ok(a.ino)
+    }
+
+    /// `EROFS` for a change asked through the mount to `ino` when it is the
+    /// `backups` directory or under it: only the watcher changes those copies.
+    pub fn check_user_change(&self, ino: u64) -> Result<(), FsError> {
+        let backups = self.backups.load(Ordering::Relaxed);
+        if backups == 0 || is_snapshot_ino(ino) {
+            return Ok(());
+        }
+        // Names under `backups` are all made there by the watcher (a link
+        // into or out of it is refused), so one parent chain leads up.
+        let mut at = ino;
+        for _ in 0..4096 {
+            if at == backups {
+                return errno(libc::EROFS);
+            }
+            if at == ROOT_INO {
+                return Ok(());
+            }
+            match self.meta.parents(at)?.first() {
+                Some(&p) => at = p,
+                None => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Fossil::check_user_change`] of directory `parent` and of what
+    /// `name` in it is, for a name about to be removed or replaced.
+    pub fn check_user_change_entry(&self, parent: u64, name: &[u8]) -> Result<(), FsError> {
+        self.check_user_change(parent)?;
+        if self.backups.load(Ordering::Relaxed) == 0 || is_snapshot_ino(parent) {
+            return Ok(());
+        }
+        match self.meta.lookup(parent, name) {
+            Ok(Some(d)) => self.check_user_change(d.ino),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// The metadata store (for snapshots and GC).

@@ -214,7 +214,11 @@ impl Filesystem for FuseFs {
             mtime: mtime.map(set_time),
             ctime: ctime.map(Into::into),
         };
-        match self.fs.setattr(ino.0, set) {
+        match self
+            .fs
+            .check_user_change(ino.0)
+            .and_then(|()| self.fs.setattr(ino.0, set))
+        {
             Ok(a) => reply.attr(&TTL, &attr(&a)),
             Err(e) => reply.error(err(&e)),
         }
@@ -247,15 +251,17 @@ impl Filesystem for FuseFs {
         };
         entry(
             reply,
-            self.fs.mknod(
-                parent.0,
-                name.as_bytes(),
-                k,
-                mode as u16,
-                rdev,
-                None,
-                caller(req),
-            ),
+            self.fs.check_user_change(parent.0).and_then(|()| {
+                self.fs.mknod(
+                    parent.0,
+                    name.as_bytes(),
+                    k,
+                    mode as u16,
+                    rdev,
+                    None,
+                    caller(req),
+                )
+            }),
         );
     }
 
@@ -270,24 +276,30 @@ impl Filesystem for FuseFs {
     ) {
         entry(
             reply,
-            self.fs.mknod(
-                parent.0,
-                name.as_bytes(),
-                Kind::Dir,
-                mode as u16,
-                0,
-                None,
-                caller(req),
-            ),
+            self.fs.check_user_change(parent.0).and_then(|()| {
+                self.fs.mknod(
+                    parent.0,
+                    name.as_bytes(),
+                    Kind::Dir,
+                    mode as u16,
+                    0,
+                    None,
+                    caller(req),
+                )
+            }),
         );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.fs.unlink(parent.0, name.as_bytes()));
+        let name = name.as_bytes();
+        let r = self.fs.check_user_change_entry(parent.0, name);
+        empty(reply, r.and_then(|()| self.fs.unlink(parent.0, name)));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.fs.rmdir(parent.0, name.as_bytes()));
+        let name = name.as_bytes();
+        let r = self.fs.check_user_change_entry(parent.0, name);
+        empty(reply, r.and_then(|()| self.fs.rmdir(parent.0, name)));
     }
 
     fn symlink(
@@ -301,15 +313,17 @@ impl Filesystem for FuseFs {
         let t = target.as_os_str().as_bytes();
         entry(
             reply,
-            self.fs.mknod(
-                parent.0,
-                link_name.as_bytes(),
-                Kind::Symlink,
-                0o777,
-                0,
-                Some(t),
-                caller(req),
-            ),
+            self.fs.check_user_change(parent.0).and_then(|()| {
+                self.fs.mknod(
+                    parent.0,
+                    link_name.as_bytes(),
+                    Kind::Symlink,
+                    0o777,
+                    0,
+                    Some(t),
+                    caller(req),
+                )
+            }),
         );
     }
 
@@ -328,16 +342,25 @@ impl Filesystem for FuseFs {
         if flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return reply.error(Errno::from_i32(libc::EINVAL));
         }
+        let r = self
+            .fs
+            .check_user_change_entry(parent.0, name.as_bytes())
+            .and_then(|()| {
+                self.fs
+                    .check_user_change_entry(newparent.0, newname.as_bytes())
+            });
         empty(
             reply,
-            self.fs.rename(
-                parent.0,
-                name.as_bytes(),
-                newparent.0,
-                newname.as_bytes(),
-                noreplace,
-                exchange,
-            ),
+            r.and_then(|()| {
+                self.fs.rename(
+                    parent.0,
+                    name.as_bytes(),
+                    newparent.0,
+                    newname.as_bytes(),
+                    noreplace,
+                    exchange,
+                )
+            }),
         );
     }
 
@@ -349,11 +372,24 @@ impl Filesystem for FuseFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        entry(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()));
+        let r = self
+            .fs
+            .check_user_change(ino.0)
+            .and_then(|()| self.fs.check_user_change(newparent.0));
+        entry(
+            reply,
+            r.and_then(|()| self.fs.link(ino.0, newparent.0, newname.as_bytes())),
+        );
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        opened(reply, self.fs.open(ino.0));
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let writes = flags.0 & libc::O_ACCMODE != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        let r = if writes {
+            self.fs.check_user_change(ino.0)
+        } else {
+            Ok(())
+        };
+        opened(reply, r.and_then(|()| self.fs.open(ino.0)));
     }
 
     fn read(
@@ -508,8 +544,10 @@ impl Filesystem for FuseFs {
         let replace = flags & libc::XATTR_REPLACE != 0;
         empty(
             reply,
-            self.fs
-                .setxattr(ino.0, name.as_bytes(), value, create, replace),
+            self.fs.check_user_change(ino.0).and_then(|()| {
+                self.fs
+                    .setxattr(ino.0, name.as_bytes(), value, create, replace)
+            }),
         );
     }
 
@@ -522,7 +560,11 @@ impl Filesystem for FuseFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.fs.removexattr(ino.0, name.as_bytes()));
+        let r = self.fs.check_user_change(ino.0);
+        empty(
+            reply,
+            r.and_then(|()| self.fs.removexattr(ino.0, name.as_bytes())),
+        );
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -540,9 +582,10 @@ impl Filesystem for FuseFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let r = self
-            .fs
-            .create(parent.0, name.as_bytes(), mode as u16, caller(req));
+        let r = self.fs.check_user_change(parent.0).and_then(|()| {
+            self.fs
+                .create(parent.0, name.as_bytes(), mode as u16, caller(req))
+        });
         match r {
             Ok(a) => reply.created(
                 &TTL,
@@ -565,7 +608,11 @@ impl Filesystem for FuseFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.fs.fallocate(ino.0, offset, length, mode));
+        let r = self.fs.check_user_change(ino.0);
+        empty(
+            reply,
+            r.and_then(|()| self.fs.fallocate(ino.0, offset, length, mode)),
+        );
     }
 
     fn lseek(

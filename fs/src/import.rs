@@ -14,9 +14,10 @@
 //!
 //! Extended attributes of files and directories are kept (not those of
 //! symlinks, nor the redundancy attribute, which is this filesystem's own).
-//! Not yet: the stamps kept across restarts (the caller holds them).
+//! The caller keeps the stamps across runs (and restarts): [`Stamps`] says
+//! which changed since it last asked.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
@@ -50,8 +51,82 @@ impl Stamp {
     }
 }
 
-/// Stamps of the files imported, by path relative to the source.
-pub type Stamps = HashMap<PathBuf, Stamp>;
+/// Stamps of the files imported, by path relative to the source, with the
+/// paths whose stamp changed since [`Stamps::take_changed`].
+#[derive(Clone, Debug, Default)]
+pub struct Stamps {
+    map: BTreeMap<PathBuf, Stamp>,
+    changed: BTreeSet<PathBuf>,
+}
+
+impl Stamps {
+    pub fn new() -> Stamps {
+        Stamps::default()
+    }
+
+    /// Stamps as they were kept, none of them changed.
+    pub fn from_kept(kept: impl IntoIterator<Item = (PathBuf, Stamp)>) -> Stamps {
+        Stamps {
+            map: kept.into_iter().collect(),
+            changed: BTreeSet::new(),
+        }
+    }
+
+    pub fn get(&self, rel: &Path) -> Option<&Stamp> {
+        self.map.get(rel)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Files (names) and bytes stamped.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.map.len() as u64,
+            self.map.values().map(|s| s.size).sum(),
+        )
+    }
+
+    fn insert(&mut self, rel: &Path, stamp: Stamp) {
+        if self.map.get(rel) != Some(&stamp) {
+            self.map.insert(rel.to_path_buf(), stamp);
+            self.changed.insert(rel.to_path_buf());
+        }
+    }
+
+    /// Forgets `rel` and every path under it (paths order by component,
+    /// so they follow it in one run).
+    fn remove_under(&mut self, rel: &Path) {
+        let doomed: Vec<PathBuf> = self
+            .map
+            .range::<Path, _>((std::ops::Bound::Included(rel), std::ops::Bound::Unbounded))
+            .map(|(p, _)| p)
+            .take_while(|p| p.starts_with(rel))
+            .cloned()
+            .collect();
+        for p in doomed {
+            self.map.remove(&p);
+            self.changed.insert(p);
+        }
+    }
+
+    /// The paths changed since the last call, each with its stamp now
+    /// (none: forgotten).
+    pub fn take_changed(&mut self) -> Vec<(PathBuf, Option<Stamp>)> {
+        std::mem::take(&mut self.changed)
+            .into_iter()
+            .map(|p| {
+                let s = self.map.get(&p).copied();
+                (p, s)
+            })
+            .collect()
+    }
+}
 
 /// What one [`sync_dir`] did.
 #[derive(Clone, Debug, Default)]
@@ -72,6 +147,8 @@ pub struct SyncReport {
     /// Entries that could not be backed up now (unreadable, always
     /// changing), and why; their previous version stays.
     pub errors: Vec<(PathBuf, String)>,
+    /// Every directory walked, relative to the source (`""` for itself).
+    pub dirs_seen: Vec<PathBuf>,
 }
 
 /// Makes directory `dst` of `fs` the same as the directory `src`.
@@ -81,20 +158,59 @@ pub fn sync_dir(
     dst: u64,
     stamps: &mut Stamps,
 ) -> Result<SyncReport, FsError> {
+    sync_subdir(fs, src, Path::new(""), dst, stamps, &SyncOptions::default())
+}
+
+/// What else a [`sync_subdir`] heeds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncOptions<'a> {
+    /// Absolute paths never backed up (Fincrypt's own home and mount).
+    pub exclude: &'a [PathBuf],
+    /// Set, the sync stops at the next entry or read with `ECANCELED`
+    /// (a file being read is not committed).
+    pub cancel: Option<&'a std::sync::atomic::AtomicBool>,
+}
+
+/// [`sync_dir`] of the part of `src` under `under` (relative to it), which
+/// directory `dst` copies; stamps stay relative to `src`. A hard link whose
+/// other names lie outside `under` is copied as a file of its own.
+pub fn sync_subdir(
+    fs: &Fossil,
+    src: &Path,
+    under: &Path,
+    dst: u64,
+    stamps: &mut Stamps,
+    options: &SyncOptions<'_>,
+) -> Result<SyncReport, FsError> {
     let mut run = Run {
         fs,
         src,
+        exclude: options.exclude,
+        cancel: options.cancel,
         stamps,
         links: HashMap::new(),
         report: SyncReport::default(),
     };
-    run.dir(Path::new(""), dst)?;
+    run.dir(under, dst)?;
+    // The directory itself: filling its copy changed its times, and the
+    // folder's own modes and attributes are set by no parent.
+    match std::fs::metadata(src.join(under)) {
+        Ok(m) if m.is_dir() => run.dir_attrs(under, dst, &m)?,
+        Ok(_) => {}
+        Err(e) => {
+            if !run.report.errors.iter().any(|(p, _)| p == under) {
+                run.report.errors.push((under.to_path_buf(), io_errno(&e)));
+            }
+        }
+    }
     Ok(run.report)
 }
 
 struct Run<'a> {
     fs: &'a Fossil,
     src: &'a Path,
+    exclude: &'a [PathBuf],
+    cancel: Option<&'a std::sync::atomic::AtomicBool>,
     stamps: &'a mut Stamps,
     /// Source files with several links, by (device, inode): the inode of
     /// their copy, once made in this run.
@@ -141,6 +257,7 @@ fn xattrs_of(
 impl Run<'_> {
     fn dir(&mut self, rel: &Path, dst: u64) -> Result<(), FsError> {
         let path = self.src.join(rel);
+        self.report.dirs_seen.push(rel.to_path_buf());
         let entries = match std::fs::read_dir(&path) {
             Ok(e) => e,
             Err(e) => {
@@ -199,7 +316,7 @@ impl Run<'_> {
         } else {
             self.fs.unlink(dir, name)?;
         }
-        self.stamps.retain(|p, _| !p.starts_with(rel));
+        self.stamps.remove_under(rel);
         self.report.removed += 1;
         Ok(())
     }
@@ -221,6 +338,50 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Gives directory `ino` the extended attributes and attributes of the
+    /// source directory `rel` (whose metadata is `m`): last, as filling it
+    /// changed its times.
+    fn dir_attrs(&mut self, rel: &Path, ino: u64, m: &std::fs::Metadata) -> Result<(), FsError> {
+        let path = self.src.join(rel);
+        match xattrs_of(xattr::list(&path), |n| xattr::get(&path, n)) {
+            Ok(want) => self.set_xattrs(ino, &want)?,
+            Err(e) => self.report.errors.push((rel.to_path_buf(), io_errno(&e))),
+        }
+        self.same_attrs(ino, m, true)
+    }
+
+    /// Gives `ino` the owner, times and (with `mode`) permissions of `m`;
+    /// left alone when nothing differs, so that a rescan of an unchanged
+    /// tree writes nothing.
+    fn same_attrs(&self, ino: u64, m: &std::fs::Metadata, mode: bool) -> Result<(), FsError> {
+        let (atime, mtime) = (
+            time(m.atime(), m.atime_nsec()),
+            time(m.mtime(), m.mtime_nsec()),
+        );
+        let now = self.fs.getattr(ino)?;
+        let perm = if mode {
+            (m.mode() & 0o7777) as u16
+        } else {
+            now.perm
+        };
+        if (now.perm, now.uid, now.gid, now.atime, now.mtime)
+            != (perm, m.uid(), m.gid(), atime, mtime)
+        {
+            self.fs.setattr(
+                ino,
+                SetAttr {
+                    mode: mode.then_some(u32::from(perm)),
+                    uid: Some(m.uid()),
+                    gid: Some(m.gid()),
+                    atime: Some(SetTime::At(atime)),
+                    mtime: Some(SetTime::At(mtime)),
+                    ..SetAttr::default()
+                },
+            )?;
+        }
+        Ok(())
+    }
+
     /// What `name` in `dir` is now, if anything.
     fn existing(&self, dir: u64, name: &[u8]) -> Result<Option<(u64, Kind)>, FsError> {
         match self.fs.lookup(dir, name) {
@@ -231,8 +392,22 @@ impl Run<'_> {
     }
 
     fn entry(&mut self, rel: &Path, name: &OsStr, dst: u64) -> Result<(), FsError> {
+        if cancelled(self.cancel) {
+            return Err(FsError::Errno(libc::ECANCELED));
+        }
         let path = self.src.join(rel);
         let name_bytes = name.as_bytes();
+        if self.exclude.contains(&path) {
+            // As if it were not there: a copy made before it was excluded goes.
+            if self.existing(dst, name_bytes)?.is_some() {
+                self.remove(dst, name_bytes, rel)?;
+            }
+            self.report.skipped.push((
+                rel.to_path_buf(),
+                "Fincrypt's own data (its home or mount) is not backed up".into(),
+            ));
+            return Ok(());
+        }
         let m = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) => {
@@ -259,22 +434,7 @@ impl Run<'_> {
                 }
             };
             self.dir(rel, ino)?;
-            match xattrs_of(xattr::list(&path), |n| xattr::get(&path, n)) {
-                Ok(want) => self.set_xattrs(ino, &want)?,
-                Err(e) => self.report.errors.push((rel.to_path_buf(), io_errno(&e))),
-            }
-            // Last: filling it changed its times.
-            self.fs.setattr(
-                ino,
-                SetAttr {
-                    mode: Some(m.mode() & 0o7777),
-                    uid: Some(m.uid()),
-                    gid: Some(m.gid()),
-                    atime: Some(SetTime::At(time(m.atime(), m.atime_nsec()))),
-                    mtime: Some(SetTime::At(time(m.mtime(), m.mtime_nsec()))),
-                    ..SetAttr::default()
-                },
-            )?;
+            self.dir_attrs(rel, ino, &m)?;
             self.report.dirs += 1;
         } else if t.is_symlink() {
             let target = match std::fs::read_link(&path) {
@@ -289,20 +449,26 @@ impl Run<'_> {
                 Some((ino, Kind::Symlink)) => self.fs.readlink(ino)? == target,
                 _ => false,
             };
-            if !same {
-                if have.is_some() {
-                    self.remove(dst, name_bytes, rel)?;
+            let ino = match (same, have) {
+                (true, Some((ino, _))) => ino,
+                _ => {
+                    if have.is_some() {
+                        self.remove(dst, name_bytes, rel)?;
+                    }
+                    self.fs
+                        .mknod(
+                            dst,
+                            name_bytes,
+                            Kind::Symlink,
+                            0o777,
+                            0,
+                            Some(target),
+                            owner,
+                        )?
+                        .ino
                 }
-                self.fs.mknod(
-                    dst,
-                    name_bytes,
-                    Kind::Symlink,
-                    0o777,
-                    0,
-                    Some(target),
-                    owner,
-                )?;
-            }
+            };
+            self.same_attrs(ino, &m, false)?;
             self.report.symlinks += 1;
         } else if t.is_file() {
             self.file(rel, name_bytes, dst, &m, have)?;
@@ -341,7 +507,7 @@ impl Run<'_> {
                 }
                 self.fs.link(ino, dst, name)?;
             }
-            self.stamps.insert(rel.to_path_buf(), Stamp::of(m));
+            self.stamps.insert(rel, Stamp::of(m));
             self.report.unchanged += 1;
             return Ok(());
         }
@@ -396,12 +562,13 @@ impl Run<'_> {
                 file,
                 before: Stamp::of(&before),
                 read: 0,
+                cancel: self.cancel,
             };
             let result = self.fs.import_file(dst, name, &mut reader, &attrs);
             self.report.bytes_read += reader.read;
             match result {
                 Ok(a) => {
-                    self.stamps.insert(rel.to_path_buf(), reader.before);
+                    self.stamps.insert(rel, reader.before);
                     if m.nlink() > 1 {
                         self.links.insert(key, a.ino);
                     }
@@ -410,6 +577,9 @@ impl Run<'_> {
                 }
                 Err(FsError::Errno(libc::EAGAIN)) => {
                     last = "it changed while it was read".into();
+                }
+                Err(FsError::Errno(libc::ECANCELED)) => {
+                    return Err(FsError::Errno(libc::ECANCELED));
                 }
                 Err(FsError::Errno(e)) => {
                     let e = std::io::Error::from_raw_os_error(e);
@@ -429,14 +599,22 @@ impl Run<'_> {
 
 /// A source file read to its end that fails with `EAGAIN` at the end if it
 /// changed meanwhile, so that no torn version is committed.
-struct Stable {
+struct Stable<'a> {
     file: std::fs::File,
     before: Stamp,
     read: u64,
+    cancel: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
-impl Read for Stable {
+fn cancelled(cancel: Option<&std::sync::atomic::AtomicBool>) -> bool {
+    cancel.is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+impl Read for Stable<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if cancelled(self.cancel) {
+            return Err(std::io::Error::from_raw_os_error(libc::ECANCELED));
+        }
         let n = self.file.read(buf)?;
         self.read += n as u64;
         if n == 0 {

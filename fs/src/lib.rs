@@ -4,6 +4,7 @@
 //! translates kernel requests into its calls and its errors into errnos.
 
 mod error;
+pub mod export;
 pub mod file;
 pub mod fossil;
 pub mod fuse;

@@ -183,7 +183,8 @@ impl RootRecord {
     }
 }
 
-fn entry(name: Vec<u8>, ino: u64, inode: &Inode, content: FileRef) -> SnapEntry {
+/// The entry a snapshot records for inode `ino` under `name`, with `content`.
+pub fn entry(name: Vec<u8>, ino: u64, inode: &Inode, content: FileRef) -> SnapEntry {
     SnapEntry {
         name,
         kind: inode.kind,

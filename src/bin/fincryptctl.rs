@@ -86,6 +86,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Watched folders (`fincrypt watch`): how their backups stand.
+    Watch {
+        #[command(subcommand)]
+        command: WatchCommand,
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// A mediator: a client's deposit address and escrow, or (on the
     /// mediator's own home) its clients, holders and settlements.
     Mediator {
@@ -95,6 +103,14 @@ enum Command {
         #[arg(long, global = true)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum WatchCommand {
+    /// Per watched folder: files and bytes backed up, the last change seen
+    /// and backed up, changes pending, what could not be backed up (with
+    /// paths), and whether inotify or rescans drive it.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -507,6 +523,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             },
             |l| print_settlements(l),
         )?,
+        Command::Watch {
+            command: WatchCommand::Status,
+            json,
+        } => show(
+            data,
+            &Request::WatchStatus,
+            json,
+            |a| match a {
+                Answer::Watch(l) => Some(l),
+                _ => None,
+            },
+            |l| print_watch(l),
+        )?,
         Command::Workers { json } => show(
             data,
             &Request::Workers,
@@ -537,6 +566,53 @@ fn show<T: serde::Serialize>(
         text(&v);
     }
     Ok(())
+}
+
+/// Watched folders for a person.
+fn print_watch(list: &[control::WatchView]) {
+    if list.is_empty() {
+        println!("no folder is watched (fincrypt watch PATH adds one)");
+    }
+    let ago = |t: Option<u64>| match t {
+        None => "never".to_owned(),
+        Some(t) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            format!("{} s ago", now.saturating_sub(t))
+        }
+    };
+    for w in list {
+        println!("{}  {}", w.name, w.path.display());
+        println!(
+            "  {} files, {} bytes backed up; last change seen {}, last backed up {}; {} directories pending",
+            w.files,
+            w.bytes,
+            ago(w.last_change_seen),
+            ago(w.last_backed_up),
+            w.pending
+        );
+        if w.driver == "inotify" {
+            println!(
+                "  driven by inotify ({} directories watched)",
+                w.watched_dirs
+            );
+        } else {
+            println!("  driven by rescans: {}", w.driver_note);
+        }
+        if w.error_count > 0 {
+            println!("  {} not backed up:", w.error_count);
+            for p in &w.errors {
+                println!("    {}: {}", p.path, p.why);
+            }
+        }
+        if w.skipped_count > 0 {
+            println!("  {} skipped:", w.skipped_count);
+            for p in &w.skipped {
+                println!("    {}: {}", p.path, p.why);
+            }
+        }
+    }
 }
 
 /// Escrows for a person.
