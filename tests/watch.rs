@@ -223,6 +223,7 @@ fn every_change_shows_in_the_mount_once_settled_and_restore_at_gives_the_earlier
     std::fs::create_dir_all(s.join("a/b")).unwrap();
     std::fs::write(s.join("a/b/one"), random_bytes(1, 300_000)).unwrap();
     std::fs::write(s.join("two"), b"two").unwrap();
+    std::fs::write(s.join("big"), random_bytes(3, 8 << 20)).unwrap();
     std::os::unix::fs::symlink("two", s.join("to-two")).unwrap();
     let home = init_home();
     watch(home.path(), s, "work", &[]);
@@ -239,6 +240,21 @@ fn every_change_shows_in_the_mount_once_settled_and_restore_at_gives_the_earlier
         .trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
         .to_owned();
 
+    let blocks = || common::number(&common::status(m.home()), "own_blocks");
+    let at_start = blocks();
+    change(s, &copy, "an edit in the middle of a large file", |s| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(s.join("big"))
+            .unwrap();
+        f.write_all_at(b"a few bytes", 4 << 20).unwrap();
+    });
+    let edited = blocks();
+    assert!(
+        edited > at_start && edited - at_start <= 8,
+        "an edit in the middle of 8 MiB costs only the changed chunks: {at_start} -> {edited} blocks"
+    );
     change(s, &copy, "an edit in the middle", |s| {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
@@ -254,9 +270,21 @@ fn every_change_shows_in_the_mount_once_settled_and_restore_at_gives_the_earlier
     change(s, &copy, "a delete", |s| {
         std::fs::remove_file(s.join("two")).unwrap()
     });
-    change(s, &copy, "a rename of a directory", |s| {
-        std::fs::rename(s.join("a"), s.join("renamed")).unwrap();
-    });
+    let before_rename = blocks();
+    change(
+        s,
+        &copy,
+        "a rename of a directory, and a copy of a file",
+        |s| {
+            std::fs::rename(s.join("a"), s.join("renamed")).unwrap();
+            std::fs::copy(s.join("big"), s.join("big-copy")).unwrap();
+        },
+    );
+    assert_eq!(
+        blocks(),
+        before_rename,
+        "renamed and copied files cost no new blocks"
+    );
     // The renamed directory is still watched under its new name.
     change(s, &copy, "a change inside the renamed directory", |s| {
         std::fs::write(s.join("renamed/b/three"), b"three").unwrap();
@@ -419,6 +447,45 @@ fn a_rescan_of_ten_thousand_unchanged_files_after_a_restart_reads_no_file() {
     wait_until("the change to be read", CHANGE_DEADLINE, || {
         folder(m.home(), "many")["bytes_read"] == 7
     });
+}
+
+#[test]
+fn fincrypts_own_home_and_mount_inside_a_watched_folder_are_not_backed_up() {
+    let outer = tempfile::tempdir().unwrap();
+    std::fs::write(outer.path().join("mine"), b"mine").unwrap();
+    let home = tempfile::Builder::new()
+        .prefix("home-")
+        .tempdir_in(outer.path())
+        .unwrap();
+    common::init_home_in(&home);
+    let mnt = tempfile::Builder::new()
+        .prefix("mnt-")
+        .tempdir_in(outer.path())
+        .unwrap();
+    let (home_name, mnt_name) = (
+        home.path().file_name().unwrap().to_owned(),
+        mnt.path().file_name().unwrap().to_owned(),
+    );
+    watch(home.path(), outer.path(), "outer", &[]);
+    let m = Mount::start_on(home, mnt, common::StartOptions::default());
+    let f = wait_backed_up(m.home(), "outer", 1, BACKUP_DEADLINE);
+    let copy = m.path().join("backups/outer");
+    assert_eq!(std::fs::read(copy.join("mine")).unwrap(), b"mine");
+    assert!(
+        !copy.join(&home_name).exists(),
+        "the home is not in the copy"
+    );
+    assert!(
+        !copy.join(&mnt_name).exists(),
+        "the mount is not in the copy"
+    );
+    let skipped = f["skipped"].to_string();
+    assert!(
+        skipped.contains(home_name.to_str().unwrap())
+            && skipped.contains(mnt_name.to_str().unwrap())
+            && skipped.contains("Fincrypt's own data"),
+        "{f}"
+    );
 }
 
 #[test]

@@ -200,3 +200,55 @@ fn a_tree_is_copied_then_kept_up_to_date_reading_only_what_changed() {
         changed.removed
     );
 }
+
+#[test]
+fn a_file_that_keeps_changing_while_it_is_read_is_reported_and_its_previous_version_stays() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    write(&src.join("busy"), 16 << 20, 1);
+    write(&src.join("calm"), 1000, 2);
+    let fs = fossil(work.path());
+    let dst = fs
+        .mknod(1, b"backup", Kind::Dir, 0o755, 0, None, WHO)
+        .unwrap()
+        .ino;
+    let mut stamps = Stamps::new();
+    let first = sync_dir(&fs, &src, dst, &mut stamps).unwrap();
+    assert!(first.errors.is_empty(), "{:?}", first.errors);
+    let before = read_all(&fs, fs.lookup(dst, b"busy").unwrap().ino);
+
+    // A writer that never stops: every read of the file sees it change.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (path, stop) = (src.join("busy"), stop.clone());
+        std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                f.write_all_at(&n.to_le_bytes(), (n * 4096) % (16 << 20))
+                    .unwrap();
+                n += 1;
+            }
+        })
+    };
+    let busy = sync_dir(&fs, &src, dst, &mut stamps).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!(busy.errors.len(), 1, "{:?}", busy.errors);
+    assert_eq!(busy.errors[0].0, Path::new("busy"));
+    assert!(
+        busy.errors[0]
+            .1
+            .contains("changed while it was read 3 times"),
+        "{}",
+        busy.errors[0].1
+    );
+    assert_eq!(busy.bytes_read, 3 * (16 << 20), "read three times");
+    let after = read_all(&fs, fs.lookup(dst, b"busy").unwrap().ino);
+    assert!(after == before, "the previous version stays");
+    // Once it is quiet, it is read once and backed up.
+    let quiet = sync_dir(&fs, &src, dst, &mut stamps).unwrap();
+    assert!(quiet.errors.is_empty(), "{:?}", quiet.errors);
+    same_tree(&fs, &src, dst);
+}
