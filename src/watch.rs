@@ -711,8 +711,12 @@ impl Watcher {
     pub fn work(&self) -> Result<u64> {
         let _one = lock(&self.working);
         let initial = lock(&self.initial).take();
-        if let Some(gone) = initial {
-            self.remove_copies(&gone)?;
+        if let Some(gone) = initial
+            && let Err(e) = self.remove_copies(&gone)
+        {
+            // Tried again at the next step.
+            *lock(&self.initial) = Some(gone);
+            return Err(e);
         }
         self.drain_events();
         let now = Instant::now();

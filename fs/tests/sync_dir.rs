@@ -201,6 +201,23 @@ fn a_tree_is_copied_then_kept_up_to_date_reading_only_what_changed() {
     );
 }
 
+/// Waits until the mtime of `path` is no longer `mtime_ns`.
+fn wait_until_changed(path: &Path, mtime_ns: i128) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let m = std::fs::metadata(path).unwrap();
+        if i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()) != mtime_ns {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never changed",
+            path.display()
+        );
+        std::thread::yield_now();
+    }
+}
+
 #[test]
 fn a_file_that_keeps_changing_while_it_is_read_is_reported_and_its_previous_version_stays() {
     let work = tempfile::tempdir().unwrap();
@@ -232,6 +249,10 @@ fn a_file_that_keeps_changing_while_it_is_read_is_reported_and_its_previous_vers
             }
         })
     };
+    // The file has changed since the first sync before the second starts
+    // (else it would be skipped as unchanged).
+    let imported = stamps.get(Path::new("busy")).copied().unwrap();
+    wait_until_changed(&src.join("busy"), imported.mtime_ns);
     let busy = sync_dir(&fs, &src, dst, &mut stamps).unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
