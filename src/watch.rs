@@ -751,9 +751,24 @@ impl Watcher {
         let mut imported = 0;
         let mut first_error = None;
         for (name, entry, job, mut stamps) in jobs {
-            let result = self.sync(&entry, &job, &mut stamps);
+            // The copies are made durable (blocks, then the metadata that
+            // names them) before the stamps that say they are done: a crash
+            // between the two reads a file again, never skips one.
+            let result = self
+                .sync(&entry, &job, &mut stamps)
+                .and_then(|r| Ok(self.fs.sync_meta().map(|()| r)?));
             let changed = stamps.take_changed();
-            let saved = self.save_stamps(&name, changed);
+            let saved = match &result {
+                Ok(_) => self.save_stamps(&name, changed),
+                // What the failed sync stamped may not be durable: those
+                // files are read again.
+                Err(_) => {
+                    for (rel, _) in &changed {
+                        stamps.forget(rel);
+                    }
+                    Ok(())
+                }
+            };
             let mut folders = lock(&self.folders);
             let Some(f) = folders.get_mut(&name) else {
                 continue;

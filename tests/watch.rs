@@ -603,3 +603,30 @@ fn a_watched_folder_on_peers_comes_back_on_a_new_machine_from_the_phrase() {
     let want: Tree = tree(src.path());
     assert_same_tree(&tree(&dest), &want, "the folder brought back");
 }
+
+#[test]
+fn what_was_backed_up_survives_the_daemon_killed_and_nothing_is_skipped_after() {
+    let src = tempfile::tempdir().unwrap();
+    many_files(src.path(), 500);
+    std::fs::write(src.path().join("large"), random_bytes(4, 5 << 20)).unwrap();
+    let home = init_home();
+    watch(home.path(), src.path(), "kept", &[]);
+    let m = Mount::start(home);
+    wait_backed_up(m.home(), "kept", 1, BACKUP_DEADLINE);
+    // A change backed up, then the daemon killed at once.
+    std::fs::write(src.path().join("late"), b"backed up just before the kill").unwrap();
+    let copy = m.path().join("backups/kept");
+    wait_same(src.path(), &copy, "the change before the kill");
+    let home = m.kill9();
+    let m = Mount::start(home);
+    let f = wait_backed_up(m.home(), "kept", 1, BACKUP_DEADLINE);
+    assert_eq!(
+        f["bytes_read"], 0,
+        "its stamps were kept with the copies: {f}"
+    );
+    assert_same_tree(
+        &tree(&m.path().join("backups/kept")),
+        &tree(src.path()),
+        "the copy after kill -9",
+    );
+}

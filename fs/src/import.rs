@@ -99,6 +99,14 @@ impl Stamps {
         }
     }
 
+    /// Forgets the stamp of `rel` (it is read again next time), kept
+    /// forgotten until [`Stamps::take_changed`].
+    pub fn forget(&mut self, rel: &Path) {
+        if self.map.remove(rel).is_some() {
+            self.changed.insert(rel.to_path_buf());
+        }
+    }
+
     /// Forgets `rel` and every path under it (paths order by component,
     /// so they follow it in one run).
     fn remove_under(&mut self, rel: &Path) {
