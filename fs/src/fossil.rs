@@ -489,7 +489,9 @@ impl Fossil {
         // sweep blocks nothing names yet.
         let _gate = self.gc_gate.read().unwrap_or_else(|p| p.into_inner());
         let mut w = TreeWriter::new(&*self.store, &self.keys, self.params, Class::Own).unsynced();
-        let mut buf = vec![0u8; IMPORT_READ];
+        // Small at first, grown while reads fill it: most files are small,
+        // and zeroing a 4 MiB buffer for each cost more than reading them.
+        let mut buf = vec![0u8; 64 << 10];
         let mut size = 0u64;
         loop {
             let n = match source.read(&mut buf) {
@@ -500,6 +502,9 @@ impl Fossil {
             };
             w.write(&buf[..n])?;
             size += n as u64;
+            if n == buf.len() && buf.len() < IMPORT_READ {
+                buf.resize((buf.len() * 4).min(IMPORT_READ), 0);
+            }
         }
         let content = w.finish()?;
         let mut txn = self.meta.write()?;

@@ -17,7 +17,7 @@
 //! The caller keeps the stamps across runs (and restarts): [`Stamps`] says
 //! which changed since it last asked.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
@@ -281,16 +281,20 @@ impl Run<'_> {
             }
         }
         names.sort();
-        let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        // The copy's entries, listed once: an unchanged file then costs
+        // its lstat alone.
+        let mut have: HashMap<Vec<u8>, (u64, Kind)> = self
+            .children(dst)?
+            .into_iter()
+            .map(|(name, ino, kind)| (name, (ino, kind)))
+            .collect();
         for name in &names {
-            seen.insert(name.as_bytes().to_vec());
-            self.entry(&rel.join(name), name, dst)?;
+            let now = have.remove(name.as_bytes());
+            self.entry(&rel.join(name), name, dst, now)?;
         }
         // What the source no longer has.
-        for d in self.children(dst)? {
-            if !seen.contains(&d.0) {
-                self.remove(dst, &d.0, &rel.join(OsStr::from_bytes(&d.0)))?;
-            }
+        for name in have.into_keys() {
+            self.remove(dst, &name, &rel.join(OsStr::from_bytes(&name)))?;
         }
         Ok(())
     }
@@ -390,16 +394,15 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// What `name` in `dir` is now, if anything.
-    fn existing(&self, dir: u64, name: &[u8]) -> Result<Option<(u64, Kind)>, FsError> {
-        match self.fs.lookup(dir, name) {
-            Ok(a) => Ok(Some((a.ino, a.kind))),
-            Err(FsError::Errno(libc::ENOENT)) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn entry(&mut self, rel: &Path, name: &OsStr, dst: u64) -> Result<(), FsError> {
+    /// Copies source entry `rel` as `name` into `dst`, where `have` is
+    /// what the copy has at that name now.
+    fn entry(
+        &mut self,
+        rel: &Path,
+        name: &OsStr,
+        dst: u64,
+        have: Option<(u64, Kind)>,
+    ) -> Result<(), FsError> {
         if cancelled(self.cancel) {
             return Err(FsError::Errno(libc::ECANCELED));
         }
@@ -407,7 +410,7 @@ impl Run<'_> {
         let name_bytes = name.as_bytes();
         if self.exclude.contains(&path) {
             // As if it were not there: a copy made before it was excluded goes.
-            if self.existing(dst, name_bytes)?.is_some() {
+            if have.is_some() {
                 self.remove(dst, name_bytes, rel)?;
             }
             self.report.skipped.push((
@@ -428,7 +431,6 @@ impl Run<'_> {
             uid: m.uid(),
             gid: m.gid(),
         };
-        let have = self.existing(dst, name_bytes)?;
         if t.is_dir() {
             let ino = match have {
                 Some((ino, Kind::Dir)) => ino,
