@@ -119,7 +119,8 @@ pub struct WatchView {
     pub last_change_seen: Option<u64>,
     /// Unix time the last backup of a change (or scan) ended.
     pub last_backed_up: Option<u64>,
-    /// Directories with changes not backed up yet.
+    /// Directories with changes not backed up yet, those being backed up
+    /// now included.
     pub pending: u64,
     /// Full scans made since the daemon started.
     pub scans: u64,

@@ -233,6 +233,8 @@ struct Folder {
     stamps: Option<Stamps>,
     /// Directories (relative) with changes, and when each last changed.
     pending: HashMap<PathBuf, Instant>,
+    /// Directories being backed up now (a full scan counts one).
+    working: u64,
     /// When the next full scan is due.
     full_at: Instant,
     driver: Driver,
@@ -255,6 +257,7 @@ impl Folder {
             entry,
             stamps: Some(stamps),
             pending: HashMap::new(),
+            working: 0,
             full_at: Instant::now(),
             driver,
             watched: BTreeSet::new(),
@@ -745,6 +748,10 @@ impl Watcher {
                 let Some(stamps) = f.stamps.take() else {
                     continue;
                 };
+                f.working = match &job {
+                    Job::Full => 1,
+                    Job::Dirs(d) => d.len() as u64,
+                };
                 jobs.push((name.clone(), f.entry.clone(), job, stamps));
             }
         }
@@ -775,6 +782,7 @@ impl Watcher {
             };
             (f.files, f.bytes) = stamps.totals();
             f.stamps = Some(stamps);
+            f.working = 0;
             match result {
                 Ok(reports) => {
                     for (under, report) in &reports {
@@ -993,7 +1001,7 @@ impl Watcher {
                 bytes: f.bytes,
                 last_change_seen: f.last_seen,
                 last_backed_up: f.last_backed_up,
-                pending: f.pending.len() as u64,
+                pending: f.pending.len() as u64 + f.working,
                 scans: f.scans,
                 bytes_read: f.bytes_read,
                 error_count: f.errors.len() as u64,
