@@ -909,7 +909,7 @@ fn a_node_takes_nothing_new_from_an_owner_that_does_not_pay_and_releases_its_blo
         let c = held_contract(p.homes[i].path());
         (c["state"].as_str().unwrap().to_owned(), c)
     };
-    wait_until("node 1 cuts the owner", Duration::from_secs(90), || {
+    wait_until("node 1 cuts the owner", Duration::from_secs(180), || {
         behind(&p, 1).0.starts_with("cut")
     });
     let (state, c) = behind(&p, 1);
@@ -963,7 +963,7 @@ fn a_node_takes_nothing_new_from_an_owner_that_does_not_pay_and_releases_its_blo
     let _miner = regtest::Miner::start(&p.bitcoin, &p.outside[0]);
     wait_until(
         "node 1 takes the owner back once paid",
-        Duration::from_secs(90),
+        Duration::from_secs(180),
         || behind(&p, 1).0.starts_with("active"),
     );
     let c = behind(&p, 1).1;
