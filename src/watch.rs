@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use fincrypt_engine::{Step, Worker, WorkerHandle};
-use fincrypt_fs::import::{Stamp, Stamps, SyncOptions, SyncReport, sync_subdir};
+use fincrypt_fs::import::{Stamp, Stamps, SyncOptions, SyncReport, remove_tree, sync_subdir};
 use fincrypt_fs::{Caller, Fossil, FsError, Kind};
 use futures::future::BoxFuture;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -1033,38 +1033,6 @@ fn replace_under(map: &mut BTreeMap<PathBuf, String>, under: &Path, now: &[(Path
     for (p, why) in now {
         map.insert(p.clone(), why.clone());
     }
-}
-
-/// The names, inodes and kinds in directory `ino`.
-fn children(fs: &Fossil, ino: u64) -> Result<Vec<(Vec<u8>, u64, Kind)>> {
-    let mut out = Vec::new();
-    let mut offset = 0;
-    loop {
-        let page = fs.readdir(ino, offset, 1024)?;
-        if page.is_empty() {
-            return Ok(out);
-        }
-        for (cookie, d) in page {
-            offset = cookie;
-            if d.name != b"." && d.name != b".." {
-                out.push((d.name, d.ino, d.kind));
-            }
-        }
-    }
-}
-
-/// Removes `name` from directory `dir`, with everything under it.
-fn remove_tree(fs: &Fossil, dir: u64, name: &[u8]) -> Result<()> {
-    let a = fs.lookup(dir, name)?;
-    if a.kind == Kind::Dir {
-        for (child, _, _) in children(fs, a.ino)? {
-            remove_tree(fs, a.ino, &child)?;
-        }
-        fs.rmdir(dir, name)?;
-    } else {
-        fs.unlink(dir, name)?;
-    }
-    Ok(())
 }
 
 /// The `watch` worker: backs up settled changes and due rescans.

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    COMMAND_DEADLINE, Mount, PASSPHRASE, Served, ctl, ctl_ok, fincrypt, mount_opts, number,
-    random_bytes, run, set_config, status, text, wait_until,
+    Mount, PASSPHRASE, Served, ctl, ctl_ok, fincrypt, mount_opts, number, random_bytes, run,
+    set_config, status, text, wait_until,
 };
 use trees::{Tree, tree, write_tree};
 
@@ -22,20 +22,7 @@ fn nodes(n: usize) -> (Vec<tempfile::TempDir>, Vec<Served>) {
 
 /// A new owner home with redundancy 3 and no scheduled snapshots; its phrase.
 fn owner_home() -> (tempfile::TempDir, String) {
-    let home = tempfile::Builder::new()
-        .prefix("fincrypt-owner-")
-        .tempdir()
-        .unwrap();
-    let out = run(
-        fincrypt(home.path())
-            .arg("init")
-            .env("FINCRYPT_PASSPHRASE", PASSPHRASE),
-        COMMAND_DEADLINE,
-    );
-    assert!(out.status.success(), "init: {}", text(&out.stderr));
-    let phrase = text(&out.stdout).trim().to_owned();
-    assert_eq!(phrase.split_whitespace().count(), 24);
-    set_config(home.path(), "snapshot_interval", "0");
+    let (home, phrase) = common::owner_home();
     set_config(home.path(), "redundancy", "3");
     (home, phrase)
 }

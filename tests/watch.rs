@@ -536,19 +536,7 @@ fn watch_refuses_what_it_cannot_back_up_and_names_clashes() {
 #[test]
 fn a_watched_folder_on_peers_comes_back_on_a_new_machine_from_the_phrase() {
     let (_dirs, nodes) = common::serve_nodes(3);
-    let home = tempfile::Builder::new()
-        .prefix("fincrypt-owner-")
-        .tempdir()
-        .unwrap();
-    let out = run(
-        fincrypt(home.path())
-            .arg("init")
-            .env("FINCRYPT_PASSPHRASE", PASSPHRASE),
-        COMMAND_DEADLINE,
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let phrase = text(&out.stdout).trim().to_owned();
-    set_config(home.path(), "snapshot_interval", "0");
+    let (home, phrase) = common::owner_home();
     let src = tempfile::tempdir().unwrap();
     write_tree(src.path(), 3 << 20);
     watch(home.path(), src.path(), "docs", &["--redundancy", "2"]);

@@ -159,6 +159,37 @@ pub struct SyncReport {
     pub dirs_seen: Vec<PathBuf>,
 }
 
+/// The names, inodes and kinds in directory `ino` of `fs`.
+pub fn children(fs: &Fossil, ino: u64) -> Result<Vec<(Vec<u8>, u64, Kind)>, FsError> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let page = fs.readdir(ino, offset, 1024)?;
+        if page.is_empty() {
+            return Ok(out);
+        }
+        for (cookie, d) in page {
+            offset = cookie;
+            if d.name != b"." && d.name != b".." {
+                out.push((d.name, d.ino, d.kind));
+            }
+        }
+    }
+}
+
+/// Removes `name` from directory `dir` of `fs`, with everything under it.
+pub fn remove_tree(fs: &Fossil, dir: u64, name: &[u8]) -> Result<(), FsError> {
+    let a = fs.lookup(dir, name)?;
+    if a.kind == Kind::Dir {
+        for (child, _, _) in children(fs, a.ino)? {
+            remove_tree(fs, a.ino, &child)?;
+        }
+        fs.rmdir(dir, name)
+    } else {
+        fs.unlink(dir, name)
+    }
+}
+
 /// Makes directory `dst` of `fs` the same as the directory `src`.
 pub fn sync_dir(
     fs: &Fossil,
@@ -299,35 +330,13 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// The names and kinds in directory `ino`.
     fn children(&self, ino: u64) -> Result<Vec<(Vec<u8>, u64, Kind)>, FsError> {
-        let mut out = Vec::new();
-        let mut offset = 0;
-        loop {
-            let page = self.fs.readdir(ino, offset, 1024)?;
-            if page.is_empty() {
-                return Ok(out);
-            }
-            for (cookie, d) in page {
-                offset = cookie;
-                if d.name != b"." && d.name != b".." {
-                    out.push((d.name, d.ino, d.kind));
-                }
-            }
-        }
+        children(self.fs, ino)
     }
 
     /// Removes `name` from `dir`, a directory with all it holds.
     fn remove(&mut self, dir: u64, name: &[u8], rel: &Path) -> Result<(), FsError> {
-        let a = self.fs.lookup(dir, name)?;
-        if a.kind == Kind::Dir {
-            for (child, _, _) in self.children(a.ino)? {
-                self.remove(a.ino, &child, &rel.join(OsStr::from_bytes(&child)))?;
-            }
-            self.fs.rmdir(dir, name)?;
-        } else {
-            self.fs.unlink(dir, name)?;
-        }
+        remove_tree(self.fs, dir, name)?;
         self.stamps.remove_under(rel);
         self.report.removed += 1;
         Ok(())

@@ -201,6 +201,26 @@ pub fn init_home() -> TempDir {
     home
 }
 
+/// A new owner home (initialised, no scheduled snapshots) and its
+/// recovery phrase.
+pub fn owner_home() -> (TempDir, String) {
+    let home = tempfile::Builder::new()
+        .prefix("fincrypt-owner-")
+        .tempdir()
+        .unwrap();
+    let out = run(
+        fincrypt(home.path())
+            .arg("init")
+            .env("FINCRYPT_PASSPHRASE", PASSPHRASE),
+        COMMAND_DEADLINE,
+    );
+    assert!(out.status.success(), "init: {}", text(&out.stderr));
+    let phrase = text(&out.stdout).trim().to_owned();
+    assert_eq!(phrase.split_whitespace().count(), 24);
+    set_config(home.path(), "snapshot_interval", "0");
+    (home, phrase)
+}
+
 /// Initialises `home` (an empty directory) as [`init_home`] does.
 pub fn init_home_in(home: &TempDir) {
     let out = run(
