@@ -618,3 +618,40 @@ fn what_was_backed_up_survives_the_daemon_killed_and_nothing_is_skipped_after() 
         "the copy after kill -9",
     );
 }
+
+#[test]
+fn a_folder_unwatched_while_no_daemon_runs_leaves_the_live_tree_at_the_next_mount() {
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("f"), b"kept in a snapshot").unwrap();
+    let home = init_home();
+    watch(home.path(), src.path(), "gone", &[]);
+    let m = Mount::start(home);
+    wait_backed_up(m.home(), "gone", 1, BACKUP_DEADLINE);
+    let home = m.unmount();
+    let out = run(
+        fincrypt(home.path()).args(["unwatch", "gone"]),
+        COMMAND_DEADLINE,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("next mounted"),
+        "{}",
+        text(&out.stdout)
+    );
+    let m = Mount::start(home);
+    let copy = m.path().join("backups/gone");
+    wait_until("the copy to leave the live tree", CHANGE_DEADLINE, || {
+        !copy.exists()
+    });
+    let snaps = ctl_ok(m.home(), &["snapshots", "list"]);
+    let newest = snaps
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("20")))
+        .next_back()
+        .unwrap_or_else(|| panic!("a snapshot kept it: {snaps}"))
+        .to_owned();
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("r");
+    restore_ok(m.home(), "gone", &dest, &["--at", &newest]);
+    assert_same_tree(&tree(&dest), &tree(src.path()), "the copy a snapshot kept");
+}
