@@ -88,6 +88,25 @@ pub struct Imported {
     pub xattrs: std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
+/// GC held off while imported files are sealed and committed
+/// ([`Fossil::import_gate`]).
+pub struct ImportGate<'a>(#[allow(dead_code)] std::sync::RwLockReadGuard<'a, ()>);
+
+/// A file's contents stored as blocks, not yet named by an inode
+/// ([`Fossil::seal_import`]).
+#[derive(Clone, Debug)]
+pub struct Sealed {
+    content: FileRef,
+    size: u64,
+}
+
+impl Sealed {
+    /// Bytes of the file.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
 /// Bytes read from an imported file at a time.
 const IMPORT_READ: usize = 4 << 20;
 
@@ -196,6 +215,10 @@ pub struct Fossil {
     disk: PathBuf,
     /// The inode of the marked `backups` directory, or 0 while there is none.
     backups: AtomicU64,
+    /// The metadata's generation right after [`Fossil::sync_meta`] last
+    /// made it durable (`u64::MAX`: not yet): unchanged since, there is
+    /// nothing to sync.
+    synced: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -228,6 +251,7 @@ impl Fossil {
             read_ends: Mutex::new(HashMap::new()),
             disk,
             backups: AtomicU64::new(0),
+            synced: AtomicU64::new(u64::MAX),
         };
         if let Some(ino) = fs.marked_backups()? {
             fs.backups.store(ino, Ordering::Relaxed);
@@ -474,6 +498,9 @@ impl Fossil {
     /// MiB at a time, and the file changes in one commit once they are all
     /// stored, so a snapshot sees the old version or the new one, never part
     /// of one. A file there with writes not yet sealed is `EBUSY`.
+    ///
+    /// [`Fossil::seal_import`] and [`Fossil::commit_imports`] do the same
+    /// for many files: sealed side by side, committed together.
     pub fn import_file(
         &self,
         parent: u64,
@@ -482,12 +509,27 @@ impl Fossil {
         attrs: &Imported,
     ) -> Result<Attr, FsError> {
         check_new_name(parent, name)?;
-        if attrs.xattrs.values().any(|v| v.len() > XATTR_SIZE_MAX) {
-            return errno(libc::E2BIG);
-        }
-        // From the first block until the inode names them: GC must not
-        // sweep blocks nothing names yet.
-        let _gate = self.gc_gate.read().unwrap_or_else(|p| p.into_inner());
+        let gate = self.import_gate();
+        let sealed = self.seal_import(&gate, source)?;
+        let mut done = self.commit_imports(&gate, parent, &[(name, &sealed, attrs)])?;
+        done.pop().unwrap_or_else(|| errno(libc::EIO))
+    }
+
+    /// Holds off GC while imported files are sealed and until the commit
+    /// that names their blocks: it must not sweep blocks nothing names yet.
+    /// Hold it no longer than a batch of files takes.
+    pub fn import_gate(&self) -> ImportGate<'_> {
+        ImportGate(self.gc_gate.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Stores everything `source` yields as the blocks of a file not yet
+    /// named by any inode (see [`Fossil::commit_imports`]). Several may run
+    /// at once, on other threads, under one gate.
+    pub fn seal_import(
+        &self,
+        _gate: &ImportGate<'_>,
+        source: &mut dyn std::io::Read,
+    ) -> Result<Sealed, FsError> {
         let mut w = TreeWriter::new(&*self.store, &self.keys, self.params, Class::Own).unsynced();
         // Small at first, grown while reads fill it: most files are small,
         // and zeroing a 4 MiB buffer for each cost more than reading them.
@@ -506,20 +548,90 @@ impl Fossil {
                 buf.resize((buf.len() * 4).min(IMPORT_READ), 0);
             }
         }
-        let content = w.finish()?;
+        Ok(Sealed {
+            content: w.finish()?,
+            size,
+        })
+    }
+
+    /// Names sealed files in `parent`, each as [`Fossil::import_file`]
+    /// would, all in one commit. Each file gets its own answer: one that
+    /// cannot be named (a directory there, unsealed writes: `EBUSY`) is
+    /// left out and the rest are committed. The error of the whole is the
+    /// commit's, or `parent`'s.
+    pub fn commit_imports(
+        &self,
+        _gate: &ImportGate<'_>,
+        parent: u64,
+        files: &[(&[u8], &Sealed, &Imported)],
+    ) -> Result<Vec<Result<Attr, FsError>>, FsError> {
         let mut txn = self.meta.write()?;
         let mut dir = live_dir(&txn, parent)?;
         let now = Time::now();
-        let ino = match txn.lookup(parent, name)? {
-            Some(d) if d.kind != Kind::File => return errno(libc::EEXIST),
+        let mut out = Vec::with_capacity(files.len());
+        let mut named = false;
+        for (name, sealed, attrs) in files {
+            let ino = match Self::import_one(&self.files, &mut txn, parent, name, attrs) {
+                Ok((ino, fresh)) => {
+                    named |= fresh;
+                    ino
+                }
+                Err(e) => {
+                    out.push(Err(e));
+                    continue;
+                }
+            };
+            let mut inode = txn.inode(ino)?;
+            inode.content = sealed.content.clone();
+            inode.size = sealed.size;
+            inode.perm = attrs.perm & 0o7777;
+            inode.uid = attrs.uid;
+            inode.gid = attrs.gid;
+            inode.atime = attrs.atime;
+            inode.mtime = attrs.mtime;
+            inode.ctime = now;
+            // Redundancy is this filesystem's own setting, never a source's.
+            inode.xattrs = attrs
+                .xattrs
+                .iter()
+                .filter(|(k, _)| k.as_slice() != REDUNDANCY_XATTR)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            txn.put_inode(ino, &inode)?;
+            out.push(Ok(self.attr(ino, &inode)));
+        }
+        if named {
+            dir.mtime = now;
+            dir.ctime = now;
+            txn.put_inode(parent, &dir)?;
+        }
+        txn.commit(false)?;
+        Ok(out)
+    }
+
+    /// The inode an imported file `name` in `parent` goes to: the file
+    /// there, or a new one (then `true`).
+    fn import_one(
+        files: &Mutex<HashMap<u64, Arc<Mutex<FileState>>>>,
+        txn: &mut crate::meta::WriteTxn<'_>,
+        parent: u64,
+        name: &[u8],
+        attrs: &Imported,
+    ) -> Result<(u64, bool), FsError> {
+        check_new_name(parent, name)?;
+        if attrs.xattrs.values().any(|v| v.len() > XATTR_SIZE_MAX) {
+            return errno(libc::E2BIG);
+        }
+        match txn.lookup(parent, name)? {
+            Some(d) if d.kind != Kind::File => errno(libc::EEXIST),
             Some(d) => {
-                let dirty = lock(&self.files)
+                let dirty = lock(files)
                     .get(&d.ino)
                     .is_some_and(|st| lock(st).dirty.is_some());
                 if dirty {
                     return errno(libc::EBUSY);
                 }
-                d.ino
+                Ok((d.ino, false))
             }
             None => {
                 let ino = txn.alloc_ino()?;
@@ -531,32 +643,10 @@ impl Fossil {
                         kind: Kind::File,
                     },
                 )?;
-                dir.mtime = now;
-                dir.ctime = now;
-                txn.put_inode(parent, &dir)?;
                 txn.put_inode(ino, &Inode::new(Kind::File, 0, attrs.uid, attrs.gid))?;
-                ino
+                Ok((ino, true))
             }
-        };
-        let mut inode = txn.inode(ino)?;
-        inode.content = content;
-        inode.size = size;
-        inode.perm = attrs.perm & 0o7777;
-        inode.uid = attrs.uid;
-        inode.gid = attrs.gid;
-        inode.atime = attrs.atime;
-        inode.mtime = attrs.mtime;
-        inode.ctime = now;
-        // Redundancy is this filesystem's own setting, never a source's.
-        inode.xattrs = attrs
-            .xattrs
-            .iter()
-            .filter(|(k, _)| k.as_slice() != REDUNDANCY_XATTR)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        txn.put_inode(ino, &inode)?;
-        txn.commit(false)?;
-        Ok(self.attr(ino, &inode))
+        }
     }
 
     /// The target of a symlink.
@@ -1131,9 +1221,19 @@ impl Fossil {
         }
     }
 
-    /// Makes every metadata change so far durable.
+    /// Makes every metadata change so far durable; nothing to do (no
+    /// fsync) when nothing was committed since it last did.
     pub fn sync_meta(&self) -> Result<(), FsError> {
-        self.commit_durably(self.meta.write()?)
+        if self.meta.generation() == self.synced.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let txn = self.meta.write()?;
+        // No other commit can come between: the open transaction keeps
+        // them out, so the generation after this commit is one more.
+        let before = self.meta.generation();
+        self.commit_durably(txn)?;
+        self.synced.store(before.wrapping_add(1), Ordering::Release);
+        Ok(())
     }
 
     /// Commits `txn` durably, after making the blocks it may name durable.

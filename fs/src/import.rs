@@ -2,9 +2,11 @@
 //! copy up to date: the ground of watched folders (issue 18).
 //!
 //! [`sync_dir`] walks a source directory and makes a directory of the
-//! filesystem the same: directories, regular files (through
-//! [`Fossil::import_file`], so a file changes in one commit), symlinks as
-//! symlinks, and hard links within the tree as hard links. What the source
+//! filesystem the same: directories, regular files (read and sealed side
+//! by side, one thread per core, [`Fossil::seal_import`], then named a batch
+//! at a time in one commit, [`Fossil::commit_imports`], so a file changes
+//! in one commit), symlinks as symlinks, and hard links within the tree as
+//! hard links. What the source
 //! no longer has is removed. A file whose (inode, size, mtime, ctime) are
 //! those recorded when it was last imported ([`Stamps`]) is neither read nor
 //! hashed, as restic does with its parent snapshot. A file that changes
@@ -25,7 +27,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::FsError;
-use crate::fossil::{Caller, Fossil, Imported, REDUNDANCY_XATTR, SetAttr, SetTime};
+use crate::fossil::{
+    Caller, Fossil, ImportGate, Imported, REDUNDANCY_XATTR, Sealed, SetAttr, SetTime,
+};
 use crate::meta::{Kind, Time};
 
 /// Reads of a file that keeps changing before it is reported.
@@ -57,6 +61,8 @@ impl Stamp {
 pub struct Stamps {
     map: BTreeMap<PathBuf, Stamp>,
     changed: BTreeSet<PathBuf>,
+    /// Sum of the sizes in `map`, kept as it changes.
+    bytes: u64,
 }
 
 impl Stamps {
@@ -66,9 +72,12 @@ impl Stamps {
 
     /// Stamps as they were kept, none of them changed.
     pub fn from_kept(kept: impl IntoIterator<Item = (PathBuf, Stamp)>) -> Stamps {
+        let map: BTreeMap<PathBuf, Stamp> = kept.into_iter().collect();
+        let bytes = map.values().map(|s| s.size).fold(0, u64::saturating_add);
         Stamps {
-            map: kept.into_iter().collect(),
+            map,
             changed: BTreeSet::new(),
+            bytes,
         }
     }
 
@@ -86,15 +95,15 @@ impl Stamps {
 
     /// Files (names) and bytes stamped.
     pub fn totals(&self) -> (u64, u64) {
-        (
-            self.map.len() as u64,
-            self.map.values().map(|s| s.size).sum(),
-        )
+        (self.map.len() as u64, self.bytes)
     }
 
     fn insert(&mut self, rel: &Path, stamp: Stamp) {
         if self.map.get(rel) != Some(&stamp) {
-            self.map.insert(rel.to_path_buf(), stamp);
+            if let Some(old) = self.map.insert(rel.to_path_buf(), stamp) {
+                self.bytes = self.bytes.saturating_sub(old.size);
+            }
+            self.bytes = self.bytes.saturating_add(stamp.size);
             self.changed.insert(rel.to_path_buf());
         }
     }
@@ -102,7 +111,8 @@ impl Stamps {
     /// Forgets the stamp of `rel` (it is read again next time), kept
     /// forgotten until [`Stamps::take_changed`].
     pub fn forget(&mut self, rel: &Path) {
-        if self.map.remove(rel).is_some() {
+        if let Some(old) = self.map.remove(rel) {
+            self.bytes = self.bytes.saturating_sub(old.size);
             self.changed.insert(rel.to_path_buf());
         }
     }
@@ -118,7 +128,9 @@ impl Stamps {
             .cloned()
             .collect();
         for p in doomed {
-            self.map.remove(&p);
+            if let Some(old) = self.map.remove(&p) {
+                self.bytes = self.bytes.saturating_sub(old.size);
+            }
             self.changed.insert(p);
         }
     }
@@ -319,10 +331,15 @@ impl Run<'_> {
             .into_iter()
             .map(|(name, ino, kind)| (name, (ino, kind)))
             .collect();
+        let mut batch = Batch::default();
         for name in &names {
             let now = have.remove(name.as_bytes());
-            self.entry(&rel.join(name), name, dst, now)?;
+            self.entry(&rel.join(name), name, dst, now, &mut batch)?;
+            if batch.full() {
+                self.import(dst, &mut batch)?;
+            }
         }
+        self.import(dst, &mut batch)?;
         // What the source no longer has.
         for name in have.into_keys() {
             self.remove(dst, &name, &rel.join(OsStr::from_bytes(&name)))?;
@@ -411,6 +428,7 @@ impl Run<'_> {
         name: &OsStr,
         dst: u64,
         have: Option<(u64, Kind)>,
+        batch: &mut Batch,
     ) -> Result<(), FsError> {
         if cancelled(self.cancel) {
             return Err(FsError::Errno(libc::ECANCELED));
@@ -490,7 +508,7 @@ impl Run<'_> {
             self.same_attrs(ino, &m, false)?;
             self.report.symlinks += 1;
         } else if t.is_file() {
-            self.file(rel, name_bytes, dst, &m, have)?;
+            self.file(rel, name_bytes, dst, &m, have, batch)?;
             self.report.files += 1;
         } else {
             let what = if t.is_socket() {
@@ -507,6 +525,8 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Copies regular file `rel`: at once when it has other names (so
+    /// that they can link to its copy), else in `batch`.
     fn file(
         &mut self,
         rel: &Path,
@@ -514,6 +534,7 @@ impl Run<'_> {
         dst: u64,
         m: &std::fs::Metadata,
         have: Option<(u64, Kind)>,
+        batch: &mut Batch,
     ) -> Result<(), FsError> {
         let key = (m.dev(), m.ino());
         // A second name of a file already copied in this run: a link to it.
@@ -544,76 +565,201 @@ impl Run<'_> {
         {
             self.remove(dst, name, rel)?;
         }
-        let path = self.src.join(rel);
-        let mut last = String::new();
-        for _ in 0..TRIES {
-            let file = match std::fs::File::open(&path) {
-                Ok(f) => f,
-                Err(e) => {
-                    self.report.errors.push((rel.to_path_buf(), io_errno(&e)));
-                    return Ok(());
+        let pending = Pending {
+            rel: rel.to_path_buf(),
+            name: name.to_vec(),
+            link: (m.nlink() > 1).then_some(key),
+        };
+        if pending.link.is_some() {
+            let mut alone = Batch::default();
+            alone.push(pending, m.size());
+            return self.import(dst, &mut alone);
+        }
+        batch.push(pending, m.size());
+        Ok(())
+    }
+
+    /// Reads and seals the files of `batch` side by side, then names them
+    /// in `dst` in one commit; empties `batch`.
+    fn import(&mut self, dst: u64, batch: &mut Batch) -> Result<(), FsError> {
+        if batch.files.is_empty() {
+            return Ok(());
+        }
+        let files = std::mem::take(batch).files;
+        let (fs, src, cancel) = (self.fs, self.src, self.cancel);
+        let gate = fs.import_gate();
+        let read = side_by_side(files.len(), |i| {
+            seal_stable(fs, &gate, &src.join(&files[i].rel), cancel)
+        });
+        let mut sealed = Vec::new();
+        let mut which = Vec::new();
+        for (p, (outcome, bytes)) in files.iter().zip(read) {
+            self.report.bytes_read += bytes;
+            match outcome {
+                Outcome::Sealed(s, attrs, stamp) => {
+                    sealed.push((p.name.as_slice(), s, attrs));
+                    which.push((p, stamp));
                 }
-            };
-            let before = match file.metadata() {
-                Ok(b) => b,
-                Err(e) => {
-                    self.report.errors.push((rel.to_path_buf(), io_errno(&e)));
-                    return Ok(());
-                }
-            };
-            use xattr::FileExt;
-            let xattrs = match xattrs_of(file.list_xattr(), |n| file.get_xattr(n)) {
-                Ok(x) => x,
-                Err(e) => {
-                    self.report.errors.push((rel.to_path_buf(), io_errno(&e)));
-                    return Ok(());
-                }
-            };
-            let attrs = Imported {
-                perm: (before.mode() & 0o7777) as u16,
-                uid: before.uid(),
-                gid: before.gid(),
-                atime: time(before.atime(), before.atime_nsec()),
-                mtime: time(before.mtime(), before.mtime_nsec()),
-                xattrs,
-            };
-            let mut reader = Stable {
-                file,
-                before: Stamp::of(&before),
-                read: 0,
-                cancel: self.cancel,
-            };
-            let result = self.fs.import_file(dst, name, &mut reader, &attrs);
-            self.report.bytes_read += reader.read;
+                Outcome::Unreadable(why) => self.report.errors.push((p.rel.clone(), why)),
+                Outcome::Failed(e) => return Err(e),
+            }
+        }
+        let named: Vec<(&[u8], &Sealed, &Imported)> =
+            sealed.iter().map(|(n, s, a)| (*n, s, a)).collect();
+        let done = fs.commit_imports(&gate, dst, &named)?;
+        drop(gate);
+        for ((p, stamp), result) in which.into_iter().zip(done) {
             match result {
                 Ok(a) => {
-                    self.stamps.insert(rel, reader.before);
-                    if m.nlink() > 1 {
+                    self.stamps.insert(&p.rel, stamp);
+                    if let Some(key) = p.link {
                         self.links.insert(key, a.ino);
                     }
                     self.report.imported += 1;
-                    return Ok(());
-                }
-                Err(FsError::Errno(libc::EAGAIN)) => {
-                    last = "it changed while it was read".into();
-                }
-                Err(FsError::Errno(libc::ECANCELED)) => {
-                    return Err(FsError::Errno(libc::ECANCELED));
                 }
                 Err(FsError::Errno(e)) => {
                     let e = std::io::Error::from_raw_os_error(e);
-                    self.report.errors.push((rel.to_path_buf(), e.to_string()));
-                    return Ok(());
+                    self.report.errors.push((p.rel.clone(), e.to_string()));
                 }
                 Err(e) => return Err(e),
             }
         }
-        self.report.errors.push((
-            rel.to_path_buf(),
-            format!("{last} {TRIES} times; the previous version stays"),
-        ));
         Ok(())
     }
+}
+
+/// `work(0..n)` on as many threads as there are cores, in order. Not on
+/// rayon's pool: sealing a large file waits for blocks sealed there, and
+/// pool threads all waiting so would never be woken.
+fn side_by_side<T: Send>(n: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let threads = std::thread::available_parallelism().map_or(2, |c| c.get());
+    if n <= 1 || threads <= 1 {
+        return (0..n).map(work).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut done: Vec<(usize, T)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads.min(n))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= n {
+                            return out;
+                        }
+                        out.push((i, work(i)));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, t)| t).collect()
+}
+
+/// Files to import together, at most [`BATCH_FILES`] or about
+/// [`BATCH_BYTES`]: GC waits while a batch is sealed.
+#[derive(Default)]
+struct Batch {
+    files: Vec<Pending>,
+    bytes: u64,
+}
+
+/// Files imported in one commit, at most.
+const BATCH_FILES: usize = 256;
+/// Bytes a batch stops taking more files at.
+const BATCH_BYTES: u64 = 64 << 20;
+
+impl Batch {
+    fn push(&mut self, p: Pending, size: u64) {
+        self.files.push(p);
+        self.bytes = self.bytes.saturating_add(size);
+    }
+
+    fn full(&self) -> bool {
+        self.files.len() >= BATCH_FILES || self.bytes >= BATCH_BYTES
+    }
+}
+
+/// A source file to import: where it is, its name in the copy, and its
+/// (device, inode) when it has other names.
+struct Pending {
+    rel: PathBuf,
+    name: Vec<u8>,
+    link: Option<(u64, u64)>,
+}
+
+/// What reading a source file came to.
+enum Outcome {
+    /// Stored, with the attributes and stamp it had while read.
+    Sealed(Sealed, Imported, Stamp),
+    /// Not read (the reason goes in the report); its previous copy stays.
+    Unreadable(String),
+    /// Cancelled, or the filesystem failed: the sync stops.
+    Failed(FsError),
+}
+
+/// Reads the file at `path` into blocks, again if it changed while read,
+/// up to [`TRIES`] times; with the bytes read.
+fn seal_stable(
+    fs: &Fossil,
+    gate: &ImportGate<'_>,
+    path: &Path,
+    cancel: Option<&std::sync::atomic::AtomicBool>,
+) -> (Outcome, u64) {
+    let mut read = 0;
+    let mut last = String::new();
+    for _ in 0..TRIES {
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => return (Outcome::Unreadable(io_errno(&e)), read),
+        };
+        let before = match file.metadata() {
+            Ok(b) => b,
+            Err(e) => return (Outcome::Unreadable(io_errno(&e)), read),
+        };
+        use xattr::FileExt;
+        let xattrs = match xattrs_of(file.list_xattr(), |n| file.get_xattr(n)) {
+            Ok(x) => x,
+            Err(e) => return (Outcome::Unreadable(io_errno(&e)), read),
+        };
+        let attrs = Imported {
+            perm: (before.mode() & 0o7777) as u16,
+            uid: before.uid(),
+            gid: before.gid(),
+            atime: time(before.atime(), before.atime_nsec()),
+            mtime: time(before.mtime(), before.mtime_nsec()),
+            xattrs,
+        };
+        let mut reader = Stable {
+            file,
+            before: Stamp::of(&before),
+            read: 0,
+            cancel,
+        };
+        let result = fs.seal_import(gate, &mut reader);
+        read += reader.read;
+        match result {
+            Ok(s) => return (Outcome::Sealed(s, attrs, reader.before), read),
+            Err(FsError::Errno(libc::EAGAIN)) => {
+                last = "it changed while it was read".into();
+            }
+            Err(e @ FsError::Errno(libc::ECANCELED)) => return (Outcome::Failed(e), read),
+            Err(FsError::Errno(e)) => {
+                let e = std::io::Error::from_raw_os_error(e);
+                return (Outcome::Unreadable(e.to_string()), read);
+            }
+            Err(e) => return (Outcome::Failed(e), read),
+        }
+    }
+    (
+        Outcome::Unreadable(format!("{last} {TRIES} times; the previous version stays")),
+        read,
+    )
 }
 
 /// A source file read to its end that fails with `EAGAIN` at the end if it
@@ -643,5 +789,39 @@ impl Read for Stable<'_> {
             }
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(ino: u64, size: u64) -> Stamp {
+        Stamp {
+            ino,
+            size,
+            mtime_ns: 0,
+            ctime_ns: 0,
+        }
+    }
+
+    #[test]
+    fn the_totals_follow_every_change_of_the_stamps() {
+        let mut s = Stamps::from_kept([
+            (PathBuf::from("a"), stamp(1, 10)),
+            (PathBuf::from("d/x"), stamp(2, 20)),
+            (PathBuf::from("d/y"), stamp(3, 30)),
+        ]);
+        assert_eq!(s.totals(), (3, 60));
+        s.insert(Path::new("a"), stamp(1, 15));
+        s.insert(Path::new("b"), stamp(4, 5));
+        assert_eq!(s.totals(), (4, 70));
+        s.forget(Path::new("b"));
+        s.forget(Path::new("nowhere"));
+        assert_eq!(s.totals(), (3, 65));
+        s.remove_under(Path::new("d"));
+        assert_eq!(s.totals(), (1, 15));
+        let recomputed: u64 = s.map.values().map(|v| v.size).sum();
+        assert_eq!(s.totals().1, recomputed);
     }
 }

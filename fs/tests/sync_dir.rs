@@ -273,3 +273,31 @@ fn a_file_that_keeps_changing_while_it_is_read_is_reported_and_its_previous_vers
     assert!(quiet.errors.is_empty(), "{:?}", quiet.errors);
     same_tree(&fs, &src, dst);
 }
+
+#[test]
+fn large_files_of_one_directory_are_read_side_by_side_and_all_copied() {
+    // Each file is long enough to be cut and sealed on rayon's pool while
+    // the thread reading it waits: read side by side on that pool, they
+    // would wait on each other for good.
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    for f in 0..6 {
+        let data: Vec<u8> = (0..(6 << 20) / 8)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect();
+        std::fs::write(src.join(format!("large-{f}")), data).unwrap();
+    }
+    let fs = fossil(work.path());
+    let mut stamps = Stamps::new();
+    let report = sync_dir(&fs, &src, 1, &mut stamps).unwrap();
+    assert_eq!(report.imported, 6, "{report:?}");
+    assert_eq!(report.bytes_read, 6 * (6 << 20));
+    same_tree(&fs, &src, 1);
+}
