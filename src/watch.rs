@@ -896,9 +896,16 @@ impl Watcher {
             if out.iter().any(|(u, _)| under.starts_with(u)) {
                 continue;
             }
+            // The totals in `watch status` follow a long first backup.
+            let progress = |files, bytes| {
+                if let Some(f) = lock(&self.folders).get_mut(&entry.name) {
+                    (f.files, f.bytes) = (files, bytes);
+                }
+            };
             let options = SyncOptions {
                 exclude: &self.exclude,
                 cancel: Some(&self.stopping),
+                progress: Some(&progress),
             };
             let report = sync_subdir(&self.fs, src, &under, ino, stamps, &options)?;
             out.push((under, report));

@@ -213,13 +213,16 @@ pub fn sync_dir(
 }
 
 /// What else a [`sync_subdir`] heeds.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Default)]
 pub struct SyncOptions<'a> {
     /// Absolute paths never backed up (Fincrypt's own home and mount).
     pub exclude: &'a [PathBuf],
     /// Set, the sync stops at the next entry or read with `ECANCELED`
     /// (a file being read is not committed).
     pub cancel: Option<&'a std::sync::atomic::AtomicBool>,
+    /// Told the stamps' [`Stamps::totals`] after each batch of files is
+    /// committed, so a long first backup shows how far it is.
+    pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
 }
 
 /// [`sync_dir`] of the part of `src` under `under` (relative to it), which
@@ -238,6 +241,7 @@ pub fn sync_subdir(
         src,
         exclude: options.exclude,
         cancel: options.cancel,
+        progress: options.progress,
         stamps,
         links: HashMap::new(),
         report: SyncReport::default(),
@@ -262,6 +266,7 @@ struct Run<'a> {
     src: &'a Path,
     exclude: &'a [PathBuf],
     cancel: Option<&'a std::sync::atomic::AtomicBool>,
+    progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
     stamps: &'a mut Stamps,
     /// Source files with several links, by (device, inode): the inode of
     /// their copy, once made in this run.
@@ -623,6 +628,10 @@ impl Run<'_> {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        if let Some(progress) = self.progress {
+            let (files, bytes) = self.stamps.totals();
+            progress(files, bytes);
         }
         Ok(())
     }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use fincrypt_blockstore::{BlockStore, MasterSecret, MemStore, TreeParams};
-use fincrypt_fs::import::{Stamps, sync_dir};
+use fincrypt_fs::import::{Stamps, SyncOptions, sync_dir, sync_subdir};
 use fincrypt_fs::{Caller, Fossil, Kind, Meta};
 
 use common::read_all;
@@ -300,4 +300,31 @@ fn large_files_of_one_directory_are_read_side_by_side_and_all_copied() {
     assert_eq!(report.imported, 6, "{report:?}");
     assert_eq!(report.bytes_read, 6 * (6 << 20));
     same_tree(&fs, &src, 1);
+}
+
+#[test]
+fn a_long_sync_tells_its_totals_as_batches_of_files_are_committed() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    for i in 0..600 {
+        write(&src.join(format!("f{i:04}")), 100 + i, i as u8);
+    }
+    let fs = fossil(work.path());
+    let mut stamps = Stamps::new();
+    let seen = std::sync::Mutex::new(Vec::new());
+    let progress = |files, bytes| seen.lock().unwrap().push((files, bytes));
+    let options = SyncOptions {
+        progress: Some(&progress),
+        ..SyncOptions::default()
+    };
+    sync_subdir(&fs, &src, Path::new(""), 1, &mut stamps, &options).unwrap();
+    let seen = seen.into_inner().unwrap();
+    // 600 files, committed at most 256 at a time.
+    assert!(seen.len() >= 3, "{seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1),
+        "{seen:?}"
+    );
+    assert_eq!(seen.last().copied(), Some(stamps.totals()));
+    assert_eq!(stamps.totals().0, 600);
 }
