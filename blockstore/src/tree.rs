@@ -425,6 +425,19 @@ impl<'a> TreeWriter<'a> {
     fn seal_chunks(&mut self, input: &[u8], last: bool) -> Result<usize, Error> {
         let p = self.params;
         let (key, seed) = (&self.keys.content, self.keys.chunker_seed);
+        if input.len() <= p.min_chunk as usize {
+            // One chunk at most (none is cut shorter), and only at the end
+            // of the file: sealed here, without a thread and a pool task
+            // for each small file.
+            if !last || input.is_empty() {
+                return Ok(0);
+            }
+            let s = block::seal(key, BlockKind::Data, input)?;
+            self.pending.push((s.pointer.score, s.data));
+            self.add(0, s.pointer)?;
+            self.put_pending()?;
+            return Ok(input.len());
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         let mut sealed: Vec<(usize, block::Pointer)> = Vec::new();
         let mut failed = None;
