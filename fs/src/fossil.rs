@@ -511,7 +511,7 @@ impl Fossil {
         check_new_name(parent, name)?;
         let gate = self.import_gate();
         let sealed = self.seal_import(&gate, source)?;
-        let mut done = self.commit_imports(&gate, parent, &[(name, &sealed, attrs)])?;
+        let mut done = self.commit_imports(&gate, &[(parent, name, &sealed, attrs)])?;
         done.pop().unwrap_or_else(|| errno(libc::EIO))
     }
 
@@ -554,26 +554,27 @@ impl Fossil {
         })
     }
 
-    /// Names sealed files in `parent`, each as [`Fossil::import_file`]
-    /// would, all in one commit. Each file gets its own answer: one that
-    /// cannot be named (a directory there, unsealed writes: `EBUSY`) is
-    /// left out and the rest are committed. The error of the whole is the
-    /// commit's, or `parent`'s.
+    /// Names sealed files, each `(parent, name, sealed, attrs)` as
+    /// [`Fossil::import_file`] would, all in one commit. Each file gets its
+    /// own answer: one that cannot be named (a directory there, unsealed
+    /// writes: `EBUSY`, a parent that is no directory) is left out and the
+    /// rest are committed. The error of the whole is the commit's.
     pub fn commit_imports(
         &self,
         _gate: &ImportGate<'_>,
-        parent: u64,
-        files: &[(&[u8], &Sealed, &Imported)],
+        files: &[(u64, &[u8], &Sealed, &Imported)],
     ) -> Result<Vec<Result<Attr, FsError>>, FsError> {
         let mut txn = self.meta.write()?;
-        let mut dir = live_dir(&txn, parent)?;
         let now = Time::now();
         let mut out = Vec::with_capacity(files.len());
-        let mut named = false;
-        for (name, sealed, attrs) in files {
-            let ino = match Self::import_one(&self.files, &mut txn, parent, name, attrs) {
+        // Directories that got a new name: their times change once.
+        let mut grown: Vec<u64> = Vec::new();
+        for (parent, name, sealed, attrs) in files {
+            let ino = match Self::import_one(&self.files, &mut txn, *parent, name, attrs) {
                 Ok((ino, fresh)) => {
-                    named |= fresh;
+                    if fresh && !grown.contains(parent) {
+                        grown.push(*parent);
+                    }
                     ino
                 }
                 Err(e) => {
@@ -600,7 +601,8 @@ impl Fossil {
             txn.put_inode(ino, &inode)?;
             out.push(Ok(self.attr(ino, &inode)));
         }
-        if named {
+        for parent in grown {
+            let mut dir = live_dir(&txn, parent)?;
             dir.mtime = now;
             dir.ctime = now;
             txn.put_inode(parent, &dir)?;
@@ -622,6 +624,7 @@ impl Fossil {
         if attrs.xattrs.values().any(|v| v.len() > XATTR_SIZE_MAX) {
             return errno(libc::E2BIG);
         }
+        live_dir(txn, parent)?;
         match txn.lookup(parent, name)? {
             Some(d) if d.kind != Kind::File => errno(libc::EEXIST),
             Some(d) => {

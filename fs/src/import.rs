@@ -243,10 +243,12 @@ pub fn sync_subdir(
         cancel: options.cancel,
         progress: options.progress,
         stamps,
+        batch: Batch::default(),
         links: HashMap::new(),
         report: SyncReport::default(),
     };
     run.dir(under, dst)?;
+    run.import()?;
     // The directory itself: filling its copy changed its times, and the
     // folder's own modes and attributes are set by no parent.
     match std::fs::metadata(src.join(under)) {
@@ -268,6 +270,8 @@ struct Run<'a> {
     cancel: Option<&'a std::sync::atomic::AtomicBool>,
     progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
     stamps: &'a mut Stamps,
+    /// Files read but not yet named, and directories waiting for them.
+    batch: Batch,
     /// Source files with several links, by (device, inode): the inode of
     /// their copy, once made in this run.
     links: HashMap<(u64, u64), u64>,
@@ -336,15 +340,13 @@ impl Run<'_> {
             .into_iter()
             .map(|(name, ino, kind)| (name, (ino, kind)))
             .collect();
-        let mut batch = Batch::default();
         for name in &names {
             let now = have.remove(name.as_bytes());
-            self.entry(&rel.join(name), name, dst, now, &mut batch)?;
-            if batch.full() {
-                self.import(dst, &mut batch)?;
+            self.entry(&rel.join(name), name, dst, now)?;
+            if self.batch.full() {
+                self.import()?;
             }
         }
-        self.import(dst, &mut batch)?;
         // What the source no longer has.
         for name in have.into_keys() {
             self.remove(dst, &name, &rel.join(OsStr::from_bytes(&name)))?;
@@ -433,7 +435,6 @@ impl Run<'_> {
         name: &OsStr,
         dst: u64,
         have: Option<(u64, Kind)>,
-        batch: &mut Batch,
     ) -> Result<(), FsError> {
         if cancelled(self.cancel) {
             return Err(FsError::Errno(libc::ECANCELED));
@@ -476,7 +477,12 @@ impl Run<'_> {
                 }
             };
             self.dir(rel, ino)?;
-            self.dir_attrs(rel, ino, &m)?;
+            // After its files are named: naming them changes its times.
+            if self.batch.files.is_empty() {
+                self.dir_attrs(rel, ino, &m)?;
+            } else {
+                self.batch.dirs.push((rel.to_path_buf(), ino, m));
+            }
             self.report.dirs += 1;
         } else if t.is_symlink() {
             let target = match std::fs::read_link(&path) {
@@ -513,7 +519,7 @@ impl Run<'_> {
             self.same_attrs(ino, &m, false)?;
             self.report.symlinks += 1;
         } else if t.is_file() {
-            self.file(rel, name_bytes, dst, &m, have, batch)?;
+            self.file(rel, name_bytes, dst, &m, have)?;
             self.report.files += 1;
         } else {
             let what = if t.is_socket() {
@@ -531,7 +537,7 @@ impl Run<'_> {
     }
 
     /// Copies regular file `rel`: at once when it has other names (so
-    /// that they can link to its copy), else in `batch`.
+    /// that they can link to its copy), else in the batch.
     fn file(
         &mut self,
         rel: &Path,
@@ -539,7 +545,6 @@ impl Run<'_> {
         dst: u64,
         m: &std::fs::Metadata,
         have: Option<(u64, Kind)>,
-        batch: &mut Batch,
     ) -> Result<(), FsError> {
         let key = (m.dev(), m.ino());
         // A second name of a file already copied in this run: a link to it.
@@ -572,25 +577,23 @@ impl Run<'_> {
         }
         let pending = Pending {
             rel: rel.to_path_buf(),
+            parent: dst,
             name: name.to_vec(),
             link: (m.nlink() > 1).then_some(key),
         };
-        if pending.link.is_some() {
-            let mut alone = Batch::default();
-            alone.push(pending, m.size());
-            return self.import(dst, &mut alone);
+        let alone = pending.link.is_some();
+        self.batch.push(pending, m.size());
+        if alone {
+            self.import()?;
         }
-        batch.push(pending, m.size());
         Ok(())
     }
 
-    /// Reads and seals the files of `batch` side by side, then names them
-    /// in `dst` in one commit; empties `batch`.
-    fn import(&mut self, dst: u64, batch: &mut Batch) -> Result<(), FsError> {
-        if batch.files.is_empty() {
-            return Ok(());
-        }
-        let files = std::mem::take(batch).files;
+    /// Reads and seals the files of the batch side by side, names them in
+    /// one commit, then gives the directories it completed their
+    /// attributes; empties the batch.
+    fn import(&mut self) -> Result<(), FsError> {
+        let Batch { files, dirs, .. } = std::mem::take(&mut self.batch);
         let (fs, src, cancel) = (self.fs, self.src, self.cancel);
         let gate = fs.import_gate();
         let read = side_by_side(files.len(), |i| {
@@ -602,16 +605,20 @@ impl Run<'_> {
             self.report.bytes_read += bytes;
             match outcome {
                 Outcome::Sealed(s, attrs, stamp) => {
-                    sealed.push((p.name.as_slice(), s, attrs));
+                    sealed.push((p.parent, p.name.as_slice(), s, attrs));
                     which.push((p, stamp));
                 }
                 Outcome::Unreadable(why) => self.report.errors.push((p.rel.clone(), why)),
                 Outcome::Failed(e) => return Err(e),
             }
         }
-        let named: Vec<(&[u8], &Sealed, &Imported)> =
-            sealed.iter().map(|(n, s, a)| (*n, s, a)).collect();
-        let done = fs.commit_imports(&gate, dst, &named)?;
+        let named: Vec<(u64, &[u8], &Sealed, &Imported)> =
+            sealed.iter().map(|(d, n, s, a)| (*d, *n, s, a)).collect();
+        let done = if named.is_empty() {
+            Vec::new()
+        } else {
+            fs.commit_imports(&gate, &named)?
+        };
         drop(gate);
         for ((p, stamp), result) in which.into_iter().zip(done) {
             match result {
@@ -629,6 +636,9 @@ impl Run<'_> {
                 Err(e) => return Err(e),
             }
         }
+        for (rel, ino, m) in dirs {
+            self.dir_attrs(&rel, ino, &m)?;
+        }
         if let Some(progress) = self.progress {
             let (files, bytes) = self.stamps.totals();
             progress(files, bytes);
@@ -641,7 +651,10 @@ impl Run<'_> {
 /// rayon's pool: sealing a large file waits for blocks sealed there, and
 /// pool threads all waiting so would never be woken.
 fn side_by_side<T: Send>(n: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let threads = std::thread::available_parallelism().map_or(2, |c| c.get());
+    // Asked once: each time reads the cgroup's files.
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads =
+        *CORES.get_or_init(|| std::thread::available_parallelism().map_or(2, |c| c.get()));
     if n <= 1 || threads <= 1 {
         return (0..n).map(work).collect();
     }
@@ -670,12 +683,16 @@ fn side_by_side<T: Send>(n: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
     done.into_iter().map(|(_, t)| t).collect()
 }
 
-/// Files to import together, at most [`BATCH_FILES`] or about
-/// [`BATCH_BYTES`]: GC waits while a batch is sealed.
+/// Files to import together, from any directories, at most
+/// [`BATCH_FILES`] or about [`BATCH_BYTES`] (GC waits while a batch is
+/// sealed), and the directories whose attributes wait for them.
 #[derive(Default)]
 struct Batch {
     files: Vec<Pending>,
     bytes: u64,
+    /// Directories walked whose files are in `files`, children first:
+    /// their modes, times and attributes are set once those are named.
+    dirs: Vec<(PathBuf, u64, std::fs::Metadata)>,
 }
 
 /// Files imported in one commit, at most.
@@ -694,10 +711,13 @@ impl Batch {
     }
 }
 
-/// A source file to import: where it is, its name in the copy, and its
+/// A source file to import: where it is, where and by what name it goes
+/// in the copy, and its
 /// (device, inode) when it has other names.
 struct Pending {
     rel: PathBuf,
+    /// The directory of the copy it goes into.
+    parent: u64,
     name: Vec<u8>,
     link: Option<(u64, u64)>,
 }
