@@ -9,8 +9,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use fincrypt_blockstore::block::{self, BlockKind};
-use fincrypt_blockstore::tree::write_all;
-use fincrypt_blockstore::{BlockStore, Class, FileRef, LocalStore, Pointer, Score, TreeReader};
+use fincrypt_blockstore::{
+    BlockStore, Class, FileRef, LocalStore, Pointer, Score, TreeReader, TreeWriter,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::FsError;
@@ -307,7 +308,10 @@ fn write_root(
             version: DIR_STREAM_VERSION,
             entries: frame.done,
         })?;
-        let content = write_all(store, keys, params, Class::Own, &stream)?;
+        // Made durable all at once, before the record naming the root.
+        let mut w = TreeWriter::new(store, keys, params, Class::Own).unsynced();
+        w.write(&stream)?;
+        let content = w.finish()?;
         let e = entry(frame.name, frame.ino, &frame.inode, content);
         match stack.last_mut() {
             Some(parent) => parent.done.push(e),
