@@ -184,9 +184,15 @@ impl Meta {
     /// Opens (or creates, with an empty root directory) the database at `path`.
     pub fn open(path: &Path, keys: &Keys, root_uid: u32, root_gid: u32) -> Result<Meta, FsError> {
         // redb caches up to 1 GiB by default; the daemon's memory is bounded.
-        let db = redb::Builder::new()
+        let mut db = redb::Builder::new()
             .set_cache_size(META_CACHE)
             .create(path)?;
+        // redb's copy-on-write pages leave the file larger than what it
+        // holds (a third larger after a first backup of 14,000 files);
+        // compacting once per open takes it back, in milliseconds.
+        if let Err(e) = db.compact() {
+            tracing::warn!(path = %path.display(), error = %e, "the metadata could not be compacted");
+        }
         let cipher = Aes256GcmSiv::new_from_slice(&keys.metadata)
             .map_err(|_| FsError::Meta("bad key".into()))?;
         let name_key = blake3::derive_key("fincrypt fs name cookies v1", &keys.metadata);
@@ -975,6 +981,43 @@ mod tests {
         assert_eq!(s[0], 0, "too short to compress");
         assert_eq!(meta.inode(10).unwrap().content, big.content);
         assert_eq!(meta.inode(11).unwrap().content, small.content);
+    }
+
+    /// Space that removed records leave in the file is given back when
+    /// it is next opened.
+    #[test]
+    fn the_file_shrinks_at_open_once_records_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let keys = MasterSecret::generate().keys();
+        let len = || std::fs::metadata(&path).unwrap().len();
+        let noise: Vec<u8> = (0..4000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        {
+            let meta = Meta::open(&path, &keys, 0, 0).unwrap();
+            for batch in 0..20u64 {
+                let mut txn = meta.write().unwrap();
+                for i in 0..100 {
+                    txn.put_inode(100 + batch * 100 + i, &inline_file(&noise))
+                        .unwrap();
+                }
+                txn.commit(false).unwrap();
+            }
+            let mut txn = meta.write().unwrap();
+            for ino in 100..2100 {
+                txn.remove_inode(ino).unwrap();
+            }
+            txn.commit(true).unwrap();
+        }
+        let full = len();
+        let meta = Meta::open(&path, &keys, 0, 0).unwrap();
+        assert!(
+            len() * 4 < full,
+            "{} bytes after open, {full} before",
+            len()
+        );
+        assert_eq!(meta.inode(ROOT_INO).unwrap().kind, Kind::Dir);
     }
 
     /// A version 1 file (inode records without the tag byte) is upgraded
