@@ -511,13 +511,15 @@ impl Fossil {
         check_new_name(parent, name)?;
         let gate = self.import_gate();
         let sealed = self.seal_import(&gate, source)?;
-        let mut done = self.commit_imports(&gate, &[(parent, name, &sealed, attrs)])?;
+        let mut done = self.commit_imports(&[(parent, name, &sealed, attrs)])?;
         done.pop().unwrap_or_else(|| errno(libc::EIO))
     }
 
     /// Holds off GC while imported files are sealed and until the commit
     /// that names their blocks: it must not sweep blocks nothing names yet.
-    /// Hold it no longer than a batch of files takes.
+    /// Hold it no longer than a batch of files takes, and never take a
+    /// second one on a thread that holds one (a waiting GC would keep it
+    /// out for good).
     pub fn import_gate(&self) -> ImportGate<'_> {
         ImportGate(self.gc_gate.read().unwrap_or_else(|p| p.into_inner()))
     }
@@ -559,9 +561,13 @@ impl Fossil {
     /// own answer: one that cannot be named (a directory there, unsealed
     /// writes: `EBUSY`, a parent that is no directory) is left out and the
     /// rest are committed. The error of the whole is the commit's.
+    ///
+    /// The [`ImportGate`] each file was sealed under must still be held,
+    /// by this thread or another, until this returns. Taking one here
+    /// could wait forever: a GC waiting for the gate keeps new holders out
+    /// while the sealers keep it.
     pub fn commit_imports(
         &self,
-        _gate: &ImportGate<'_>,
         files: &[(u64, &[u8], &Sealed, &Imported)],
     ) -> Result<Vec<Result<Attr, FsError>>, FsError> {
         let mut txn = self.meta.write()?;

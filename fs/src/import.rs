@@ -25,6 +25,8 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 
 use crate::error::FsError;
 use crate::fossil::{
@@ -236,42 +238,52 @@ pub fn sync_subdir(
     stamps: &mut Stamps,
     options: &SyncOptions<'_>,
 ) -> Result<SyncReport, FsError> {
-    let mut run = Run {
-        fs,
-        src,
-        exclude: options.exclude,
-        cancel: options.cancel,
-        progress: options.progress,
-        stamps,
-        batch: Batch::default(),
-        links: HashMap::new(),
-        report: SyncReport::default(),
-    };
-    run.dir(under, dst)?;
-    run.import()?;
-    // The directory itself: filling its copy changed its times, and the
-    // folder's own modes and attributes are set by no parent.
-    match std::fs::metadata(src.join(under)) {
-        Ok(m) if m.is_dir() => run.dir_attrs(under, dst, &m)?,
-        Ok(_) => {}
-        Err(e) => {
-            if !run.report.errors.iter().any(|(p, _)| p == under) {
-                run.report.errors.push((under.to_path_buf(), io_errno(&e)));
+    // The readers of a batch run while the walk goes on: threads of this
+    // scope, so that they may borrow; a return stops them (see `InFlight`).
+    std::thread::scope(|scope| {
+        let mut run = Run {
+            fs,
+            src,
+            exclude: options.exclude,
+            cancel: options.cancel,
+            progress: options.progress,
+            stamps,
+            batch: Batch::default(),
+            in_flight: None,
+            scope,
+            links: HashMap::new(),
+            report: SyncReport::default(),
+        };
+        run.dir(under, dst)?;
+        run.import()?;
+        run.finish()?;
+        // The directory itself: filling its copy changed its times, and the
+        // folder's own modes and attributes are set by no parent.
+        match std::fs::metadata(src.join(under)) {
+            Ok(m) if m.is_dir() => run.dir_attrs(under, dst, &m)?,
+            Ok(_) => {}
+            Err(e) => {
+                if !run.report.errors.iter().any(|(p, _)| p == under) {
+                    run.report.errors.push((under.to_path_buf(), io_errno(&e)));
+                }
             }
         }
-    }
-    Ok(run.report)
+        Ok(std::mem::take(&mut run.report))
+    })
 }
 
-struct Run<'a> {
+struct Run<'a, 's> {
     fs: &'a Fossil,
     src: &'a Path,
     exclude: &'a [PathBuf],
     cancel: Option<&'a std::sync::atomic::AtomicBool>,
     progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
     stamps: &'a mut Stamps,
-    /// Files read but not yet named, and directories waiting for them.
+    /// Files to read, and directories waiting for them.
     batch: Batch,
+    /// The batch being read meanwhile.
+    in_flight: Option<InFlight>,
+    scope: &'s std::thread::Scope<'s, 'a>,
     /// Source files with several links, by (device, inode): the inode of
     /// their copy, once made in this run.
     links: HashMap<(u64, u64), u64>,
@@ -314,7 +326,7 @@ fn xattrs_of(
     Ok(out)
 }
 
-impl Run<'_> {
+impl<'a, 's> Run<'a, 's> {
     fn dir(&mut self, rel: &Path, dst: u64) -> Result<(), FsError> {
         let path = self.src.join(rel);
         self.report.dirs_seen.push(rel.to_path_buf());
@@ -478,7 +490,7 @@ impl Run<'_> {
             };
             self.dir(rel, ino)?;
             // After its files are named: naming them changes its times.
-            if self.batch.files.is_empty() {
+            if self.batch.files.is_empty() && self.in_flight.is_none() {
                 self.dir_attrs(rel, ino, &m)?;
             } else {
                 self.batch.dirs.push((rel.to_path_buf(), ino, m));
@@ -584,24 +596,94 @@ impl Run<'_> {
         let alone = pending.link.is_some();
         self.batch.push(pending, m.size());
         if alone {
+            // Named before the walk goes on, so that its other names link to it.
             self.import()?;
+            self.finish()?;
         }
         Ok(())
     }
 
-    /// Reads and seals the files of the batch side by side, names them in
-    /// one commit, then gives the directories it completed their
-    /// attributes; empties the batch.
+    /// Names the batch in flight, if any, and starts reading this one
+    /// (one thread per core) while the walk goes on.
     fn import(&mut self) -> Result<(), FsError> {
+        self.finish()?;
         let Batch { files, dirs, .. } = std::mem::take(&mut self.batch);
-        let (fs, src, cancel) = (self.fs, self.src, self.cancel);
-        let gate = fs.import_gate();
-        let read = side_by_side(files.len(), |i| {
-            seal_stable(fs, &gate, &src.join(&files[i].rel), cancel)
+        if files.is_empty() {
+            for (rel, ino, m) in dirs {
+                self.dir_attrs(&rel, ino, &m)?;
+            }
+            return Ok(());
+        }
+        // Asked once: each time reads the cgroup's files.
+        static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let cores =
+            *CORES.get_or_init(|| std::thread::available_parallelism().map_or(2, |c| c.get()));
+        let paths: Arc<Vec<PathBuf>> =
+            Arc::new(files.iter().map(|p| self.src.join(&p.rel)).collect());
+        let next = Arc::new(AtomicUsize::new(0));
+        let (results, read) = mpsc::channel();
+        let mut release = Vec::new();
+        for _ in 0..cores.min(files.len()) {
+            let (fs, cancel) = (self.fs, self.cancel);
+            let (paths, next, results) = (paths.clone(), next.clone(), results.clone());
+            let (done, wait) = mpsc::channel::<()>();
+            release.push(done);
+            self.scope.spawn(move || {
+                // Held until the batch is named (or given up): GC must not
+                // sweep blocks nothing names yet.
+                let gate = fs.import_gate();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(path) = paths.get(i) else { break };
+                    if results
+                        .send((i, seal_stable(fs, &gate, path, cancel)))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                // Ends when the walker drops the other end, once it has named them.
+                let _ = wait.recv();
+            });
+        }
+        self.in_flight = Some(InFlight {
+            files,
+            dirs,
+            read,
+            release,
         });
+        Ok(())
+    }
+
+    /// Waits for the batch in flight to be read, names its files in one
+    /// commit, then gives the directories it completed their attributes.
+    fn finish(&mut self) -> Result<(), FsError> {
+        let Some(InFlight {
+            files,
+            dirs,
+            read,
+            release,
+        }) = self.in_flight.take()
+        else {
+            return Ok(());
+        };
+        let mut got: Vec<Option<(Outcome, u64)>> = files.iter().map(|_| None).collect();
+        for _ in 0..files.len() {
+            // A reader that panicked ends the channel early; the scope
+            // passes its panic on.
+            let Ok((i, r)) = read.recv() else { break };
+            if let Some(slot) = got.get_mut(i) {
+                *slot = Some(r);
+            }
+        }
         let mut sealed = Vec::new();
         let mut which = Vec::new();
-        for (p, (outcome, bytes)) in files.iter().zip(read) {
+        let mut failed = None;
+        for (p, r) in files.iter().zip(got) {
+            let Some((outcome, bytes)) = r else {
+                failed.get_or_insert(FsError::Meta("a reader thread stopped".into()));
+                continue;
+            };
             self.report.bytes_read += bytes;
             match outcome {
                 Outcome::Sealed(s, attrs, stamp) => {
@@ -609,17 +691,23 @@ impl Run<'_> {
                     which.push((p, stamp));
                 }
                 Outcome::Unreadable(why) => self.report.errors.push((p.rel.clone(), why)),
-                Outcome::Failed(e) => return Err(e),
+                Outcome::Failed(e) => {
+                    failed.get_or_insert(e);
+                }
             }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         let named: Vec<(u64, &[u8], &Sealed, &Imported)> =
             sealed.iter().map(|(d, n, s, a)| (*d, *n, s, a)).collect();
         let done = if named.is_empty() {
             Vec::new()
         } else {
-            fs.commit_imports(&gate, &named)?
+            self.fs.commit_imports(&named)?
         };
-        drop(gate);
+        // Named: the readers may let GC in.
+        drop(release);
         for ((p, stamp), result) in which.into_iter().zip(done) {
             match result {
                 Ok(a) => {
@@ -647,40 +735,14 @@ impl Run<'_> {
     }
 }
 
-/// `work(0..n)` on as many threads as there are cores, in order. Not on
-/// rayon's pool: sealing a large file waits for blocks sealed there, and
-/// pool threads all waiting so would never be woken.
-fn side_by_side<T: Send>(n: usize, work: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    // Asked once: each time reads the cgroup's files.
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let threads =
-        *CORES.get_or_init(|| std::thread::available_parallelism().map_or(2, |c| c.get()));
-    if n <= 1 || threads <= 1 {
-        return (0..n).map(work).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut done: Vec<(usize, T)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads.min(n))
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut out = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= n {
-                            return out;
-                        }
-                        out.push((i, work(i)));
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    done.sort_by_key(|(i, _)| *i);
-    done.into_iter().map(|(_, t)| t).collect()
+/// A batch whose files are being read by threads of the sync's scope,
+/// each holding an [`ImportGate`] until `release` is dropped: after the
+/// commit that names the files, or when the sync returns early.
+struct InFlight {
+    files: Vec<Pending>,
+    dirs: Vec<(PathBuf, u64, std::fs::Metadata)>,
+    read: mpsc::Receiver<(usize, (Outcome, u64))>,
+    release: Vec<mpsc::Sender<()>>,
 }
 
 /// Files to import together, from any directories, at most

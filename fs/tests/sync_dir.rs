@@ -328,3 +328,53 @@ fn a_long_sync_tells_its_totals_as_batches_of_files_are_committed() {
     assert_eq!(seen.last().copied(), Some(stamps.totals()));
     assert_eq!(stamps.totals().0, 600);
 }
+
+#[test]
+fn gc_running_all_through_a_sync_sweeps_no_block_of_a_file_being_imported() {
+    use fincrypt_blockstore::{LocalStore, StoreOptions};
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    // Files over the inline limit, so each has a block of its own.
+    for d in 0..30 {
+        for f in 0..30 {
+            write(
+                &src.join(format!("d{d:02}/f{f:02}")),
+                5000 + d * 300 + f * 7,
+                (d * 30 + f) as u8,
+            );
+        }
+    }
+    let keys = MasterSecret::generate().keys();
+    let volume =
+        Arc::new(LocalStore::open(&work.path().join("volume"), StoreOptions::default()).unwrap());
+    let meta = Meta::open(&work.path().join("meta.redb"), &keys, 0, 0).unwrap();
+    let store: Arc<dyn BlockStore> = volume.clone();
+    let fs = Fossil::new(
+        meta,
+        store,
+        keys,
+        TreeParams::default(),
+        work.path().to_path_buf(),
+    )
+    .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut stamps = Stamps::new();
+    let runs = std::thread::scope(|s| {
+        let gc = s.spawn(|| {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                fincrypt_fs::snapshot::gc(&fs, &volume).unwrap();
+                runs += 1;
+            }
+            runs
+        });
+        let report = sync_dir(&fs, &src, 1, &mut stamps).unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(report.imported, 900, "{report:?}");
+        gc.join().unwrap()
+    });
+    assert!(runs > 1, "GC ran {runs} times");
+    // Every file reads back whole: no block was swept before its file was named.
+    fincrypt_fs::snapshot::gc(&fs, &volume).unwrap();
+    same_tree(&fs, &src, 1);
+}
