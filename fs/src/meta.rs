@@ -43,6 +43,13 @@ pub const META_VERSION: u64 = 2;
 const COMPRESS_MIN: usize = 256;
 /// zstd level of compressed inode records.
 const INODE_ZSTD_LEVEL: i32 = 3;
+
+thread_local! {
+    // A zstd context costs more to set up than a small record to compress:
+    // one per thread (none if it cannot be made: records stay as they are).
+    static INODE_ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Compressor::new(INODE_ZSTD_LEVEL).ok());
+}
 /// The root directory's inode number.
 pub const ROOT_INO: u64 = 1;
 /// Directory cookies below this are taken by "." and "..".
@@ -447,7 +454,7 @@ impl Meta {
         let plain = postcard::to_allocvec(inode)?;
         let mut body = Vec::with_capacity(plain.len() + 1);
         let packed = (plain.len() >= COMPRESS_MIN)
-            .then(|| zstd::bulk::compress(&plain, INODE_ZSTD_LEVEL).ok())
+            .then(|| INODE_ZSTD.with(|c| c.borrow_mut().as_mut()?.compress(&plain).ok()))
             .flatten()
             .filter(|c| c.len() < plain.len());
         match packed {
