@@ -642,7 +642,10 @@ impl<'a, 's> Run<'a, 's> {
                         break;
                     }
                 }
-                // Ends when the walker drops the other end, once it has named them.
+                // Let the results end once every reader is done (or has
+                // panicked), then wait for the walker to drop the other end
+                // of `wait`, once it has named them.
+                drop(results);
                 let _ = wait.recv();
             });
         }
