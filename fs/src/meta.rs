@@ -36,20 +36,7 @@ const PARENTS: TableDefinition<(u64, u64), u32> = TableDefinition::new("parents"
 const CHANGED: TableDefinition<u64, u64> = TableDefinition::new("changed");
 
 /// Version of the metadata database (docs/FORMATS.md, "Filesystem metadata").
-pub const META_VERSION: u64 = 2;
-/// Inode records whose postcard bytes are at least this long are stored
-/// zstd-compressed when that makes them shorter (version 2 on): mostly
-/// small files kept inline.
-const COMPRESS_MIN: usize = 256;
-/// zstd level of compressed inode records.
-const INODE_ZSTD_LEVEL: i32 = 3;
-
-thread_local! {
-    // A zstd context costs more to set up than a small record to compress:
-    // one per thread (none if it cannot be made: records stay as they are).
-    static INODE_ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
-        std::cell::RefCell::new(zstd::bulk::Compressor::new(INODE_ZSTD_LEVEL).ok());
-}
+pub const META_VERSION: u64 = 1;
 /// The root directory's inode number.
 pub const ROOT_INO: u64 = 1;
 /// Directory cookies below this are taken by "." and "..".
@@ -229,11 +216,6 @@ impl Meta {
                 txn.put_inode(ROOT_INO, &root)?;
             }
             META_VERSION => {}
-            1 => {
-                let n = txn.upgrade_inodes_from_1()?;
-                txn.set_counter("version", META_VERSION)?;
-                tracing::info!(inodes = n, "metadata upgraded to version {META_VERSION}");
-            }
             v => {
                 return Err(FsError::Meta(format!(
                     "metadata version {v} is not supported"
@@ -332,7 +314,7 @@ impl Meta {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(INODES)?;
         match t.get(ino)? {
-            Some(v) => self.open_inode(ino, v.value()),
+            Some(v) => self.open_value(b"i", &ino.to_le_bytes(), v.value()),
             None => errno(libc::ENOENT),
         }
     }
@@ -445,49 +427,7 @@ impl Meta {
         key: &[u8],
         value: &T,
     ) -> Result<Vec<u8>, FsError> {
-        self.seal_bytes(table, key, &postcard::to_allocvec(value)?)
-    }
-
-    /// An inode record: its postcard bytes behind a tag byte, 0 as they
-    /// are, 1 zstd-compressed (when long enough and it pays).
-    fn seal_inode(&self, ino: u64, inode: &Inode) -> Result<Vec<u8>, FsError> {
-        let plain = postcard::to_allocvec(inode)?;
-        let mut body = Vec::with_capacity(plain.len() + 1);
-        let packed = (plain.len() >= COMPRESS_MIN)
-            .then(|| INODE_ZSTD.with(|c| c.borrow_mut().as_mut()?.compress(&plain).ok()))
-            .flatten()
-            .filter(|c| c.len() < plain.len());
-        match packed {
-            Some(c) => {
-                body.push(1);
-                body.extend_from_slice(&c);
-            }
-            None => {
-                body.push(0);
-                body.extend_from_slice(&plain);
-            }
-        }
-        self.seal_bytes(b"i", &ino.to_le_bytes(), &body)
-    }
-
-    fn open_inode(&self, ino: u64, sealed: &[u8]) -> Result<Inode, FsError> {
-        let body = self.open_bytes(b"i", &ino.to_le_bytes(), sealed)?;
-        match body.split_first() {
-            Some((0, plain)) => Ok(postcard::from_bytes(plain)?),
-            // Authenticated above: only this program's own records get here.
-            Some((1, packed)) => {
-                let plain = zstd::stream::decode_all(packed).map_err(|e| {
-                    FsError::Meta(format!("inode {ino}: its record does not decompress: {e}"))
-                })?;
-                Ok(postcard::from_bytes(&plain)?)
-            }
-            _ => Err(FsError::Meta(format!(
-                "inode {ino}: its record has no known form"
-            ))),
-        }
-    }
-
-    fn seal_bytes(&self, table: &[u8], key: &[u8], plain: &[u8]) -> Result<Vec<u8>, FsError> {
+        let plain = postcard::to_allocvec(value)?;
         let mut nonce = [0u8; 12];
         // A CSPRNG seeded from the OS, without a system call per value.
         rand::thread_rng().fill_bytes(&mut nonce);
@@ -497,7 +437,7 @@ impl Meta {
             .encrypt(
                 &Nonce::from(nonce),
                 Payload {
-                    msg: plain,
+                    msg: &plain,
                     aad: &aad,
                 },
             )
@@ -511,10 +451,6 @@ impl Meta {
         key: &[u8],
         sealed: &[u8],
     ) -> Result<T, FsError> {
-        Ok(postcard::from_bytes(&self.open_bytes(table, key, sealed)?)?)
-    }
-
-    fn open_bytes(&self, table: &[u8], key: &[u8], sealed: &[u8]) -> Result<Vec<u8>, FsError> {
         if sealed.len() < 12 {
             return Err(FsError::Meta("metadata record too short".into()));
         }
@@ -523,11 +459,13 @@ impl Meta {
             .try_into()
             .map_err(|_| FsError::Meta("bad nonce".into()))?;
         let aad = [table, key].concat();
-        self.cipher
+        let plain = self
+            .cipher
             .decrypt(&Nonce::from(nonce), Payload { msg: ct, aad: &aad })
             .map_err(|_| {
                 FsError::Meta("metadata record does not decrypt (damaged or wrong key)".into())
-            })
+            })?;
+        Ok(postcard::from_bytes(&plain)?)
     }
 }
 
@@ -542,7 +480,7 @@ impl View<'_> {
     pub fn inode(&self, ino: u64) -> Result<Inode, FsError> {
         let t = self.txn.open_table(INODES)?;
         match t.get(ino)? {
-            Some(v) => self.meta.open_inode(ino, v.value()),
+            Some(v) => self.meta.open_value(b"i", &ino.to_le_bytes(), v.value()),
             None => errno(libc::ENOENT),
         }
     }
@@ -609,31 +547,15 @@ impl WriteTxn<'_> {
     pub fn inode(&self, ino: u64) -> Result<Inode, FsError> {
         let t = self.txn.open_table(INODES)?;
         match t.get(ino)? {
-            Some(v) => self.meta.open_inode(ino, v.value()),
+            Some(v) => self.meta.open_value(b"i", &ino.to_le_bytes(), v.value()),
             None => errno(libc::ENOENT),
         }
-    }
-
-    /// Seals every inode record again in the form of version 2 (a tag
-    /// byte, compressed when it pays); returns how many there were.
-    fn upgrade_inodes_from_1(&mut self) -> Result<u64, FsError> {
-        let mut t = self.txn.open_table(INODES)?;
-        let mut old: Vec<(u64, Vec<u8>)> = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            old.push((k.value(), v.value().to_vec()));
-        }
-        for (ino, sealed) in &old {
-            let inode: Inode = self.meta.open_value(b"i", &ino.to_le_bytes(), sealed)?;
-            t.insert(*ino, &self.meta.seal_inode(*ino, &inode)?[..])?;
-        }
-        Ok(old.len() as u64)
     }
 
     /// Writes an inode.
     pub fn put_inode(&mut self, ino: u64, inode: &Inode) -> Result<(), FsError> {
         self.touched = true;
-        let sealed = self.meta.seal_inode(ino, inode)?;
+        let sealed = self.meta.seal_value(b"i", &ino.to_le_bytes(), inode)?;
         self.txn.open_table(INODES)?.insert(ino, &sealed[..])?;
         self.mark_changed(ino)
     }
@@ -789,7 +711,7 @@ impl WriteTxn<'_> {
         let meta = self.meta;
         let sealed_inodes: Vec<(u64, Vec<u8>)> = inodes
             .par_iter()
-            .map(|(ino, inode)| Ok((*ino, meta.seal_inode(*ino, inode)?)))
+            .map(|(ino, inode)| Ok((*ino, meta.seal_value(b"i", &ino.to_le_bytes(), inode)?)))
             .collect::<Result<_, FsError>>()?;
         let sealed_names: Vec<((u64, u64), Vec<u8>)> = names
             .par_iter()
@@ -963,33 +885,6 @@ mod tests {
         inode
     }
 
-    /// A file kept inline whose text compresses is stored compressed and
-    /// reads back whole; a short record is kept as it is.
-    #[test]
-    fn an_inline_file_that_compresses_is_stored_compressed_and_reads_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = MasterSecret::generate().keys();
-        let meta = Meta::open(&dir.path().join("meta.redb"), &keys, 0, 0).unwrap();
-        let text = b"fn main() { println!(\"hello\"); }\n".repeat(100);
-        let (big, small) = (inline_file(&text), inline_file(b"short"));
-        let mut txn = meta.write().unwrap();
-        txn.put_inode(10, &big).unwrap();
-        txn.put_inode(11, &small).unwrap();
-        txn.commit(true).unwrap();
-        let stored = |ino: u64| {
-            let r = meta.db.begin_read().unwrap();
-            let t = r.open_table(INODES).unwrap();
-            let v = t.get(ino).unwrap().unwrap().value().to_vec();
-            meta.open_bytes(b"i", &ino.to_le_bytes(), &v).unwrap()
-        };
-        let (b, s) = (stored(10), stored(11));
-        assert_eq!(b[0], 1, "compressed");
-        assert!(b.len() < text.len() / 4, "{} bytes stored", b.len());
-        assert_eq!(s[0], 0, "too short to compress");
-        assert_eq!(meta.inode(10).unwrap().content, big.content);
-        assert_eq!(meta.inode(11).unwrap().content, small.content);
-    }
-
     /// Space that removed records leave in the file is given back when
     /// it is next opened.
     #[test]
@@ -1024,50 +919,6 @@ mod tests {
             "{} bytes after open, {full} before",
             len()
         );
-        assert_eq!(meta.inode(ROOT_INO).unwrap().kind, Kind::Dir);
-    }
-
-    /// A version 1 file (inode records without the tag byte) is upgraded
-    /// at open: every inode reads back as it was, in the new form.
-    #[test]
-    fn version_1_metadata_is_upgraded_with_every_inode_intact() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("meta.redb");
-        let keys = MasterSecret::generate().keys();
-        let text = b"a line of text that repeats, ".repeat(64);
-        let inodes: Vec<(u64, Inode)> = (10..60)
-            .map(|i| (i, inline_file(&text[..(i as usize * 37) % text.len()])))
-            .collect();
-        {
-            let meta = Meta::open(&path, &keys, 0, 0).unwrap();
-            let root = (ROOT_INO, meta.inode(ROOT_INO).unwrap());
-            let txn = meta.db.begin_write().unwrap();
-            {
-                let mut t = txn.open_table(INODES).unwrap();
-                for (ino, inode) in inodes.iter().chain([&root]) {
-                    let v1 = meta.seal_value(b"i", &ino.to_le_bytes(), inode).unwrap();
-                    t.insert(*ino, &v1[..]).unwrap();
-                }
-                txn.open_table(COUNTERS)
-                    .unwrap()
-                    .insert("version", 1)
-                    .unwrap();
-            }
-            txn.commit().unwrap();
-        }
-        let meta = Meta::open(&path, &keys, 0, 0).unwrap();
-        assert_eq!(
-            meta.write().unwrap().counter("version").unwrap(),
-            META_VERSION
-        );
-        for (ino, inode) in &inodes {
-            let back = meta.inode(*ino).unwrap();
-            assert_eq!(
-                (back.size, &back.content),
-                (inode.size, &inode.content),
-                "inode {ino}"
-            );
-        }
         assert_eq!(meta.inode(ROOT_INO).unwrap().kind, Kind::Dir);
     }
 
