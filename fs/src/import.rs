@@ -2,12 +2,12 @@
 //! copy up to date: the ground of watched folders (issue 18).
 //!
 //! [`sync_dir`] walks a source directory and makes a directory of the
-//! filesystem the same: directories, regular files (read and sealed side
-//! by side, one thread per core, [`Fossil::seal_import`], then named a batch
-//! at a time in one commit, [`Fossil::commit_imports`], so a file changes
-//! in one commit), symlinks as symlinks, and hard links within the tree as
-//! hard links. What the source
-//! no longer has is removed. A file whose (inode, size, mtime, ctime) are
+//! filesystem the same: directories, regular files (read and sealed on one
+//! thread per core while the walk goes on, [`Fossil::seal_import`], then
+//! named a batch at a time in one commit, [`Fossil::commit_imports`], so a
+//! file changes in one commit), symlinks as symlinks, and hard links within
+//! the tree as hard links. What the source no longer has is removed. A
+//! file whose (inode, size, mtime, ctime) are
 //! those recorded when it was last imported ([`Stamps`]) is neither read nor
 //! hashed, as restic does with its parent snapshot. A file that changes
 //! while it is read is read again, and after [`TRIES`] tries reported: its
