@@ -100,13 +100,6 @@ pub struct Sealed {
     size: u64,
 }
 
-impl Sealed {
-    /// Bytes of the file.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-}
-
 /// Bytes read from an imported file at a time.
 const IMPORT_READ: usize = 4 << 20;
 

@@ -777,8 +777,7 @@ impl Batch {
 }
 
 /// A source file to import: where it is, where and by what name it goes
-/// in the copy, and its
-/// (device, inode) when it has other names.
+/// in the copy, and its (device, inode) when it has other names.
 struct Pending {
     rel: PathBuf,
     /// The directory of the copy it goes into.
