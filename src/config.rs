@@ -339,6 +339,9 @@ pub struct Config {
     /// A mediator tells a client its escrow is low when it pays for fewer
     /// periods than this.
     pub grace_periods: u64,
+    /// A mediator takes a holder that answers none of its audits for this
+    /// many periods for gone: its contracts end and its blocks move.
+    pub unreachable_periods: u64,
     /// Folders outside the mount backed up on every change into
     /// `backups/NAME` (`fincrypt watch`; only in config.toml).
     pub watch: Vec<WatchEntry>,
@@ -513,6 +516,7 @@ impl Default for Config {
             min_escrow_periods: 1,
             // A day of hourly periods.
             grace_periods: 24,
+            unreachable_periods: 1,
             watch: Vec::new(),
             watch_settle: 2,
             watch_rescan: 300,
@@ -562,6 +566,13 @@ impl Config {
                          an audit score is between 0 and 1",
                         file.display(),
                         c.min_audit_score
+                    );
+                }
+                if c.unreachable_periods == 0 {
+                    bail!(
+                        "`unreachable_periods` in {} or FINCRYPT_UNREACHABLE_PERIODS is 0: a \
+                         holder must be given at least a period to answer",
+                        file.display()
                     );
                 }
                 c.check_watch()
@@ -807,11 +818,14 @@ impl Config {
              # deny_holders nor on a holder whose audit score is under\n\
              # min_audit_score, and only for clients whose escrow pays for\n\
              # min_escrow_periods periods; it tells a client whose escrow pays for\n\
-             # fewer than grace_periods periods that it runs low.\n\
+             # fewer than grace_periods periods that it runs low. A holder that\n\
+             # answers none of its audits for unreachable_periods periods is\n\
+             # taken for gone: its contracts end and its blocks move elsewhere.\n\
              # deny_holders = [\"12D3KooW...\"]\n\
              min_audit_score = {}\n\
              min_escrow_periods = {}\n\
              grace_periods = {}\n\
+             unreachable_periods = {}\n\
              \n\
              # Folders backed up on every change into backups/NAME in the mount\n\
              # (`fincrypt watch PATH`, `fincrypt unwatch NAME`), after they stay\n\
@@ -853,6 +867,7 @@ impl Config {
             d.min_audit_score,
             d.min_escrow_periods,
             d.grace_periods,
+            d.unreachable_periods,
             d.watch_settle,
             d.watch_rescan
         )

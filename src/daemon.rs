@@ -39,6 +39,8 @@ pub struct MountArgs {
     pub listen: Vec<Multiaddr>,
     /// Peers to join through; they replace the config's when given.
     pub bootstrap: Vec<Multiaddr>,
+    /// The mediator to use; replaces the config's `mediator` when given.
+    pub mediator: Option<Multiaddr>,
 }
 
 /// The mount's peer node, when it has one.
@@ -951,6 +953,10 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
     }
     if !args.bootstrap.is_empty() {
         config.bootstrap = args.bootstrap.iter().map(|a| a.to_string()).collect();
+    }
+    if let Some(m) = &args.mediator {
+        config.mediator = m.to_string();
+        config.mediator().context("--mediator")?;
     }
     let mountpoint = match &args.mountpoint {
         Some(m) => Some(

@@ -70,6 +70,10 @@ enum Command {
         /// `bootstrap` from the config. Own blocks are placed on peers.
         #[arg(long, value_name = "MULTIADDR")]
         bootstrap: Vec<fincrypt_net::Multiaddr>,
+        /// The mediator that places and pays for this node's blocks, ending
+        /// in /p2p/<PeerId>; replaces `mediator` from the config.
+        #[arg(long, value_name = "MULTIADDR")]
+        mediator: Option<fincrypt_net::Multiaddr>,
     },
     /// Back up a folder outside the mount on every change: its copy is
     /// `backups/NAME` in the mount (read-only there) and in every snapshot,
@@ -99,6 +103,10 @@ enum Command {
         /// `bootstrap` from the config.
         #[arg(long, value_name = "MULTIADDR")]
         bootstrap: Vec<fincrypt_net::Multiaddr>,
+        /// The mediator that places and pays for this node's blocks, ending
+        /// in /p2p/<PeerId>; replaces `mediator` from the config.
+        #[arg(long, value_name = "MULTIADDR")]
+        mediator: Option<fincrypt_net::Multiaddr>,
     },
     /// Write watched folder NAME as it was backed up into DEST, with modes,
     /// times, symlinks, hard links and extended attributes. With the daemon
@@ -250,6 +258,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             allow_other,
             listen,
             bootstrap,
+            mediator,
         } => {
             let mountpoint = fincrypt::daemon::check_mountpoint(&mountpoint, nonempty)?;
             // A bad setting is refused before anything under the home is touched.
@@ -283,6 +292,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     read_only,
                     listen,
                     bootstrap,
+                    mediator,
                 },
                 &pass,
             )?;
@@ -338,6 +348,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     min_audit_score: config.min_audit_score,
                     min_escrow_periods: config.min_escrow_periods,
                     grace_periods: config.grace_periods,
+                    unreachable_periods: config.unreachable_periods,
                     settings: config.owner_settings()?,
                     bitcoin: config.bitcoin_rpc()?,
                 },
@@ -372,7 +383,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("its copy leaves backups/ in the mount when this home is next mounted");
             }
         }
-        Command::Backup { listen, bootstrap } => {
+        Command::Backup {
+            listen,
+            bootstrap,
+            mediator,
+        } => {
             fincrypt::config::Config::load(&home)?;
             if !home.is_initialised() {
                 anyhow::bail!(secrets::not_initialised(&home));
@@ -387,6 +402,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     read_only: false,
                     listen,
                     bootstrap,
+                    mediator,
                 },
                 &pass,
             )?;

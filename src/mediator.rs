@@ -41,6 +41,8 @@ pub struct MediatorArgs {
     pub min_escrow_periods: u64,
     /// A client whose escrow pays for fewer periods is told it is low.
     pub grace_periods: u64,
+    /// A holder answering no audit for this many periods is gone.
+    pub unreachable_periods: u64,
     /// Prices, periods, challenges and payouts (the owner's settings).
     pub settings: OwnerSettings,
     /// The Bitcoin node's wallet.
@@ -124,6 +126,7 @@ async fn run(home: &Home, args: MediatorArgs) -> Result<()> {
         min_audit_score: args.min_audit_score,
         min_escrow_periods: args.min_escrow_periods,
         grace_periods: args.grace_periods,
+        unreachable_periods: args.unreachable_periods,
         fee_basis_points: fee_basis_points(args.fee_percent)?,
         min_conf: MIN_CONF,
     };

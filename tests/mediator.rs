@@ -101,13 +101,33 @@ fn a_client_deposits_at_its_mediator_and_sees_its_escrow() {
     assert_eq!(list[0]["escrow_sats"], 150_000_000);
     assert_eq!(status(mediator_home.path())["clients"], 1);
 
-    // A second client gets an address of its own and sees only its escrow.
+    // A second client, naming its mediator with --mediator, gets an address
+    // of its own and sees only its escrow. A --mediator that does not name
+    // the mediator's PeerId is refused.
+    let home2 = init_home();
+    let mnt = tempfile::tempdir().unwrap();
+    let out = refused_mount_at(
+        home2.path(),
+        mnt.path(),
+        &["--mediator", &listen],
+        Some(PASSPHRASE),
+    );
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--mediator") && err.contains("/p2p/<PeerId>"),
+        "{err}"
+    );
     let opts2 = StartOptions {
-        args: vec!["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()],
-        env: vec![("FINCRYPT_MEDIATOR".into(), mediator.addr.clone())],
+        args: vec![
+            "--listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            "--mediator".into(),
+            mediator.addr.clone(),
+        ],
         ..StartOptions::default()
     };
-    let m2 = Mount::start_with(init_home(), opts2);
+    let m2 = Mount::start_with(home2, opts2);
+    assert_eq!(status(m2.home())["mediator"], mediator.addr.as_str());
     let other = status(m2.home())["peer_id"].as_str().unwrap().to_owned();
     let d2 = ctl_json(m2.home(), &["mediator", "deposit-address"]);
     assert_ne!(d2["address"], address.as_str(), "one address per client");
@@ -399,6 +419,79 @@ impl Mediated {
         Mount::start_with(home, mount_opts(&self.nodes, &env))
     }
 
+    /// Once the mediator dropped holder 1 (a wrong proof, or no answer):
+    /// what it kept for both clients is copied from holder 0 to holder 2,
+    /// and it is paid no more while holder 0 goes on being paid.
+    fn holder_1_replaced_and_unpaid(&self, why: &str) {
+        let (h0, h1) = (&self.peers[0], &self.peers[1]);
+        // The blocks it lost are copied from holder 0 to the only other node,
+        // for both clients.
+        wait_until(
+            "the lost data on the third node",
+            Duration::from_secs(120),
+            || self.held(2) >= 8 << 20,
+        );
+        // It is paid no more, while holder 0 goes on being paid.
+        let mut before = (0, 0);
+        wait_until("holder 0 paid on", Duration::from_secs(60), || {
+            let e = self.escrows();
+            before = (payments_to(&e, h0), payments_to(&e, h1));
+            before.0 > 0
+        });
+        wait_until(
+            "three more periods paid to holder 0 for each client",
+            Duration::from_secs(120),
+            || payments_to(&self.escrows(), h0) >= before.0 + 6,
+        );
+        let settled = payments_to(&self.escrows(), h1);
+        wait_until(
+            "two more periods paid to holder 0 for each client",
+            Duration::from_secs(120),
+            || payments_to(&self.escrows(), h0) >= before.0 + 10,
+        );
+        assert_eq!(
+            payments_to(&self.escrows(), h1),
+            settled,
+            "holder 1 paid after {why}"
+        );
+    }
+
+    /// Client `i`, back, takes the mediator's moves into its manifest: the
+    /// moved blocks on holders 0 and 2, not on holder 1.
+    fn client_finds_the_moves(&mut self, i: usize) {
+        let (h0, h1) = (self.peers[0].clone(), self.peers[1].clone());
+        let m = self.client_back(i);
+        let mut moved = 0;
+        wait_until("the moves taken", Duration::from_secs(90), || {
+            moved = number(&status(m.home()), "mediator_moves_taken");
+            moved > 0
+        });
+        ctl_ok(m.home(), &["sync"]);
+        let manifest = ctl_json(m.home(), &["manifest"]);
+        let h2 = self.peers[2].as_str();
+        let now_on_2 = manifest["manifest"]["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| {
+                let holders: Vec<&str> = b["holders"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|h| h.as_str().unwrap())
+                    .collect();
+                holders.contains(&h0.as_str())
+                    && holders.contains(&h2)
+                    && !holders.contains(&h1.as_str())
+            })
+            .count() as u64;
+        assert!(
+            now_on_2 >= moved,
+            "{moved} moves taken, {now_on_2} blocks on holders 0 and 2: {manifest}"
+        );
+        drop(m);
+    }
+
     fn held(&self, i: usize) -> u64 {
         number(&status(self.homes[i].path()), "held_bytes")
     }
@@ -635,7 +728,7 @@ fn a_holder_that_loses_blocks_while_its_clients_are_away_is_unpaid_and_its_block
         mediator: &[("FINCRYPT_MIN_AUDIT_SCORE", "0.99")],
         ..Setup::default()
     });
-    let (h0, h1) = (net.peers[0].clone(), net.peers[1].clone());
+    let h1 = net.peers[1].clone();
     wait_until("a period paid to holder 1", Duration::from_secs(60), || {
         payments_to(&net.escrows(), &h1) > 0
     });
@@ -659,36 +752,7 @@ fn a_holder_that_loses_blocks_while_its_clients_are_away_is_unpaid_and_its_block
             })
         },
     );
-    // The blocks it lost are copied from holder 0 to the only other node,
-    // for both clients.
-    wait_until(
-        "the lost data on the third node",
-        Duration::from_secs(120),
-        || net.held(2) >= 8 << 20,
-    );
-    // It is paid no more, while holder 0 goes on being paid.
-    let mut before = (0, 0);
-    wait_until("holder 0 paid on", Duration::from_secs(60), || {
-        let e = net.escrows();
-        before = (payments_to(&e, &h0), payments_to(&e, &h1));
-        before.0 > 0
-    });
-    wait_until(
-        "three more periods paid to holder 0 for each client",
-        Duration::from_secs(120),
-        || payments_to(&net.escrows(), &h0) >= before.0 + 6,
-    );
-    let settled = payments_to(&net.escrows(), &h1);
-    wait_until(
-        "two more periods paid to holder 0 for each client",
-        Duration::from_secs(120),
-        || payments_to(&net.escrows(), &h0) >= before.0 + 10,
-    );
-    assert_eq!(
-        payments_to(&net.escrows(), &h1),
-        settled,
-        "holder 1 paid after it lost its blocks"
-    );
+    net.holder_1_replaced_and_unpaid("it lost its blocks");
 
     // A new client's blocks go to holders 0 and 2 only: holder 1's audit
     // score is under the mediator's min_audit_score.
@@ -736,37 +800,35 @@ fn a_holder_that_loses_blocks_while_its_clients_are_away_is_unpaid_and_its_block
     );
     drop(newcomer);
 
-    // A client that comes back finds the new holders in its manifest.
-    let m = net.client_back(0);
-    let mut moved = 0;
-    wait_until("the moves taken", Duration::from_secs(90), || {
-        moved = number(&status(m.home()), "mediator_moves_taken");
-        moved > 0
+    net.client_finds_the_moves(0);
+}
+
+#[test]
+fn a_holder_that_vanishes_while_its_clients_are_away_is_unpaid_and_its_blocks_move() {
+    let mut net = Mediated::start();
+    let h1 = net.peers[1].clone();
+    wait_until("a period paid to holder 1", Duration::from_secs(60), || {
+        payments_to(&net.escrows(), &h1) > 0
     });
-    ctl_ok(m.home(), &["sync"]);
-    let manifest = ctl_json(m.home(), &["manifest"]);
-    let h2 = net.peers[2].as_str();
-    let now_on_2 = manifest["manifest"]["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|b| {
-            let holders: Vec<&str> = b["holders"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|h| h.as_str().unwrap())
-                .collect();
-            holders.contains(&h0.as_str())
-                && holders.contains(&h2)
-                && !holders.contains(&h1.as_str())
+    // Holder 1's machine goes away for good.
+    let node = &mut net.nodes[1];
+    node.child.kill().expect("SIGKILL");
+    let _ = node.child.wait();
+    // After a period (the default `unreachable_periods`) of audits left
+    // unanswered, the mediator takes it for gone: its contracts end, and it
+    // gets no new blocks.
+    wait_until("holder 1 taken for gone", Duration::from_secs(60), || {
+        let holders = ctl_json(net.mediator_home.path(), &["mediator", "holders"]);
+        holders.as_array().unwrap().iter().any(|h| {
+            let state = h["state"].as_str().unwrap();
+            h["peer"] == h1.as_str()
+                && state.contains("contracts ended: 2")
+                && state.contains("no answer to")
+                && state.contains("no new blocks: it has answered none")
         })
-        .count() as u64;
-    assert!(
-        now_on_2 >= moved,
-        "{moved} moves taken, {now_on_2} blocks on holders 0 and 2: {manifest}"
-    );
-    drop(m);
+    });
+    net.holder_1_replaced_and_unpaid("it went away");
+    net.client_finds_the_moves(1);
 }
 
 #[test]

@@ -66,6 +66,9 @@ const AUDITS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("audits");
 /// Blocks the mediator moved while their client was away, until the client
 /// took note: client PeerId bytes ‖ score -> postcard [`Moved`].
 const MOVES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("moves");
+/// Holders that answered none of the mediator's latest audits: PeerId bytes
+/// -> postcard [`Silence`] (taken out at the next answer).
+const SILENT: TableDefinition<&[u8], &[u8]> = TableDefinition::new("silent");
 /// `version`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LEDGER_VERSION: u64 = 2;
@@ -93,8 +96,14 @@ const BALANCE_FRESH: Duration = Duration::from_secs(3);
 pub const JOINS_PER_MINUTE: u32 = 60;
 /// The longest the mediator waits for a holder's proof.
 const PROOF_WAIT: Duration = Duration::from_secs(30);
+/// The longest the mediator waits for a holder taken for gone to answer a
+/// probe.
+const PROBE_WAIT: Duration = Duration::from_secs(10);
 /// Challenges sent at once.
 const PARALLEL_PROOFS: usize = 16;
+/// Audits in a row a holder must leave unanswered, besides the time, before
+/// the mediator takes it for gone: one lost answer is not an absence.
+const SILENT_AUDITS: u32 = 3;
 /// Seconds a `sendmany` may still be running after its intent was recorded.
 const IN_FLIGHT: u64 = 600;
 /// How much of an audit score the past keeps at each audit.
@@ -133,7 +142,8 @@ pub enum Ask {
 }
 
 /// A block the mediator copied from a surviving holder to a new one after
-/// its holder `from` failed an audit, for the client to put in its manifest.
+/// its holder `from` failed an audit or stopped answering, for the client to
+/// put in its manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Moved {
     pub score: [u8; 32],
@@ -248,6 +258,24 @@ pub struct AuditScore {
     pub failed: u64,
 }
 
+/// A holder that answered none of the mediator's audits since `since`
+/// (unix seconds): `unanswered` of them, the latest at `last`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Silence {
+    pub since: u64,
+    pub last: u64,
+    pub unanswered: u32,
+}
+
+impl Silence {
+    /// Whether the holder counts as gone after `limit` seconds of silence:
+    /// its contracts end and its blocks move (docs/ARCHITECTURE.md,
+    /// "Mediator").
+    pub fn gone(&self, limit: u64) -> bool {
+        self.unanswered >= SILENT_AUDITS && self.last.saturating_sub(self.since) >= limit
+    }
+}
+
 impl Default for AuditScore {
     fn default() -> Self {
         AuditScore {
@@ -299,6 +327,9 @@ pub struct Rules {
     pub min_escrow_periods: u64,
     /// A client whose escrow funds fewer periods is told its escrow is low.
     pub grace_periods: u64,
+    /// A holder that answers none of the mediator's audits for this many
+    /// periods is taken for gone: its contracts end and its blocks move.
+    pub unreachable_periods: u64,
     /// The fee, in hundredths of a percent of what is paid for a client.
     pub fee_basis_points: u32,
     /// Confirmations a deposit needs to count in the escrow.
@@ -322,7 +353,12 @@ impl Rules {
     }
 
     /// Why `holder` gets no new blocks; none if it may.
-    fn refuses_holder(&self, holder: &PeerId, audit: Option<AuditScore>) -> Option<String> {
+    fn refuses_holder(
+        &self,
+        holder: &PeerId,
+        audit: Option<AuditScore>,
+        gone: Option<Silence>,
+    ) -> Option<String> {
         if self.deny_holders.contains(holder) {
             return Some("the mediator does not place on it (deny_holders)".into());
         }
@@ -334,6 +370,12 @@ impl Rules {
             return Some(
                 "the mediator places only on the holders it lists (accept_holders)".into(),
             );
+        }
+        if let Some(s) = gone {
+            return Some(format!(
+                "it has answered none of the mediator's last {} audits, since {}",
+                s.unanswered, s.since
+            ));
         }
         if let Some(a) = audit
             && a.score() < self.min_audit_score
@@ -443,6 +485,74 @@ impl Audits {
         Ok(())
     }
 
+    /// Notes which holders answered an audit at `at` (a proof, right or
+    /// wrong) and which did not: a holder's silence lasts from its first
+    /// unanswered audit until its next answer.
+    fn heard(&self, answers: &[(PeerId, bool)], at: u64) -> Result<(), MarketError> {
+        if answers.is_empty() {
+            return Ok(());
+        }
+        // A holder asked twice in one round (once per client) counts as
+        // answering if it answered once.
+        let mut by_holder: HashMap<PeerId, bool> = HashMap::new();
+        for (holder, answered) in answers {
+            *by_holder.entry(*holder).or_default() |= *answered;
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(SILENT)?;
+            for (holder, answered) in by_holder {
+                let key = holder.to_bytes();
+                if answered {
+                    t.remove(key.as_slice())?;
+                    continue;
+                }
+                let mut s: Silence = match t.get(key.as_slice())? {
+                    Some(v) => decode(v.value(), "a silence row")
+                        .map_err(|e| MarketError::Store(e.to_string()))?,
+                    None => Silence {
+                        since: at,
+                        ..Silence::default()
+                    },
+                };
+                s.last = s.last.max(at);
+                s.unanswered = s.unanswered.saturating_add(1);
+                t.insert(key.as_slice(), encode(&s)?.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Holders silent now, and since when.
+    fn silent(&self) -> Result<HashMap<PeerId, Silence>, MarketError> {
+        let txn = self.db.begin_read()?;
+        let mut out = HashMap::new();
+        for row in txn.open_table(SILENT)?.iter()? {
+            let (k, v) = row?;
+            let peer = PeerId::from_bytes(k.value())
+                .map_err(|e| MarketError::Store(format!("a damaged silence row: {e}")))?;
+            out.insert(
+                peer,
+                decode(v.value(), "a silence row")
+                    .map_err(|e| MarketError::Store(e.to_string()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// `holder`'s silence, if it is gone after `limit` seconds of it.
+    fn gone(&self, holder: &PeerId, limit: u64) -> Result<Option<Silence>, MarketError> {
+        let txn = self.db.begin_read()?;
+        let row = txn.open_table(SILENT)?.get(holder.to_bytes().as_slice())?;
+        let s: Option<Silence> = row
+            .map(|v| {
+                decode(v.value(), "a silence row").map_err(|e| MarketError::Store(e.to_string()))
+            })
+            .transpose()?;
+        Ok(s.filter(|s| s.gone(limit)))
+    }
+
     fn all(&self) -> Result<HashMap<PeerId, AuditScore>, MarketError> {
         let txn = self.db.begin_read()?;
         let mut out = HashMap::new();
@@ -506,6 +616,11 @@ impl Custody for Audit<'_> {
                 .map(|o| (o.peer, o.result == ProofResult::Passed))
                 .collect();
             self.audits.record(&scored)?;
+            let answered: Vec<(PeerId, bool)> = outcomes
+                .iter()
+                .map(|o| (o.peer, o.result != ProofResult::NoAnswer))
+                .collect();
+            self.audits.heard(&answered, now())?;
             for o in outcomes.iter().filter(|o| o.result == ProofResult::Wrong) {
                 warn!(holder = %o.peer, block = %o.score, "a holder failed an audit");
             }
@@ -604,6 +719,7 @@ impl<P: Payments + 'static> Mediator<P> {
             txn.open_table(CLIENTS)?;
             txn.open_table(AUDITS)?;
             txn.open_table(MOVES)?;
+            txn.open_table(SILENT)?;
         }
         txn.commit()?;
         let db = Arc::new(db);
@@ -871,12 +987,17 @@ impl<P: Payments + 'static> Mediator<P> {
             )
         })?;
         let (rules, audits) = (self.rules.clone(), self.audits.clone());
+        let limit = self.silence_limit();
         let gate: Gate = Arc::new(move |holder: &PeerId| {
             let audit = audits.get(holder).unwrap_or_else(|e| {
                 warn!(error = %e, "cannot read an audit score");
                 None
             });
-            rules.refuses_holder(holder, audit)
+            let gone = audits.gone(holder, limit).unwrap_or_else(|e| {
+                warn!(error = %e, "cannot read whether a holder answers");
+                None
+            });
+            rules.refuses_holder(holder, audit, gone)
         });
         let market = OwnerMarket::for_client(
             self.keypair.clone(),
@@ -1084,6 +1205,12 @@ impl<P: Payments + 'static> Mediator<P> {
                 Err(e) => warn!(client = %peer, error = %e, "a client's audit failed"),
             }
         }
+        // Holders that answered no audit for `unreachable_periods` are
+        // gone: their contracts end (nothing more is paid to them) and
+        // `repair` below moves their blocks, as after a wrong proof.
+        if let Err(e) = self.end_silent(&rows).await {
+            warn!(error = %e, "cannot end the contracts of holders that stopped answering");
+        }
         // Network fees are the mediator's own: a wallet holding no more than
         // the escrows cannot pay them, and then pays no holder at all.
         let owed: u64 = budgets
@@ -1151,14 +1278,64 @@ impl<P: Payments + 'static> Mediator<P> {
         let limit = Duration::from_secs((self.settings.period / 2).max(5));
         match tokio::time::timeout(limit, self.repair()).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => warn!(error = %e, "moving blocks off holders that failed audits failed"),
-            Err(_) => info!("moving blocks off failed holders goes on next round"),
+            Ok(Err(e)) => warn!(error = %e, "moving blocks off dropped holders failed"),
+            Err(_) => info!("moving blocks off dropped holders goes on next round"),
         }
         self.escrows
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         Ok(audited)
+    }
+
+    /// Seconds of silence after which a holder is gone.
+    fn silence_limit(&self) -> u64 {
+        self.rules
+            .unreachable_periods
+            .max(1)
+            .saturating_mul(self.settings.period.max(1))
+    }
+
+    /// Ends every client's contract with a holder gone silent, and probes
+    /// those holders: one that answers again may get new blocks (its ended
+    /// contracts stay ended). How many contracts ended.
+    async fn end_silent(&self, rows: &[(PeerId, ClientRow)]) -> Result<u64, MarketError> {
+        let limit = self.silence_limit();
+        let gone: Vec<(PeerId, Silence)> = self
+            .audits
+            .silent()?
+            .into_iter()
+            .filter(|(_, s)| s.gone(limit))
+            .collect();
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let t = now();
+        let mut ended = 0;
+        for (client, row) in rows {
+            if row.consent.is_none() {
+                continue;
+            }
+            let market = self.market_for(client)?;
+            for (holder, s) in &gone {
+                let why = format!(
+                    "no answer to {} audits in a row, since {}",
+                    s.unanswered, s.since
+                );
+                if market.end_contract_of(holder, t, &why)? {
+                    warn!(%client, %holder, silent_since = s.since, "a holder answered no audit for {limit} s: its contract ends and its blocks move");
+                    ended += 1;
+                }
+            }
+        }
+        let node = self.node()?;
+        for (holder, _) in &gone {
+            if let Ok(Ok(_)) = tokio::time::timeout(PROBE_WAIT, node.probe(*holder)).await {
+                info!(%holder, "a holder taken for gone answers again: it may get new blocks");
+                self.audits.heard(&[(*holder, true)], now())?;
+            }
+        }
+        Ok(ended)
     }
 
     /// `client`'s moves not yet taken, at most [`MAX_REPORT`].
@@ -1321,7 +1498,7 @@ impl<P: Payments + 'static> Mediator<P> {
                 market.placed(&to, &score, len);
                 market.persist().map_err(MarketError::Store)?;
                 self.ledger.forget_placed(&gone.terms.id, &[score])?;
-                info!(client = %owner, block = %score, %from, %to, "moved a block off a holder that failed an audit");
+                info!(client = %owner, block = %score, %from, %to, "moved a block off a dropped holder");
                 moved += 1;
             }
         }
@@ -1376,8 +1553,10 @@ impl<P: Payments + 'static> Mediator<P> {
     /// Every holder under contract, with its audit score.
     pub fn holders(&self) -> Result<Vec<HolderView>, MarketError> {
         let audits = self.audits.all()?;
+        let silent = self.audits.silent()?;
+        let whys = self.ledger.ended()?;
         let mut by_holder: BTreeMap<PeerId, HolderView> = BTreeMap::new();
-        let mut ended: HashMap<PeerId, u64> = HashMap::new();
+        let mut ended: HashMap<PeerId, (u64, String)> = HashMap::new();
         for (peer, row) in self.client_rows()? {
             if row.consent.is_none() {
                 continue;
@@ -1388,7 +1567,11 @@ impl<P: Payments + 'static> Mediator<P> {
                 v.price = v.price.max(c.terms.price);
                 v.clients += 1;
                 if is_ended {
-                    *ended.entry(holder).or_default() += 1;
+                    let e = ended.entry(holder).or_default();
+                    e.0 += 1;
+                    if let Some((_, why)) = whys.get(&c.terms.id) {
+                        e.1.clone_from(why);
+                    }
                 } else {
                     v.bytes += bytes;
                 }
@@ -1401,11 +1584,23 @@ impl<P: Payments + 'static> Mediator<P> {
             v.audits_passed = a.passed;
             v.audits_failed = a.failed;
             let audit = audits.get(&holder).copied();
+            let gone = silent
+                .get(&holder)
+                .copied()
+                .filter(|s| s.gone(self.silence_limit()));
             let mut state = Vec::new();
-            if let Some(n) = ended.get(&holder) {
-                state.push(format!("contracts ended after a failed audit: {n}"));
+            if let Some((n, why)) = ended.get(&holder) {
+                state.push(format!("contracts ended: {n} (the latest: {why})"));
             }
-            if let Some(why) = self.rules.refuses_holder(&holder, audit) {
+            if let Some(s) = silent.get(&holder)
+                && gone.is_none()
+            {
+                state.push(format!(
+                    "answered none of the last {} audits, since {}",
+                    s.unanswered, s.since
+                ));
+            }
+            if let Some(why) = self.rules.refuses_holder(&holder, audit, gone) {
                 state.push(format!("no new blocks: {why}"));
             }
             v.state = if state.is_empty() {
@@ -1471,29 +1666,69 @@ mod tests {
     }
 
     #[test]
+    fn a_holder_is_gone_after_audits_left_unanswered_for_the_limit_until_it_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("m.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(SILENT).unwrap();
+        txn.commit().unwrap();
+        let audits = Audits { db: Arc::new(db) };
+        let (a, b) = (PeerId::random(), PeerId::random());
+        // a is silent from 100; b answers once of its two asks in a round.
+        audits
+            .heard(&[(a, false), (b, false), (b, true)], 100)
+            .unwrap();
+        assert!(!audits.silent().unwrap().contains_key(&b));
+        for t in [110, 120] {
+            audits.heard(&[(a, false)], t).unwrap();
+        }
+        // Three audits, 20 s: gone after 20 s, not after 60.
+        assert!(audits.gone(&a, 20).unwrap().is_some());
+        assert_eq!(audits.gone(&a, 60).unwrap(), None);
+        let s = audits.silent().unwrap()[&a];
+        assert_eq!((s.since, s.last, s.unanswered), (100, 120, 3));
+        // Two unanswered audits are not enough, however long apart.
+        audits.heard(&[(b, false)], 0).unwrap();
+        audits.heard(&[(b, false)], 1000).unwrap();
+        assert_eq!(audits.gone(&b, 20).unwrap(), None);
+        let why = Rules::default().refuses_holder(&a, None, Some(s)).unwrap();
+        assert!(why.contains("answered none"), "{why}");
+        // An answer ends the silence.
+        audits.heard(&[(a, true)], 130).unwrap();
+        assert_eq!(audits.gone(&a, 20).unwrap(), None);
+        assert!(!audits.silent().unwrap().contains_key(&a));
+    }
+
+    #[test]
     fn holder_rules_name_why_a_holder_gets_no_new_blocks() {
         let (a, b) = (PeerId::random(), PeerId::random());
         let mut r = Rules {
             min_audit_score: 0.6,
             ..Rules::default()
         };
-        assert_eq!(r.refuses_holder(&a, None), None);
+        assert_eq!(r.refuses_holder(&a, None, None), None);
         let failing = AuditScore::default().after(false);
         assert!(
-            r.refuses_holder(&a, Some(failing))
+            r.refuses_holder(&a, Some(failing), None)
                 .unwrap()
                 .contains("min_audit_score")
         );
         r.deny_holders.insert(a);
-        assert!(r.refuses_holder(&a, None).unwrap().contains("deny_holders"));
+        assert!(
+            r.refuses_holder(&a, None, None)
+                .unwrap()
+                .contains("deny_holders")
+        );
         r.accept_holders = Some(HashSet::from([a]));
         assert!(
-            r.refuses_holder(&b, None)
+            r.refuses_holder(&b, None, None)
                 .unwrap()
                 .contains("accept_holders")
         );
         assert!(
-            r.refuses_holder(&a, None).unwrap().contains("deny_holders"),
+            r.refuses_holder(&a, None, None)
+                .unwrap()
+                .contains("deny_holders"),
             "deny wins"
         );
     }

@@ -195,7 +195,8 @@ enum Skip {
     Period { theirs: u64, ours: u64 },
     /// It did not take the contract proposed.
     Refused(String),
-    /// Its contract was ended after a wrong proof.
+    /// Its contract was ended: after a wrong proof, or (a mediator's) after
+    /// it answered no audit for long.
     Ended,
     /// It takes no new blocks from this owner: it counts `periods` unpaid.
     Unpaid { periods: u64 },
@@ -212,7 +213,7 @@ impl Skip {
             Skip::OverMax { .. } => "over max_price",
             Skip::Period { .. } => "for another period length",
             Skip::Refused(_) => "refused a contract",
-            Skip::Ended => "with a contract ended after a wrong proof",
+            Skip::Ended => "with a contract ended (a wrong proof, or no answer)",
             Skip::Unpaid { .. } => "taking no new blocks until they are paid",
             Skip::Rule(_) => "turned down by the mediator's rules",
         }
@@ -234,7 +235,7 @@ impl std::fmt::Display for Skip {
                 "prices a period of {theirs} s, this owner's period is {ours} s"
             ),
             Skip::Refused(why) => write!(f, "refused a contract: {why}"),
-            Skip::Ended => f.write_str("its contract was ended after a wrong proof"),
+            Skip::Ended => f.write_str("its contract was ended (a wrong proof, or no answer)"),
             Skip::Unpaid { periods } => write!(
                 f,
                 "takes no new blocks from this owner: it counts {periods} periods unpaid"
@@ -572,18 +573,18 @@ impl<P: Payments + 'static> OwnerMarket<P> {
         {
             warn!(holder = %peer, error = %e, "cannot record a failed challenge");
         }
-        if o.result != ProofResult::Wrong || self.is_ended(peer) {
+        if o.result != ProofResult::Wrong {
             return;
         }
         let why = format!("a wrong proof of block {}", o.score);
-        if let Err(e) = self.ledger.end_contract(&c.terms.id, o.time, &why) {
-            warn!(holder = %peer, error = %e, "cannot end a contract");
-            return;
+        match self.end_contract_of(peer, o.time, &why) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                warn!(holder = %peer, error = %e, "cannot end a contract");
+                return;
+            }
         }
-        self.ended
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(*peer);
         match custody.drop_holder(peer) {
             Ok(blocks) => warn!(
                 holder = %peer,
@@ -592,6 +593,25 @@ impl<P: Payments + 'static> OwnerMarket<P> {
             ),
             Err(e) => warn!(holder = %peer, error = %e, "cannot drop a holder"),
         }
+    }
+
+    /// Ends the contract with `peer` at `at`, for `why`, if there is one not
+    /// ended yet: no period after it is paid, the holder is not challenged
+    /// under it again and gets no new blocks from this market. Whether one
+    /// ended now.
+    pub fn end_contract_of(&self, peer: &PeerId, at: u64, why: &str) -> Result<bool, MarketError> {
+        if self.is_ended(peer) {
+            return Ok(false);
+        }
+        let Some(c) = self.contract_of(peer) else {
+            return Ok(false);
+        };
+        self.ledger.end_contract(&c.terms.id, at, why)?;
+        self.ended
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*peer);
+        Ok(true)
     }
 
     fn is_ended(&self, peer: &PeerId) -> bool {
