@@ -852,7 +852,13 @@ impl<S: BlockStore> TreeReader<S> {
             out.fill(0);
             return Ok(());
         }
-        if p.depth == 0 && whole == Whole::Segments && self.cache.get(&p.score).is_none() {
+        // A block of one segment (version 3) is opened whole either way: it
+        // is kept for the reads that follow.
+        if p.depth == 0
+            && whole == Whole::Segments
+            && p.size as usize > block::ONE_SEGMENT_MAX
+            && self.cache.get(&p.score).is_none()
+        {
             let range = offset as usize..offset as usize + out.len();
             // Opening authenticates the bytes; only a failure pays for the
             // checked read, which then names a damaged block as such.
