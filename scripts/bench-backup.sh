@@ -49,6 +49,9 @@
 #   bytes it read from the folder (bytes_read) are recorded, 0 when no
 #   unchanged file is read again. Then the same once more without dropping
 #   the page cache (restic: a third backup; Fincrypt: another restart).
+#   Then the running daemon is asked to rescan (`fincryptctl watch rescan`,
+#   which returns once the scan is done), cache dropped and warm: what a
+#   daemon that is not restarted does on `watch_rescan` or a lost event.
 # - changed: 1% of the files (at least one) are changed: a file over 16 MiB
 #   gets 1 MiB of fresh random bytes in its middle, a smaller one a line
 #   appended. restic: `restic backup` once the change is written. Fincrypt,
@@ -356,6 +359,17 @@ bench_fincrypt() {  # TREE SRC
   read -r t1 up st < <(wait_status "$home" "$tree" first) || die "$tree: the rescan did not finish"
   rec "$tree" fincrypt rescan_warm_s "$(elapsed "$t0" "$t1")"
   rec "$tree" fincrypt rescan_warm_up_s "$(elapsed "$t0" "$up")"
+  for cache in dropped warm; do
+    log "$tree: fincrypt rescan by the running daemon (fincryptctl watch rescan), cache $cache"
+    [ "$cache" = warm ] || drop_caches
+    t0=$(now)
+    out=$("$BIN/fincryptctl" --home "$home" watch rescan "$tree" --json) || die "$tree: watch rescan failed"
+    rec "$tree" fincrypt "live_rescan_${cache}_s" "$(elapsed "$t0" "$(now)")"
+    rec "$tree" fincrypt "live_rescan_${cache}_daemon_s" \
+      "$(python3 -c 'import json,sys; print(round(json.loads(sys.argv[1])[0]["folder"]["last_scan_seconds"], 3))' "$out")"
+    rec "$tree" fincrypt "live_rescan_${cache}_read" \
+      "$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])[0]["bytes_read"])' "$out")"
+  done
 
   log "$tree: fincrypt after changing 1% of the files (daemon running)"
   base=$(field "$st" bytes_read)
@@ -436,6 +450,12 @@ for tree in r:
     print(f"| rescan, bytes read from the tree (most of any round) | | {read:,} | |")
     (rs, _), (fs_, _) = t("restic", "rescan_warm"), t("fincrypt", "rescan_warm")
     print(f"| rescan again, page cache warm, s | {rs:.2f} | {fs_:.2f} | {rs / fs_:.1f}x as fast |")
+    (rs, _), (fs_, _) = t("restic", "rescan"), t("fincrypt", "live_rescan_dropped")
+    print(f"| rescan by the running daemon (`fincryptctl watch rescan`), cache dropped, s | {rs:.2f} | {fs_:.3f} | **{rs / fs_:.1f}x** as fast |")
+    (rs, _), (fs_, _) = t("restic", "rescan_warm"), t("fincrypt", "live_rescan_warm")
+    print(f"| the same, page cache warm, s | {rs:.2f} | {fs_:.3f} | **{rs / fs_:.1f}x** as fast |")
+    read = max(int(g("fincrypt", f"live_rescan_{c}_read", n)) for n in rounds for c in ("dropped", "warm"))
+    print(f"| rescans by the running daemon, bytes read from the tree (most of any) | | {read:,} | |")
     (rs, _), (fs_, _) = t("restic", "changed"), t("fincrypt", "changed")
     n_changed = int(g("fincrypt", "changed_files"))
     print(f"| backup after changing 1% ({n_changed:,} files), s | {rs:.2f} | {fs_:.2f} "
@@ -476,6 +496,10 @@ for tree in r:
     print("- fincrypt rescans: the daemon answered after "
           + " / ".join(f"{g('fincrypt', 'rescan_up_s', n):.2f}" for n in rounds) + " s (cache dropped), "
           + " / ".join(f"{g('fincrypt', 'rescan_warm_up_s', n):.2f}" for n in rounds) + " s (warm)")
+    print("- fincrypt rescans by the running daemon, as the command saw them (the daemon's own count): "
+          + "; ".join(f"cache {c} " + " / ".join(
+              f"{g('fincrypt', f'live_rescan_{c}_s', n):.3f} ({g('fincrypt', f'live_rescan_{c}_daemon_s', n):.3f})"
+              for n in rounds) for c in ("dropped", "warm")))
     print(f"- changed: restic {int(g('restic', 'changed_files'))} files ({g('restic', 'changed_bytes') / MiB:,.1f} MiB after the change), "
           f"fincrypt {n_changed} files ({g('fincrypt', 'changed_bytes') / MiB:,.1f} MiB; written in "
           f"{g('fincrypt', 'change_write_s'):.2f} s, the daemon read {g('fincrypt', 'changed_bytes_read') / MiB:,.1f} MiB) (round 1)")

@@ -66,6 +66,9 @@ pub enum Request {
     WatchReload,
     /// Every watched folder and how its backups stand.
     WatchStatus,
+    /// A full scan of watched folder `name` (every folder when none) now;
+    /// answered at once with every folder (`rescan_pending` true until done).
+    WatchRescan { name: Option<String> },
     /// Write watched folder `name` as it is (or as the newest snapshot at
     /// or before `at`, a snapshot name or RFC 3339 time) into `dest`.
     Restore {
@@ -124,6 +127,15 @@ pub struct WatchView {
     pub pending: u64,
     /// Full scans made since the daemon started.
     pub scans: u64,
+    /// Full scans that failed since the daemon started.
+    #[serde(default)]
+    pub scans_failed: u64,
+    /// Seconds the last full scan took, until its copies were durable.
+    #[serde(default)]
+    pub last_scan_seconds: Option<f64>,
+    /// A rescan was asked (`fincryptctl watch rescan`) and has not ended.
+    #[serde(default)]
+    pub rescan_pending: bool,
     /// Bytes read from the folder since the daemon started.
     pub bytes_read: u64,
     /// What could not be backed up (unreadable, always changing): the

@@ -797,6 +797,10 @@ impl Daemon {
                 Answer::Watch(self.watcher()?.status())
             }
             Request::WatchStatus => Answer::Watch(self.watcher()?.status()),
+            Request::WatchRescan { name } => {
+                self.watcher()?.rescan_now(name.as_deref())?;
+                Answer::Watch(self.watcher()?.status())
+            }
             Request::Restore {
                 name,
                 dest,

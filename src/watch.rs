@@ -245,6 +245,13 @@ struct Folder {
     files: u64,
     bytes: u64,
     scans: u64,
+    scans_failed: u64,
+    /// How long the last full scan took, until its copies were durable.
+    last_scan: Option<Duration>,
+    /// Rescans asked for (`fincryptctl watch rescan`), and the last of them
+    /// that a full scan ended after.
+    asked: u64,
+    answered: u64,
     bytes_read: u64,
     errors: BTreeMap<PathBuf, String>,
     skipped: BTreeMap<PathBuf, String>,
@@ -266,6 +273,10 @@ impl Folder {
             files,
             bytes,
             scans: 0,
+            scans_failed: 0,
+            last_scan: None,
+            asked: 0,
+            answered: 0,
             bytes_read: 0,
             errors: BTreeMap::new(),
             skipped: BTreeMap::new(),
@@ -275,7 +286,11 @@ impl Folder {
 
 /// Work the worker took for one folder.
 enum Job {
-    Full,
+    /// A full scan, answering the rescans asked up to this one (see
+    /// [`Watcher::rescan_now`]).
+    Full {
+        asked: u64,
+    },
     Dirs(Vec<PathBuf>),
 }
 
@@ -729,7 +744,7 @@ impl Watcher {
             for (name, f) in folders.iter_mut() {
                 let job = if f.full_at <= now {
                     f.pending.clear();
-                    Job::Full
+                    Job::Full { asked: f.asked }
                 } else {
                     let ready: Vec<PathBuf> = f
                         .pending
@@ -749,7 +764,7 @@ impl Watcher {
                     continue;
                 };
                 f.working = match &job {
-                    Job::Full => 1,
+                    Job::Full { .. } => 1,
                     Job::Dirs(d) => d.len() as u64,
                 };
                 jobs.push((name.clone(), f.entry.clone(), job, stamps));
@@ -761,9 +776,11 @@ impl Watcher {
             // The copies are made durable (blocks, then the metadata that
             // names them) before the stamps that say they are done: a crash
             // between the two reads a file again, never skips one.
+            let started = Instant::now();
             let result = self
                 .sync(&entry, &job, &mut stamps)
                 .and_then(|r| Ok(self.fs.sync_meta().map(|()| r)?));
+            let took = started.elapsed();
             let changed = stamps.take_changed();
             let saved = match &result {
                 Ok(_) => self.save_stamps(&name, changed),
@@ -799,15 +816,28 @@ impl Watcher {
                         .map(|(under, r)| (under.clone(), r.dirs_seen.clone()))
                         .collect();
                     self.follow(f, &seen);
-                    f.scans += u64::from(matches!(job, Job::Full));
                     f.last_backed_up = Some(unix_now());
-                    f.full_at = Instant::now()
-                        + match f.driver {
-                            Driver::Inotify => FULL_RESCAN,
-                            Driver::Rescans(_) => self.rescan,
+                    if let Job::Full { asked } = job {
+                        f.scans += 1;
+                        f.last_scan = Some(took);
+                        f.answered = asked;
+                        // A rescan asked while this one ran comes next.
+                        f.full_at = if f.asked > asked {
+                            Instant::now()
+                        } else {
+                            Instant::now()
+                                + match f.driver {
+                                    Driver::Inotify => FULL_RESCAN,
+                                    Driver::Rescans(_) => self.rescan,
+                                }
                         };
+                    }
                 }
                 Err(e) => {
+                    if let Job::Full { asked } = job {
+                        f.scans_failed += 1;
+                        f.answered = asked;
+                    }
                     // Tried again at the next full scan, sooner than a day.
                     f.full_at = Instant::now() + self.rescan;
                     first_error.get_or_insert(e.context(format!("backing up {name:?}")));
@@ -871,7 +901,7 @@ impl Watcher {
         let root = self.copy_dir(entry)?;
         let src = &entry.path;
         let dirs = match job {
-            Job::Full => vec![PathBuf::new()],
+            Job::Full { .. } => vec![PathBuf::new()],
             Job::Dirs(d) => d.clone(),
         };
         let mut out: Vec<(PathBuf, SyncReport)> = Vec::new();
@@ -976,6 +1006,31 @@ impl Watcher {
     }
 
     /// What `fincryptctl watch status` shows.
+    /// Makes a full scan of folder `name` (of every folder when none) due
+    /// now, as after a restart: every file's stamp is compared, and only
+    /// changed files are read. The folders' `rescan_pending` stays true until
+    /// a scan that started after this ask has ended.
+    pub fn rescan_now(&self, name: Option<&str>) -> Result<()> {
+        {
+            let mut folders = lock(&self.folders);
+            if let Some(n) = name
+                && !folders.contains_key(n)
+            {
+                anyhow::bail!(
+                    "no watched folder is named {n:?} (fincryptctl watch status lists them)"
+                );
+            }
+            for (k, f) in folders.iter_mut() {
+                if name.is_none_or(|n| n == k) {
+                    f.asked += 1;
+                    f.full_at = Instant::now();
+                }
+            }
+        }
+        self.wake();
+        Ok(())
+    }
+
     pub fn status(&self) -> Vec<WatchView> {
         let folders = lock(&self.folders);
         let problems = |m: &BTreeMap<PathBuf, String>| -> Vec<WatchProblem> {
@@ -1010,6 +1065,9 @@ impl Watcher {
                 last_backed_up: f.last_backed_up,
                 pending: f.pending.len() as u64 + f.working,
                 scans: f.scans,
+                scans_failed: f.scans_failed,
+                last_scan_seconds: f.last_scan.map(|d| d.as_secs_f64()),
+                rescan_pending: f.asked > f.answered,
                 bytes_read: f.bytes_read,
                 error_count: f.errors.len() as u64,
                 errors: problems(&f.errors),

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    COMMAND_DEADLINE, Mount, PASSPHRASE, ctl_ok, fincrypt, init_home, mount_opts, random_bytes,
-    run, set_config, set_xattr, text, wait_until,
+    COMMAND_DEADLINE, Mount, PASSPHRASE, ctl, ctl_ok, fincrypt, init_home, mount_opts,
+    random_bytes, run, set_config, set_xattr, text, wait_until,
 };
 use trees::{Tree, assert_same_tree, differences, tree, write_tree};
 
@@ -441,6 +441,27 @@ fn a_rescan_of_ten_thousand_unchanged_files_after_a_restart_reads_no_file() {
         &tree(&m.path().join("backups/many")),
         &tree(src.path()),
         "the copy",
+    );
+    // Asked to rescan, the running daemon compares every file again, reads
+    // none, and says when it is done.
+    let out = ctl_ok(m.home(), &["watch", "rescan", "many", "--json"]);
+    let done: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let w = &done[0]["folder"];
+    assert_eq!(w["name"], "many", "{out}");
+    assert_eq!(done[0]["bytes_read"], 0, "{out}");
+    assert_eq!(w["scans"], 2, "{out}");
+    assert_eq!(w["rescan_pending"], false, "{out}");
+    assert_eq!(w["files"], 10_000, "{out}");
+    assert!(w["last_scan_seconds"].as_f64().is_some(), "{out}");
+    let said = ctl_ok(m.home(), &["watch", "rescan"]);
+    assert!(said.starts_with("many: rescanned in "), "{said}");
+    assert_eq!(folder(m.home(), "many")["bytes_read"], 0);
+    let refused = ctl(m.home(), &["watch", "rescan", "nosuch"]);
+    assert!(
+        !refused.status.success()
+            && text(&refused.stderr).contains("no watched folder is named \"nosuch\""),
+        "{}",
+        text(&refused.stderr)
     );
     // And a change after it is read alone.
     std::fs::write(src.path().join("many/0/0/n0"), b"changed").unwrap();

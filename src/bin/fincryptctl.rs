@@ -111,6 +111,11 @@ enum WatchCommand {
     /// and backed up, changes pending, what could not be backed up (with
     /// paths), and whether inotify or rescans drive it.
     Status,
+    /// Rescans watched folder NAME (every folder without one) now and waits
+    /// until it is done: every file is compared with what was backed up,
+    /// and only files that changed are read. For changes made where inotify
+    /// cannot see them (another machine's writes on a network filesystem).
+    Rescan { name: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -536,6 +541,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             },
             |l| print_watch(l),
         )?,
+        Command::Watch {
+            command: WatchCommand::Rescan { name },
+            json,
+        } => {
+            let done = rescan(data, name)?;
+            if json {
+                let list: Vec<serde_json::Value> = done
+                    .iter()
+                    .map(|(w, read)| serde_json::json!({"folder": w, "bytes_read": read}))
+                    .collect();
+                println!("{}", serde_json::to_string(&list)?);
+            } else {
+                for (w, read) in &done {
+                    println!(
+                        "{}: rescanned in {:.3} s: {} files, {} bytes, {} bytes read",
+                        w.name,
+                        w.last_scan_seconds.unwrap_or(0.0),
+                        w.files,
+                        w.bytes,
+                        read
+                    );
+                }
+            }
+        }
         Command::Workers { json } => show(
             data,
             &Request::Workers,
@@ -568,6 +597,48 @@ fn show<T: serde::Serialize>(
     Ok(())
 }
 
+/// Asks the daemon to rescan folder `name` (every folder when none) and
+/// waits until it has: each folder rescanned, with the bytes the rescan read.
+fn rescan(data: &Path, name: Option<String>) -> Result<Vec<(control::WatchView, u64)>> {
+    let status = |request: &Request| {
+        control::call_for(data, request, None, |a| match a {
+            Answer::Watch(l) => Some(l),
+            _ => None,
+        })
+    };
+    let before = status(&Request::WatchRescan { name: name.clone() })?;
+    let wanted: Vec<&control::WatchView> = before
+        .iter()
+        .filter(|w| name.as_ref().is_none_or(|n| *n == w.name))
+        .collect();
+    loop {
+        let now = status(&Request::WatchStatus)?;
+        let done: Vec<(control::WatchView, u64)> = wanted
+            .iter()
+            .filter_map(|b| {
+                let w = now.iter().find(|w| w.name == b.name)?;
+                (!w.rescan_pending).then(|| (w.clone(), w.bytes_read.saturating_sub(b.bytes_read)))
+            })
+            .collect();
+        if done.len() == wanted.len() {
+            for (w, _) in &done {
+                let b = wanted.iter().find(|b| b.name == w.name);
+                if b.is_some_and(|b| w.scans_failed > b.scans_failed) {
+                    anyhow::bail!(
+                        "the rescan of {} failed: `fincryptctl workers` shows why",
+                        w.name
+                    );
+                }
+            }
+            return Ok(done);
+        }
+        if now.len() < wanted.len() {
+            anyhow::bail!("a folder stopped being watched during its rescan");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Watched folders for a person.
 fn print_watch(list: &[control::WatchView]) {
     if list.is_empty() {
@@ -592,6 +663,12 @@ fn print_watch(list: &[control::WatchView]) {
             ago(w.last_backed_up),
             w.pending
         );
+        if let Some(t) = w.last_scan_seconds {
+            println!(
+                "  {} full scans since start, the last in {t:.3} s; {} failed",
+                w.scans, w.scans_failed
+            );
+        }
         if w.driver == "inotify" {
             println!(
                 "  driven by inotify ({} directories watched)",
