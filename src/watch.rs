@@ -358,7 +358,14 @@ impl Watcher {
             };
             let (notifier, no_inotify) = match notify::Watcher::new(
                 handler,
-                notify::Config::default().with_follow_symlinks(false),
+                // No open or close-without-write events: the watcher's own
+                // reads (every directory a scan lists, every file a backup
+                // reads) would each wake it for nothing.
+                notify::Config::default()
+                    .with_follow_symlinks(false)
+                    .with_event_kinds(
+                        notify::EventKindMask::CORE | notify::EventKindMask::ACCESS_CLOSE,
+                    ),
             ) {
                 Ok(n) => (Some(n), None),
                 Err(e) => (None, Some(format!("inotify could not start ({e})"))),

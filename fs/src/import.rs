@@ -19,10 +19,10 @@
 //! The caller keeps the stamps across runs (and restarts): [`Stamps`] says
 //! which changed since it last asked.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::io::Read;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,11 +58,20 @@ impl Stamp {
 }
 
 /// Stamps of the files imported, by path relative to the source, with the
-/// paths whose stamp changed since [`Stamps::take_changed`].
+/// paths whose stamp changed since [`Stamps::take_changed`]; and stamps of
+/// the directories whose copy lists exactly their entries (see
+/// [`Stamps::from_kept`] for how the two are told apart when kept).
 #[derive(Clone, Debug, Default)]
 pub struct Stamps {
-    map: BTreeMap<PathBuf, Stamp>,
+    /// Hashed, not ordered: a rescan looks every file up, and ordered
+    /// paths compare component by component (a tenth of a rescan's time).
+    map: HashMap<PathBuf, Stamp>,
     changed: BTreeSet<PathBuf>,
+    /// A directory's stamp as it was when its copy was last made to hold
+    /// exactly its entries: while the stamp is the same, no entry was
+    /// added, removed or renamed, and the copy's listing need not be read.
+    dirs: HashMap<PathBuf, Stamp>,
+    changed_dirs: BTreeSet<PathBuf>,
     /// Sum of the sizes in `map`, kept as it changes.
     bytes: u64,
 }
@@ -72,14 +81,44 @@ impl Stamps {
         Stamps::default()
     }
 
-    /// Stamps as they were kept, none of them changed.
+    /// Stamps as they were kept (as [`Stamps::take_changed`] gave them),
+    /// none of them changed: a path whose bytes end in `/` is a
+    /// directory's (the folder itself is `/`), any other a file's.
     pub fn from_kept(kept: impl IntoIterator<Item = (PathBuf, Stamp)>) -> Stamps {
-        let map: BTreeMap<PathBuf, Stamp> = kept.into_iter().collect();
+        let mut map = HashMap::new();
+        let mut dirs = HashMap::new();
+        for (p, s) in kept {
+            match p.as_os_str().as_bytes().strip_suffix(b"/") {
+                Some(dir) => dirs.insert(PathBuf::from(OsStr::from_bytes(dir)), s),
+                None => map.insert(p, s),
+            };
+        }
         let bytes = map.values().map(|s| s.size).fold(0, u64::saturating_add);
         Stamps {
             map,
             changed: BTreeSet::new(),
+            dirs,
+            changed_dirs: BTreeSet::new(),
             bytes,
+        }
+    }
+
+    /// The stamp of directory `rel` when its copy last held exactly its
+    /// entries.
+    fn dir(&self, rel: &Path) -> Option<&Stamp> {
+        self.dirs.get(rel)
+    }
+
+    fn insert_dir(&mut self, rel: &Path, stamp: Stamp) {
+        if self.dirs.get(rel) != Some(&stamp) {
+            self.dirs.insert(rel.to_path_buf(), stamp);
+            self.changed_dirs.insert(rel.to_path_buf());
+        }
+    }
+
+    fn forget_dir(&mut self, rel: &Path) {
+        if self.dirs.remove(rel).is_some() {
+            self.changed_dirs.insert(rel.to_path_buf());
         }
     }
 
@@ -111,22 +150,26 @@ impl Stamps {
     }
 
     /// Forgets the stamp of `rel` (it is read again next time), kept
-    /// forgotten until [`Stamps::take_changed`].
+    /// forgotten until [`Stamps::take_changed`]; `rel` as that gives it (a
+    /// directory's with `/` after it).
     pub fn forget(&mut self, rel: &Path) {
+        if let Some(dir) = rel.as_os_str().as_bytes().strip_suffix(b"/") {
+            self.forget_dir(Path::new(OsStr::from_bytes(dir)));
+            return;
+        }
         if let Some(old) = self.map.remove(rel) {
             self.bytes = self.bytes.saturating_sub(old.size);
             self.changed.insert(rel.to_path_buf());
         }
     }
 
-    /// Forgets `rel` and every path under it (paths order by component,
-    /// so they follow it in one run).
+    /// Forgets `rel` and every path under it (a walk of every stamp: a
+    /// removed directory is rare beside a looked-up file).
     fn remove_under(&mut self, rel: &Path) {
         let doomed: Vec<PathBuf> = self
             .map
-            .range::<Path, _>((std::ops::Bound::Included(rel), std::ops::Bound::Unbounded))
-            .map(|(p, _)| p)
-            .take_while(|p| p.starts_with(rel))
+            .keys()
+            .filter(|p| p.starts_with(rel))
             .cloned()
             .collect();
         for p in doomed {
@@ -135,18 +178,34 @@ impl Stamps {
             }
             self.changed.insert(p);
         }
+        let doomed: Vec<PathBuf> = self
+            .dirs
+            .keys()
+            .filter(|p| p.starts_with(rel))
+            .cloned()
+            .collect();
+        for p in doomed {
+            self.forget_dir(&p);
+        }
     }
 
     /// The paths changed since the last call, each with its stamp now
-    /// (none: forgotten).
+    /// (none: forgotten); a directory's path with `/` after it.
     pub fn take_changed(&mut self) -> Vec<(PathBuf, Option<Stamp>)> {
-        std::mem::take(&mut self.changed)
+        let mut out: Vec<(PathBuf, Option<Stamp>)> = std::mem::take(&mut self.changed)
             .into_iter()
             .map(|p| {
                 let s = self.map.get(&p).copied();
                 (p, s)
             })
-            .collect()
+            .collect();
+        for p in std::mem::take(&mut self.changed_dirs) {
+            let s = self.dirs.get(&p).copied();
+            let mut key = p.into_os_string().into_vec();
+            key.push(b'/');
+            out.push((PathBuf::from(std::ffi::OsString::from_vec(key)), s));
+        }
+        out
     }
 }
 
@@ -164,6 +223,10 @@ pub struct SyncReport {
     pub unchanged: u64,
     /// Entries removed because the source no longer has them.
     pub removed: u64,
+    /// Directories whose copy was listed to compare it with the source:
+    /// those whose stamp changed since the copy last held exactly their
+    /// entries (the others cost their source listing alone).
+    pub listed: u64,
     /// Entries not backed up by design (sockets, FIFOs, devices), and why.
     pub skipped: Vec<(PathBuf, String)>,
     /// Entries that could not be backed up now (unreadable, always
@@ -238,13 +301,21 @@ pub fn sync_subdir(
     stamps: &mut Stamps,
     options: &SyncOptions<'_>,
 ) -> Result<SyncReport, FsError> {
+    // Normalised (no `//`, no `.`), so that the walk's paths compare with
+    // the excluded ones as bytes.
+    let src: PathBuf = src.components().collect();
+    let exclude: Vec<PathBuf> = options
+        .exclude
+        .iter()
+        .map(|e| e.components().collect())
+        .collect();
     // The readers of a batch run while the walk goes on: threads of this
     // scope, so that they may borrow; a return stops them (see `InFlight`).
     std::thread::scope(|scope| {
         let mut run = Run {
             fs,
-            src,
-            exclude: options.exclude,
+            src: &src,
+            exclude: &exclude,
             cancel: options.cancel,
             progress: options.progress,
             stamps,
@@ -253,8 +324,11 @@ pub fn sync_subdir(
             scope,
             links: HashMap::new(),
             report: SyncReport::default(),
+            started_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i128),
         };
-        run.dir(under, dst)?;
+        run.dir(under, dst, None)?;
         run.import()?;
         run.finish()?;
         // The directory itself: filling its copy changed its times, and the
@@ -288,7 +362,24 @@ struct Run<'a, 's> {
     /// their copy, once made in this run.
     links: HashMap<(u64, u64), u64>,
     report: SyncReport,
+    /// When the walk began, in nanoseconds since the epoch.
+    started_ns: i128,
 }
+
+/// What the copy has at an entry's name.
+#[derive(Clone, Copy)]
+enum Have {
+    /// As its directory's listing said: the node and its kind, if any.
+    Listed(Option<(u64, Kind)>),
+    /// Not listed: its directory's stamp says that the copy holds the same
+    /// names as the source (looked up if needed).
+    Unlisted,
+}
+
+/// A directory's stamp is kept only once its times are this much older than
+/// the walk that listed it: a change in the same tick of the filesystem's
+/// clock could leave them as they were.
+const DIR_STAMP_SETTLED_NS: i128 = 1_000_000_000;
 
 fn time(secs: i64, nanos: i64) -> Time {
     Time {
@@ -327,14 +418,22 @@ fn xattrs_of(
 }
 
 impl<'a, 's> Run<'a, 's> {
-    fn dir(&mut self, rel: &Path, dst: u64) -> Result<(), FsError> {
+    /// Makes the copy's directory `dst` hold what source directory `rel`
+    /// holds; `own` is the source directory's stamp if already read. Whether
+    /// the copy needed no change at all (the directory's attributes
+    /// included), so that they need not be set again.
+    fn dir(&mut self, rel: &Path, dst: u64, own: Option<Stamp>) -> Result<bool, FsError> {
         let path = self.src.join(rel);
         self.report.dirs_seen.push(rel.to_path_buf());
+        // Its stamp before it is listed: a change while it is listed
+        // changes the stamp, and the next walk lists the copy again.
+        let own = own.or_else(|| std::fs::symlink_metadata(&path).ok().map(|m| Stamp::of(&m)));
         let entries = match std::fs::read_dir(&path) {
             Ok(e) => e,
             Err(e) => {
                 self.report.errors.push((rel.to_path_buf(), io_errno(&e)));
-                return Ok(());
+                self.stamps.forget_dir(rel);
+                return Ok(false);
             }
         };
         let mut names: Vec<std::ffi::OsString> = Vec::new();
@@ -345,25 +444,59 @@ impl<'a, 's> Run<'a, 's> {
             }
         }
         names.sort();
-        // The copy's entries, listed once: an unchanged file then costs
-        // its lstat alone.
-        let mut have: HashMap<Vec<u8>, (u64, Kind)> = self
-            .children(dst)?
-            .into_iter()
-            .map(|(name, ino, kind)| (name, (ino, kind)))
-            .collect();
-        for name in &names {
-            let now = have.remove(name.as_bytes());
-            self.entry(&rel.join(name), name, dst, now)?;
-            if self.batch.full() {
-                self.import()?;
+        let unlisted = own.is_some() && self.stamps.dir(rel) == own.as_ref();
+        let mut clean = unlisted;
+        if unlisted {
+            // No entry added, removed or renamed since the copy last held
+            // exactly these: an unchanged file costs its lstat alone.
+            for name in &names {
+                clean &= !self.entry(&rel.join(name), name, dst, Have::Unlisted)?;
+                if self.batch.full() {
+                    self.import()?;
+                }
+            }
+        } else {
+            // The copy's entries, listed once.
+            self.report.listed += 1;
+            let mut have: HashMap<Vec<u8>, (u64, Kind)> = self
+                .children(dst)?
+                .into_iter()
+                .map(|(name, ino, kind)| (name, (ino, kind)))
+                .collect();
+            for name in &names {
+                let now = have.remove(name.as_bytes());
+                self.entry(&rel.join(name), name, dst, Have::Listed(now))?;
+                if self.batch.full() {
+                    self.import()?;
+                }
+            }
+            // What the source no longer has.
+            for name in have.into_keys() {
+                self.remove(dst, &name, &rel.join(OsStr::from_bytes(&name)))?;
             }
         }
-        // What the source no longer has.
-        for name in have.into_keys() {
-            self.remove(dst, &name, &rel.join(OsStr::from_bytes(&name)))?;
+        match own {
+            Some(s)
+                if s.mtime_ns < self.started_ns - DIR_STAMP_SETTLED_NS
+                    && s.ctime_ns < self.started_ns - DIR_STAMP_SETTLED_NS =>
+            {
+                self.stamps.insert_dir(rel, s)
+            }
+            _ => self.stamps.forget_dir(rel),
         }
-        Ok(())
+        Ok(clean)
+    }
+
+    /// What the copy has at `name` in `dst`.
+    fn resolve(&self, dst: u64, name: &[u8], have: Have) -> Result<Option<(u64, Kind)>, FsError> {
+        match have {
+            Have::Listed(h) => Ok(h),
+            Have::Unlisted => match self.fs.lookup(dst, name) {
+                Ok(a) => Ok(Some((a.ino, a.kind))),
+                Err(FsError::Errno(libc::ENOENT)) => Ok(None),
+                Err(e) => Err(e),
+            },
+        }
     }
 
     fn children(&self, ino: u64) -> Result<Vec<(Vec<u8>, u64, Kind)>, FsError> {
@@ -440,35 +573,38 @@ impl<'a, 's> Run<'a, 's> {
     }
 
     /// Copies source entry `rel` as `name` into `dst`, where `have` is
-    /// what the copy has at that name now.
-    fn entry(
-        &mut self,
-        rel: &Path,
-        name: &OsStr,
-        dst: u64,
-        have: Option<(u64, Kind)>,
-    ) -> Result<(), FsError> {
+    /// what the copy has at that name now. Whether the copy of `dst` changed
+    /// for it (an entry made, replaced or removed, or a file's content to be
+    /// read).
+    fn entry(&mut self, rel: &Path, name: &OsStr, dst: u64, have: Have) -> Result<bool, FsError> {
         if cancelled(self.cancel) {
             return Err(FsError::Errno(libc::ECANCELED));
         }
         let path = self.src.join(rel);
         let name_bytes = name.as_bytes();
-        if self.exclude.contains(&path) {
+        // (Compared as bytes: both sides are normalised, and comparing
+        // paths component by component costs more than the lstat.)
+        if self
+            .exclude
+            .iter()
+            .any(|e| e.as_os_str().as_bytes() == path.as_os_str().as_bytes())
+        {
             // As if it were not there: a copy made before it was excluded goes.
-            if have.is_some() {
+            let had = self.resolve(dst, name_bytes, have)?.is_some();
+            if had {
                 self.remove(dst, name_bytes, rel)?;
             }
             self.report.skipped.push((
                 rel.to_path_buf(),
                 "Fincrypt's own data (its home or mount) is not backed up".into(),
             ));
-            return Ok(());
+            return Ok(had);
         }
         let m = match std::fs::symlink_metadata(&path) {
             Ok(m) => m,
             Err(e) => {
                 self.report.errors.push((rel.to_path_buf(), io_errno(&e)));
-                return Ok(());
+                return Ok(false);
             }
         };
         let t = m.file_type();
@@ -477,34 +613,41 @@ impl<'a, 's> Run<'a, 's> {
             gid: m.gid(),
         };
         if t.is_dir() {
-            let ino = match have {
-                Some((ino, Kind::Dir)) => ino,
+            let (ino, made) = match self.resolve(dst, name_bytes, have)? {
+                Some((ino, Kind::Dir)) => (ino, false),
                 other => {
                     if other.is_some() {
                         self.remove(dst, name_bytes, rel)?;
                     }
-                    self.fs
+                    let ino = self
+                        .fs
                         .mknod(dst, name_bytes, Kind::Dir, 0o700, 0, None, owner)?
-                        .ino
+                        .ino;
+                    (ino, true)
                 }
             };
-            self.dir(rel, ino)?;
+            let clean = self.dir(rel, ino, Some(Stamp::of(&m)))?;
             // After its files are named: naming them changes its times.
-            if self.batch.files.is_empty() && self.in_flight.is_none() {
-                self.dir_attrs(rel, ino, &m)?;
-            } else {
-                self.batch.dirs.push((rel.to_path_buf(), ino, m));
+            // (Nothing to do when neither it nor its copy changed.)
+            if !clean {
+                if self.batch.files.is_empty() && self.in_flight.is_none() {
+                    self.dir_attrs(rel, ino, &m)?;
+                } else {
+                    self.batch.dirs.push((rel.to_path_buf(), ino, m));
+                }
             }
             self.report.dirs += 1;
+            Ok(made)
         } else if t.is_symlink() {
             let target = match std::fs::read_link(&path) {
                 Ok(t) => t,
                 Err(e) => {
                     self.report.errors.push((rel.to_path_buf(), io_errno(&e)));
-                    return Ok(());
+                    return Ok(false);
                 }
             };
             let target = target.as_os_str().as_bytes();
+            let have = self.resolve(dst, name_bytes, have)?;
             let same = match have {
                 Some((ino, Kind::Symlink)) => self.fs.readlink(ino)? == target,
                 _ => false,
@@ -530,9 +673,11 @@ impl<'a, 's> Run<'a, 's> {
             };
             self.same_attrs(ino, &m, false)?;
             self.report.symlinks += 1;
+            Ok(!same)
         } else if t.is_file() {
-            self.file(rel, name_bytes, dst, &m, have)?;
+            let changed = self.file(rel, name_bytes, dst, &m, have)?;
             self.report.files += 1;
+            Ok(changed)
         } else {
             let what = if t.is_socket() {
                 "a socket"
@@ -544,26 +689,29 @@ impl<'a, 's> Run<'a, 's> {
             self.report
                 .skipped
                 .push((rel.to_path_buf(), format!("{what} is not backed up")));
+            Ok(false)
         }
-        Ok(())
     }
 
     /// Copies regular file `rel`: at once when it has other names (so
-    /// that they can link to its copy), else in the batch.
+    /// that they can link to its copy), else in the batch. Whether the copy
+    /// changed (see [`Run::entry`]).
     fn file(
         &mut self,
         rel: &Path,
         name: &[u8],
         dst: u64,
         m: &std::fs::Metadata,
-        have: Option<(u64, Kind)>,
-    ) -> Result<(), FsError> {
+        have: Have,
+    ) -> Result<bool, FsError> {
         let key = (m.dev(), m.ino());
         // A second name of a file already copied in this run: a link to it.
         if m.nlink() > 1
             && let Some(&ino) = self.links.get(&key)
         {
-            if have.map(|(i, _)| i) != Some(ino) {
+            let have = self.resolve(dst, name, have)?;
+            let relinked = have.map(|(i, _)| i) != Some(ino);
+            if relinked {
                 if have.is_some() {
                     self.remove(dst, name, rel)?;
                 }
@@ -571,16 +719,24 @@ impl<'a, 's> Run<'a, 's> {
             }
             self.stamps.insert(rel, Stamp::of(m));
             self.report.unchanged += 1;
-            return Ok(());
+            return Ok(relinked);
         }
+        let stamped = self.stamps.get(rel) == Some(&Stamp::of(m));
+        if stamped && m.nlink() == 1 && matches!(have, Have::Unlisted) {
+            // Its directory's stamp vouches that the copy has it, and its
+            // own that the copy is of this content.
+            self.report.unchanged += 1;
+            return Ok(false);
+        }
+        let have = self.resolve(dst, name, have)?;
         if let Some((ino, Kind::File)) = have
-            && self.stamps.get(rel) == Some(&Stamp::of(m))
+            && stamped
         {
             if m.nlink() > 1 {
                 self.links.insert(key, ino);
             }
             self.report.unchanged += 1;
-            return Ok(());
+            return Ok(false);
         }
         if let Some((_, kind)) = have
             && kind != Kind::File
@@ -600,7 +756,7 @@ impl<'a, 's> Run<'a, 's> {
             self.import()?;
             self.finish()?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Names the batch in flight, if any, and starts reading this one

@@ -378,3 +378,118 @@ fn gc_running_all_through_a_sync_sweeps_no_block_of_a_file_being_imported() {
     fincrypt_fs::snapshot::gc(&fs, &volume).unwrap();
     same_tree(&fs, &src, 1);
 }
+
+/// Waits until every directory under `root` has times over a second old:
+/// only then does a walk keep a directory's stamp (a change within one tick
+/// of the filesystem's clock could leave its times as they were).
+fn wait_until_dirs_settled(root: &Path) {
+    fn newest(dir: &Path) -> i128 {
+        let m = std::fs::symlink_metadata(dir).unwrap();
+        let mut t = (i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()))
+            .max(i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()));
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                t = t.max(newest(&e.path()));
+            }
+        }
+        t
+    }
+    let settled = newest(root) + 1_100_000_000;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128)
+        < settled
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clock stands still"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_directory_whose_stamp_is_unchanged_is_not_listed_again_and_every_change_is_still_seen() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    for i in 0..50 {
+        write(&src.join(format!("d1/f{i}")), 5000 + i, i as u8);
+    }
+    for i in 0..5 {
+        write(&src.join(format!("d1/sub/g{i}")), 6000, i as u8);
+        write(&src.join(format!("d2/h{i}")), 7000, i as u8);
+    }
+    std::fs::hard_link(src.join("d2/h1"), src.join("d1/link")).unwrap();
+    std::os::unix::fs::symlink("h0", src.join("d2/sym")).unwrap();
+    let fs = fossil(work.path());
+    let dst = fs
+        .mknod(1, b"backup", Kind::Dir, 0o755, 0, None, WHO)
+        .unwrap()
+        .ino;
+    let mut stamps = Stamps::new();
+    let sync = |stamps: &mut Stamps| {
+        let r = sync_dir(&fs, &src, dst, stamps).unwrap();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        same_tree(&fs, &src, dst);
+        r
+    };
+    sync(&mut stamps);
+    // Listed again until their times are settled; then kept, and an
+    // unchanged tree reads no listing of the copy and no file.
+    wait_until_dirs_settled(&src);
+    assert_eq!(sync(&mut stamps).listed, 4);
+    let quiet = sync(&mut stamps);
+    assert_eq!((quiet.listed, quiet.bytes_read), (0, 0));
+    assert_eq!(quiet.unchanged, 61);
+    // The stamps as a daemon keeps them between runs do the same.
+    let mut kept = Stamps::from_kept(
+        stamps
+            .clone()
+            .take_changed()
+            .into_iter()
+            .filter_map(|(p, s)| Some((p, s?))),
+    );
+    let _ = stamps.take_changed();
+    let restarted = sync(&mut kept);
+    assert_eq!((restarted.listed, restarted.bytes_read), (0, 0));
+
+    // A file edited in place changes no directory: it alone is read.
+    let before = std::fs::metadata(src.join("d1/f3")).unwrap();
+    write(&src.join("d1/f3"), 5003, 99);
+    wait_until_changed(
+        &src.join("d1/f3"),
+        i128::from(before.mtime()) * 1_000_000_000 + i128::from(before.mtime_nsec()),
+    );
+    let edited = sync(&mut stamps);
+    assert_eq!((edited.listed, edited.bytes_read), (0, 5003));
+    // Entries made, removed and renamed, a mode, a symlink's target and a
+    // new hard link: each lists the directories it changed, and the copy
+    // follows.
+    write(&src.join("d1/sub/new"), 10, 1);
+    assert!(sync(&mut stamps).listed >= 1);
+    std::fs::remove_file(src.join("d2/h3")).unwrap();
+    sync(&mut stamps);
+    std::fs::rename(src.join("d1/f4"), src.join("d1/f4b")).unwrap();
+    sync(&mut stamps);
+    std::fs::set_permissions(src.join("d2"), std::fs::Permissions::from_mode(0o711)).unwrap();
+    sync(&mut stamps);
+    std::fs::remove_file(src.join("d2/sym")).unwrap();
+    std::os::unix::fs::symlink("h2", src.join("d2/sym")).unwrap();
+    sync(&mut stamps);
+    std::fs::hard_link(src.join("d1/f5"), src.join("d2/f5-too")).unwrap();
+    sync(&mut stamps);
+    let (a, b) = (
+        fs.lookup(fs.lookup(dst, b"d1").unwrap().ino, b"f5")
+            .unwrap(),
+        fs.lookup(fs.lookup(dst, b"d2").unwrap().ino, b"f5-too")
+            .unwrap(),
+    );
+    assert_eq!((a.ino, a.nlink), (b.ino, 2));
+    // Settled again, nothing is listed.
+    wait_until_dirs_settled(&src);
+    sync(&mut stamps);
+    assert_eq!(sync(&mut stamps).listed, 0);
+}
