@@ -24,6 +24,16 @@ fn fossil(dir: &Path) -> Fossil {
     Fossil::new(meta, store, keys, TreeParams::default(), dir.to_path_buf()).unwrap()
 }
 
+/// A filesystem in `dir` and its directory `backup`, where tests copy to.
+fn fossil_with_backup(dir: &Path) -> (Fossil, u64) {
+    let fs = fossil(dir);
+    let dst = fs
+        .mknod(1, b"backup", Kind::Dir, 0o755, 0, None, WHO)
+        .unwrap()
+        .ino;
+    (fs, dst)
+}
+
 /// Checks that directory `ino` of `fs` holds what `src` holds: names,
 /// kinds, contents, modes, owners, mtimes and symlink targets (FIFOs and
 /// the like are left out by design).
@@ -137,11 +147,7 @@ fn a_tree_is_copied_then_kept_up_to_date_reading_only_what_changed() {
     )
     .unwrap();
 
-    let fs = fossil(work.path());
-    let dst = fs
-        .mknod(1, b"backup", Kind::Dir, 0o755, 0, None, WHO)
-        .unwrap()
-        .ino;
+    let (fs, dst) = fossil_with_backup(work.path());
     let mut stamps = Stamps::new();
     let first = sync_dir(&fs, &src, dst, &mut stamps).unwrap();
     assert!(first.errors.is_empty(), "{:?}", first.errors);
@@ -224,11 +230,7 @@ fn a_file_that_keeps_changing_while_it_is_read_is_reported_and_its_previous_vers
     let src = work.path().join("src");
     write(&src.join("busy"), 16 << 20, 1);
     write(&src.join("calm"), 1000, 2);
-    let fs = fossil(work.path());
-    let dst = fs
-        .mknod(1, b"backup", Kind::Dir, 0o755, 0, None, WHO)
-        .unwrap()
-        .ino;
+    let (fs, dst) = fossil_with_backup(work.path());
     let mut stamps = Stamps::new();
     let first = sync_dir(&fs, &src, dst, &mut stamps).unwrap();
     assert!(first.errors.is_empty(), "{:?}", first.errors);
@@ -424,11 +426,7 @@ fn a_directory_whose_stamp_is_unchanged_is_not_listed_again_and_every_change_is_
     }
     std::fs::hard_link(src.join("d2/h1"), src.join("d1/link")).unwrap();
     std::os::unix::fs::symlink("h0", src.join("d2/sym")).unwrap();
-    let fs = fossil(work.path());
-    let dst = fs
-        .mknod(1, b"backup", Kind::Dir, 0o755, 0, None, WHO)
-        .unwrap()
-        .ino;
+    let (fs, dst) = fossil_with_backup(work.path());
     let mut stamps = Stamps::new();
     let sync = |stamps: &mut Stamps| {
         let r = sync_dir(&fs, &src, dst, stamps).unwrap();

@@ -526,16 +526,24 @@ impl Audits {
 
     /// Holders silent now, and since when.
     fn silent(&self) -> Result<HashMap<PeerId, Silence>, MarketError> {
+        self.by_holder(SILENT, "a silence row")
+    }
+
+    /// Every row of a table of holders (PeerId bytes -> postcard `T`).
+    fn by_holder<T: for<'a> Deserialize<'a>>(
+        &self,
+        table: TableDefinition<&[u8], &[u8]>,
+        what: &str,
+    ) -> Result<HashMap<PeerId, T>, MarketError> {
         let txn = self.db.begin_read()?;
         let mut out = HashMap::new();
-        for row in txn.open_table(SILENT)?.iter()? {
+        for row in txn.open_table(table)?.iter()? {
             let (k, v) = row?;
             let peer = PeerId::from_bytes(k.value())
-                .map_err(|e| MarketError::Store(format!("a damaged silence row: {e}")))?;
+                .map_err(|e| MarketError::Store(format!("{what} is damaged: {e}")))?;
             out.insert(
                 peer,
-                decode(v.value(), "a silence row")
-                    .map_err(|e| MarketError::Store(e.to_string()))?,
+                decode(v.value(), what).map_err(|e| MarketError::Store(e.to_string()))?,
             );
         }
         Ok(out)
@@ -554,18 +562,7 @@ impl Audits {
     }
 
     fn all(&self) -> Result<HashMap<PeerId, AuditScore>, MarketError> {
-        let txn = self.db.begin_read()?;
-        let mut out = HashMap::new();
-        for row in txn.open_table(AUDITS)?.iter()? {
-            let (k, v) = row?;
-            let peer = PeerId::from_bytes(k.value())
-                .map_err(|e| MarketError::Store(format!("a damaged audit row: {e}")))?;
-            out.insert(
-                peer,
-                decode(v.value(), "an audit row").map_err(|e| MarketError::Store(e.to_string()))?,
-            );
-        }
-        Ok(out)
+        self.by_holder(AUDITS, "an audit row")
     }
 }
 
