@@ -19,7 +19,7 @@
 //! The caller keeps the stamps across runs (and restarts): [`Stamps`] says
 //! which changed since it last asked.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -66,12 +66,12 @@ pub struct Stamps {
     /// Hashed, not ordered: a rescan looks every file up, and ordered
     /// paths compare component by component (a tenth of a rescan's time).
     map: HashMap<PathBuf, Stamp>,
-    changed: BTreeSet<PathBuf>,
+    changed: HashSet<PathBuf>,
     /// A directory's stamp as it was when its copy was last made to hold
     /// exactly its entries: while the stamp is the same, no entry was
     /// added, removed or renamed, and the copy's listing need not be read.
     dirs: HashMap<PathBuf, Stamp>,
-    changed_dirs: BTreeSet<PathBuf>,
+    changed_dirs: HashSet<PathBuf>,
     /// Sum of the sizes in `map`, kept as it changes.
     bytes: u64,
 }
@@ -96,9 +96,9 @@ impl Stamps {
         let bytes = map.values().map(|s| s.size).fold(0, u64::saturating_add);
         Stamps {
             map,
-            changed: BTreeSet::new(),
+            changed: HashSet::new(),
             dirs,
-            changed_dirs: BTreeSet::new(),
+            changed_dirs: HashSet::new(),
             bytes,
         }
     }
