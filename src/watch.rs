@@ -979,35 +979,52 @@ impl Watcher {
             if f.driver != Driver::Inotify {
                 continue;
             }
-            for p in now {
-                if f.watched.contains(&p) {
-                    continue;
-                }
-                match n.watch(&p, notify::RecursiveMode::NonRecursive) {
+            // One round trip to notify's thread for them all: one each took
+            // as long as the rest of the first scan after a restart.
+            let mut todo: Vec<notify::PathOp> = now
+                .into_iter()
+                .filter(|p| !f.watched.contains(p))
+                .map(notify::PathOp::watch_non_recursive)
+                .collect();
+            while !todo.is_empty() {
+                let ops = std::mem::take(&mut todo);
+                let paths: Vec<PathBuf> = ops.iter().map(|o| o.as_path().to_path_buf()).collect();
+                let e = match n.update_paths(ops) {
                     Ok(()) => {
-                        f.watched.insert(p);
-                    }
-                    Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
-                        let why = format!(
-                            "inotify watches ran out after {} directories \
-                             (fs.inotify.max_user_watches)",
-                            f.watched.len()
-                        );
-                        tracing::warn!(folder = %f.entry.name, "{why}: rescanning every {} s instead", self.rescan.as_secs());
-                        f.driver = Driver::Rescans(why);
-                        f.full_at = Instant::now() + self.rescan;
+                        f.watched.extend(paths);
                         break;
                     }
-                    Err(e) => {
-                        // Gone since it was walked: its parent is looked at again.
-                        tracing::debug!(path = %p.display(), error = %e, "no watch");
-                        let rel = p.strip_prefix(&f.entry.path).unwrap_or(Path::new(""));
-                        f.pending.insert(
-                            rel.parent().unwrap_or(Path::new("")).to_path_buf(),
-                            Instant::now(),
-                        );
-                    }
+                    Err(e) => e,
+                };
+                // Those before the one that failed were applied.
+                let failed = e.origin.as_ref().map(|o| o.as_path().to_path_buf());
+                let applied = paths
+                    .len()
+                    .saturating_sub(e.remaining.len() + usize::from(failed.is_some()));
+                f.watched.extend(paths.into_iter().take(applied));
+                let Some(p) = failed else {
+                    tracing::warn!(folder = %f.entry.name, error = %e.source, "inotify watches could not be added; the next full scan tries again");
+                    break;
+                };
+                if matches!(e.source.kind, notify::ErrorKind::MaxFilesWatch) {
+                    let why = format!(
+                        "inotify watches ran out after {} directories \
+                         (fs.inotify.max_user_watches)",
+                        f.watched.len()
+                    );
+                    tracing::warn!(folder = %f.entry.name, "{why}: rescanning every {} s instead", self.rescan.as_secs());
+                    f.driver = Driver::Rescans(why);
+                    f.full_at = Instant::now() + self.rescan;
+                    break;
                 }
+                // Gone since it was walked: its parent is looked at again.
+                tracing::debug!(path = %p.display(), error = %e.source, "no watch");
+                let rel = p.strip_prefix(&f.entry.path).unwrap_or(Path::new(""));
+                f.pending.insert(
+                    rel.parent().unwrap_or(Path::new("")).to_path_buf(),
+                    Instant::now(),
+                );
+                todo = e.remaining;
             }
         }
     }
