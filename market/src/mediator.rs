@@ -101,8 +101,9 @@ const PROOF_WAIT: Duration = Duration::from_secs(30);
 const PROBE_WAIT: Duration = Duration::from_secs(10);
 /// Challenges sent at once.
 const PARALLEL_PROOFS: usize = 16;
-/// Audits in a row a holder must leave unanswered, besides the time, before
-/// the mediator takes it for gone: one lost answer is not an absence.
+/// Rounds of audits in a row a holder must leave unanswered, besides the
+/// time, before the mediator takes it for gone: one lost answer is not an
+/// absence.
 const SILENT_AUDITS: u32 = 3;
 /// Seconds a `sendmany` may still be running after its intent was recorded.
 const IN_FLIGHT: u64 = 600;
@@ -264,7 +265,11 @@ pub struct AuditScore {
 pub struct Silence {
     pub since: u64,
     pub last: u64,
+    /// Rounds of audits ([`Mediator::tick`]) it answered none of: a round
+    /// that asks it for several clients counts once.
     pub unanswered: u32,
+    /// The last round counted.
+    pub round: u64,
 }
 
 impl Silence {
@@ -373,7 +378,7 @@ impl Rules {
         }
         if let Some(s) = gone {
             return Some(format!(
-                "it has answered none of the mediator's last {} audits, since {}",
+                "it has answered none of the mediator's last {} rounds of audits, since {}",
                 s.unanswered, s.since
             ));
         }
@@ -451,6 +456,8 @@ fn peer_of(bytes: &[u8], what: &str) -> Result<PeerId, MarketError> {
 /// Audit scores, kept with the clients.
 struct Audits {
     db: Arc<Database>,
+    /// Unix seconds of the latest audit any holder answered (0 since start).
+    last_answer: std::sync::atomic::AtomicU64,
 }
 
 impl Audits {
@@ -488,15 +495,29 @@ impl Audits {
     /// Notes which holders answered an audit at `at` (a proof, right or
     /// wrong) and which did not: a holder's silence lasts from its first
     /// unanswered audit until its next answer.
-    fn heard(&self, answers: &[(PeerId, bool)], at: u64) -> Result<(), MarketError> {
+    ///
+    /// `round` is the round of audits (one a tick, for every client), and a
+    /// silence with no audit for over `gap` seconds (the mediator was
+    /// stopped) starts again rather than lasting through it.
+    fn heard(
+        &self,
+        answers: &[(PeerId, bool)],
+        at: u64,
+        round: u64,
+        gap: u64,
+    ) -> Result<(), MarketError> {
         if answers.is_empty() {
             return Ok(());
         }
-        // A holder asked twice in one round (once per client) counts as
-        // answering if it answered once.
+        // A holder asked twice in one call counts as answering if it
+        // answered once.
         let mut by_holder: HashMap<PeerId, bool> = HashMap::new();
         for (holder, answered) in answers {
             *by_holder.entry(*holder).or_default() |= *answered;
+        }
+        if by_holder.values().any(|a| *a) {
+            self.last_answer
+                .fetch_max(at, std::sync::atomic::Ordering::Relaxed);
         }
         let txn = self.db.begin_write()?;
         {
@@ -507,16 +528,27 @@ impl Audits {
                     t.remove(key.as_slice())?;
                     continue;
                 }
-                let mut s: Silence = match t.get(key.as_slice())? {
-                    Some(v) => decode(v.value(), "a silence row")
-                        .map_err(|e| MarketError::Store(e.to_string()))?,
-                    None => Silence {
+                let kept: Option<Silence> = t
+                    .get(key.as_slice())?
+                    .map(|v| {
+                        decode(v.value(), "a silence row")
+                            .map_err(|e| MarketError::Store(e.to_string()))
+                    })
+                    .transpose()?;
+                let s = match kept {
+                    Some(s) if at.saturating_sub(s.last) <= gap => Silence {
+                        last: s.last.max(at),
+                        unanswered: s.unanswered.saturating_add(u32::from(s.round != round)),
+                        round,
+                        ..s
+                    },
+                    _ => Silence {
                         since: at,
-                        ..Silence::default()
+                        last: at,
+                        unanswered: 1,
+                        round,
                     },
                 };
-                s.last = s.last.max(at);
-                s.unanswered = s.unanswered.saturating_add(1);
                 t.insert(key.as_slice(), encode(&s)?.as_slice())?;
             }
         }
@@ -571,6 +603,10 @@ impl Audits {
 struct Audit<'a> {
     client: &'a Client,
     audits: &'a Audits,
+    /// This round of audits, and the longest time between two audits of
+    /// one silence (see [`Audits::heard`]).
+    round: u64,
+    gap: u64,
 }
 
 impl Custody for Audit<'_> {
@@ -617,7 +653,7 @@ impl Custody for Audit<'_> {
                 .iter()
                 .map(|o| (o.peer, o.result != ProofResult::NoAnswer))
                 .collect();
-            self.audits.heard(&answered, now())?;
+            self.audits.heard(&answered, now(), self.round, self.gap)?;
             for o in outcomes.iter().filter(|o| o.result == ProofResult::Wrong) {
                 warn!(holder = %o.peer, block = %o.score, "a holder failed an audit");
             }
@@ -692,6 +728,8 @@ pub struct Mediator<P: Payments + 'static> {
     joining: Mutex<(Option<Instant>, u32)>,
     /// The last settlement's outcome, in words.
     last_settlement: std::sync::Mutex<String>,
+    /// Rounds of audits since start.
+    round: std::sync::atomic::AtomicU64,
 }
 
 impl<P: Payments + 'static> Mediator<P> {
@@ -721,7 +759,10 @@ impl<P: Payments + 'static> Mediator<P> {
         txn.commit()?;
         let db = Arc::new(db);
         Ok(Mediator {
-            audits: Arc::new(Audits { db: db.clone() }),
+            audits: Arc::new(Audits {
+                db: db.clone(),
+                last_answer: std::sync::atomic::AtomicU64::new(0),
+            }),
             db,
             ledger: Arc::new(Ledger::open(ledger)?),
             wallet: Arc::new(wallet),
@@ -734,6 +775,7 @@ impl<P: Payments + 'static> Mediator<P> {
             escrows: std::sync::Mutex::new(HashMap::new()),
             joining: Mutex::new((None, 0)),
             last_settlement: std::sync::Mutex::new(String::new()),
+            round: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -1153,9 +1195,18 @@ impl<P: Payments + 'static> Mediator<P> {
     /// holders. Returns the audits made.
     pub async fn tick(&self) -> Result<u64, MarketError> {
         let client = self.node()?;
+        let round = self
+            .round
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         let custody = Audit {
             client,
             audits: &self.audits,
+            round,
+            // (A round may wait on unanswered challenges.)
+            gap: self
+                .silence_limit()
+                .max(2 * (PROOF_WAIT.as_secs() + self.settings.tick().as_secs() + 1)),
         };
         // What each client's escrow can still pay: deposits, less paid and
         // fees. A client whose deposits cannot be read is paid for next time.
@@ -1293,10 +1344,14 @@ impl<P: Payments + 'static> Mediator<P> {
             .saturating_mul(self.settings.period.max(1))
     }
 
-    /// Ends every client's contract with a holder gone silent, and probes
-    /// those holders: one that answers again may get new blocks (its ended
-    /// contracts stay ended). How many contracts ended.
+    /// Ends every client's contract with a holder gone silent. Each such
+    /// holder is probed first: one that answers is not gone after all (and
+    /// one whose contracts ended may get new blocks again; they stay ended).
+    /// Nothing ends while no holder at all has answered for as long: the
+    /// mediator's own network is then the likelier fault. How many
+    /// contracts ended.
     async fn end_silent(&self, rows: &[(PeerId, ClientRow)]) -> Result<u64, MarketError> {
+        use futures::StreamExt;
         let limit = self.silence_limit();
         let gone: Vec<(PeerId, Silence)> = self
             .audits
@@ -1307,29 +1362,68 @@ impl<P: Payments + 'static> Mediator<P> {
         if gone.is_empty() {
             return Ok(0);
         }
+        let node = self.node()?;
+        let probed: Vec<(PeerId, Silence, bool)> =
+            futures::stream::iter(gone.into_iter().map(|(holder, s)| async move {
+                let back = matches!(
+                    tokio::time::timeout(PROBE_WAIT, node.probe(holder)).await,
+                    Ok(Ok(_))
+                );
+                (holder, s, back)
+            }))
+            .buffer_unordered(PARALLEL_PROOFS)
+            .collect()
+            .await;
+        let mut still = Vec::new();
+        for (holder, s, back) in probed {
+            if back {
+                info!(%holder, "a holder taken for gone answers again: it may get new blocks");
+                self.audits.heard(&[(holder, true)], now(), 0, 0)?;
+            } else {
+                still.push((holder, s));
+            }
+        }
         let t = now();
+        if still.is_empty() {
+            return Ok(0);
+        }
+        let heard_last = self
+            .audits
+            .last_answer
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if heard_last.saturating_add(limit) < t {
+            warn!(
+                holders = still.len(),
+                "no holder answered any audit for {limit} s: the mediator's own network is the \
+                 likelier fault, so no contract ends"
+            );
+            return Ok(0);
+        }
         let mut ended = 0;
         for (client, row) in rows {
             if row.consent.is_none() {
                 continue;
             }
-            let market = self.market_for(client)?;
-            for (holder, s) in &gone {
+            let market = match self.market_for(client) {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(%client, error = %e, "a client's market cannot open");
+                    continue;
+                }
+            };
+            for (holder, s) in &still {
                 let why = format!(
-                    "no answer to {} audits in a row, since {}",
+                    "no answer to {} rounds of audits, since {}",
                     s.unanswered, s.since
                 );
-                if market.end_contract_of(holder, t, &why)? {
-                    warn!(%client, %holder, silent_since = s.since, "a holder answered no audit for {limit} s: its contract ends and its blocks move");
-                    ended += 1;
+                match market.end_contract_of(holder, t, &why) {
+                    Ok(true) => {
+                        warn!(%client, %holder, silent_since = s.since, "a holder answered no audit for {limit} s: its contract ends and its blocks move");
+                        ended += 1;
+                    }
+                    Ok(false) => {}
+                    Err(e) => warn!(%client, %holder, error = %e, "cannot end a contract"),
                 }
-            }
-        }
-        let node = self.node()?;
-        for (holder, _) in &gone {
-            if let Ok(Ok(_)) = tokio::time::timeout(PROBE_WAIT, node.probe(*holder)).await {
-                info!(%holder, "a holder taken for gone answers again: it may get new blocks");
-                self.audits.heard(&[(*holder, true)], now())?;
             }
         }
         Ok(ended)
@@ -1593,7 +1687,7 @@ impl<P: Payments + 'static> Mediator<P> {
                 && gone.is_none()
             {
                 state.push(format!(
-                    "answered none of the last {} audits, since {}",
+                    "answered none of the last {} rounds of audits, since {}",
                     s.unanswered, s.since
                 ));
             }
@@ -1663,35 +1757,54 @@ mod tests {
     }
 
     #[test]
-    fn a_holder_is_gone_after_audits_left_unanswered_for_the_limit_until_it_answers() {
+    fn a_holder_is_gone_after_rounds_of_audits_left_unanswered_for_the_limit_until_it_answers() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::create(dir.path().join("m.redb")).unwrap();
         let txn = db.begin_write().unwrap();
         txn.open_table(SILENT).unwrap();
         txn.commit().unwrap();
-        let audits = Audits { db: Arc::new(db) };
-        let (a, b) = (PeerId::random(), PeerId::random());
-        // a is silent from 100; b answers once of its two asks in a round.
+        let audits = Audits {
+            db: Arc::new(db),
+            last_answer: std::sync::atomic::AtomicU64::new(0),
+        };
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        const GAP: u64 = 50;
+        // a is silent from 100; b answers one of its two asks in a round.
         audits
-            .heard(&[(a, false), (b, false), (b, true)], 100)
+            .heard(&[(a, false), (b, false), (b, true)], 100, 1, GAP)
             .unwrap();
         assert!(!audits.silent().unwrap().contains_key(&b));
-        for t in [110, 120] {
-            audits.heard(&[(a, false)], t).unwrap();
+        assert_eq!(
+            audits
+                .last_answer
+                .load(std::sync::atomic::Ordering::Relaxed),
+            100
+        );
+        // Asked again in the same round (for another client): counted once.
+        audits.heard(&[(a, false)], 101, 1, GAP).unwrap();
+        for (t, round) in [(110, 2), (120, 3)] {
+            audits.heard(&[(a, false)], t, round, GAP).unwrap();
         }
-        // Three audits, 20 s: gone after 20 s, not after 60.
+        // Three rounds, 20 s: gone after 20 s, not after 60.
         assert!(audits.gone(&a, 20).unwrap().is_some());
         assert_eq!(audits.gone(&a, 60).unwrap(), None);
         let s = audits.silent().unwrap()[&a];
         assert_eq!((s.since, s.last, s.unanswered), (100, 120, 3));
-        // Two unanswered audits are not enough, however long apart.
-        audits.heard(&[(b, false)], 0).unwrap();
-        audits.heard(&[(b, false)], 1000).unwrap();
+        // Two rounds are not enough, however long apart.
+        audits.heard(&[(b, false)], 0, 1, 10_000).unwrap();
+        audits.heard(&[(b, false)], 1000, 2, 10_000).unwrap();
         assert_eq!(audits.gone(&b, 20).unwrap(), None);
+        // Nor three that the mediator spread over a stop longer than the
+        // gap: the silence starts again after it.
+        for (t, round) in [(0, 1), (10, 2), (500, 3)] {
+            audits.heard(&[(c, false)], t, round, GAP).unwrap();
+        }
+        let sc = audits.silent().unwrap()[&c];
+        assert_eq!((sc.since, sc.unanswered), (500, 1));
         let why = Rules::default().refuses_holder(&a, None, Some(s)).unwrap();
         assert!(why.contains("answered none"), "{why}");
         // An answer ends the silence.
-        audits.heard(&[(a, true)], 130).unwrap();
+        audits.heard(&[(a, true)], 130, 4, GAP).unwrap();
         assert_eq!(audits.gone(&a, 20).unwrap(), None);
         assert!(!audits.silent().unwrap().contains_key(&a));
     }
