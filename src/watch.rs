@@ -797,7 +797,9 @@ impl Watcher {
                     for (rel, _) in &changed {
                         stamps.forget(rel);
                     }
-                    Ok(())
+                    // Kept forgotten: a restart must not find the stamps
+                    // of before the failed sync either.
+                    self.save_stamps(&name, changed.into_iter().map(|(p, _)| (p, None)).collect())
                 }
             };
             let mut folders = lock(&self.folders);
@@ -845,8 +847,13 @@ impl Watcher {
                         f.scans_failed += 1;
                         f.answered = asked;
                     }
-                    // Tried again at the next full scan, sooner than a day.
-                    f.full_at = Instant::now() + self.rescan;
+                    // Tried again at the next full scan, sooner than a day
+                    // (at once if a rescan was asked and not yet made).
+                    f.full_at = if f.asked > f.answered {
+                        Instant::now()
+                    } else {
+                        Instant::now() + self.rescan
+                    };
                     first_error.get_or_insert(e.context(format!("backing up {name:?}")));
                 }
             }
@@ -943,6 +950,7 @@ impl Watcher {
                 exclude: &self.exclude,
                 cancel: Some(&self.stopping),
                 progress: Some(&progress),
+                dir_stamp_margin: None,
             };
             let report = sync_subdir(&self.fs, src, &under, ino, stamps, &options)?;
             out.push((under, report));
@@ -998,9 +1006,11 @@ impl Watcher {
                 };
                 // Those before the one that failed were applied.
                 let failed = e.origin.as_ref().map(|o| o.as_path().to_path_buf());
-                let applied = paths
-                    .len()
-                    .saturating_sub(e.remaining.len() + usize::from(failed.is_some()));
+                // (Unknown without the failed one: none are counted.)
+                let applied = match failed {
+                    Some(_) => paths.len().saturating_sub(e.remaining.len() + 1),
+                    None => 0,
+                };
                 f.watched.extend(paths.into_iter().take(applied));
                 let Some(p) = failed else {
                     tracing::warn!(folder = %f.entry.name, error = %e.source, "inotify watches could not be added; the next full scan tries again");
@@ -1029,7 +1039,6 @@ impl Watcher {
         }
     }
 
-    /// What `fincryptctl watch status` shows.
     /// Makes a full scan of folder `name` (of every folder when none) due
     /// now, as after a restart: every file's stamp is compared, and only
     /// changed files are read. The folders' `rescan_pending` stays true until
@@ -1055,6 +1064,7 @@ impl Watcher {
         Ok(())
     }
 
+    /// What `fincryptctl watch status` shows.
     pub fn status(&self) -> Vec<WatchView> {
         let folders = lock(&self.folders);
         let problems = |m: &BTreeMap<PathBuf, String>| -> Vec<WatchProblem> {

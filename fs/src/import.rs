@@ -166,6 +166,15 @@ impl Stamps {
     /// Forgets `rel` and every path under it (a walk of every stamp: a
     /// removed directory is rare beside a looked-up file).
     fn remove_under(&mut self, rel: &Path) {
+        if !self.dirs.contains_key(rel)
+            && let Some(old) = self.map.remove(rel)
+        {
+            // A file's: nothing is under it (a directory that was there
+            // before it had its own removed with it).
+            self.bytes = self.bytes.saturating_sub(old.size);
+            self.changed.insert(rel.to_path_buf());
+            return;
+        }
         let doomed: Vec<PathBuf> = self
             .map
             .keys()
@@ -288,6 +297,9 @@ pub struct SyncOptions<'a> {
     /// Told the stamps' [`Stamps::totals`] after each batch of files is
     /// committed, so a long first backup shows how far it is.
     pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
+    /// How much older than the walk a directory's times must be for its
+    /// stamp to be kept (none: [`DIR_STAMP_SETTLED`]).
+    pub dir_stamp_margin: Option<std::time::Duration>,
 }
 
 /// [`sync_dir`] of the part of `src` under `under` (relative to it), which
@@ -324,11 +336,15 @@ pub fn sync_subdir(
             scope,
             links: HashMap::new(),
             report: SyncReport::default(),
-            started_ns: std::time::SystemTime::now()
+            settled_before_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as i128),
+                .map_or(0, |d| d.as_nanos() as i128)
+                - options
+                    .dir_stamp_margin
+                    .unwrap_or(DIR_STAMP_SETTLED)
+                    .as_nanos() as i128,
         };
-        run.dir(under, dst, None)?;
+        run.dir(under, dst, None, false)?;
         run.import()?;
         run.finish()?;
         // The directory itself: filling its copy changed its times, and the
@@ -362,8 +378,9 @@ struct Run<'a, 's> {
     /// their copy, once made in this run.
     links: HashMap<(u64, u64), u64>,
     report: SyncReport,
-    /// When the walk began, in nanoseconds since the epoch.
-    started_ns: i128,
+    /// Directory stamps newer than this (nanoseconds since the epoch) are
+    /// not kept: the walk's start less the margin.
+    settled_before_ns: i128,
 }
 
 /// What the copy has at an entry's name.
@@ -378,8 +395,9 @@ enum Have {
 
 /// A directory's stamp is kept only once its times are this much older than
 /// the walk that listed it: a change in the same tick of the filesystem's
-/// clock could leave them as they were.
-const DIR_STAMP_SETTLED_NS: i128 = 1_000_000_000;
+/// clock could leave them as they were (FAT keeps times to 2 s, a network
+/// filesystem's server clock may run a little ahead).
+pub const DIR_STAMP_SETTLED: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn time(secs: i64, nanos: i64) -> Time {
     Time {
@@ -419,10 +437,17 @@ fn xattrs_of(
 
 impl<'a, 's> Run<'a, 's> {
     /// Makes the copy's directory `dst` hold what source directory `rel`
-    /// holds; `own` is the source directory's stamp if already read. Whether
-    /// the copy needed no change at all (the directory's attributes
-    /// included), so that they need not be set again.
-    fn dir(&mut self, rel: &Path, dst: u64, own: Option<Stamp>) -> Result<bool, FsError> {
+    /// holds; `own` is the source directory's stamp if already read, and
+    /// `made` says that `dst` was just made (empty, whatever the stamps
+    /// say). Whether the copy needed no change at all (the directory's
+    /// attributes included), so that they need not be set again.
+    fn dir(
+        &mut self,
+        rel: &Path,
+        dst: u64,
+        own: Option<Stamp>,
+        made: bool,
+    ) -> Result<bool, FsError> {
         let path = self.src.join(rel);
         self.report.dirs_seen.push(rel.to_path_buf());
         // Its stamp before it is listed: a change while it is listed
@@ -444,7 +469,7 @@ impl<'a, 's> Run<'a, 's> {
             }
         }
         names.sort();
-        let unlisted = own.is_some() && self.stamps.dir(rel) == own.as_ref();
+        let unlisted = !made && own.is_some() && self.stamps.dir(rel) == own.as_ref();
         let mut clean = unlisted;
         if unlisted {
             // No entry added, removed or renamed since the copy last held
@@ -477,8 +502,7 @@ impl<'a, 's> Run<'a, 's> {
         }
         match own {
             Some(s)
-                if s.mtime_ns < self.started_ns - DIR_STAMP_SETTLED_NS
-                    && s.ctime_ns < self.started_ns - DIR_STAMP_SETTLED_NS =>
+                if s.mtime_ns < self.settled_before_ns && s.ctime_ns < self.settled_before_ns =>
             {
                 self.stamps.insert_dir(rel, s)
             }
@@ -626,7 +650,7 @@ impl<'a, 's> Run<'a, 's> {
                     (ino, true)
                 }
             };
-            let clean = self.dir(rel, ino, Some(Stamp::of(&m)))?;
+            let clean = self.dir(rel, ino, Some(Stamp::of(&m)), made)?;
             // After its files are named: naming them changes its times.
             // (Nothing to do when neither it nor its copy changed.)
             if !clean {

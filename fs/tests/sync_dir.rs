@@ -428,8 +428,13 @@ fn a_directory_whose_stamp_is_unchanged_is_not_listed_again_and_every_change_is_
     std::os::unix::fs::symlink("h0", src.join("d2/sym")).unwrap();
     let (fs, dst) = fossil_with_backup(work.path());
     let mut stamps = Stamps::new();
+    // (A test-sized margin: by default a directory's times must be 10 s old.)
+    let options = SyncOptions {
+        dir_stamp_margin: Some(std::time::Duration::from_secs(1)),
+        ..SyncOptions::default()
+    };
     let sync = |stamps: &mut Stamps| {
-        let r = sync_dir(&fs, &src, dst, stamps).unwrap();
+        let r = sync_subdir(&fs, &src, Path::new(""), dst, stamps, &options).unwrap();
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         same_tree(&fs, &src, dst);
         r
@@ -490,4 +495,34 @@ fn a_directory_whose_stamp_is_unchanged_is_not_listed_again_and_every_change_is_
     wait_until_dirs_settled(&src);
     sync(&mut stamps);
     assert_eq!(sync(&mut stamps).listed, 0);
+}
+
+#[test]
+fn a_directory_made_again_in_the_copy_is_filled_whatever_its_stamp_says() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    write(&src.join("d/f"), 5000, 1);
+    write(&src.join("d/e/g"), 6000, 2);
+    let (fs, dst) = fossil_with_backup(work.path());
+    // No margin: every directory's stamp is kept at once.
+    let options = SyncOptions {
+        dir_stamp_margin: Some(std::time::Duration::ZERO),
+        ..SyncOptions::default()
+    };
+    let mut stamps = Stamps::new();
+    sync_subdir(&fs, &src, Path::new(""), dst, &mut stamps, &options).unwrap();
+    assert_eq!(
+        sync_subdir(&fs, &src, Path::new(""), dst, &mut stamps, &options)
+            .unwrap()
+            .listed,
+        0
+    );
+    // The copy of d goes behind the stamps' back (as after a sync that
+    // failed and whose forgotten stamps came back): made again, it is
+    // listed and filled, its stamp notwithstanding.
+    fincrypt_fs::import::remove_tree(&fs, dst, b"d").unwrap();
+    let again = sync_subdir(&fs, &src, Path::new(""), dst, &mut stamps, &options).unwrap();
+    assert!(again.errors.is_empty(), "{:?}", again.errors);
+    same_tree(&fs, &src, dst);
+    assert_eq!(again.bytes_read, 11_000);
 }

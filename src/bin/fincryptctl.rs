@@ -607,6 +607,10 @@ fn rescan(data: &Path, name: Option<String>) -> Result<Vec<(control::WatchView, 
         })
     };
     let before = status(&Request::WatchRescan { name: name.clone() })?;
+    let (asked, mut wait) = (
+        std::time::Instant::now(),
+        std::time::Duration::from_millis(10),
+    );
     let wanted: Vec<&control::WatchView> = before
         .iter()
         .filter(|w| name.as_ref().is_none_or(|n| *n == w.name))
@@ -632,10 +636,18 @@ fn rescan(data: &Path, name: Option<String>) -> Result<Vec<(control::WatchView, 
             }
             return Ok(done);
         }
-        if now.len() < wanted.len() {
-            anyhow::bail!("a folder stopped being watched during its rescan");
+        if let Some(w) = wanted
+            .iter()
+            .find(|w| !now.iter().any(|n| n.name == w.name))
+        {
+            anyhow::bail!("{} stopped being watched during its rescan", w.name);
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        // Often for two seconds (an unchanged folder takes a fraction of
+        // one), then less and less: a first backup may take hours.
+        std::thread::sleep(wait);
+        if asked.elapsed() > std::time::Duration::from_secs(2) {
+            wait = (wait * 2).min(std::time::Duration::from_millis(500));
+        }
     }
 }
 
