@@ -38,6 +38,9 @@ const STAMPS: TableDefinition<(&str, &[u8]), StampRow> = TableDefinition::new("s
 /// Folders unwatched while no daemon ran, whose copies leave the live
 /// tree at the next start: name -> unix time of the unwatch.
 const FORGET: TableDefinition<&str, u64> = TableDefinition::new("forget");
+/// Folder name -> Unix seconds of the last full scan that listed every
+/// directory's copy, its stamp notwithstanding (once a day).
+const LISTED_ALL: TableDefinition<&str, u64> = TableDefinition::new("listed_all");
 
 /// The watch database of a home.
 fn db_path(home: &Home) -> PathBuf {
@@ -246,6 +249,9 @@ struct Folder {
     bytes: u64,
     scans: u64,
     scans_failed: u64,
+    /// Unix seconds of the last full scan that listed every directory's
+    /// copy (kept in watch.redb).
+    listed_all: u64,
     /// How long the last full scan took, until its copies were durable.
     last_scan: Option<Duration>,
     /// Rescans asked for (`fincryptctl watch rescan`), and the last of them
@@ -274,6 +280,7 @@ impl Folder {
             bytes,
             scans: 0,
             scans_failed: 0,
+            listed_all: 0,
             last_scan: None,
             asked: 0,
             answered: 0,
@@ -288,8 +295,10 @@ impl Folder {
 enum Job {
     /// A full scan, answering the rescans asked up to this one (see
     /// [`Watcher::rescan_now`]).
+    /// `list_all`: every directory's copy listed, whatever its stamp.
     Full {
         asked: u64,
+        list_all: bool,
     },
     Dirs(Vec<PathBuf>),
 }
@@ -476,7 +485,9 @@ impl Watcher {
                     Some(why) => Driver::Rescans(why.clone()),
                     None => Driver::Inotify,
                 };
-                folders.insert(w.name.clone(), Folder::new(w.clone(), stamps, driver));
+                let mut folder = Folder::new(w.clone(), stamps, driver);
+                folder.listed_all = self.listed_all(&w.name)?;
+                folders.insert(w.name.clone(), folder);
             }
         }
         Ok(gone)
@@ -616,7 +627,26 @@ impl Watcher {
                 t.remove((name, rel.as_slice()))?;
             }
             txn.open_table(FORGET)?.remove(name)?;
+            txn.open_table(LISTED_ALL)?.remove(name)?;
         }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// When folder `name`'s copy was last listed whole (0: never).
+    fn listed_all(&self, name: &str) -> Result<u64> {
+        let txn = self.db.begin_read()?;
+        let t = match txn.open_table(LISTED_ALL) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(t.get(name)?.map_or(0, |v| v.value()))
+    }
+
+    fn note_listed_all(&self, name: &str, at: u64) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(LISTED_ALL)?.insert(name, at)?;
         txn.commit()?;
         Ok(())
     }
@@ -751,7 +781,10 @@ impl Watcher {
             for (name, f) in folders.iter_mut() {
                 let job = if f.full_at <= now {
                     f.pending.clear();
-                    Job::Full { asked: f.asked }
+                    Job::Full {
+                        asked: f.asked,
+                        list_all: unix_now() >= f.listed_all.saturating_add(FULL_RESCAN.as_secs()),
+                    }
                 } else {
                     let ready: Vec<PathBuf> = f
                         .pending
@@ -826,7 +859,13 @@ impl Watcher {
                         .collect();
                     self.follow(f, &seen);
                     f.last_backed_up = Some(unix_now());
-                    if let Job::Full { asked } = job {
+                    if let Job::Full { asked, list_all } = job {
+                        if list_all {
+                            f.listed_all = unix_now();
+                            if let Err(e) = self.note_listed_all(&name, f.listed_all) {
+                                tracing::warn!(folder = %name, error = %e, "cannot note a full listing");
+                            }
+                        }
                         f.scans += 1;
                         f.last_scan = Some(took);
                         f.answered = asked;
@@ -843,7 +882,7 @@ impl Watcher {
                     }
                 }
                 Err(e) => {
-                    if let Job::Full { asked } = job {
+                    if let Job::Full { asked, .. } = job {
                         f.scans_failed += 1;
                         f.answered = asked;
                     }
@@ -951,6 +990,7 @@ impl Watcher {
                 cancel: Some(&self.stopping),
                 progress: Some(&progress),
                 dir_stamp_margin: None,
+                ignore_dir_stamps: matches!(job, Job::Full { list_all: true, .. }),
             };
             let report = sync_subdir(&self.fs, src, &under, ino, stamps, &options)?;
             out.push((under, report));

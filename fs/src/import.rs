@@ -300,6 +300,9 @@ pub struct SyncOptions<'a> {
     /// How much older than the walk a directory's times must be for its
     /// stamp to be kept (none: [`DIR_STAMP_SETTLED`]).
     pub dir_stamp_margin: Option<std::time::Duration>,
+    /// List every directory's copy, whatever its stamp says (a safety net
+    /// now and then: see docs/ARCHITECTURE.md, "Watched folders").
+    pub ignore_dir_stamps: bool,
 }
 
 /// [`sync_dir`] of the part of `src` under `under` (relative to it), which
@@ -343,6 +346,7 @@ pub fn sync_subdir(
                     .dir_stamp_margin
                     .unwrap_or(DIR_STAMP_SETTLED)
                     .as_nanos() as i128,
+            list_all: options.ignore_dir_stamps,
         };
         run.dir(under, dst, None, false)?;
         run.import()?;
@@ -381,6 +385,8 @@ struct Run<'a, 's> {
     /// Directory stamps newer than this (nanoseconds since the epoch) are
     /// not kept: the walk's start less the margin.
     settled_before_ns: i128,
+    /// Every directory's copy is listed ([`SyncOptions::ignore_dir_stamps`]).
+    list_all: bool,
 }
 
 /// What the copy has at an entry's name.
@@ -469,7 +475,8 @@ impl<'a, 's> Run<'a, 's> {
             }
         }
         names.sort();
-        let unlisted = !made && own.is_some() && self.stamps.dir(rel) == own.as_ref();
+        let unlisted =
+            !self.list_all && !made && own.is_some() && self.stamps.dir(rel) == own.as_ref();
         let mut clean = unlisted;
         if unlisted {
             // No entry added, removed or renamed since the copy last held

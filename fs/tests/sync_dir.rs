@@ -447,6 +447,21 @@ fn a_directory_whose_stamp_is_unchanged_is_not_listed_again_and_every_change_is_
     let quiet = sync(&mut stamps);
     assert_eq!((quiet.listed, quiet.bytes_read), (0, 0));
     assert_eq!(quiet.unchanged, 61);
+    // The daily safety net lists every copy all the same, and reads nothing.
+    let whole = sync_subdir(
+        &fs,
+        &src,
+        Path::new(""),
+        dst,
+        &mut stamps,
+        &SyncOptions {
+            ignore_dir_stamps: true,
+            dir_stamp_margin: Some(std::time::Duration::from_secs(1)),
+            ..SyncOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!((whole.listed, whole.bytes_read), (4, 0));
     // The stamps as a daemon keeps them between runs do the same.
     let mut kept = Stamps::from_kept(
         stamps
