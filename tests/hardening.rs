@@ -471,13 +471,52 @@ fn a_first_node_and_a_clean_stop_log_no_warning_or_error() {
     assert!(at_level(&mount_lines, "WARN").is_empty(), "{err}");
 }
 
+/// A TCP port on 127.0.0.1 bound but not listening: a dial there is
+/// refused at once, and the port stays taken until this is dropped.
+struct BoundPort {
+    fd: libc::c_int,
+    port: u16,
+}
+
+impl BoundPort {
+    fn new() -> BoundPort {
+        // SAFETY: plain socket calls on a descriptor this owns, with
+        // buffers of the sizes given.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as libc::sa_family_t;
+            addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let bound = libc::bind(fd, (&raw const addr).cast(), len);
+            assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+            let mut len = len;
+            let named = libc::getsockname(fd, (&raw mut addr).cast(), &mut len);
+            assert_eq!(named, 0, "getsockname: {}", std::io::Error::last_os_error());
+            BoundPort {
+                fd,
+                port: u16::from_be(addr.sin_port),
+            }
+        }
+    }
+}
+
+impl Drop for BoundPort {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor is this value's own, closed once.
+        unsafe {
+            libc::close(self.fd);
+        }
+    }
+}
+
 #[test]
 fn an_unreachable_bootstrap_peer_is_retried_and_shown_in_status() {
-    // A port nothing listens on: bound, then closed.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // A port nothing listens on, kept bound (so dials are refused and no
+    // other test's listener takes it) until the node below needs it.
+    let held = BoundPort::new();
+    let port = held.port;
     let addr = format!("/ip4/127.0.0.1/tcp/{port}");
     let m = Mount::start_with(
         init_home(),
@@ -523,6 +562,7 @@ fn an_unreachable_bootstrap_peer_is_retried_and_shown_in_status() {
 
     // A node that comes up there later is reached by the retries.
     let node_home = tempfile::tempdir().unwrap();
+    drop(held);
     let node = serve(node_home.path(), &["--listen", &addr, "--capacity", "1GiB"]);
     wait_until(
         "the bootstrap peer reached",

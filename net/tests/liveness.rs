@@ -69,7 +69,10 @@ async fn a_probe_times_a_live_holder_and_fails_on_a_stopped_one() {
     // The first probe dials; the second rides the open connection.
     within(client.probe(h.id())).await.unwrap();
     let rtt = within(client.probe(h.id())).await.unwrap();
-    assert!(rtt < Duration::from_secs(1), "{rtt:?}");
+    assert!(
+        rtt > Duration::ZERO && rtt < Duration::from_secs(10),
+        "{rtt:?}"
+    );
 
     let id = h.id();
     h.node.shutdown().await;
