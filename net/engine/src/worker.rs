@@ -200,7 +200,13 @@ async fn run(
         if *stop.borrow() {
             break;
         }
-        lock(&status).state = WorkerState::Busy;
+        // A retry after failures stays `Failing` until it succeeds: its
+        // error is still the last word on it.
+        lock(&status).state = if failures > 0 {
+            WorkerState::Failing
+        } else {
+            WorkerState::Busy
+        };
         let result = tokio::select! {
             r = worker.step() => r,
             _ = stop.wait_for(|s| *s) => break,
@@ -231,6 +237,15 @@ async fn run(
                 s.last_error = Some(e);
                 backoff(failures)
             }
+        };
+        // Set with the counts, in one critical section: a reader never sees
+        // the new error count beside the state of before.
+        s.state = if failures > 0 {
+            WorkerState::Failing
+        } else if pause.is_zero() {
+            WorkerState::Busy
+        } else {
+            WorkerState::Idle
         };
     }
     lock(&status).state = WorkerState::Stopped;
