@@ -380,7 +380,7 @@ fn a_file_rewritten_continuously_is_backed_up_whole_once_it_settles() {
     let writer = {
         let (file, stop) = (file.clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut v = 1u8;
+            let (mut v, mut last) = (1u8, 1u8);
             let until = std::time::Instant::now() + Duration::from_secs(6);
             while std::time::Instant::now() < until
                 && !stop.load(std::sync::atomic::Ordering::Relaxed)
@@ -391,9 +391,10 @@ fn a_file_rewritten_continuously_is_backed_up_whole_once_it_settles() {
                 for piece in version(v).chunks(256 << 10) {
                     f.write_all(piece).unwrap();
                 }
+                last = v;
                 v = v.wrapping_add(1).max(1);
             }
-            v.wrapping_sub(1).max(1)
+            last
         })
     };
     // Whatever the copy shows meanwhile is one whole version.
@@ -621,11 +622,19 @@ fn what_was_backed_up_survives_the_daemon_killed_and_nothing_is_skipped_after() 
     let home = init_home();
     watch(home.path(), src.path(), "kept", &[]);
     let m = Mount::start(home);
-    wait_backed_up(m.home(), "kept", 1, BACKUP_DEADLINE);
+    let before = wait_backed_up(m.home(), "kept", 1, BACKUP_DEADLINE);
     // A change backed up, then the daemon killed at once.
-    std::fs::write(src.path().join("late"), b"backed up just before the kill").unwrap();
+    let late: &[u8] = b"backed up just before the kill";
+    std::fs::write(src.path().join("late"), late).unwrap();
     let copy = m.path().join("backups/kept");
     wait_same(src.path(), &copy, "the change before the kill");
+    // The copy shows as soon as it is in the tree; it is backed up once
+    // it is durable with its stamps, which is when nothing is pending.
+    let read_before = before["bytes_read"].as_u64().unwrap();
+    wait_until("the change made durable", CHANGE_DEADLINE, || {
+        let f = folder(m.home(), "kept");
+        f["pending"] == 0 && f["bytes_read"].as_u64() >= Some(read_before + late.len() as u64)
+    });
     let home = m.kill9();
     let m = Mount::start(home);
     let f = wait_backed_up(m.home(), "kept", 1, BACKUP_DEADLINE);
