@@ -136,6 +136,10 @@ pub struct WatchView {
     /// A rescan was asked (`fincryptctl watch rescan`) and has not ended.
     #[serde(default)]
     pub rescan_pending: bool,
+    /// The last full scan (the one that answered the last rescan, once
+    /// none is pending) failed: `fincryptctl workers` says why.
+    #[serde(default)]
+    pub last_scan_failed: bool,
     /// Bytes read from the folder since the daemon started.
     pub bytes_read: u64,
     /// What could not be backed up (unreadable, always changing): the

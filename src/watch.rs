@@ -249,6 +249,8 @@ struct Folder {
     bytes: u64,
     scans: u64,
     scans_failed: u64,
+    /// Whether the last full scan failed.
+    last_scan_failed: bool,
     /// Unix seconds of the last full scan that listed every directory's
     /// copy (kept in watch.redb).
     listed_all: u64,
@@ -280,6 +282,7 @@ impl Folder {
             bytes,
             scans: 0,
             scans_failed: 0,
+            last_scan_failed: false,
             listed_all: 0,
             last_scan: None,
             asked: 0,
@@ -477,8 +480,9 @@ impl Watcher {
                 if folders.get(&w.name).is_some_and(|f| f.entry == *w) {
                     continue;
                 }
-                if let Some(old) = folders.remove(&w.name) {
-                    self.unwatch_all(&old);
+                let old = folders.remove(&w.name);
+                if let Some(old) = &old {
+                    self.unwatch_all(old);
                 }
                 let stamps = self.load_stamps(&w.name)?;
                 let driver = match &self.no_inotify {
@@ -487,6 +491,15 @@ impl Watcher {
                 };
                 let mut folder = Folder::new(w.clone(), stamps, driver);
                 folder.listed_all = self.listed_all(&w.name)?;
+                if let Some(old) = old {
+                    // The same folder, its entry changed: the counts since
+                    // start go on, and a rescan asked for is answered by the
+                    // full scan the new entry starts with.
+                    folder.scans = old.scans;
+                    folder.scans_failed = old.scans_failed;
+                    folder.asked = old.asked;
+                    folder.bytes_read = old.bytes_read;
+                }
                 folders.insert(w.name.clone(), folder);
             }
         }
@@ -867,6 +880,7 @@ impl Watcher {
                             }
                         }
                         f.scans += 1;
+                        f.last_scan_failed = false;
                         f.last_scan = Some(took);
                         f.answered = asked;
                         // A rescan asked while this one ran comes next.
@@ -884,6 +898,7 @@ impl Watcher {
                 Err(e) => {
                     if let Job::Full { asked, .. } = job {
                         f.scans_failed += 1;
+                        f.last_scan_failed = true;
                         f.answered = asked;
                     }
                     // Tried again at the next full scan, sooner than a day
@@ -1140,6 +1155,7 @@ impl Watcher {
                 pending: f.pending.len() as u64 + f.working,
                 scans: f.scans,
                 scans_failed: f.scans_failed,
+                last_scan_failed: f.last_scan_failed,
                 last_scan_seconds: f.last_scan.map(|d| d.as_secs_f64()),
                 rescan_pending: f.asked > f.answered,
                 bytes_read: f.bytes_read,

@@ -166,13 +166,10 @@ impl Stamps {
     /// Forgets `rel` and every path under it (a walk of every stamp: a
     /// removed directory is rare beside a looked-up file).
     fn remove_under(&mut self, rel: &Path) {
-        if !self.dirs.contains_key(rel)
-            && let Some(old) = self.map.remove(rel)
-        {
+        if !self.dirs.contains_key(rel) && self.map.contains_key(rel) {
             // A file's: nothing is under it (a directory that was there
             // before it had its own removed with it).
-            self.bytes = self.bytes.saturating_sub(old.size);
-            self.changed.insert(rel.to_path_buf());
+            self.forget(rel);
             return;
         }
         let doomed: Vec<PathBuf> = self
@@ -182,10 +179,7 @@ impl Stamps {
             .cloned()
             .collect();
         for p in doomed {
-            if let Some(old) = self.map.remove(&p) {
-                self.bytes = self.bytes.saturating_sub(old.size);
-            }
-            self.changed.insert(p);
+            self.forget(&p);
         }
         let doomed: Vec<PathBuf> = self
             .dirs

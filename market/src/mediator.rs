@@ -99,6 +99,8 @@ const PROOF_WAIT: Duration = Duration::from_secs(30);
 /// The longest the mediator waits for a holder taken for gone to answer a
 /// probe.
 const PROBE_WAIT: Duration = Duration::from_secs(10);
+/// The longest wait between two probes of a holder taken for gone.
+const PROBE_BACKOFF_MAX: u64 = 24 * 3600;
 /// Challenges sent at once.
 const PARALLEL_PROOFS: usize = 16;
 /// Rounds of audits in a row a holder must leave unanswered, besides the
@@ -519,6 +521,18 @@ impl Audits {
             self.last_answer
                 .fetch_max(at, std::sync::atomic::Ordering::Relaxed);
         }
+        if by_holder.values().all(|a| *a) {
+            // The usual case, every holder answering: a write only to end a silence.
+            let txn = self.db.begin_read()?;
+            let t = txn.open_table(SILENT)?;
+            let mut silent = false;
+            for holder in by_holder.keys() {
+                silent |= t.get(holder.to_bytes().as_slice())?.is_some();
+            }
+            if !silent {
+                return Ok(());
+            }
+        }
         let txn = self.db.begin_write()?;
         {
             let mut t = txn.open_table(SILENT)?;
@@ -730,6 +744,10 @@ pub struct Mediator<P: Payments + 'static> {
     last_settlement: std::sync::Mutex<String>,
     /// Rounds of audits since start.
     round: std::sync::atomic::AtomicU64,
+    /// Holders taken for gone that did not answer a probe: when to probe
+    /// each again and the wait before that (doubling up to [`PROBE_BACKOFF_MAX`]),
+    /// so that holders gone for good cost less and less.
+    probes: std::sync::Mutex<HashMap<PeerId, (u64, u64)>>,
 }
 
 impl<P: Payments + 'static> Mediator<P> {
@@ -776,6 +794,7 @@ impl<P: Payments + 'static> Mediator<P> {
             joining: Mutex::new((None, 0)),
             last_settlement: std::sync::Mutex::new(String::new()),
             round: std::sync::atomic::AtomicU64::new(0),
+            probes: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -1363,8 +1382,22 @@ impl<P: Payments + 'static> Mediator<P> {
             return Ok(0);
         }
         let node = self.node()?;
+        let t = now();
+        let mut still = Vec::new();
+        let due: Vec<(PeerId, Silence)> = {
+            let probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+            gone.into_iter()
+                .filter_map(|(holder, s)| match probes.get(&holder) {
+                    Some((next, _)) if *next > t => {
+                        still.push((holder, s));
+                        None
+                    }
+                    _ => Some((holder, s)),
+                })
+                .collect()
+        };
         let probed: Vec<(PeerId, Silence, bool)> =
-            futures::stream::iter(gone.into_iter().map(|(holder, s)| async move {
+            futures::stream::iter(due.into_iter().map(|(holder, s)| async move {
                 let back = matches!(
                     tokio::time::timeout(PROBE_WAIT, node.probe(holder)).await,
                     Ok(Ok(_))
@@ -1374,16 +1407,22 @@ impl<P: Payments + 'static> Mediator<P> {
             .buffer_unordered(PARALLEL_PROOFS)
             .collect()
             .await;
-        let mut still = Vec::new();
         for (holder, s, back) in probed {
+            let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
             if back {
+                probes.remove(&holder);
+                drop(probes);
                 info!(%holder, "a holder taken for gone answers again: it may get new blocks");
                 self.audits.heard(&[(holder, true)], now(), 0, 0)?;
             } else {
+                let wait = probes.get(&holder).map_or(0, |(_, w)| *w);
+                let wait = wait
+                    .saturating_mul(2)
+                    .clamp(self.settings.period.max(1), PROBE_BACKOFF_MAX);
+                probes.insert(holder, (t.saturating_add(wait), wait));
                 still.push((holder, s));
             }
         }
-        let t = now();
         if still.is_empty() {
             return Ok(0);
         }

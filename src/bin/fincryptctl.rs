@@ -626,8 +626,9 @@ fn rescan(data: &Path, name: Option<String>) -> Result<Vec<(control::WatchView, 
             .collect();
         if done.len() == wanted.len() {
             for (w, _) in &done {
-                let b = wanted.iter().find(|b| b.name == w.name);
-                if b.is_some_and(|b| w.scans_failed > b.scans_failed) {
+                // The scan that answered, not one that was already running
+                // when the rescan was asked and failed before it.
+                if w.last_scan_failed {
                     anyhow::bail!(
                         "the rescan of {} failed: `fincryptctl workers` shows why",
                         w.name
