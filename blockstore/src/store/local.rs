@@ -132,6 +132,8 @@ pub struct LocalStore {
     tmp_counter: AtomicU64,
     /// False once the volume's filesystem refused a direct write (see [`direct_io`]).
     direct_ok: AtomicBool,
+    /// See [`LocalStore::start_writeback_early`].
+    early_writeback: AtomicBool,
     /// Set by `shutdown`; the next change marks the volume in use again.
     marked_clean: AtomicBool,
     /// Block files (and their directories) renamed into place but not yet fsynced.
@@ -216,6 +218,7 @@ impl LocalStore {
             seq: AtomicU64::new(seq),
             tmp_counter: AtomicU64::new(0),
             direct_ok: AtomicBool::new(true),
+            early_writeback: AtomicBool::new(false),
             marked_clean: AtomicBool::new(false),
             unsynced: Mutex::new(BTreeSet::new()),
             leaves: quick_cache::sync::Cache::with_weighter(
@@ -377,10 +380,30 @@ impl LocalStore {
     /// a block the index already names is restored durably.
     pub fn restore_lazily(&self, score: &Score, data: &[u8], class: Class) -> Result<(), Error> {
         check(score, data)?;
+        self.restore_checked_lazily(score, Bytes::copy_from_slice(data), class)
+    }
+
+    /// As [`LocalStore::restore_lazily`] for bytes the caller has already
+    /// checked against `score`, as the network client checks every block it
+    /// receives: they are neither hashed nor copied again.
+    pub fn restore_checked_lazily(
+        &self,
+        score: &Score,
+        data: Bytes,
+        class: Class,
+    ) -> Result<(), Error> {
         if self.entry(score)?.is_none() {
-            return self.put_batch_unsynced(&[(*score, Bytes::copy_from_slice(data))], class);
+            return self.put_batch_unsynced(&[(*score, data)], class);
         }
-        self.restore(score, data, class)
+        self.restore(score, &data, class)
+    }
+
+    /// From now on, a block put without waiting for the disk has its
+    /// writeback started at once rather than when the kernel gets to it,
+    /// so the disk works while more are fetched and the sync that makes
+    /// them durable finds little left to write (a recovery's bulk fetch).
+    pub fn start_writeback_early(&self) {
+        self.early_writeback.store(true, Ordering::Relaxed);
     }
 
     /// Writes `data` back as the block `score` after its file was lost or
@@ -752,6 +775,9 @@ impl LocalStore {
         // go to disk past the page cache rather than through it.
         let direct = durable && class == Class::Held;
         let (tmp, file) = self.write_tmp(data, direct)?;
+        if !durable && self.early_writeback.load(Ordering::Relaxed) {
+            start_writeback(&file);
+        }
         Ok(Staged {
             score: *score,
             file: Some(StagedFile {
@@ -1084,6 +1110,18 @@ fn decode_entry(bytes: &[u8]) -> Result<Entry, Error> {
 /// into an aligned buffer padded to [`ALIGN`] and the file then cut to the
 /// block's length. Filesystems without direct I/O answer `EINVAL`, and the
 /// store then writes through the page cache.
+/// Asks the kernel to start writing `file`'s dirty pages now, without
+/// waiting for them; a hint, so a failure is only logged (the later fsync
+/// reports any real error).
+fn start_writeback(file: &fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a descriptor `file` keeps open.
+    let r = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "sync_file_range refused; writeback left to the kernel");
+    }
+}
+
 mod direct_io {
     use std::fs;
     use std::io::Write;

@@ -88,6 +88,7 @@ impl TieredStore {
     /// which fetches many and syncs once before it counts as done.
     pub fn write_back_lazily(&self) {
         self.lazy.store(true, Ordering::Relaxed);
+        self.local.start_writeback_early();
     }
 
     /// Lets reads fall back to peers.
@@ -111,7 +112,12 @@ impl TieredStore {
                 return Err(local_error);
             }
         };
-        for peer in &holders {
+        // Each block's holders are asked starting from one its score picks,
+        // so many reads spread over them rather than all going to the first.
+        let first = usize::from(score.0[0])
+            .checked_rem(holders.len())
+            .unwrap_or(0);
+        for peer in holders.iter().cycle().skip(first).take(holders.len()) {
             if let Some(data) = self.fetch_from(remote, score, *peer, true) {
                 return Ok(data);
             }
@@ -157,7 +163,9 @@ impl TieredStore {
                 tracing::info!(%score, %peer, "read a block from a holder");
                 self.fetched.fetch_add(1, Ordering::Relaxed);
                 let written = if self.lazy.load(Ordering::Relaxed) {
-                    self.local.restore_lazily(score, &data, Class::Own)
+                    // `Client::get` checked it against its score.
+                    self.local
+                        .restore_checked_lazily(score, data.clone(), Class::Own)
                 } else {
                     self.local.restore(score, &data, Class::Own)
                 };
