@@ -197,18 +197,19 @@ fn connect(
     Ok(peers)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run(
-    home: &Home,
-    config: &Config,
-    keys: &Keys,
+/// Connects to the network and finds the owner's newest root record; with
+/// it, every peer known (those asked).
+fn find_root(
     runtime: &tokio::runtime::Runtime,
     client: &Client,
     bootstrap: &[Multiaddr],
-    all: bool,
-) -> Result<Recovered> {
-    let progress = Progress::new();
-    progress.say("connecting to peers");
+    keys: &Keys,
+    progress: &Progress,
+) -> Result<(
+    fincrypt_engine::roots::Found,
+    fincrypt_net::root::SignedRoot,
+    Vec<PeerId>,
+)> {
     let peers = connect(runtime, client, bootstrap)?;
     let owner = Owner::from_seed(&keys.signing).public();
     progress.say("looking for the newest root record");
@@ -221,8 +222,8 @@ fn run(
                 .filter(|p| !peers.contains(p)),
         );
     }
-    let found = runtime.block_on(fincrypt_engine::roots::find_newest(client, owner, &known));
-    let Some(record) = found.newest else {
+    let mut found = runtime.block_on(fincrypt_engine::roots::find_newest(client, owner, &known));
+    let Some(record) = found.newest.take() else {
         bail!(
             "no root found for this phrase among {} peers ({} answered{}): either nothing was \
              published with this phrase, or the peers that keep its root are not reachable from here",
@@ -235,6 +236,44 @@ fn run(
             }
         );
     };
+    Ok((found, record, known))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    home: &Home,
+    config: &Config,
+    keys: &Keys,
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    bootstrap: &[Multiaddr],
+    all: bool,
+) -> Result<Recovered> {
+    let progress = Progress::new();
+    progress.say("connecting to peers");
+    // The new volume (its 256 shard directories and its index) is made
+    // while the network is asked: on a busy disk that takes as long. It is
+    // taken away again if the phrase turns out to own no root.
+    let fresh_volume = !home.volume_dir().exists();
+    let (found, volume) = std::thread::scope(|scope| {
+        let opening = scope.spawn(|| home.open_volume(config));
+        let found = find_root(runtime, client, bootstrap, keys, &progress);
+        let volume = opening
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("opening the volume panicked")));
+        (found, volume)
+    });
+    let (found, record, known) = match found {
+        Ok(f) => f,
+        Err(e) => {
+            if fresh_volume {
+                drop(volume);
+                let _ = std::fs::remove_dir_all(home.volume_dir());
+            }
+            return Err(e);
+        }
+    };
+    let volume = Arc::new(volume?);
     let plain = record
         .open(&keys.root_record_key())
         .context("the newest root record does not open with this phrase's key")?;
@@ -251,7 +290,6 @@ fn run(
         }
     }
     std::fs::create_dir_all(&fs_dir).with_context(|| format!("creating {}", fs_dir.display()))?;
-    let volume = Arc::new(home.open_volume(config)?);
     let manifest = Arc::new(Manifest::open(&home.manifest_file())?);
     let tiered = Arc::new(TieredStore::new(volume.clone()));
     tiered.connect(Remote {

@@ -267,6 +267,10 @@ fn recover_refuses_bad_phrases_unknown_owners_and_unreachable_peers_and_writes_n
         !home.path().join("key.toml").exists(),
         "no key written after a failed recovery"
     );
+    assert!(
+        !home.path().join("volume").exists(),
+        "the volume made while the root was looked for is taken away again"
+    );
     // The same through the config's bootstrap (here its FINCRYPT_ variable).
     let out = run(
         fincrypt(home.path())
