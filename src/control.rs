@@ -137,9 +137,10 @@ pub struct WatchView {
     #[serde(default)]
     pub rescan_pending: bool,
     /// The last full scan (the one that answered the last rescan, once
-    /// none is pending) failed: `fincryptctl workers` says why.
+    /// none is pending) failed: `fincryptctl workers` says why. None from
+    /// a daemon older than this field.
     #[serde(default)]
-    pub last_scan_failed: bool,
+    pub last_scan_failed: Option<bool>,
     /// Bytes read from the folder since the daemon started.
     pub bytes_read: u64,
     /// What could not be backed up (unreadable, always changing): the

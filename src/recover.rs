@@ -254,7 +254,8 @@ fn run(
     // The new volume (its 256 shard directories and its index) is made
     // while the network is asked: on a busy disk that takes as long. It is
     // taken away again if the phrase turns out to own no root.
-    let fresh_volume = !home.volume_dir().exists();
+    // An error reading whether it exists counts as existing: never removed.
+    let fresh_volume = matches!(home.volume_dir().try_exists(), Ok(false));
     let (found, volume) = std::thread::scope(|scope| {
         let opening = scope.spawn(|| home.open_volume(config));
         let found = find_root(runtime, client, bootstrap, keys, &progress);
@@ -263,22 +264,27 @@ fn run(
             .unwrap_or_else(|_| Err(anyhow::anyhow!("opening the volume panicked")));
         (found, volume)
     });
-    let (found, record, known) = match found {
+    let opened = found.and_then(|(found, record, known)| {
+        let plain = record
+            .open(&keys.root_record_key())
+            .context("the newest root record does not open with this phrase's key")?;
+        let pointer: Pointer =
+            postcard::from_bytes(&plain).context("the root record's pointer does not decode")?;
+        Ok((found, record, pointer, known))
+    });
+    let (found, record, pointer, known) = match opened {
         Ok(f) => f,
         Err(e) => {
             if fresh_volume {
                 drop(volume);
-                let _ = std::fs::remove_dir_all(home.volume_dir());
+                if let Err(e) = std::fs::remove_dir_all(home.volume_dir()) {
+                    tracing::debug!(error = %e, "cannot remove the volume made for a recovery that found no root");
+                }
             }
             return Err(e);
         }
     };
     let volume = Arc::new(volume?);
-    let plain = record
-        .open(&keys.root_record_key())
-        .context("the newest root record does not open with this phrase's key")?;
-    let pointer: Pointer =
-        postcard::from_bytes(&plain).context("the root record's pointer does not decode")?;
 
     // Start from clean files: an interrupted recovery may have left some.
     let fs_dir = home.data_dir.join("fs");
@@ -362,6 +368,19 @@ fn run(
     let fetched_blocks = tiered.fetched_from_holders();
     let fetched_bytes = volume.stats().own_bytes;
     volume.shutdown()?;
+    let unwritten = tiered.restore_failures();
+    if unwritten > 0 && all {
+        bail!(
+            "{unwritten} fetched blocks could not be written to the local volume (the warnings \
+             above say why: a full disk?); run recover --all again once that is mended"
+        );
+    }
+    if unwritten > 0 {
+        tracing::warn!(
+            unwritten,
+            "fetched blocks could not be kept in the local volume; the mount fetches them again when it needs them"
+        );
+    }
     if missing > 0 {
         bail!(
             "{missing} data blocks could not be fetched from any holder; the metadata is rebuilt, \

@@ -1155,7 +1155,7 @@ impl Watcher {
                 pending: f.pending.len() as u64 + f.working,
                 scans: f.scans,
                 scans_failed: f.scans_failed,
-                last_scan_failed: f.last_scan_failed,
+                last_scan_failed: Some(f.last_scan_failed),
                 last_scan_seconds: f.last_scan.map(|d| d.as_secs_f64()),
                 rescan_pending: f.asked > f.answered,
                 bytes_read: f.bytes_read,

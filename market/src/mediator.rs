@@ -101,6 +101,16 @@ const PROOF_WAIT: Duration = Duration::from_secs(30);
 const PROBE_WAIT: Duration = Duration::from_secs(10);
 /// The longest wait between two probes of a holder taken for gone.
 const PROBE_BACKOFF_MAX: u64 = 24 * 3600;
+/// The wait before the next probe of a holder taken for gone, after one
+/// of `wait` (0 at first) went unanswered: double, at least a period, and
+/// at most a day unless a period is longer.
+fn next_probe_wait(wait: u64, period: u64) -> u64 {
+    let period = period.max(1);
+    wait.saturating_mul(2)
+        .max(period)
+        .min(PROBE_BACKOFF_MAX.max(period))
+}
+
 /// Challenges sent at once.
 const PARALLEL_PROOFS: usize = 16;
 /// Rounds of audits in a row a holder must leave unanswered, besides the
@@ -1378,6 +1388,12 @@ impl<P: Payments + 'static> Mediator<P> {
             .into_iter()
             .filter(|(_, s)| s.gone(limit))
             .collect();
+        // A holder that answered an audit since is no longer gone: if it
+        // goes silent again, it is probed afresh.
+        self.probes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|h, _| gone.iter().any(|(g, _)| g == h));
         if gone.is_empty() {
             return Ok(0);
         }
@@ -1416,9 +1432,7 @@ impl<P: Payments + 'static> Mediator<P> {
                 self.audits.heard(&[(holder, true)], now(), 0, 0)?;
             } else {
                 let wait = probes.get(&holder).map_or(0, |(_, w)| *w);
-                let wait = wait
-                    .saturating_mul(2)
-                    .clamp(self.settings.period.max(1), PROBE_BACKOFF_MAX);
+                let wait = next_probe_wait(wait, self.settings.period);
                 probes.insert(holder, (t.saturating_add(wait), wait));
                 still.push((holder, s));
             }
@@ -1793,6 +1807,23 @@ mod tests {
         r.accept_clients = Some(HashSet::from([a]));
         assert!(r.refuses(&b).unwrap().contains("accept_clients"));
         assert!(r.refuses(&a).unwrap().contains("deny_clients"), "deny wins");
+    }
+
+    #[test]
+    fn a_gone_holder_is_probed_at_doubling_waits_from_a_period_to_a_day_or_a_longer_period() {
+        let mut waits = Vec::new();
+        let mut w = 0;
+        for _ in 0..12 {
+            w = next_probe_wait(w, 3600);
+            waits.push(w);
+        }
+        assert_eq!(&waits[..6], &[3600, 7200, 14400, 28800, 57600, 86400]);
+        assert!(waits[6..].iter().all(|w| *w == 86400), "{waits:?}");
+        // A period longer than a day: one probe a period (this panicked once).
+        let week = 7 * 86400;
+        assert_eq!(next_probe_wait(0, week), week);
+        assert_eq!(next_probe_wait(week, week), week);
+        assert_eq!(next_probe_wait(5, 0), 10);
     }
 
     #[test]

@@ -627,8 +627,13 @@ fn rescan(data: &Path, name: Option<String>) -> Result<Vec<(control::WatchView, 
         if done.len() == wanted.len() {
             for (w, _) in &done {
                 // The scan that answered, not one that was already running
-                // when the rescan was asked and failed before it.
-                if w.last_scan_failed {
+                // when the rescan was asked and failed before it (a daemon
+                // too old to say: any scan that failed since).
+                let b = wanted.iter().find(|b| b.name == w.name);
+                let failed = w
+                    .last_scan_failed
+                    .unwrap_or_else(|| b.is_some_and(|b| w.scans_failed > b.scans_failed));
+                if failed {
                     anyhow::bail!(
                         "the rescan of {} failed: `fincryptctl workers` shows why",
                         w.name

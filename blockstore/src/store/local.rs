@@ -1101,15 +1101,6 @@ fn decode_entry(bytes: &[u8]) -> Result<Entry, Error> {
     Ok(e)
 }
 
-/// Writes past the page cache (`O_DIRECT`).
-///
-/// A held block is written once, fsynced at once and seldom read again on
-/// this machine: copying it into the page cache first only costs CPU and
-/// pushes the owner's own files out of memory. Direct I/O needs the buffer,
-/// length and offset aligned to the device's sector, so the block is copied
-/// into an aligned buffer padded to [`ALIGN`] and the file then cut to the
-/// block's length. Filesystems without direct I/O answer `EINVAL`, and the
-/// store then writes through the page cache.
 /// Asks the kernel to start writing `file`'s dirty pages now, without
 /// waiting for them; a hint, so a failure is only logged (the later fsync
 /// reports any real error).
@@ -1122,6 +1113,15 @@ fn start_writeback(file: &fs::File) {
     }
 }
 
+/// Writes past the page cache (`O_DIRECT`).
+///
+/// A held block is written once, fsynced at once and seldom read again on
+/// this machine: copying it into the page cache first only costs CPU and
+/// pushes the owner's own files out of memory. Direct I/O needs the buffer,
+/// length and offset aligned to the device's sector, so the block is copied
+/// into an aligned buffer padded to [`ALIGN`] and the file then cut to the
+/// block's length. Filesystems without direct I/O answer `EINVAL`, and the
+/// store then writes through the page cache.
 mod direct_io {
     use std::fs;
     use std::io::Write;
