@@ -455,6 +455,29 @@ fn decode<T: for<'a> Deserialize<'a>>(bytes: &[u8], what: &str) -> Result<T, Mar
         .map_err(|e| MarketError::Invalid(format!("{what} does not decode: {e}")))
 }
 
+/// A row of the `silent` table. Rows written before silence counted rounds
+/// lack `round` (postcard keeps no field names): they read as round 0.
+fn silence_row(bytes: &[u8]) -> Result<Silence, MarketError> {
+    #[derive(Deserialize)]
+    struct Unrounded {
+        since: u64,
+        last: u64,
+        unanswered: u32,
+    }
+    decode::<Silence>(bytes, "a silence row")
+        .or_else(|e| {
+            decode::<Unrounded>(bytes, "a silence row")
+                .map(|u| Silence {
+                    since: u.since,
+                    last: u.last,
+                    unanswered: u.unanswered,
+                    round: 0,
+                })
+                .map_err(|_| e)
+        })
+        .map_err(|e| MarketError::Store(e.to_string()))
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -552,12 +575,9 @@ impl Audits {
                     t.remove(key.as_slice())?;
                     continue;
                 }
-                let kept: Option<Silence> = t
+                let kept = t
                     .get(key.as_slice())?
-                    .map(|v| {
-                        decode(v.value(), "a silence row")
-                            .map_err(|e| MarketError::Store(e.to_string()))
-                    })
+                    .map(|v| silence_row(v.value()))
                     .transpose()?;
                 let s = match kept {
                     Some(s) if at.saturating_sub(s.last) <= gap => Silence {
@@ -582,25 +602,23 @@ impl Audits {
 
     /// Holders silent now, and since when.
     fn silent(&self) -> Result<HashMap<PeerId, Silence>, MarketError> {
-        self.by_holder(SILENT, "a silence row")
+        self.by_holder(SILENT, "a silence row", silence_row)
     }
 
-    /// Every row of a table of holders (PeerId bytes -> postcard `T`).
-    fn by_holder<T: for<'a> Deserialize<'a>>(
+    /// Every row of a table of holders (PeerId bytes -> a value `row` reads).
+    fn by_holder<T>(
         &self,
         table: TableDefinition<&[u8], &[u8]>,
         what: &str,
+        row: impl Fn(&[u8]) -> Result<T, MarketError>,
     ) -> Result<HashMap<PeerId, T>, MarketError> {
         let txn = self.db.begin_read()?;
         let mut out = HashMap::new();
-        for row in txn.open_table(table)?.iter()? {
-            let (k, v) = row?;
+        for item in txn.open_table(table)?.iter()? {
+            let (k, v) = item?;
             let peer = PeerId::from_bytes(k.value())
                 .map_err(|e| MarketError::Store(format!("{what} is damaged: {e}")))?;
-            out.insert(
-                peer,
-                decode(v.value(), what).map_err(|e| MarketError::Store(e.to_string()))?,
-            );
+            out.insert(peer, row(v.value())?);
         }
         Ok(out)
     }
@@ -609,16 +627,14 @@ impl Audits {
     fn gone(&self, holder: &PeerId, limit: u64) -> Result<Option<Silence>, MarketError> {
         let txn = self.db.begin_read()?;
         let row = txn.open_table(SILENT)?.get(holder.to_bytes().as_slice())?;
-        let s: Option<Silence> = row
-            .map(|v| {
-                decode(v.value(), "a silence row").map_err(|e| MarketError::Store(e.to_string()))
-            })
-            .transpose()?;
+        let s = row.map(|v| silence_row(v.value())).transpose()?;
         Ok(s.filter(|s| s.gone(limit)))
     }
 
     fn all(&self) -> Result<HashMap<PeerId, AuditScore>, MarketError> {
-        self.by_holder(AUDITS, "an audit row")
+        self.by_holder(AUDITS, "an audit row", |v| {
+            decode(v, "an audit row").map_err(|e| MarketError::Store(e.to_string()))
+        })
     }
 }
 
@@ -1807,6 +1823,27 @@ mod tests {
         r.accept_clients = Some(HashSet::from([a]));
         assert!(r.refuses(&b).unwrap().contains("accept_clients"));
         assert!(r.refuses(&a).unwrap().contains("deny_clients"), "deny wins");
+    }
+
+    #[test]
+    fn a_silence_row_written_before_rounds_were_counted_still_reads() {
+        #[derive(Serialize)]
+        struct Unrounded {
+            since: u64,
+            last: u64,
+            unanswered: u32,
+        }
+        let old = postcard::to_allocvec(&Unrounded {
+            since: 10,
+            last: 70,
+            unanswered: 4,
+        })
+        .unwrap();
+        let s = silence_row(&old).unwrap();
+        assert_eq!((s.since, s.last, s.unanswered, s.round), (10, 70, 4, 0));
+        let new = Silence { round: 9, ..s };
+        assert_eq!(silence_row(&encode(&new).unwrap()).unwrap(), new);
+        assert!(silence_row(&[0xff]).is_err());
     }
 
     #[test]
