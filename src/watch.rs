@@ -490,7 +490,6 @@ impl Watcher {
                     None => Driver::Inotify,
                 };
                 let mut folder = Folder::new(w.clone(), stamps, driver);
-                folder.listed_all = self.listed_all(&w.name)?;
                 if let Some(old) = old {
                     // The same folder, its entry changed: the counts since
                     // start go on, and a rescan asked for is answered by the
@@ -499,6 +498,9 @@ impl Watcher {
                     folder.scans_failed = old.scans_failed;
                     folder.asked = old.asked;
                     folder.bytes_read = old.bytes_read;
+                    folder.listed_all = old.listed_all;
+                } else {
+                    folder.listed_all = self.listed_all(&w.name)?;
                 }
                 folders.insert(w.name.clone(), folder);
             }

@@ -377,15 +377,9 @@ impl LocalStore {
     /// As [`LocalStore::restore`] for a block the volume does not index yet,
     /// but durable only after the next durable commit or
     /// [`BlockStore::sync`] (many blocks fetched then made durable at once);
-    /// a block the index already names is restored durably.
-    pub fn restore_lazily(&self, score: &Score, data: &[u8], class: Class) -> Result<(), Error> {
-        check(score, data)?;
-        self.restore_checked_lazily(score, Bytes::copy_from_slice(data), class)
-    }
-
-    /// As [`LocalStore::restore_lazily`] for bytes the caller has already
-    /// checked against `score`, as the network client checks every block it
-    /// receives: they are neither hashed nor copied again.
+    /// a block the index already names is restored durably. The bytes are
+    /// not hashed or copied again: the caller has checked them against
+    /// `score`, as the network client checks every block it receives.
     pub fn restore_checked_lazily(
         &self,
         score: &Score,

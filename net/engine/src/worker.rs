@@ -184,12 +184,9 @@ async fn run(
     // The first step waits for the interval too, as a timer would.
     let mut pause = interval;
     loop {
+        // The state it waits in was set with the last step's counts (Idle
+        // before the first).
         if !pause.is_zero() {
-            lock(&status).state = if failures > 0 {
-                WorkerState::Failing
-            } else {
-                WorkerState::Idle
-            };
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
                 _ = tokio::time::sleep(pause) => {}
