@@ -47,7 +47,10 @@
 #   of the idle time.
 # - manifest: HOME/manifest.redb (Home::manifest_file) allocated on disk, at
 #   the end of the idle time and after the daemon has unmounted and exited,
-#   beside the data size. Also the owner's volume and what the nodes hold (du).
+#   beside the data size; the same for the volume's index (HOME/volume/
+#   index.redb), whose entries carry each own block's holder set since the
+#   manifest stopped keeping a row per block. Also the owner's volume and
+#   what the nodes hold (du).
 # Then (untimed) the mount's tree is compared with the source (diff -r), the
 # mount is unmounted and the nodes stopped. Each build's homes stay until the
 # end (bench-net.sh says why: ext4 without a journal and freshly deleted files).
@@ -288,6 +291,7 @@ run_side() {
   put mount_vmhwm_mib "$(status_mib "$MOUNT_PID" VmHWM)"
   put mount_vmrss_mib "$(status_mib "$MOUNT_PID" VmRSS)"
   put manifest_bytes "$(disk_bytes "$OWNER/manifest.redb")"
+  put index_bytes "$(disk_bytes "$OWNER/volume/index.redb")"
   [ -e "$OWNER/manifest.redb" ] || log "$SIDE: no $OWNER/manifest.redb"
   local st own
   st=$("$BIN/fincryptctl" --home "$OWNER" status --json 2>/dev/null) || st="{}"
@@ -313,6 +317,7 @@ run_side() {
   put mount_exit "$rc"
   [ "$rc" -eq 0 ] || { log "$SIDE: the mount daemon exited $rc:"; tail -n 20 "$RUN/owner.log" >&2; }
   put manifest_final_bytes "$(disk_bytes "$OWNER/manifest.redb")"
+  put index_final_bytes "$(disk_bytes "$OWNER/volume/index.redb")"
   for pid in "${NODE_PIDS[@]}"; do
     stop_pid "$pid" TERM 60
     rc=$STOPPED
@@ -411,6 +416,8 @@ rows = [
     ("mount daemon VmRSS after idle, MiB", "mount_vmrss_mib", None),
     ("manifest.redb on disk, MiB (of data)", "manifest_bytes", share),
     ("manifest.redb after unmount, MiB (of data)", "manifest_final_bytes", share),
+    ("volume's index.redb on disk, MiB (of data)", "index_bytes", share),
+    ("volume's index.redb after unmount, MiB (of data)", "index_final_bytes", share),
     ("owner's volume after unmount, MiB", "volume_bytes", mib),
     ("held by the 3 nodes, MiB", "held_bytes", mib),
     ("own blocks (`status`)", "own_blocks", None),

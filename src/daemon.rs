@@ -143,7 +143,7 @@ impl Net {
         for a in &listen_addrs {
             eprintln!("fincrypt: listening on {a}");
         }
-        let manifest = Arc::new(Manifest::open(&home.manifest_file())?);
+        let manifest = Arc::new(Manifest::open(&home.manifest_file(), volume.clone())?);
         let proofs = ProofPolicy {
             blocks: config.proof_blocks.max(1),
             failures: config.proof_failures.max(1),
@@ -220,6 +220,10 @@ struct Daemon {
     snapshots: Arc<Mutex<()>>,
     /// The peer node, if peers are configured.
     net: Option<Net>,
+    /// Who holds the own blocks: the engine's, or without peers the one a
+    /// run with peers left, so GC keeps the holders of what it frees for
+    /// their release (see [`Manifest::keep_freed`]).
+    manifest: Option<Arc<Manifest>>,
     /// Every background job.
     workers: Workers,
     runtime: tokio::runtime::Handle,
@@ -252,7 +256,14 @@ impl Daemon {
 
     /// [`Daemon::collect`], under the snapshot lock already taken.
     fn collect_locked(&self) -> Result<u64> {
-        let freed = snapshot::gc(&self.fs, &self.volume)?;
+        let freed = snapshot::gc(&self.fs, &self.volume, |tags| match &self.manifest {
+            Some(m) => m.keep_freed(tags).map_err(|e| {
+                fincrypt_blockstore::Error::Index(format!(
+                    "keeping the holders of freed blocks in the manifest: {e}"
+                ))
+            }),
+            None => Ok(()),
+        })?;
         self.freed(&freed)?;
         Ok(freed.len() as u64)
     }
@@ -1026,6 +1037,14 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
             }
         },
     };
+    let manifest = match &net {
+        Some(net) => Some(net.engine.manifest().clone()),
+        None if !args.read_only && home.manifest_file().exists() => Some(Arc::new(Manifest::open(
+            &home.manifest_file(),
+            volume.clone(),
+        )?)),
+        None => None,
+    };
     let daemon = Arc::new(Daemon {
         fs: fs.clone(),
         volume: volume.clone(),
@@ -1036,6 +1055,7 @@ pub fn mount(home: &Home, args: MountArgs, passphrase: &str) -> Result<()> {
         config_file: home.config_file().exists().then(|| home.config_file()),
         snapshots,
         net,
+        manifest,
         workers: Workers::new(runtime.handle().clone()),
         runtime: runtime.handle().clone(),
         published: Mutex::new(None),

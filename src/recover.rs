@@ -296,7 +296,7 @@ fn run(
         }
     }
     std::fs::create_dir_all(&fs_dir).with_context(|| format!("creating {}", fs_dir.display()))?;
-    let manifest = Arc::new(Manifest::open(&home.manifest_file())?);
+    let manifest = Arc::new(Manifest::open(&home.manifest_file(), volume.clone())?);
     let tiered = Arc::new(TieredStore::new(volume.clone()));
     tiered.connect(Remote {
         handle: runtime.handle().clone(),

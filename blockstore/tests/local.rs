@@ -128,6 +128,72 @@ fn sweep_frees_unreferenced_own_blocks_but_spares_new_ones() {
 }
 
 #[test]
+fn own_blocks_keep_a_tag_that_old_entries_lack_and_a_sweep_hands_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (own, kept, held, absent) = (block(1, 3000), block(2, 3000), block(3, 3000), block(4, 10));
+    {
+        let store = open(dir.path());
+        store.put(own.0, own.1.clone(), Class::Own).unwrap();
+        store.put(kept.0, kept.1.clone(), Class::Own).unwrap();
+        store.put(held.0, held.1.clone(), Class::Held).unwrap();
+        // An entry as written before tags existed: class, size, hits, last use, sequence.
+        let txn = store.index().begin_write().unwrap();
+        {
+            let mut t = txn
+                .open_table(redb::TableDefinition::<[u8; 32], &[u8]>::new("blocks"))
+                .unwrap();
+            let old = postcard::to_allocvec(&(2u8, own.1.len() as u64, 0u64, 0u64, 1u64)).unwrap();
+            t.insert(own.0.0, old.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        let scores = [own.0, kept.0, held.0, absent.0];
+        assert_eq!(
+            store.tags_of(&scores).unwrap(),
+            vec![Some(0), Some(0), None, None]
+        );
+        assert_eq!(
+            store
+                .set_tags(&[(own.0, 7), (kept.0, 300), (held.0, 1), (absent.0, 1)])
+                .unwrap(),
+            vec![true, true, false, false],
+            "only own blocks take a tag"
+        );
+        store.close().unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(
+        store.get(&own.0).unwrap(),
+        own.1,
+        "the old entry still reads"
+    );
+    assert_eq!(store.size_of(&own.0).unwrap(), Some(own.1.len() as u64));
+    // Put again: the tag stays.
+    store.put(own.0, own.1.clone(), Class::Own).unwrap();
+    let mut tagged = store.tagged_after(None, 10).unwrap();
+    tagged.sort();
+    let mut want = vec![(own.0, 7), (kept.0, 300)];
+    want.sort();
+    assert_eq!(tagged, want);
+    assert_eq!(store.tagged_after(Some(&want[0].0), 10).unwrap(), want[1..]);
+    // A sweep hands over the tags of what it frees first, and frees nothing if that fails.
+    let live = HashSet::from([kept.0]);
+    let refused = store.sweep_keeping_tags(&live, store.mark(), |_| {
+        Err(Error::Index("cannot keep them".into()))
+    });
+    assert!(refused.is_err());
+    assert!(store.has(&own.0).unwrap());
+    let mut handed = Vec::new();
+    let gone = store
+        .sweep_keeping_tags(&live, store.mark(), |tags| {
+            handed.extend_from_slice(tags);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(gone, vec![own.0]);
+    assert_eq!(handed, vec![(own.0, 7)]);
+}
+
+#[test]
 fn any_flipped_byte_fails_get_and_scrub_reports_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());

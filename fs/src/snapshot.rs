@@ -609,8 +609,14 @@ pub fn prune(fs: &Fossil, keep: usize) -> Result<usize, FsError> {
 }
 
 /// Frees own blocks that neither live files nor retained snapshots
-/// reference; returns the blocks freed.
-pub fn gc(fs: &Fossil, volume: &LocalStore) -> Result<Vec<Score>, FsError> {
+/// reference; returns the blocks freed. `keep` is given the volume's tags
+/// of the blocks about to go, before they go (see
+/// [`LocalStore::sweep_keeping_tags`]).
+pub fn gc(
+    fs: &Fossil,
+    volume: &LocalStore,
+    keep: impl FnOnce(&[(Score, u64)]) -> Result<(), fincrypt_blockstore::Error>,
+) -> Result<Vec<Score>, FsError> {
     let mark = fs.with_sealing_paused(|| volume.mark());
     let mut live: HashSet<Score> = HashSet::new();
     let reader = fs.reader();
@@ -630,7 +636,7 @@ pub fn gc(fs: &Fossil, volume: &LocalStore) -> Result<Vec<Score>, FsError> {
         }
         Ok(true)
     })?;
-    Ok(volume.sweep(&live, mark)?)
+    Ok(volume.sweep_keeping_tags(&live, mark, keep)?)
 }
 
 #[cfg(test)]

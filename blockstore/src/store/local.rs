@@ -101,6 +101,19 @@ struct Entry {
     last_use: u64,
     /// Store-wide sequence number of the last put; GC spares blocks put after its mark.
     seq: u64,
+    /// The caller's tag for an own block, 0 for none (see [`LocalStore::set_tags`]).
+    /// Entries written before tags existed end at `seq` and read as 0.
+    tag: u64,
+}
+
+/// An entry as written before tags existed.
+#[derive(Deserialize)]
+struct EntryWithoutTag {
+    class: u8,
+    size: u64,
+    hits: u64,
+    last_use: u64,
+    seq: u64,
 }
 
 impl Entry {
@@ -310,6 +323,19 @@ impl LocalStore {
     /// the mark. A block put (or put again) after the mark is kept even if it
     /// is not in `live`, so a sweep never races a writer that reuses a block.
     pub fn sweep(&self, live: &HashSet<Score>, mark: u64) -> Result<Vec<Score>, Error> {
+        self.sweep_keeping_tags(live, mark, |_| Ok(()))
+    }
+
+    /// [`LocalStore::sweep`], handing `keep` the tags of the blocks about to
+    /// go (those with a tag) before their entries are removed: if `keep`
+    /// fails, nothing is removed, so whoever tagged a block can keep what
+    /// its tag said elsewhere.
+    pub fn sweep_keeping_tags(
+        &self,
+        live: &HashSet<Score>,
+        mark: u64,
+        keep: impl FnOnce(&[(Score, u64)]) -> Result<(), Error>,
+    ) -> Result<Vec<Score>, Error> {
         let mut stats = self.lock();
         let txn = self.db.begin_write()?;
         self.in_use(&txn)?;
@@ -325,6 +351,14 @@ impl LocalStore {
                     doomed.push((score, e));
                 }
             }
+            let tags: Vec<(Score, u64)> = doomed
+                .iter()
+                .filter(|(_, e)| e.tag != 0)
+                .map(|(s, e)| (*s, e.tag))
+                .collect();
+            if !tags.is_empty() {
+                keep(&tags)?;
+            }
             for (score, e) in doomed {
                 table.remove(score.0)?;
                 stats.0.add(Class::Own, e.size, -1);
@@ -336,6 +370,92 @@ impl LocalStore {
             self.remove_file(score)?;
         }
         Ok(gone)
+    }
+
+    /// The tag of each of `scores` (see [`LocalStore::set_tags`]): `None`
+    /// for a block the volume does not keep as its own, else its tag (0 for
+    /// none yet).
+    pub fn tags_of(&self, scores: &[Score]) -> Result<Vec<Option<u64>>, Error> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(BLOCKS)?;
+        let mut out = Vec::with_capacity(scores.len());
+        for s in scores {
+            let e = match table.get(s.0)? {
+                Some(v) => Some(decode_entry(v.value())?),
+                None => None,
+            };
+            out.push(e.filter(|e| e.class() == Class::Own).map(|e| e.tag));
+        }
+        Ok(out)
+    }
+
+    /// Gives own blocks a tag: a number the volume keeps in the block's
+    /// entry for the layer above, and otherwise ignores (the durability
+    /// engine keeps there who holds the block, for the price of a varint
+    /// rather than a row of its own). Durable on return. Returns, for each
+    /// block, whether it was tagged: a block the volume does not keep as its
+    /// own has no entry to tag.
+    pub fn set_tags(&self, tags: &[(Score, u64)]) -> Result<Vec<bool>, Error> {
+        let mut out = Vec::with_capacity(tags.len());
+        if tags.is_empty() {
+            return Ok(out);
+        }
+        let _stats = self.lock();
+        let txn = self.db.begin_write()?;
+        let mut changed = false;
+        {
+            let mut table = txn.open_table(BLOCKS)?;
+            for (score, tag) in tags {
+                let existing = table
+                    .get(score.0)?
+                    .map(|v| decode_entry(v.value()))
+                    .transpose()?;
+                match existing {
+                    Some(mut e) if e.class() == Class::Own => {
+                        if e.tag != *tag {
+                            e.tag = *tag;
+                            table.insert(score.0, &encode_entry(&e)[..])?;
+                            changed = true;
+                        }
+                        out.push(true);
+                    }
+                    _ => out.push(false),
+                }
+            }
+        }
+        if changed {
+            self.commit(txn, true)?;
+        } else {
+            txn.abort()?;
+        }
+        Ok(out)
+    }
+
+    /// Own blocks with a tag, in score order from after `after` (from the
+    /// first if `None`), at most `limit`.
+    pub fn tagged_after(
+        &self,
+        after: Option<&Score>,
+        limit: usize,
+    ) -> Result<Vec<(Score, u64)>, Error> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(BLOCKS)?;
+        let range = match after {
+            Some(a) => table.range((std::ops::Bound::Excluded(a.0), std::ops::Bound::Unbounded))?,
+            None => table.range::<[u8; 32]>(..)?,
+        };
+        let mut out = Vec::new();
+        for item in range {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            let e = decode_entry(v.value())?;
+            if e.class() == Class::Own && e.tag != 0 {
+                out.push((Score(k.value()), e.tag));
+            }
+        }
+        Ok(out)
     }
 
     /// Re-reads every block and checks it against its score; also finds missing and stray files.
@@ -902,6 +1022,7 @@ impl LocalStore {
                             hits: 0,
                             last_use: now,
                             seq,
+                            tag: 0,
                         };
                         table.insert(score.0, &encode_entry(&e)[..])?;
                         changes.push((class, size, 1));
@@ -1084,8 +1205,21 @@ fn encode_entry(e: &Entry) -> Vec<u8> {
 }
 
 fn decode_entry(bytes: &[u8]) -> Result<Entry, Error> {
-    let e: Entry = postcard::from_bytes(bytes)
-        .map_err(|e| Error::Index(format!("damaged index entry: {e}")))?;
+    // An entry without a tag is one varint short of a tagged one, so it
+    // never reads as tagged; a tagged one is tried first.
+    let e: Entry = match postcard::from_bytes(bytes) {
+        Ok(e) => e,
+        Err(_) => postcard::from_bytes::<EntryWithoutTag>(bytes)
+            .map(|e| Entry {
+                class: e.class,
+                size: e.size,
+                hits: e.hits,
+                last_use: e.last_use,
+                seq: e.seq,
+                tag: 0,
+            })
+            .map_err(|e| Error::Index(format!("damaged index entry: {e}")))?,
+    };
     if Class::from_u8(e.class).is_none() {
         return Err(Error::Index(format!(
             "index entry has unknown class {}",

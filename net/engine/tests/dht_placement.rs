@@ -106,7 +106,8 @@ async fn a_pass_places_every_block_on_its_three_closest_of_sixty_under_a_limit_o
         local.put(score, data, Class::Own).unwrap();
         wanted.insert(score, REDUNDANCY);
     }
-    let manifest = Arc::new(Manifest::open(&dir.path().join("manifest.redb")).unwrap());
+    let manifest =
+        Arc::new(Manifest::open(&dir.path().join("manifest.redb"), local.clone()).unwrap());
     let replicator = Replicator::new(client.clone(), manifest.clone());
     let under = tokio::time::timeout(
         Duration::from_secs(120),

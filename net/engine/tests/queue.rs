@@ -120,7 +120,7 @@ async fn the_queue_places_repairs_and_releases_without_walking() {
     config.bootstrap = vec![boot];
     let owner = Node::start(config, None).await.unwrap();
     let manifest_path = dir.path().join("manifest.redb");
-    let manifest = Arc::new(Manifest::open(&manifest_path).unwrap());
+    let manifest = Arc::new(Manifest::open(&manifest_path, local.clone()).unwrap());
     let wants = Arc::new(TestWants::default());
     let policy = ProofPolicy {
         blocks: 64,
@@ -199,10 +199,17 @@ async fn the_queue_places_repairs_and_releases_without_walking() {
         "only the queued blocks were read ({scanned_after_loss} rows for {had} blocks in {steps} steps)"
     );
 
-    // GC frees three blocks locally: they are released on their holders.
+    // GC frees three blocks locally: they are released on their holders,
+    // which the volume's entries named until GC kept them in the manifest.
     let freed = &scores[..3];
     let keep: std::collections::HashSet<Score> = scores[3..].iter().copied().collect();
-    let gone = local.sweep(&keep, local.mark()).unwrap();
+    let gone = local
+        .sweep_keeping_tags(&keep, local.mark(), |tags| {
+            manifest
+                .keep_freed(tags)
+                .map_err(|e| fincrypt_blockstore::Error::Index(e.to_string()))
+        })
+        .unwrap();
     assert_eq!(gone.len(), 3);
     wants.forget(freed);
     engine.released(freed).unwrap();
@@ -228,7 +235,7 @@ async fn the_queue_places_repairs_and_releases_without_walking() {
     manifest.enqueue(&[(scores[5], 5)]).unwrap();
     drop(engine);
     drop(manifest);
-    let reopened = Manifest::open(&manifest_path).unwrap();
+    let reopened = Manifest::open(&manifest_path, local.clone()).unwrap();
     let after: BTreeMap<_, _> = reopened.holder_records().unwrap().into_iter().collect();
     assert_eq!(before, after, "proof history kept across a restart");
     assert_eq!(

@@ -27,6 +27,13 @@ async fn network(n: usize) -> Vec<Peer> {
     peers
 }
 
+/// The owner's volume, which the manifest keeps its holders in.
+fn volume(dir: &std::path::Path) -> Arc<fincrypt_blockstore::LocalStore> {
+    Arc::new(
+        fincrypt_blockstore::LocalStore::open(&dir.join("volume"), Default::default()).unwrap(),
+    )
+}
+
 async fn owner_node(peers: &[Peer]) -> Node {
     let mut config = NodeConfig::new(Keypair::generate_ed25519());
     config.bootstrap = peers.iter().map(|p| p.addr()).collect();
@@ -42,7 +49,8 @@ async fn the_newest_record_wins_everywhere_and_no_peer_rolls_it_back() {
     let peers = network(4).await;
     let node = owner_node(&peers).await;
     let dir = tempfile::tempdir().unwrap();
-    let manifest = Arc::new(Manifest::open(&dir.path().join("manifest.redb")).unwrap());
+    let manifest =
+        Arc::new(Manifest::open(&dir.path().join("manifest.redb"), volume(dir.path())).unwrap());
     let publisher = Publisher::new(&SEED, SEAL, node.client(), manifest.clone());
     let owner = Owner::from_seed(&SEED).public();
     let ids: Vec<_> = peers.iter().map(|p| p.id()).collect();
@@ -114,7 +122,8 @@ async fn the_newest_record_wins_everywhere_and_no_peer_rolls_it_back() {
         .unwrap();
     let second = owner_node(&peers).await;
     let dir2 = tempfile::tempdir().unwrap();
-    let manifest2 = Arc::new(Manifest::open(&dir2.path().join("manifest.redb")).unwrap());
+    let manifest2 =
+        Arc::new(Manifest::open(&dir2.path().join("manifest.redb"), volume(dir2.path())).unwrap());
     roots::set_sequence(&manifest2, four.sequence).unwrap();
     let publisher2 = Publisher::new(&SEED, SEAL, second.client(), manifest2);
     let five = within(publisher2.publish(b"fifth root")).await.unwrap();
