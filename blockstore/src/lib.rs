@@ -18,7 +18,7 @@ pub use block::{BlockKind, Pointer, Sealed};
 pub use error::Error;
 pub use keys::{KeyFile, Keys, MasterSecret};
 pub use score::{Proof, Score};
-pub use store::local::{LocalStore, ScrubReport, Staged, StoreOptions, StoreStats};
+pub use store::local::{LocalStore, ScrubReport, Staged, StoreOptions, StoreStats, TagReader};
 pub use store::mem::MemStore;
 pub use store::{BlockStore, Class};
 pub use tree::{FileRef, HOLE_MIN, Resume, Run, TreeParams, TreeReader, TreeWriter};

@@ -153,7 +153,10 @@ fn own_blocks_keep_a_tag_that_old_entries_lack_and_a_sweep_hands_over() {
         );
         assert_eq!(
             store
-                .set_tags(&[(own.0, 7), (kept.0, 300), (held.0, 1), (absent.0, 1)])
+                .set_tags(
+                    &[(own.0, 7), (kept.0, 300), (held.0, 1), (absent.0, 1)],
+                    false
+                )
                 .unwrap(),
             vec![true, true, false, false],
             "only own blocks take a tag"
@@ -191,6 +194,11 @@ fn own_blocks_keep_a_tag_that_old_entries_lack_and_a_sweep_hands_over() {
         .unwrap();
     assert_eq!(gone, vec![own.0]);
     assert_eq!(handed, vec![(own.0, 7)]);
+    // Tags made for another user of the volume are cleared at once.
+    assert_eq!(store.tag_epoch().unwrap(), 0);
+    assert_eq!(store.reset_tags(9).unwrap(), 1);
+    assert_eq!(store.tag_epoch().unwrap(), 9);
+    assert_eq!(store.tags_of(&[kept.0]).unwrap(), vec![Some(0)]);
 }
 
 #[test]

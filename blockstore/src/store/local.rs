@@ -123,7 +123,52 @@ impl Entry {
     }
 }
 
-/// A block volume on the local disk.
+/// Tags of a volume as they were when it was made (see [`LocalStore::tag_reader`]).
+pub struct TagReader {
+    txn: redb::ReadTransaction,
+}
+
+impl TagReader {
+    /// As [`LocalStore::tags_of`].
+    pub fn tags_of(&self, scores: &[Score]) -> Result<Vec<Option<u64>>, Error> {
+        let table = self.txn.open_table(BLOCKS)?;
+        let mut out = Vec::with_capacity(scores.len());
+        for s in scores {
+            let e = match table.get(s.0)? {
+                Some(v) => Some(decode_entry(v.value())?),
+                None => None,
+            };
+            out.push(e.filter(|e| e.class() == Class::Own).map(|e| e.tag));
+        }
+        Ok(out)
+    }
+
+    /// As [`LocalStore::tagged_after`].
+    pub fn tagged_after(
+        &self,
+        after: Option<&Score>,
+        limit: usize,
+    ) -> Result<Vec<(Score, u64)>, Error> {
+        let table = self.txn.open_table(BLOCKS)?;
+        let range = match after {
+            Some(a) => table.range((std::ops::Bound::Excluded(a.0), std::ops::Bound::Unbounded))?,
+            None => table.range::<[u8; 32]>(..)?,
+        };
+        let mut out = Vec::new();
+        for item in range {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            let e = decode_entry(v.value())?;
+            if e.class() == Class::Own && e.tag != 0 {
+                out.push((Score(k.value()), e.tag));
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Space on the disk under a volume (see [`LocalStore::disk_space`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DiskSpace {
@@ -133,6 +178,7 @@ pub struct DiskSpace {
     pub total: u64,
 }
 
+/// A block volume on the local disk.
 pub struct LocalStore {
     dir: PathBuf,
     db: Database,
@@ -376,26 +422,34 @@ impl LocalStore {
     /// for a block the volume does not keep as its own, else its tag (0 for
     /// none yet).
     pub fn tags_of(&self, scores: &[Score]) -> Result<Vec<Option<u64>>, Error> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(BLOCKS)?;
-        let mut out = Vec::with_capacity(scores.len());
-        for s in scores {
-            let e = match table.get(s.0)? {
-                Some(v) => Some(decode_entry(v.value())?),
-                None => None,
-            };
-            out.push(e.filter(|e| e.class() == Class::Own).map(|e| e.tag));
-        }
-        Ok(out)
+        self.tag_reader()?.tags_of(scores)
+    }
+
+    /// Own blocks with a tag, in score order from after `after` (from the
+    /// first if `None`), at most `limit`.
+    pub fn tagged_after(
+        &self,
+        after: Option<&Score>,
+        limit: usize,
+    ) -> Result<Vec<(Score, u64)>, Error> {
+        self.tag_reader()?.tagged_after(after, limit)
+    }
+
+    /// Reads tags as of now, however they change meanwhile.
+    pub fn tag_reader(&self) -> Result<TagReader, Error> {
+        Ok(TagReader {
+            txn: self.db.begin_read()?,
+        })
     }
 
     /// Gives own blocks a tag: a number the volume keeps in the block's
     /// entry for the layer above, and otherwise ignores (the durability
     /// engine keeps there who holds the block, for the price of a varint
-    /// rather than a row of its own). Durable on return. Returns, for each
-    /// block, whether it was tagged: a block the volume does not keep as its
-    /// own has no entry to tag.
-    pub fn set_tags(&self, tags: &[(Score, u64)]) -> Result<Vec<bool>, Error> {
+    /// rather than a row of its own). Durable on return if `durable`, else
+    /// with the next durable commit (a crash before it keeps the tags
+    /// before). Returns, for each block, whether it was tagged: a block the
+    /// volume does not keep as its own has no entry to tag.
+    pub fn set_tags(&self, tags: &[(Score, u64)], durable: bool) -> Result<Vec<bool>, Error> {
         let mut out = Vec::with_capacity(tags.len());
         if tags.is_empty() {
             return Ok(out);
@@ -424,38 +478,47 @@ impl LocalStore {
             }
         }
         if changed {
-            self.commit(txn, true)?;
+            self.commit(txn, durable)?;
         } else {
             txn.abort()?;
         }
         Ok(out)
     }
 
-    /// Own blocks with a tag, in score order from after `after` (from the
-    /// first if `None`), at most `limit`.
-    pub fn tagged_after(
-        &self,
-        after: Option<&Score>,
-        limit: usize,
-    ) -> Result<Vec<(Score, u64)>, Error> {
+    /// What the tags were written against: a number the layer above chose
+    /// ([`LocalStore::reset_tags`]), 0 if none.
+    pub fn tag_epoch(&self) -> Result<u64, Error> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(BLOCKS)?;
-        let range = match after {
-            Some(a) => table.range((std::ops::Bound::Excluded(a.0), std::ops::Bound::Unbounded))?,
-            None => table.range::<[u8; 32]>(..)?,
-        };
-        let mut out = Vec::new();
-        for item in range {
-            if out.len() >= limit {
-                break;
+        Ok(txn.open_table(META)?.get("tags")?.map_or(0, |v| v.value()))
+    }
+
+    /// Clears every tag and records `epoch` as what the tags are written
+    /// against from now on, in one durable commit: tags meant for a layer
+    /// above that is gone (its state lost or replaced) must not be read by
+    /// the next. Returns how many tags were cleared.
+    pub fn reset_tags(&self, epoch: u64) -> Result<u64, Error> {
+        let _stats = self.lock();
+        let txn = self.db.begin_write()?;
+        let mut cleared = 0;
+        {
+            let mut table = txn.open_table(BLOCKS)?;
+            let mut tagged = Vec::new();
+            for item in table.iter()? {
+                let (k, v) = item?;
+                let e = decode_entry(v.value())?;
+                if e.tag != 0 {
+                    tagged.push((k.value(), e));
+                }
             }
-            let (k, v) = item?;
-            let e = decode_entry(v.value())?;
-            if e.class() == Class::Own && e.tag != 0 {
-                out.push((Score(k.value()), e.tag));
+            for (k, mut e) in tagged {
+                e.tag = 0;
+                table.insert(k, &encode_entry(&e)[..])?;
+                cleared += 1;
             }
+            txn.open_table(META)?.insert("tags", epoch)?;
         }
-        Ok(out)
+        self.commit(txn, true)?;
+        Ok(cleared)
     }
 
     /// Re-reads every block and checks it against its score; also finds missing and stray files.

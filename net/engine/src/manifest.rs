@@ -247,7 +247,28 @@ impl Manifest {
             txn.open_table(QUEUE)?;
             txn.open_table(STATE)?;
         }
+        let epoch = {
+            let mut meta = txn.open_table(META)?;
+            let existing = meta.get("tags")?.map(|v| v.value());
+            match existing {
+                Some(e) => e,
+                None => {
+                    let e = rand::random::<u64>().max(1);
+                    meta.insert("tags", e)?;
+                    e
+                }
+            }
+        };
         txn.commit()?;
+        // Set numbers mean something only in the file that numbered them:
+        // tags written for another manifest (this one is new, or the volume
+        // outlived the one it was tagged for) are cleared before any is read.
+        if volume.tag_epoch()? != epoch {
+            let cleared = volume.reset_tags(epoch)?;
+            if cleared > 0 {
+                tracing::warn!(blocks = cleared, path = %path.display(), "the volume's holder tags were written for another manifest and are cleared; those blocks are found or placed again");
+            }
+        }
         let names = Names::load(&db)?;
         let mut manifest = Manifest {
             db,
@@ -319,7 +340,8 @@ impl Manifest {
                     Some(_) => gone.push(*score),
                 }
             }
-            self.volume.set_tags(&tag)?;
+            // Durable before the rows go.
+            self.volume.set_tags(&tag, true)?;
             if !gone.is_empty() {
                 let txn = self.db.begin_write()?;
                 {
@@ -417,19 +439,35 @@ impl Manifest {
     /// Records set numbers: as tags where the volume keeps the block, as
     /// `holders` rows where it does not; 0 forgets the block's holders.
     /// Called with `names` held.
+    ///
+    /// Tags are committed lazily (durable with the volume's next durable
+    /// commit): one lost to a crash leaves the block's set before, which at
+    /// worst names a holder dropped since (its next failed proof drops it
+    /// again) or misses one added (the block is put there again).
     fn write_ids(&self, ids: &[(Score, u32)]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
+        let forget: Vec<Score> = ids
+            .iter()
+            .filter(|(_, id)| *id == 0)
+            .map(|(s, _)| *s)
+            .collect();
+        // A forgotten block's row goes before its tag is cleared: were the
+        // tag cleared first, a crash would leave the row to be settled back
+        // into the tag at the next open.
+        self.remove_rows(&forget)?;
         let tags: Vec<(Score, u64)> = ids.iter().map(|(s, id)| (*s, *id as u64)).collect();
-        let tagged = self.volume.set_tags(&tags)?;
+        let tagged = self.volume.set_tags(&tags, false)?;
         // A row beside a non-zero tag is left: the tag is read first, a GC
         // sweep may be copying that tag into the row this very moment, and
-        // the next open removes it.
+        // the next open removes it. A block without an entry has a row, and
+        // a forgotten one none (a sweep may have copied its old tag into a
+        // row since the first removal).
         let rows: Vec<&(Score, u32)> = ids
             .iter()
             .zip(&tagged)
-            .filter(|((_, id), t)| !**t || *id == 0)
+            .filter(|(_, t)| !**t)
             .map(|(e, _)| e)
             .collect();
         if rows.is_empty() {
@@ -444,6 +482,22 @@ impl Manifest {
                 } else {
                     table.insert(score.0, postcard::to_allocvec(id)?.as_slice())?;
                 }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Removes the `holders` rows of `scores`.
+    fn remove_rows(&self, scores: &[Score]) -> Result<()> {
+        if scores.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(HOLDERS)?;
+            for s in scores {
+                table.remove(s.0)?;
             }
         }
         txn.commit()?;
@@ -551,7 +605,11 @@ impl Manifest {
         let limit = limit.max(1);
         let mut from = after.copied();
         loop {
-            let tagged = self.volume.tagged_after(from.as_ref(), limit)?;
+            // The volume is read first and as of one moment, the rows after
+            // it: a block GC removes meanwhile has its row by the time its
+            // entry goes, and one tagged meanwhile is seen either way.
+            let reader = self.volume.tag_reader()?;
+            let tagged = reader.tagged_after(from.as_ref(), limit)?;
             let rows: Vec<(Score, u32)> = {
                 let txn = self.db.begin_read()?;
                 let table = txn.open_table(HOLDERS)?;
@@ -583,7 +641,7 @@ impl Manifest {
             .flatten()
             .min();
             let scores: Vec<Score> = rows.iter().map(|(s, _)| *s).collect();
-            let beside_tag = self.volume.tags_of(&scores)?;
+            let beside_tag = reader.tags_of(&scores)?;
             let rows = rows
                 .into_iter()
                 .zip(beside_tag)
@@ -596,6 +654,7 @@ impl Manifest {
                 .filter(|(s, _)| bound.is_none_or(|b| *s <= b))
                 .collect();
             out.sort_unstable_by_key(|(s, _)| *s);
+            out.dedup_by_key(|(s, _)| *s);
             out.truncate(limit);
             match bound {
                 // Only rows beside tags up to `b`: look further.
@@ -1400,6 +1459,30 @@ mod tests {
     }
 
     #[test]
+    fn tags_written_for_another_manifest_are_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("manifest.redb");
+        let vol = volume(dir.path());
+        let s = own(&vol, 3);
+        {
+            let m = Manifest::open(&path, vol.clone()).unwrap();
+            m.set_many(&[(s, vec![PeerId::random(), PeerId::random()])])
+                .unwrap();
+        }
+        // The manifest is lost (an interrupted recovery starts a new one);
+        // the volume and its tags stay, and a new manifest numbers its sets afresh.
+        std::fs::remove_file(&path).unwrap();
+        let m = Manifest::open(&path, vol.clone()).unwrap();
+        assert_eq!(vol.tags_of(&[s]).unwrap(), vec![Some(0)]);
+        assert!(m.holders(&s).unwrap().is_empty());
+        let p = PeerId::random();
+        m.set_many(&[(s, vec![p])]).unwrap();
+        drop(m);
+        let m = Manifest::open(&path, vol.clone()).unwrap();
+        assert_eq!(m.holders(&s).unwrap(), vec![p], "its own tags stay");
+    }
+
+    #[test]
     fn a_version_1_manifest_is_upgraded_with_every_entry_and_holders_cost_an_index() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("manifest.redb");
@@ -1487,7 +1570,7 @@ mod tests {
             .insert(s.0, postcard::to_allocvec(&77u32).unwrap().as_slice())
             .unwrap();
         txn.commit().unwrap();
-        vol.set_tags(&[(t, 1 << 40)]).unwrap();
+        vol.set_tags(&[(t, 1 << 40)], true).unwrap();
         assert!(m.holders(&s).unwrap().is_empty());
         assert!(m.holders(&t).unwrap().is_empty());
         assert_eq!(m.corrupt_entries(), 2);
