@@ -153,10 +153,7 @@ fn own_blocks_keep_a_tag_that_old_entries_lack_and_a_sweep_hands_over() {
         );
         assert_eq!(
             store
-                .set_tags(
-                    &[(own.0, 7), (kept.0, 300), (held.0, 1), (absent.0, 1)],
-                    false
-                )
+                .set_tags(&[(own.0, 7), (kept.0, 300), (held.0, 1), (absent.0, 1)])
                 .unwrap(),
             vec![true, true, false, false],
             "only own blocks take a tag"

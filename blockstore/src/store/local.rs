@@ -445,15 +445,21 @@ impl LocalStore {
     /// Gives own blocks a tag: a number the volume keeps in the block's
     /// entry for the layer above, and otherwise ignores (the durability
     /// engine keeps there who holds the block, for the price of a varint
-    /// rather than a row of its own). Durable on return if `durable`, else
-    /// with the next durable commit (a crash before it keeps the tags
-    /// before). Returns, for each block, whether it was tagged: a block the
-    /// volume does not keep as its own has no entry to tag.
-    pub fn set_tags(&self, tags: &[(Score, u64)], durable: bool) -> Result<Vec<bool>, Error> {
+    /// rather than a row of its own). Durable on return. Returns, for each
+    /// block, whether it was tagged: a block the volume does not keep as its
+    /// own has no entry to tag.
+    ///
+    /// Durable because a lazy commit cannot reuse the pages it frees until
+    /// a durable one: tags changed a few at a time in lazy commits doubled
+    /// the index file (34,000 entries tagged 64 at a time: 4.5 to 8.9 MB;
+    /// durably: no growth). The block files a durable commit must sync
+    /// first are synced before the volume's lock is taken.
+    pub fn set_tags(&self, tags: &[(Score, u64)]) -> Result<Vec<bool>, Error> {
         let mut out = Vec::with_capacity(tags.len());
         if tags.is_empty() {
             return Ok(out);
         }
+        self.sync_pending()?;
         let _stats = self.lock();
         let txn = self.db.begin_write()?;
         let mut changed = false;
@@ -478,7 +484,7 @@ impl LocalStore {
             }
         }
         if changed {
-            self.commit(txn, durable)?;
+            self.commit(txn, true)?;
         } else {
             txn.abort()?;
         }

@@ -341,7 +341,7 @@ impl Manifest {
                 }
             }
             // Durable before the rows go.
-            self.volume.set_tags(&tag, true)?;
+            self.volume.set_tags(&tag)?;
             if !gone.is_empty() {
                 let txn = self.db.begin_write()?;
                 {
@@ -439,11 +439,6 @@ impl Manifest {
     /// Records set numbers: as tags where the volume keeps the block, as
     /// `holders` rows where it does not; 0 forgets the block's holders.
     /// Called with `names` held.
-    ///
-    /// Tags are committed lazily (durable with the volume's next durable
-    /// commit): one lost to a crash leaves the block's set before, which at
-    /// worst names a holder dropped since (its next failed proof drops it
-    /// again) or misses one added (the block is put there again).
     fn write_ids(&self, ids: &[(Score, u32)]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
@@ -458,7 +453,7 @@ impl Manifest {
         // into the tag at the next open.
         self.remove_rows(&forget)?;
         let tags: Vec<(Score, u64)> = ids.iter().map(|(s, id)| (*s, *id as u64)).collect();
-        let tagged = self.volume.set_tags(&tags, false)?;
+        let tagged = self.volume.set_tags(&tags)?;
         // A row beside a non-zero tag is left: the tag is read first, a GC
         // sweep may be copying that tag into the row this very moment, and
         // the next open removes it. A block without an entry has a row, and
@@ -1570,7 +1565,7 @@ mod tests {
             .insert(s.0, postcard::to_allocvec(&77u32).unwrap().as_slice())
             .unwrap();
         txn.commit().unwrap();
-        vol.set_tags(&[(t, 1 << 40)], true).unwrap();
+        vol.set_tags(&[(t, 1 << 40)]).unwrap();
         assert!(m.holders(&s).unwrap().is_empty());
         assert!(m.holders(&t).unwrap().is_empty());
         assert_eq!(m.corrupt_entries(), 2);
