@@ -303,26 +303,11 @@ impl Manifest {
     fn settle(&self) -> Result<u64> {
         let _names = self.names();
         let mut moved = 0;
-        let mut after: Option<[u8; 32]> = None;
+        let mut after: Option<Score> = None;
         loop {
-            let rows: Vec<(Score, Option<u32>)> = {
-                let txn = self.db.begin_read()?;
-                let table = txn.open_table(HOLDERS)?;
-                let range = match after {
-                    Some(a) => {
-                        table.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))?
-                    }
-                    None => table.range::<[u8; 32]>(..)?,
-                };
-                let mut rows = Vec::new();
-                for item in range.take(CHUNK) {
-                    let (k, v) = item?;
-                    rows.push((Score(k.value()), decode_id(v.value())));
-                }
-                rows
-            };
+            let rows = self.rows_after(after.as_ref(), CHUNK)?;
             let Some(last) = rows.last() else { break };
-            after = Some(last.0.0);
+            after = Some(last.0);
             let scores: Vec<Score> = rows.iter().map(|(s, _)| *s).collect();
             let tags = self.volume.tags_of(&scores)?;
             let mut tag = Vec::new();
@@ -374,7 +359,7 @@ impl Manifest {
             let table = txn.open_table(HOLDERS)?;
             for i in untagged {
                 if let Some(v) = table.get(scores[i].0)? {
-                    out[i] = self.row_id(&scores[i], v.value());
+                    out[i] = self.row_id(&scores[i], decode_id(v.value()));
                 }
             }
         }
@@ -393,8 +378,8 @@ impl Manifest {
     }
 
     /// A `holders` value as a set number; a damaged one is counted.
-    fn row_id(&self, score: &Score, bytes: &[u8]) -> u32 {
-        decode_id(bytes).unwrap_or_else(|| {
+    fn row_id(&self, score: &Score, id: Option<u32>) -> u32 {
+        id.unwrap_or_else(|| {
             self.damaged(score, "its holders row does not decode");
             0
         })
@@ -581,16 +566,41 @@ impl Manifest {
 
     /// Every entry: score and confirmed holders, in score order.
     pub fn all(&self) -> Result<Vec<(Score, Vec<PeerId>)>> {
+        let ids = self.all_ids()?;
+        let names = self.names();
+        Ok(ids
+            .into_iter()
+            .map(|(s, id)| (s, self.members(&names, &s, id)))
+            .collect())
+    }
+
+    /// Every block with a set number, in score order.
+    fn all_ids(&self) -> Result<Vec<(Score, u32)>> {
         let mut out = Vec::new();
-        let mut after = None;
         loop {
-            let ids = self.ids_after(after.as_ref(), CHUNK)?;
-            let Some((last, _)) = ids.last() else { break };
-            after = Some(*last);
-            let names = self.names();
-            out.extend(ids.iter().map(|(s, id)| (*s, self.members(&names, s, *id))));
+            let ids = self.ids_after(out.last().map(|(s, _)| s), CHUNK)?;
+            if ids.is_empty() {
+                return Ok(out);
+            }
+            out.extend(ids);
         }
-        Ok(out)
+    }
+
+    /// Up to `limit` `holders` rows after `after` (exclusive), in score
+    /// order, each with its set number (`None` if it does not decode).
+    fn rows_after(&self, after: Option<&Score>, limit: usize) -> Result<Vec<(Score, Option<u32>)>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(HOLDERS)?;
+        let range = match after {
+            Some(a) => table.range((std::ops::Bound::Excluded(a.0), std::ops::Bound::Unbounded))?,
+            None => table.range::<[u8; 32]>(..)?,
+        };
+        let mut rows = Vec::new();
+        for item in range.take(limit) {
+            let (k, v) = item?;
+            rows.push((Score(k.value()), decode_id(v.value())));
+        }
+        Ok(rows)
     }
 
     /// Up to `limit` blocks with a set number, in score order after `after`
@@ -605,23 +615,11 @@ impl Manifest {
             // entry goes, and one tagged meanwhile is seen either way.
             let reader = self.volume.tag_reader()?;
             let tagged = reader.tagged_after(from.as_ref(), limit)?;
-            let rows: Vec<(Score, u32)> = {
-                let txn = self.db.begin_read()?;
-                let table = txn.open_table(HOLDERS)?;
-                let range = match from {
-                    Some(a) => {
-                        table.range((std::ops::Bound::Excluded(a.0), std::ops::Bound::Unbounded))?
-                    }
-                    None => table.range::<[u8; 32]>(..)?,
-                };
-                let mut rows = Vec::new();
-                for item in range.take(limit) {
-                    let (k, v) = item?;
-                    let score = Score(k.value());
-                    rows.push((score, self.row_id(&score, v.value())));
-                }
-                rows
-            };
+            let rows: Vec<(Score, u32)> = self
+                .rows_after(from.as_ref(), limit)?
+                .into_iter()
+                .map(|(score, id)| (score, self.row_id(&score, id)))
+                .collect();
             // Each source read up to `limit`: what lies past the end of a
             // full one is not known yet.
             let bound = [
@@ -847,14 +845,7 @@ impl Manifest {
 
     /// Every peer named as a holder of some block.
     pub fn holder_peers(&self) -> Result<HashSet<PeerId>> {
-        let mut used = HashSet::new();
-        let mut after = None;
-        loop {
-            let ids = self.ids_after(after.as_ref(), CHUNK)?;
-            let Some((last, _)) = ids.last() else { break };
-            after = Some(*last);
-            used.extend(ids.into_iter().map(|(_, id)| id));
-        }
+        let used: HashSet<u32> = self.all_ids()?.into_iter().map(|(_, id)| id).collect();
         let names = self.names();
         let mut out = HashSet::new();
         for id in used {
@@ -943,14 +934,7 @@ impl Manifest {
     /// numbers so that no block's holders are spelt out as PeerIds (about
     /// 250 bytes a block, some 9 MB at 34,000 blocks, at every head).
     pub fn record(&self) -> Result<ManifestRecord> {
-        let mut ids = Vec::new();
-        let mut after = None;
-        loop {
-            let chunk = self.ids_after(after.as_ref(), CHUNK)?;
-            let Some((last, _)) = chunk.last() else { break };
-            after = Some(*last);
-            ids.extend(chunk);
-        }
+        let ids = self.all_ids()?;
         let mut sets: HashMap<u32, Vec<PeerId>> = HashMap::new();
         {
             let names = self.names();
